@@ -1,0 +1,260 @@
+"""The Python API: merge checkpoints to disk, or tensors / state dicts / modules in memory.
+
+All entry points go through the same plan and engine, so an in-memory merge and a streamed
+merge of the same inputs give the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab import __version__
+from mergelab.checkpoint.card import model_card
+from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
+from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
+from mergelab.engine import EngineOptions, MemorySink, Progress, RunStats, execute
+from mergelab.errors import MergelabError, RecipeError
+from mergelab.plan import Plan, build_plan
+from mergelab.recipe import Recipe, load_recipe, parse_dtype
+
+StateLike = Mapping[str, torch.Tensor] | torch.nn.Module
+
+
+@dataclass
+class MergeResult:
+    """Where the merged model went and what the run measured."""
+
+    path: Path
+    stats: RunStats
+    plan_summary: dict[str, Any]
+
+
+def plan_merge(recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe, *, out_dtype: str | None = None) -> Plan:
+    """Validate a recipe against its inputs' headers (no tensor data is read) and return the plan.
+
+    The caller owns the plan and should call ``plan.close()`` when done.
+    """
+    rec = load_recipe(recipe)
+    return build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
+
+
+def summarize(plan: Plan, compute_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Numbers a user wants before a long run: sizes, tensor counts, expected peak memory."""
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    return {
+        "method": plan.method.name,
+        "base": plan.base.label if plan.base is not None else None,
+        "experts": [r.label for r in plan.experts],
+        "tensors": len(plan.jobs),
+        "merged_tensors": len(plan.merge_jobs),
+        "copied_tensors": len(plan.jobs) - len(plan.merge_jobs),
+        "tied": dict(plan.tied),
+        "num_layers": plan.num_layers,
+        "passes": len(plan.method.passes(plan.global_params)) + 1,
+        "input_bytes": plan.input_bytes(),
+        "output_bytes": plan.output_bytes(),
+        "expected_peak_bytes": plan.expected_peak_bytes(itemsize),
+        "warnings": list(plan.warnings),
+    }
+
+
+def _copy_side_files(source: CheckpointReader | None, dest: Path, out_dtype: torch.dtype | None,
+                     tied: Mapping[str, str]) -> None:
+    if source is None or source.folder is None:
+        return
+    for name in SIDE_FILES:
+        src = source.folder / name
+        if src.is_file():
+            shutil.copyfile(src, dest / name)
+    cfg_path = dest / "config.json"
+    if cfg_path.is_file() and out_dtype is not None:
+        cfg = json.loads(cfg_path.read_text())
+        dt = str(out_dtype).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg or key == "torch_dtype":
+                cfg[key] = dt
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def merge(
+    recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    threads: int | None = None,
+    seed: int | None = None,
+    compute_dtype: str | None = None,
+    out_dtype: str | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+    hash_inputs: bool = True,
+    check_finite: bool = True,
+    progress: Progress | None = None,
+    plan: Plan | None = None,
+) -> MergeResult:
+    """Merge the recipe's models into a Hugging Face folder at ``out``.
+
+    The output (sharded safetensors + index, config and tokenizer files copied from the base,
+    a model card) is written to a temporary folder beside ``out`` and renamed into place when
+    complete. ``out`` must not exist unless ``force``. Inputs are only read.
+    """
+    rec = load_recipe(recipe)
+    shard_bytes = parse_size(max_shard_size)
+    dest = AtomicOutputDir(Path(out), force=force)  # fail on an existing destination before any work
+    own_plan = plan is None
+    try:
+        plan = plan or build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
+        opts = EngineOptions(
+            device=device,
+            compute_dtype=parse_dtype(compute_dtype, "compute_dtype") or rec.compute_torch_dtype,
+            threads=threads,
+            seed=rec.seed if seed is None else seed,
+            check_finite=check_finite,
+            hash_inputs=hash_inputs,
+        )
+        summary = summarize(plan, opts.compute_dtype)
+        writer = ShardedSafetensorsWriter(dest.tmp, ((j.name, j.out_dtype, j.shape) for j in plan.jobs), shard_bytes)
+        try:
+            stats = execute(plan, writer, opts, progress)
+            writer.finish()
+        finally:
+            writer.abort()
+        tok_source = plan.reference
+        if rec.tokenizer_source not in (None, "base"):
+            tok_source = open_checkpoint(rec.tokenizer_source)
+        out_dt = parse_dtype(out_dtype, "out_dtype") or rec.output_dtype
+        _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
+        if tok_source is not plan.reference:
+            for name in SIDE_FILES:
+                if name != "config.json" and tok_source.folder and (tok_source.folder / name).is_file():
+                    shutil.copyfile(tok_source.folder / name, dest.tmp / name)
+        expert_recipe_params = list(plan.global_model_params)
+        card = model_card(
+            recipe_yaml=rec.to_yaml(),
+            method=plan.method,
+            global_params=plan.global_params,
+            base_label=plan.base.label if plan.base is not None else None,
+            expert_labels=[r.label for r in plan.experts],
+            expert_params=expert_recipe_params,
+            hashes=stats.hashes,
+            version=__version__,
+            stats={
+                "tensors": str(stats.tensors),
+                "wall time": f"{stats.seconds:.1f} s",
+                "compute dtype": str(opts.compute_dtype).removeprefix("torch."),
+                "device": device,
+                "seed": str(opts.seed),
+            },
+        )
+        (dest.tmp / "README.md").write_text(card)
+        (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())
+        path = dest.commit()
+    except BaseException:
+        dest.abort()
+        raise
+    finally:
+        if own_plan and plan is not None:
+            plan.close()
+    return MergeResult(path=path, stats=stats, plan_summary=summary)
+
+
+def _memory_recipe(
+    method: str,
+    n_experts: int,
+    has_base: bool,
+    parameters: Mapping[str, Any] | None,
+    model_parameters: Sequence[Mapping[str, Any]] | None,
+    seed: int,
+) -> Recipe:
+    if model_parameters is not None and len(model_parameters) != n_experts:
+        raise RecipeError(f"model_parameters has {len(model_parameters)} entries for {n_experts} experts")
+    models = [
+        {"model": f"<expert {i}>", "parameters": dict(model_parameters[i]) if model_parameters else {}}
+        for i in range(n_experts)
+    ]
+    return Recipe.model_validate(
+        {
+            "merge_method": method,
+            "base_model": "<base>" if has_base else None,
+            "models": models,
+            "parameters": dict(parameters or {}),
+            "seed": seed,
+        }
+    )
+
+
+def merge_state_dicts(
+    method: str,
+    experts: Sequence[StateLike],
+    base: StateLike | None = None,
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts (or ``nn.Module``s) with any registered method.
+
+    ``parameters`` are the method's global parameters (e.g. ``{"lambda": 0.3}``), with
+    filters and gradients allowed as in recipes; ``model_parameters`` one dict per expert
+    (e.g. ``{"weight": 1.0, "density": 0.2}``). Returns a new state dict on the CPU in each
+    tensor's original dtype (or ``out_dtype``); tied tensors share storage as in the input.
+    For methods that ignore the base (``linear``), pass every model in ``experts``.
+    """
+    if not experts:
+        raise RecipeError("merge_state_dicts needs at least one expert")
+    recipe = _memory_recipe(method, len(experts), base is not None, parameters, model_parameters, seed)
+    readers: dict[str, CheckpointReader] = {f"<expert {i}>": StateDictReader(e, f"<expert {i}>") for i, e in enumerate(experts)}
+    if base is not None:
+        readers["<base>"] = StateDictReader(base, "<base>")
+    plan = build_plan(recipe, readers=readers, out_dtype=out_dtype)
+    sink = MemorySink()
+    with torch.no_grad():
+        execute(plan, sink, EngineOptions(device=device, compute_dtype=compute_dtype, seed=seed, hash_inputs=False,
+                                          prefetch=False))
+    out = sink.tensors
+    for alias, canonical in plan.tied.items():
+        out[alias] = out[canonical]
+    return {k: out[k] for k in plan.reference.tensors() if k in out}
+
+
+def merge_tensors(
+    method: str,
+    experts: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    name: str = "tensor",
+    compute_dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """Merge single tensors: ``merge_tensors("ties", [a, b], base=w0, model_parameters=[{"density": 0.2}] * 2)``.
+
+    ``name`` seeds random methods (DARE, DELLA) exactly as the tensor of that name in a
+    checkpoint merge would be seeded.
+    """
+    if not all(isinstance(e, torch.Tensor) for e in experts) or (base is not None and not isinstance(base, torch.Tensor)):
+        raise MergelabError("merge_tensors takes tensors; use merge_state_dicts for state dicts or modules")
+    out = merge_state_dicts(
+        method,
+        [{name: e} for e in experts],
+        None if base is None else {name: base},
+        parameters=parameters,
+        model_parameters=model_parameters,
+        seed=seed,
+        compute_dtype=compute_dtype,
+        device=device,
+    )
+    return out[name]

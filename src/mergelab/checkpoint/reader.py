@@ -1,0 +1,333 @@
+"""Input checkpoints: a Hugging Face folder, a single file, a Hub id, or an in-memory state dict.
+
+Every reader lists its tensors (name → shape, dtype) from headers / index files alone and
+reads one tensor at a time into a fresh CPU buffer. Files are opened read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header
+from mergelab.errors import CheckpointError
+
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, shape and dtype of one stored tensor, and the file that holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class CheckpointReader(Protocol):
+    """What the engine needs from an input model."""
+
+    label: str  # how the user named it (path or hub id)
+    folder: Path | None  # where side files (config, tokenizer) live, if on disk
+
+    def tensors(self) -> Mapping[str, TensorMeta]: ...
+    def read(self, name: str) -> torch.Tensor: ...
+    def config(self) -> dict | None: ...
+    def close(self) -> None: ...
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot parse JSON ({exc}); re-download or fix this file") from exc
+
+
+class SafetensorsReader:
+    """A model stored as one or more safetensors files (HF folder, index file, or one file)."""
+
+    def __init__(self, label: str, folder: Path | None, files: list[Path]):
+        self.label = label
+        self.folder = folder
+        self._entries: dict[str, tuple[Path, StEntry]] = {}
+        self._meta: dict[str, TensorMeta] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        for f in files:
+            entries, _ = read_header(f)
+            for name, e in entries.items():
+                if name in self._entries:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {self._entries[name][0]}; the checkpoint is inconsistent")
+                self._entries[name] = (f, e)
+                self._meta[name] = TensorMeta(name, e.shape, e.dtype, f.name)
+
+    def tensors(self) -> Mapping[str, TensorMeta]:
+        return self._meta
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"{path}: cannot open ({exc.strerror}); check the path and permissions") from exc
+                self._fds[path] = fd
+            return fd
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            path, entry = self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.label}: no tensor named {name!r}") from None
+        return pread_tensor(self._fd(path), entry, path)
+
+    def config(self) -> dict | None:
+        if self.folder and (self.folder / "config.json").is_file():
+            return _load_json(self.folder / "config.json")
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class TorchBinReader:
+    """A model stored as ``pytorch_model.bin`` (or shards of it), loaded with ``weights_only=True``.
+
+    Shards are opened with ``mmap=True`` where the file format allows it (zip-based files), one
+    shard at a time; each tensor is copied out before it is handed on.
+    """
+
+    def __init__(self, label: str, folder: Path | None, files: list[Path]):
+        self.label = label
+        self.folder = folder
+        self._files = files
+        self._meta: dict[str, TensorMeta] = {}
+        self._where: dict[str, Path] = {}
+        self._open_path: Path | None = None
+        self._open_sd: Mapping[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+        for f in files:
+            sd = self._load(f)
+            for name, t in sd.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                self._meta[name] = TensorMeta(name, tuple(t.shape), t.dtype, f.name)
+                self._where[name] = f
+            del sd
+
+    @staticmethod
+    def _load(path: Path) -> Mapping[str, torch.Tensor]:
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for bad/unsafe pickles
+            raise CheckpointError(
+                f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "mergelab never unpickles arbitrary objects: convert it to safetensors"
+            ) from exc
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{path}: expected a state dict (name → tensor), found {type(sd).__name__}")
+        return sd
+
+    def tensors(self) -> Mapping[str, TensorMeta]:
+        return self._meta
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self._where.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.label}: no tensor named {name!r}")
+        with self._lock:
+            if self._open_path != path:
+                self._open_sd = None
+                self._open_sd = self._load(path)
+                self._open_path = path
+            assert self._open_sd is not None
+            return self._open_sd[name].detach().clone()
+
+    def config(self) -> dict | None:
+        if self.folder and (self.folder / "config.json").is_file():
+            return _load_json(self.folder / "config.json")
+        return None
+
+    def close(self) -> None:
+        self._open_sd = None
+        self._open_path = None
+
+
+class StateDictReader:
+    """An in-memory state dict (or ``nn.Module``) presented as a checkpoint."""
+
+    folder = None
+
+    def __init__(self, state: Mapping[str, torch.Tensor] | torch.nn.Module, label: str = "<state dict>"):
+        if isinstance(state, torch.nn.Module):
+            state = state.state_dict()
+        self.label = label
+        self._sd = dict(state)
+        self._meta = {
+            k: TensorMeta(k, tuple(v.shape), v.dtype, "<memory>") for k, v in self._sd.items() if isinstance(v, torch.Tensor)
+        }
+        first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+        self._aliases: dict[str, str] = {}
+        for k, v in self._sd.items():
+            if not isinstance(v, torch.Tensor) or v.numel() == 0:
+                continue
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+            if key in first:
+                self._aliases[k] = first[key]
+            else:
+                first[key] = k
+
+    def aliases(self) -> dict[str, str]:
+        """Names that share storage with an earlier name (tied weights): alias → canonical name."""
+        return dict(self._aliases)
+
+    def tensors(self) -> Mapping[str, TensorMeta]:
+        return self._meta
+
+    def read(self, name: str) -> torch.Tensor:
+        # a copy, so that nothing downstream can alias or modify the caller's tensors
+        return self._sd[name].detach().clone()
+
+    def config(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+_SHARD_RE = re.compile(r".*-\d{5}-of-\d{5}\.(safetensors|bin)$")
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    data = _load_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: index file has no weight_map; re-download or fix it")
+    names = sorted(set(weight_map.values()))
+    files = [index.parent / n for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard file(s) {', '.join(missing)} listed in the index are missing; re-download the model")
+    return files
+
+
+def _reader_for_folder(label: str, folder: Path) -> CheckpointReader:
+    st_index = folder / "model.safetensors.index.json"
+    if st_index.is_file():
+        return SafetensorsReader(label, folder, _files_from_index(st_index))
+    if (folder / "model.safetensors").is_file():
+        return SafetensorsReader(label, folder, [folder / "model.safetensors"])
+    other_index = sorted(folder.glob("*.safetensors.index.json"))
+    if len(other_index) == 1:
+        return SafetensorsReader(label, folder, _files_from_index(other_index[0]))
+    st_files = sorted(folder.glob("*.safetensors"))
+    if st_files:
+        return SafetensorsReader(label, folder, st_files)
+    bin_index = folder / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        return TorchBinReader(label, folder, _files_from_index(bin_index))
+    if (folder / "pytorch_model.bin").is_file():
+        return TorchBinReader(label, folder, [folder / "pytorch_model.bin"])
+    raise CheckpointError(
+        f"{folder}: no model weights found (expected model.safetensors, sharded safetensors with an index, "
+        "or pytorch_model.bin)"
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the local cache) the weight, config and tokenizer files of a Hub repo."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # network, auth or missing-repo errors of several types
+        raise CheckpointError(
+            f"{repo_id}: not a local path and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}); give a local folder or check the id and your network"
+        ) from exc
+    return Path(path)
+
+
+def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module) -> CheckpointReader:
+    """Open a model given as a local folder, a weights file, a Hub id, or an in-memory state dict."""
+    if isinstance(ref, (Mapping, torch.nn.Module)):
+        return StateDictReader(ref)
+    label = str(ref)
+    path = Path(label).expanduser()
+    if path.is_dir():
+        return _reader_for_folder(label, path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            files = _files_from_index(path)
+            cls = SafetensorsReader if files[0].suffix == ".safetensors" else TorchBinReader
+            return cls(label, path.parent, files)
+        if path.suffix == ".safetensors":
+            return SafetensorsReader(label, path.parent, [path])
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return TorchBinReader(label, path.parent, [path])
+        raise CheckpointError(f"{path}: unsupported file type; give a model folder, .safetensors or .bin file")
+    if _HUB_ID.match(label) and not label.startswith((".", "/", "~")):
+        return _reader_for_folder(label, resolve_hub(label))
+    raise CheckpointError(f"{label}: no such file or folder (and not a Hugging Face Hub id); check the path")
+
+
+def weight_files(reader: CheckpointReader) -> Iterable[Path]:
+    """The files holding the reader's weights (for provenance)."""
+    if reader.folder is None:
+        return []
+    return sorted({reader.folder / m.file for m in reader.tensors().values()})
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """SHA-256 of a tensor's raw bytes."""
+    data = t.reshape(-1).contiguous().view(torch.uint8).numpy() if t.numel() else b""
+    return hashlib.sha256(data).digest()

@@ -1,0 +1,225 @@
+"""The command line: thin wrappers that parse flags, call the API and render results.
+
+User errors (MergelabError) print as one line and exit non-zero, without a traceback; set
+MERGELAB_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mergelab.errors import MergelabError
+
+app = typer.Typer(
+    name="mergelab",
+    help="Fuse fine-tuned expert models that share a pretrained base.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def user_errors(fn: F) -> F:
+    """Print MergelabError as one line on stderr and exit with its code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MergelabError as exc:
+            if os.environ.get("MERGELAB_DEBUG"):
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_plan(summary: dict[str, Any]) -> None:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_row("method", summary["method"])
+    t.add_row("base", str(summary["base"]))
+    for i, e in enumerate(summary["experts"]):
+        t.add_row("models" if i == 0 else "", e)
+    t.add_row("tensors", f"{summary['tensors']} ({summary['merged_tensors']} merged, {summary['copied_tensors']} copied)")
+    if summary["tied"]:
+        t.add_row("tied", ", ".join(f"{a} → {b}" for a, b in summary["tied"].items()))
+    t.add_row("layers", str(summary["num_layers"]))
+    t.add_row("passes over the inputs", str(summary["passes"]))
+    t.add_row("input read per pass", _fmt_bytes(summary["input_bytes"]))
+    t.add_row("output size", _fmt_bytes(summary["output_bytes"]))
+    t.add_row("expected peak working memory", _fmt_bytes(summary["expected_peak_bytes"]))
+    err_console.print(t)
+    for w in summary["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+@user_errors
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML (mergekit format)")],
+    out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
+    out_dtype: Annotated[str | None, typer.Option(help="output dtype (default: recipe dtype, else the base's)")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
+    hash_inputs: Annotated[bool, typer.Option(help="record SHA-256 content hashes of the inputs in the model card")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
+    from mergelab.api import merge as run_merge
+    from mergelab.api import plan_merge, summarize
+    from mergelab.checkpoint.writer import AtomicOutputDir
+    from mergelab.progress import RichProgress
+    from mergelab.recipe import parse_dtype
+
+    if out.exists() and not force:
+        AtomicOutputDir(out, force=False)  # raises the one-line error before any work
+    plan = plan_merge(recipe, out_dtype=out_dtype)
+    try:
+        if not quiet:
+            _print_plan(summarize(plan, parse_dtype(dtype) or plan.recipe.compute_torch_dtype))
+        result = run_merge(
+            plan.recipe, out, force=force, device=device, threads=threads, seed=seed, compute_dtype=dtype,
+            out_dtype=out_dtype, max_shard_size=max_shard_size, hash_inputs=hash_inputs,
+            progress=RichProgress(err_console, enabled=not quiet), plan=plan,
+        )
+    finally:
+        plan.close()
+    s = result.stats
+    err_console.print(
+        f"[green]merged[/] {s.tensors} tensors into {result.path} in {s.seconds:.1f} s "
+        f"(read {_fmt_bytes(s.bytes_read)}, wrote {_fmt_bytes(s.bytes_written)}, peak RSS {_fmt_bytes(s.peak_rss_bytes)})"
+    )
+
+
+@app.command()
+@user_errors
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    out_dtype: Annotated[str | None, typer.Option(help="output dtype to check")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan summary as JSON")] = False,
+) -> None:
+    """Check RECIPE and its inputs (names, shapes, vocabularies, parameters) without reading tensor data."""
+    from mergelab.api import plan_merge, summarize
+
+    plan = plan_merge(recipe, out_dtype=out_dtype)
+    try:
+        summary = summarize(plan)
+    finally:
+        plan.close()
+    if as_json:
+        console.print_json(json.dumps(summary))
+    else:
+        _print_plan(summary)
+        err_console.print("[green]ok[/]: the recipe is valid and its inputs fit together")
+
+
+@app.command()
+@user_errors
+def methods(
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the table as Markdown")] = False,
+) -> None:
+    """List the merge methods with their papers and parameters (defaults in parentheses)."""
+    from mergelab.methods.docs import method_rows, methods_markdown
+
+    if markdown:
+        sys.stdout.write(methods_markdown())
+        return
+    t = Table(title="mergelab merge methods", show_lines=True)
+    for col in ("method", "paper", "global parameters", "per-model parameters", "base"):
+        t.add_column(col, overflow="fold")
+    for row in method_rows():
+        t.add_row(row["name"], row["paper"], row["params"], row["model_params"], row["base"])
+    console.print(t)
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="model folder, weights file or Hub id")],
+    show_all: Annotated[bool, typer.Option("--all", help="list every tensor, not only the first 40")] = False,
+) -> None:
+    """Show a checkpoint's tensors, shapes, dtypes, size and shards (headers only)."""
+    from collections import Counter
+
+    from mergelab.checkpoint.reader import open_checkpoint
+    from mergelab.plan import num_layers_from
+
+    reader = open_checkpoint(model)
+    try:
+        metas = reader.tensors()
+        cfg = reader.config() or {}
+        total = sum(m.numel for m in metas.values())
+        nbytes = sum(m.numel * __import__("torch").empty((), dtype=m.dtype).element_size() for m in metas.values())
+        shards = Counter(m.file for m in metas.values())
+        dtypes = Counter(str(m.dtype).removeprefix("torch.") for m in metas.values())
+        head = Table(show_header=False, box=None)
+        head.add_row("model", str(model))
+        if cfg:
+            head.add_row("architecture", ", ".join(cfg.get("architectures", [])) or str(cfg.get("model_type")))
+        head.add_row("tensors", str(len(metas)))
+        head.add_row("parameters", f"{total:,}")
+        head.add_row("size", _fmt_bytes(nbytes))
+        head.add_row("dtypes", ", ".join(f"{k} ({v})" for k, v in dtypes.items()))
+        head.add_row("layers", str(num_layers_from(cfg, list(metas))))
+        head.add_row("shards", ", ".join(f"{k} ({v} tensors)" for k, v in sorted(shards.items())))
+        console.print(head)
+        t = Table()
+        for col in ("tensor", "shape", "dtype", "shard"):
+            t.add_column(col)
+        items = list(metas.values())
+        for m in items if show_all else items[:40]:
+            t.add_row(m.name, "×".join(map(str, m.shape)) or "scalar", str(m.dtype).removeprefix("torch."), m.file)
+        console.print(t)
+        if not show_all and len(items) > 40:
+            console.print(f"… {len(items) - 40} more (use --all)")
+    finally:
+        reader.close()
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="where to build the demo models (default: a cache folder)")] = None,
+) -> None:
+    """Build small local checkpoints, merge them with TIES and show what the merge kept."""
+    from mergelab.demo import run_demo
+
+    run_demo(workdir, console=console, err_console=err_console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The engine: runs a Plan tensor by tensor with bounded memory.
+
+For each job it reads the tensor from every input (the next job's reads overlap the current
+job's compute, on a reader thread), casts to the compute dtype on the compute device, checks
+for NaN/Inf, calls the method, casts the result to the output dtype and hands it to a sink,
+then drops every reference. Peak memory is a function of the largest job, never of model size.
+Methods with gather passes get one extra read over the model per pass, before the merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from mergelab.checkpoint.reader import CheckpointReader, tensor_digest
+from mergelab.errors import InputDataError, MergelabError
+from mergelab.methods.base import TensorContext
+from mergelab.plan import Plan, TensorJob
+
+
+class TensorSink(Protocol):
+    def add(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+class Progress(Protocol):
+    """Receives progress events; the CLI renders them as a progress bar."""
+
+    def begin(self, phase: str, total_items: int, total_bytes: int) -> None: ...
+    def advance(self, items: int, nbytes: int) -> None: ...
+    def end(self) -> None: ...
+
+
+class _NoProgress:
+    def begin(self, phase: str, total_items: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, items: int, nbytes: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class EngineOptions:
+    """How to run a plan: where, in which precision, with which checks."""
+
+    device: str = "cpu"
+    compute_dtype: torch.dtype = torch.float32
+    threads: int | None = None
+    seed: int = 0
+    check_finite: bool = True
+    hash_inputs: bool = True
+    prefetch: bool = True
+
+
+@dataclass
+class RunStats:
+    """What a run did: time, bytes, tensors, peak memory, input content hashes."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    tensors: int = 0
+    passes: int = 1
+    peak_rss_bytes: int = 0
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergelabError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+def _raw_nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _Hasher:
+    """Accumulates per-tensor digests of every input as it is read."""
+
+    def __init__(self) -> None:
+        self.digests: dict[int, dict[str, tuple[str, tuple[int, ...], bytes]]] = {}
+
+    def add(self, reader: CheckpointReader, name: str, t: torch.Tensor) -> None:
+        self.digests.setdefault(id(reader), {})[name] = (str(t.dtype), tuple(t.shape), tensor_digest(t))
+
+    def result(self, readers: Sequence[CheckpointReader]) -> dict[str, str]:
+        out = {}
+        for r in readers:
+            entries = self.digests.get(id(r), {})
+            h = hashlib.sha256()
+            for name in sorted(entries):
+                dtype, shape, digest = entries[name]
+                h.update(f"{name}\x00{dtype}\x00{shape}\x00".encode())
+                h.update(digest)
+            out[r.label] = h.hexdigest()
+        return out
+
+
+def _read_job(plan: Plan, job: TensorJob, hasher: _Hasher | None) -> dict[int, torch.Tensor]:
+    """Read the job's tensor from each distinct input reader (raw dtype, CPU)."""
+    out: dict[int, torch.Tensor] = {}
+    readers = plan.inputs if (job.kind == "copy" and hasher is not None) else plan.readers_for(job)
+    for r in readers:
+        if id(r) in out or job.name not in r.tensors():
+            continue
+        t = r.read(job.name)
+        if hasher is not None:
+            hasher.add(r, job.name, t)
+        out[id(r)] = t
+    return out
+
+
+def _stream(
+    plan: Plan,
+    jobs: Sequence[TensorJob],
+    hasher: _Hasher | None,
+    prefetch: bool,
+) -> Iterator[tuple[TensorJob, dict[int, torch.Tensor]]]:
+    """Yield (job, raw tensors by reader id), reading the next job while the caller computes."""
+    if not prefetch or len(jobs) < 2:
+        for job in jobs:
+            yield job, _read_job(plan, job, hasher)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
+        future: Future[dict[int, torch.Tensor]] = pool.submit(_read_job, plan, jobs[0], hasher)
+        for i, job in enumerate(jobs):
+            raw = future.result()
+            if i + 1 < len(jobs):
+                future = pool.submit(_read_job, plan, jobs[i + 1], hasher)
+            yield job, raw
+            del raw
+
+
+class _Prepared:
+    """A job's inputs in the compute dtype on the compute device, checked for NaN/Inf."""
+
+    def __init__(self, plan: Plan, job: TensorJob, raw: dict[int, torch.Tensor], opts: EngineOptions, device: torch.device):
+        def convert(r: CheckpointReader) -> torch.Tensor:
+            t = raw[id(r)]
+            if job.rows is not None:
+                t = t[: job.rows]
+            x = t.to(device=device, dtype=opts.compute_dtype)
+            if opts.check_finite and not bool(torch.isfinite(x).all()):
+                meta = r.tensors()[job.name]
+                raise InputDataError(
+                    f"{r.label}: tensor {job.name!r} (file {meta.file}) contains NaN or Inf values; "
+                    "this checkpoint is broken: re-download or re-train it"
+                )
+            return x
+
+        self.base = convert(plan.base) if plan.base is not None else None
+        cache: dict[int, torch.Tensor] = {}
+        if plan.base is not None and self.base is not None:
+            cache[id(plan.base)] = self.base
+        self.experts = []
+        for r in plan.experts:
+            if id(r) not in cache:
+                cache[id(r)] = convert(r)
+            self.experts.append(cache[id(r)])
+
+
+def _context(plan: Plan, job: TensorJob, opts: EngineOptions, device: torch.device, stats: dict[str, Any]) -> TensorContext:
+    return TensorContext(
+        name=job.name, seed=opts.seed, layer=job.layer, num_layers=plan.num_layers, stats=stats, device=device
+    )
+
+
+def _call_method(plan: Plan, job: TensorJob, prep: _Prepared, ctx: TensorContext) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            out = plan.method(prep.base, prep.experts, job.params, job.model_params, ctx)
+    except MergelabError:
+        raise
+    except Exception as exc:
+        raise MergelabError(f"{plan.method.name} failed on tensor {job.name!r}: {type(exc).__name__}: {exc}") from exc
+    want = job.shape if job.rows is None else (job.rows, *job.shape[1:])
+    if tuple(out.shape) != tuple(want):
+        raise MergelabError(
+            f"{plan.method.name} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(want)} "
+            "(a method bug: please report it)"
+        )
+    return out
+
+
+def execute(
+    plan: Plan,
+    sink: TensorSink,
+    options: EngineOptions | None = None,
+    progress: Progress | None = None,
+) -> RunStats:
+    """Run every gather pass, then merge every job into ``sink``."""
+    opts = options or EngineOptions()
+    prog = progress or _NoProgress()
+    device = resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    t0 = time.perf_counter()
+    run = RunStats()
+    stats: dict[str, Any] = {}
+    hasher = _Hasher() if opts.hash_inputs else None
+    passes = plan.method.passes(plan.global_params)
+    merge_jobs = plan.merge_jobs
+    n_exp = len(plan.experts)
+    pass_bytes = sum(
+        sum(r.tensors()[j.name].numel * torch.empty((), dtype=r.tensors()[j.name].dtype).element_size() for r in plan.readers_for(j))
+        for j in merge_jobs
+    )
+
+    for k, gp in enumerate(passes):
+        prog.begin(f"pass {k + 1}/{len(passes) + 1}: {gp.name}", len(merge_jobs), pass_bytes)
+        state = gp.init(plan.global_params, n_exp)
+        for job, raw in _stream(plan, merge_jobs, hasher if k == 0 else None, opts.prefetch):
+            prep = _Prepared(plan, job, raw, opts, device)
+            nbytes = sum(_raw_nbytes(t) for t in raw.values())
+            del raw
+            with torch.no_grad():
+                gp.update(state, prep.base, prep.experts, job.params, job.model_params, _context(plan, job, opts, device, stats))
+            run.bytes_read += nbytes
+            prog.advance(1, nbytes)
+        stats[gp.name] = gp.finish(state, plan.global_params, n_exp)
+        prog.end()
+    run.passes = len(passes) + 1
+
+    total_in = plan.input_bytes()
+    prog.begin("merge" if not passes else f"pass {len(passes) + 1}/{len(passes) + 1}: merge", len(plan.jobs), total_in)
+    merge_hasher = hasher if not passes else None
+    for job, raw in _stream(plan, plan.jobs, merge_hasher, opts.prefetch):
+        nbytes = sum(_raw_nbytes(t) for t in raw.values())
+        if job.kind == "copy":
+            out = raw[id(plan.reference)]
+        else:
+            prep = _Prepared(plan, job, raw, opts, device)
+            del raw
+            out = _call_method(plan, job, prep, _context(plan, job, opts, device, stats))
+            del prep
+            if opts.check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise MergelabError(
+                    f"{plan.method.name} produced NaN/Inf in tensor {job.name!r}; check the parameters "
+                    "(e.g. weights summing to zero with normalize)"
+                )
+            out = out.to(job.out_dtype)
+        sink.add(job.name, out)
+        run.bytes_read += nbytes
+        run.bytes_written += out.numel() * out.element_size()
+        run.tensors += 1
+        del out
+        prog.advance(1, nbytes)
+    prog.end()
+    if hasher is not None:
+        run.hashes = hasher.result(plan.inputs)
+    run.seconds = time.perf_counter() - t0
+    run.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return run
+
+
+class MemorySink:
+    """Collects merged tensors in a dict (the in-memory API)."""
+
+    def __init__(self, to_cpu: bool = True) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.to_cpu = to_cpu
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor.cpu() if self.to_cpu else tensor
+

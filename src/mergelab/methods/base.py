@@ -1,0 +1,131 @@
+"""What a merging method is: a pure function of tensors plus typed parameters.
+
+A method never sees files, devices of its own choosing, dtypes other than the compute dtype,
+or other tensors of the model. The engine hands it, for one tensor name at a time:
+
+* ``base``: the base model's tensor (``None`` when the method ignores the base),
+* ``experts``: one tensor per expert (non-base model), in recipe order,
+* ``params``: the method's global parameter model, resolved for this tensor,
+* ``model_params``: one per-model parameter model per expert, resolved for this tensor,
+* ``ctx``: a :class:`TensorContext` (name, layer position, seeded RNG, pass-1 statistics).
+
+and takes back one tensor of the base's shape. Methods that need model-wide statistics
+(e.g. TIES with the paper's global top-k) declare :class:`GatherPass` objects; the engine runs
+each as a read over every tensor before the merge and puts the result in ``ctx.stats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+Tensor = torch.Tensor
+
+
+class MethodParams(BaseModel):
+    """Base of every parameter model: unknown keys are rejected, values are validated.
+
+    Subclasses declare fields with the paper's defaults and pydantic constraints
+    (``Field(0.2, ge=0, le=1)``); ``description=`` texts are shown by ``mergelab methods``.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class NoParams(MethodParams):
+    """For methods without parameters of that scope."""
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, tensor name), independent of processing order."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may legitimately know about the tensor in hand.
+
+    ``layer`` is the transformer block index parsed from the name (``None`` outside blocks),
+    ``num_layers`` the architecture's depth. ``stats`` holds the results of the method's
+    gather passes keyed by pass name (empty for one-pass methods).
+    """
+
+    name: str
+    seed: int = 0
+    layer: int | None = None
+    num_layers: int | None = None
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def depth(self) -> float | None:
+        """Block position in [0, 1] (0 = first block, 1 = last), ``None`` outside blocks."""
+        if self.layer is None or not self.num_layers:
+            return None
+        return 0.0 if self.num_layers <= 1 else self.layer / (self.num_layers - 1)
+
+    def generator(self) -> torch.Generator:
+        """A generator seeded from (seed, name) on the compute device: reproducible per tensor."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(tensor_seed(self.seed, self.name))
+        return gen
+
+
+MergeFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class GatherPass:
+    """One read over every merged tensor before the merge, for model-wide statistics.
+
+    ``init(params, n_experts)`` makes a state; ``update(state, base, experts, params,
+    model_params, ctx)`` folds one tensor in (keep the state small: scalars, histograms);
+    ``finish(state, params, n_experts)`` returns the statistic stored as ``ctx.stats[name]``.
+    Passes run in order; a later pass sees the earlier passes' results in ``ctx.stats``.
+    ``params`` here are the recipe's global parameters (not per-tensor resolved).
+    """
+
+    name: str
+    init: Callable[..., Any]
+    update: Callable[..., None]
+    finish: Callable[..., Any]
+
+
+BaseUse = Literal["required", "optional", "ignored"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function, parameter models and how it uses its inputs."""
+
+    name: str
+    fn: MergeFn
+    params: type[MethodParams]
+    model_params: type[MethodParams]
+    paper: str
+    summary: str
+    base: BaseUse = "required"
+    min_experts: int = 1
+    max_experts: int | None = None
+    passes_fn: Callable[[MethodParams], Sequence[GatherPass]] | None = None
+    aliases: tuple[str, ...] = ()
+
+    def passes(self, params: MethodParams) -> Sequence[GatherPass]:
+        """The gather passes needed with these global parameters (often none)."""
+        return tuple(self.passes_fn(params)) if self.passes_fn else ()
+
+    def __call__(
+        self,
+        base: Tensor | None,
+        experts: Sequence[Tensor],
+        params: MethodParams,
+        model_params: Sequence[MethodParams],
+        ctx: TensorContext,
+    ) -> Tensor:
+        return self.fn(base, experts, params, model_params, ctx)

@@ -1,0 +1,146 @@
+"""Model Breadcrumbs: per tensor, drop both the largest (outlier) and the smallest task-vector
+entries, then add the surviving "breadcrumbs" to the base.
+
+Davari, Belilovsky 2023, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
+Masks", arXiv:2312.06795 (ECCV 2024).
+
+For each expert and each tensor, mask the top ``gamma`` fraction of |τ| and as many of the
+smallest as needed for a fraction ``density`` to remain; then
+
+* ``breadcrumbs``: task arithmetic on the masked vectors, θ = θ0 + λ Σ_i w_i m_i ⊙ τ_i (the
+  paper's merge, λ its α);
+* ``breadcrumbs_ties``: TIES sign election and disjoint merge on them (a mergekit
+  combination, not in the paper).
+
+Granularity: per tensor ("per layer" in the paper), deterministic, one pass (S1). Counting is
+mergekit's: n_top = ⌊γ n⌋, target = ⌊density n⌋, n_bottom = max(0, n − target − n_top), the
+kept entries being the ascending-magnitude positions n_bottom … n_bottom + target − 1 (when
+density + γ > 1 fewer outliers are removed so the density is met). The two magnitude bounds
+come from selections, not a sort; entries tied with a bound are kept (mergekit keeps exactly
+``target``, breaking ties arbitrarily).
+
+Defaults: density 0.9 and gamma 0.01 (mergekit's gamma; the paper tunes the two percentiles per
+setting); λ = 1; no rescale (the paper has none; ``rescale: true`` applies mergekit's L1-norm
+match by default, ``rescale_mode: inverse`` divides by density instead). ``breadcrumbs_ties``
+uses the TIES disjoint mean (``normalize: true``) and the tensor-majority sign for exact ties;
+mergekit defaults to ``normalize: false`` and sign +1 (``sign_tie: positive``).
+mergekit's ``density`` default is 1.0 (no masking), ours the 0.9 above. ``int8_mask`` is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from mergelab.methods.base import TensorContext
+from mergelab.methods.consensus import consensus_merge, linear_merge
+from mergelab.methods.registry import method
+from mergelab.methods.sparsify import (
+    SparseMergeParams,
+    SparseModelParams,
+    apply_mask,
+    outlier_mask,
+)
+from mergelab.methods.ties import SignTie
+
+Tensor = torch.Tensor
+
+
+class BreadcrumbsParams(SparseMergeParams):
+    pass
+
+
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    normalize: bool = Field(
+        True,
+        description="disjoint mean over the agreeing models (TIES); false: disjoint sum "
+        "(mergekit's default for breadcrumbs_ties)",
+    )
+    sign_tie: SignTie = Field(
+        "majority",
+        description="sign where the weighted sum is exactly 0: majority (tensor's majority "
+        "elected sign, original TIES code) or positive (mergekit)",
+    )
+
+
+class BreadcrumbsModelParams(SparseModelParams):
+    density: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="fraction of entries kept after removing outliers and small entries "
+        "(mergekit's default is 1.0)",
+    )
+    gamma: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="fraction of largest-magnitude entries removed as outliers",
+    )
+
+
+def _masked(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: BreadcrumbsParams,
+    model_params: Sequence[BreadcrumbsModelParams],
+) -> list[Tensor]:
+    out = []
+    for e, m in zip(experts, model_params):
+        delta = e.float() - base.float()
+        mask = outlier_mask(delta, m.density, m.gamma)
+        out.append(
+            apply_mask(
+                delta, mask, rescale=params.rescale, mode=params.rescale_mode, keep_prob=m.density
+            )
+        )
+    return out
+
+
+@method(
+    "breadcrumbs",
+    paper="Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795",
+    params=BreadcrumbsParams,
+    model_params=BreadcrumbsModelParams,
+    base="required",
+)
+def breadcrumbs(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: BreadcrumbsParams,
+    model_params: Sequence[BreadcrumbsModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """Remove outliers and small entries of each task vector per tensor, then task arithmetic."""
+    masked = _masked(base, experts, params, model_params)
+    weights = [m.weight for m in model_params]
+    merged = linear_merge(masked, weights, normalize=params.normalize)
+    return (base + params.lambda_ * merged).to(base.dtype)
+
+
+@method(
+    "breadcrumbs_ties",
+    paper="Davari & Belilovsky 2023, Model Breadcrumbs, arXiv:2312.06795; "
+    "with TIES sign election, Yadav et al. 2023, arXiv:2306.01708",
+    params=BreadcrumbsTiesParams,
+    model_params=BreadcrumbsModelParams,
+    base="required",
+)
+def breadcrumbs_ties(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: BreadcrumbsTiesParams,
+    model_params: Sequence[BreadcrumbsModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """Breadcrumbs masks, then TIES sign election and disjoint merge."""
+    masked = _masked(base, experts, params, model_params)
+    weights = [m.weight for m in model_params]
+    merged = consensus_merge(
+        masked, weights, normalize=params.normalize, on_zero=params.sign_tie
+    )
+    return (base + params.lambda_ * merged).to(base.dtype)

@@ -1,0 +1,133 @@
+"""Sign consensus (TIES "elect") and the disjoint merge, shared by every ``*_ties`` method
+and by DELLA.
+
+Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS,
+arXiv:2306.01708, steps 2 and 3:
+
+* elect: γ = sgn(Σ_i w_i τ̂_i) per coordinate ("mass" election; with all w_i = 1 it is the
+  paper's sgn(Σ_i τ̂_i), with weights it is mergekit's weighted variant);
+* disjoint merge: average (``normalize``) or sum only the entries whose sign agrees with γ:
+  τ_m = Σ_{i∈A} w_i τ̂_i / Σ_{i∈A} w_i, A = {i : sgn(w_i τ̂_i) = γ ≠ 0}; a coordinate where no
+  entry agrees gets 0 (its divisor is taken as 1, as in the original and mergekit).
+
+Where Σ_i w_i τ̂_i is exactly 0 the sign is a tie. ``on_zero`` decides:
+
+* ``"majority"`` (default, the original code's ``resolve_zero_signs``): the majority sign
+  sgn(Σ_p γ_p) of the scope (the tensor, or the whole model when a precomputed ``majority`` is
+  passed, as global-scope TIES does);
+* ``"positive"``: +1 (mergekit's ``>= 0`` rule);
+* ``"zero"``: leave 0, so nothing is merged there.
+
+Ties only matter where non-zero entries cancel exactly: where every τ̂_i is 0 nothing agrees
+whatever the sign.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+Tensor = torch.Tensor
+
+OnZero = Literal["majority", "positive", "zero"]
+
+
+def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
+    """Σ_i w_i τ_i (w_i = 1 when ``weights`` is None), accumulated in one buffer."""
+    if not deltas:
+        raise ValueError("need at least one task vector")
+    total = torch.zeros_like(deltas[0])
+    for i, d in enumerate(deltas):
+        total.add_(d, alpha=1.0 if weights is None else float(weights[i]))
+    return total
+
+
+def elect_sign(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    on_zero: OnZero = "majority",
+    majority: float | None = None,
+) -> Tensor:
+    """Elected sign per coordinate: sgn(Σ_i w_i τ_i), with ties resolved by ``on_zero``.
+
+    Returns a float tensor of −1, 0, +1 (0 only where a tie is left unresolved). ``majority``
+    overrides the tie-breaking sign used by ``on_zero="majority"`` (pass the model-wide value
+    for global scope); by default it is sgn(Σ_p γ_p) over this tensor.
+    """
+    sign = torch.sign(weighted_sum(deltas, weights))
+    if on_zero == "zero":
+        return sign
+    if on_zero == "positive":
+        fill = 1.0
+    elif on_zero == "majority":
+        fill = float(majority_sign(sign) if majority is None else majority)
+    else:
+        raise ValueError(f"unknown on_zero rule {on_zero!r}")
+    if fill != 0.0:
+        sign = torch.where(sign == 0, torch.full_like(sign, fill), sign)
+    return sign
+
+
+def majority_sign(sign: Tensor) -> int:
+    """sgn(Σ_p γ_p): the scope's majority elected sign (−1, 0 or +1), from exact int64 counts."""
+    balance = sign_balance(sign)
+    return (balance > 0) - (balance < 0)
+
+
+def sign_balance(sign: Tensor) -> int:
+    """Σ_p γ_p as an exact integer: #(γ > 0) − #(γ < 0)."""
+    return int((sign > 0).sum()) - int((sign < 0).sum())
+
+
+def disjoint_merge(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    sign: Tensor,
+    *,
+    normalize: bool = True,
+) -> Tensor:
+    """Σ over agreeing i of w_i τ_i, divided by Σ over agreeing i of w_i when ``normalize``.
+
+    Agreement: w_i τ_i has the elected sign (strictly: w_i τ_i · γ > 0), so zeros never count.
+    A coordinate where no entry agrees gives 0 (divisor 1); so does one whose agreeing weights
+    sum to exactly 0 (possible only with negative weights), as in mergekit.
+    """
+    total = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for d, w in zip(deltas, weights):
+        wd = d * float(w)
+        agree = (wd * sign) > 0
+        total.add_(wd.masked_fill_(~agree, 0.0))
+        if divisor is not None:
+            divisor.add_(agree.to(divisor.dtype), alpha=float(w))
+    if divisor is not None:
+        divisor[divisor == 0] = 1.0
+        total.div_(divisor)
+    return total
+
+
+def consensus_merge(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = True,
+    on_zero: OnZero = "majority",
+    majority: float | None = None,
+) -> Tensor:
+    """Elect on the weighted deltas, then disjoint mean (``normalize``) or sum."""
+    sign = elect_sign(deltas, weights, on_zero=on_zero, majority=majority)
+    return disjoint_merge(deltas, weights, sign, normalize=normalize)
+
+
+def linear_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool) -> Tensor:
+    """Σ_i w_i τ_i, divided by Σ_i w_i when ``normalize`` (task arithmetic on the deltas)."""
+    total = weighted_sum(deltas, weights)
+    if normalize:
+        denom = float(sum(weights))
+        if abs(denom) < 1e-12:
+            raise ValueError("normalize=true needs weights that do not sum to zero")
+        total.div_(denom)
+    return total

@@ -1,0 +1,168 @@
+"""DARE (Drop And REscale): drop task-vector entries at random, rescale the survivors, merge.
+
+Yu, Yu, Yu, Huang, Li 2024, "Language Models are Super Mario: Absorbing Abilities from
+Homologous Models as a Free Lunch", ICML, arXiv:2311.03099.
+
+Per expert and per element, drop with probability p = 1 − ``density``
+(m ~ Bernoulli(density)) and divide the survivors by 1 − p = density, so E[τ̃] = τ:
+τ̃_i = m_i ⊙ τ_i / density_i. Then
+
+* ``dare_linear``: task arithmetic on the τ̃_i: θ = θ0 + λ Σ_i w_i τ̃_i (÷ Σ w_i if
+  ``normalize``);
+* ``dare_ties``: TIES sign election and disjoint merge on the τ̃_i (no magnitude trim), as in
+  the paper's DARE + TIES-Merging combination: θ = θ0 + λ τ_m.
+
+Granularity: elementwise mask, one tensor at a time (S1). Randomness: the mask of expert i
+comes from ``ctx.generator()`` (seeded by (seed, tensor name)), drawn as
+``rand(shape) < density`` for experts in recipe order, so a merge is reproducible whatever the
+tensor order; a tensor with ``density`` 1 draws nothing.
+
+Departures from mergekit 0.1.5 (same parameter names, so its recipes run):
+
+* Rescale: mergekit's ``rescale: true`` scales each dropped tensor so its L1 norm equals the
+  original's; the paper (and MergeLM, peft) divide by 1 − p. mergelab divides by ``density``
+  by default (``rescale_mode: inverse``); ``rescale_mode: l1`` gives mergekit's rule.
+* ``dare_ties`` uses the TIES disjoint *mean* by default (``normalize: true``); mergekit
+  defaults to ``normalize: false`` (disjoint sum): set it to reproduce mergekit.
+* Sign ties in ``dare_ties``: tensor majority sign by default (original TIES code);
+  ``sign_tie: positive`` is mergekit's rule.
+* ``density`` defaults to 0.5 (the paper sweeps p ∈ [0.1, 0.9]; p = 0.5 is the authors'
+  MergeLLM example and fusion_bench's default); mergekit's default is 1.0 (no drop).
+  ``int8_mask`` is accepted and ignored. The RNG stream differs from mergekit's (global RNG),
+  so masks never match mergekit's bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from mergelab.methods.base import TensorContext
+from mergelab.methods.consensus import consensus_merge, linear_merge
+from mergelab.methods.registry import method
+from mergelab.methods.sparsify import (
+    RescaleMode,
+    SparseMergeParams,
+    SparseModelParams,
+    apply_mask,
+    bernoulli_mask,
+)
+from mergelab.methods.ties import SignTie
+
+Tensor = torch.Tensor
+
+
+class DareLinearParams(SparseMergeParams):
+    rescale: bool = Field(
+        True, description="rescale the survivors (the paper's 1/(1 − p); see rescale_mode)"
+    )
+    rescale_mode: RescaleMode = Field(
+        "inverse",
+        description="inverse: divide survivors by density = 1 − p (paper); l1: match the "
+        "tensor's L1 norm (mergekit's rescale)",
+    )
+
+
+class DareTiesParams(DareLinearParams):
+    normalize: bool = Field(
+        True,
+        description="disjoint mean over the agreeing models (TIES); false: disjoint sum "
+        "(mergekit's default for dare_ties)",
+    )
+    sign_tie: SignTie = Field(
+        "majority",
+        description="sign where the weighted sum is exactly 0: majority (tensor's majority "
+        "elected sign, original TIES code) or positive (mergekit)",
+    )
+
+
+class DareModelParams(SparseModelParams):
+    density: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="keep probability 1 − p of each entry (mergekit's default is 1.0)",
+    )
+
+
+def dare_drop(
+    delta: Tensor,
+    density: float,
+    generator: torch.Generator,
+    *,
+    rescale: bool = True,
+    mode: RescaleMode = "inverse",
+) -> Tensor:
+    """τ̃ = m ⊙ τ (÷ density, or L1-matched), m ~ Bernoulli(density) elementwise."""
+    if density >= 1:
+        return delta
+    mask = bernoulli_mask(delta, density, generator)
+    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=density)
+
+
+def _dropped(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: DareLinearParams,
+    model_params: Sequence[DareModelParams],
+    ctx: TensorContext,
+) -> list[Tensor]:
+    gen = ctx.generator()
+    return [
+        dare_drop(
+            e.float() - base.float(),
+            m.density,
+            gen,
+            rescale=params.rescale,
+            mode=params.rescale_mode,
+        )
+        for e, m in zip(experts, model_params)
+    ]
+
+
+@method(
+    "dare_linear",
+    paper="Yu et al. 2024, Language Models are Super Mario (DARE), arXiv:2311.03099",
+    params=DareLinearParams,
+    model_params=DareModelParams,
+    base="required",
+)
+def dare_linear(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: DareLinearParams,
+    model_params: Sequence[DareModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """Drop task-vector entries at random, rescale by 1/density, then task arithmetic."""
+    dropped = _dropped(base, experts, params, model_params, ctx)
+    weights = [m.weight for m in model_params]
+    merged = linear_merge(dropped, weights, normalize=params.normalize)
+    return (base + params.lambda_ * merged).to(base.dtype)
+
+
+@method(
+    "dare_ties",
+    paper="Yu et al. 2024, Language Models are Super Mario (DARE), arXiv:2311.03099; "
+    "with TIES sign election, Yadav et al. 2023, arXiv:2306.01708",
+    params=DareTiesParams,
+    model_params=DareModelParams,
+    base="required",
+)
+def dare_ties(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: DareTiesParams,
+    model_params: Sequence[DareModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """Drop task-vector entries at random, rescale, then TIES sign election and disjoint merge."""
+    dropped = _dropped(base, experts, params, model_params, ctx)
+    weights = [m.weight for m in model_params]
+    merged = consensus_merge(
+        dropped, weights, normalize=params.normalize, on_zero=params.sign_tie
+    )
+    return (base + params.lambda_ * merged).to(base.dtype)

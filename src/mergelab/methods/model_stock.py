@@ -1,0 +1,150 @@
+"""Model Stock: move from the base towards the experts' mean by a ratio set by their angle.
+
+Jang, Yun & Han 2024, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024,
+arXiv:2403.19522.
+
+Per tensor (or, with ``filter_wise``, per vector along the last dimension: per row ``W[i, :]`` of
+a 2-D weight, the whole vector for a 1-D one), with N ≥ 2 experts and task vectors
+τi = θi − θ0:
+
+* cos = mean over pairs i < j of cos(τi, τj) (the paper assumes one common angle; averaging the
+  pairwise cosines for N > 2 follows mergekit);
+* t = N cos / (1 + (N − 1) cos);
+* θ = t · mean_i(θi) + (1 − t) · θ0.
+
+Edge cases:
+
+* A pair with a zero task vector has cos = 0 (the angle is undefined); all task vectors zero
+  gives the base.
+* Where 1 + (N − 1) cos is within 1e-6 of 0 (e.g. N = 2 and τ2 = −τ1) the ratio is undefined;
+  the base is kept (t = 0), as mergekit does.
+* A negative cos gives t < 0 (or t > 1 when cos < −1/(N − 1)), as in the paper's formula and in
+  mergekit; ``clamp_cos: true`` clamps cos to [0, 1] first so that t ∈ [0, 1] (negative
+  agreement then keeps the base).
+
+Departure from mergekit 0.1.5 (a difference that matters for small task vectors): mergekit
+divides each dot product by max(‖τi‖‖τj‖, 1e-6), which shrinks the cosine, and with it t,
+towards 0 whenever ‖τi‖‖τj‖ < 1e-6 (task-vector norms below about 1e-3, common for norm and
+bias vectors of lightly fine-tuned models): two identical small task vectors then give t ≈ 0
+(the base) instead of t = 1 (the expert). Here the cosine is exact, as in the paper.
+``norm_product_floor: 1e-6`` restores mergekit's results. (The paper's own code adds 1e-8 to
+the norm product, which has the same effect at norm products below about 1e-7.)
+Granularity: per tensor, or per last-dimension vector with ``filter_wise``; one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from mergelab.methods.base import MethodParams, NoParams, TensorContext
+from mergelab.methods.registry import method
+
+SINGULAR_EPS = 1e-6
+"""Where |1 + (N − 1) cos| is below this, t = 0 (the base is kept)."""
+
+
+class ModelStockParams(MethodParams):
+    filter_wise: bool = Field(
+        False,
+        description=(
+            "one ratio per vector along the last dimension (per row of a 2-D weight) "
+            "instead of one per tensor"
+        ),
+    )
+    norm_product_floor: float = Field(
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description=(
+            "lower bound on ‖τi‖·‖τj‖ in each cosine; 0 = exact cosine (paper), "
+            "1e-6 = mergekit 0.1.5 (shrinks t of small task vectors towards 0)"
+        ),
+    )
+    clamp_cos: bool = Field(
+        False,
+        description="clamp the mean cosine to [0, 1] so that t stays in [0, 1] (paper, mergekit: off)",
+    )
+
+
+def pairwise_mean_cosine(
+    deltas: Sequence[torch.Tensor], norm_product_floor: float = 0.0
+) -> torch.Tensor:
+    """Mean over pairs i < j of the row-wise cosine of 2-D tensors ``deltas[i]`` (shape R × C).
+
+    Returns shape (R,). A zero row has cosine 0 with everything (exact mode); with
+    ``norm_product_floor`` > 0 each dot product is divided by max(‖a‖‖b‖, floor) instead.
+    """
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
+    cosines = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            dot = (deltas[i] * deltas[j]).sum(dim=-1)
+            if norm_product_floor > 0:
+                cos = dot / (norms[i] * norms[j]).clamp(min=norm_product_floor)
+            else:
+                # Divide one norm at a time: |dot / ‖a‖| ≤ ‖b‖, so nothing under- or overflows.
+                nonzero = (norms[i] > 0) & (norms[j] > 0)
+                safe_i = torch.where(nonzero, norms[i], torch.ones_like(norms[i]))
+                safe_j = torch.where(nonzero, norms[j], torch.ones_like(norms[j]))
+                cos = torch.where(nonzero, dot / safe_i / safe_j, torch.zeros_like(dot))
+            cosines.append(cos.clamp(-1.0, 1.0))
+    return torch.stack(cosines).mean(dim=0)
+
+
+def interpolation_ratio(cos: torch.Tensor, n: int, clamp_cos: bool = False) -> torch.Tensor:
+    """t = N cos / (1 + (N − 1) cos); 0 where the denominator vanishes."""
+    if clamp_cos:
+        cos = cos.clamp(0.0, 1.0)
+    denom = 1.0 + (n - 1) * cos
+    singular = denom.abs() < SINGULAR_EPS
+    safe = torch.where(singular, torch.ones_like(denom), denom)
+    return torch.where(singular, torch.zeros_like(cos), n * cos / safe)
+
+
+@method(
+    "model_stock",
+    paper=(
+        "Jang, Yun & Han 2024, Model Stock: All we need is just a few fine-tuned models, "
+        "ECCV 2024, arXiv:2403.19522"
+    ),
+    params=ModelStockParams,
+    model_params=NoParams,
+    base="required",
+    min_experts=2,
+)
+def model_stock(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    params: ModelStockParams,
+    model_params: Sequence[NoParams],
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """Interpolate base → experts' mean with t = N cos / (1 + (N − 1) cos) from their angle."""
+    n = len(experts)
+    if n < 2:
+        raise ValueError(f"model_stock needs at least two experts besides the base, got {n}")
+    shape = base.shape
+    if base.numel() == 0:
+        return base.clone()
+    if params.filter_wise and base.dim() >= 1:
+        cols = shape[-1]
+        w0 = base.reshape(-1, cols)
+        ws = [e.reshape(-1, cols) for e in experts]
+    else:
+        w0 = base.reshape(1, -1)
+        ws = [e.reshape(1, -1) for e in experts]
+
+    deltas = [w - w0 for w in ws]
+    cos = pairwise_mean_cosine(deltas, params.norm_product_floor)
+    del deltas
+    t = interpolation_ratio(cos, n, params.clamp_cos).unsqueeze(-1)
+
+    mean = torch.zeros_like(w0)
+    for w in ws:
+        mean.add_(w)
+    mean.div_(n)
+    out = t * mean + (1.0 - t) * w0
+    return out.reshape(shape).to(base.dtype)

@@ -1,0 +1,310 @@
+"""Sparsification of task vectors: the masks and rescale rules shared by TIES, DARE,
+Model Breadcrumbs and DELLA, plus the parameter models those methods have in common.
+
+Everything here works on one task vector ``delta`` (τ = θ_i − θ_0) of one tensor and returns a
+boolean mask, keep probabilities or a rescaled tensor; the method modules compose them.
+
+Design rules (see docs in each function):
+
+* Magnitude thresholds come from a **selection** (``torch.kthvalue``), never from sorting the
+  whole tensor: O(n) instead of O(n log n) and no int64 index buffer of n entries.
+  Entries tied with the threshold are all kept (so the kept count can exceed k when
+  magnitudes repeat), which is what the original TIES code does; mergekit keeps exactly k
+  with an arbitrary tie break.
+* Random drops draw from the ``torch.Generator`` handed in (``ctx.generator()``, seeded per
+  (seed, tensor name)); the global RNG is never touched. The sampling scheme is pinned:
+  ``keep = torch.rand(delta.shape, generator=g) < p``, one draw of ``delta.numel()`` uniforms
+  per expert, experts in recipe order. Changing it changes every seeded merge.
+* DELLA ranks are computed once per row (one stable argsort per row, ranks held as int64 and
+  normalised in float32, float64 for rows longer than 2**24), never in bf16.
+* Exact k-th largest over a whole model, in bounded memory, by two 16-bit radix histograms of
+  the float32 bit patterns of |τ| (see :func:`high_histogram`, :func:`low_histogram`,
+  :func:`locate_in_histogram`), used by TIES with ``scope: global``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mergelab.methods.base import MethodParams
+
+Tensor = torch.Tensor
+
+RescaleMode = Literal["inverse", "l1"]
+
+#: Below this L1 norm (before or after masking) the ``l1`` rescale leaves the tensor as masked,
+#: the same guard mergekit applies, so that ``rescale_mode: l1`` reproduces it.
+L1_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter models shared by the sparsifying task-vector methods
+# --------------------------------------------------------------------------------------------
+
+
+class SparseMergeParams(MethodParams):
+    """Global parameters of the sparsify-then-merge family (mergekit's names and meanings).
+
+    Method modules subclass this and re-declare fields whose default differs.
+    """
+
+    lambda_: float = Field(
+        1.0,
+        alias="lambda",
+        allow_inf_nan=False,
+        description="scale applied to the merged task vector before adding it to the base",
+    )
+    normalize: bool = Field(
+        False,
+        description="divide the weighted sum by the sum of the weights (of the agreeing models "
+        "when signs are elected)",
+    )
+    rescale: bool = Field(
+        False, description="rescale the kept entries of each task vector after sparsification"
+    )
+    rescale_mode: RescaleMode = Field(
+        "l1",
+        description="inverse: divide kept entries by their keep probability (DARE/DELLA papers); "
+        "l1: scale the sparsified tensor so its L1 norm matches the original (mergekit)",
+    )
+    int8_mask: bool = Field(
+        False,
+        description="accepted for mergekit compatibility; no effect (masks are boolean here)",
+    )
+
+
+class SparseModelParams(MethodParams):
+    """Per-model parameters of the sparsify-then-merge family."""
+
+    weight: float = Field(
+        1.0, allow_inf_nan=False, description="weight of this task vector (negative: negation)"
+    )
+    density: float = Field(
+        1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="fraction of entries kept"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Counting and selection
+# --------------------------------------------------------------------------------------------
+
+
+def keep_count(n: int, density: float, *, at_least_one: bool = False) -> int:
+    """``⌊density · n⌋`` clipped to [0, n]; with ``at_least_one`` a positive density keeps ≥ 1."""
+    if n <= 0 or density <= 0:
+        return 0
+    if density >= 1:
+        return n
+    k = min(n, int(density * n))
+    if at_least_one:
+        k = max(k, 1)
+    return k
+
+
+def kth_smallest(values: Tensor, k: int) -> Tensor:
+    """The k-th smallest (1-based) entry of a tensor, by selection (``torch.kthvalue``)."""
+    flat = values.reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return torch.kthvalue(flat, k).values
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest (1-based) entry of a tensor, by selection."""
+    return kth_smallest(values, values.numel() - k + 1)
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Keep the ``k = max(1, ⌊density·n⌋)`` largest |τ| (TIES "trim"), by a k-th value threshold.
+
+    Entries tied with the k-th largest magnitude are kept too. ``density`` 0 keeps nothing,
+    1 keeps everything.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    k = keep_count(n, density, at_least_one=True)
+    if k == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    mag = delta.abs()
+    return mag >= kth_largest(mag, k)
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs mask: drop the top ``gamma`` fraction and enough of the bottom that
+    ``density`` remains.
+
+    Counting follows mergekit: ``n_top = ⌊γ n⌋``, ``target = ⌊density n⌋``,
+    ``n_bottom = max(0, n − target − n_top)``; the kept entries are ascending magnitude
+    positions ``n_bottom … n_bottom + target − 1`` (so when ``density + γ > 1`` fewer than
+    ``n_top`` outliers are removed). Implemented with two selections (lower and upper
+    magnitude bounds); entries tied with a bound are kept.
+    """
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    target = keep_count(n, density)
+    if target == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    n_top = min(n, int(gamma * n))
+    n_bottom = max(0, n - target - n_top)
+    mag = delta.abs()
+    mask = torch.ones_like(delta, dtype=torch.bool)
+    if n_bottom > 0:
+        mask &= mag >= kth_smallest(mag, n_bottom + 1)
+    if n_bottom + target < n:
+        mask &= mag <= kth_smallest(mag, n_bottom + target)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Random drops
+# --------------------------------------------------------------------------------------------
+
+
+def bernoulli_mask(delta: Tensor, keep_prob: float | Tensor, generator: torch.Generator) -> Tensor:
+    """Independent keep decisions: ``rand < keep_prob`` elementwise (P(keep) = keep_prob).
+
+    ``keep_prob`` is a scalar (DARE) or a tensor of ``delta``'s shape (DELLA). Draws
+    ``delta.numel()`` float32 uniforms from ``generator`` on ``delta``'s device.
+    """
+    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
+    return u < keep_prob
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """2-D view for per-row operations: 0-D/1-D → one row; k-D (k ≥ 3) → (shape[0], rest)."""
+    if t.dim() == 2:
+        return t
+    if t.dim() < 2:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def row_ranks(delta: Tensor) -> Tensor:
+    """Normalised ascending magnitude rank per row, in [0, 1] (float32, delta's shape).
+
+    Smallest |τ| of a row gets 0, largest gets 1; equal magnitudes get distinct ranks in
+    index order (stable sort). A row of length 1 gets 0.5. One stable argsort per row; ranks
+    are integers until the final division, done in float32 (float64 for rows over 2**24).
+    """
+    rows = _as_rows(delta)
+    n_rows, n_cols = rows.shape
+    if n_cols <= 1:
+        return torch.full(delta.shape, 0.5, dtype=torch.float32, device=delta.device)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    positions = torch.arange(n_cols, device=delta.device, dtype=torch.int64).expand(n_rows, -1)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    del order
+    work = torch.float32 if n_cols <= (1 << 24) else torch.float64
+    r = ranks.to(work).div_(n_cols - 1)
+    return r.to(torch.float32).reshape(delta.shape)
+
+
+def rank_keep_probs(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA MagPrune keep probabilities per row: ``(density − ε) + 2ε · r``, r = row rank in
+    [0, 1] (see :func:`row_ranks`). Mean keep probability per row is ``density``."""
+    r = row_ranks(delta)
+    return r.mul_(2.0 * epsilon).add_(density - epsilon)
+
+
+# --------------------------------------------------------------------------------------------
+# Rescale rules
+# --------------------------------------------------------------------------------------------
+
+
+def l1_rescale(masked: Tensor, original: Tensor, eps: float = L1_EPS) -> Tensor:
+    """Scale ``masked`` (in place) so its L1 norm equals ``original``'s (mergekit's rule).
+
+    Left unchanged when either norm is below ``eps``.
+    """
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked.mul_(before / after)
+
+
+def apply_mask(
+    delta: Tensor,
+    mask: Tensor,
+    *,
+    rescale: bool = False,
+    mode: RescaleMode = "inverse",
+    keep_prob: float | Tensor | None = None,
+) -> Tensor:
+    """Zero the dropped entries of ``delta`` and optionally rescale the survivors.
+
+    ``mode="inverse"`` divides each kept entry by its keep probability ``keep_prob`` (a scalar
+    for DARE, the per-entry tensor for DELLA), so the result is unbiased: E[out] = delta.
+    ``mode="l1"`` rescales the whole tensor to the original L1 norm. Returns a new tensor.
+    """
+    out = delta.masked_fill(~mask, 0.0)
+    if not rescale:
+        return out
+    if mode == "l1":
+        return l1_rescale(out, delta)
+    if mode != "inverse":
+        raise ValueError(f"unknown rescale mode {mode!r}")
+    if keep_prob is None:
+        raise ValueError("rescale_mode 'inverse' needs the keep probability")
+    if isinstance(keep_prob, Tensor):
+        # Dropped entries may have probability 0 only where nothing is kept; guard the division.
+        return out.div_(torch.where(mask, keep_prob, torch.ones_like(keep_prob)))
+    if keep_prob <= 0:
+        return out.zero_()
+    return out.div_(keep_prob)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact model-wide k-th largest magnitude in bounded memory (two radix passes)
+# --------------------------------------------------------------------------------------------
+
+#: |τ| is non-negative, so its float32 bit pattern read as int32 is in [0, 2**31) and ordered
+#: like the values; the high 16 bits therefore take 2**15 values, the low 16 bits 2**16.
+HIGH_BINS = 1 << 15
+LOW_BINS = 1 << 16
+
+
+def magnitude_bits(delta: Tensor) -> Tensor:
+    """The float32 bit patterns of |delta| as int32 (monotone in the magnitude)."""
+    mag = delta.detach().abs()
+    if mag.dtype != torch.float32:
+        mag = mag.float()
+    return mag.contiguous().view(torch.int32).reshape(-1)
+
+
+def high_histogram(delta: Tensor) -> Tensor:
+    """Counts of |delta| per value of its bit pattern's high 16 bits (int64, ``HIGH_BINS``)."""
+    bits = magnitude_bits(delta)
+    return torch.bincount(bits >> 16, minlength=HIGH_BINS).cpu()
+
+
+def low_histogram(delta: Tensor, high: int) -> Tensor:
+    """Counts of the low 16 bits of |delta|'s bit pattern among entries whose high 16 bits
+    equal ``high`` (int64, ``LOW_BINS``)."""
+    bits = magnitude_bits(delta)
+    inside = bits[(bits >> 16) == high]
+    return torch.bincount(inside & 0xFFFF, minlength=LOW_BINS).cpu()
+
+
+def locate_in_histogram(hist: Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th largest (1-based) item of a histogram, and its 1-based rank counted
+    from the largest inside that bin. Requires ``1 ≤ k ≤ hist.sum()``."""
+    total = int(hist.sum())
+    if not 1 <= k <= total:
+        raise ValueError(f"rank {k} outside 1..{total}")
+    from_top = torch.flip(hist, dims=[0]).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    b = hist.numel() - 1 - idx
+    above = int(from_top[idx]) - int(hist[b])
+    return b, k - above
+
+
+def bits_to_float(high: int, low: int) -> float:
+    """The float32 value whose bit pattern is ``high << 16 | low``."""
+    pattern = torch.tensor([(high << 16) | low], dtype=torch.int32)
+    return float(pattern.view(torch.float32)[0])

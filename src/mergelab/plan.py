@@ -1,0 +1,419 @@
+"""Plans: one job per output tensor, built from headers and index files alone.
+
+Everything that can fail without reading tensor data fails here, before any heavy I/O:
+unknown methods and parameters, out-of-range values (resolved per tensor, so a bad value in a
+filter or gradient is caught too), missing tensors, shape and vocabulary mismatches, dtype
+oddities. A user learns about a typo in a second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, open_checkpoint
+from mergelab.errors import ParameterError, PlanError, RecipeError
+from mergelab.methods.base import MergeMethod, MethodParams
+from mergelab.methods.registry import get_method
+from mergelab.recipe import Recipe, parse_dtype, resolve_setting
+
+_LAYER_PATTERNS = [
+    re.compile(p)
+    for p in (
+        r"(?:^|\.)layers\.(\d+)\.",
+        r"(?:^|\.)h\.(\d+)\.",
+        r"(?:^|\.)block\.(\d+)\.",
+        r"(?:^|\.)blocks\.(\d+)\.",
+        r"(?:^|\.)layer\.(\d+)\.",
+    )
+]
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight",
+                   "tok_embeddings.weight", "embeddings.weight")
+_VOCAB_NAMES = re.compile(r"(embed_tokens|wte|word_embeddings|shared|embed_in|tok_embeddings|lm_head|embed_out|output)\.weight$")
+
+
+def layer_index(name: str) -> int | None:
+    """Transformer block index of a tensor name (``model.layers.3.mlp...`` → 3), or None."""
+    for pat in _LAYER_PATTERNS:
+        m = pat.search(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def num_layers_from(config: Mapping[str, Any] | None, names: Sequence[str]) -> int | None:
+    """Depth from config.json (``num_hidden_layers``/``n_layer``/``num_layers``), else from names."""
+    if config:
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            v = config.get(key)
+            if isinstance(v, int) and v > 0:
+                return v
+        text = config.get("text_config")
+        if isinstance(text, dict):
+            return num_layers_from(text, names)
+    idx = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(idx) + 1 if idx else None
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: how to make it and what it will look like."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    kind: Literal["merge", "copy"]
+    layer: int | None = None
+    params: MethodParams | None = None
+    model_params: tuple[MethodParams, ...] = ()
+    rows: int | None = None  # vocabulary truncation: keep the first `rows` rows of every input
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class Plan:
+    """A validated merge: the method, the opened inputs and one job per output tensor."""
+
+    recipe: Recipe
+    method: MergeMethod
+    base: CheckpointReader | None
+    experts: list[CheckpointReader]
+    reference: CheckpointReader
+    jobs: list[TensorJob]
+    num_layers: int | None
+    global_params: MethodParams
+    global_model_params: tuple[MethodParams, ...]
+    tied: dict[str, str] = field(default_factory=dict)  # omitted name -> name it is tied to
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[CheckpointReader]:
+        seen: list[CheckpointReader] = []
+        for r in ([self.base] if self.base is not None else []) + self.experts:
+            if all(r is not s for s in seen):
+                seen.append(r)
+        return seen
+
+    @property
+    def merge_jobs(self) -> list[TensorJob]:
+        return [j for j in self.jobs if j.kind == "merge"]
+
+    def input_bytes(self) -> int:
+        """Bytes read from inputs for one pass over the jobs."""
+        total = 0
+        for job in self.jobs:
+            readers = self.readers_for(job)
+            for r in readers:
+                m = r.tensors()[job.name]
+                total += m.numel * torch.empty((), dtype=m.dtype).element_size()
+        return total
+
+    def output_bytes(self) -> int:
+        return sum(j.out_nbytes for j in self.jobs)
+
+    def readers_for(self, job: TensorJob) -> list[CheckpointReader]:
+        if job.kind == "copy":
+            return [self.reference]
+        return ([self.base] if self.base is not None else []) + list(self.experts)
+
+    def expected_peak_bytes(self, compute_itemsize: int = 4) -> int:
+        """Upper estimate of the engine's working memory beyond the interpreter itself.
+
+        (inputs + 2) × the largest tensor in the compute dtype (the method's inputs, one
+        scratch buffer and its result), plus the next job's raw inputs read ahead.
+        """
+        n_in = len(self.experts) + (1 if self.base is not None else 0)
+        largest = max((j.numel for j in self.jobs), default=0)
+        raw_ahead = max(
+            (sum(r.tensors()[j.name].numel * torch.empty((), dtype=r.tensors()[j.name].dtype).element_size()
+                 for r in self.readers_for(j)) for j in self.jobs),
+            default=0,
+        )
+        return (n_in + 2) * largest * compute_itemsize + raw_ahead
+
+    def close(self) -> None:
+        for r in self.inputs:
+            r.close()
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _split_inputs(recipe: Recipe, method: MergeMethod) -> tuple[str | None, list[int]]:
+    """Which recipe entry is the base and which entries are experts (indices into models)."""
+    base_ref = recipe.base_model
+    if method.base == "required" and base_ref is None:
+        raise RecipeError(f"merge_method {method.name} needs a base_model (the shared pretrained model)")
+    if method.base == "ignored":
+        return base_ref, list(range(len(recipe.models)))
+    experts = [i for i, m in enumerate(recipe.models) if m.model != base_ref]
+    return base_ref, experts
+
+
+def _params_error(exc: ValidationError, method: MergeMethod, scope: str, where: str) -> ParameterError:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "parameters"
+        if err["type"] == "extra_forbidden":
+            allowed = sorted(
+                {f.alias or n for n, f in method.params.model_fields.items()}
+                | {f.alias or n for n, f in method.model_params.model_fields.items()}
+            )
+            parts.append(f"unknown parameter {key!r} for {method.name} (allowed: {', '.join(allowed) or 'none'})")
+        else:
+            parts.append(f"{key}: {err['msg']}")
+    return ParameterError(f"{where}: {scope} parameter error for {method.name}: " + "; ".join(parts))
+
+
+def _field_keys(model: type[MethodParams]) -> set[str]:
+    keys = set()
+    for name, f in model.model_fields.items():
+        keys.add(name)
+        if f.alias:
+            keys.add(f.alias)
+    return keys
+
+
+class _ParamResolver:
+    """Resolves and validates the method's parameters for every tensor, with caching."""
+
+    def __init__(self, recipe: Recipe, method: MergeMethod, expert_idx: list[int]):
+        self.recipe = recipe
+        self.method = method
+        self.expert_idx = expert_idx
+        gkeys, mkeys = _field_keys(method.params), _field_keys(method.model_params)
+        unknown = [k for k in recipe.parameters if k not in gkeys | mkeys]
+        if unknown:
+            allowed = sorted(gkeys | mkeys - {n for n in method.params.model_fields if method.params.model_fields[n].alias})
+            raise ParameterError(
+                f"recipe parameters: unknown parameter {unknown[0]!r} for {method.name} "
+                f"(allowed: {', '.join(a for a in allowed if not a.endswith('_')) or 'none'})"
+            )
+        for i in expert_idx:
+            entry = recipe.models[i]
+            bad = [k for k in entry.parameters if k not in mkeys]
+            if bad:
+                kind = "a global parameter: set it under top-level `parameters`" if bad[0] in gkeys else (
+                    f"not a parameter of {method.name} (per-model: {', '.join(sorted(k for k in mkeys if not k.endswith('_'))) or 'none'})")
+                raise ParameterError(f"model {entry.model}: parameter {bad[0]!r} is {kind}")
+        self._gkeys = [k for k in recipe.parameters if k in gkeys]
+        self._mkeys = mkeys
+        self._cache: dict[Any, Any] = {}
+
+    def resolve(self, tensor: str, t: float) -> tuple[MethodParams, tuple[MethodParams, ...]]:
+        gvals = {k: resolve_setting(self.recipe.parameters[k], tensor, t) for k in self._gkeys}
+        gvals = {k: v for k, v in gvals.items() if v is not None}
+        per_model = []
+        for i in self.expert_idx:
+            entry = self.recipe.models[i]
+            vals: dict[str, Any] = {}
+            for k in self._mkeys:
+                if k in entry.parameters:
+                    v = resolve_setting(entry.parameters[k], tensor, t)
+                elif k in self.recipe.parameters:
+                    v = resolve_setting(self.recipe.parameters[k], tensor, t)
+                else:
+                    v = None
+                if v is not None:
+                    vals[k] = v
+            per_model.append(vals)
+        key = (repr(sorted(gvals.items())), repr([sorted(d.items()) for d in per_model]))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        where = f"tensor {tensor}" if tensor else "recipe"
+        try:
+            g = self.method.params.model_validate(gvals)
+        except ValidationError as exc:
+            raise _params_error(exc, self.method, "global", where) from None
+        models = []
+        for i, vals in zip(self.expert_idx, per_model):
+            try:
+                models.append(self.method.model_params.model_validate(vals))
+            except ValidationError as exc:
+                raise _params_error(exc, self.method, "per-model", f"{where}, model {self.recipe.models[i].model}") from None
+        result = (g, tuple(models))
+        self._cache[key] = result
+        return result
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _tied_names(reference: CheckpointReader, names: Mapping[str, TensorMeta]) -> dict[str, str]:
+    """Tensors that are the same matrix as another (tied weights): merged once, written once.
+
+    In-memory models report shared storage; checkpoints on disk are tied when config.json says
+    ``tie_word_embeddings`` (or leaves transformers' default, true) and both ``lm_head.weight``
+    and an input embedding of the same shape are stored.
+    """
+    aliases = getattr(reference, "aliases", None)
+    if callable(aliases):
+        return aliases()
+    cfg = reference.config()
+    if cfg is None:
+        return {}
+    tie = cfg.get("tie_word_embeddings")
+    if tie is None and isinstance(cfg.get("text_config"), dict):
+        tie = cfg["text_config"].get("tie_word_embeddings")
+    if tie is False or "lm_head.weight" not in names:
+        return {}
+    for name in names:
+        if name.endswith(_EMBED_SUFFIXES) and names[name].shape == names["lm_head.weight"].shape:
+            # tie_word_embeddings true (or unset, transformers' default): write the shared matrix once
+            if tie is True or tie is None:
+                return {"lm_head.weight": name}
+    return {}
+
+
+def build_plan(
+    recipe: Recipe,
+    *,
+    readers: Mapping[str, CheckpointReader] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Plan:
+    """Validate ``recipe`` against its inputs' headers and return the per-tensor plan.
+
+    ``readers`` maps a model reference to an already-open reader (used by the in-memory API);
+    other references are opened with :func:`open_checkpoint`.
+    """
+    method = get_method(recipe.merge_method)
+    base_ref, expert_idx = _split_inputs(recipe, method)
+    n_exp = len(expert_idx)
+    if n_exp < method.min_experts:
+        raise RecipeError(
+            f"merge_method {method.name} needs at least {method.min_experts} model(s) besides the base, got {n_exp}"
+        )
+    if method.max_experts is not None and n_exp > method.max_experts:
+        raise RecipeError(f"merge_method {method.name} takes at most {method.max_experts} model(s) besides the base, got {n_exp}")
+    resolver = _ParamResolver(recipe, method, expert_idx)
+    global_params, global_model_params = resolver.resolve("", 0.0)
+
+    opened: dict[str, CheckpointReader] = dict(readers or {})
+
+    def get(ref: str) -> CheckpointReader:
+        if ref not in opened:
+            opened[ref] = open_checkpoint(ref)
+        return opened[ref]
+
+    try:
+        base = get(base_ref) if base_ref is not None and method.base != "ignored" else None
+        experts = [get(recipe.models[i].model) for i in expert_idx]
+        reference = base if base is not None else (get(base_ref) if base_ref is not None else experts[0])
+        plan = _plan_tensors(recipe, method, resolver, base, experts, reference, out_dtype, global_params, global_model_params)
+    except BaseException:
+        for r in opened.values():
+            if not readers or r not in readers.values():
+                r.close()
+        raise
+    return plan
+
+
+def _plan_tensors(
+    recipe: Recipe,
+    method: MergeMethod,
+    resolver: _ParamResolver,
+    base: CheckpointReader | None,
+    experts: list[CheckpointReader],
+    reference: CheckpointReader,
+    out_dtype: torch.dtype | None,
+    global_params: MethodParams,
+    global_model_params: tuple[MethodParams, ...],
+) -> Plan:
+    ref_names = reference.tensors()
+    if not ref_names:
+        raise PlanError(f"{reference.label}: the checkpoint holds no tensors")
+    out_dtype = out_dtype or recipe.output_dtype
+    merged_inputs = ([base] if base is not None else []) + experts
+    tied = _tied_names(reference, ref_names)
+    num_layers = num_layers_from(reference.config(), list(ref_names))
+    warnings: list[str] = []
+
+    for r in merged_inputs:
+        extra = [n for n in r.tensors() if n not in ref_names]
+        if extra:
+            raise PlanError(
+                f"{r.label}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not in {reference.label}; "
+                "the models do not share an architecture, or an expert carries an extra head: remove it or merge "
+                "compatible checkpoints"
+            )
+
+    jobs: list[TensorJob] = []
+    for name, meta in ref_names.items():
+        if name in tied:
+            continue
+        layer = layer_index(name)
+        if not _is_float(meta.dtype):
+            jobs.append(TensorJob(name, meta.shape, meta.dtype, "copy", layer))
+            continue
+        rows: int | None = None
+        for r in merged_inputs:
+            other = r.tensors().get(name)
+            if other is None:
+                raise PlanError(
+                    f"{r.label}: missing tensor {name!r} that {reference.label} has; the models do not share an "
+                    "architecture (or the checkpoint is incomplete: re-download it)"
+                )
+            if not _is_float(other.dtype):
+                raise PlanError(f"{r.label}: tensor {name!r} is {other.dtype} but {reference.label} has {meta.dtype}")
+            if other.shape != meta.shape:
+                vocab = (
+                    _VOCAB_NAMES.search(name)
+                    and len(other.shape) == len(meta.shape)
+                    and other.shape[1:] == meta.shape[1:]
+                )
+                if vocab and recipe.vocab_mismatch == "truncate" and other.shape[0] >= meta.shape[0]:
+                    rows = meta.shape[0]
+                    warnings.append(f"{name}: {r.label} has {other.shape[0]} vocabulary rows, truncated to {rows}")
+                    continue
+                if vocab:
+                    raise PlanError(
+                        f"{r.label}: vocabulary size {other.shape[0]} in {name!r} differs from {meta.shape[0]} in "
+                        f"{reference.label}; merge models with the same tokenizer, or set `vocab_mismatch: truncate` "
+                        "to keep the base's rows"
+                    )
+                raise PlanError(
+                    f"{r.label}: tensor {name!r} has shape {list(other.shape)} but {reference.label} has "
+                    f"{list(meta.shape)}; the models do not share an architecture"
+                )
+        t = 0.0
+        if layer is not None and num_layers:
+            t = 1.0 if num_layers <= 1 else layer / (num_layers - 1)
+        params, model_params = resolver.resolve(name, t)
+        jobs.append(
+            TensorJob(name, meta.shape, out_dtype or meta.dtype, "merge", layer, params, model_params, rows)
+        )
+    return Plan(
+        recipe=recipe,
+        method=method,
+        base=base,
+        experts=experts,
+        reference=reference,
+        jobs=jobs,
+        num_layers=num_layers,
+        global_params=global_params,
+        global_model_params=global_model_params,
+        tied=tied,
+        warnings=warnings,
+    )
+
+
+def describe_dtype(dtype: str | torch.dtype | None) -> str:
+    dt = parse_dtype(dtype) if not isinstance(dtype, torch.dtype) else dtype
+    return str(dt).removeprefix("torch.") if dt is not None else "as base"

@@ -1,0 +1,277 @@
+"""Recipes: what to merge, how, and with which parameters (YAML or Python).
+
+The format is mergekit's for everything both tools share, so a mergekit recipe runs unchanged::
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./expert-a
+        parameters: {weight: 1.0, density: 0.2}
+      - model: ./expert-b
+        parameters: {weight: [0, 0.5, 1]}      # gradient over depth
+    parameters:
+      lambda: 1.0
+      density:                                   # per-tensor overrides: first match wins
+        - filter: self_attn
+          value: 0.3
+        - value: 0.2
+    dtype: bfloat16
+
+A parameter value is a scalar, a gradient (a list of numbers interpolated over the layer index;
+tensors outside the blocks take the first value, as in mergekit), or a list of
+``{filter, value}`` conditions matched as substrings of the tensor name. A per-model parameter
+set at the top level applies to every model unless the model sets its own.
+
+mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default float32),
+``out_dtype`` (default: ``dtype``, else the base's dtype), ``vocab_mismatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergelab.errors import RecipeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
+    """A torch dtype from a recipe or CLI string; None passes through."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = value.lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise RecipeError(f"{what}: unknown dtype {value!r}; use one of float32, bfloat16, float16, float64")
+    return DTYPES[key]
+
+
+class Condition(BaseModel):
+    """One ``{filter, value}`` entry of a parameter setting."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Any
+
+
+ParamSetting = Any  # scalar | list[scalar] (gradient) | list[Condition]
+
+
+class ModelEntry(BaseModel):
+    """One input model and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_ref(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "model" in v:  # mergekit's long form {model: {path: ...}}
+            inner = v["model"]
+            v = inner.get("path") if isinstance(inner, dict) else inner
+        if isinstance(v, Path):
+            v = str(v)
+        return v
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamSetting] | None = None
+
+
+class SliceDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: dict[str, ParamSetting] | None = None
+
+
+class Recipe(BaseModel):
+    """A validated merge recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceDef] | None = None
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    compute_dtype: str = "float32"
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    seed: int = 0
+    vocab_mismatch: Literal["error", "truncate"] = "error"
+    name: str | None = None
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_ref(cls, v: Any) -> Any:
+        return ModelEntry._model_ref(v)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("dtype", "out_dtype", "compute_dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        parse_dtype(v)
+        return v
+
+    @model_validator(mode="after")
+    def _slices_to_models(self) -> Recipe:
+        if self.slices is not None:
+            if self.models:
+                raise ValueError("give either `models` or `slices`, not both")
+            self.models = _models_from_slices(self.slices, self.parameters)
+            self.slices = None
+        if not self.models:
+            raise ValueError("the recipe lists no models: add a `models:` list")
+        if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
+            raise ValueError(
+                "tokenizer_source: union is not supported; merge models that share a vocabulary, "
+                "or set tokenizer_source: base (vocab_mismatch: truncate cuts embeddings to the base's rows)"
+            )
+        return self
+
+    # --- convenience -----------------------------------------------------------------------
+    @property
+    def output_dtype(self) -> torch.dtype | None:
+        return parse_dtype(self.out_dtype or self.dtype)
+
+    @property
+    def compute_torch_dtype(self) -> torch.dtype:
+        dt = parse_dtype(self.compute_dtype)
+        assert dt is not None
+        return dt
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(exclude_defaults=True, by_alias=True)
+        data.setdefault("merge_method", self.merge_method)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _models_from_slices(slices: list[SliceDef], global_params: dict[str, Any]) -> list[ModelEntry]:
+    """Accept the common mergekit form: one slice whose sources each cover a whole model."""
+    if len(slices) != 1:
+        raise ValueError(
+            "recipes with several slices (frankenmerges / layer stacking) are not supported; "
+            "use one slice covering every layer, or a `models:` list"
+        )
+    (sl,) = slices
+    ranges = {tuple(s.layer_range) for s in sl.sources}
+    if len(ranges) != 1 or next(iter(ranges))[0] != 0:
+        raise ValueError("slice sources must all cover the same layer range starting at 0 (whole models)")
+    if sl.parameters:
+        for k, v in sl.parameters.items():
+            global_params.setdefault(k, v)
+    return [ModelEntry(model=s.model, parameters=s.parameters or {}) for s in sl.sources]
+
+
+def _format_validation(exc: ValidationError, where: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+    """A Recipe from a YAML file path, a dict, or a Recipe; relative model paths are
+    resolved against the YAML file's folder when they exist there."""
+    if isinstance(source, Recipe):
+        return source
+    where = "recipe"
+    base_dir: Path | None = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+        base_dir = path.resolve().parent
+    else:
+        data = dict(source)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a mapping with merge_method, base_model and models")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation(exc, where)) from None
+    if base_dir is not None:
+        recipe = _resolve_relative(recipe, base_dir)
+    return recipe
+
+
+def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
+    def fix(ref: str | None) -> str | None:
+        if ref is None or Path(ref).is_absolute() or Path(ref).exists():
+            return ref
+        candidate = base_dir / ref
+        return str(candidate) if candidate.exists() else ref
+
+    models = [m.model_copy(update={"model": fix(m.model)}) for m in recipe.models]
+    return recipe.model_copy(
+        update={"models": models, "base_model": fix(recipe.base_model), "tokenizer_source": fix(recipe.tokenizer_source)}
+    )
+
+
+# --- per-tensor parameter resolution ------------------------------------------------------
+
+
+def resolve_setting(setting: ParamSetting, tensor_name: str, t: float) -> Any:
+    """The value of a setting for one tensor: filters matched by substring (first match wins),
+    gradients interpolated at depth ``t`` in [0, 1] (mergekit's rule)."""
+    if isinstance(setting, Condition):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)) or setting is None:
+        return setting
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+            if not numeric:
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            c = cond if isinstance(cond, Condition) else Condition.model_validate(cond)
+            if c.filter is None or c.filter == "*" or c.filter in tensor_name:
+                return resolve_setting(c.value, tensor_name, t)
+        return None
+    raise RecipeError(f"unsupported parameter value {setting!r}: use a number, a list of numbers, or filter/value pairs")

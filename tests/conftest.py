@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny real transformers checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergelab.synthetic import make_base, make_expert, make_family
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """Untied Llama base (4 shards) + dense, sparse and conflicting experts."""
+    root = tmp_path_factory.mktemp("family")
+    return make_family(root, n_experts=3, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def tied_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A Llama base with tied input/output embeddings + 2 experts, one shard each."""
+    root = tmp_path_factory.mktemp("tied")
+    return make_family(root, n_experts=2, tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def bin_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The same architecture saved as pytorch_model.bin (pickle, loaded weights-only)."""
+    root = tmp_path_factory.mktemp("bin")
+    base = make_base(root / "base", safe_serialization=False)
+    return base, [make_expert(base, root / "expert_0", seed=1), make_expert(base, root / "expert_1", kind="sparse", seed=2)]
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """SHA-256 and mtime of every file under ``path`` (to prove inputs are never modified)."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(path))] = hashlib.sha256(f.read_bytes()).hexdigest() + f":{f.stat().st_mtime_ns}"
+    return out
