@@ -195,7 +195,7 @@ def inspect(
         console.print(head)
         t = Table()
         for col in ("tensor", "shape", "dtype", "shard"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         items = list(metas.values())
         for m in items if show_all else items[:40]:
             t.add_row(m.name, "×".join(map(str, m.shape)) or "scalar", str(m.dtype).removeprefix("torch."), m.file)
