@@ -12,7 +12,8 @@ What it does
    layer gradients, model_stock, model_stock filter_wise, dare_linear, nuslerp with and without a
    base) writes one mergekit-format YAML (``dtype: float32``, every parameter whose default
    differs between the two tools set explicitly) and runs
-   ``mergekit-yaml RECIPE OUT --random-seed 0`` and ``mergelab merge RECIPE OUT2 --force``.
+   ``mergekit-yaml RECIPE OUT --random-seed 0 --no-copy-tokenizer`` (the checkpoints have no
+   tokenizer) and ``mergelab merge RECIPE OUT2 --force``.
 3. Compares every output tensor: max |a − b| and the fraction of elements differing by more
    than the tolerance (1e-5 absolute), and prints one row per recipe.
 
@@ -58,7 +59,10 @@ N_FINETUNES = 3
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def build_checkpoints(root: Path, seed: int = 0) -> tuple[Path, list[Path], dict[str, dict[str, torch.Tensor]]]:
+StateDicts = dict[str, dict[str, torch.Tensor]]
+
+
+def build_checkpoints(root: Path, seed: int = 0) -> tuple[Path, list[Path], StateDicts]:
     """Base + fine-tunes under ``root``; returns their paths and in-memory state dicts."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -276,7 +280,7 @@ def compare(
     mk: dict[str, torch.Tensor],
     ml: dict[str, torch.Tensor],
     case: Case,
-    states: dict[str, dict[str, torch.Tensor]],
+    states: StateDicts,
     verbose: bool,
 ) -> Diff:
     d = Diff()
@@ -355,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    mergelab failed:\n{tail(work / 'mergelab.log')}")
             ok_mk, t_mk = False, 0.0
             if have_mk:
-                ok_mk, t_mk = run_cmd([str(mergekit), str(recipe), str(work / "mergekit"), "--random-seed", "0"],
-                                      work / "mergekit.log")
+                mk_cmd = [str(mergekit), str(recipe), str(work / "mergekit"),
+                          "--random-seed", "0", "--no-copy-tokenizer"]
+                ok_mk, t_mk = run_cmd(mk_cmd, work / "mergekit.log")
                 if not ok_mk:
                     print(f"    mergekit failed:\n{tail(work / 'mergekit.log')}")
 
@@ -381,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     status = "MISMATCH"
                 if structural:
-                    print(f"    missing on one side: {diff.missing[:5]}; shape mismatch: {diff.shape_mismatch[:5]}")
+                    print(f"    missing on one side: {diff.missing[:5]}; "
+                          f"shape mismatch: {diff.shape_mismatch[:5]}")
             bad = status.isupper()  # errors and mismatches are upper case
             failed |= bad
             rows.append((case, status, diff, t_mk, t_ml))

@@ -122,9 +122,16 @@ def merge(
         )
         summary = summarize(plan, opts.compute_dtype)
         writer = ShardedSafetensorsWriter(dest.tmp, ((j.name, j.out_dtype, j.shape) for j in plan.jobs), shard_bytes)
+        parts = None
+        if plan.method.outputs == "modulated":  # shared model + per-task parts (TALL masks, EMR)
+            from mergelab.modulators import open_parts_writer
+
+            parts = open_parts_writer(dest.tmp, plan)
         try:
-            stats = execute(plan, writer, opts, progress)
+            stats = execute(plan, writer, opts, progress, parts)
             writer.finish()
+            if parts is not None:
+                parts.finish(stats)
         finally:
             writer.abort()
         tok_source = plan.reference

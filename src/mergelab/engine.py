@@ -21,12 +21,18 @@ import torch
 
 from mergelab.checkpoint.reader import CheckpointReader, tensor_digest
 from mergelab.errors import InputDataError, MergelabError
-from mergelab.methods.base import TensorContext
+from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.plan import Plan, TensorJob
 
 
 class TensorSink(Protocol):
     def add(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+class PartsSink(Protocol):
+    """Receives the per-task parts of methods that return MethodOutput (see mergelab.modulators)."""
+
+    def add(self, name: str, parts: dict[str, Any]) -> None: ...
 
 
 class Progress(Protocol):
@@ -84,10 +90,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _raw_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class _Hasher:
     """Accumulates per-tensor digests of every input as it is read."""
 
@@ -110,8 +112,22 @@ class _Hasher:
         return out
 
 
-def _read_job(plan: Plan, job: TensorJob, hasher: _Hasher | None) -> dict[int, torch.Tensor]:
-    """Read the job's tensor from each distinct input reader (raw dtype, CPU)."""
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN or Inf (one fused min/max pass: far cheaper than isfinite().all())."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _read_job(
+    plan: Plan, job: TensorJob, hasher: _Hasher | None, opts: EngineOptions, convert: bool
+) -> dict[int, torch.Tensor]:
+    """Read the job's tensor from each distinct input reader; runs on the reader thread.
+
+    Checks each float input for NaN/Inf, and (``convert``) casts merged inputs to the compute
+    dtype here, so that this work overlaps the previous job's compute.
+    """
     out: dict[int, torch.Tensor] = {}
     readers = plan.inputs if (job.kind == "copy" and hasher is not None) else plan.readers_for(job)
     for r in readers:
@@ -120,6 +136,16 @@ def _read_job(plan: Plan, job: TensorJob, hasher: _Hasher | None) -> dict[int, t
         t = r.read(job.name)
         if hasher is not None:
             hasher.add(r, job.name, t)
+        if job.kind == "merge":
+            if job.rows is not None:
+                t = t[: job.rows]
+            if opts.check_finite and not all_finite(t):
+                raise InputDataError(
+                    f"{r.label}: tensor {job.name!r} (file {r.tensors()[job.name].file}) contains NaN or Inf values; "
+                    "this checkpoint is broken: re-download or re-train it"
+                )
+            if convert:
+                t = t.to(dtype=opts.compute_dtype)
         out[id(r)] = t
     return out
 
@@ -128,39 +154,31 @@ def _stream(
     plan: Plan,
     jobs: Sequence[TensorJob],
     hasher: _Hasher | None,
-    prefetch: bool,
+    opts: EngineOptions,
+    device: torch.device,
 ) -> Iterator[tuple[TensorJob, dict[int, torch.Tensor]]]:
-    """Yield (job, raw tensors by reader id), reading the next job while the caller computes."""
-    if not prefetch or len(jobs) < 2:
+    """Yield (job, input tensors by reader id), reading the next job while the caller computes."""
+    convert = device.type == "cpu"
+    if not opts.prefetch or len(jobs) < 2:
         for job in jobs:
-            yield job, _read_job(plan, job, hasher)
+            yield job, _read_job(plan, job, hasher, opts, convert)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
-        future: Future[dict[int, torch.Tensor]] = pool.submit(_read_job, plan, jobs[0], hasher)
+        future: Future[dict[int, torch.Tensor]] = pool.submit(_read_job, plan, jobs[0], hasher, opts, convert)
         for i, job in enumerate(jobs):
             raw = future.result()
             if i + 1 < len(jobs):
-                future = pool.submit(_read_job, plan, jobs[i + 1], hasher)
+                future = pool.submit(_read_job, plan, jobs[i + 1], hasher, opts, convert)
             yield job, raw
             del raw
 
 
 class _Prepared:
-    """A job's inputs in the compute dtype on the compute device, checked for NaN/Inf."""
+    """A job's inputs in the compute dtype on the compute device (base, then experts)."""
 
-    def __init__(self, plan: Plan, job: TensorJob, raw: dict[int, torch.Tensor], opts: EngineOptions, device: torch.device):
+    def __init__(self, plan: Plan, raw: dict[int, torch.Tensor], opts: EngineOptions, device: torch.device):
         def convert(r: CheckpointReader) -> torch.Tensor:
-            t = raw[id(r)]
-            if job.rows is not None:
-                t = t[: job.rows]
-            x = t.to(device=device, dtype=opts.compute_dtype)
-            if opts.check_finite and not bool(torch.isfinite(x).all()):
-                meta = r.tensors()[job.name]
-                raise InputDataError(
-                    f"{r.label}: tensor {job.name!r} (file {meta.file}) contains NaN or Inf values; "
-                    "this checkpoint is broken: re-download or re-train it"
-                )
-            return x
+            return raw[id(r)].to(device=device, dtype=opts.compute_dtype)
 
         self.base = convert(plan.base) if plan.base is not None else None
         cache: dict[int, torch.Tensor] = {}
@@ -179,7 +197,7 @@ def _context(plan: Plan, job: TensorJob, opts: EngineOptions, device: torch.devi
     )
 
 
-def _call_method(plan: Plan, job: TensorJob, prep: _Prepared, ctx: TensorContext) -> torch.Tensor:
+def _call_method(plan: Plan, job: TensorJob, prep: _Prepared, ctx: TensorContext, parts: PartsSink | None) -> torch.Tensor:
     try:
         with torch.no_grad():
             out = plan.method(prep.base, prep.experts, job.params, job.model_params, ctx)
@@ -187,6 +205,10 @@ def _call_method(plan: Plan, job: TensorJob, prep: _Prepared, ctx: TensorContext
         raise
     except Exception as exc:
         raise MergelabError(f"{plan.method.name} failed on tensor {job.name!r}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(out, MethodOutput):
+        if parts is not None:
+            parts.add(job.name, out.parts)
+        out = out.merged
     want = job.shape if job.rows is None else (job.rows, *job.shape[1:])
     if tuple(out.shape) != tuple(want):
         raise MergelabError(
@@ -201,8 +223,9 @@ def execute(
     sink: TensorSink,
     options: EngineOptions | None = None,
     progress: Progress | None = None,
+    parts: PartsSink | None = None,
 ) -> RunStats:
-    """Run every gather pass, then merge every job into ``sink``."""
+    """Run every gather pass, then merge every job into ``sink`` (per-task parts into ``parts``)."""
     opts = options or EngineOptions()
     prog = progress or _NoProgress()
     device = resolve_device(opts.device)
@@ -215,17 +238,14 @@ def execute(
     passes = plan.method.passes(plan.global_params)
     merge_jobs = plan.merge_jobs
     n_exp = len(plan.experts)
-    pass_bytes = sum(
-        sum(r.tensors()[j.name].numel * torch.empty((), dtype=r.tensors()[j.name].dtype).element_size() for r in plan.readers_for(j))
-        for j in merge_jobs
-    )
+    pass_bytes = plan.input_bytes(merge_jobs)
 
     for k, gp in enumerate(passes):
         prog.begin(f"pass {k + 1}/{len(passes) + 1}: {gp.name}", len(merge_jobs), pass_bytes)
         state = gp.init(plan.global_params, n_exp)
-        for job, raw in _stream(plan, merge_jobs, hasher if k == 0 else None, opts.prefetch):
-            prep = _Prepared(plan, job, raw, opts, device)
-            nbytes = sum(_raw_nbytes(t) for t in raw.values())
+        for job, raw in _stream(plan, merge_jobs, hasher if k == 0 else None, opts, device):
+            prep = _Prepared(plan, raw, opts, device)
+            nbytes = plan.job_input_bytes(job)
             del raw
             with torch.no_grad():
                 gp.update(state, prep.base, prep.experts, job.params, job.model_params, _context(plan, job, opts, device, stats))
@@ -238,16 +258,16 @@ def execute(
     total_in = plan.input_bytes()
     prog.begin("merge" if not passes else f"pass {len(passes) + 1}/{len(passes) + 1}: merge", len(plan.jobs), total_in)
     merge_hasher = hasher if not passes else None
-    for job, raw in _stream(plan, plan.jobs, merge_hasher, opts.prefetch):
-        nbytes = sum(_raw_nbytes(t) for t in raw.values())
+    for job, raw in _stream(plan, plan.jobs, merge_hasher, opts, device):
+        nbytes = plan.job_input_bytes(job)
         if job.kind == "copy":
             out = raw[id(plan.reference)]
         else:
-            prep = _Prepared(plan, job, raw, opts, device)
+            prep = _Prepared(plan, raw, opts, device)
             del raw
-            out = _call_method(plan, job, prep, _context(plan, job, opts, device, stats))
+            out = _call_method(plan, job, prep, _context(plan, job, opts, device, stats), parts)
             del prep
-            if opts.check_finite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if opts.check_finite and not all_finite(out):
                 raise MergelabError(
                     f"{plan.method.name} produced NaN/Inf in tensor {job.name!r}; check the parameters "
                     "(e.g. weights summing to zero with normalize)"

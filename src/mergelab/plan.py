@@ -82,7 +82,7 @@ class TensorJob:
 
     @property
     def out_nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+        return self.numel * self.out_dtype.itemsize
 
 
 @dataclass
@@ -113,15 +113,17 @@ class Plan:
     def merge_jobs(self) -> list[TensorJob]:
         return [j for j in self.jobs if j.kind == "merge"]
 
-    def input_bytes(self) -> int:
-        """Bytes read from inputs for one pass over the jobs."""
+    def job_input_bytes(self, job: TensorJob) -> int:
+        """Bytes read from the inputs for one job."""
         total = 0
-        for job in self.jobs:
-            readers = self.readers_for(job)
-            for r in readers:
-                m = r.tensors()[job.name]
-                total += m.numel * torch.empty((), dtype=m.dtype).element_size()
+        for r in {id(r): r for r in self.readers_for(job)}.values():
+            m = r.tensors()[job.name]
+            total += m.numel * m.dtype.itemsize
         return total
+
+    def input_bytes(self, jobs: Sequence[TensorJob] | None = None) -> int:
+        """Bytes read from the inputs for one pass over ``jobs`` (default: all jobs)."""
+        return sum(self.job_input_bytes(j) for j in (self.jobs if jobs is None else jobs))
 
     def output_bytes(self) -> int:
         return sum(j.out_nbytes for j in self.jobs)
@@ -139,11 +141,7 @@ class Plan:
         """
         n_in = len(self.experts) + (1 if self.base is not None else 0)
         largest = max((j.numel for j in self.jobs), default=0)
-        raw_ahead = max(
-            (sum(r.tensors()[j.name].numel * torch.empty((), dtype=r.tensors()[j.name].dtype).element_size()
-                 for r in self.readers_for(j)) for j in self.jobs),
-            default=0,
-        )
+        raw_ahead = max((self.job_input_bytes(j) for j in self.jobs), default=0)
         return (n_in + 2) * largest * compute_itemsize + raw_ahead
 
     def close(self) -> None:

@@ -24,7 +24,8 @@ def run(method, base, experts, per_model, **glob):
     return method(base, experts, params, mps, TensorContext(name="layers.2.o_proj.weight"))
 
 
-# τ, magnitudes ascending (index): .02(5) .05(0) .08(9) .12(3) .25(7) .30(2) .45(8) .60(4) .90(1) 1.5(6)
+# τ, magnitudes ascending (index):
+#   .02(5) .05(0) .08(9) .12(3) .25(7) .30(2) .45(8) .60(4) .90(1) 1.5(6)
 TAU = T([0.05, -0.9, 0.3, 0.12, -0.6, 0.02, 1.5, -0.25, 0.45, -0.08])
 
 
@@ -37,7 +38,7 @@ TAU = T([0.05, -0.9, 0.3, 0.12, -0.6, 0.02, 1.5, -0.25, 0.45, -0.08])
         (0.5, 0.25, [2, 3, 4, 7, 8]),
         # density + gamma > 1: target 9, n_bottom = max(0, 10 − 9 − 1) = 0: only 1.5 removed
         (0.95, 0.1, [0, 1, 2, 3, 4, 5, 7, 8, 9]),
-        # gamma 0: plain top-k (target 3): .45 .6 .9 ... and 1.5
+        # gamma 0: plain top-k (target 3): the three largest, .6 .9 1.5
         (0.3, 0.0, [1, 4, 6]),
     ],
 )
@@ -81,9 +82,9 @@ def test_density_one_is_task_arithmetic_whatever_gamma():
 
 def test_ties_at_the_bounds_are_kept():
     # magnitudes 1,1,1,2,2,2,3,3,3,9 ; density .3 gamma .1: target 3, n_top 1, n_bottom 6,
-    # kept ascending positions 6..8 = the three 3s; the bound values (3 and 3) are not shared
-    # with dropped entries. With density .2: positions 7..8, lower bound 3 is tied with
-    # position 6, so all three 3s are kept (3 instead of 2).
+    # kept ascending positions 6..8 = the three 3s (no dropped entry shares a bound value).
+    # density .2: target 2, n_bottom 7, positions 7..8; the lower bound 3 is tied with
+    # position 6, so all three 3s are kept (3 entries instead of 2).
     x = T([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 9.0])
     out3 = run(BC, torch.zeros(10), [x], [{"density": 0.3, "gamma": 0.1}])
     assert out3.nonzero().flatten().tolist() == [6, 7, 8]
@@ -153,7 +154,8 @@ def test_rescale_options():
     base = torch.zeros(10)
     l1 = run(BC, base, [TAU], [{"density": 0.6, "gamma": 0.1}], rescale=True)
     assert abs(l1.abs().sum().item() - TAU.abs().sum().item()) < 1e-5
-    inv = run(BC, base, [TAU], [{"density": 0.6, "gamma": 0.1}], rescale=True, rescale_mode="inverse")
+    pm = [{"density": 0.6, "gamma": 0.1}]
+    inv = run(BC, base, [TAU], pm, rescale=True, rescale_mode="inverse")
     plain = run(BC, base, [TAU], [{"density": 0.6, "gamma": 0.1}])
     assert torch.allclose(inv, plain / 0.6)
 
@@ -175,7 +177,9 @@ def test_bad_model_params_rejected(bad):
         BC.model_params.model_validate(bad)
 
 
-@pytest.mark.parametrize("bad", [{"sign_tie": "positive"}, {"scope": "global"}, {"lambda": math.inf}])
+@pytest.mark.parametrize(
+    "bad", [{"sign_tie": "positive"}, {"scope": "global"}, {"lambda": math.inf}]
+)
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         BC.params.model_validate(bad)

@@ -128,7 +128,8 @@ def naive_ties(base, experts, weights, densities, lam=1.0, normalize=True, sign_
 def test_matches_naive_reimplementation(shape, weights, densities, lam, normalize):
     g = torch.Generator().manual_seed(sum(shape) + len(weights))
     base = torch.randn(shape, generator=g)
-    experts = [base + torch.randn(shape, generator=g) * s for s in (1.0, 0.3, 2.0, 0.7)[: len(weights)]]
+    scales = (1.0, 0.3, 2.0, 0.7)[: len(weights)]
+    experts = [base + torch.randn(shape, generator=g) * s for s in scales]
     per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     out = run(base, experts, per_model, normalize=normalize, **{"lambda": lam})
     ref = naive_ties(base, experts, weights, densities, lam, normalize)
@@ -172,7 +173,8 @@ def run_engine(method, tensors, glob, per_model):
     for gp in method.passes(params):
         state = gp.init(params, n)
         for name, (base, experts) in tensors.items():
-            gp.update(state, base, experts, params, mps, TensorContext(name=name, stats=dict(stats)))
+            ctx = TensorContext(name=name, stats=dict(stats))
+            gp.update(state, base, experts, params, mps, ctx)
         stats[gp.name] = gp.finish(state, params, n)
     return {
         name: method(base, experts, params, mps, TensorContext(name=name, stats=stats))
@@ -223,7 +225,8 @@ def model(seed, n_experts, duplicates=False):
     ],
 )
 def test_global_scope_equals_naive_global_implementation(weights, densities, glob, duplicates):
-    tensors = model(seed=len(weights) * 7 + int(duplicates), n_experts=len(weights), duplicates=duplicates)
+    seed = len(weights) * 7 + int(duplicates)
+    tensors = model(seed=seed, n_experts=len(weights), duplicates=duplicates)
     per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     out = run_engine(TIES, tensors, {"scope": "global", **glob}, per_model)
     ref = naive_global_ties(
@@ -294,7 +297,8 @@ def test_global_density_zero_returns_the_base():
 
 def test_defaults_are_the_papers():
     p, m = TIES.params(), TIES.model_params()
-    assert (p.lambda_, p.normalize, p.scope, p.sign_tie, p.rescale) == (1.0, True, "tensor", "majority", False)
+    assert (p.lambda_, p.normalize, p.scope, p.sign_tie) == (1.0, True, "tensor", "majority")
+    assert (p.rescale, p.int8_mask) == (False, False)
     assert (m.density, m.weight) == (0.2, 1.0)
 
 

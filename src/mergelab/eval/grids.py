@@ -85,12 +85,19 @@ LEADERBOARD_METHODS: tuple[str, ...] = (
 
 DEMO_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
 
+DEMO_GRIDS: dict[str, tuple[GridPoint, ...]] = {
+    "task_arithmetic": product({"lambda": (0.3, 0.5, 0.7, 1.0)}),
+    "ties": product({"lambda": (0.8, 1.0, 1.2)}, {"density": (0.2,)}),
+    "dare_ties": product({"lambda": (0.8, 1.0, 1.2)}, {"density": (0.3,)}),
+}
+"""Smaller grids for ``mergelab demo`` (quick zoo, a minute or two of merging and scoring)."""
+
 
 def grid_for(method: str) -> tuple[GridPoint, ...]:
     return GRIDS.get(method, (GridPoint(),))
 
 
-def check_grid(method: str, n_experts: int) -> str | None:
+def check_grid(method: str, n_experts: int, points: Sequence[GridPoint] | None = None) -> str | None:
     """Why ``method`` cannot run its grid on ``n_experts`` experts, or ``None`` if it can.
 
     Validates every point against the method's parameter models, so a typo in a grid fails
@@ -103,7 +110,7 @@ def check_grid(method: str, n_experts: int) -> str | None:
         return f"needs at least {spec.min_experts} experts"
     if spec.max_experts is not None and n_experts > spec.max_experts:
         return f"merges at most {spec.max_experts} expert(s) with a base; the zoo has {n_experts}"
-    for point in grid_for(method):
+    for point in grid_for(method) if points is None else points:
         try:
             spec.params.model_validate(dict(point.parameters))
             spec.model_params.model_validate(dict(point.model_parameters))

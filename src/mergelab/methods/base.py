@@ -77,7 +77,20 @@ class TensorContext:
         return gen
 
 
-MergeFn = Callable[..., Tensor]
+@dataclass
+class MethodOutput:
+    """What a method with per-task parts returns for one tensor (TALL masks, EMR).
+
+    ``merged`` is the shared tensor written to the output checkpoint; ``parts`` holds the
+    per-task pieces (e.g. ``{"mask": [bool tensor per task]}``) that the engine hands to the
+    run's parts sink (see ``mergelab.modulators``).
+    """
+
+    merged: Tensor
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
+MergeFn = Callable[..., "Tensor | MethodOutput"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,7 @@ class MergeMethod:
     max_experts: int | None = None
     passes_fn: Callable[[MethodParams], Sequence[GatherPass]] | None = None
     aliases: tuple[str, ...] = ()
+    outputs: Literal["model", "modulated"] = "model"  # "modulated": fn returns MethodOutput
 
     def passes(self, params: MethodParams) -> Sequence[GatherPass]:
         """The gather passes needed with these global parameters (often none)."""
@@ -127,5 +141,5 @@ class MergeMethod:
         params: MethodParams,
         model_params: Sequence[MethodParams],
         ctx: TensorContext,
-    ) -> Tensor:
+    ) -> Tensor | MethodOutput:
         return self.fn(base, experts, params, model_params, ctx)

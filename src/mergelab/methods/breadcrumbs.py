@@ -35,7 +35,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import consensus_merge, linear_merge
+from mergelab.methods.consensus import SignTie, consensus_merge, linear_merge
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     SparseMergeParams,
@@ -43,7 +43,6 @@ from mergelab.methods.sparsify import (
     apply_mask,
     outlier_mask,
 )
-from mergelab.methods.ties import SignTie
 
 Tensor = torch.Tensor
 

@@ -33,6 +33,9 @@ Tensor = torch.Tensor
 
 OnZero = Literal["majority", "positive", "zero"]
 
+#: The user-facing choice (``sign_tie`` parameter of the ``*ties`` methods and ``della``).
+SignTie = Literal["majority", "positive"]
+
 
 def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """Σ_i w_i τ_i (w_i = 1 when ``weights`` is None), accumulated in one buffer."""
@@ -92,8 +95,9 @@ def disjoint_merge(
     """Σ over agreeing i of w_i τ_i, divided by Σ over agreeing i of w_i when ``normalize``.
 
     Agreement: w_i τ_i has the elected sign (strictly: w_i τ_i · γ > 0), so zeros never count.
-    A coordinate where no entry agrees gives 0 (divisor 1); so does one whose agreeing weights
-    sum to exactly 0 (possible only with negative weights), as in mergekit.
+    A coordinate where no entry agrees gives 0 (divisor taken as 1); where the agreeing weights
+    sum to exactly 0 (possible only with negative weights) the divisor is also taken as 1,
+    i.e. the disjoint sum is returned there, as in mergekit.
     """
     total = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign) if normalize else None

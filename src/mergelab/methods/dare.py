@@ -40,7 +40,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import consensus_merge, linear_merge
+from mergelab.methods.consensus import SignTie, consensus_merge, linear_merge
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     RescaleMode,
@@ -49,7 +49,6 @@ from mergelab.methods.sparsify import (
     apply_mask,
     bernoulli_mask,
 )
-from mergelab.methods.ties import SignTie
 
 Tensor = torch.Tensor
 

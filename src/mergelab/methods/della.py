@@ -46,7 +46,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import consensus_merge, linear_merge
+from mergelab.methods.consensus import SignTie, consensus_merge, linear_merge
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     RescaleMode,
@@ -56,7 +56,6 @@ from mergelab.methods.sparsify import (
     bernoulli_mask,
     rank_keep_probs,
 )
-from mergelab.methods.ties import SignTie
 
 Tensor = torch.Tensor
 

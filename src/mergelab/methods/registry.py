@@ -10,6 +10,7 @@ import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from mergelab.errors import RecipeError
 from mergelab.methods.base import (
@@ -38,6 +39,7 @@ def method(
     passes: Callable[[MethodParams], Sequence[GatherPass]] | None = None,
     aliases: Sequence[str] = (),
     summary: str | None = None,
+    outputs: Literal["model", "modulated"] = "model",
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn(base, experts, params, model_params, ctx) -> Tensor`` under ``name``.
 
@@ -60,6 +62,7 @@ def method(
             max_experts=max_experts,
             passes_fn=passes,
             aliases=tuple(aliases),
+            outputs=outputs,
         )
         _REGISTRY[name] = spec
         for alias in aliases:

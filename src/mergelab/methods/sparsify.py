@@ -6,8 +6,9 @@ boolean mask, keep probabilities or a rescaled tensor; the method modules compos
 
 Design rules (see docs in each function):
 
-* Magnitude thresholds come from a **selection** (``torch.kthvalue``), never from sorting the
-  whole tensor: O(n) instead of O(n log n) and no int64 index buffer of n entries.
+* Magnitude thresholds come from a **selection** (:func:`kth_largest`, a two-level radix select
+  on the float32 bit patterns), never from sorting the whole tensor: O(n) instead of
+  O(n log n), and no int64 index buffer of n entries.
   Entries tied with the threshold are all kept (so the kept count can exceed k when
   magnitudes repeat), which is what the original TIES code does; mergekit keeps exactly k
   with an arbitrary tie break.
@@ -15,7 +16,7 @@ Design rules (see docs in each function):
   (seed, tensor name)); the global RNG is never touched. The sampling scheme is pinned:
   ``keep = torch.rand(delta.shape, generator=g) < p``, one draw of ``delta.numel()`` uniforms
   per expert, experts in recipe order. Changing it changes every seeded merge.
-* DELLA ranks are computed once per row (one stable argsort per row, ranks held as int64 and
+* DELLA ranks are computed once per row (one stable argsort per row, ranks held as int32 and
   normalised in float32, float64 for rows longer than 2**24), never in bf16.
 * Exact k-th largest over a whole model, in bounded memory, by two 16-bit radix histograms of
   the float32 bit patterns of |τ| (see :func:`high_histogram`, :func:`low_histogram`,
@@ -104,17 +105,27 @@ def keep_count(n: int, density: float, *, at_least_one: bool = False) -> int:
     return k
 
 
-def kth_smallest(values: Tensor, k: int) -> Tensor:
-    """The k-th smallest (1-based) entry of a tensor, by selection (``torch.kthvalue``)."""
-    flat = values.reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    return torch.kthvalue(flat, k).values
+def kth_largest(mag: Tensor, k: int) -> float:
+    """The k-th largest (1-based) entry of a non-negative tensor, exactly, by selection.
+
+    A two-level radix select on the float32 bit patterns (monotone for non-negative floats):
+    a histogram of the high 16 bits finds the bin holding the k-th largest, a histogram of the
+    low 16 bits inside that bin finds the value. O(n), temporaries of about 1.25 × the input
+    (``torch.kthvalue`` needs about 2 × and is ~2.5 × slower on CPU). The model-wide TIES
+    passes use the same two histograms, accumulated over tensors.
+    """
+    bits = _bits(mag)
+    high = bits >> 16
+    b, r = locate_in_histogram(torch.bincount(high, minlength=HIGH_BINS), k)
+    inside = bits[high == b]
+    del high
+    low_bits, _ = locate_in_histogram(torch.bincount(inside & 0xFFFF, minlength=LOW_BINS), r)
+    return bits_to_float(b, low_bits)
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest (1-based) entry of a tensor, by selection."""
-    return kth_smallest(values, values.numel() - k + 1)
+def kth_smallest(mag: Tensor, k: int) -> float:
+    """The k-th smallest (1-based) entry of a non-negative tensor (see :func:`kth_largest`)."""
+    return kth_largest(mag, mag.numel() - k + 1)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -196,8 +207,9 @@ def row_ranks(delta: Tensor) -> Tensor:
     if n_cols <= 1:
         return torch.full(delta.shape, 0.5, dtype=torch.float32, device=delta.device)
     order = torch.argsort(rows.abs(), dim=1, stable=True)
-    positions = torch.arange(n_cols, device=delta.device, dtype=torch.int64).expand(n_rows, -1)
-    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    positions = torch.arange(n_cols, device=delta.device, dtype=torch.int32).expand(n_rows, -1)
+    ranks = torch.empty(rows.shape, dtype=torch.int32, device=delta.device)
+    ranks.scatter_(1, order, positions)
     del order
     work = torch.float32 if n_cols <= (1 << 24) else torch.float64
     r = ranks.to(work).div_(n_cols - 1)
@@ -269,12 +281,16 @@ HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
 
 
-def magnitude_bits(delta: Tensor) -> Tensor:
-    """The float32 bit patterns of |delta| as int32 (monotone in the magnitude)."""
-    mag = delta.detach().abs()
+def _bits(mag: Tensor) -> Tensor:
+    """Float32 bit patterns of a non-negative tensor as flat int32 (no copy for float32)."""
     if mag.dtype != torch.float32:
         mag = mag.float()
-    return mag.contiguous().view(torch.int32).reshape(-1)
+    return mag.detach().contiguous().view(torch.int32).reshape(-1)
+
+
+def magnitude_bits(delta: Tensor) -> Tensor:
+    """The float32 bit patterns of |delta| as int32 (monotone in the magnitude)."""
+    return _bits(delta.abs())
 
 
 def high_histogram(delta: Tensor) -> Tensor:
@@ -298,7 +314,8 @@ def locate_in_histogram(hist: Tensor, k: int) -> tuple[int, int]:
     if not 1 <= k <= total:
         raise ValueError(f"rank {k} outside 1..{total}")
     from_top = torch.flip(hist, dims=[0]).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    target = torch.tensor([k], dtype=from_top.dtype, device=from_top.device)
+    idx = int(torch.searchsorted(from_top, target)[0])
     b = hist.numel() - 1 - idx
     above = int(from_top[idx]) - int(hist[b])
     return b, k - above

@@ -38,11 +38,11 @@ def weighted_task_vector_sum(
     experts: Sequence[torch.Tensor],
     weights: Sequence[float],
 ) -> torch.Tensor:
-    """Σ_i w_i (θ_i − θ0), accumulated in place to keep one extra buffer."""
-    total = torch.zeros_like(base)
-    for expert, w in zip(experts, weights):
-        total.add_(expert - base, alpha=w)
-    return total
+    """Σ_i w_i (θ_i − θ0), computed as Σ_i w_i θ_i − (Σ_i w_i) θ0 in one buffer (no temporaries)."""
+    total = torch.mul(experts[0], weights[0])
+    for expert, w in zip(experts[1:], weights[1:]):
+        total.add_(expert, alpha=w)
+    return total.sub_(base, alpha=sum(weights))
 
 
 @method(
@@ -67,4 +67,4 @@ def task_arithmetic(
         if abs(denom) < 1e-12:
             raise ValueError("normalize=true needs weights that do not sum to zero")
         delta.div_(denom)
-    return base + params.lambda_ * delta
+    return delta.mul_(params.lambda_).add_(base)

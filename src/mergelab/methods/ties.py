@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import GatherPass, TensorContext
-from mergelab.methods.consensus import consensus_merge, elect_sign, sign_balance
+from mergelab.methods.consensus import SignTie, consensus_merge, elect_sign, sign_balance
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     HIGH_BINS,
@@ -61,8 +61,6 @@ from mergelab.methods.sparsify import (
 )
 
 Tensor = torch.Tensor
-
-SignTie = Literal["majority", "positive"]
 
 #: ``ctx.stats`` keys of the global-scope gather passes.
 PASS_HIGH = "ties.global.high"

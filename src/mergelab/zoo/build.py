@@ -45,7 +45,7 @@ from mergelab.zoo.backbone import (
 from mergelab.zoo.cache import atomic_dir, config_key, file_sha256, read_json, write_json, zoo_root
 from mergelab.zoo.sources import BACKBONE_PACKAGE, SourceReader, SystemSources
 from mergelab.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task
-from mergelab.zoo.train import TrainConfig, accuracy, train_expert, train_probe
+from mergelab.zoo.train import TrainConfig, accuracy, select_probe, train_expert
 
 MANIFEST_FORMAT = "mergelab-zoo/1"
 EXPERT_FORMAT = 1
@@ -192,23 +192,48 @@ class Zoo:
     def features(self, model: str, task: str, split: str, limit: int | None, encoder=None) -> torch.Tensor:
         """Pooled features of zoo model ``model`` (``base`` or a task name) on a split; disk-cached."""
         owner = self.base_dir if model == "base" else self.expert_dir(model)
-        content = self.data(task).meta["content_sha256"][:16]
-        path = owner / "features" / f"{task}-{content}-{split}-{limit or 'all'}-{self.max_len}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
+        path = feature_file(owner, self.data(task), split, limit, self.max_len)
+        n_rows = len(self.examples(task, split, limit)[1])
+        for cached in _feature_candidates(path, limit):
+            feats = torch.load(cached, weights_only=True)
+            if len(feats) >= n_rows:  # rows are a prefix of the split: a longer cache covers ours
+                return feats[:n_rows].clone()
         if encoder is None:
             encoder = load_encoder(self.model_dir(model))
         feats = embed_batches(encoder, self.batches(task, split, limit))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(feats, tmp)
-        os.replace(tmp, path)
+        save_features(path, feats)
         return feats
 
     def expert_accuracy(self, task: str, split: str, limit: int | None) -> float:
         """The expert's own accuracy on its task (the normaliser of merged scores)."""
         _, labels = self.examples(task, split, limit)
         return accuracy(self.head(task)(self.features(task, task, split, limit)), labels)
+
+
+def feature_file(owner: Path, data: TaskData, split: str, limit: int | None, max_len: int) -> Path:
+    """Where features of the model stored in ``owner`` on a task split are cached."""
+    content = data.meta["content_sha256"][:16]
+    return owner / "features" / f"{data.name}-{content}-{split}-{limit or 'all'}-{max_len}.pt"
+
+
+def _feature_candidates(path: Path, limit: int | None) -> list[Path]:
+    """Cached feature files that cover ``limit`` rows: the exact one first, then larger limits."""
+    prefix, _, rest = path.name.rpartition("-")  # rest = "<max_len>.pt"
+    stem, _, _ = prefix.rpartition("-")  # drop the limit
+    found: list[tuple[float, Path]] = []
+    for p in path.parent.glob(f"{stem}-*-{rest}"):
+        tag = p.name[len(stem) + 1 : -len(rest) - 1]
+        size = float("inf") if tag == "all" else float(tag) if tag.isdigit() else -1.0
+        if (limit is None and tag == "all") or (limit is not None and size >= limit):
+            found.append((size, p))
+    return [p for _, p in sorted(found)]
+
+
+def save_features(path: Path, feats: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(feats.contiguous(), tmp)
+    os.replace(tmp, path)
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -297,15 +322,17 @@ class _Reporter:
             self.progress.stop_task(tid)
 
 
-def ensure_base(cache: str | os.PathLike[str] | None = None) -> tuple[Path, dict]:
-    """The packaged backbone re-saved (safetensors + tokenizer) as ``models/base-<key>``."""
-    src = backbone_dir()
-    source = {
-        "package": BACKBONE_PACKAGE[0],
-        "version": BACKBONE_PACKAGE[1],
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
-        "sha256": file_sha256(src / "model.safetensors"),
-    }
+def ensure_base(cache: str | os.PathLike[str] | None = None, backbone: Path | None = None) -> tuple[Path, dict]:
+    """The backbone re-saved (safetensors + tokenizer) as ``models/base-<key>``.
+
+    ``backbone`` defaults to the packaged all-MiniLM-L6-v2; tests pass a tiny one.
+    """
+    src = backbone or backbone_dir()
+    source: dict[str, str] = {"sha256": file_sha256(src / "model.safetensors")}
+    if backbone is None:
+        source.update(
+            package=BACKBONE_PACKAGE[0], version=BACKBONE_PACKAGE[1], model="sentence-transformers/all-MiniLM-L6-v2"
+        )
     final = zoo_root(cache) / "models" / f"base-{config_key(source)}"
     if not (final / "config.json").is_file():
         with atomic_dir(final) as tmp:
@@ -354,30 +381,52 @@ def ensure_expert(
 
         tokenizer = load_tokenizer(base_dir)
         base = load_encoder(base_dir)
+
+        def batches(split: str, limit: int | None):
+            texts, labels = data.examples(split, limit)
+            return make_batches(tokenizer, texts, max_len=tc.max_len, batch_size=tc.eval_batch_size), labels
+
         t0 = time.perf_counter()
         with reporter.task(f"probe {data.name}", 1) as advance:
-            texts, labels = data.examples("train", limit=tc.steps * tc.batch_size)
-            feats = embed_batches(base, make_batches(tokenizer, texts, max_len=tc.max_len, batch_size=tc.eval_batch_size))
-            probe = train_probe(feats, labels, data.labels, data.name, tc)
+            train_b, train_y = batches("train", tc.steps * tc.batch_size)
+            val_b, val_y = batches("validation", tc.eval_limit)
+            base_val = embed_batches(base, val_b)
+            probe, probe_l2, probe_scores = select_probe(
+                (embed_batches(base, train_b), train_y), (base_val, val_y), data.labels, data.name, tc
+            )
             advance(1)
         probe_s = time.perf_counter() - t0
         probe.save(tmp / "probe.safetensors")
 
-        scores: dict[str, dict[str, float]] = {"expert": {}, "probe": {}}
-        with reporter.task(f"score {data.name}", 2) as advance:
-            for split in ("validation", "test"):
-                texts, labels = data.examples(split, tc.eval_limit)
-                batches = make_batches(tokenizer, texts, max_len=tc.max_len, batch_size=tc.eval_batch_size)
-                scores["expert"][split] = _score(embed_batches(trained.encoder, batches), trained.head, labels)
-                scores["probe"][split] = _score(embed_batches(base, batches), probe, labels)
-                scores.setdefault("n", {})[split] = len(labels)
-                advance()
+        test_b, test_y = batches("test", tc.eval_limit)
+        base_test = embed_batches(base, test_b)
+        expert_val = embed_batches(trained.encoder, val_b)
+        expert_test = embed_batches(trained.encoder, test_b)
+        for split, owner, feats in (
+            ("validation", tmp, expert_val), ("test", tmp, expert_test),
+            ("validation", base_dir, base_val), ("test", base_dir, base_test),
+        ):  # fmt: skip
+            save_features(feature_file(owner, data, split, tc.eval_limit, tc.max_len), feats)
+        scores = {
+            "expert": {
+                "validation": _score(expert_val, trained.head, val_y),
+                "test": _score(expert_test, trained.head, test_y),
+            },
+            "probe": {"validation": _score(base_val, probe, val_y), "test": _score(base_test, probe, test_y)},
+            "pretrained_with_expert_head": {
+                "validation": _score(base_val, trained.head, val_y),
+                "test": _score(base_test, trained.head, test_y),
+            },
+            "n": {"validation": len(val_y), "test": len(test_y)},
+        }
         record = {
             **trained.record,
             "train_config": tc.model_dump(),
             "data": {k: data.meta[k] for k in ("sizes", "labels", "content_sha256", "sources")},
             "probe_seconds": round(probe_s, 2),
-            "probe_train_examples": len(feats),
+            "probe_train_examples": len(train_y),
+            "probe_l2": probe_l2,
+            "probe_validation_by_l2": probe_scores,
             "accuracy": scores,
             "eval_limit": tc.eval_limit,
             "beats_probe": scores["expert"]["validation"] > scores["probe"]["validation"],
@@ -411,11 +460,13 @@ def build_zoo(
     echo=None,
     threads: int | None = 2,
     force: bool = False,
+    backbone: Path | None = None,
 ) -> Zoo:
     """Build (or reuse from the cache) every artifact of ``config``; returns the :class:`Zoo`.
 
     ``progress`` is an optional started ``rich.progress.Progress``; ``echo`` a one-line
-    message sink. ``force`` rebuilds the data and retrains the experts.
+    message sink. ``force`` rebuilds the data and retrains the experts. ``backbone``
+    replaces the packaged backbone (an HF encoder directory with its tokenizer).
     """
     config = config or ZooConfig.quick()
     reader = reader or SystemSources(cache)
@@ -427,7 +478,7 @@ def build_zoo(
             for name in config.tasks:
                 datas[name] = ensure_task(name, reader, cache=cache, cfg=config.split, force=force)
                 advance()
-        base_dir, base_source = ensure_base(cache)
+        base_dir, base_source = ensure_base(cache, backbone)
         experts: dict[str, Path] = {}
         for name in config.tasks:
             experts[name] = ensure_expert(config, datas[name], base_dir, cache=cache, reporter=reporter, force=force)

@@ -218,7 +218,7 @@ def finalize(spec: TaskSpec, rows: Iterable[Row], cfg: SplitConfig) -> Finalized
         splits[split].append((order, {"text": row.text, "label": row.label, "key": row.key}))
     return Finalized(
         splits={s: [r for _, r in sorted(items, key=lambda x: (x[0], x[1]["key"]))] for s, items in splits.items()},
-        dropped=dict(sorted(dropped.items())),
+        dropped={k: v for k, v in sorted(dropped.items()) if v},
     )
 
 
@@ -290,12 +290,15 @@ def data_key(spec: TaskSpec, reader: SourceReader, cfg: SplitConfig) -> str:
     )
 
 
-def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig) -> dict:
-    """Collect, finalize and write one task into ``out``; returns its metadata."""
+def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig, *, strict: bool = True) -> dict:
+    """Collect, finalize and write one task into ``out``; returns its metadata.
+
+    With ``strict`` a label without any example is an error (a source is missing or empty).
+    """
     result = finalize(spec, spec.collect(reader), cfg)
     counts = {s: dict(sorted(Counter(r["label"] for r in rows).items())) for s, rows in result.splits.items()}
     missing = [label for label in spec.labels if not any(label in c for c in counts.values())]
-    if missing:
+    if missing and strict:
         raise ValueError(f"task {spec.name}: no examples for labels {missing}")
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in result.splits.items():
@@ -311,6 +314,7 @@ def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig
         "sizes": {s: len(rows) for s, rows in result.splits.items()},
         "label_counts": counts,
         "dropped": result.dropped,
+        "empty_labels": missing,
         "sources": spec.sources(reader),
         "content_sha256": content_hash(result.splits),
     }

@@ -49,9 +49,11 @@ class TrainConfig(BaseModel):
     warmup_frac: float = Field(0.1, ge=0, le=1, description="linear warm-up, fraction of steps")
     freeze_embeddings: bool = Field(True, description="keep the embedding layer at its pretrained values")
     seed: int = 0
-    probe_epochs: int = Field(300, ge=1, description="full-batch epochs of the probe's logistic regression")
+    probe_epochs: int = Field(200, ge=1, description="full-batch epochs of the probe's logistic regression")
     probe_lr: float = Field(0.05, gt=0)
-    probe_weight_decay: float = Field(1e-3, ge=0)
+    probe_l2: tuple[float, ...] = Field(
+        (1e-4, 1e-3, 1e-2, 1e-1), min_length=1, description="L2 strengths tried for the probe; best on validation"
+    )
     eval_limit: int | None = Field(1000, ge=1, description="validation/test rows scored in the record")
     eval_batch_size: int = Field(128, ge=1)
 
@@ -83,8 +85,9 @@ def new_head(in_features: int, labels: list[str], task: str, generator: torch.Ge
 
 
 def accuracy(logits: torch.Tensor, labels: list[int] | torch.Tensor) -> float:
+    """Exact fraction of rows whose argmax equals the label (``nan`` for none)."""
     y = torch.as_tensor(labels)
-    return float((logits.argmax(-1) == y).float().mean()) if len(y) else float("nan")
+    return int((logits.argmax(-1) == y).sum()) / len(y) if len(y) else float("nan")
 
 
 def train_expert(
@@ -163,9 +166,9 @@ def train_expert(
 
 
 def train_probe(
-    features: torch.Tensor, labels: list[int], label_names: list[str], task: str, cfg: TrainConfig
+    features: torch.Tensor, labels: list[int], label_names: list[str], task: str, cfg: TrainConfig, l2: float
 ) -> Head:
-    """Multinomial logistic regression on fixed features, returned as a head on raw features.
+    """Multinomial logistic regression (L2 strength ``l2``) on fixed features, as a head on raw features.
 
     Features are standardised for the optimisation and the scaling is folded back into the
     weights, so the head applies to unscaled pooled features like the experts' heads.
@@ -179,11 +182,11 @@ def train_probe(
     with torch.no_grad():
         linear.weight.normal_(0.0, 0.01, generator=gen)
         linear.bias.zero_()
-    opt = torch.optim.AdamW(linear.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
+    opt = torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr)
     for epoch in range(cfg.probe_epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.probe_epochs))
-        loss = nn.functional.cross_entropy(linear(x), y)
+        loss = nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -193,6 +196,29 @@ def train_probe(
         folded.weight.copy_(w)
         folded.bias.copy_(linear.bias - w @ mu)
     return Head(folded.eval(), list(label_names), task)
+
+
+def select_probe(
+    train: tuple[torch.Tensor, list[int]],
+    validation: tuple[torch.Tensor, list[int]],
+    label_names: list[str],
+    task: str,
+    cfg: TrainConfig,
+) -> tuple[Head, float, dict[str, float]]:
+    """Fit one probe per L2 strength in ``cfg.probe_l2``; keep the best validation accuracy.
+
+    Returns (head, chosen L2, validation accuracy per L2). Ties go to the stronger L2.
+    """
+    best: tuple[float, float, Head] | None = None
+    scores = {}
+    for l2 in sorted(cfg.probe_l2, reverse=True):
+        head = train_probe(train[0], train[1], label_names, task, cfg, l2)
+        acc = accuracy(head(validation[0]), validation[1])
+        scores[repr(l2)] = round(acc, 6)
+        if best is None or acc > best[0]:
+            best = (acc, l2, head)
+    assert best is not None
+    return best[2], best[1], scores
 
 
 def probe_features(data: TaskData, base_dir: Path, cfg: TrainConfig, encoder: nn.Module | None = None, tokenizer=None):

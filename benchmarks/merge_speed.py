@@ -1,0 +1,485 @@
+"""Merge speed and memory: mergelab vs the I/O floor vs mergekit, on local bf16 Llama checkpoints.
+
+For each input set (168m: hidden 1024 x 8 layers; 738m: hidden 2048 x 12 layers, both vocab 32000,
+bf16, a base plus 3 fine-tunes, built once under --workdir by make_inputs.py) this script
+
+1. warms the page cache (reads every input file once),
+2. runs the I/O floor (io_floor.py: read every tensor of the 4 inputs, write one model in 1 GB
+   shards) --floor-repeats times,
+3. runs `mergelab merge` and, if present, mergekit's `mergekit-yaml` on the same recipe for each
+   method, --repeats times each,
+
+every command in its own process, timed from spawn to exit, with the child's peak RSS from
+os.wait4's rusage (ru_maxrss). It prints medians, min-max, ratios to the floor and to mergekit.
+--shards-test re-shards the inputs into smaller files and shows mergelab's peak RSS per shard size.
+
+  python benchmarks/merge_speed.py --size 738m --repeats 3 [--markdown]
+
+See benchmarks/README.md for what is measured and the caveats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import make_inputs  # noqa: E402
+
+DEFAULT_MERGEKIT = "/work/venvs/mergekit/bin/mergekit-yaml"
+ALL_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "linear", "breadcrumbs", "model_stock", "slerp")
+# targets from the issue, on the 738m set: wall / floor
+TARGETS = {"task_arithmetic": 2.0, "ties": 3.0, "dare_ties": 3.0, "della": 3.0}
+RSS_TARGET_VS_MERGEKIT = 0.6
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes (the same YAML file is given to both tools)
+
+
+def recipe_text(method: str, set_root: Path) -> str:
+    base = set_root / "base"
+    fts = [set_root / m for m in ("ft_dense", "ft_sparse", "ft_conflict")]
+    third = "0.3333333333333333"
+
+    def models(paths: list[Path], params: str | None) -> str:
+        out = []
+        for p in paths:
+            out.append(f"  - model: {p}")
+            if params:
+                out.append(f"    parameters: {{{params}}}")
+        return "\n".join(out)
+
+    if method == "linear":  # average of all 4 models; weights are normalised (sum to 1)
+        body = f"models:\n{models([base, *fts], f'weight: {third}')}\n"
+    elif method == "slerp":  # base -> ft_dense, t = 0.5
+        body = f"base_model: {base}\nmodels:\n{models([base, fts[0]], None)}\nparameters:\n  t: 0.5\n"
+    elif method == "model_stock":
+        body = f"base_model: {base}\nmodels:\n{models(fts, None)}\n"
+    else:
+        params = {
+            "task_arithmetic": f"weight: {third}",
+            "breadcrumbs": f"weight: {third}, density: 0.9, gamma: 0.01",
+            "ties": "weight: 1.0, density: 0.5",
+            "dare_ties": "weight: 1.0, density: 0.5",
+            "della": "weight: 1.0, density: 0.5, epsilon: 0.1",
+        }[method]
+        body = f"base_model: {base}\nmodels:\n{models(fts, params)}\n"
+    return f"merge_method: {method}\n{body}dtype: bfloat16\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+@dataclass
+class Run:
+    wall_s: float
+    rss_bytes: int
+    rc: int
+    load1: float  # 1-minute load average just before the run
+    out_bytes: int = 0
+    log: str = ""
+
+
+@dataclass
+class Row:
+    tool: str
+    method: str
+    runs: list[Run] = field(default_factory=list)
+    command: str = ""
+
+    @property
+    def ok(self) -> list[Run]:
+        return [r for r in self.runs if r.rc == 0]
+
+    def wall(self) -> float | None:
+        return statistics.median(r.wall_s for r in self.ok) if self.ok else None
+
+    def rss(self) -> float | None:
+        return statistics.median(r.rss_bytes for r in self.ok) if self.ok else None
+
+
+def warm(paths: list[Path]) -> float:
+    """Read every file under ``paths`` once so the timed runs start from the page cache."""
+    t0 = time.perf_counter()
+    buf = bytearray(16 << 20)
+    for root in paths:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.readinto(buf):
+                        pass
+    return time.perf_counter() - t0
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+
+
+def measure(cmd: list[str], out_dir: Path, log: Path, env: dict[str, str]) -> Run:
+    """Run ``cmd`` as a child process; wall time from spawn to exit, peak RSS from wait4."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.sync()
+    load1 = os.getloadavg()[0]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    run = Run(wall, usage.ru_maxrss * 1024, proc.returncode, load1, dir_bytes(out_dir), str(log))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.sync()  # flush this run's dirty pages before the next run starts
+    return run
+
+
+def tail(path: str, n: int = 8) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# tools
+
+
+def mergelab_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "mergelab"
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("mergelab")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from mergelab.cli import app; app()"]
+
+
+def version_of(python: str, package: str) -> str:
+    try:
+        out = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def mergekit_python(mergekit: str) -> str:
+    try:
+        first = Path(mergekit).read_text(errors="replace").splitlines()[0]
+        if first.startswith("#!"):
+            return first[2:].strip().split()[0]
+    except (OSError, IndexError):
+        pass
+    return str(Path(mergekit).parent / "python")
+
+
+def machine() -> dict[str, object]:
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": len(os.sched_getaffinity(0)), "ram_gb": round(mem / GB, 1), "cpu": cpu,
+            "python": platform.python_version(), "load_avg": os.getloadavg()}
+
+
+# ---------------------------------------------------------------------------------------------
+# one input set
+
+
+def ensure_set(workdir: Path, size: str) -> Path:
+    root = make_inputs.set_dir(workdir, size)
+    if not make_inputs.is_complete(root):
+        print(f"building the {size} input set under {root} (once) ...", flush=True)
+        subprocess.run([sys.executable, str(HERE / "make_inputs.py"), "--size", size, "--workdir", str(workdir)],
+                       check=True)
+    return root
+
+
+def ensure_reshard(workdir: Path, src: Path, shard_size: str) -> Path:
+    dst = workdir / f"{src.name}-shards{shard_size.lower()}"
+    if not make_inputs.is_complete(dst):
+        print(f"re-sharding {src} into {shard_size} shards under {dst} (once) ...", flush=True)
+        subprocess.run([sys.executable, str(HERE / "make_inputs.py"), "--reshard", str(src), str(dst),
+                        "--shard-size", shard_size], check=True)
+    return dst
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_floor(root: Path, work: Path, repeats: int, env: dict[str, str]) -> Row:
+    row = Row("floor", "read 4 + write 1")
+    cmd = [sys.executable, str(HERE / "io_floor.py"), str(work / "out-floor"),
+           *(str(root / m) for m in make_inputs.MODELS)]
+    row.command = shlex.join(cmd)
+    for i in range(repeats):
+        r = measure(cmd, work / "out-floor", work / "logs" / f"floor-{i}.log", env)
+        row.runs.append(r)
+        print(f"  floor            run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
+              + ("" if r.rc == 0 else f"  FAILED rc={r.rc}\n{tail(r.log)}"), flush=True)
+    return row
+
+
+def run_tool(tool: str, method: str, recipe: Path, work: Path, repeats: int, env: dict[str, str],
+             mergelab_extra: list[str], mergekit: str, expected_bytes: int) -> Row:
+    out = work / f"out-{tool}-{method}"
+    if tool == "mergelab":
+        cmd = [*mergelab_cmd(), "merge", str(recipe), str(out), "--force", "-q", "--seed", "0", *mergelab_extra]
+    else:
+        cmd = [mergekit, str(recipe), str(out), "--random-seed", "0", "--quiet"]
+    row = Row(tool, method, command=shlex.join(cmd))
+    for i in range(repeats):
+        r = measure(cmd, out, work / "logs" / f"{tool}-{method}-{i}.log", env)
+        row.runs.append(r)
+        note = ""
+        if r.rc != 0:
+            note = f"  FAILED rc={r.rc} (log {r.log})\n{tail(r.log)}"
+        elif expected_bytes and abs(r.out_bytes - expected_bytes) > 0.02 * expected_bytes:
+            note = f"  WARNING: wrote {r.out_bytes / GB:.3f} GB of tensors, expected {expected_bytes / GB:.3f} GB"
+        print(f"  {tool:9s} {method:16s} run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
+              f"  (load {r.load1:.1f}){note}", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def table_rows(floor: Row, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    head = ["tool", "method", "wall s (median)", "min–max", "× floor", "peak RSS GB", "RSS × floor",
+            "wall vs mergekit", "RSS vs mergekit"]
+    fw, fr = floor.wall(), floor.rss()
+    by = {(r.tool, r.method): r for r in rows}
+    body = []
+
+    def line(r: Row) -> list[str]:
+        w, m = r.wall(), r.rss()
+        lo = min((x.wall_s for x in r.ok), default=None)
+        hi = max((x.wall_s for x in r.ok), default=None)
+        mk = by.get(("mergekit", r.method)) if r.tool == "mergelab" else None
+        vs_w = vs_m = ""
+        if mk is not None and mk.wall() and w:
+            vs_w = f"{w / mk.wall():.2f}×"  # type: ignore[operator]
+            vs_m = f"{m / mk.rss():.2f}×"  # type: ignore[operator]
+        failed = len(r.runs) - len(r.ok)
+        name = r.method + (f" ({failed} failed)" if failed else "")
+        return [r.tool, name, fmt(w, ".2f"), f"{fmt(lo, '.2f')}–{fmt(hi, '.2f')}",
+                fmt(w / fw if w and fw else None, ".2f", "×"), fmt(m / GB if m else None, ".2f"),
+                fmt(m / fr if m and fr else None, ".2f", "×"), vs_w, vs_m]
+
+    body.append(line(floor))
+    for r in rows:
+        body.append(line(r))
+    return head, body
+
+
+def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        align = ["---", "---"] + ["---:"] * (len(head) - 2)
+        lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+        lines += ["| " + " | ".join(c or "" for c in row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(head[i]), *(len(row[i]) for row in body)) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for row in body:
+        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(out)
+
+
+def target_lines(floor: Row, rows: list[Row]) -> list[str]:
+    fw = floor.wall()
+    by = {(r.tool, r.method): r for r in rows}
+    out = []
+    for method, limit in TARGETS.items():
+        r = by.get(("mergelab", method))
+        if r is None or not r.wall() or not fw:
+            continue
+        x = r.wall() / fw  # type: ignore[operator]
+        out.append(f"{method}: {x:.2f}× floor (target ≤ {limit:g}×) {'ok' if x <= limit else 'MISSED'}")
+    for (tool, method), r in by.items():
+        mk = by.get(("mergekit", method))
+        if tool == "mergelab" and mk is not None and r.rss() and mk.rss():
+            x = r.rss() / mk.rss()  # type: ignore[operator]
+            out.append(f"{method}: peak RSS {x:.2f}× mergekit's (target ≤ {RSS_TARGET_VS_MERGEKIT:g}×) "
+                       f"{'ok' if x <= RSS_TARGET_VS_MERGEKIT else 'MISSED'}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None) -> dict:
+    root = ensure_set(args.workdir, size)
+    info = json.loads((root / "DONE.json").read_text())
+    work = args.workdir / "runs" / size
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = [root / m for m in make_inputs.MODELS]
+    print(f"\n=== {size}: {info['params'] / 1e6:.0f}M parameters, {info['bytes_per_model'] / GB:.2f} GB per model "
+          f"({len(make_inputs.weight_files(root / 'base'))} shard(s)), 4 models ===", flush=True)
+    print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
+    floor = run_floor(root, work, args.floor_repeats, env)
+    rows: list[Row] = []
+    tools = ["mergelab"] + (["mergekit"] if mergekit else [])
+    for method in args.methods:
+        recipe = work / "recipes" / f"{method}.yaml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(recipe_text(method, root))
+        warm(inputs)
+        for tool in tools:
+            rows.append(run_tool(tool, method, recipe, work, args.repeats, env, args.mergelab_args_list,
+                                 mergekit or "", info["bytes_per_model"]))
+    head, body = table_rows(floor, rows)
+    result = {"size": size, "set": info, "floor": asdict(floor), "rows": [asdict(r) for r in rows],
+              "table": {"head": head, "body": body}, "targets": target_lines(floor, rows) if size == "738m" else []}
+    if args.shards_test:
+        result["shards"] = shards_test(root, info, args, env)
+    return result
+
+
+def shards_test(root: Path, info: dict, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    methods = args.shards_methods
+    sets = [("as built (" + info["max_shard_size"] + ")", root)]
+    for s in args.shard_sizes:
+        sets.append((s, ensure_reshard(args.workdir, root, s)))
+    head = ["input shard size", "shards per model", "method", "wall s (median)", "peak RSS GB (median)", "min–max RSS GB"]
+    body, raw = [], []
+    for label, set_root in sets:
+        inputs = [set_root / m for m in make_inputs.MODELS]
+        n = len(make_inputs.weight_files(set_root / "base"))
+        work = args.workdir / "runs" / f"{set_root.name}"
+        print(f"\n--- shards test: {set_root.name}, {n} shard(s) per model ---", flush=True)
+        print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
+        for method in methods:
+            recipe = work / "recipes" / f"{method}.yaml"
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(recipe_text(method, set_root))
+            row = run_tool("mergelab", method, recipe, work, args.repeats, env, args.mergelab_args_list, "",
+                           info["bytes_per_model"])
+            raw.append({"shard_size": label, "shards": n, **asdict(row)})
+            rss = [r.rss_bytes / GB for r in row.ok]
+            body.append([label, str(n), method, fmt(row.wall(), ".2f"), fmt(row.rss() / GB if row.rss() else None, ".2f"),
+                         f"{min(rss):.2f}–{max(rss):.2f}" if rss else "—"])
+    return {"head": head, "body": body, "runs": raw}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["168m", "738m", "both"], default="738m")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per tool and method (median reported)")
+    ap.add_argument("--floor-repeats", type=int, default=None, help="I/O floor runs (default: max(3, --repeats))")
+    ap.add_argument("--no-mergekit", action="store_true", help="measure mergelab and the floor only")
+    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT, help="path to mergekit-yaml (skipped if absent)")
+    ap.add_argument("--mergelab-args", default="", help="extra flags for `mergelab merge`, e.g. '--no-hash-inputs'")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    ap.add_argument("--shards-test", action="store_true",
+                    help="also re-shard the inputs into smaller files and measure mergelab's peak RSS per shard size")
+    ap.add_argument("--shard-sizes", default="250MB,100MB", help="input shard sizes for --shards-test")
+    ap.add_argument("--shards-methods", default="task_arithmetic,ties", help="methods for --shards-test")
+    ap.add_argument("--workdir", type=Path, default=make_inputs.DEFAULT_WORKDIR,
+                    help="where inputs, outputs and logs go (default: <repo>/bench-work, git-ignored)")
+    args = ap.parse_args(argv)
+
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in ALL_METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+    args.shard_sizes = [s.strip() for s in args.shard_sizes.split(",") if s.strip()]
+    args.shards_methods = [m.strip() for m in args.shards_methods.split(",") if m.strip()]
+    args.floor_repeats = args.floor_repeats or max(3, args.repeats)
+    args.mergelab_args_list = shlex.split(args.mergelab_args)
+    args.workdir = args.workdir.resolve()
+    sizes = ["168m", "738m"] if args.size == "both" else [args.size]
+
+    mergekit: str | None = None
+    if not args.no_mergekit:
+        if Path(args.mergekit).is_file() and os.access(args.mergekit, os.X_OK):
+            mergekit = args.mergekit
+        else:
+            print(f"mergekit not found at {args.mergekit}: measuring mergelab and the floor only", flush=True)
+
+    env = child_env()
+    mach = machine()
+    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["merge_speed.py", *argv])
+    versions = {"mergelab": version_of(sys.executable, "mergelab"), "torch": version_of(sys.executable, "torch")}
+    if mergekit:
+        versions["mergekit"] = version_of(mergekit_python(mergekit), "mergekit")
+    print(f"command: {command}")
+    print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM, load average "
+          f"{' '.join(f'{x:.2f}' for x in mach['load_avg'])}")  # type: ignore[union-attr]
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+
+    results = []
+    t0 = time.perf_counter()
+    for size in sizes:
+        results.append(bench_size(size, args, env, mergekit))
+    elapsed = time.perf_counter() - t0
+
+    print("\n" + "=" * 100)
+    print(f"command: {command}")
+    print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM; load average at start "
+          f"{mach['load_avg'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; total {elapsed / 60:.1f} min")  # type: ignore[index]
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"repeats: {args.repeats} per tool and method, floor {args.floor_repeats}; wall = spawn to exit of the child; "
+          "peak RSS = the child's ru_maxrss (GB = 1e9 bytes)")
+    print("mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)")
+    for res in results:
+        s = res["set"]
+        print(f"\n{res['size']}: {s['params'] / 1e6:.0f}M parameters, bf16, {s['bytes_per_model'] / GB:.2f} GB per model, "
+              "base + 3 fine-tunes")
+        print(render(res["table"]["head"], res["table"]["body"], args.markdown))
+        if res["targets"]:
+            print("\ntargets (738m):")
+            for line in res["targets"]:
+                print(f"  {line}")
+        if "shards" in res:
+            print(f"\nshards test ({res['size']}, mergelab only):")
+            print(render(res["shards"]["head"], res["shards"]["body"], args.markdown))
+    out = args.workdir / "results" / f"merge_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "machine": mach, "versions": versions, "results": results}, indent=2))
+    print(f"\nraw results: {out}")
+    failed = [f"{r['tool']} {r['method']}" for res in results for r in res["rows"] if any(x["rc"] for x in r["runs"])]
+    if failed:
+        print(f"failed runs: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

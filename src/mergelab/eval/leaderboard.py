@@ -1,0 +1,434 @@
+"""The leaderboard: every method, tuned on validation, scored on test, against reference rows.
+
+:func:`run_bench` does, for each method: merge the zoo's experts into its base at every point
+of the method's grid (:mod:`mergelab.eval.grids`), score each merge on the validation split,
+keep the point with the best average normalized accuracy (ties: the earlier point), and score
+that merge on the test split, recording the merge's wall time and peak memory. The test split
+is never looked at during the search. Reference rows (no merge) come from the zoo's own
+models: the pretrained encoder with the experts' heads and with linear-probe heads, each
+expert alone on every task, and the probability-average and majority-vote ensembles.
+
+:func:`write_leaderboard` writes ``leaderboard.json`` (everything, including every grid
+point's validation score and the exact config), ``leaderboard.md`` and ``leaderboard.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, grid_for
+from mergelab.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
+from mergelab.eval.measure import measure
+from mergelab.eval.metrics import EvalReport, fmt_pct
+from mergelab.zoo.build import Zoo
+
+MergeFn = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass
+class GridResult:
+    point: GridPoint
+    validation_average_normalized: float | None
+    validation_average: float | None
+    merge_seconds: float
+    merge_peak_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.point.to_dict(),
+            "validation_average_normalized": self.validation_average_normalized,
+            "validation_average": self.validation_average,
+            "merge_seconds": round(self.merge_seconds, 3),
+            "merge_peak_mb": round(self.merge_peak_bytes / 2**20, 1),
+        }
+
+
+@dataclass
+class MethodResult:
+    """One method's row: the chosen grid point and its test report, or why it was skipped."""
+
+    method: str
+    status: str = "ok"
+    reason: str = ""
+    chosen: GridPoint | None = None
+    test: EvalReport | None = None
+    validation: EvalReport | None = None
+    grid: list[GridResult] = field(default_factory=list)
+    merge_seconds: float | None = None
+    merge_peak_bytes: int | None = None
+    search_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "status": self.status,
+            "reason": self.reason,
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "test": self.test.to_dict() if self.test else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+            "grid": [g.to_dict() for g in self.grid],
+            "merge_seconds": None if self.merge_seconds is None else round(self.merge_seconds, 3),
+            "merge_peak_mb": None if self.merge_peak_bytes is None else round(self.merge_peak_bytes / 2**20, 1),
+            "search_seconds": None if self.search_seconds is None else round(self.search_seconds, 1),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodResult:
+        chosen = GridPoint(d["chosen"]["parameters"], d["chosen"]["model_parameters"]) if d.get("chosen") else None
+        grid = [
+            GridResult(
+                GridPoint(g["parameters"], g["model_parameters"]),
+                g["validation_average_normalized"],
+                g["validation_average"],
+                g["merge_seconds"],
+                int(g["merge_peak_mb"] * 2**20),
+            )
+            for g in d.get("grid", [])
+        ]
+        return cls(
+            method=d["method"],
+            status=d["status"],
+            reason=d.get("reason", ""),
+            chosen=chosen,
+            test=EvalReport.from_dict(d["test"]) if d.get("test") else None,
+            validation=EvalReport.from_dict(d["validation"]) if d.get("validation") else None,
+            grid=grid,
+            merge_seconds=d.get("merge_seconds"),
+            merge_peak_bytes=None if d.get("merge_peak_mb") is None else int(d["merge_peak_mb"] * 2**20),
+            search_seconds=d.get("search_seconds"),
+        )
+
+
+@dataclass
+class Leaderboard:
+    config: dict[str, Any]
+    zoo: dict[str, Any]
+    tasks: list[str]
+    methods: list[MethodResult]
+    references: list[EvalReport]
+    expert_test: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def ranked(self) -> list[MethodResult]:
+        """Methods that ran, best average normalized test accuracy first."""
+        ok = [m for m in self.methods if m.status == "ok" and m.test is not None]
+        return sorted(ok, key=lambda m: -(m.test.average_normalized or 0.0))  # type: ignore[union-attr]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "mergelab-leaderboard/1",
+            "config": self.config,
+            "zoo": self.zoo,
+            "tasks": self.tasks,
+            "expert_test_accuracy": self.expert_test,
+            "methods": [m.to_dict() for m in self.methods],
+            "references": [r.to_dict() for r in self.references],
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Leaderboard:
+        return cls(
+            config=d["config"],
+            zoo=d["zoo"],
+            tasks=list(d["tasks"]),
+            methods=[MethodResult.from_dict(m) for m in d["methods"]],
+            references=[EvalReport.from_dict(r) for r in d["references"]],
+            expert_test=dict(d["expert_test_accuracy"]),
+            info=dict(d.get("info", {})),
+        )
+
+
+class _Steps:
+    """Optional rich progress: one bar per phase."""
+
+    def __init__(self, progress=None) -> None:
+        self.progress = progress
+
+    @contextlib.contextmanager
+    def phase(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        if self.progress is None:
+            yield lambda: None
+            return
+        tid = self.progress.add_task(description, total=total)
+        try:
+            yield lambda: self.progress.advance(tid)
+        finally:
+            self.progress.update(tid, completed=total)
+
+
+def _load_models(zoo: Zoo) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    base = load_state_dict_path(zoo.base_dir / "model.safetensors")
+    experts = [load_state_dict_path(zoo.expert_model_dir(t) / "model.safetensors") for t in zoo.tasks]
+    return base, experts
+
+
+def run_bench(
+    zoo: Zoo,
+    *,
+    methods: Sequence[str] | None = None,
+    validation_limit: int | None = DEFAULT_VALIDATION_LIMIT,
+    test_limit: int | None = DEFAULT_TEST_LIMIT,
+    seed: int = 0,
+    grids: Mapping[str, Sequence[GridPoint]] | None = None,
+    merge_fn: MergeFn | None = None,
+    progress=None,
+    echo: Callable[[str], None] | None = None,
+) -> Leaderboard:
+    """Tune every method on validation, score it on test, add the reference rows.
+
+    ``grids`` overrides :func:`mergelab.eval.grids.grid_for` per method (tests use tiny ones);
+    ``merge_fn`` defaults to :func:`mergelab.merge_state_dicts`.
+    """
+    from mergelab.methods import get_method
+
+    if merge_fn is None:
+        from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
+    say = echo or (lambda _: None)
+    steps = _Steps(progress)
+    methods = list(methods or LEADERBOARD_METHODS)
+    t_start = time.perf_counter()
+    val = Evaluator(zoo, split="validation", limit=validation_limit)
+    test = Evaluator(zoo, split="test", limit=test_limit)
+
+    with steps.phase("reference rows", len(zoo.tasks) + 3) as tick:
+        references = test.reference_reports(on_step=lambda _: tick())
+    expert_test = {t: test.expert_score(t) for t in zoo.tasks}
+    with steps.phase("expert validation scores", len(zoo.tasks)) as tick:
+        for t in zoo.tasks:
+            val.expert_score(t)
+            tick()
+
+    base, experts = _load_models(zoo)
+    results: list[MethodResult] = []
+    for name in methods:
+        points = list((grids or {}).get(name, grid_for(name)))
+        reason = check_grid(name, len(experts), points)
+        if reason:
+            say(f"{name}: skipped ({reason})")
+            results.append(MethodResult(name, status="skipped", reason=reason))
+            continue
+        spec = get_method(name)
+        result = MethodResult(name)
+        best_state: dict[str, torch.Tensor] | None = None
+        best_score = -float("inf")
+        t_search = time.perf_counter()
+        with steps.phase(f"{name}: {len(points)} grid point(s) on validation", len(points)) as tick:
+            for point in points:
+                with measure() as m:
+                    merged = merge_fn(
+                        name,
+                        experts,
+                        None if spec.base == "ignored" else base,
+                        parameters=dict(point.parameters),
+                        model_parameters=[dict(point.model_parameters) for _ in experts],
+                        seed=seed,
+                    )
+                report = val.evaluate(merged, name=name)
+                score = report.average_normalized
+                result.grid.append(GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes))
+                if score is not None and score > best_score:
+                    best_score, best_state = score, merged
+                    result.chosen, result.validation = point, report
+                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
+                del merged
+                tick()
+        result.search_seconds = time.perf_counter() - t_search
+        if best_state is None:
+            result.status, result.reason = "failed", "no grid point gave a score"
+        else:
+            result.test = test.evaluate(best_state, name=name)
+            say(
+                f"{name}: {result.chosen.label() if result.chosen else ''} -> "
+                f"test normalized {fmt_pct(result.test.average_normalized)} %"
+            )
+        results.append(result)
+        best_state = None
+
+    config = {
+        "suite": "classification",
+        "zoo": zoo.name,
+        "methods": methods,
+        "validation_limit": validation_limit,
+        "test_limit": test_limit,
+        "seed": seed,
+        "selection": "best average normalized accuracy on the validation split",
+        "grids": {m: [p.to_dict() for p in (grids or {}).get(m, grid_for(m))] for m in methods},
+    }
+    zoo_info = {
+        "name": zoo.name,
+        "key": zoo.key,
+        "tasks": zoo.tasks,
+        "config": zoo.manifest.get("config", {}),
+        "base_source": zoo.manifest.get("base_source", {}),
+    }
+    info = {
+        "bench_seconds": round(time.perf_counter() - t_start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _row_cells(report: EvalReport, tasks: Sequence[str]) -> list[str]:
+    by_task = {s.task: s for s in report.scores}
+    return [fmt_pct(report.average_normalized), fmt_pct(report.average)] + [
+        fmt_pct(by_task[t].normalized) if t in by_task else "–" for t in tasks
+    ]
+
+
+def reproduce_command(lb: Leaderboard) -> str:
+    c = lb.config
+    vl = c["validation_limit"] if c["validation_limit"] is not None else 0
+    tl = c["test_limit"] if c["test_limit"] is not None else 0
+    return (
+        f"mergelab bench --suite classification --zoo {c['zoo']} --methods {','.join(c['methods'])} "
+        f"--validation-limit {vl} --test-limit {tl} --seed {c['seed']}"
+    )
+
+
+def markdown(lb: Leaderboard) -> str:
+    """The leaderboard as a markdown document."""
+    tasks = lb.tasks
+    head = ["model", "avg normalized", "avg accuracy", *tasks]
+    lines = [
+        f"# Leaderboard: classification zoo `{lb.zoo['name']}` ({len(tasks)} tasks)",
+        "",
+        f"Normalized accuracy (merged / expert, %) on the test split (first {lb.config['test_limit']} rows per task). "
+        f"Hyperparameters were chosen on the validation split (first {lb.config['validation_limit']} rows per task) "
+        "by average normalized accuracy; the test split was not used for the choice.",
+        "",
+        "## Merges",
+        "",
+        "| " + " | ".join(head + ["merge s", "peak MB", "chosen hyperparameters", "val avg norm."]) + " |",
+        "|" + "---|" * (len(head) + 4),
+    ]
+    for m in lb.ranked():
+        assert m.test is not None
+        cells = [m.method, *_row_cells(m.test, tasks)]
+        cells += [
+            f"{m.merge_seconds:.1f}" if m.merge_seconds is not None else "–",
+            f"{m.merge_peak_bytes / 2**20:.0f}" if m.merge_peak_bytes is not None else "–",
+            m.chosen.label() if m.chosen else "–",
+            fmt_pct(m.validation.average_normalized if m.validation else None),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for m in lb.methods:
+        if m.status != "ok":
+            lines.append(f"| {m.method} | {m.status}: {m.reason} |" + " |" * (len(head) + 3))
+    lines += ["", "## Reference rows (no merge)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in lb.references:
+        lines.append("| " + " | ".join([r.model, *_row_cells(r, tasks)]) + " |")
+    lines += [
+        "",
+        "Ensembles run every expert on every input (one forward pass per expert) with the task's head.",
+        "`pretrained + linear probe` is the pretrained encoder with a head trained on its frozen features.",
+        "",
+        "Experts' own test accuracy (%): " + ", ".join(f"{t} {fmt_pct(lb.expert_test[t])}" for t in tasks) + ".",
+        "",
+        "## Setup",
+        "",
+        f"- zoo `{lb.zoo['name']}`, key `{lb.zoo['key']}`; build config: `{_short_zoo_config(lb.zoo.get('config', {}))}`",
+        f"- merge wall time and peak memory (RSS above the pre-merge level) are for the chosen point, in-memory merge of "
+        f"{len(tasks)} experts, {lb.info.get('torch_threads', '?')} threads",
+        f"- whole bench: {lb.info.get('bench_seconds', '?')} s; {lb.info.get('platform', {})}",
+        f"- reproduce: `{reproduce_command(lb)}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _short_zoo_config(config: dict[str, Any]) -> str:
+    train = config.get("train", {})
+    keys = ("steps", "batch_size", "max_len", "lr", "head_lr", "freeze_embeddings", "seed")
+    return ", ".join(f"{k}={train[k]}" for k in keys if k in train) or "?"
+
+
+def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
+    """Horizontal bars of average normalized test accuracy per row, per-task values as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, EvalReport, str]] = [(m.method, m.test, "merge") for m in lb.ranked() if m.test is not None]
+    rows += [(r.model, r, "reference") for r in lb.references]
+    fig_h = 1.2 + 0.32 * len(rows)
+    fig, ax = plt.subplots(figsize=(9, fig_h), dpi=110)
+    y = list(range(len(rows)))[::-1]
+    colors = {"merge": "#3b6ea8", "reference": "#b0b0b0"}
+    ax.barh(y, [100 * (r.average_normalized or 0) for _, r, _ in rows], color=[colors[k] for *_, k in rows], height=0.65)
+    markers = "o^sDvP*Xh<>"
+    cmap = plt.get_cmap("tab10")
+    for j, task in enumerate(lb.tasks):
+        xs, ys = [], []
+        for yi, (_, rep, _) in zip(y, rows):
+            s = next((s for s in rep.scores if s.task == task), None)
+            if s is not None and s.normalized is not None:
+                xs.append(100 * s.normalized)
+                ys.append(yi)
+        ax.scatter(xs, ys, s=14, marker=markers[j % len(markers)], color=cmap(j % 10), label=task, zorder=3)
+    ax.set_yticks(y)
+    ax.set_yticklabels([name for name, *_ in rows], fontsize=8)
+    ax.axvline(100, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("normalized accuracy (% of the expert), test split")
+    ax.set_title(f"mergelab classification zoo '{lb.zoo['name']}': bars = average, markers = tasks", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right", ncol=2, framealpha=0.85)
+    ax.set_xlim(left=0)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_leaderboard(lb: Leaderboard, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``leaderboard.{json,md,png}`` into ``out_dir``; returns their paths."""
+    from mergelab.zoo.cache import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "leaderboard.json", "markdown": out / "leaderboard.md", "png": out / "leaderboard.png"}
+    write_json(paths["json"], lb.to_dict())
+    paths["markdown"].write_text(markdown(lb))
+    bar_chart(lb, paths["png"])
+    return paths
+
+
+def leaderboard_table(lb: Leaderboard):
+    """A rich Table of the leaderboard (merges ranked, then reference rows)."""
+    from rich.table import Table
+
+    table = Table(title=f"classification zoo '{lb.zoo['name']}': normalized test accuracy (%)")
+    table.add_column("model")
+    table.add_column("avg norm.", justify="right")
+    table.add_column("avg acc.", justify="right")
+    for t in lb.tasks:
+        table.add_column(t, justify="right")
+    table.add_column("merge s", justify="right")
+    table.add_column("chosen")
+    for m in lb.ranked():
+        assert m.test is not None
+        table.add_row(m.method, *_row_cells(m.test, lb.tasks), f"{m.merge_seconds or 0:.1f}", m.chosen.label() if m.chosen else "")
+    for m in lb.methods:
+        if m.status != "ok":
+            table.add_row(m.method, f"[dim]{m.status}: {m.reason}[/]")
+    table.add_section()
+    for r in lb.references:
+        table.add_row(f"[dim]{r.model}[/]", *_row_cells(r, lb.tasks), "", "")
+    return table
