@@ -365,18 +365,28 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergeki
             rows.append(run_tool(tool, method, recipe, work, args.repeats, env, args.mergelab_args_list,
                                  mergekit or "", info["bytes_per_model"]))
     head, body = table_rows(floor, rows)
-    result = {"size": size, "set": info, "floor": asdict(floor), "rows": [asdict(r) for r in rows],
+    result = {"size": size, "set": info, "shards_per_model": len(make_inputs.weight_files(root / "base")), "floor": asdict(floor), "rows": [asdict(r) for r in rows],
               "table": {"head": head, "body": body}, "targets": target_lines(floor, rows) if size == "738m" else []}
+    save_partial(args, result)
     if args.shards_test:
-        result["shards"] = shards_test(root, info, args, env)
+        result["shards"] = shards_test(root, info, args, env, rows)
+        save_partial(args, result)
     return result
 
 
-def shards_test(root: Path, info: dict, args: argparse.Namespace, env: dict[str, str]) -> dict:
+def save_partial(args: argparse.Namespace, result: dict) -> None:
+    """Keep what is measured so far on disk (an interrupted run still leaves its numbers)."""
+    out = args.workdir / "results" / f"partial-{result['size']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**args.meta, "results": [result]}, indent=2))
+
+
+def shards_test(root: Path, info: dict, args: argparse.Namespace, env: dict[str, str], done: list[Row]) -> dict:
     methods = args.shards_methods
     sets = [("as built (" + info["max_shard_size"] + ")", root)]
     for s in args.shard_sizes:
         sets.append((s, ensure_reshard(args.workdir, root, s)))
+    measured = {r.method: r for r in done if r.tool == "mergelab"}
     head = ["input shard size", "shards per model", "method", "wall s (median)", "peak RSS GB (median)", "min–max RSS GB"]
     body, raw = [], []
     for label, set_root in sets:
@@ -384,13 +394,17 @@ def shards_test(root: Path, info: dict, args: argparse.Namespace, env: dict[str,
         n = len(make_inputs.weight_files(set_root / "base"))
         work = args.workdir / "runs" / f"{set_root.name}"
         print(f"\n--- shards test: {set_root.name}, {n} shard(s) per model ---", flush=True)
-        print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
+        if not (set_root == root and all(m in measured for m in methods)):
+            print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
         for method in methods:
-            recipe = work / "recipes" / f"{method}.yaml"
-            recipe.parent.mkdir(parents=True, exist_ok=True)
-            recipe.write_text(recipe_text(method, set_root))
-            row = run_tool("mergelab", method, recipe, work, args.repeats, env, args.mergelab_args_list, "",
-                           info["bytes_per_model"])
+            if set_root == root and method in measured:  # already measured on this set above
+                row = measured[method]
+            else:
+                recipe = work / "recipes" / f"{method}.yaml"
+                recipe.parent.mkdir(parents=True, exist_ok=True)
+                recipe.write_text(recipe_text(method, set_root))
+                row = run_tool("mergelab", method, recipe, work, args.repeats, env, args.mergelab_args_list, "",
+                               info["bytes_per_model"])
             raw.append({"shard_size": label, "shards": n, **asdict(row)})
             rss = [r.rss_bytes / GB for r in row.ok]
             body.append([label, str(n), method, fmt(row.wall(), ".2f"), fmt(row.rss() / GB if row.rss() else None, ".2f"),
@@ -401,7 +415,7 @@ def shards_test(root: Path, info: dict, args: argparse.Namespace, env: dict[str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["168m", "738m", "both"], default="738m")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all 8)")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all 8); 'none' runs only the floor (and --shards-test)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool and method (median reported)")
     ap.add_argument("--floor-repeats", type=int, default=None, help="I/O floor runs (default: max(3, --repeats))")
     ap.add_argument("--no-mergekit", action="store_true", help="measure mergelab and the floor only")
@@ -414,9 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards-methods", default="task_arithmetic,ties", help="methods for --shards-test")
     ap.add_argument("--workdir", type=Path, default=make_inputs.DEFAULT_WORKDIR,
                     help="where inputs, outputs and logs go (default: <repo>/bench-work, git-ignored)")
+    ap.add_argument("--report", type=Path, metavar="RESULTS.json",
+                    help="only print the tables of a saved run (results/*.json under the workdir)")
     args = ap.parse_args(argv)
+    if args.report:
+        report(json.loads(args.report.read_text()), args.markdown)
+        return 0
 
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
     bad = [m for m in args.methods if m not in ALL_METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
@@ -445,41 +464,49 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{x:.2f}' for x in mach['load_avg'])}")  # type: ignore[union-attr]
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
 
+    args.meta = {"command": command, "machine": mach, "versions": versions, "repeats": args.repeats,
+                 "floor_repeats": args.floor_repeats}
     results = []
     t0 = time.perf_counter()
     for size in sizes:
         results.append(bench_size(size, args, env, mergekit))
-    elapsed = time.perf_counter() - t0
-
+    doc = {**args.meta, "minutes": (time.perf_counter() - t0) / 60, "load_end": os.getloadavg()[0], "results": results}
     print("\n" + "=" * 100)
-    print(f"command: {command}")
-    print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM; load average at start "
-          f"{mach['load_avg'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; total {elapsed / 60:.1f} min")  # type: ignore[index]
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"repeats: {args.repeats} per tool and method, floor {args.floor_repeats}; wall = spawn to exit of the child; "
-          "peak RSS = the child's ru_maxrss (GB = 1e9 bytes)")
-    print("mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)")
-    for res in results:
-        s = res["set"]
-        print(f"\n{res['size']}: {s['params'] / 1e6:.0f}M parameters, bf16, {s['bytes_per_model'] / GB:.2f} GB per model, "
-              "base + 3 fine-tunes")
-        print(render(res["table"]["head"], res["table"]["body"], args.markdown))
-        if res["targets"]:
-            print("\ntargets (738m):")
-            for line in res["targets"]:
-                print(f"  {line}")
-        if "shards" in res:
-            print(f"\nshards test ({res['size']}, mergelab only):")
-            print(render(res["shards"]["head"], res["shards"]["body"], args.markdown))
+    report(doc, args.markdown)
     out = args.workdir / "results" / f"merge_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "machine": mach, "versions": versions, "results": results}, indent=2))
-    print(f"\nraw results: {out}")
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"\nraw results: {out}  (print again with --report {out})")
     failed = [f"{r['tool']} {r['method']}" for res in results for r in res["rows"] if any(x["rc"] for x in r["runs"])]
     if failed:
         print(f"failed runs: {', '.join(failed)}")
     return 1 if failed else 0
 
+
+def report(doc: dict, markdown: bool) -> None:
+    """Print the header and the tables of a results document (a finished or a partial run)."""
+    mach = doc["machine"]
+    print(f"command: {doc['command']}")
+    extra = f", at end {doc['load_end']:.2f}; total {doc['minutes']:.1f} min" if "minutes" in doc else " (partial run)"
+    print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM; load average at start "
+          f"{mach['load_avg'][0]:.2f}{extra}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
+    print(f"repeats: {doc['repeats']} per tool and method, floor {doc['floor_repeats']}; wall = spawn to exit of the "
+          "child; peak RSS = the child's ru_maxrss (GB = 1e9 bytes)")
+    print("mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)")
+    for res in doc["results"]:
+        s = res["set"]
+        shards = res.get("shards_per_model", "?")
+        print(f"\n{res['size']}: {s['params'] / 1e6:.0f}M parameters, bf16, {s['bytes_per_model'] / GB:.2f} GB per model "
+              f"in {shards} shard(s), base + 3 fine-tunes")
+        print(render(res["table"]["head"], res["table"]["body"], markdown))
+        if res.get("targets"):
+            print("\ntargets (738m):")
+            for line in res["targets"]:
+                print(f"  {line}")
+        if "shards" in res:
+            print(f"\nshards test ({res['size']}, mergelab only):")
+            print(render(res["shards"]["head"], res["shards"]["body"], markdown))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -112,6 +112,10 @@ class _Hasher:
         return out
 
 
+READ_AHEAD_CONVERT_LIMIT = 16 * 2**20
+"""Tensors with more elements than this are converted to the compute dtype on the compute thread."""
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` has no NaN or Inf (one fused min/max pass: far cheaper than isfinite().all())."""
     if not t.is_floating_point() or t.numel() == 0:
@@ -126,8 +130,11 @@ def _read_job(
     """Read the job's tensor from each distinct input reader; runs on the reader thread.
 
     Checks each float input for NaN/Inf, and (``convert``) casts merged inputs to the compute
-    dtype here, so that this work overlaps the previous job's compute.
+    dtype here, so that this work overlaps the previous job's compute. Large tensors stay in
+    their stored dtype until the compute thread takes them, so that the read-ahead never holds
+    a second large tensor in the (wider) compute dtype.
     """
+    convert = convert and job.numel <= READ_AHEAD_CONVERT_LIMIT
     out: dict[int, torch.Tensor] = {}
     readers = plan.inputs if (job.kind == "copy" and hasher is not None) else plan.readers_for(job)
     for r in readers:

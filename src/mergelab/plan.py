@@ -46,6 +46,18 @@ def layer_index(name: str) -> int | None:
     return None
 
 
+def natural_order_key(name: str) -> tuple[int, int, str]:
+    """Module order: embeddings, then blocks by index, then the rest (final norm, heads).
+
+    Shards come out in the order a model is built, and the two largest tensors (input
+    embedding and output head) are far apart, so reading the next one ahead never holds both.
+    """
+    layer = layer_index(name)
+    if layer is not None:
+        return (1, layer, name)
+    return (0 if "embed" in name or name.endswith(("wte.weight", "wpe.weight", "shared.weight")) else 2, 0, name)
+
+
 def num_layers_from(config: Mapping[str, Any] | None, names: Sequence[str]) -> int | None:
     """Depth from config.json (``num_hidden_layers``/``n_layer``/``num_layers``), else from names."""
     if config:
@@ -353,7 +365,8 @@ def _plan_tensors(
             )
 
     jobs: list[TensorJob] = []
-    for name, meta in ref_names.items():
+    for name in sorted(ref_names, key=natural_order_key):
+        meta = ref_names[name]
         if name in tied:
             continue
         layer = layer_index(name)

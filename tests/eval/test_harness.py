@@ -44,7 +44,7 @@ def test_accuracy_matches_unbatched_predictions(tiny_zoo: Zoo) -> None:
     for task in ("alpha", "beta"):
         preds = _independent_predictions(tiny_zoo, tiny_zoo.expert_model_dir("alpha"), task)
         _, labels = tiny_zoo.examples(task, "test", None)
-        expected = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+        expected = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
         assert report.score(task).value == expected
 
 
@@ -54,7 +54,7 @@ def test_expert_scores_and_normalization(tiny_zoo: Zoo) -> None:
     assert alpha.expert == alpha.value and alpha.normalized == 1.0  # an expert on its own task
     preds = _independent_predictions(tiny_zoo, tiny_zoo.expert_model_dir("beta"), "beta")
     _, labels = tiny_zoo.examples("beta", "test", None)
-    assert beta.expert == sum(p == y for p, y in zip(preds, labels)) / len(labels)
+    assert beta.expert == sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
     assert beta.normalized == pytest.approx(beta.value / beta.expert)
     assert report.average_normalized == pytest.approx((1.0 + beta.normalized) / 2)
 
@@ -88,7 +88,7 @@ def test_limit_takes_the_first_rows(tiny_zoo: Zoo) -> None:
     assert five.n == 5 and full.n == 14
     preds = _independent_predictions(tiny_zoo, tiny_zoo.base_dir, "alpha")[:5]
     _, labels = tiny_zoo.examples("alpha", "test", 5)
-    assert five.value == sum(p == y for p, y in zip(preds, labels)) / 5
+    assert five.value == sum(p == y for p, y in zip(preds, labels, strict=True)) / 5
 
 
 def test_feature_cache_is_reused_and_sliced(tiny_zoo: Zoo) -> None:

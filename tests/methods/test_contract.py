@@ -29,6 +29,19 @@ IDENTITY_PARAMS: dict[str, tuple[dict, dict]] = {
     "slerp": ({"t": 1.0}, {}),
     "nuslerp": ({}, {"weight": 1.0}),
     "model_stock": ({}, {}),
+    # SVD methods: no parameter makes identical experts an identity on the SVD path (TSV-M keeps
+    # r/T directions per copy, ISO flattens the spectrum); excluding every tensor reduces them to
+    # the mean of the task vectors. Their SVD path is covered by TYPICAL_PARAMS and their tests.
+    "tsv_m": ({"exclude": "*"}, {"weight": 1.0}),
+    "iso_c": ({"exclude": "*"}, {}),
+    "iso_cts": ({"exclude": "*"}, {}),
+    "widen": ({"score_calibration_value": 0.5}, {}),  # c = 1/T: every score is 1/T
+    "magmax": ({"lambda": 1.0}, {}),
+    "pcb": ({"pcb_ratio": 1.0, "clip_ratio": 0.0, "unscored": "mean"}, {"weight": 1.0}),
+    "lines": ({"beta": 0.0}, {}),  # task arithmetic: tau_m = T tau, alpha = 1/T
+    "tall_masks": ({"normalize": True}, {}),  # shared model θ0 + mean τ (the masks are parts)
+    "consensus": ({"normalize": True}, {}),
+    "emr": ({}, {}),  # shared model θ0 + τ_uni
 }
 
 # parameters that exercise each method's non-trivial path (sparsity, randomness)
@@ -42,6 +55,16 @@ TYPICAL_PARAMS: dict[str, tuple[dict, dict]] = {
     "della_linear": ({}, {"density": 0.5, "epsilon": 0.1}),
     "slerp": ({"t": 0.3}, {}),
     "nuslerp": ({}, {"weight": 1.0}),
+    "tsv_m": ({"alpha": 1.0}, {"weight": 1.0}),
+    "iso_c": ({"alpha": 1.3}, {}),
+    "iso_cts": ({"alpha": 1.3, "common_space_fraction": 0.5}, {}),
+    "widen": ({}, {}),
+    "magmax": ({}, {}),
+    "pcb": ({"pcb_ratio": 0.2, "scope": "global"}, {}),
+    "lines": ({"beta": 0.5, "merge_method": "ties", "merge_parameters": "{scope: global}"}, {"density": 0.3}),
+    "tall_masks": ({"multitask": "ties"}, {"tall_lambda": 0.4, "density": 0.3}),
+    "consensus": ({"lambda": 0.5}, {"tall_lambda": 0.3}),
+    "emr": ({}, {}),
 }
 
 METHODS = [m.name for m in all_methods()]

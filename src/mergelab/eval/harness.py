@@ -103,7 +103,12 @@ class Evaluator:
     def report(self, name: str, predictions: Mapping[str, torch.Tensor], info: dict | None = None) -> EvalReport:
         """A report from predicted class ids per task."""
         scores = [
-            TaskScore(task=t, value=accuracy(predictions[t], self.labels[t]), n=len(self.labels[t]), expert=self.expert_score(t))
+            TaskScore(
+                task=t,
+                value=accuracy(predictions[t], self.labels[t]),
+                n=len(self.labels[t]),
+                expert=self.expert_score(t),
+            )
             for t in self.tasks
         ]
         return EvalReport(name, self.split, scores, dict(info or {}))
@@ -138,14 +143,20 @@ class Evaluator:
         reports = []
         for head, label in (("expert", "pretrained + expert heads"), ("probe", "pretrained + linear probe")):
             reports.append(
-                self.report(label, {t: self.zoo_logits("base", t, head).argmax(-1) for t in self.tasks}, {"kind": "pretrained", "head": head})
+                self.report(
+                    label,
+                    {t: self.zoo_logits("base", t, head).argmax(-1) for t in self.tasks},
+                    {"kind": "pretrained", "head": head},
+                )
             )
             tick(label)
         cross: dict[str, dict[str, torch.Tensor]] = {e: {} for e in experts}
         for e in experts:
             for t in self.tasks:
                 cross[e][t] = self.zoo_logits(e, t)
-            reports.append(self.report(f"expert: {e}", {t: cross[e][t].argmax(-1) for t in self.tasks}, {"kind": "expert"}))
+            reports.append(
+                self.report(f"expert: {e}", {t: cross[e][t].argmax(-1) for t in self.tasks}, {"kind": "expert"})
+            )
             tick(f"expert {e}")
         avg = {t: probability_average([cross[e][t] for e in experts]).argmax(-1) for t in self.tasks}
         vote = {t: majority_vote([cross[e][t] for e in experts]) for t in self.tasks}

@@ -330,7 +330,7 @@ def markdown(lb: Leaderboard) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for m in lb.methods:
         if m.status != "ok":
-            lines.append(f"| {m.method} | {m.status}: {m.reason} |" + " |" * (len(head) + 3))
+            lines.append(f"| {m.method} | {m.status}: {m.reason} |" + " |" * (len(head) + 2))
     lines += ["", "## Reference rows (no merge)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lb.references:
         lines.append("| " + " | ".join([r.model, *_row_cells(r, tasks)]) + " |")
@@ -343,9 +343,10 @@ def markdown(lb: Leaderboard) -> str:
         "",
         "## Setup",
         "",
-        f"- zoo `{lb.zoo['name']}`, key `{lb.zoo['key']}`; build config: `{_short_zoo_config(lb.zoo.get('config', {}))}`",
-        f"- merge wall time and peak memory (RSS above the pre-merge level) are for the chosen point, in-memory merge of "
-        f"{len(tasks)} experts, {lb.info.get('torch_threads', '?')} threads",
+        f"- zoo `{lb.zoo['name']}`, key `{lb.zoo['key']}`; "
+        f"build config: `{_short_zoo_config(lb.zoo.get('config', {}))}`",
+        "- merge wall time and peak memory (RSS above the pre-merge level) are for the chosen point, "
+        f"in-memory merge of {len(tasks)} experts, {lb.info.get('torch_threads', '?')} threads",
         f"- whole bench: {lb.info.get('bench_seconds', '?')} s; {lb.info.get('platform', {})}",
         f"- reproduce: `{reproduce_command(lb)}`",
         "",
@@ -372,12 +373,14 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(9, fig_h), dpi=110)
     y = list(range(len(rows)))[::-1]
     colors = {"merge": "#3b6ea8", "reference": "#b0b0b0"}
-    ax.barh(y, [100 * (r.average_normalized or 0) for _, r, _ in rows], color=[colors[k] for *_, k in rows], height=0.65)
+    ax.barh(
+        y, [100 * (r.average_normalized or 0) for _, r, _ in rows], color=[colors[k] for *_, k in rows], height=0.65
+    )
     markers = "o^sDvP*Xh<>"
     cmap = plt.get_cmap("tab10")
     for j, task in enumerate(lb.tasks):
         xs, ys = [], []
-        for yi, (_, rep, _) in zip(y, rows):
+        for yi, (_, rep, _) in zip(y, rows, strict=True):
             s = next((s for s in rep.scores if s.task == task), None)
             if s is not None and s.normalized is not None:
                 xs.append(100 * s.normalized)
@@ -424,7 +427,9 @@ def leaderboard_table(lb: Leaderboard):
     table.add_column("chosen")
     for m in lb.ranked():
         assert m.test is not None
-        table.add_row(m.method, *_row_cells(m.test, lb.tasks), f"{m.merge_seconds or 0:.1f}", m.chosen.label() if m.chosen else "")
+        table.add_row(
+            m.method, *_row_cells(m.test, lb.tasks), f"{m.merge_seconds or 0:.1f}", m.chosen.label() if m.chosen else ""
+        )
     for m in lb.methods:
         if m.status != "ok":
             table.add_row(m.method, f"[dim]{m.status}: {m.reason}[/]")

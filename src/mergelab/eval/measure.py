@@ -72,7 +72,9 @@ class measure:
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.result.seconds = time.perf_counter() - self._t0
         if self._thread is not None:
             rss = current_rss()

@@ -118,7 +118,7 @@ def breadcrumbs(
     masked = _masked(base, experts, params, model_params)
     weights = [m.weight for m in model_params]
     merged = linear_merge(masked, weights, normalize=params.normalize)
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
 
 
 @method(
@@ -142,4 +142,4 @@ def breadcrumbs_ties(
     merged = consensus_merge(
         masked, weights, normalize=params.normalize, on_zero=params.sign_tie
     )
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)

@@ -63,6 +63,9 @@ def elect_sign(
     sign = torch.sign(weighted_sum(deltas, weights))
     if on_zero == "zero":
         return sign
+    n_zero = sign.numel() - int(torch.count_nonzero(sign))
+    if n_zero == 0:  # the common case: no tie to resolve, skip the extra passes
+        return sign
     if on_zero == "positive":
         fill = 1.0
     elif on_zero == "majority":
@@ -70,7 +73,7 @@ def elect_sign(
     else:
         raise ValueError(f"unknown on_zero rule {on_zero!r}")
     if fill != 0.0:
-        sign = torch.where(sign == 0, torch.full_like(sign, fill), sign)
+        sign.masked_fill_(sign == 0, fill)
     return sign
 
 
@@ -81,8 +84,8 @@ def majority_sign(sign: Tensor) -> int:
 
 
 def sign_balance(sign: Tensor) -> int:
-    """Σ_p γ_p as an exact integer: #(γ > 0) − #(γ < 0)."""
-    return int((sign > 0).sum()) - int((sign < 0).sum())
+    """Σ_p γ_p as an exact integer (#(γ > 0) − #(γ < 0)): a float64 sum of ±1/0 is exact."""
+    return int(sign.sum(dtype=torch.float64))
 
 
 def disjoint_merge(
@@ -101,14 +104,19 @@ def disjoint_merge(
     """
     total = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign) if normalize else None
+    scratch = torch.empty_like(sign)
     for d, w in zip(deltas, weights):
-        wd = d * float(w)
-        agree = (wd * sign) > 0
-        total.add_(wd.masked_fill_(~agree, 0.0))
+        w = float(w)
+        if w == 0.0:
+            continue  # w·τ is 0 everywhere: it never agrees
+        # sgn(w·τ) = γ  ⇔  τ·γ > 0 for w > 0, τ·γ < 0 for w < 0
+        torch.mul(d, sign, out=scratch)
+        agree = scratch.gt_(0.0) if w > 0 else scratch.lt_(0.0)  # 1.0 where agreeing, else 0.0
         if divisor is not None:
-            divisor.add_(agree.to(divisor.dtype), alpha=float(w))
+            divisor.add_(agree, alpha=w)
+        total.add_(agree.mul_(d), alpha=w)
     if divisor is not None:
-        divisor[divisor == 0] = 1.0
+        divisor.masked_fill_(divisor == 0, 1.0)
         total.div_(divisor)
     return total
 

@@ -140,7 +140,7 @@ def dare_linear(
     dropped = _dropped(base, experts, params, model_params, ctx)
     weights = [m.weight for m in model_params]
     merged = linear_merge(dropped, weights, normalize=params.normalize)
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
 
 
 @method(
@@ -164,4 +164,4 @@ def dare_ties(
     merged = consensus_merge(
         dropped, weights, normalize=params.normalize, on_zero=params.sign_tie
     )
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)

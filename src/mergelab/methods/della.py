@@ -170,7 +170,7 @@ def della(
     merged = consensus_merge(
         pruned, weights, normalize=params.normalize, on_zero=params.sign_tie
     )
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
 
 
 @method(
@@ -191,4 +191,4 @@ def della_linear(
     pruned = _pruned(base, experts, params, model_params, ctx)
     weights = [m.weight for m in model_params]
     merged = linear_merge(pruned, weights, normalize=params.normalize)
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)

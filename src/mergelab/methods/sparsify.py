@@ -25,6 +25,8 @@ Design rules (see docs in each function):
 
 from __future__ import annotations
 
+import sys
+
 from typing import Literal
 
 import torch
@@ -115,7 +117,7 @@ def kth_largest(mag: Tensor, k: int) -> float:
     passes use the same two histograms, accumulated over tensors.
     """
     bits = _bits(mag)
-    high = bits >> 16
+    high = _high_half(bits)
     b, r = locate_in_histogram(torch.bincount(high, minlength=HIGH_BINS), k)
     inside = bits[high == b]
     del high
@@ -254,7 +256,7 @@ def apply_mask(
     for DARE, the per-entry tensor for DELLA), so the result is unbiased: E[out] = delta.
     ``mode="l1"`` rescales the whole tensor to the original L1 norm. Returns a new tensor.
     """
-    out = delta.masked_fill(~mask, 0.0)
+    out = torch.where(mask, delta, 0.0)
     if not rescale:
         return out
     if mode == "l1":
@@ -288,6 +290,14 @@ def _bits(mag: Tensor) -> Tensor:
     return mag.detach().contiguous().view(torch.int32).reshape(-1)
 
 
+def _high_half(bits: Tensor) -> Tensor:
+    """``bits >> 16`` for non-negative int32 patterns, as a strided int16 view where the byte
+    order allows it (no arithmetic pass, no allocation); values lie in [0, 2**15)."""
+    if sys.byteorder == "little":
+        return bits.view(torch.int16)[1::2]
+    return bits >> 16
+
+
 def magnitude_bits(delta: Tensor) -> Tensor:
     """The float32 bit patterns of |delta| as int32 (monotone in the magnitude)."""
     return _bits(delta.abs())
@@ -296,14 +306,14 @@ def magnitude_bits(delta: Tensor) -> Tensor:
 def high_histogram(delta: Tensor) -> Tensor:
     """Counts of |delta| per value of its bit pattern's high 16 bits (int64, ``HIGH_BINS``)."""
     bits = magnitude_bits(delta)
-    return torch.bincount(bits >> 16, minlength=HIGH_BINS).cpu()
+    return torch.bincount(_high_half(bits), minlength=HIGH_BINS).cpu()
 
 
 def low_histogram(delta: Tensor, high: int) -> Tensor:
     """Counts of the low 16 bits of |delta|'s bit pattern among entries whose high 16 bits
     equal ``high`` (int64, ``LOW_BINS``)."""
     bits = magnitude_bits(delta)
-    inside = bits[(bits >> 16) == high]
+    inside = bits[_high_half(bits) == high]
     return torch.bincount(inside & 0xFFFF, minlength=LOW_BINS).cpu()
 
 

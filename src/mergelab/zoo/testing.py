@@ -86,10 +86,14 @@ def synthetic_rows(task: str, n: int, labels: Sequence[str], seed: int = 0) -> l
     return rows
 
 
-def write_task(root: Path, name: str, rows: Iterable[Row], labels: Sequence[str], *, cfg: SplitConfig | None = None) -> Path:
+def write_task(
+    root: Path, name: str, rows: Iterable[Row], labels: Sequence[str], *, cfg: SplitConfig | None = None
+) -> Path:
     """Build a task directory from given rows (through the same finalize step as real tasks)."""
     rows = list(rows)
-    spec = TaskSpec(name=name, description=f"fixture task {name}", labels=tuple(labels), salt=name, collect=lambda _r: rows)
+    spec = TaskSpec(
+        name=name, description=f"fixture task {name}", labels=tuple(labels), salt=name, collect=lambda _r: rows
+    )
     out = root / name
     build_task(spec, FixtureSources(root / "_no_sources"), out, cfg or SplitConfig(validation=0.2, test=0.3))
     return out

@@ -136,9 +136,11 @@ def train_expert(
             order += fresh
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         seen += len(idx)
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=cfg.max_len, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [texts[i] for i in idx], truncation=True, max_length=cfg.max_len, padding=True, return_tensors="pt"
+        )
         y = torch.tensor([labels[i] for i in idx])
-        for group, base_lr in zip(opt.param_groups, base_lrs):
+        for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * lr_factor(step, cfg.steps, warmup)
         logits = head.linear(pooled(encoder, enc["input_ids"], enc["attention_mask"]))
         loss = nn.functional.cross_entropy(logits, y)
@@ -213,8 +215,8 @@ def select_probe(
     scores = {}
     for l2 in sorted(cfg.probe_l2, reverse=True):
         head = train_probe(train[0], train[1], label_names, task, cfg, l2)
-        acc = accuracy(head(validation[0]), validation[1])
-        scores[repr(l2)] = round(acc, 6)
+        acc = accuracy(head(validation[0]), validation[1]) if len(validation[1]) else -1.0
+        scores[repr(l2)] = round(acc, 6) if acc >= 0 else None
         if best is None or acc > best[0]:
             best = (acc, l2, head)
     assert best is not None

@@ -1,0 +1,5 @@
+"""``python -m mergelab``: the command line."""
+
+from mergelab.cli import main
+
+main()

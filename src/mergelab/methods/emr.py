@@ -1,0 +1,145 @@
+"""EMR-Merging: elect one unified task vector, then a binary mask and a rescaler per task.
+
+Huang, Ye, Li, Zhao, Sun, Wang 2024, "EMR-Merging: Tuning-Free High-Performance Model
+Merging", NeurIPS, arXiv:2405.17461 (reference code: harveyhuang18/EMR_Merging
+``merge_vit/src/main_emr_merging.py``; the same computation in tanganke/fusion_bench
+``method/emr_merging/utils.py``).
+
+With τ_i = θ_i − θ0:
+
+1. Elect: γ = sgn(Σ_i τ_i) per element; where the sum is exactly 0 both references use −1
+   (``sign_zero: negative``, default); ``sign_zero: zero`` leaves 0 there (sgn(0) = 0, so
+   nothing is kept at those elements);
+2. τ_uni = γ ⊙ max_i {|τ_i| : τ_i γ > 0} (0 where no task agrees);
+3. mask M_i = 1[τ_i ⊙ γ > 0] (a task's zero entries are never in its mask);
+4. rescaler λ_i = Σ_tensors mean|τ_i| / Σ_tensors mean|M_i ⊙ τ_uni| (``rescaler:
+   tensor_mean``, the reference code: every tensor weighs the same whatever its size) or
+   Σ|τ_i| / Σ|M_i ⊙ τ_uni| over every element of the model (``rescaler: l1``, the ratio of
+   L1 norms as the paper writes it). Where the denominator is 0 (nothing of task i
+   survives) λ_i = 1: the reconstruction is θ0 whatever λ_i;
+5. task i at inference: θ̂_i = θ0 + λ_i · (M_i ⊙ τ_uni).
+
+No hyperparameters (the fusion_bench config is empty). Granularity: elementwise masks, one
+scalar per task over the whole model: the rescalers need sums over every tensor, so a gather
+pass computes them before the merge pass (S2: two reads of the inputs, O(T) memory).
+
+Output (``outputs="modulated"``): the shared checkpoint holds θ0 + τ_uni; the per-task parts
+are the masks (bit-packed), the rescalers (in the manifest) and θ0, in ``modulators/`` (see
+:mod:`mergelab.modulators`). ``mergelab extract`` rebuilds θ0 + λ_t·M_t ⊙ (shared − θ0). The
+in-memory API returns only the shared model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from mergelab.methods.base import GatherPass, MethodOutput, MethodParams, NoParams, TensorContext
+from mergelab.methods.registry import method
+
+Tensor = torch.Tensor
+
+#: ``ctx.stats`` key of the rescaler pass.
+PASS_RESCALE = "emr.rescalers"
+
+
+class EmrParams(MethodParams):
+    sign_zero: Literal["negative", "zero"] = Field(
+        "negative",
+        description="elected sign where Σ τ_i is exactly 0: negative (−1, the reference code) or "
+        "zero (sgn(0) = 0: nothing kept there)",
+    )
+    rescaler: Literal["tensor_mean", "l1"] = Field(
+        "tensor_mean",
+        description="λ_i = Σ_tensors mean|τ_i| / Σ_tensors mean|M_i⊙τ_uni| (tensor_mean, the "
+        "reference code) or the ratio of model-wide L1 norms (l1, the paper's formula)",
+    )
+
+
+def elect(
+    deltas: Sequence[Tensor], sign_zero: str = "negative"
+) -> tuple[Tensor, list[Tensor]]:
+    """(τ_uni, [M_i]) for one tensor's task vectors (float32 in, float32 and bool out)."""
+    total = torch.zeros_like(deltas[0])
+    for d in deltas:
+        total.add_(d)
+    if sign_zero == "negative":
+        gamma = torch.where(total > 0, 1.0, -1.0).to(total.dtype)
+    else:
+        gamma = torch.sign(total)
+    del total
+    magnitude = torch.zeros_like(deltas[0])
+    masks = []
+    for d in deltas:
+        agree = (d * gamma) > 0
+        masks.append(agree)
+        torch.maximum(magnitude, d.abs().masked_fill_(~agree, 0.0), out=magnitude)
+    return magnitude.mul_(gamma), masks
+
+
+def _stat(t: Tensor, rescaler: str) -> float:
+    s = float(t.abs().sum(dtype=torch.float64))
+    return s / t.numel() if rescaler == "tensor_mean" else s
+
+
+def _init(params: EmrParams, n: int) -> dict[str, list[float]]:
+    return {"num": [0.0] * n, "den": [0.0] * n}
+
+
+def _update(
+    state: dict[str, list[float]],
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: EmrParams,
+    model_params: Sequence[Any],
+    ctx: TensorContext,
+) -> None:
+    if base.numel() == 0:
+        return
+    b = base.float()
+    deltas = [e.float() - b for e in experts]
+    tau_uni, masks = elect(deltas, params.sign_zero)
+    for i, (d, m) in enumerate(zip(deltas, masks)):
+        state["num"][i] += _stat(d, params.rescaler)
+        state["den"][i] += _stat(tau_uni.masked_fill(~m, 0.0), params.rescaler)
+
+
+def _finish(state: dict[str, list[float]], params: EmrParams, n: int) -> list[float]:
+    return [num / den if den > 0 else 1.0 for num, den in zip(state["num"], state["den"])]
+
+
+def emr_passes(params: EmrParams) -> tuple[GatherPass, ...]:
+    return (GatherPass(PASS_RESCALE, _init, _update, _finish),)
+
+
+@method(
+    "emr",
+    paper="Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging, "
+    "arXiv:2405.17461",
+    params=EmrParams,
+    model_params=NoParams,
+    base="required",
+    passes=emr_passes,
+    aliases=("emr_merging",),
+    outputs="modulated",
+)
+def emr(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: EmrParams,
+    model_params: Sequence[NoParams],
+    ctx: TensorContext,
+) -> MethodOutput:
+    """Shared θ0 + τ_uni plus per-task masks and rescalers; extract rebuilds θ0 + λ_t M_t ⊙ τ_uni."""
+    if PASS_RESCALE not in ctx.stats:
+        raise RuntimeError(f"emr: rescaler pass result missing for tensor {ctx.name!r}")
+    scales = [float(s) for s in ctx.stats[PASS_RESCALE]]
+    b = base.float()
+    deltas = [e.float() - b for e in experts]
+    tau_uni, masks = elect(deltas, params.sign_zero)
+    del deltas
+    merged = tau_uni.add_(b).to(base.dtype)
+    return MethodOutput(merged, {"base": base, "mask": masks, "scale": scales})

@@ -1,0 +1,208 @@
+"""Rebuild one task's model from a modulated output: a plain Hugging Face checkpoint.
+
+Streams tensor by tensor: reads the shared tensor, θ0 and the task's row of the packed mask
+(only that row's bytes), computes θ̂_t = θ0 + s_t·m_t ⊙ (shared − θ0) in float32 (the exact
+selection ``where(m_t, shared, θ0)`` when s_t = 1), casts to the shared tensor's dtype and
+writes it in place. The output goes to a temporary folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.checkpoint.reader import SIDE_FILES, open_checkpoint
+from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header
+from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
+from mergelab.errors import CheckpointError
+from mergelab.modulators.format import (
+    BASE_FOLDER,
+    MASKS_FOLDER,
+    modulators_dir,
+    packed_size,
+    read_manifest,
+    resolve_task,
+    unpack_mask,
+)
+
+
+class _StFolder:
+    """The tensors of one safetensors folder (index + shards, or model.safetensors), read by ``pread``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: corrupt index ({exc}); the output is corrupt") from exc
+            paths = [folder / f for f in files]
+        else:
+            paths = [folder / "model.safetensors"]
+        self.entries: dict[str, tuple[Path, StEntry]] = {}
+        for p in paths:
+            if not p.is_file():
+                raise CheckpointError(f"{p}: missing; the modulated output is incomplete")
+            entries, _ = read_header(p)
+            for name, e in entries.items():
+                self.entries[name] = (p, e)
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def entry(self, name: str) -> tuple[Path, StEntry]:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.folder}: no tensor {name!r}; the modulated output is corrupt") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        path, e = self.entry(name)
+        return pread_tensor(self._fd(path), e, path)
+
+    def read_row(self, name: str, row: int) -> torch.Tensor:
+        """Row ``row`` of a 2-D tensor, reading only its bytes."""
+        path, e = self.entry(name)
+        width = e.shape[1] * e.dtype.itemsize
+        sub = StEntry(name, e.dtype, (e.shape[1],), e.begin + row * width, e.begin + (row + 1) * width)
+        return pread_tensor(self._fd(path), sub, path)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass
+class ExtractResult:
+    """Where the task's model went and what it holds."""
+
+    path: Path
+    task: dict[str, Any]
+    tensors: int
+    bytes_written: int
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def reconstruct(shared: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """θ̂ = θ0 + s·m ⊙ (shared − θ0), in the shared tensor's dtype (a pure selection when s = 1)."""
+    if scale == 1.0:
+        return torch.where(mask, shared, base.to(shared.dtype))
+    b = base.float()
+    out = torch.where(mask, b + scale * (shared.float() - b), b)
+    return out.to(shared.dtype)
+
+
+def iter_task_tensors(folder: str | Path, task: str | int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of task ``task``'s model, one at a time, in the shared checkpoint's order."""
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    entry = resolve_task(manifest, task)
+    t, scale = int(entry["index"]), float(entry["scale"])
+    n_tasks = len(manifest["tasks"])
+    modulated = set(manifest["modulated_tensors"])
+    shared = open_checkpoint(folder)
+    root = modulators_dir(folder)
+    base = _StFolder(root / BASE_FOLDER)
+    masks = _StFolder(root / MASKS_FOLDER)
+    try:
+        metas = shared.tensors()
+        absent = [n for n in modulated if n not in metas]
+        if absent:
+            raise CheckpointError(f"{folder}: the manifest lists tensor {absent[0]!r} that the shared model lacks")
+        for name, meta in metas.items():
+            value = shared.read(name)
+            if name in modulated:
+                _, me = masks.entry(name)
+                if me.shape != (n_tasks, packed_size(meta.numel)) or me.dtype != torch.uint8:
+                    raise CheckpointError(f"{folder}: packed masks of {name!r} have shape {list(me.shape)}; the output is corrupt")
+                b = base.read(name)
+                if tuple(b.shape) != tuple(meta.shape):
+                    raise CheckpointError(f"{folder}: base tensor {name!r} has shape {list(b.shape)}, shared has {list(meta.shape)}")
+                m = unpack_mask(masks.read_row(name, t), meta.shape)
+                value = reconstruct(value, b, m, scale)
+            yield name, value
+    finally:
+        shared.close()
+        base.close()
+        masks.close()
+
+
+def task_state_dict(folder: str | Path, task: str | int) -> dict[str, torch.Tensor]:
+    """Task ``task``'s model as an in-memory state dict (for evaluation without writing it)."""
+    return dict(iter_task_tensors(folder, task))
+
+
+def _card(manifest: dict[str, Any], task: dict[str, Any], source: Path) -> str:
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [merge, mergelab, " + str(manifest.get("method")) + "]",
+            "---",
+            "",
+            f"# {task['name']} (extracted)",
+            "",
+            f"Task {task['index']} (`{task['model']}`) rebuilt with `mergelab extract` from the "
+            f"{manifest.get('method')} output `{source}`:",
+            "",
+            f"    {manifest.get('reconstruction')}",
+            "",
+            f"with scale {task['scale']:.6g} and a mask keeping {100 * task.get('mask_density', 0):.2f} % of the "
+            "modulated weights.",
+            "",
+        ]
+    )
+
+
+def extract(
+    folder: str | os.PathLike[str],
+    task: str | int,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+) -> ExtractResult:
+    """Write task ``task`` (name, index or model reference) of the modulated output ``folder``
+    as a plain Hugging Face checkpoint in ``out`` (atomic; ``out`` must not exist unless
+    ``force``). Config and tokenizer files are copied from ``folder``."""
+    src = Path(folder).expanduser()
+    manifest = read_manifest(src)
+    entry = resolve_task(manifest, task)
+    shard_bytes = parse_size(max_shard_size)
+    dest = AtomicOutputDir(Path(out), force=force)
+    try:
+        reader = open_checkpoint(src)
+        try:
+            items = [(m.name, m.dtype, m.shape) for m in reader.tensors().values()]
+        finally:
+            reader.close()
+        writer = ShardedSafetensorsWriter(dest.tmp, items, shard_bytes)
+        n = 0
+        try:
+            for name, value in iter_task_tensors(src, int(entry["index"])):
+                writer.add(name, value)
+                n += 1
+            writer.finish()
+        finally:
+            writer.abort()
+        for side in SIDE_FILES:
+            if (src / side).is_file():
+                shutil.copyfile(src / side, dest.tmp / side)
+        (dest.tmp / "README.md").write_text(_card(manifest, entry, src))
+        path = dest.commit()
+    except BaseException:
+        dest.abort()
+        raise
+    return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
