@@ -142,3 +142,37 @@ def test_global_parameter_given_per_model_is_explained(family):
     )
     with pytest.raises(RecipeError, match="global parameter"):
         build_plan(recipe)
+
+
+def test_named_chat_template_is_refused_and_jinja_written(family, tmp_path):
+    base, experts = family
+    with pytest.raises(RecipeError, match="named templates"):
+        load_recipe({"merge_method": "linear", "models": [{"model": str(base)}], "chat_template": "chatml"})
+    import mergelab
+
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = tmp_path / "o"
+    mergelab.merge({"merge_method": "linear", "models": [{"model": str(experts[0])}], "chat_template": jinja}, out)
+    assert (out / "chat_template.jinja").read_text() == jinja
+
+
+def test_hub_ids_resolve_through_huggingface_hub(family, monkeypatch):
+    base, _ = family
+    import mergelab.checkpoint.reader as reader_mod
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(base)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    r = reader_mod.open_checkpoint("some-org/some-model")
+    try:
+        assert calls and calls[0][0] == "some-org/some-model"
+        assert any(p.endswith(".safetensors") for p in calls[0][1])
+        assert "model.layers.0.mlp.up_proj.weight" in r.tensors()
+    finally:
+        r.close()

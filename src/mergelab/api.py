@@ -143,6 +143,8 @@ def merge(
             for name in SIDE_FILES:
                 if name != "config.json" and tok_source.folder and (tok_source.folder / name).is_file():
                     shutil.copyfile(tok_source.folder / name, dest.tmp / name)
+        if rec.chat_template not in (None, "auto"):
+            (dest.tmp / "chat_template.jinja").write_text(rec.chat_template)
         expert_recipe_params = list(plan.global_model_params)
         card = model_card(
             recipe_yaml=rec.to_yaml(),

@@ -25,6 +25,9 @@ def default_workdir() -> Path:
 def run_demo(workdir: Path | None = None, console: Console | None = None, err_console: Console | None = None) -> Path:
     """Build (once) the demo models, merge them with TIES, verify the output; returns its folder."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     from mergelab.api import merge
     from mergelab.progress import RichProgress

@@ -26,7 +26,7 @@ class _RateColumn(ProgressColumn):
         if elapsed <= 0:
             return Text("", style="progress.data.speed")
         nbytes = task.fields.get("nbytes", 0)
-        return Text(f"{task.completed / elapsed:6.1f} tensors/s {nbytes / elapsed / 1e9:5.2f} GB/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:5.0f} t/s {nbytes / elapsed / 1e9:5.2f} GB/s", style="progress.data.speed")
 
 
 class RichProgress:
@@ -45,7 +45,7 @@ class RichProgress:
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             _RateColumn(),
             TimeElapsedColumn(),

@@ -153,6 +153,11 @@ class Recipe(BaseModel):
             self.slices = None
         if not self.models:
             raise ValueError("the recipe lists no models: add a `models:` list")
+        if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
+            raise ValueError(
+                f"chat_template {self.chat_template!r}: named templates are not bundled; give `auto` (keep the "
+                "base's) or the Jinja template text"
+            )
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
             raise ValueError(
                 "tokenizer_source: union is not supported; merge models that share a vocabulary, "

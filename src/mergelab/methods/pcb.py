@@ -23,7 +23,10 @@ Granularity (``scope``):
 
 * ``tensor`` (default): a row is one expert's tensor, so every statistic is per tensor and the
   merge is one streaming pass (the reference's whole-model rows would otherwise need every
-  tensor of every expert in memory, or extra read passes).
+  tensor of every expert in memory, or extra read passes). A tensor keeps about
+  d − ⌊d(1 − r)⌋ − 1 entries per expert, so a small one (d · r ≤ 1, e.g. an 8-entry norm at
+  r = 0.1) keeps none and stays at the base; use ``scope: global`` or a larger r (a filter on
+  ``pcb_ratio``) where that matters.
 * ``global``: the reference's rows — each expert's whole task vector, flattened. The quantiles
   (clip bounds, drop threshold) and the row maximum of β are exact model-wide order statistics,
   gathered in four read passes before the merge with bounded memory (two 65536-bin histograms
@@ -132,7 +135,7 @@ def clip_index_high(d: int, q: float) -> int:
 
 def drop_index(d: int, r: float) -> int:
     """0-based index of the drop threshold in the sorted scores (the reference's ``int(d*(1-r))``)."""
-    return min(max(int(d * (1 - r)) - 1, 0), d - 1)
+    return min(max(int(d * (1 - r)), 0), d - 1)
 
 
 def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
