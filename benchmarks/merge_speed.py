@@ -21,6 +21,7 @@ See benchmarks/README.md for what is measured and the caveats.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -101,6 +102,7 @@ class Row:
     method: str
     runs: list[Run] = field(default_factory=list)
     command: str = ""
+    source: str = ""  # mergelab's git state while measured (see source_state)
 
     @property
     def ok(self) -> list[Run]:
@@ -190,6 +192,30 @@ def mergekit_python(mergekit: str) -> str:
     return str(Path(mergekit).parent / "python")
 
 
+def source_state() -> str:
+    """The mergelab source being measured: git commit, plus '+dirty' when src/ has local edits.
+
+    The package is installed editable, so a commit landing mid-run changes what later runs
+    measure; merge_speed.py checks this before and after each row and says so.
+    """
+    try:
+        import mergelab
+
+        src = Path(mergelab.__file__).resolve().parent
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                                text=True, timeout=30).stdout.strip()
+        if not status:
+            return head or "?"
+        # fingerprint of the local edits (tracked diff + untracked file names)
+        diff = subprocess.run(["git", "-C", str(src), "diff", "HEAD", "--", "."], capture_output=True,
+                              timeout=60).stdout
+        return f"{head or '?'}+dirty:{hashlib.sha1(diff + status.encode()).hexdigest()[:8]}"
+    except (OSError, subprocess.SubprocessError, ImportError):
+        return "?"
+
+
 def machine() -> dict[str, object]:
     mem = 0
     try:
@@ -259,6 +285,7 @@ def run_tool(tool: str, method: str, recipe: Path, work: Path, repeats: int, env
     else:
         cmd = [mergekit, str(recipe), str(out), "--random-seed", "0", "--quiet"]
     row = Row(tool, method, command=shlex.join(cmd))
+    before = source_state() if tool == "mergelab" else ""
     for i in range(repeats):
         r = measure(cmd, out, work / "logs" / f"{tool}-{method}-{i}.log", env)
         row.runs.append(r)
@@ -269,6 +296,12 @@ def run_tool(tool: str, method: str, recipe: Path, work: Path, repeats: int, env
             note = f"  WARNING: wrote {r.out_bytes / GB:.3f} GB of tensors, expected {expected_bytes / GB:.3f} GB"
         print(f"  {tool:9s} {method:16s} run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
               f"  (load {r.load1:.1f}){note}", flush=True)
+    if tool == "mergelab":
+        row.source = before
+        after = source_state()
+        if after != before:
+            row.source = f"{before} -> {after}"
+            print(f"  WARNING: the mergelab source changed during these runs ({before} -> {after})", flush=True)
     return row
 
 
@@ -456,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     env = child_env()
     mach = machine()
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["merge_speed.py", *argv])
-    versions = {"mergelab": version_of(sys.executable, "mergelab"), "torch": version_of(sys.executable, "torch")}
+    versions = {"mergelab": f"{version_of(sys.executable, 'mergelab')} ({source_state()})",
+                "torch": version_of(sys.executable, "torch")}
     if mergekit:
         versions["mergekit"] = version_of(mergekit_python(mergekit), "mergekit")
     print(f"command: {command}")

@@ -253,15 +253,21 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
 # --- per-tensor parameter resolution ------------------------------------------------------
 
 
+def _is_condition(x: Any) -> bool:
+    return isinstance(x, Condition) or (isinstance(x, dict) and "value" in x and set(x) <= {"filter", "value"})
+
+
 def resolve_setting(setting: ParamSetting, tensor_name: str, t: float) -> Any:
     """The value of a setting for one tensor: filters matched by substring (first match wins),
-    gradients interpolated at depth ``t`` in [0, 1] (mergekit's rule)."""
-    if isinstance(setting, Condition):
+    gradients interpolated at depth ``t`` in [0, 1] (mergekit's rule).
+
+    A mapping that is not a ``{filter, value}`` condition is a literal value (for parameters
+    that take a mapping), as is a list whose items are not all scalars or conditions.
+    """
+    if _is_condition(setting):
         setting = [setting]
-    if isinstance(setting, (bool, int, float, str)) or setting is None:
+    if isinstance(setting, (bool, int, float, str)) or setting is None or isinstance(setting, dict):
         return setting
-    if isinstance(setting, dict):
-        setting = [setting]
     if isinstance(setting, list):
         if not setting:
             return None
@@ -274,6 +280,8 @@ def resolve_setting(setting: ParamSetting, tensor_name: str, t: float) -> Any:
             i1 = min(len(setting) - 1, i0 + 1)
             frac = scaled - i0
             return (1 - frac) * setting[i0] + frac * setting[i1]
+        if not all(_is_condition(c) for c in setting):
+            return setting
         for cond in setting:
             c = cond if isinstance(cond, Condition) else Condition.model_validate(cond)
             if c.filter is None or c.filter == "*" or c.filter in tensor_name:

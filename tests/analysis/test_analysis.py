@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 import mergelab.analysis.stats as stats_mod
 from mergelab.analysis import AnalysisOptions, TaskVectorStats, analyze, write_report
-from mergelab.analysis.stats import breadcrumbs_mask, topk_mask
+from mergelab.analysis.stats import breadcrumbs_mask, della_expected_kept, topk_mask
 from mergelab.errors import RecipeError
-from mergelab.methods.sparsify import magnitude_mask, outlier_mask
+from mergelab.methods.sparsify import magnitude_mask, outlier_mask, rank_keep_probs
 
 T = torch.tensor
 
@@ -133,6 +133,16 @@ def test_masks_equal_the_methods_masks(small, monkeypatch):
                 assert torch.equal(breadcrumbs_mask(delta, density, gamma), outlier_mask(delta, density, gamma))
 
 
+@pytest.mark.parametrize("shape", [(1,), (30,), (7, 1), (6, 11), (3, 4, 5)])
+def test_della_closed_form_equals_rank_keep_probs(shape):
+    g = torch.Generator().manual_seed(shape[0])
+    delta = torch.randn(shape, generator=g).masked_fill_(torch.rand(shape, generator=g) < 0.4, 0.0)
+    for density, eps in ((0.7, 0.07), (0.5, 0.5), (0.3, 0.0), (1.0, 0.1)):
+        nz = delta != 0
+        want = float(rank_keep_probs(delta, density, eps).masked_fill_(~nz, 0.0).sum()) if density < 1 else float(nz.sum())
+        assert della_expected_kept(nz, density, eps) == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError):
         AnalysisOptions(topk=1.5)
@@ -198,7 +208,7 @@ def test_html_report_and_json(analysed, tmp_path):
     assert all(p.startswith("iVBORw0KGgo") for p in pngs)  # PNG signature
     for fig in ("fig-cosine", "fig-conflict", "fig-layer_cosine", "fig-norms", "fig-tall_hist", "fig-tall_tasks", "fig-density"):
         assert fig in page
-    embedded = re.search(r"<script type='application/json' id='mergelab-analysis'>(.*?)</script>", page, re.S)
+    embedded = re.search(r"<script type='application/json' id='mergelab-analysis'>(.*?)</script>", page, re.DOTALL)
     assert json.loads(embedded.group(1)) == json.loads(json_path.read_text()) == json.loads(json.dumps(r))
 
 

@@ -42,3 +42,15 @@ def test_eval_command_rejects_the_unbuilt_lm_suite(tiny_zoo_manifest: Path) -> N
     res = runner.invoke(app, ["eval", "base", "--suite", "lm", "--zoo", str(tiny_zoo_manifest.parent)])
     assert res.exit_code != 0
     assert isinstance(res.exception, commands.UsageError)
+
+
+def test_bench_command_writes_the_leaderboard(tiny_zoo_manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    args = ["bench", "--zoo", str(tiny_zoo_manifest.parent), "--methods", "linear,model_stock", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--validation-limit", "0", "--test-limit", "0"])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == {"leaderboard.json", "leaderboard.md", "leaderboard.png"}
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert [m["method"] for m in data["methods"]] == ["linear", "model_stock"]
+    assert data["config"]["validation_limit"] is None
+    assert "--methods linear,model_stock --validation-limit 0 --test-limit 0" in (out / "leaderboard.md").read_text()

@@ -9,8 +9,9 @@ import torch
 from pydantic import ValidationError
 
 import mergelab
-from mergelab.methods.base import TensorContext
+from mergelab.errors import ParameterError
 from mergelab.methods import order_stats
+from mergelab.methods.base import TensorContext
 from mergelab.methods.order_stats import kth_smallest, sorted_at
 from mergelab.methods.pcb import PASS_SCORE_LOW
 from mergelab.methods.registry import get_method
@@ -135,7 +136,7 @@ def test_global_scope_refuses_per_tensor_ratios():
     base, experts = T([1.0, 2.0]), [T([1.5, 2.5]), T([0.5, 2.0])]
     stats = {PASS_SCORE_LOW: {"thresholds": [0.0, 0.0], "max": [1.0, 1.0], "pcb_ratio": 0.1, "clip_ratio": 0.01,
                               "inter": "pairwise"}, "pcb.global.abs_low": [(0.0, 1.0), (0.0, 1.0)]}
-    with pytest.raises(ValueError, match="one value for the whole model"):
+    with pytest.raises(ParameterError, match="one value for the whole model"):
         run(base, experts, stats=stats, scope="global", pcb_ratio=0.3)
     with pytest.raises(RuntimeError, match="gather pass"):
         run(base, experts, scope="global")

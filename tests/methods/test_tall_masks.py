@@ -117,7 +117,7 @@ def test_ties_global_scope_through_the_engine():
     out = mergelab.merge_state_dicts(
         "tall_masks", experts, base, parameters={"multitask": "ties"}, model_parameters=[{"density": 0.25}] * 3
     )
-    flat = lambda sd: torch.cat([sd["a"].reshape(-1), sd["b"]]).tolist()  # noqa: E731
+    flat = lambda sd: torch.cat([sd["a"].reshape(-1), sd["b"]]).tolist()
     mtl, _ = naive_tall(flat(base), [flat(e) for e in experts], [0.6] * 3, "ties", 0.25)
     want = torch.tensor(flat(base)) + torch.tensor(mtl)
     got = torch.cat([out["a"].reshape(-1), out["b"]])

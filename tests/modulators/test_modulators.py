@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 
 import mergelab
 from mergelab.errors import CheckpointError, MergelabError, OutputError
-from mergelab.modulators import extract, is_modulated, pack_mask, read_manifest, task_state_dict, unpack_mask
+from mergelab.modulators import (
+    extract,
+    is_modulated,
+    pack_mask,
+    read_manifest,
+    task_state_dict,
+    unpack_mask,
+)
 from mergelab.modulators.format import FORMAT_VERSION, format_storage, task_names
 
 

@@ -233,3 +233,14 @@ def fixture_sources(tmp_path_factory: pytest.TempPathFactory) -> FixtureSources:
     return FixtureSources(
         root, packages, archives, AptIndex(APT_PACKAGES, APT_TRANSLATIONS, {"release_version": "fixture"})
     )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: one thread is as fast and does not suffer from a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -46,7 +46,6 @@ def test_lr_schedule() -> None:
 def test_expert_training_is_seeded_and_keeps_embeddings(backbone: Path, task: TaskData) -> None:
     from transformers import AutoModel
 
-    torch.set_num_threads(2)
     a = train_expert(task, backbone, TINY)
     b = train_expert(task, backbone, TINY)
     sa, sb = a.encoder.state_dict(), b.encoder.state_dict()

@@ -2,9 +2,9 @@
 
 For a base θ0 and experts θ_1..θ_T (τ_i = θ_i − θ0), :class:`TaskVectorStats` folds in one
 tensor at a time and keeps only per-expert, per-pair and per-layer scalars, so the analysis
-runs on checkpoints larger than memory (working set: the T + 1 tensors of the largest job in
-float32, plus temporaries of that size). Every statistic is exact (float64 accumulation,
-integer counts), not sampled:
+runs on checkpoints larger than memory (working set: about 2T float32 copies of the largest
+tensor, the task vectors and their magnitudes, plus a few boolean masks of its size). Every
+statistic is exact (float64 accumulation, integer counts), not sampled:
 
 * **norms**: ‖τ_i‖₂ over the model and per layer (a layer = the tensors of one transformer
   block; embeddings, final norm and head are grouped as ``other``);
@@ -24,8 +24,10 @@ integer counts), not sampled:
   expert): ``nonzero`` (no sparsifier), ``ties`` (top-``density`` magnitudes per tensor,
   counted), ``breadcrumbs`` (drop the top ``gamma`` and bottom entries, counted), ``dare``
   (expected: keep probability × non-zero entries, exact expectation), ``della`` (expected:
-  Σ of the rank-based keep probabilities over the non-zero entries, exact expectation). The
-  parameters default to those methods' mergelab defaults.
+  Σ of the rank-based keep probabilities over the non-zero entries, exact expectation in
+  closed form, see :func:`della_expected_kept`). The parameters default to those methods'
+  mergelab defaults. Top-k thresholds are exact k-th values (``torch.kthvalue`` up to 2**24
+  elements, the radix select of :mod:`mergelab.methods.sparsify` above).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.sparsify import keep_count, kth_largest, rank_keep_probs
+from mergelab.methods.sparsify import keep_count, kth_largest
 
 Tensor = torch.Tensor
 
@@ -79,7 +81,7 @@ class AnalysisOptions:
 #: Below this many elements a k-th value comes from ``torch.kthvalue`` (the radix select of
 #: :func:`mergelab.methods.sparsify.kth_largest` has a fixed cost of a few ms per call); both
 #: return the exact k-th value, so the masks are identical.
-_SMALL = 1 << 20
+_SMALL = 1 << 24
 
 
 def _kth_largest(mag: Tensor, k: int) -> float:
@@ -89,35 +91,69 @@ def _kth_largest(mag: Tensor, k: int) -> float:
     return kth_largest(mag, k)
 
 
-def topk_mask(delta: Tensor, density: float) -> Tensor:
-    """The TIES trim mask (as :func:`mergelab.methods.sparsify.magnitude_mask`): the
-    ``max(1, ⌊density·n⌋)`` largest |τ|, entries tied with the k-th kept too."""
+def _topk_from_mag(mag: Tensor, density: float) -> Tensor:
     if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    k = keep_count(delta.numel(), density, at_least_one=True)
+        return torch.ones_like(mag, dtype=torch.bool)
+    k = keep_count(mag.numel(), density, at_least_one=True)
     if k == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    mag = delta.abs()
+        return torch.zeros_like(mag, dtype=torch.bool)
     return mag >= _kth_largest(mag, k)
 
 
-def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """The Model Breadcrumbs mask (as :func:`mergelab.methods.sparsify.outlier_mask`)."""
-    n = delta.numel()
+def _breadcrumbs_from_mag(mag: Tensor, density: float, gamma: float) -> Tensor:
+    n = mag.numel()
     if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
+        return torch.ones_like(mag, dtype=torch.bool)
     target = keep_count(n, density)
     if target == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
+        return torch.zeros_like(mag, dtype=torch.bool)
     n_top = min(n, int(gamma * n))
     n_bottom = max(0, n - target - n_top)
-    mag = delta.abs()
-    mask = torch.ones_like(delta, dtype=torch.bool)
+    mask = torch.ones_like(mag, dtype=torch.bool)
     if n_bottom > 0:
         mask &= mag >= _kth_largest(mag, n - n_bottom)  # the (n_bottom + 1)-th smallest
     if n_bottom + target < n:
         mask &= mag <= _kth_largest(mag, n - n_bottom - target + 1)  # the (n_bottom + target)-th smallest
     return mask
+
+
+def topk_mask(delta: Tensor, density: float) -> Tensor:
+    """The TIES trim mask (as :func:`mergelab.methods.sparsify.magnitude_mask`): the
+    ``max(1, ⌊density·n⌋)`` largest |τ|, entries tied with the k-th kept too."""
+    return _topk_from_mag(delta.abs(), density)
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """The Model Breadcrumbs mask (as :func:`mergelab.methods.sparsify.outlier_mask`)."""
+    return _breadcrumbs_from_mag(delta.abs(), density, gamma)
+
+
+def _count(mask: Tensor) -> int:
+    return int(torch.count_nonzero(mask))
+
+
+def della_expected_kept(nonzero: Tensor, density: float, epsilon: float) -> float:
+    """E[number of non-zero entries DELLA's MagPrune keeps] for one tensor, in closed form.
+
+    MagPrune keeps entry p of a row of n with probability (density − ε) + 2ε·r_p/(n − 1), r_p its
+    ascending-magnitude rank (:func:`mergelab.methods.sparsify.rank_keep_probs`; rows as there:
+    a 0-/1-D tensor is one row, a k-D one has shape[0] rows). The z zeros of a row hold the
+    ranks 0 … z − 1 whatever the tie order, so the non-zero entries hold ranks z … n − 1 and the
+    expectation needs only z per row: Σ_{r=z}^{n−1} (density − ε) + 2ε r/(n − 1). A row of
+    length 1 has p = density.
+    """
+    if density >= 1:
+        return float(_count(nonzero))
+    rows = nonzero.reshape(1, -1) if nonzero.dim() < 2 else nonzero.reshape(nonzero.shape[0], -1)
+    n = rows.shape[1]
+    if n == 0:
+        return 0.0
+    k = torch.count_nonzero(rows, dim=1).to(torch.float64)  # non-zeros per row
+    if n == 1:
+        return float(k.sum()) * density
+    z = n - k
+    rank_sum = (z + (n - 1)) * k / 2  # Σ of the ranks z … n − 1
+    return float(((density - epsilon) * k + 2 * epsilon * rank_sum / (n - 1)).sum())
 
 
 def _pairs(t: int) -> list[tuple[int, int]]:
@@ -183,73 +219,68 @@ class TaskVectorStats:
         g = _gram(deltas)
         self.gram += g
         self.layer_gram[key] = self.layer_gram.get(key, torch.zeros_like(g)) + g
-        self._topk(deltas)
-        self._tall(deltas)
-        self._densities(deltas)
+        mags = [d.abs() for d in deltas]
+        nonzero = [m != 0 for m in mags]
+        self._topk(deltas, mags, nonzero)
+        self._tall(deltas, mags, nonzero)
 
-    def _topk(self, deltas: Sequence[Tensor]) -> None:
-        opts = self.opts
-        sel = []
-        for i, d in enumerate(deltas):
-            s = topk_mask(d, opts.topk) & (d != 0)
-            self.topk_count[i] += int(s.sum())
+    def _topk(self, deltas: Sequence[Tensor], mags: Sequence[Tensor], nonzero: Sequence[Tensor]) -> None:
+        o = self.opts
+        sel, neg = [], []
+        for i, (d, mag, nz) in enumerate(zip(deltas, mags, nonzero)):
+            s = _topk_from_mag(mag, o.topk).logical_and_(nz)
+            count = _count(s)
+            self.topk_count[i] += count
             sel.append(s)
+            neg.append(torch.signbit(d))
+            # densities after each sparsifier
+            nnz = _count(nz)
+            self.nonzero[i] += nnz
+            self.ties_kept[i] += count if o.ties_density == o.topk else _count(_topk_from_mag(mag, o.ties_density).logical_and_(nz))
+            self.breadcrumbs_kept[i] += _count(_breadcrumbs_from_mag(mag, o.breadcrumbs_density, o.breadcrumbs_gamma).logical_and_(nz))
+            self.dare_expected[i] += o.dare_density * nnz
+            self.della_expected[i] += della_expected_kept(nz, o.della_density, o.della_epsilon)
         for i, j in _pairs(self.t):
             both = sel[i] & sel[j]
-            inter = int(both.sum())
-            conf = int((both & ((deltas[i] * deltas[j]) < 0)).sum())
+            inter = _count(both)
+            conf = _count(both.logical_and_(neg[i] != neg[j]))  # both non-zero there: opposite signs
             self.inter[i, j] += inter
             self.inter[j, i] += inter
             self.conflict[i, j] += conf
             self.conflict[j, i] += conf
         if self.t >= 2:
-            count = torch.zeros(deltas[0].shape, dtype=torch.int32)
-            pos = torch.zeros_like(count, dtype=torch.bool)
-            neg = torch.zeros_like(count, dtype=torch.bool)
-            for s, d in zip(sel, deltas):
-                count.add_(s.to(torch.int32))
-                pos |= s & (d > 0)
-                neg |= s & (d < 0)
+            count = torch.zeros(deltas[0].shape, dtype=torch.uint8 if self.t < 256 else torch.int32)
+            any_pos = torch.zeros(deltas[0].shape, dtype=torch.bool)
+            any_neg = torch.zeros_like(any_pos)
+            for s, n in zip(sel, neg):
+                count.add_(s)
+                any_pos |= s & ~n
+                any_neg |= s & n
             multi = count >= 2
-            self.multi += int(multi.sum())
-            self.multi_conflict += int((multi & pos & neg).sum())
+            self.multi += _count(multi)
+            self.multi_conflict += _count(multi.logical_and_(any_pos).logical_and_(any_neg))
 
-    def _tall(self, deltas: Sequence[Tensor]) -> None:
+    def _tall(self, deltas: Sequence[Tensor], mags: Sequence[Tensor], nonzero: Sequence[Tensor]) -> None:
         lam = self.opts.tall_lambda
         tau = torch.zeros_like(deltas[0])
         for d in deltas:
             tau.add_(d)
-        count = torch.zeros(deltas[0].shape, dtype=torch.int64)
+        count = torch.zeros(tau.shape, dtype=torch.uint8 if self.t < 256 else torch.int32)
         masks = []
-        for i, d in enumerate(deltas):
-            m = d.abs() > (tau - d).abs().mul_(lam)
-            self.claimed[i] += int(m.sum())
-            count.add_(m.to(torch.int64))
+        for i, (d, mag) in enumerate(zip(deltas, mags)):
+            m = mag > torch.sub(tau, d).abs_().mul_(lam)
+            self.claimed[i] += _count(m)
+            count.add_(m)
             masks.append(m)
         del tau
-        self.hist += torch.bincount(count.reshape(-1), minlength=self.t + 1)[: self.t + 1]
+        self.hist += torch.bincount(count.reshape(-1).to(torch.int64), minlength=self.t + 1)[: self.t + 1]
         single = count == 1
         for i, m in enumerate(masks):
-            self.selfish[i] += int((m & single).sum())
+            self.selfish[i] += _count(m.logical_and_(single))
         moved = torch.zeros_like(single)
-        for d in deltas:
-            moved |= d != 0
-        self.untouched += int((~moved).sum())
-
-    def _densities(self, deltas: Sequence[Tensor]) -> None:
-        o = self.opts
-        for i, d in enumerate(deltas):
-            nz = d != 0
-            nnz = int(nz.sum())
-            self.nonzero[i] += nnz
-            self.ties_kept[i] += int((topk_mask(d, o.ties_density) & nz).sum())
-            self.breadcrumbs_kept[i] += int((breadcrumbs_mask(d, o.breadcrumbs_density, o.breadcrumbs_gamma) & nz).sum())
-            self.dare_expected[i] += o.dare_density * nnz
-            if o.della_density >= 1:
-                self.della_expected[i] += nnz
-            else:
-                p = rank_keep_probs(d, o.della_density, o.della_epsilon)
-                self.della_expected[i] += float(p.masked_fill_(~nz, 0.0).sum(dtype=torch.float64))
+        for nz in nonzero:
+            moved |= nz
+        self.untouched += moved.numel() - _count(moved)
 
     # ------------------------------------------------------------------------------------
 

@@ -37,7 +37,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import GatherPass, MethodOutput, MethodParams, NoParams, TensorContext
+from mergelab.methods.base import (
+    GatherPass,
+    MethodOutput,
+    MethodParams,
+    NoParams,
+    TensorContext,
+)
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor

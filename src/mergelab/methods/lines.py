@@ -83,7 +83,7 @@ def parse_mapping(value: Any) -> dict[str, Any]:
         if parsed is None:
             return {}
         if not isinstance(parsed, dict):
-            raise ValueError(f"merge_parameters must be a mapping such as '{{lambda: 1.0}}', got {value!r}")
+            raise ValueError(f"merge_parameters must be a mapping such as '{{lambda: 1.0}}', got {value!r}")  # noqa: TRY004 (pydantic reports ValueError only)
         return parsed
     raise ValueError(f"merge_parameters must be a mapping (a string in recipes), got {value!r}")
 
@@ -124,7 +124,19 @@ class LinesParams(MethodParams):
         if inner.outputs != "model":
             raise ValueError(f"merge_method {inner.name} returns per-task parts, not one merged model")
         self._inner = inner
-        self._inner_params = inner.params.model_validate(parse_mapping(self.merge_parameters))
+        try:
+            self._inner_params = inner.params.model_validate(parse_mapping(self.merge_parameters))
+        except ValidationError as exc:
+            allowed = sorted(f.alias or n for n, f in inner.params.model_fields.items())
+            detail = "; ".join(
+                f"unknown parameter {'.'.join(str(x) for x in e['loc'])!r}"
+                if e["type"] == "extra_forbidden"
+                else f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ValueError(
+                f"merge_parameters for {inner.name}: {detail} (its global parameters: {', '.join(allowed) or 'none'})"
+            ) from None
         if self.mode == "single_task" and self.alpha is None:
             raise ValueError("mode single_task needs alpha (the paper sweeps 0, 0.1, …, 1; beta = 1 − alpha)")
         return self

@@ -62,8 +62,16 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from mergelab.errors import ParameterError
 from mergelab.methods.base import GatherPass, MethodParams, TensorContext
-from mergelab.methods.order_stats import BINS, high_histogram, key_to_float, locate, low_histogram, sorted_at
+from mergelab.methods.order_stats import (
+    BINS,
+    high_histogram,
+    key_to_float,
+    locate,
+    low_histogram,
+    sorted_at,
+)
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -242,7 +250,7 @@ def _check_global(params: PcbParams, stats: dict[str, Any]) -> None:
     if stats["clip_ratio"] != params.clip_ratio or stats["pcb_ratio"] != params.pcb_ratio or stats[
         "inter"
     ] != params.inter:
-        raise ValueError(
+        raise ParameterError(
             "pcb scope=global: pcb_ratio, clip_ratio and inter must be one value for the whole model "
             "(no filters or gradients)"
         )

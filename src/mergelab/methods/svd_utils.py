@@ -68,10 +68,10 @@ def parse_substrings(value: Any) -> tuple[str, ...]:
         items = []
         for v in value:
             if not isinstance(v, str):
-                raise ValueError(f"exclude entries must be strings, got {v!r}")
+                raise ValueError(f"exclude entries must be strings, got {v!r}")  # noqa: TRY004 (pydantic reports ValueError only)
             items.extend(v.split(","))
     else:
-        raise ValueError(f"exclude must be a comma-separated string of name substrings, got {value!r}")
+        raise ValueError(f"exclude must be a comma-separated string of name substrings, got {value!r}")  # noqa: TRY004 (pydantic reports ValueError only)
     return tuple(s.strip() for s in items if s.strip())
 
 

@@ -133,7 +133,7 @@ def _wrap_pass(gp: GatherPass) -> GatherPass:
     def init(params: MultiTaskParams, n: int) -> Any:
         return gp.init(_as_ties(params), n)
 
-    def update(state, base, experts, params, model_params, ctx) -> None:  # noqa: ANN001
+    def update(state, base, experts, params, model_params, ctx) -> None:
         gp.update(state, base, experts, _as_ties(params), _as_ties_models(model_params), ctx)
 
     def finish(state: Any, params: MultiTaskParams, n: int) -> Any:

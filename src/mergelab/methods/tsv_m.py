@@ -46,7 +46,13 @@ from pydantic import Field
 
 from mergelab.methods.base import MethodParams, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods.svd_utils import ExcludeParams, decomposes, mean_task_vector, polar_factor, task_vectors
+from mergelab.methods.svd_utils import (
+    ExcludeParams,
+    decomposes,
+    mean_task_vector,
+    polar_factor,
+    task_vectors,
+)
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,13 @@ task's model as a plain Hugging Face checkpoint. The layout is documented in
 :mod:`mergelab.modulators.format`.
 """
 
-from mergelab.modulators.extract import ExtractResult, extract, iter_task_tensors, reconstruct, task_state_dict
+from mergelab.modulators.extract import (
+    ExtractResult,
+    extract,
+    iter_task_tensors,
+    reconstruct,
+    task_state_dict,
+)
 from mergelab.modulators.format import (
     FORMAT,
     FORMAT_VERSION,

@@ -20,7 +20,12 @@ import torch
 
 from mergelab.checkpoint.reader import SIDE_FILES, open_checkpoint
 from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
+from mergelab.checkpoint.writer import (
+    DEFAULT_MAX_SHARD,
+    AtomicOutputDir,
+    ShardedSafetensorsWriter,
+    parse_size,
+)
 from mergelab.errors import CheckpointError
 from mergelab.modulators.format import (
     BASE_FOLDER,

@@ -45,7 +45,7 @@ from mergelab.zoo.backbone import (
 from mergelab.zoo.cache import atomic_dir, config_key, file_sha256, read_json, write_json, zoo_root
 from mergelab.zoo.sources import BACKBONE_PACKAGE, SourceReader, SystemSources
 from mergelab.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task
-from mergelab.zoo.train import TrainConfig, accuracy, select_probe, train_expert
+from mergelab.zoo.train import TrainConfig, accuracy, select_probe, torch_threads, train_expert
 
 MANIFEST_FORMAT = "mergelab-zoo/1"
 EXPERT_FORMAT = 1
@@ -446,19 +446,6 @@ def ensure_expert(
     return final
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def build_zoo(
     config: ZooConfig | None = None,
     *,
@@ -480,7 +467,7 @@ def build_zoo(
     reader = reader or SystemSources(cache)
     reporter = _Reporter(progress, echo)
     t_start = time.perf_counter()
-    with _threads(threads):
+    with torch_threads(threads):
         datas: dict[str, TaskData] = {}
         with reporter.task("task data", len(config.tasks)) as advance:
             for name in config.tasks:

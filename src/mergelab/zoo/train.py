@@ -17,10 +17,11 @@ were trained before it in the same process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,20 @@ class TrainedExpert:
     encoder: nn.Module
     head: Head
     record: dict
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (``None``: unchanged), then restore the count."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def task_seed(seed: int, task: str) -> int:
@@ -214,7 +229,8 @@ def select_probe(
     best: tuple[float, float, Head] | None = None
     scores = {}
     for l2 in sorted(cfg.probe_l2, reverse=True):
-        head = train_probe(train[0], train[1], label_names, task, cfg, l2)
+        with torch_threads(1):  # small matrices: threads only add synchronisation cost
+            head = train_probe(train[0], train[1], label_names, task, cfg, l2)
         acc = accuracy(head(validation[0]), validation[1]) if len(validation[1]) else -1.0
         scores[repr(l2)] = round(acc, 6) if acc >= 0 else None
         if best is None or acc > best[0]:
