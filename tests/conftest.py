@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,3 @@ def bin_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pat
     root = tmp_path_factory.mktemp("bin")
     base = make_base(root / "base", safe_serialization=False)
     return base, [make_expert(base, root / "expert_0", seed=1), make_expert(base, root / "expert_1", kind="sparse", seed=2)]
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """SHA-256 and mtime of every file under ``path`` (to prove inputs are never modified)."""
-    out = {}
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            out[str(f.relative_to(path))] = hashlib.sha256(f.read_bytes()).hexdigest() + f":{f.stat().st_mtime_ns}"
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -11,10 +12,18 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import tree_digest
 from mergelab.cli import app
 
 runner = CliRunner()
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """SHA-256 and mtime of every file under ``path`` (to prove inputs are never modified)."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(path))] = hashlib.sha256(f.read_bytes()).hexdigest() + f":{f.stat().st_mtime_ns}"
+    return out
 
 
 def _copy(src: Path, dst: Path) -> Path:

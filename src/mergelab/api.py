@@ -134,6 +134,8 @@ def merge(
                 parts.finish(stats)
         finally:
             writer.abort()
+            if parts is not None:
+                parts.abort()
         tok_source = plan.reference
         if rec.tokenizer_source not in (None, "base"):
             tok_source = open_checkpoint(rec.tokenizer_source)

@@ -114,6 +114,10 @@ def merge(
         )
     finally:
         plan.close()
+    from mergelab.modulators import is_modulated, read_manifest
+
+    if is_modulated(result.path):
+        err_console.print(read_manifest(result.path)["storage"]["summary"])
     s = result.stats
     err_console.print(
         f"[green]merged[/] {s.tensors} tensors into {result.path} in {s.seconds:.1f} s "
@@ -238,6 +242,18 @@ def _use_huge_pages() -> None:
         os.execve(sys.executable, [sys.executable, "-m", "mergelab", *sys.argv[1:]], env)
     except OSError:
         return  # run as is
+
+
+def _register_subcommands() -> None:
+    from mergelab.analysis.commands import analyze_command
+    from mergelab.modulators.commands import extract_command, modulators_command
+
+    app.command("extract")(user_errors(extract_command))
+    app.command("modulators")(user_errors(modulators_command))
+    app.command("analyze")(user_errors(analyze_command))
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -187,8 +187,8 @@ def render_html(result: dict[str, Any]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>mergelab task-vector analysis</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Task-vector analysis</h1>",
-        f"<p>Base <code>{html.escape(str(result['base']))}</code>; {t} expert(s); "
-        f"{result['parameters']:,} parameters in {result['tensors']} merged tensors; {len(result['layers'])} layer groups.</p>",
+        (f"<p>Base <code>{html.escape(str(result['base']))}</code>; {t} expert(s); "
+        f"{result['parameters']:,} parameters in {result['tensors']} merged tensors; {len(result['layers'])} layer groups.</p>"),
         _rows_table(["name", "model", "‖τ‖₂", "non-zero"],
                     [[names[i], result["experts"][i], result["norms"]["total"][i], d["nonzero"][i]] for i in range(t)]),
         "<h2>Cosine similarity</h2>",
@@ -197,9 +197,9 @@ def render_html(result: dict[str, Any]) -> str:
         _matrix_table(result["cosine"]["matrix"], names),
         _img(figs, "layer_cosine", "cosine similarity per layer, per pair"),
         "<h2>Sign conflicts</h2>",
-        f"<p class='note'>Among entries in the top {sc['topk']:g} fraction of |τ| of both experts (per tensor, non-zero), "
+        (f"<p class='note'>Among entries in the top {sc['topk']:g} fraction of |τ| of both experts (per tensor, non-zero), "
         "the fraction with opposite signs. Over all experts: among entries in at least two experts' top-k, "
-        f"{_fmt(sc['all_experts_rate'])} have conflicting signs ({sc['all_experts_entries']:,} entries).</p>",
+        f"{_fmt(sc['all_experts_rate'])} have conflicting signs ({sc['all_experts_entries']:,} entries).</p>"),
         _img(figs, "conflict", "sign-conflict rate among top-k entries"),
         _matrix_table(sc["rate"], names),
         "<p class='note'>Overlap of the top-k sets: |S_i ∩ S_j| / min(|S_i|, |S_j|).</p>",
@@ -209,18 +209,18 @@ def render_html(result: dict[str, Any]) -> str:
         _rows_table(["layer", *names],
                     [[k, *result["norms"]["per_layer"][k]] for k in result["layers"]]),
         "<h2>TALL-mask overlap</h2>",
-        f"<p class='note'>m_t = 1[|τ_t| &gt; λ·|τ_MTL − τ_t|] with τ_MTL = Σ τ_i and λ = {tall['lambda']:g}. "
+        (f"<p class='note'>m_t = 1[|τ_t| &gt; λ·|τ_MTL − τ_t|] with τ_MTL = Σ τ_i and λ = {tall['lambda']:g}. "
         f"Selfish weights (claimed by exactly one task): {tall['selfish_total']:,} ({100 * tall['selfish_total'] / n:.2f} %); "
         f"catastrophic (claimed by none): {tall['catastrophic']:,} ({100 * tall['catastrophic'] / n:.2f} %), of which "
         f"{tall['untouched']:,} no expert moved. Consensus merging with k = 2 keeps the "
-        f"{100 * (n - tall['catastrophic'] - tall['selfish_total']) / n:.2f} % claimed by at least two tasks.</p>",
+        f"{100 * (n - tall['catastrophic'] - tall['selfish_total']) / n:.2f} % claimed by at least two tasks.</p>"),
         _img(figs, "tall_hist", "histogram of the number of masks selecting each weight"),
         _img(figs, "tall_tasks", "weights claimed per task"),
         _rows_table(["task", "claimed", "claimed fraction", "selfish"],
                     [[names[i], tall["claimed"][i], tall["claimed_fraction"][i], tall["selfish"][i]] for i in range(t)]),
         "<h2>Density after each sparsifier</h2>",
-        "<p class='note'>Fraction of the model's entries left non-zero in each task vector. TIES and breadcrumbs "
-        "are counted (per tensor, as the methods do); DARE and DELLA are exact expectations of their random drops.</p>",
+        ("<p class='note'>Fraction of the model's entries left non-zero in each task vector. TIES and breadcrumbs "
+        "are counted (per tensor, as the methods do); DARE and DELLA are exact expectations of their random drops.</p>"),
         _img(figs, "density", "density after each sparsifier"),
         _rows_table(["expert", "non-zero", "TIES", "DARE", "breadcrumbs", "DELLA"],
                     [[names[i], d["nonzero"][i], d["ties"]["kept"][i], d["dare"]["kept"][i], d["breadcrumbs"]["kept"][i],

@@ -370,7 +370,7 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     rows: list[tuple[str, EvalReport, str]] = [(m.method, m.test, "merge") for m in lb.ranked() if m.test is not None]
     rows += [(r.model, r, "reference") for r in lb.references]
     fig_h = 1.2 + 0.32 * len(rows)
-    fig, ax = plt.subplots(figsize=(9, fig_h), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
     y = list(range(len(rows)))[::-1]
     colors = {"merge": "#3b6ea8", "reference": "#b0b0b0"}
     ax.barh(
@@ -391,7 +391,7 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     ax.axvline(100, color="black", lw=0.8, ls="--")
     ax.set_xlabel("normalized accuracy (% of the expert), test split")
     ax.set_title(f"mergelab classification zoo '{lb.zoo['name']}': bars = average, markers = tasks", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right", ncol=2, framealpha=0.85)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=7)
     ax.set_xlim(left=0)
     fig.tight_layout()
     out = Path(path)

@@ -159,13 +159,13 @@ def _card(manifest: dict[str, Any], task: dict[str, Any], source: Path) -> str:
             "",
             f"# {task['name']} (extracted)",
             "",
-            f"Task {task['index']} (`{task['model']}`) rebuilt with `mergelab extract` from the "
-            f"{manifest.get('method')} output `{source}`:",
+            (f"Task {task['index']} (`{task['model']}`) rebuilt with `mergelab extract` from the "
+            f"{manifest.get('method')} output `{source}`:"),
             "",
             f"    {manifest.get('reconstruction')}",
             "",
-            f"with scale {task['scale']:.6g} and a mask keeping {100 * task.get('mask_density', 0):.2f} % of the "
-            "modulated weights.",
+            (f"with scale {task['scale']:.6g} and a mask keeping {100 * task.get('mask_density', 0):.2f} % of the "
+            "modulated weights."),
             "",
         ]
     )

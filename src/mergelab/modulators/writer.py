@@ -9,6 +9,7 @@ with the checkpoint writer, so memory stays at one tensor's parts whatever the m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -104,10 +105,8 @@ class PartsWriter:
         self._masks.abort()
 
     def __del__(self) -> None:  # close file descriptors if a failed merge never called finish()
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             self.abort()
-        except Exception:
-            pass
 
     def finish(self, run_stats: Any = None) -> dict[str, Any]:
         """Complete both files and write the manifest (with the storage report); returns it."""
