@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+}
 
 
 class Model:
@@ -40,7 +45,9 @@ class Model:
             n = int.from_bytes(os.pread(fd, 8, 0), "little")
             hdr = json.loads(os.pread(fd, n, 8))
             hdr.pop("__metadata__", None)
-            for name, info in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            for name, info in sorted(
+                hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]
+            ):
                 a, b = info["data_offsets"]
                 self.where[name] = (fd, 8 + n + a, b - a, info["dtype"], info["shape"])
                 self.order.append(name)
@@ -64,7 +71,9 @@ class Model:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", type=Path)
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--shard-bytes", type=int, default=1_000_000_000)
@@ -98,12 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         total_written += nbytes
     flush()
     (a.out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total_written}, "weight_map": weight_map}, indent=2))
+        json.dumps(
+            {"metadata": {"total_size": total_written}, "weight_map": weight_map},
+            indent=2,
+        )
+    )
     shutil.copyfile(a.models[0] / "config.json", a.out / "config.json")
     for m in models:
         m.close()
-    print(f"read {total_read / 1e9:.2f} GB, wrote {total_written / 1e9:.2f} GB in {n_shards} shard(s), "
-          f"{time.perf_counter() - t0:.2f} s")
+    print(
+        f"read {total_read / 1e9:.2f} GB, wrote {total_written / 1e9:.2f} GB in {n_shards} shard(s), "
+        f"{time.perf_counter() - t0:.2f} s"
+    )
     return 0
 
 

@@ -25,16 +25,36 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mergelab.synthetic import DeltaKind
 
 DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / "bench-work"
 
 # Llama shapes. 738m matches the reference measurement (1.48 GB in bf16, 2 shards at 1GB).
 SHAPES: dict[str, dict[str, int]] = {
-    "168m": {"hidden": 1024, "layers": 8, "intermediate": 2816, "heads": 8, "vocab": 32000},
-    "738m": {"hidden": 2048, "layers": 12, "intermediate": 5504, "heads": 16, "vocab": 32000},
+    "168m": {
+        "hidden": 1024,
+        "layers": 8,
+        "intermediate": 2816,
+        "heads": 8,
+        "vocab": 32000,
+    },
+    "738m": {
+        "hidden": 2048,
+        "layers": 12,
+        "intermediate": 5504,
+        "heads": 16,
+        "vocab": 32000,
+    },
 }
 MODELS = ("base", "ft_dense", "ft_sparse", "ft_conflict")
-EXPERTS = {"ft_dense": ("dense", 1), "ft_sparse": ("sparse", 2), "ft_conflict": ("conflict", 3)}
+EXPERTS: dict[str, tuple[DeltaKind, int]] = {
+    "ft_dense": ("dense", 1),
+    "ft_sparse": ("sparse", 2),
+    "ft_conflict": ("conflict", 3),
+}
 DELTA_SCALE = 2e-3
 SHARD_SIZE = "1GB"
 
@@ -44,7 +64,9 @@ def set_dir(workdir: Path, size: str) -> Path:
 
 
 def is_complete(root: Path) -> bool:
-    return (root / "DONE.json").is_file() and all((root / m / "config.json").is_file() for m in MODELS)
+    return (root / "DONE.json").is_file() and all(
+        (root / m / "config.json").is_file() for m in MODELS
+    )
 
 
 def parse_size(text: str) -> int:
@@ -78,12 +100,27 @@ def build(root: Path, size: str) -> None:
         max_shard_size=SHARD_SIZE,
         seed=0,
     )
-    print(f"[make_inputs] {size}: base written in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"[make_inputs] {size}: base written in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     for name, (kind, seed) in EXPERTS.items():
-        make_expert(base, root / name, kind=kind, seed=seed, partner_seed=1, scale=DELTA_SCALE)  # type: ignore[arg-type]
-        print(f"[make_inputs] {size}: {name} written ({time.perf_counter() - t0:.0f} s)", flush=True)
-    info = {"size": size, **shape, "dtype": "bfloat16", "max_shard_size": SHARD_SIZE, "delta_scale": DELTA_SCALE,
-            "params": count_params(root / "base"), "bytes_per_model": model_bytes(root / "base")}
+        make_expert(
+            base, root / name, kind=kind, seed=seed, partner_seed=1, scale=DELTA_SCALE
+        )
+        print(
+            f"[make_inputs] {size}: {name} written ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    info = {
+        "size": size,
+        **shape,
+        "dtype": "bfloat16",
+        "max_shard_size": SHARD_SIZE,
+        "delta_scale": DELTA_SCALE,
+        "params": count_params(root / "base"),
+        "bytes_per_model": model_bytes(root / "base"),
+    }
     (root / "DONE.json").write_text(json.dumps(info, indent=2))
 
 
@@ -111,7 +148,11 @@ def count_params(model: Path) -> int:
 
 
 def model_bytes(model: Path) -> int:
-    return sum(e - s for f in weight_files(model) for s, e in (v["data_offsets"] for v in _header(f)[1].values()))
+    return sum(
+        e - s
+        for f in weight_files(model)
+        for s, e in (v["data_offsets"] for v in _header(f)[1].values())
+    )
 
 
 def reshard(src: Path, dst: Path, shard_size: str) -> None:
@@ -132,13 +173,19 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
         s_dir, d_dir = src / m, dst / m
         d_dir.mkdir()
         for f in s_dir.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            if (
+                f.is_file()
+                and f.suffix != ".safetensors"
+                and f.name != "model.safetensors.index.json"
+            ):
                 shutil.copyfile(f, d_dir / f.name)
         # the order transformers wrote (by file, then by offset), split into small shards
         items = []
         for f in weight_files(s_dir):
             start, hdr = _header(f)
-            for name, info in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            for name, info in sorted(
+                hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]
+            ):
                 items.append((f, start, name, info))
         groups: list[list] = [[]]
         used = 0
@@ -159,24 +206,44 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
                 with open(f, "rb", buffering=0) as fh:
                     fh.seek(start + a)
                     fh.readinto(buf)
-                shard[name] = torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"]) if buf else \
-                    torch.empty(info["shape"], dtype=dtypes[info["dtype"]])
+                shard[name] = (
+                    torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(
+                        info["shape"]
+                    )
+                    if buf
+                    else torch.empty(info["shape"], dtype=dtypes[info["dtype"]])
+                )
                 weight_map[name] = fn
                 total += b - a
             save_file(shard, str(d_dir / fn), metadata={"format": "pt"})
             del shard
         (d_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            json.dumps(
+                {
+                    "metadata": {"total_size": total},
+                    "weight_map": dict(sorted(weight_map.items())),
+                },
+                indent=2,
+            )
+        )
     info = json.loads((src / "DONE.json").read_text())
-    info.update(max_shard_size=shard_size, resharded_from=str(src), shards_per_model=len(weight_files(dst / "base")))
+    info.update(
+        max_shard_size=shard_size,
+        resharded_from=str(src),
+        shards_per_model=len(weight_files(dst / "base")),
+    )
     (dst / "DONE.json").write_text(json.dumps(info, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", choices=sorted(SHAPES))
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument("--force", action="store_true", help="rebuild even if the set is complete")
+    ap.add_argument(
+        "--force", action="store_true", help="rebuild even if the set is complete"
+    )
     ap.add_argument("--reshard", nargs=2, metavar=("SRC_SET", "DST_SET"), type=Path)
     ap.add_argument("--shard-size", default="250MB")
     a = ap.parse_args(argv)
@@ -187,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         t0 = time.perf_counter()
         reshard(src, dst, a.shard_size)
-        print(f"[make_inputs] resharded {src} -> {dst} ({a.shard_size}) in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"[make_inputs] resharded {src} -> {dst} ({a.shard_size}) in {time.perf_counter() - t0:.0f} s"
+        )
         return 0
     if not a.size:
         ap.error("--size or --reshard is required")

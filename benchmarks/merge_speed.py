@@ -33,14 +33,24 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import make_inputs  # noqa: E402
+import make_inputs
 
 DEFAULT_MERGEKIT = "/work/venvs/mergekit/bin/mergekit-yaml"
-ALL_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "linear", "breadcrumbs", "model_stock", "slerp")
+ALL_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "della",
+    "linear",
+    "breadcrumbs",
+    "model_stock",
+    "slerp",
+)
 # targets from the issue, on the 738m set: wall / floor
 TARGETS = {"task_arithmetic": 2.0, "ties": 3.0, "dare_ties": 3.0, "della": 3.0}
 RSS_TARGET_VS_MERGEKIT = 0.6
@@ -129,7 +139,11 @@ def warm(paths: list[Path]) -> float:
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+    return (
+        sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        if path.is_dir()
+        else 0
+    )
 
 
 def measure(cmd: list[str], out_dir: Path, log: Path, env: dict[str, str]) -> Run:
@@ -145,7 +159,14 @@ def measure(cmd: list[str], out_dir: Path, log: Path, env: dict[str, str]) -> Ru
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    run = Run(wall, usage.ru_maxrss * 1024, proc.returncode, load1, dir_bytes(out_dir), str(log))
+    run = Run(
+        wall,
+        usage.ru_maxrss * 1024,
+        proc.returncode,
+        load1,
+        dir_bytes(out_dir),
+        str(log),
+    )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.sync()  # flush this run's dirty pages before the next run starts
@@ -175,8 +196,17 @@ def mergelab_cmd() -> list[str]:
 
 def version_of(python: str, package: str) -> str:
     try:
-        out = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [
+                python,
+                "-c",
+                f"import importlib.metadata as m; print(m.version({package!r}))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         return out.stdout.strip() or "?"
     except (OSError, subprocess.SubprocessError):
         return "?"
@@ -202,21 +232,35 @@ def source_state() -> str:
         import mergelab
 
         src = Path(mergelab.__file__).resolve().parent
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=30).stdout.strip()
-        status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
-                                text=True, timeout=30).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.strip()
         if not status:
             return head or "?"
         # fingerprint of the local edits (tracked diff + untracked file names)
-        diff = subprocess.run(["git", "-C", str(src), "diff", "HEAD", "--", "."], capture_output=True,
-                              timeout=60).stdout
+        diff = subprocess.run(
+            ["git", "-C", str(src), "diff", "HEAD", "--", "."],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        ).stdout
         return f"{head or '?'}+dirty:{hashlib.sha1(diff + status.encode()).hexdigest()[:8]}"
     except (OSError, subprocess.SubprocessError, ImportError):
         return "?"
 
 
-def machine() -> dict[str, object]:
+def machine() -> dict[str, Any]:
     mem = 0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -232,8 +276,13 @@ def machine() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"nproc": len(os.sched_getaffinity(0)), "ram_gb": round(mem / GB, 1), "cpu": cpu,
-            "python": platform.python_version(), "load_avg": os.getloadavg()}
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "ram_gb": round(mem / GB, 1),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,44 +293,94 @@ def ensure_set(workdir: Path, size: str) -> Path:
     root = make_inputs.set_dir(workdir, size)
     if not make_inputs.is_complete(root):
         print(f"building the {size} input set under {root} (once) ...", flush=True)
-        subprocess.run([sys.executable, str(HERE / "make_inputs.py"), "--size", size, "--workdir", str(workdir)],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "make_inputs.py"),
+                "--size",
+                size,
+                "--workdir",
+                str(workdir),
+            ],
+            check=True,
+        )
     return root
 
 
 def ensure_reshard(workdir: Path, src: Path, shard_size: str) -> Path:
     dst = workdir / f"{src.name}-shards{shard_size.lower()}"
     if not make_inputs.is_complete(dst):
-        print(f"re-sharding {src} into {shard_size} shards under {dst} (once) ...", flush=True)
-        subprocess.run([sys.executable, str(HERE / "make_inputs.py"), "--reshard", str(src), str(dst),
-                        "--shard-size", shard_size], check=True)
+        print(
+            f"re-sharding {src} into {shard_size} shards under {dst} (once) ...",
+            flush=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "make_inputs.py"),
+                "--reshard",
+                str(src),
+                str(dst),
+                "--shard-size",
+                shard_size,
+            ],
+            check=True,
+        )
     return dst
 
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     return env
 
 
 def run_floor(root: Path, work: Path, repeats: int, env: dict[str, str]) -> Row:
     row = Row("floor", "read 4 + write 1")
-    cmd = [sys.executable, str(HERE / "io_floor.py"), str(work / "out-floor"),
-           *(str(root / m) for m in make_inputs.MODELS)]
+    cmd = [
+        sys.executable,
+        str(HERE / "io_floor.py"),
+        str(work / "out-floor"),
+        *(str(root / m) for m in make_inputs.MODELS),
+    ]
     row.command = shlex.join(cmd)
     for i in range(repeats):
         r = measure(cmd, work / "out-floor", work / "logs" / f"floor-{i}.log", env)
         row.runs.append(r)
-        print(f"  floor            run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
-              + ("" if r.rc == 0 else f"  FAILED rc={r.rc}\n{tail(r.log)}"), flush=True)
+        print(
+            f"  floor            run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
+            + ("" if r.rc == 0 else f"  FAILED rc={r.rc}\n{tail(r.log)}"),
+            flush=True,
+        )
     return row
 
 
-def run_tool(tool: str, method: str, recipe: Path, work: Path, repeats: int, env: dict[str, str],
-             mergelab_extra: list[str], mergekit: str, expected_bytes: int) -> Row:
+def run_tool(
+    tool: str,
+    method: str,
+    recipe: Path,
+    work: Path,
+    repeats: int,
+    env: dict[str, str],
+    mergelab_extra: list[str],
+    mergekit: str,
+    expected_bytes: int,
+) -> Row:
     out = work / f"out-{tool}-{method}"
     if tool == "mergelab":
-        cmd = [*mergelab_cmd(), "merge", str(recipe), str(out), "--force", "-q", "--seed", "0", *mergelab_extra]
+        cmd = [
+            *mergelab_cmd(),
+            "merge",
+            str(recipe),
+            str(out),
+            "--force",
+            "-q",
+            "--seed",
+            "0",
+            *mergelab_extra,
+        ]
     else:
         cmd = [mergekit, str(recipe), str(out), "--random-seed", "0", "--quiet"]
     row = Row(tool, method, command=shlex.join(cmd))
@@ -292,16 +391,24 @@ def run_tool(tool: str, method: str, recipe: Path, work: Path, repeats: int, env
         note = ""
         if r.rc != 0:
             note = f"  FAILED rc={r.rc} (log {r.log})\n{tail(r.log)}"
-        elif expected_bytes and abs(r.out_bytes - expected_bytes) > 0.02 * expected_bytes:
+        elif (
+            expected_bytes and abs(r.out_bytes - expected_bytes) > 0.02 * expected_bytes
+        ):
             note = f"  WARNING: wrote {r.out_bytes / GB:.3f} GB of tensors, expected {expected_bytes / GB:.3f} GB"
-        print(f"  {tool:9s} {method:16s} run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
-              f"  (load {r.load1:.1f}){note}", flush=True)
+        print(
+            f"  {tool:9s} {method:16s} run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
+            f"  (load {r.load1:.1f}){note}",
+            flush=True,
+        )
     if tool == "mergelab":
         row.source = before
         after = source_state()
         if after != before:
             row.source = f"{before} -> {after}"
-            print(f"  WARNING: the mergelab source changed during these runs ({before} -> {after})", flush=True)
+            print(
+                f"  WARNING: the mergelab source changed during these runs ({before} -> {after})",
+                flush=True,
+            )
     return row
 
 
@@ -314,8 +421,17 @@ def fmt(x: float | None, spec: str, suffix: str = "") -> str:
 
 
 def table_rows(floor: Row, rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    head = ["tool", "method", "wall s (median)", "min–max", "× floor", "peak RSS GB", "RSS × floor",
-            "wall vs mergekit", "RSS vs mergekit"]
+    head = [
+        "tool",
+        "method",
+        "wall s (median)",
+        "min–max",
+        "× floor",
+        "peak RSS GB",
+        "RSS × floor",
+        "wall vs mergekit",
+        "RSS vs mergekit",
+    ]
     fw, fr = floor.wall(), floor.rss()
     by = {(r.tool, r.method): r for r in rows}
     body = []
@@ -331,9 +447,17 @@ def table_rows(floor: Row, rows: list[Row]) -> tuple[list[str], list[list[str]]]
             vs_m = f"{m / mk.rss():.2f}×"  # type: ignore[operator]
         failed = len(r.runs) - len(r.ok)
         name = r.method + (f" ({failed} failed)" if failed else "")
-        return [r.tool, name, fmt(w, ".2f"), f"{fmt(lo, '.2f')}–{fmt(hi, '.2f')}",
-                fmt(w / fw if w and fw else None, ".2f", "×"), fmt(m / GB if m else None, ".2f"),
-                fmt(m / fr if m and fr else None, ".2f", "×"), vs_w, vs_m]
+        return [
+            r.tool,
+            name,
+            fmt(w, ".2f"),
+            f"{fmt(lo, '.2f')}–{fmt(hi, '.2f')}",
+            fmt(w / fw if w and fw else None, ".2f", "×"),
+            fmt(m / GB if m else None, ".2f"),
+            fmt(m / fr if m and fr else None, ".2f", "×"),
+            vs_w,
+            vs_m,
+        ]
 
     body.append(line(floor))
     for r in rows:
@@ -341,17 +465,32 @@ def table_rows(floor: Row, rows: list[Row]) -> tuple[list[str], list[list[str]]]
     return head, body
 
 
-def render(head: list[str], body: list[list[str]], markdown: bool) -> str:
+def render(
+    head: list[str], body: list[list[str]], markdown: bool, left: int = 2
+) -> str:
+    """A plain-text or Markdown table; the first ``left`` columns are text, the rest numbers."""
     if markdown:
-        align = ["---", "---"] + ["---:"] * (len(head) - 2)
+        align = ["---"] * left + ["---:"] * (len(head) - left)
         lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
         lines += ["| " + " | ".join(c or "" for c in row) + " |" for row in body]
         return "\n".join(lines)
-    widths = [max(len(head[i]), *(len(row[i]) for row in body)) for i in range(len(head))]
-    out = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    widths = [
+        max(len(head[i]), *(len(row[i]) for row in body)) for i in range(len(head))
+    ]
+    out = [
+        "  ".join(
+            h.ljust(w) if i < left else h.rjust(w)
+            for i, (h, w) in enumerate(zip(head, widths))
+        )
+    ]
     out.append("  ".join("-" * w for w in widths))
     for row in body:
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        out.append(
+            "  ".join(
+                c.ljust(w) if i < left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths))
+            )
+        )
     return "\n".join(out)
 
 
@@ -364,27 +503,36 @@ def target_lines(floor: Row, rows: list[Row]) -> list[str]:
         if r is None or not r.wall() or not fw:
             continue
         x = r.wall() / fw  # type: ignore[operator]
-        out.append(f"{method}: {x:.2f}× floor (target ≤ {limit:g}×) {'ok' if x <= limit else 'MISSED'}")
+        out.append(
+            f"{method}: {x:.2f}× floor (target ≤ {limit:g}×) {'ok' if x <= limit else 'MISSED'}"
+        )
     for (tool, method), r in by.items():
         mk = by.get(("mergekit", method))
         if tool == "mergelab" and mk is not None and r.rss() and mk.rss():
             x = r.rss() / mk.rss()  # type: ignore[operator]
-            out.append(f"{method}: peak RSS {x:.2f}× mergekit's (target ≤ {RSS_TARGET_VS_MERGEKIT:g}×) "
-                       f"{'ok' if x <= RSS_TARGET_VS_MERGEKIT else 'MISSED'}")
+            out.append(
+                f"{method}: peak RSS {x:.2f}× mergekit's (target ≤ {RSS_TARGET_VS_MERGEKIT:g}×) "
+                f"{'ok' if x <= RSS_TARGET_VS_MERGEKIT else 'MISSED'}"
+            )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None) -> dict:
+def bench_size(
+    size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None
+) -> dict:
     root = ensure_set(args.workdir, size)
     info = json.loads((root / "DONE.json").read_text())
     work = args.workdir / "runs" / size
     work.mkdir(parents=True, exist_ok=True)
     inputs = [root / m for m in make_inputs.MODELS]
-    print(f"\n=== {size}: {info['params'] / 1e6:.0f}M parameters, {info['bytes_per_model'] / GB:.2f} GB per model "
-          f"({len(make_inputs.weight_files(root / 'base'))} shard(s)), 4 models ===", flush=True)
+    print(
+        f"\n=== {size}: {info['params'] / 1e6:.0f}M parameters, {info['bytes_per_model'] / GB:.2f} GB per model "
+        f"({len(make_inputs.weight_files(root / 'base'))} shard(s)), 4 models ===",
+        flush=True,
+    )
     print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
     floor = run_floor(root, work, args.floor_repeats, env)
     rows: list[Row] = []
@@ -395,11 +543,29 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergeki
         recipe.write_text(recipe_text(method, root))
         warm(inputs)
         for tool in tools:
-            rows.append(run_tool(tool, method, recipe, work, args.repeats, env, args.mergelab_args_list,
-                                 mergekit or "", info["bytes_per_model"]))
+            rows.append(
+                run_tool(
+                    tool,
+                    method,
+                    recipe,
+                    work,
+                    args.repeats,
+                    env,
+                    args.mergelab_args_list,
+                    mergekit or "",
+                    info["bytes_per_model"],
+                )
+            )
     head, body = table_rows(floor, rows)
-    result = {"size": size, "set": info, "shards_per_model": len(make_inputs.weight_files(root / "base")), "floor": asdict(floor), "rows": [asdict(r) for r in rows],
-              "table": {"head": head, "body": body}, "targets": target_lines(floor, rows) if size == "738m" else []}
+    result = {
+        "size": size,
+        "set": info,
+        "shards_per_model": len(make_inputs.weight_files(root / "base")),
+        "floor": asdict(floor),
+        "rows": [asdict(r) for r in rows],
+        "table": {"head": head, "body": body},
+        "targets": target_lines(floor, rows) if size == "738m" else [],
+    }
     save_partial(args, result)
     if args.shards_test:
         result["shards"] = shards_test(root, info, args, env, rows)
@@ -414,66 +580,152 @@ def save_partial(args: argparse.Namespace, result: dict) -> None:
     out.write_text(json.dumps({**args.meta, "results": [result]}, indent=2))
 
 
-def shards_test(root: Path, info: dict, args: argparse.Namespace, env: dict[str, str], done: list[Row]) -> dict:
+def shards_test(
+    root: Path,
+    info: dict,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    done: list[Row],
+) -> dict:
     methods = args.shards_methods
     sets = [("as built (" + info["max_shard_size"] + ")", root)]
     for s in args.shard_sizes:
         sets.append((s, ensure_reshard(args.workdir, root, s)))
     measured = {r.method: r for r in done if r.tool == "mergelab"}
-    head = ["input shard size", "shards per model", "method", "wall s (median)", "peak RSS GB (median)", "min–max RSS GB"]
+    head = [
+        "input shard size",
+        "shards per model",
+        "method",
+        "wall s (median)",
+        "peak RSS GB (median)",
+        "min–max RSS GB",
+    ]
     body, raw = [], []
     for label, set_root in sets:
         inputs = [set_root / m for m in make_inputs.MODELS]
         n = len(make_inputs.weight_files(set_root / "base"))
         work = args.workdir / "runs" / f"{set_root.name}"
-        print(f"\n--- shards test: {set_root.name}, {n} shard(s) per model ---", flush=True)
+        print(
+            f"\n--- shards test: {set_root.name}, {n} shard(s) per model ---",
+            flush=True,
+        )
         if not (set_root == root and all(m in measured for m in methods)):
             print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
         for method in methods:
-            if set_root == root and method in measured:  # already measured on this set above
+            if (
+                set_root == root and method in measured
+            ):  # already measured on this set above
                 row = measured[method]
             else:
                 recipe = work / "recipes" / f"{method}.yaml"
                 recipe.parent.mkdir(parents=True, exist_ok=True)
                 recipe.write_text(recipe_text(method, set_root))
-                row = run_tool("mergelab", method, recipe, work, args.repeats, env, args.mergelab_args_list, "",
-                               info["bytes_per_model"])
+                row = run_tool(
+                    "mergelab",
+                    method,
+                    recipe,
+                    work,
+                    args.repeats,
+                    env,
+                    args.mergelab_args_list,
+                    "",
+                    info["bytes_per_model"],
+                )
             raw.append({"shard_size": label, "shards": n, **asdict(row)})
             rss = [r.rss_bytes / GB for r in row.ok]
-            body.append([label, str(n), method, fmt(row.wall(), ".2f"), fmt(row.rss() / GB if row.rss() else None, ".2f"),
-                         f"{min(rss):.2f}–{max(rss):.2f}" if rss else "—"])
+            body.append(
+                [
+                    label,
+                    str(n),
+                    method,
+                    fmt(row.wall(), ".2f"),
+                    fmt(row.rss() / GB if row.rss() else None, ".2f"),
+                    f"{min(rss):.2f}–{max(rss):.2f}" if rss else "—",
+                ]
+            )
     return {"head": head, "body": body, "runs": raw}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", choices=["168m", "738m", "both"], default="738m")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all 8); 'none' runs only the floor (and --shards-test)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per tool and method (median reported)")
-    ap.add_argument("--floor-repeats", type=int, default=None, help="I/O floor runs (default: max(3, --repeats))")
-    ap.add_argument("--no-mergekit", action="store_true", help="measure mergelab and the floor only")
-    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT, help="path to mergekit-yaml (skipped if absent)")
-    ap.add_argument("--mergelab-args", default="", help="extra flags for `mergelab merge`, e.g. '--no-hash-inputs'")
-    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
-    ap.add_argument("--shards-test", action="store_true",
-                    help="also re-shard the inputs into smaller files and measure mergelab's peak RSS per shard size")
-    ap.add_argument("--shard-sizes", default="250MB,100MB", help="input shard sizes for --shards-test")
-    ap.add_argument("--shards-methods", default="task_arithmetic,ties", help="methods for --shards-test")
-    ap.add_argument("--workdir", type=Path, default=make_inputs.DEFAULT_WORKDIR,
-                    help="where inputs, outputs and logs go (default: <repo>/bench-work, git-ignored)")
-    ap.add_argument("--report", type=Path, metavar="RESULTS.json",
-                    help="only print the tables of a saved run (results/*.json under the workdir)")
+    ap.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help="comma-separated (default: all 8); 'none' runs only the floor (and --shards-test)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per tool and method (median reported)",
+    )
+    ap.add_argument(
+        "--floor-repeats",
+        type=int,
+        default=None,
+        help="I/O floor runs (default: max(3, --repeats))",
+    )
+    ap.add_argument(
+        "--no-mergekit", action="store_true", help="measure mergelab and the floor only"
+    )
+    ap.add_argument(
+        "--mergekit",
+        default=DEFAULT_MERGEKIT,
+        help="path to mergekit-yaml (skipped if absent)",
+    )
+    ap.add_argument(
+        "--mergelab-args",
+        default="",
+        help="extra flags for `mergelab merge`, e.g. '--no-hash-inputs'",
+    )
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the tables as Markdown"
+    )
+    ap.add_argument(
+        "--shards-test",
+        action="store_true",
+        help="also re-shard the inputs into smaller files and measure mergelab's peak RSS per shard size",
+    )
+    ap.add_argument(
+        "--shard-sizes",
+        default="250MB,100MB",
+        help="input shard sizes for --shards-test",
+    )
+    ap.add_argument(
+        "--shards-methods",
+        default="task_arithmetic,ties",
+        help="methods for --shards-test",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=make_inputs.DEFAULT_WORKDIR,
+        help="where inputs, outputs and logs go (default: <repo>/bench-work, git-ignored)",
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        metavar="RESULTS.json",
+        help="only print the tables of a saved run (results/*.json under the workdir)",
+    )
     args = ap.parse_args(argv)
     if args.report:
         report(json.loads(args.report.read_text()), args.markdown)
         return 0
 
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
+    args.methods = [
+        m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"
+    ]
     bad = [m for m in args.methods if m not in ALL_METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
     args.shard_sizes = [s.strip() for s in args.shard_sizes.split(",") if s.strip()]
-    args.shards_methods = [m.strip() for m in args.shards_methods.split(",") if m.strip()]
+    args.shards_methods = [
+        m.strip() for m in args.shards_methods.split(",") if m.strip()
+    ]
     args.floor_repeats = args.floor_repeats or max(3, args.repeats)
     args.mergelab_args_list = shlex.split(args.mergelab_args)
     args.workdir = args.workdir.resolve()
@@ -484,34 +736,62 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.mergekit).is_file() and os.access(args.mergekit, os.X_OK):
             mergekit = args.mergekit
         else:
-            print(f"mergekit not found at {args.mergekit}: measuring mergelab and the floor only", flush=True)
+            print(
+                f"mergekit not found at {args.mergekit}: measuring mergelab and the floor only",
+                flush=True,
+            )
 
     env = child_env()
     mach = machine()
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["merge_speed.py", *argv])
-    versions = {"mergelab": f"{version_of(sys.executable, 'mergelab')} ({source_state()})",
-                "torch": version_of(sys.executable, "torch")}
+    command = (
+        shlex.join([Path(sys.executable).name, *sys.argv])
+        if argv is None
+        else shlex.join(["merge_speed.py", *argv])
+    )
+    versions = {
+        "mergelab": f"{version_of(sys.executable, 'mergelab')} ({source_state()})",
+        "torch": version_of(sys.executable, "torch"),
+    }
     if mergekit:
         versions["mergekit"] = version_of(mergekit_python(mergekit), "mergekit")
     print(f"command: {command}")
-    print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM, load average "
-          f"{' '.join(f'{x:.2f}' for x in mach['load_avg'])}")  # type: ignore[union-attr]
+    print(
+        f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM, load average "
+        f"{' '.join(f'{x:.2f}' for x in mach['load_avg'])}"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
 
-    args.meta = {"command": command, "machine": mach, "versions": versions, "repeats": args.repeats,
-                 "floor_repeats": args.floor_repeats}
+    args.meta = {
+        "command": command,
+        "machine": mach,
+        "versions": versions,
+        "repeats": args.repeats,
+        "floor_repeats": args.floor_repeats,
+    }
     results = []
     t0 = time.perf_counter()
     for size in sizes:
         results.append(bench_size(size, args, env, mergekit))
-    doc = {**args.meta, "minutes": (time.perf_counter() - t0) / 60, "load_end": os.getloadavg()[0], "results": results}
+    doc = {
+        **args.meta,
+        "minutes": (time.perf_counter() - t0) / 60,
+        "load_end": os.getloadavg()[0],
+        "results": results,
+    }
     print("\n" + "=" * 100)
     report(doc, args.markdown)
-    out = args.workdir / "results" / f"merge_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = (
+        args.workdir / "results" / f"merge_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     print(f"\nraw results: {out}  (print again with --report {out})")
-    failed = [f"{r['tool']} {r['method']}" for res in results for r in res["rows"] if any(x["rc"] for x in r["runs"])]
+    failed = [
+        f"{r['tool']} {r['method']}"
+        for res in results
+        for r in res["rows"]
+        if any(x["rc"] for x in r["runs"])
+    ]
     if failed:
         print(f"failed runs: {', '.join(failed)}")
     return 1 if failed else 0
@@ -521,18 +801,31 @@ def report(doc: dict, markdown: bool) -> None:
     """Print the header and the tables of a results document (a finished or a partial run)."""
     mach = doc["machine"]
     print(f"command: {doc['command']}")
-    extra = f", at end {doc['load_end']:.2f}; total {doc['minutes']:.1f} min" if "minutes" in doc else " (partial run)"
-    print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM; load average at start "
-          f"{mach['load_avg'][0]:.2f}{extra}")
+    extra = (
+        f", at end {doc['load_end']:.2f}; total {doc['minutes']:.1f} min"
+        if "minutes" in doc
+        else " (partial run)"
+    )
+    print(
+        f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM; load average at start "
+        f"{mach['load_avg'][0]:.2f}{extra}"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
-    print(f"repeats: {doc['repeats']} per tool and method, floor {doc['floor_repeats']}; wall = spawn to exit of the "
-          "child; peak RSS = the child's ru_maxrss (GB = 1e9 bytes)")
-    print("mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)")
+    print(
+        f"repeats: {doc.get('repeats', '?')} per tool and method, floor {doc.get('floor_repeats', '?')}; "
+        "wall = spawn to exit of the "
+        "child; peak RSS = the child's ru_maxrss (GB = 1e9 bytes)"
+    )
+    print(
+        "mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)"
+    )
     for res in doc["results"]:
         s = res["set"]
         shards = res.get("shards_per_model", "?")
-        print(f"\n{res['size']}: {s['params'] / 1e6:.0f}M parameters, bf16, {s['bytes_per_model'] / GB:.2f} GB per model "
-              f"in {shards} shard(s), base + 3 fine-tunes")
+        print(
+            f"\n{res['size']}: {s['params'] / 1e6:.0f}M parameters, bf16, {s['bytes_per_model'] / GB:.2f} GB per model "
+            f"in {shards} shard(s), base + 3 fine-tunes"
+        )
         print(render(res["table"]["head"], res["table"]["body"], markdown))
         if res.get("targets"):
             print("\ntargets (738m):")
@@ -540,7 +833,10 @@ def report(doc: dict, markdown: bool) -> None:
                 print(f"  {line}")
         if "shards" in res:
             print(f"\nshards test ({res['size']}, mergelab only):")
-            print(render(res["shards"]["head"], res["shards"]["body"], markdown))
+            print(
+                render(res["shards"]["head"], res["shards"]["body"], markdown, left=3)
+            )
+
 
 if __name__ == "__main__":
     sys.exit(main())

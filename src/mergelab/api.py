@@ -40,10 +40,20 @@ class MergeResult:
 def plan_merge(recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe, *, out_dtype: str | None = None) -> Plan:
     """Validate a recipe against its inputs' headers (no tensor data is read) and return the plan.
 
-    The caller owns the plan and should call ``plan.close()`` when done.
+    For data-informed methods it also checks that every expert has calibration data (its files
+    exist) or precomputed statistics. The caller owns the plan and should call ``plan.close()``.
     """
     rec = load_recipe(recipe)
-    return build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
+    plan = build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
+    if plan.method.statistics is not None:
+        from mergelab.informed.phase import check_calibration
+
+        try:
+            check_calibration(plan)
+        except BaseException:
+            plan.close()
+            raise
+    return plan
 
 
 def summarize(plan: Plan, compute_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -99,17 +109,27 @@ def merge(
     check_finite: bool = True,
     progress: Progress | None = None,
     plan: Plan | None = None,
+    calibration: Sequence[Any] | None = None,
+    statistics: Sequence[Any] | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into a Hugging Face folder at ``out``.
 
     The output (sharded safetensors + index, config and tokenizer files copied from the base,
     a model card) is written to a temporary folder beside ``out`` and renamed into place when
     complete. ``out`` must not exist unless ``force``. Inputs are only read.
+
+    Data-informed methods (fisher, regmean, regmean_plusplus, adamerging) first run their data
+    phase on ``device`` (:func:`mergelab.informed.run_data_phase`) from the recipe's calibration
+    sources; ``calibration`` (one :class:`mergelab.informed.Calibration` or iterable of batches per
+    expert, None to keep the recipe's) and ``statistics`` (one precomputed statistics folder or
+    dict per expert) override them from Python. Side files of the phase (AdaMerging's learned
+    coefficients) are written beside the model.
     """
     rec = load_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     dest = AtomicOutputDir(Path(out), force=force)  # fail on an existing destination before any work
     own_plan = plan is None
+    phase = None
     try:
         plan = plan or build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
         opts = EngineOptions(
@@ -120,6 +140,13 @@ def merge(
             check_finite=check_finite,
             hash_inputs=hash_inputs,
         )
+        if plan.method.statistics is not None and plan.aux is None:
+            from mergelab.informed.phase import run_data_phase
+
+            phase = run_data_phase(plan, device=device, calibration=calibration, statistics=statistics,
+                                   progress=progress, workdir=dest.tmp.parent, seed=opts.seed,
+                                   compute_dtype=opts.compute_dtype)
+            plan.attach_aux(phase.readers)
         summary = summarize(plan, opts.compute_dtype)
         writer = ShardedSafetensorsWriter(dest.tmp, ((j.name, j.out_dtype, j.shape) for j in plan.jobs), shard_bytes)
         parts = None
@@ -147,6 +174,8 @@ def merge(
                     shutil.copyfile(tok_source.folder / name, dest.tmp / name)
         if rec.chat_template not in (None, "auto"):
             (dest.tmp / "chat_template.jinja").write_text(rec.chat_template)
+        for fname, text in (phase.side_files.items() if phase is not None else ()):
+            (dest.tmp / fname).write_text(text)
         expert_recipe_params = list(plan.global_model_params)
         card = model_card(
             recipe_yaml=rec.to_yaml(),
@@ -163,6 +192,7 @@ def merge(
                 "compute dtype": str(opts.compute_dtype).removeprefix("torch."),
                 "device": device,
                 "seed": str(opts.seed),
+                **(phase.summary if phase is not None else {}),
             },
         )
         (dest.tmp / "README.md").write_text(card)
@@ -172,6 +202,8 @@ def merge(
         dest.abort()
         raise
     finally:
+        if phase is not None:
+            phase.close()
         if own_plan and plan is not None:
             plan.close()
     return MergeResult(path=path, stats=stats, plan_summary=summary)
@@ -213,6 +245,7 @@ def merge_state_dicts(
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
     device: str = "cpu",
+    statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts (or ``nn.Module``s) with any registered method.
 
@@ -221,6 +254,8 @@ def merge_state_dicts(
     (e.g. ``{"weight": 1.0, "density": 0.2}``). Returns a new state dict on the CPU in each
     tensor's original dtype (or ``out_dtype``); tied tensors share storage as in the input.
     For methods that ignore the base (``linear``), pass every model in ``experts``.
+    Data-informed methods take ``statistics``: one dict per expert keyed ``"<tensor>::<kind>"``
+    (e.g. ``{"w::fisher": F}``; :func:`mergelab.informed.fisher_diagonal` and friends make them).
     """
     if not experts:
         raise RecipeError("merge_state_dicts needs at least one expert")
@@ -229,6 +264,10 @@ def merge_state_dicts(
     if base is not None:
         readers["<base>"] = StateDictReader(base, "<base>")
     plan = build_plan(recipe, readers=readers, out_dtype=out_dtype)
+    if statistics is not None:
+        from mergelab.informed.stats import open_statistics
+
+        plan.attach_aux([open_statistics(s, f"<statistics {i}>") for i, s in enumerate(statistics)])
     sink = MemorySink()
     with torch.no_grad():
         execute(plan, sink, EngineOptions(device=device, compute_dtype=compute_dtype, seed=seed, hash_inputs=False,
@@ -250,11 +289,13 @@ def merge_tensors(
     name: str = "tensor",
     compute_dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Merge single tensors: ``merge_tensors("ties", [a, b], base=w0, model_parameters=[{"density": 0.2}] * 2)``.
 
     ``name`` seeds random methods (DARE, DELLA) exactly as the tensor of that name in a
-    checkpoint merge would be seeded.
+    checkpoint merge would be seeded. Data-informed methods take ``statistics``: one dict of
+    this tensor's statistics per expert, by kind (``[{"fisher": F1}, {"fisher": F2}]``).
     """
     if not all(isinstance(e, torch.Tensor) for e in experts) or (base is not None and not isinstance(base, torch.Tensor)):
         raise MergelabError("merge_tensors takes tensors; use merge_state_dicts for state dicts or modules")
@@ -267,5 +308,6 @@ def merge_tensors(
         seed=seed,
         compute_dtype=compute_dtype,
         device=device,
+        statistics=None if statistics is None else [{f"{name}::{k}": t for k, t in s.items()} for s in statistics],
     )
     return out[name]

@@ -221,29 +221,6 @@ def demo(
     run_demo(workdir, console=console, err_console=err_console)
 
 
-def _use_huge_pages() -> None:
-    """Re-run this process once with glibc's transparent-huge-page malloc tunable set.
-
-    glibc serves tensor-sized allocations with fresh ``mmap`` pages, so each tensor-sized
-    temporary costs a page fault per 4 KB on first touch: on CPU that was most of the time of
-    elementwise merge ops (a 45 MB ``sub``: 32 ms of CPU, 11 ms with 2 MB pages). The tunable
-    (glibc ≥ 2.35; ignored elsewhere) must be set before the process starts, hence the
-    re-exec; memory is still returned to the OS on free. Set MERGELAB_NO_REEXEC=1 to skip it.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("MERGELAB_NO_REEXEC"):
-        return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
-        return
-    env = dict(os.environ)
-    env["GLIBC_TUNABLES"] = (tunables + ":" if tunables else "") + "glibc.malloc.hugetlb=1"
-    env["MERGELAB_NO_REEXEC"] = "1"
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "mergelab", *sys.argv[1:]], env)
-    except OSError:
-        return  # run as is
-
-
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
     from mergelab.modulators.commands import extract_command, modulators_command
@@ -257,7 +234,6 @@ _register_subcommands()
 
 
 def main() -> None:
-    _use_huge_pages()
     app()
 
 

@@ -5,6 +5,9 @@ job's compute, on a reader thread), casts to the compute dtype on the compute de
 for NaN/Inf, calls the method, casts the result to the output dtype and hands it to a sink,
 then drops every reference. Peak memory is a function of the largest job, never of model size.
 Methods with gather passes get one extra read over the model per pass, before the merge.
+Data-informed methods also get, per merged tensor, each expert's statistics from the plan's
+``aux`` readers (read on the same reader thread, moved to the compute device, dtype unchanged)
+as ``ctx.aux``; the data phase that writes them runs before (``mergelab.informed``).
 """
 
 from __future__ import annotations
@@ -124,9 +127,31 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+_Aux = list[dict[str, torch.Tensor]] | None
+
+
+def _read_aux(plan: Plan, job: TensorJob) -> _Aux:
+    """Each expert's statistics of ``job`` by kind (None without statistics).
+
+    With vocabulary truncation, statistics shaped like the tensor are cut to the same rows.
+    """
+    if plan.aux is None or job.kind != "merge":
+        return None
+    out: list[dict[str, torch.Tensor]] = []
+    for r, kinds in zip(plan.aux, plan.aux_keys(job)):
+        entry = {}
+        for kind, key in kinds.items():
+            t = r.read(key)
+            if job.rows is not None and t.dim() == len(job.shape) and t.shape[1:] == job.shape[1:] and t.shape[0] > job.rows:
+                t = t[: job.rows]
+            entry[kind] = t
+        out.append(entry)
+    return out
+
+
 def _read_job(
     plan: Plan, job: TensorJob, hasher: _Hasher | None, opts: EngineOptions, convert: bool
-) -> dict[int, torch.Tensor]:
+) -> tuple[dict[int, torch.Tensor], _Aux]:
     """Read the job's tensor from each distinct input reader; runs on the reader thread.
 
     Checks each float input for NaN/Inf, and (``convert``) casts merged inputs to the compute
@@ -154,7 +179,7 @@ def _read_job(
             if convert:
                 t = t.to(dtype=opts.compute_dtype)
         out[id(r)] = t
-    return out
+    return out, _read_aux(plan, job)
 
 
 def _stream(
@@ -163,27 +188,28 @@ def _stream(
     hasher: _Hasher | None,
     opts: EngineOptions,
     device: torch.device,
-) -> Iterator[tuple[TensorJob, dict[int, torch.Tensor]]]:
-    """Yield (job, input tensors by reader id), reading the next job while the caller computes."""
+) -> Iterator[tuple[TensorJob, dict[int, torch.Tensor], _Aux]]:
+    """Yield (job, input tensors by reader id, statistics), reading the next job while the caller computes."""
     convert = device.type == "cpu"
     if not opts.prefetch or len(jobs) < 2:
         for job in jobs:
-            yield job, _read_job(plan, job, hasher, opts, convert)
+            yield (job, *_read_job(plan, job, hasher, opts, convert))
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
-        future: Future[dict[int, torch.Tensor]] = pool.submit(_read_job, plan, jobs[0], hasher, opts, convert)
+        future: Future[tuple[dict[int, torch.Tensor], _Aux]] = pool.submit(_read_job, plan, jobs[0], hasher, opts, convert)
         for i, job in enumerate(jobs):
-            raw = future.result()
+            raw, aux = future.result()
             if i + 1 < len(jobs):
                 future = pool.submit(_read_job, plan, jobs[i + 1], hasher, opts, convert)
-            yield job, raw
-            del raw
+            yield job, raw, aux
+            del raw, aux
 
 
 class _Prepared:
     """A job's inputs in the compute dtype on the compute device (base, then experts)."""
 
-    def __init__(self, plan: Plan, raw: dict[int, torch.Tensor], opts: EngineOptions, device: torch.device):
+    def __init__(self, plan: Plan, raw: dict[int, torch.Tensor], opts: EngineOptions, device: torch.device,
+                 aux: _Aux = None):
         def convert(r: CheckpointReader) -> torch.Tensor:
             return raw[id(r)].to(device=device, dtype=opts.compute_dtype)
 
@@ -196,11 +222,14 @@ class _Prepared:
             if id(r) not in cache:
                 cache[id(r)] = convert(r)
             self.experts.append(cache[id(r)])
+        self.aux = [{k: t.to(device) for k, t in entry.items()} for entry in aux] if aux is not None else []
 
 
-def _context(plan: Plan, job: TensorJob, opts: EngineOptions, device: torch.device, stats: dict[str, Any]) -> TensorContext:
+def _context(plan: Plan, job: TensorJob, opts: EngineOptions, device: torch.device, stats: dict[str, Any],
+             prep: _Prepared) -> TensorContext:
     return TensorContext(
-        name=job.name, seed=opts.seed, layer=job.layer, num_layers=plan.num_layers, stats=stats, device=device
+        name=job.name, seed=opts.seed, layer=job.layer, num_layers=plan.num_layers, stats=stats, device=device,
+        aux=prep.aux,
     )
 
 
@@ -238,6 +267,11 @@ def execute(
     device = resolve_device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if plan.method.statistics is not None and plan.aux is None:
+        raise MergelabError(
+            f"merge_method {plan.method.name} needs per-expert statistics from a data phase: add a `calibration:` "
+            "block to the recipe (or pass statistics=...); mergelab.merge runs the data phase before the merge"
+        )
     t0 = time.perf_counter()
     run = RunStats()
     stats: dict[str, Any] = {}
@@ -250,12 +284,13 @@ def execute(
     for k, gp in enumerate(passes):
         prog.begin(f"pass {k + 1}/{len(passes) + 1}: {gp.name}", len(merge_jobs), pass_bytes)
         state = gp.init(plan.global_params, n_exp)
-        for job, raw in _stream(plan, merge_jobs, hasher if k == 0 else None, opts, device):
-            prep = _Prepared(plan, raw, opts, device)
+        for job, raw, aux in _stream(plan, merge_jobs, hasher if k == 0 else None, opts, device):
+            prep = _Prepared(plan, raw, opts, device, aux)
             nbytes = plan.job_input_bytes(job)
-            del raw
+            del raw, aux
             with torch.no_grad():
-                gp.update(state, prep.base, prep.experts, job.params, job.model_params, _context(plan, job, opts, device, stats))
+                gp.update(state, prep.base, prep.experts, job.params, job.model_params,
+                          _context(plan, job, opts, device, stats, prep))
             run.bytes_read += nbytes
             prog.advance(1, nbytes)
         stats[gp.name] = gp.finish(state, plan.global_params, n_exp)
@@ -265,14 +300,14 @@ def execute(
     total_in = plan.input_bytes()
     prog.begin("merge" if not passes else f"pass {len(passes) + 1}/{len(passes) + 1}: merge", len(plan.jobs), total_in)
     merge_hasher = hasher if not passes else None
-    for job, raw in _stream(plan, plan.jobs, merge_hasher, opts, device):
+    for job, raw, aux in _stream(plan, plan.jobs, merge_hasher, opts, device):
         nbytes = plan.job_input_bytes(job)
         if job.kind == "copy":
             out = raw[id(plan.reference)]
         else:
-            prep = _Prepared(plan, raw, opts, device)
-            del raw
-            out = _call_method(plan, job, prep, _context(plan, job, opts, device, stats), parts)
+            prep = _Prepared(plan, raw, opts, device, aux)
+            del raw, aux
+            out = _call_method(plan, job, prep, _context(plan, job, opts, device, stats, prep), parts)
             del prep
             if opts.check_finite and not all_finite(out):
                 raise MergelabError(

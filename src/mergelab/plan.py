@@ -112,6 +112,11 @@ class Plan:
     global_model_params: tuple[MethodParams, ...]
     tied: dict[str, str] = field(default_factory=dict)  # omitted name -> name it is tied to
     warnings: list[str] = field(default_factory=list)
+    # Data-informed methods: one statistics reader per expert (keys "<tensor>::<kind>"), attached
+    # by :meth:`attach_aux` after the data phase; the engine hands the entries of each tensor to
+    # the method as ``ctx.aux``.
+    aux: list[CheckpointReader] | None = None
+    aux_index: list[dict[str, dict[str, str]]] = field(default_factory=list)  # expert -> tensor -> kind -> key
 
     @property
     def inputs(self) -> list[CheckpointReader]:
@@ -149,15 +154,59 @@ class Plan:
         """Upper estimate of the engine's working memory beyond the interpreter itself.
 
         (inputs + 2) × the largest tensor in the compute dtype (the method's inputs, one
-        scratch buffer and its result), plus the next job's raw inputs read ahead.
+        scratch buffer and its result), plus the next job's raw inputs read ahead. With
+        statistics attached: plus twice the largest job's statistics (in hand and read ahead)
+        and three float64 copies of the largest single statistic (e.g. RegMean's Gram sum and
+        its factorisation).
         """
         n_in = len(self.experts) + (1 if self.base is not None else 0)
         largest = max((j.numel for j in self.jobs), default=0)
         raw_ahead = max((self.job_input_bytes(j) for j in self.jobs), default=0)
-        return (n_in + 2) * largest * compute_itemsize + raw_ahead
+        aux = 0
+        if self.aux is not None:
+            per_job = [self.job_aux_bytes(j) for j in self.merge_jobs]
+            biggest = max((r.tensors()[k].numel for i, r in enumerate(self.aux) for kinds in self.aux_index[i].values()
+                           for k in kinds.values()), default=0)
+            aux = 2 * max(per_job, default=0) + 3 * 8 * biggest
+        return (n_in + 2) * largest * compute_itemsize + raw_ahead + aux
+
+    def attach_aux(self, readers: Sequence[CheckpointReader]) -> None:
+        """Attach one statistics reader per expert (keys ``"<tensor name>::<kind>"``).
+
+        Entries of tensors the plan does not merge are ignored; a key without ``::`` is an error.
+        """
+        if len(readers) != len(self.experts):
+            raise PlanError(f"{len(readers)} statistics for {len(self.experts)} experts: give one per expert")
+        index: list[dict[str, dict[str, str]]] = []
+        for r in readers:
+            by_tensor: dict[str, dict[str, str]] = {}
+            for key in r.tensors():
+                name, sep, kind = key.rpartition("::")
+                if not sep or not name or not kind:
+                    raise PlanError(f"{r.label}: statistics key {key!r} is not of the form '<tensor name>::<kind>'")
+                by_tensor.setdefault(name, {})[kind] = key
+            index.append(by_tensor)
+        self.aux = list(readers)
+        self.aux_index = index
+
+    def aux_keys(self, job: TensorJob) -> list[dict[str, str]]:
+        """Per expert, the statistics keys of ``job`` by kind (empty dicts without statistics)."""
+        if self.aux is None:
+            return []
+        return [idx.get(job.name, {}) for idx in self.aux_index]
+
+    def job_aux_bytes(self, job: TensorJob) -> int:
+        if self.aux is None:
+            return 0
+        total = 0
+        for r, kinds in zip(self.aux, self.aux_keys(job)):
+            for key in kinds.values():
+                m = r.tensors()[key]
+                total += m.numel * m.dtype.itemsize
+        return total
 
     def close(self) -> None:
-        for r in self.inputs:
+        for r in self.inputs + list(self.aux or []):
             r.close()
 
 

@@ -23,7 +23,10 @@ tensors outside the blocks take the first value, as in mergekit), or a list of
 set at the top level applies to every model unless the model sets its own.
 
 mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default float32),
-``out_dtype`` (default: ``dtype``, else the base's dtype), ``vocab_mismatch``.
+``out_dtype`` (default: ``dtype``, else the base's dtype), ``vocab_mismatch``, and for
+data-informed methods (fisher, regmean, regmean_plusplus, adamerging) a per-model
+``calibration`` source or precomputed ``statistics`` folder plus a top-level ``calibration:``
+block (see :mod:`mergelab.data.config`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergelab.data.config import CalibrationSettings, CalibrationSource
 from mergelab.errors import RecipeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -79,6 +83,8 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+    calibration: CalibrationSource | None = None  # data-informed methods: this expert's examples
+    statistics: str | None = None  # data-informed methods: a precomputed statistics folder
 
     @field_validator("model", mode="before")
     @classmethod
@@ -127,6 +133,7 @@ class Recipe(BaseModel):
     seed: int = 0
     vocab_mismatch: Literal["error", "truncate"] = "error"
     name: str | None = None
+    calibration: CalibrationSettings | None = None
 
     @field_validator("base_model", mode="before")
     @classmethod
@@ -244,10 +251,30 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
         candidate = base_dir / ref
         return str(candidate) if candidate.exists() else ref
 
-    models = [m.model_copy(update={"model": fix(m.model)}) for m in recipe.models]
-    return recipe.model_copy(
-        update={"models": models, "base_model": fix(recipe.base_model), "tokenizer_source": fix(recipe.tokenizer_source)}
-    )
+    def fix_source(src: CalibrationSource | None) -> CalibrationSource | None:
+        if src is None:
+            return None
+        update: dict[str, Any] = {}
+        if src.path is not None:
+            update["path"] = fix(src.path)
+        if src.head not in (None, "zoo"):
+            update["head"] = fix(src.head)
+        return src.model_copy(update=update)
+
+    models = [
+        m.model_copy(update={"model": fix(m.model), "calibration": fix_source(m.calibration), "statistics": fix(m.statistics)})
+        for m in recipe.models
+    ]
+    update: dict[str, Any] = {
+        "models": models, "base_model": fix(recipe.base_model), "tokenizer_source": fix(recipe.tokenizer_source)
+    }
+    if recipe.calibration is not None:
+        cal = recipe.calibration
+        stats_dir = cal.statistics_dir
+        if stats_dir is not None and not Path(stats_dir).is_absolute():
+            stats_dir = str(base_dir / stats_dir)  # may not exist yet: always relative to the recipe
+        update["calibration"] = cal.model_copy(update={"source": fix_source(cal.source), "statistics_dir": stats_dir})
+    return recipe.model_copy(update=update)
 
 
 # --- per-tensor parameter resolution ------------------------------------------------------

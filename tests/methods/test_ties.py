@@ -82,10 +82,27 @@ def test_sign_tie_rules():
     # density 1; coord 0 sums to exactly 0; the tensor's elected signs are [tie, -, -].
     a, b = T([1.0, -2.0, -3.0]), T([-1.0, -1.0, -1.0])
     z = torch.zeros(3)
-    majority = run(z, [a, b], [{"density": 1.0}] * 2)
+    majority = run(z, [a, b], [{"density": 1.0}] * 2, sign_tie="majority")
     assert majority.tolist() == [-1.0, -1.5, -2.0]  # coord 0 takes the tensor majority (-)
     positive = run(z, [a, b], [{"density": 1.0}] * 2, sign_tie="positive")
     assert positive.tolist() == [1.0, -1.5, -2.0]  # mergekit's rule (+)
+    default = run(z, [a, b], [{"density": 1.0}] * 2)
+    assert default.tolist() == positive.tolist()  # scope tensor defaults to mergekit's rule
+
+
+def test_chunked_tensor_scope_equals_whole_tensor_reference(monkeypatch):
+    # several chunks, uneven last chunk, ties at the threshold, exact sign cancellations
+    import mergelab.methods.ties as ties_mod
+
+    monkeypatch.setattr(ties_mod, "CHUNK", 1000)
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(3517, generator=g) * 4).round() / 4  # dyadic values: exact arithmetic
+    experts = [base + (torch.randn(3517, generator=g) * 4).round() / 4 for _ in range(3)]
+    experts.append(base - (experts[0] - base))  # cancels expert 0 exactly
+    weights, densities = [1.0, 0.5, 2.0, 1.0], [0.3, 0.05, 0.7, 0.3]
+    got = run(base, experts, [{"density": d, "weight": w} for d, w in zip(densities, weights)], **{"lambda": 0.7})
+    ref = naive_ties(base, experts, weights, densities, 0.7, True, sign_tie="positive")
+    assert torch.allclose(got, ref, atol=1e-6)
 
 
 # ------------------------------------------------------------------- naive re-implementation
@@ -268,7 +285,7 @@ def test_global_sign_tie_uses_the_model_majority():
     per_model = [{"density": 1.0}] * 2
     glob_out = run_engine(TIES, tensors, {"scope": "global"}, per_model)
     assert glob_out["a"].tolist() == [1.0, -1.5, -2.0]
-    tensor_out = run_engine(TIES, tensors, {}, per_model)
+    tensor_out = run_engine(TIES, tensors, {"sign_tie": "majority"}, per_model)
     assert tensor_out["a"].tolist() == [-1.0, -1.5, -2.0]
 
 
@@ -297,7 +314,8 @@ def test_global_density_zero_returns_the_base():
 
 def test_defaults_are_the_papers():
     p, m = TIES.params(), TIES.model_params()
-    assert (p.lambda_, p.normalize, p.scope, p.sign_tie) == (1.0, True, "tensor", "majority")
+    assert (p.lambda_, p.normalize, p.scope, p.sign_rule) == (1.0, True, "tensor", "positive")
+    assert TIES.params(scope="global").sign_rule == "majority"  # the original code's rule
     assert (p.rescale, p.int8_mask) == (False, False)
     assert (m.density, m.weight) == (0.2, 1.0)
 

@@ -17,8 +17,8 @@ def test_quick_zoo_builds_and_experts_beat_their_probes() -> None:
     except SourceError as exc:
         pytest.skip(f"zoo sources not installed: {exc}")
     for row in zoo_summary(zoo):
+        # test is the unbiased comparison: the probe's L2 strength was picked on validation
         assert row["expert_test"] > row["probe_test"], row
-        assert row["expert_val"] > row["probe_val"], row
     lb = run_bench(zoo, methods=["task_arithmetic"], grids=DEMO_GRIDS, validation_limit=100, test_limit=200)
     ta = lb.methods[0]
     pretrained = lb.references[0]

@@ -12,6 +12,12 @@ or other tensors of the model. The engine hands it, for one tensor name at a tim
 and takes back one tensor of the base's shape. Methods that need model-wide statistics
 (e.g. TIES with the paper's global top-k) declare :class:`GatherPass` objects; the engine runs
 each as a read over every tensor before the merge and puts the result in ``ctx.stats``.
+
+Data-informed methods (Fisher, RegMean, AdaMerging) declare ``statistics``: the name of a data
+phase (:mod:`mergelab.informed`) that runs forward/backward passes on calibration data before the
+merge and stores per-expert statistics on disk, keyed ``"<tensor name>::<kind>"``. The engine
+reads the entries of the tensor in hand and passes them as ``ctx.aux[i][kind]`` (expert ``i``,
+e.g. ``ctx.aux[0]["fisher"]``); the method itself stays a pure function of tensors.
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ class TensorContext:
 
     ``layer`` is the transformer block index parsed from the name (``None`` outside blocks),
     ``num_layers`` the architecture's depth. ``stats`` holds the results of the method's
-    gather passes keyed by pass name (empty for one-pass methods).
+    gather passes keyed by pass name (empty for one-pass methods). ``aux`` holds, per expert, the
+    data-phase statistics of this tensor keyed by kind (``{"fisher": F}``, ``{"gram": G, "rows":
+    n}``); on the compute device in their stored dtype; empty for data-free methods.
     """
 
     name: str
@@ -62,6 +70,7 @@ class TensorContext:
     num_layers: int | None = None
     stats: Mapping[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    aux: Sequence[Mapping[str, Tensor]] = ()
 
     @property
     def depth(self) -> float | None:
@@ -129,6 +138,7 @@ class MergeMethod:
     passes_fn: Callable[[MethodParams], Sequence[GatherPass]] | None = None
     aliases: tuple[str, ...] = ()
     outputs: Literal["model", "modulated"] = "model"  # "modulated": fn returns MethodOutput
+    statistics: str | None = None  # data phase producing ctx.aux (mergelab.informed); None: data-free
 
     def passes(self, params: MethodParams) -> Sequence[GatherPass]:
         """The gather passes needed with these global parameters (often none)."""

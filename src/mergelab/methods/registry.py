@@ -40,10 +40,13 @@ def method(
     aliases: Sequence[str] = (),
     summary: str | None = None,
     outputs: Literal["model", "modulated"] = "model",
+    statistics: str | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn(base, experts, params, model_params, ctx) -> Tensor`` under ``name``.
 
-    ``summary`` defaults to the first line of the function's docstring.
+    ``summary`` defaults to the first line of the function's docstring. ``statistics`` names the
+    data phase (``mergelab.informed.phase.COLLECTORS``) whose per-expert results the engine
+    passes as ``ctx.aux``; ``None`` for data-free methods.
     """
 
     def decorate(fn: MergeFn) -> MergeFn:
@@ -63,6 +66,7 @@ def method(
             passes_fn=passes,
             aliases=tuple(aliases),
             outputs=outputs,
+            statistics=statistics,
         )
         _REGISTRY[name] = spec
         for alias in aliases:

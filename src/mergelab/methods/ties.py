@@ -57,6 +57,7 @@ from mergelab.methods.sparsify import (
     high_histogram,
     locate_in_histogram,
     low_histogram,
+    keep_count,
     magnitude_mask,
 )
 
@@ -79,11 +80,19 @@ class TiesParams(SparseMergeParams):
         description="tensor: top-k per tensor (mergekit); global: top-k over the whole model "
         "per expert (the paper; two or three extra read passes)",
     )
-    sign_tie: SignTie = Field(
-        "majority",
+    sign_tie: SignTie | None = Field(
+        None,
         description="sign where the weighted sum is exactly 0: majority (original code: the "
-        "scope's majority elected sign) or positive (mergekit)",
+        "scope's majority elected sign) or positive (mergekit); default: majority for "
+        "scope global, positive for scope tensor",
     )
+
+    @property
+    def sign_rule(self) -> SignTie:
+        """The tie rule in force: the explicit one, else the scope's default."""
+        if self.sign_tie is not None:
+            return self.sign_tie
+        return "majority" if self.scope == "global" else "positive"
 
 
 class TiesModelParams(SparseModelParams):
@@ -257,7 +266,7 @@ def global_passes(params: TiesParams) -> tuple[GatherPass, ...]:
         GatherPass(PASS_HIGH, _high_init, _high_update, _high_finish),
         GatherPass(PASS_LOW, _low_init, _low_update, _low_finish),
     ]
-    if params.sign_tie == "majority":
+    if params.sign_rule == "majority":
         passes.append(GatherPass(PASS_SIGN, _sign_init, _sign_update, _sign_finish))
     return tuple(passes)
 
@@ -287,17 +296,85 @@ def ties(
                 f"ties scope=global: gather pass results missing for tensor {ctx.name!r}"
             )
         trimmed = _global_trimmed(base, experts, params, model_params, ctx)
-        if params.sign_tie == "majority":
+        if params.sign_rule == "majority":
             if PASS_SIGN not in ctx.stats:
                 raise RuntimeError(
                     f"ties scope=global: sign pass result missing for tensor {ctx.name!r}"
                 )
             majority = float(ctx.stats[PASS_SIGN])
+    elif params.sign_rule == "positive" and not params.rescale:
+        return _ties_tensor_chunked(base, experts, params, model_params)
     else:
         trimmed = [
             trim(_delta(base, e), m.density, params) for e, m in zip(experts, model_params)
         ]
     merged = consensus_merge(
-        trimmed, weights, normalize=params.normalize, on_zero=params.sign_tie, majority=majority
+        trimmed, weights, normalize=params.normalize, on_zero=params.sign_rule, majority=majority
     )
     return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tensor scope, computed chunk by chunk
+# --------------------------------------------------------------------------------------------
+#
+# Same result as trimming whole tensors (tested), but every temporary is CHUNK elements: the
+# k-th largest |τ_i| comes from radix histograms accumulated over chunks, then trim, sign
+# election and disjoint merge run chunk by chunk into one output buffer. Peak memory is the
+# inputs plus one output tensor, and small temporaries are reused by the allocator instead of
+# being page-faulted in afresh for every tensor-sized intermediate.
+
+CHUNK = 1 << 21
+"""Elements per chunk (8 MB in float32)."""
+
+
+def _flat_chunks(n: int) -> list[slice]:
+    return [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
+
+
+def tensor_threshold(base: Tensor, expert: Tensor, density: float) -> float | None:
+    """The k-th largest |expert − base| with k = max(1, ⌊density·n⌋), exactly, chunk by chunk.
+
+    ``None`` keeps everything (density ≥ 1); ``inf`` keeps nothing (density 0).
+    """
+    n = base.numel()
+    if density >= 1:
+        return None
+    k = keep_count(n, density, at_least_one=True)
+    if k == 0:
+        return math.inf
+    b, e = base.reshape(-1), expert.reshape(-1)
+    chunks = _flat_chunks(n)
+    high = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    for sl in chunks:
+        high += high_histogram(e[sl] - b[sl])
+    hb, rank = locate_in_histogram(high, k)
+    low = torch.zeros(LOW_BINS, dtype=torch.int64)
+    for sl in chunks:
+        low += low_histogram(e[sl] - b[sl], hb)
+    lb, _ = locate_in_histogram(low, rank)
+    return bits_to_float(hb, lb)
+
+
+def _ties_tensor_chunked(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: TiesParams,
+    model_params: Sequence[TiesModelParams],
+) -> Tensor:
+    weights = [m.weight for m in model_params]
+    thresholds = [tensor_threshold(base, e, m.density) for e, m in zip(experts, model_params)]
+    b_flat = base.reshape(-1)
+    e_flat = [e.reshape(-1) for e in experts]
+    out = torch.empty_like(b_flat)
+    for sl in _flat_chunks(b_flat.numel()):
+        b = b_flat[sl]
+        trimmed = []
+        for e, thr in zip(e_flat, thresholds):
+            d = e[sl] - b
+            if thr is not None:
+                d.mul_(d.abs() >= thr)
+            trimmed.append(d)
+        merged = consensus_merge(trimmed, weights, normalize=params.normalize, on_zero="positive")
+        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
+    return out.reshape(base.shape).to(base.dtype)
