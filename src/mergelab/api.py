@@ -143,6 +143,9 @@ def merge(
         if plan.method.statistics is not None and plan.aux is None:
             from mergelab.informed.phase import run_data_phase
 
+            if threads:
+                torch.set_num_threads(threads)
+
             phase = run_data_phase(plan, device=device, calibration=calibration, statistics=statistics,
                                    progress=progress, workdir=dest.tmp.parent, seed=opts.seed,
                                    compute_dtype=opts.compute_dtype)

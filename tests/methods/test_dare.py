@@ -108,15 +108,20 @@ def test_density_zero_gives_the_base():
 
 def naive_dare(method, base, experts, weights, densities, *, name, seed=0, lam=1.0,
                normalize=None):
-    """From the paper: m ~ Bernoulli(d) drawn as rand < d from the tensor's generator,
-    experts in order; τ̃ = m τ / d; then a sum, or TIES elect + disjoint mean."""
+    """From the paper: m ~ Bernoulli(d), drawn as u < round(d·2¹⁶) with u the tensor's
+    generator's 64-bit draws split into 16-bit lanes, experts in order; τ̃ = m τ / d̂ with
+    d̂ = round(d·2¹⁶)/2¹⁶ the realised keep probability; then a sum, or TIES elect + mean."""
     gen = TensorContext(name=name, seed=seed).generator()
     dropped = []
     for e, d in zip(experts, densities):
         tau = (e - base).double()
         if d < 1:
-            keep = torch.rand(tau.shape, generator=gen) < d
-            tau = torch.where(keep, tau / d, torch.zeros_like(tau))
+            n = tau.numel()
+            words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen)
+            u = words.view(torch.int16)[:n].to(torch.int32).reshape(tau.shape) + 32768
+            t = round(d * 65536)
+            keep = u < t
+            tau = torch.where(keep, tau / (t / 65536), torch.zeros_like(tau))
         dropped.append(tau)
     W = torch.stack([w * t for w, t in zip(weights, dropped)])
     if method == "dare_linear":

@@ -51,7 +51,8 @@ def test_survivors_divided_by_their_own_keep_probability():
     p = 0.4 + 0.4 * torch.arange(n) / (n - 1)
     kept = out != 0
     assert 0 < int(kept.sum()) < n
-    assert torch.allclose(out[kept], tau[kept] / p[kept], rtol=1e-5)
+    # divided by the realised keep probability round(p·2¹⁶)/2¹⁶, within 2⁻¹⁷/p of p
+    assert torch.allclose(out[kept], tau[kept] / p[kept], rtol=5e-5)
 
 
 def test_inverse_rescale_is_unbiased():
@@ -130,8 +131,8 @@ def test_higher_dimensional_and_one_dimensional_tensors():
 def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed=0, lam=1.0,
                 normalize=True):
     """From the paper: per row, rank |τ| ascending (Python sort), r = rank/(n−1),
-    p = d − ε + 2ε r, keep = rand < p (tensor's generator, experts in order),
-    τ̃ = keep τ / p."""
+    p = d − ε + 2ε r, keep = u < round(p·2¹⁶) with u 16-bit lanes of the tensor's generator's
+    64-bit draws (experts in order), τ̃ = keep τ / p̂ with p̂ = round(p·2¹⁶)/2¹⁶."""
     gen = TensorContext(name=name, seed=seed).generator()
     pruned = []
     for e, d, eps in zip(experts, densities, epsilons):
@@ -144,8 +145,12 @@ def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed
             for rank, j in enumerate(order):
                 p[i, j] = (d - eps) + 2 * eps * rank / (n - 1)
         p = p.reshape(tau.shape)
-        keep = torch.rand(tau.shape, generator=gen) < p.float()
-        pruned.append(torch.where(keep, tau / p, torch.zeros_like(tau)))
+        n = tau.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen)
+        u = words.view(torch.int16)[:n].to(torch.int32).reshape(tau.shape) + 32768
+        t = (p.float() * 65536).round()  # keep iff u < round(p·2¹⁶); realised p̂ = t/2¹⁶
+        keep = u < t
+        pruned.append(torch.where(keep, tau / (t.double() / 65536), torch.zeros_like(tau)))
     W = torch.stack([w * t for w, t in zip(weights, pruned)])
     if not ties:
         merged = W.sum(0) / (sum(weights) if normalize else 1.0)

@@ -273,7 +273,12 @@ _MERGEKIT_DRIVER = textwrap.dedent(
     for key, c in cases.items():
         # Same uniforms as mergelab's ctx.generator() for this tensor name, same "u < p" rule.
         gen = torch.Generator().manual_seed(tensor_seed(0, key))
-        torch.bernoulli = lambda p, *a, **k: (torch.rand(p.shape, generator=gen) < p).to(p.dtype)
+        def bern(p, *a, **k):  # mergelab's documented draw: 16-bit lanes of 64-bit words
+            n = p.numel()
+            words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen)
+            u = words.view(torch.int16)[:n].to(torch.int32).reshape(p.shape) + 32768
+            return (u < (p.float() * 65536).round()).to(p.dtype)
+        torch.bernoulli = bern
         ids = list(range(1, len(c["experts"]) + 1))
         params = {"int8_mask": False, "normalize": c["normalize"], "rescale": c["rescale"],
                   "lambda": c["lambda"]}
@@ -324,7 +329,7 @@ def _parity_cases() -> dict[str, dict]:
 @pytest.mark.skipif(not MERGEKIT_PY.exists(), reason="mergekit venv not available")
 def test_family_matches_mergekit_with_its_options(tmp_path):
     """With mergekit's options (rescale_mode l1, sign_tie positive, its normalize) and the same
-    random masks (its torch.bernoulli fed our generator's uniforms), outputs agree in float32.
+    random masks (its torch.bernoulli replaced by our generator's 16-bit draws), outputs agree in float32.
     Distinct random magnitudes: no ties, so top-k and ranks are unambiguous."""
     cases = _parity_cases()
     torch.save(cases, tmp_path / "in.pt")

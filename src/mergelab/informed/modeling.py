@@ -47,11 +47,18 @@ def auto_class(kind: Kind):
 
 def load_model(folder: str | os.PathLike[str], kind: Kind, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """An HF model from a local folder, in eval mode, on ``device``."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the data phase draws its own progress
     try:
         model = auto_class(kind).from_pretrained(str(folder), local_files_only=True, dtype=dtype)
     except Exception as exc:  # noqa: BLE001
         raise MergelabError(f"{folder}: cannot load the model with transformers as {kind} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

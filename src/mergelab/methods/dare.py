@@ -48,6 +48,7 @@ from mergelab.methods.sparsify import (
     SparseModelParams,
     apply_mask,
     bernoulli_mask,
+    realised_keep_prob,
 )
 
 Tensor = torch.Tensor
@@ -99,7 +100,7 @@ def dare_drop(
     if density >= 1:
         return delta
     mask = bernoulli_mask(delta, density, generator)
-    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=density)
+    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=realised_keep_prob(density))
 
 
 def _dropped(

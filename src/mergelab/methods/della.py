@@ -54,6 +54,7 @@ from mergelab.methods.sparsify import (
     SparseModelParams,
     apply_mask,
     bernoulli_mask,
+    realised_keep_prob,
     rank_keep_probs,
 )
 
@@ -125,7 +126,7 @@ def magprune(
         return delta
     probs = rank_keep_probs(delta, density, epsilon)
     mask = bernoulli_mask(delta, probs, generator)
-    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=probs)
+    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=realised_keep_prob(probs))
 
 
 def _pruned(

@@ -25,6 +25,7 @@ Design rules (see docs in each function):
 
 from __future__ import annotations
 
+import math
 import sys
 
 from typing import Literal
@@ -178,14 +179,49 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def bernoulli_mask(delta: Tensor, keep_prob: float | Tensor, generator: torch.Generator) -> Tensor:
-    """Independent keep decisions: ``rand < keep_prob`` elementwise (P(keep) = keep_prob).
+PROB_BITS = 16
+"""Keep decisions use 16 random bits each: P(keep) is realised to a resolution of 2**-16."""
 
-    ``keep_prob`` is a scalar (DARE) or a tensor of ``delta``'s shape (DELLA). Draws
-    ``delta.numel()`` float32 uniforms from ``generator`` on ``delta``'s device.
+
+def realised_keep_prob(keep_prob: float | Tensor) -> float | Tensor:
+    """The probability :func:`bernoulli_mask` actually keeps with: round(p·2¹⁶)/2¹⁶.
+
+    Rescaling survivors by this (not the nominal p) keeps DARE/DELLA exactly unbiased; for
+    p = 0.5 (or any multiple of 2⁻¹⁶) the two are equal, otherwise they differ by < 8e-6.
     """
-    u = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    return u < keep_prob
+    scale = float(1 << PROB_BITS)
+    if isinstance(keep_prob, Tensor):
+        return (keep_prob.float() * scale).round_().div_(scale)
+    return round(keep_prob * scale) / scale
+
+
+def uniform16(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Uniform integers in [−2¹⁵, 2¹⁵) as int16, four per 64-bit draw of ``generator``.
+
+    3–4× faster than ``torch.rand`` on CPU, which spends one 32-bit draw and a float
+    conversion per element.
+    """
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator, device=device)
+    return words.view(torch.int16)[:n].reshape(shape)
+
+
+def bernoulli_mask(delta: Tensor, keep_prob: float | Tensor, generator: torch.Generator) -> Tensor:
+    """Independent keep decisions, P(keep) = :func:`realised_keep_prob` of ``keep_prob``.
+
+    ``keep_prob`` is a scalar (DARE) or a tensor of ``delta``'s shape (DELLA). With u uniform
+    in [0, 2¹⁶) from :func:`uniform16`, an entry is kept iff u < round(p·2¹⁶).
+    """
+    shift = 1 << (PROB_BITS - 1)
+    if isinstance(keep_prob, Tensor):
+        threshold = realised_keep_prob(keep_prob).mul_(float(1 << PROB_BITS)).sub_(shift)
+        return uniform16(delta.shape, generator, delta.device) < threshold
+    t = round(keep_prob * (1 << PROB_BITS))
+    if t <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    if t >= 1 << PROB_BITS:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    return uniform16(delta.shape, generator, delta.device) < (t - shift)
 
 
 def _as_rows(t: Tensor) -> Tensor:
