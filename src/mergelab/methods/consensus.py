@@ -63,6 +63,8 @@ def elect_sign(
     sign = torch.sign(weighted_sum(deltas, weights))
     if on_zero == "zero":
         return sign
+    if on_zero == "positive":  # 0 → +1 in two in-place passes: sgn(sgn(s) + ½)
+        return sign.add_(0.5).sign_()
     n_zero = sign.numel() - int(torch.count_nonzero(sign))
     if n_zero == 0:  # the common case: no tie to resolve, skip the extra passes
         return sign
