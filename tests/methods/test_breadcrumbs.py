@@ -166,7 +166,7 @@ def test_rescale_options():
 def test_defaults():
     p, pt, m = BC.params(), BCT.params(), BC.model_params()
     assert (p.normalize, p.rescale, p.lambda_) == (False, False, 1.0)
-    assert (pt.normalize, pt.sign_tie) == (True, "majority")
+    assert (pt.normalize, pt.sign_tie) == (True, "positive")
     assert (m.density, m.gamma, m.weight) == (0.9, 0.01, 1.0)
 
 

@@ -109,11 +109,12 @@ def test_density_zero_gives_the_base():
 def naive_dare(method, base, experts, weights, densities, *, name, seed=0, lam=1.0,
                normalize=None):
     """From the paper: m ~ Bernoulli(d), drawn as u < round(d·2¹⁶) with u the tensor's
-    generator's 64-bit draws split into 16-bit lanes, experts in order; τ̃ = m τ / d̂ with
+    per-expert generator streams' 64-bit draws split into 16-bit lanes, experts in order; τ̃ = m τ / d̂ with
     d̂ = round(d·2¹⁶)/2¹⁶ the realised keep probability; then a sum, or TIES elect + mean."""
-    gen = TensorContext(name=name, seed=seed).generator()
+    ctx = TensorContext(name=name, seed=seed)
     dropped = []
-    for e, d in zip(experts, densities):
+    for i, (e, d) in enumerate(zip(experts, densities)):
+        gen = ctx.generator(i + 1)  # each expert draws from its own stream
         tau = (e - base).double()
         if d < 1:
             n = tau.numel()
@@ -164,7 +165,7 @@ def test_defaults():
     assert (lin.rescale, lin.rescale_mode) == (True, "inverse")
     assert (lin.normalize, lin.lambda_) == (False, 1.0)
     assert (ties.rescale, ties.rescale_mode) == (True, "inverse")
-    assert (ties.normalize, ties.sign_tie) == (True, "majority")
+    assert (ties.normalize, ties.sign_tie) == (True, "positive")
     assert (mp.density, mp.weight) == (0.5, 1.0)
 
 
@@ -190,3 +191,21 @@ def test_bad_global_params_rejected(bad):
         # dare_linear has no sign election: the key is unknown there
         with pytest.raises(ValidationError):
             DARE_LINEAR.params.model_validate({"sign_tie": "positive"})
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_chunked_equals_whole_tensor(name, monkeypatch):
+    # each expert draws from its own stream in order, so chunking cannot change the masks
+    import mergelab.methods.sparsify as sp
+    from mergelab.methods import get_method
+
+    m = get_method(name)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 29, generator=g)
+    experts = [base + torch.randn(37, 29, generator=g) for _ in range(3)]
+    mp = [m.model_params.model_validate({"density": 0.6, **({"epsilon": 0.1} if "della" in name else {})})] * 3
+    ctx = TensorContext(name="x", seed=4)
+    monkeypatch.setattr(sp, "CHUNK", 1 << 30)
+    whole = m(base, experts, m.params(), mp, ctx)
+    monkeypatch.setattr(sp, "CHUNK", 100)  # several chunks (DELLA: 3 rows each)
+    assert torch.equal(m(base, experts, m.params(), mp, ctx), whole)

@@ -133,9 +133,10 @@ def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed
     """From the paper: per row, rank |τ| ascending (Python sort), r = rank/(n−1),
     p = d − ε + 2ε r, keep = u < round(p·2¹⁶) with u 16-bit lanes of the tensor's generator's
     64-bit draws (experts in order), τ̃ = keep τ / p̂ with p̂ = round(p·2¹⁶)/2¹⁶."""
-    gen = TensorContext(name=name, seed=seed).generator()
+    ctx = TensorContext(name=name, seed=seed)
     pruned = []
-    for e, d, eps in zip(experts, densities, epsilons):
+    for i, (e, d, eps) in enumerate(zip(experts, densities, epsilons)):
+        gen = ctx.generator(i + 1)  # each expert draws from its own stream
         tau = (e - base).double()
         rows = tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)
         p = torch.empty_like(rows)
@@ -190,7 +191,7 @@ def test_matches_naive_reimplementation(ties, weights, densities, epsilons, norm
 def test_defaults():
     p, pl, m = DELLA.params(), DELLA_LINEAR.params(), DELLA.model_params()
     assert (p.normalize, p.rescale, p.rescale_mode) == (True, True, "inverse")
-    assert p.sign_tie == "majority"
+    assert p.sign_tie == "positive"
     assert (pl.normalize, pl.rescale, pl.rescale_mode) == (False, True, "inverse")
     assert (m.density, m.epsilon, m.weight) == (0.7, 0.07, 1.0)
 

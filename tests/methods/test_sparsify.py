@@ -271,9 +271,11 @@ _MERGEKIT_DRIVER = textwrap.dedent(
     out = {}
     real_bernoulli = torch.bernoulli
     for key, c in cases.items():
-        # Same uniforms as mergelab's ctx.generator() for this tensor name, same "u < p" rule.
-        gen = torch.Generator().manual_seed(tensor_seed(0, key))
-        def bern(p, *a, **k):  # mergelab's documented draw: 16-bit lanes of 64-bit words
+        # Same draws as mergelab's per-expert ctx.generator(i) streams for this tensor name.
+        calls = [0]
+        def bern(p, *a, **k):  # mergelab's documented draw: 16-bit lanes of 64-bit words,
+            calls[0] += 1      # expert i (the i-th call) from stream i of the tensor's seed
+            gen = torch.Generator().manual_seed(tensor_seed(0, key + "\\x00" + str(calls[0])))
             n = p.numel()
             words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen)
             u = words.view(torch.int16)[:n].to(torch.int32).reshape(p.shape) + 32768

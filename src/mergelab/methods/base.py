@@ -79,10 +79,16 @@ class TensorContext:
             return None
         return 0.0 if self.num_layers <= 1 else self.layer / (self.num_layers - 1)
 
-    def generator(self) -> torch.Generator:
-        """A generator seeded from (seed, name) on the compute device: reproducible per tensor."""
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """A generator seeded from (seed, name[, stream]) on the compute device.
+
+        Reproducible per tensor whatever the processing order; ``stream`` gives independent
+        streams within one tensor (e.g. one per expert, so masks do not depend on how a tensor
+        is split into chunks).
+        """
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(tensor_seed(self.seed, self.name))
+        key = self.name if stream == 0 else f"{self.name}\x00{stream}"
+        gen.manual_seed(tensor_seed(self.seed, key))
         return gen
 
 

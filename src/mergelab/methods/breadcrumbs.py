@@ -22,8 +22,8 @@ come from selections, not a sort; entries tied with a bound are kept (mergekit k
 Defaults: density 0.9 and gamma 0.01 (mergekit's gamma; the paper tunes the two percentiles per
 setting); λ = 1; no rescale (the paper has none; ``rescale: true`` applies mergekit's L1-norm
 match by default, ``rescale_mode: inverse`` divides by density instead). ``breadcrumbs_ties``
-uses the TIES disjoint mean (``normalize: true``) and the tensor-majority sign for exact ties;
-mergekit defaults to ``normalize: false`` and sign +1 (``sign_tie: positive``).
+uses the TIES disjoint mean (``normalize: true``; mergekit: false) and, as mergekit, sign +1
+for exact ties (``sign_tie: majority`` gives the tensor's majority sign instead).
 mergekit's ``density`` default is 1.0 (no masking), ours the 0.9 above. ``int8_mask`` is ignored.
 """
 
@@ -58,9 +58,10 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
         "(mergekit's default for breadcrumbs_ties)",
     )
     sign_tie: SignTie = Field(
-        "majority",
-        description="sign where the weighted sum is exactly 0: majority (tensor's majority "
-        "elected sign, original TIES code) or positive (mergekit)",
+        "positive",
+        description="sign where the weighted sum is exactly 0: positive (mergekit; the "
+        "default for per-tensor methods, which lets them run chunk by chunk) or majority "
+        "(the tensor's majority elected sign, after the original TIES code)",
     )
 
 

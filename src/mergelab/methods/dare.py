@@ -24,8 +24,8 @@ Departures from mergekit 0.1.5 (same parameter names, so its recipes run):
   by default (``rescale_mode: inverse``); ``rescale_mode: l1`` gives mergekit's rule.
 * ``dare_ties`` uses the TIES disjoint *mean* by default (``normalize: true``); mergekit
   defaults to ``normalize: false`` (disjoint sum): set it to reproduce mergekit.
-* Sign ties in ``dare_ties``: tensor majority sign by default (original TIES code);
-  ``sign_tie: positive`` is mergekit's rule.
+* Sign ties in ``dare_ties``: +1 by default (mergekit's rule, which lets the merge run chunk
+  by chunk); ``sign_tie: majority`` gives the tensor's majority sign (original TIES code).
 * ``density`` defaults to 0.5 (the paper sweeps p ∈ [0.1, 0.9]; p = 0.5 is the authors'
   MergeLLM example and fusion_bench's default); mergekit's default is 1.0 (no drop).
   ``int8_mask`` is accepted and ignored. The RNG stream differs from mergekit's (global RNG),
@@ -48,6 +48,7 @@ from mergelab.methods.sparsify import (
     SparseModelParams,
     apply_mask,
     bernoulli_mask,
+    flat_chunks,
     realised_keep_prob,
 )
 
@@ -72,9 +73,10 @@ class DareTiesParams(DareLinearParams):
         "(mergekit's default for dare_ties)",
     )
     sign_tie: SignTie = Field(
-        "majority",
-        description="sign where the weighted sum is exactly 0: majority (tensor's majority "
-        "elected sign, original TIES code) or positive (mergekit)",
+        "positive",
+        description="sign where the weighted sum is exactly 0: positive (mergekit; the "
+        "default for per-tensor methods, which lets them run chunk by chunk) or majority "
+        "(the tensor's majority elected sign, after the original TIES code)",
     )
 
 
@@ -103,24 +105,41 @@ def dare_drop(
     return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=realised_keep_prob(density))
 
 
-def _dropped(
+def _dare_merge(
     base: Tensor,
     experts: Sequence[Tensor],
     params: DareLinearParams,
     model_params: Sequence[DareModelParams],
     ctx: TensorContext,
-) -> list[Tensor]:
-    gen = ctx.generator()
-    return [
-        dare_drop(
-            e.float() - base.float(),
-            m.density,
-            gen,
-            rescale=params.rescale,
-            mode=params.rescale_mode,
-        )
-        for e, m in zip(experts, model_params)
-    ]
+    *,
+    elect: bool,
+) -> Tensor:
+    """Drop (per expert, from its own RNG stream), then sum or elect + disjoint merge.
+
+    Runs chunk by chunk unless a step needs the whole tensor (L1 rescale, majority sign ties);
+    each expert's mask comes from its own stream ``ctx.generator(i + 1)`` drawn in order, so
+    the result does not depend on the chunking.
+    """
+    weights = [m.weight for m in model_params]
+    whole = (params.rescale and params.rescale_mode == "l1") or (
+        elect and getattr(params, "sign_tie", "positive") != "positive"
+    )
+    gens = [ctx.generator(i + 1) for i in range(len(experts))]
+    b_flat = base.reshape(-1).float()
+    e_flat = [e.reshape(-1).float() for e in experts]
+    out = torch.empty_like(b_flat)
+    for sl in [slice(0, b_flat.numel())] if whole else flat_chunks(b_flat.numel()):
+        b = b_flat[sl]
+        dropped = [
+            dare_drop(e[sl] - b, m.density, g, rescale=params.rescale, mode=params.rescale_mode)
+            for e, m, g in zip(e_flat, model_params, gens)
+        ]
+        if elect:
+            merged = consensus_merge(dropped, weights, normalize=params.normalize, on_zero=params.sign_tie)
+        else:
+            merged = linear_merge(dropped, weights, normalize=params.normalize)
+        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
+    return out.reshape(base.shape).to(base.dtype)
 
 
 @method(
@@ -138,10 +157,7 @@ def dare_linear(
     ctx: TensorContext,
 ) -> Tensor:
     """Drop task-vector entries at random, rescale by 1/density, then task arithmetic."""
-    dropped = _dropped(base, experts, params, model_params, ctx)
-    weights = [m.weight for m in model_params]
-    merged = linear_merge(dropped, weights, normalize=params.normalize)
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+    return _dare_merge(base, experts, params, model_params, ctx, elect=False)
 
 
 @method(
@@ -160,9 +176,4 @@ def dare_ties(
     ctx: TensorContext,
 ) -> Tensor:
     """Drop task-vector entries at random, rescale, then TIES sign election and disjoint merge."""
-    dropped = _dropped(base, experts, params, model_params, ctx)
-    weights = [m.weight for m in model_params]
-    merged = consensus_merge(
-        dropped, weights, normalize=params.normalize, on_zero=params.sign_tie
-    )
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+    return _dare_merge(base, experts, params, model_params, ctx, elect=True)

@@ -33,8 +33,8 @@ Departures from mergekit 0.1.5 (same parameter names):
   5504 entries keeps only ~800 distinct rank values (quantised keep probabilities); here ranks
   stay exact. mergekit ranks k-D tensors along dim 1 only; here rows are (shape[0], rest).
   mergekit requires density + ε < 1 strictly; here ≤ 1 is allowed.
-* Sign ties in ``della``: tensor majority sign by default (original TIES code);
-  ``sign_tie: positive`` is mergekit's rule. ε defaults to 0.07 (mergekit: 0.15) and density to
+* Sign ties in ``della``: +1 by default (mergekit's rule, which lets the merge run chunk by
+  chunk); ``sign_tie: majority`` gives the tensor's majority sign (original TIES code). ε defaults to 0.07 (mergekit: 0.15) and density to
   0.7 (mergekit: 1.0, no pruning). ``int8_mask`` is accepted and ignored.
 """
 
@@ -54,6 +54,7 @@ from mergelab.methods.sparsify import (
     SparseModelParams,
     apply_mask,
     bernoulli_mask,
+    row_chunks,
     realised_keep_prob,
     rank_keep_probs,
 )
@@ -77,9 +78,10 @@ class DellaParams(DellaLinearParams):
         True, description="disjoint mean over the agreeing models; false: disjoint sum"
     )
     sign_tie: SignTie = Field(
-        "majority",
-        description="sign where the weighted sum is exactly 0: majority (tensor's majority "
-        "elected sign, original TIES code) or positive (mergekit)",
+        "positive",
+        description="sign where the weighted sum is exactly 0: positive (mergekit; the "
+        "default for per-tensor methods, which lets them run chunk by chunk) or majority "
+        "(the tensor's majority elected sign, after the original TIES code)",
     )
 
 
@@ -129,25 +131,47 @@ def magprune(
     return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=realised_keep_prob(probs))
 
 
-def _pruned(
+def _della_merge(
     base: Tensor,
     experts: Sequence[Tensor],
     params: DellaLinearParams,
     model_params: Sequence[DellaModelParams],
     ctx: TensorContext,
-) -> list[Tensor]:
-    gen = ctx.generator()
-    return [
-        magprune(
-            e.float() - base.float(),
-            m.density,
-            m.epsilon,
-            gen,
-            rescale=params.rescale,
-            mode=params.rescale_mode,
-        )
-        for e, m in zip(experts, model_params)
-    ]
+    *,
+    elect: bool,
+) -> Tensor:
+    """MagPrune (per expert, from its own RNG stream), then sum or elect + disjoint merge.
+
+    Runs in chunks of whole rows unless a step needs the whole tensor (L1 rescale, majority
+    sign ties); ranks are per row and each expert's draws come from its own stream
+    ``ctx.generator(i + 1)`` in order, so the result does not depend on the chunking.
+    """
+    weights = [m.weight for m in model_params]
+    whole = (params.rescale and params.rescale_mode == "l1") or (
+        elect and getattr(params, "sign_tie", "positive") != "positive"
+    )
+    gens = [ctx.generator(i + 1) for i in range(len(experts))]
+    shape = base.shape
+    cols = base.numel() // shape[0] if base.dim() >= 2 and base.numel() else max(base.numel(), 1)
+    b_flat = base.reshape(-1).float()
+    e_flat = [e.reshape(-1).float() for e in experts]
+    out = torch.empty_like(b_flat)
+    for sl in [slice(0, b_flat.numel())] if whole else row_chunks(shape):
+        b = b_flat[sl]
+        rows = (-1, cols) if base.dim() >= 2 else (-1,)
+        pruned = [
+            magprune(
+                (e[sl] - b).reshape(rows), m.density, m.epsilon, g,
+                rescale=params.rescale, mode=params.rescale_mode,
+            ).reshape(-1)
+            for e, m, g in zip(e_flat, model_params, gens)
+        ]
+        if elect:
+            merged = consensus_merge(pruned, weights, normalize=params.normalize, on_zero=params.sign_tie)
+        else:
+            merged = linear_merge(pruned, weights, normalize=params.normalize)
+        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
+    return out.reshape(shape).to(base.dtype)
 
 
 @method(
@@ -166,12 +190,7 @@ def della(
     ctx: TensorContext,
 ) -> Tensor:
     """MagPrune (rank-based random drop per row, 1/p rescale), then sign election and fuse."""
-    pruned = _pruned(base, experts, params, model_params, ctx)
-    weights = [m.weight for m in model_params]
-    merged = consensus_merge(
-        pruned, weights, normalize=params.normalize, on_zero=params.sign_tie
-    )
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+    return _della_merge(base, experts, params, model_params, ctx, elect=True)
 
 
 @method(
@@ -189,7 +208,4 @@ def della_linear(
     ctx: TensorContext,
 ) -> Tensor:
     """MagPrune each task vector, then a weighted sum (no sign election)."""
-    pruned = _pruned(base, experts, params, model_params, ctx)
-    weights = [m.weight for m in model_params]
-    merged = linear_merge(pruned, weights, normalize=params.normalize)
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+    return _della_merge(base, experts, params, model_params, ctx, elect=False)

@@ -179,6 +179,28 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+CHUNK = 1 << 21
+"""Elements per chunk for chunked per-tensor methods (8 MB in float32): small temporaries that
+the allocator reuses instead of page-faulting tensor-sized ones in afresh, and a peak memory
+of the inputs plus one output tensor."""
+
+
+def flat_chunks(n: int, chunk: int | None = None) -> list[slice]:
+    """Slices of ``range(n)`` of ``chunk`` elements (default :data:`CHUNK`)."""
+    c = chunk or CHUNK
+    return [slice(i, min(n, i + c)) for i in range(0, n, c)]
+
+
+def row_chunks(shape: torch.Size | tuple[int, ...], chunk: int | None = None) -> list[slice]:
+    """Slices over the flattened tensor that cover whole rows (rows as in :func:`_as_rows`)."""
+    n = math.prod(shape)
+    if len(shape) < 2 or n == 0:
+        return [slice(0, n)]
+    cols = n // shape[0]
+    rows_per = max(1, (chunk or CHUNK) // max(cols, 1))
+    return [slice(r * cols, min(shape[0], r + rows_per) * cols) for r in range(0, shape[0], rows_per)]
+
+
 PROB_BITS = 16
 """Keep decisions use 16 random bits each: P(keep) is realised to a resolution of 2**-16."""
 
