@@ -57,6 +57,7 @@ from mergelab.methods.sparsify import (
     high_histogram,
     locate_in_histogram,
     low_histogram,
+    flat_chunks,
     keep_count,
     magnitude_mask,
 )
@@ -324,14 +325,6 @@ def ties(
 # inputs plus one output tensor, and small temporaries are reused by the allocator instead of
 # being page-faulted in afresh for every tensor-sized intermediate.
 
-CHUNK = 1 << 21
-"""Elements per chunk (8 MB in float32)."""
-
-
-def _flat_chunks(n: int) -> list[slice]:
-    return [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
-
-
 def tensor_threshold(base: Tensor, expert: Tensor, density: float) -> float | None:
     """The k-th largest |expert − base| with k = max(1, ⌊density·n⌋), exactly, chunk by chunk.
 
@@ -344,7 +337,7 @@ def tensor_threshold(base: Tensor, expert: Tensor, density: float) -> float | No
     if k == 0:
         return math.inf
     b, e = base.reshape(-1), expert.reshape(-1)
-    chunks = _flat_chunks(n)
+    chunks = flat_chunks(n)
     high = torch.zeros(HIGH_BINS, dtype=torch.int64)
     for sl in chunks:
         high += high_histogram(e[sl] - b[sl])
@@ -367,7 +360,7 @@ def _ties_tensor_chunked(
     b_flat = base.reshape(-1)
     e_flat = [e.reshape(-1) for e in experts]
     out = torch.empty_like(b_flat)
-    for sl in _flat_chunks(b_flat.numel()):
+    for sl in flat_chunks(b_flat.numel()):
         b = b_flat[sl]
         trimmed = []
         for e, thr in zip(e_flat, thresholds):
