@@ -81,7 +81,7 @@ def pairwise_mean_cosine(
     cosines = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
-            dot = (deltas[i] * deltas[j]).sum(dim=-1)
+            dot = torch.linalg.vecdot(deltas[i], deltas[j], dim=-1)  # no tensor-sized temporary
             if norm_product_floor > 0:
                 cos = dot / (norms[i] * norms[j]).clamp(min=norm_product_floor)
             else:
@@ -146,5 +146,5 @@ def model_stock(
     for w in ws:
         mean.add_(w)
     mean.div_(n)
-    out = t * mean + (1.0 - t) * w0
+    out = torch.lerp(w0, mean, t)  # t·mean + (1 − t)·θ0 in one pass
     return out.reshape(shape).to(base.dtype)
