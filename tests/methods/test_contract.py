@@ -67,7 +67,18 @@ TYPICAL_PARAMS: dict[str, tuple[dict, dict]] = {
     "emr": ({}, {}),
 }
 
-METHODS = [m.name for m in all_methods()]
+# ---- EXCLUDED: data-informed methods -------------------------------------------------------
+# fisher, regmean, regmean_plusplus and adamerging merge with per-expert statistics from a data
+# phase (ctx.aux: Fisher diagonals, Gram matrices, learned coefficients) that these generic
+# contracts do not provide. tests/informed/test_contracts.py checks the same contracts for them
+# (identity, zero task vectors, dtype, seeded reproducibility, streamed == in memory) with
+# statistics. A new method that declares `statistics=` must be added here.
+DATA_INFORMED = {"fisher", "regmean", "regmean_plusplus", "adamerging"}
+METHODS = [m.name for m in all_methods() if m.name not in DATA_INFORMED]
+
+
+def test_data_informed_exclusions_are_exactly_the_methods_with_statistics():
+    assert DATA_INFORMED == {m.name for m in all_methods() if m.statistics is not None}
 
 
 def n_experts(name: str) -> int:

@@ -127,3 +127,14 @@ def test_missing_zoo_names_the_build_command(tmp_path: Path) -> None:
 
     with pytest.raises(ZooError, match="run `mergelab zoo build --quick`"):
         load_zoo("quick", cache=tmp_path)
+
+
+def test_head_starts_from_the_given_head(backbone: Path, task: TaskData) -> None:
+    from mergelab.zoo.train import new_head
+
+    init = new_head(16, ["p", "q"], "gamma", torch.Generator().manual_seed(5))
+    cfg = TINY.model_copy(update={"steps": 1, "head_lr": 1e-12})
+    out = train_expert(task, backbone, cfg, init_head=init)
+    assert torch.allclose(out.head.linear.weight, init.linear.weight, atol=1e-9)
+    with pytest.raises(ValueError, match="labels"):
+        train_expert(task, backbone, cfg, init_head=new_head(16, ["q", "p"], "gamma", torch.Generator()))

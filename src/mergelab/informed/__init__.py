@@ -13,11 +13,27 @@ Building blocks usable on any ``nn.Module``:
 * :func:`write_statistics` / :func:`open_statistics` — the on-disk format the engine reads.
 """
 
-from mergelab.informed.adamerging import AdaMergingResult, AdaTask, entropy, learn_coefficients
+from mergelab.informed.adamerging import (
+    AdaMergingResult,
+    AdaTask,
+    entropy,
+    learn_coefficients,
+)
 from mergelab.informed.fisher import FisherResult, fisher_diagonal
 from mergelab.informed.gram import GramCollector, gram_matrices
-from mergelab.informed.modeling import LinearHead, checkpoint_names, find_blocks, linear_modules, pool
-from mergelab.informed.phase import Calibration, DataPhaseResult, check_calibration, run_data_phase
+from mergelab.informed.modeling import (
+    LinearHead,
+    checkpoint_names,
+    find_blocks,
+    linear_modules,
+    pool,
+)
+from mergelab.informed.phase import (
+    Calibration,
+    DataPhaseResult,
+    check_calibration,
+    run_data_phase,
+)
 from mergelab.informed.regmean_pp import regmean_plusplus
 from mergelab.informed.stats import flatten, nested, open_statistics, write_statistics
 

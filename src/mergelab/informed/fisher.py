@@ -108,13 +108,13 @@ class _Accumulator:
         for acc, g in zip(self.sums, grads):
             if g is None:
                 continue
-            sq = g.float().square()
+            g = g.float()
             if isinstance(weight, torch.Tensor):  # per-example weights over a leading vmap dimension
-                acc.add_(torch.tensordot(weight.float(), sq, dims=1))
+                acc.add_(torch.tensordot(weight.float(), g.square(), dims=1))
             elif g.dim() > acc.dim():
-                acc.add_(sq.sum(0), alpha=float(weight))
+                acc.add_(g.square().sum(0), alpha=float(weight))
             else:
-                acc.add_(sq, alpha=float(weight))
+                acc.addcmul_(g, g, value=float(weight))  # one fused pass: acc += w g²
 
 
 def _loop_batch(model, logits_fn, batch, names, params, acc, label, kind, gen) -> tuple[int, str | None]:

@@ -39,7 +39,11 @@ def detect_kind(config: Mapping[str, Any] | None, requested: str = "auto") -> Ki
 
 
 def auto_class(kind: Kind):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
             "encoder": AutoModel}[kind]

@@ -124,8 +124,10 @@ class _Expert:
 
     @property
     def slug(self) -> str:
-        name = Path(self.label.rstrip("/")).name if self.folder is not None else self.label
-        return f"{self.index:02d}-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48] or "expert")
+        """A folder name for this expert's statistics: index + the last two parts of its path."""
+        parts = Path(self.label.rstrip("/")).parts[-2:] if self.folder is not None else (self.label,)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts)).strip("_")
+        return f"{self.index:02d}-" + (name[-64:] or "expert")
 
 
 def _experts(plan: Plan, calibration: Sequence[Any] | None, statistics: Sequence[Any] | None) -> list[_Expert]:
@@ -394,7 +396,7 @@ def _collect_gram(plan: Plan, experts: list[_Expert], s: CalibrationSettings, ro
         folders.append(folder)
         if _reuse(folder, key, dp, e.label):
             continue
-        model, kind = _model(e, s, device, dtype)
+        model, _ = _model(e, s, device, dtype)
         batches = _batches(e, s, "gram", _tok_folder(e, plan), None, read_config(e.folder))
         mapping = checkpoint_names(model, e.reader.tensors())
         lin = {m: (mod, io) for m, (mod, io) in linear_modules(model).items()

@@ -39,8 +39,14 @@ class DataProgress:
     @contextmanager
     def task(self, description: str, total: int | None, unit: str = "ex") -> Iterator[Callable[[int], None]]:
         if self.console is not None:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),

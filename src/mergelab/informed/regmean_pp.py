@@ -36,7 +36,12 @@ from torch import nn
 
 from mergelab.errors import MergelabError
 from mergelab.informed.gram import GramCollector
-from mergelab.informed.modeling import find_blocks, linear_modules, model_inputs, to_device
+from mergelab.informed.modeling import (
+    find_blocks,
+    linear_modules,
+    model_inputs,
+    to_device,
+)
 
 # (module parameter name, per-expert aux dicts) -> merged tensor
 MergeTensorFn = Callable[[str, list[dict[str, torch.Tensor]]], torch.Tensor]
@@ -164,8 +169,10 @@ def regmean_plusplus(
             masks.append(mi)
         # 3. block by block
         for layer, block in enumerate(blocks):
-            block_lin = {k: v for k, v in linear_modules(expert_blocks[0][layer]).items()
-                         if f"{prefix}{layer}.{k}" in lin}
+            def full(rel: str, layer: int = layer) -> str:
+                return f"{prefix}{layer}" + (f".{rel}" if rel else "")
+
+            block_lin = {k: v for k, v in linear_modules(expert_blocks[0][layer]).items() if full(k) in lin}
             for i in range(n):
                 eb = expert_blocks[i][layer]
                 mods = {k: eb.get_submodule(k) for k in block_lin}
@@ -175,12 +182,12 @@ def regmean_plusplus(
                         col.mask = masks[i][j]
                         _run_block(eb, calls[i][j][layer], hidden[i][j])
                 for k, (g, rows) in col.result().items():
-                    grams[i][f"{prefix}{layer}.{k}"] = (g, rows, block_lin[k][1])
+                    grams[i][full(k)] = (g, rows, block_lin[k][1])
             for pname, _ in block.named_parameters():
-                full = f"{prefix}{layer}.{pname}"
-                mod = full.rsplit(".", 1)[0]
-                aux = [_aux(grams[i].get(mod)) if full.endswith(".weight") and mod in in_block else {} for i in range(n)]
-                set_param(full, aux)
+                name = full(pname)
+                mod = name.rsplit(".", 1)[0]
+                aux = [_aux(grams[i].get(mod)) if name.endswith(".weight") and mod in in_block else {} for i in range(n)]
+                set_param(name, aux)
             for i in range(n):
                 for j in range(len(task_batches[i])):
                     hidden[i][j] = _run_block(block, calls[i][j][layer], hidden[i][j])

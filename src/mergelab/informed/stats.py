@@ -29,7 +29,11 @@ from typing import Any
 
 import torch
 
-from mergelab.checkpoint.reader import CheckpointReader, StateDictReader, open_checkpoint
+from mergelab.checkpoint.reader import (
+    CheckpointReader,
+    StateDictReader,
+    open_checkpoint,
+)
 from mergelab.checkpoint.writer import ShardedSafetensorsWriter
 from mergelab.errors import MergelabError
 

@@ -382,11 +382,6 @@ def ensure_expert(
         return final
     tc = cfg.train
     with atomic_dir(final) as tmp:
-        with reporter.task(f"train {data.name}", tc.steps) as advance:
-            trained = train_expert(data, base_dir, tc, progress=lambda step, total, info: advance(step))
-        trained.encoder.save_pretrained(tmp / "model", safe_serialization=True)
-        trained.head.save(tmp / "head.safetensors")
-
         tokenizer = load_tokenizer(base_dir)
         base = load_encoder(base_dir)
 
@@ -405,6 +400,17 @@ def ensure_expert(
             advance(1)
         probe_s = time.perf_counter() - t0
         probe.save(tmp / "probe.safetensors")
+
+        with reporter.task(f"train {data.name}", tc.steps) as advance:
+            trained = train_expert(
+                data,
+                base_dir,
+                tc,
+                init_head=probe if tc.head_init == "probe" else None,
+                progress=lambda step, total, info: advance(step),
+            )
+        trained.encoder.save_pretrained(tmp / "model", safe_serialization=True)
+        trained.head.save(tmp / "head.safetensors")
 
         test_b, test_y = batches("test", tc.eval_limit)
         base_test = embed_batches(base, test_b)

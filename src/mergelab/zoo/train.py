@@ -1,7 +1,11 @@
 """Training one expert per task, and the linear-probe baseline it must beat.
 
-An *expert* is the backbone fine-tuned on one task together with a fresh linear head on its
-mean-pooled features (AdamW, linear warm-up then linear decay, dropout on, fixed seeds).
+An *expert* is the backbone fine-tuned on one task together with a linear head on its
+mean-pooled features (AdamW, linear warm-up then linear decay, dropout on, fixed seeds). By
+default the head starts from the task's linear probe (LP-FT, Kumar et al. 2022, "Fine-Tuning
+can Distort Pretrained Features", arXiv:2202.10054): with a good head from step 0 the short
+fine-tuning refines the features instead of first dragging them towards a random head, which
+gave a clear gain over the probe in 100 steps where a random head did not (code_lang).
 With ``freeze_embeddings`` (the default) the word/position/type embeddings stay at the
 pretrained values: about 13 % faster on CPU and the task vector is half as large (only the
 six transformer blocks move).
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +54,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     warmup_frac: float = Field(0.1, ge=0, le=1, description="linear warm-up, fraction of steps")
     freeze_embeddings: bool = Field(True, description="keep the embedding layer at its pretrained values")
+    head_init: Literal["probe", "random"] = Field(
+        "probe", description="start the head from the linear probe (LP-FT, Kumar et al. 2022) or at random"
+    )
     seed: int = 0
     probe_epochs: int = Field(200, ge=1, description="full-batch epochs of the probe's logistic regression")
     probe_lr: float = Field(0.05, gt=0)
@@ -110,9 +118,13 @@ def train_expert(
     base_dir: Path,
     cfg: TrainConfig,
     *,
+    init_head: Head | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainedExpert:
-    """Fine-tune the encoder in ``base_dir`` plus a new head on ``data``'s train split."""
+    """Fine-tune the encoder in ``base_dir`` plus a head on ``data``'s train split.
+
+    The head starts as a copy of ``init_head`` (the probe, for LP-FT) or, if ``None``, at random.
+    """
     seed = task_seed(cfg.seed, data.name)
     torch.manual_seed(seed)  # dropout draws from the global generator
     gen = torch.Generator().manual_seed(seed)
@@ -121,6 +133,12 @@ def train_expert(
     tokenizer = load_tokenizer(base_dir)
     encoder = load_encoder(base_dir)
     head = new_head(encoder.config.hidden_size, data.labels, data.name, gen)
+    if init_head is not None:
+        if init_head.labels != data.labels:
+            raise ValueError(f"initial head labels {init_head.labels} differ from the task's {data.labels}")
+        with torch.no_grad():
+            head.linear.weight.copy_(init_head.linear.weight)
+            head.linear.bias.copy_(init_head.linear.bias)
     if cfg.freeze_embeddings:
         for p in encoder.embeddings.parameters():
             p.requires_grad_(False)
