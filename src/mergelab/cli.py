@@ -225,6 +225,14 @@ def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
     from mergelab.modulators.commands import extract_command, modulators_command
 
+    from mergelab.eval.commands import bench_command, eval_command, zoo_command, zoo_sources_command
+
+    zoo_app = typer.Typer(help="The offline evaluation zoo: build it, list its sources.", no_args_is_help=True)
+    zoo_app.command("build")(user_errors(zoo_command))
+    zoo_app.command("sources")(user_errors(zoo_sources_command))
+    app.add_typer(zoo_app, name="zoo")
+    app.command("eval")(user_errors(eval_command))
+    app.command("bench")(user_errors(bench_command))
     app.command("extract")(user_errors(extract_command))
     app.command("modulators")(user_errors(modulators_command))
     app.command("analyze")(user_errors(analyze_command))
