@@ -182,7 +182,7 @@ def test_grid_shapes() -> None:
         1.0,
     ]
     ties = grid_for("ties")
-    assert len(ties) == 12 and {p.model_parameters["density"] for p in ties} == {0.1, 0.2, 0.3}
+    assert len(ties) == 15 and {p.model_parameters["density"] for p in ties} == {0.1, 0.2, 0.3}
     assert grid_for("not_in_the_table") == (GridPoint(),)
     assert product({"x": (1, 2)}, {"y": (3,)}) == (GridPoint({"x": 1}, {"y": 3}), GridPoint({"x": 2}, {"y": 3}))
 
@@ -193,3 +193,13 @@ def test_measure_sees_an_allocation() -> None:
         big += 1
     assert m.result.seconds >= 0
     assert m.result.peak_bytes >= 32 * 2**20
+
+
+def test_a_choice_on_the_grid_edge_is_flagged() -> None:
+    from mergelab.eval.grids import edge_axes
+
+    grid = product({"lambda": (0.5, 1.0, 1.5)}, {"density": (0.1, 0.2), "gamma": (0.01,)})
+    assert edge_axes(GridPoint({"lambda": 1.0}, {"density": 0.2, "gamma": 0.01}), grid) == ["density"]
+    assert edge_axes(GridPoint({"lambda": 1.5}, {"density": 0.1, "gamma": 0.01}), grid) == ["lambda", "density"]
+    m = MethodResult("ties", chosen=grid[0], grid=[])
+    assert m.chosen_label() == "lambda=0.5, density=0.1, gamma=0.01"  # no grid recorded: nothing flagged

@@ -7,8 +7,8 @@ accuracy and reports that point on the test split. Ranges follow the papers' rec
 for merging many experts:
 
 * task arithmetic: λ in 0.1…1.0 (Ilharco et al. 2023 pick λ on validation from this range);
-* TIES: density (top-k fraction) 0.1/0.2/0.3 × λ around 1, since the disjoint mean is
-  already an average (Yadav et al. 2023);
+* TIES: density (top-k fraction) 0.1/0.2/0.3 × λ from 0.8 to 2, since the disjoint mean is
+  already an average (Yadav et al. 2023) and short LP-FT experts have small task vectors;
 * DARE / DELLA: keep rate 0.1…0.5 (DARE) or 0.3…0.7 (DELLA), λ like their base method
   (linear variants sum the task vectors, ties variants average the agreeing ones);
 * breadcrumbs: keep the 90 % / 70 % middle band after dropping the top 1 % (Davari &
@@ -55,18 +55,19 @@ def product(
 
 
 LAMBDA_SUM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-LAMBDA_SUM_SPARSE = (0.2, 0.3, 0.5)
-LAMBDA_MEAN = (0.8, 1.0, 1.2, 1.5)
+LAMBDA_SUM_SPARSE = (0.2, 0.4, 0.7, 1.0)
+LAMBDA_MEAN = (0.8, 1.0, 1.25, 1.5, 2.0)
+LAMBDA_MEAN_SPARSE = (1.0, 1.5, 2.0)
 
 GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "linear": (GridPoint(),),
     "task_arithmetic": product({"lambda": LAMBDA_SUM}),
     "ties": product({"lambda": LAMBDA_MEAN}, {"density": (0.1, 0.2, 0.3)}),
     "dare_linear": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.1, 0.3, 0.5)}),
-    "dare_ties": product({"lambda": LAMBDA_MEAN[:3]}, {"density": (0.1, 0.3, 0.5)}),
+    "dare_ties": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.1, 0.3, 0.5)}),
     "breadcrumbs": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
-    "breadcrumbs_ties": product({"lambda": LAMBDA_MEAN[:3]}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
-    "della": product({"lambda": LAMBDA_MEAN[:3]}, {"density": (0.3, 0.5, 0.7)}),
+    "breadcrumbs_ties": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
+    "della": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.3, 0.5, 0.7)}),
     "della_linear": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.3, 0.5, 0.7)}),
     "model_stock": (GridPoint(),),
 }
@@ -88,15 +89,31 @@ LEADERBOARD_METHODS: tuple[str, ...] = (
 DEMO_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
 
 DEMO_GRIDS: dict[str, tuple[GridPoint, ...]] = {
-    "task_arithmetic": product({"lambda": (0.3, 0.5, 0.7, 1.0)}),
-    "ties": product({"lambda": (0.8, 1.0, 1.2)}, {"density": (0.2,)}),
-    "dare_ties": product({"lambda": (0.8, 1.0, 1.2)}, {"density": (0.3,)}),
+    "task_arithmetic": product({"lambda": (0.4, 0.7, 1.0, 1.3)}),
+    "ties": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.2,)}),
+    "dare_ties": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.3,)}),
 }
 """Smaller grids for ``mergelab demo`` (quick zoo, a minute or two of merging and scoring)."""
 
 
 def grid_for(method: str) -> tuple[GridPoint, ...]:
     return GRIDS.get(method, (GridPoint(),))
+
+
+def edge_axes(point: GridPoint, points: Sequence[GridPoint]) -> list[str]:
+    """Names of the axes on which ``point`` sits at the smallest or largest value of the grid.
+
+    A choice on the edge means the best value may lie outside the grid: widen it.
+    """
+    out = []
+    for scope in ("parameters", "model_parameters"):
+        mine = getattr(point, scope)
+        for key, value in mine.items():
+            values = {getattr(p, scope).get(key) for p in points} - {None}
+            numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(numeric) > 1 and isinstance(value, (int, float)) and value in (min(numeric), max(numeric)):
+                out.append(key)
+    return out
 
 
 def check_grid(method: str, n_experts: int, points: Sequence[GridPoint] | None = None) -> str | None:

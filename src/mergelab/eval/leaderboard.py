@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mergelab.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, grid_for
+from mergelab.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, edge_axes, grid_for
 from mergelab.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
 from mergelab.eval.measure import measure
 from mergelab.eval.metrics import EvalReport, fmt_pct
@@ -68,12 +68,26 @@ class MethodResult:
     merge_peak_bytes: int | None = None
     search_seconds: float | None = None
 
+    @property
+    def chosen_at_edge(self) -> list[str]:
+        """Grid axes on which the chosen point is at the smallest or largest value."""
+        if self.chosen is None:
+            return []
+        return edge_axes(self.chosen, [g.point for g in self.grid])
+
+    def chosen_label(self) -> str:
+        if self.chosen is None:
+            return "–"
+        edge = self.chosen_at_edge
+        return self.chosen.label() + (f" (grid edge: {', '.join(edge)})" if edge else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "status": self.status,
             "reason": self.reason,
             "chosen": self.chosen.to_dict() if self.chosen else None,
+            "chosen_at_grid_edge": self.chosen_at_edge,
             "test": self.test.to_dict() if self.test else None,
             "validation": self.validation.to_dict() if self.validation else None,
             "grid": [g.to_dict() for g in self.grid],
@@ -324,7 +338,7 @@ def markdown(lb: Leaderboard) -> str:
         cells += [
             f"{m.merge_seconds:.1f}" if m.merge_seconds is not None else "–",
             f"{m.merge_peak_bytes / 2**20:.0f}" if m.merge_peak_bytes is not None else "–",
-            m.chosen.label() if m.chosen else "–",
+            m.chosen_label(),
             fmt_pct(m.validation.average_normalized if m.validation else None),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -392,7 +406,11 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     ax.set_xlabel("normalized accuracy (% of the expert), test split")
     ax.set_title(f"mergelab classification zoo '{lb.zoo['name']}': bars = average, markers = tasks", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=7)
-    ax.set_xlim(left=0)
+    lowest = min(
+        [100 * (r.average_normalized or 0) for _, r, _ in rows]
+        + [100 * s.normalized for _, r, _ in rows for s in r.scores if s.normalized is not None]
+    )
+    ax.set_xlim(left=max(0.0, 10 * ((lowest - 5) // 10)))  # zoom in: the interesting part is near 100
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
@@ -414,26 +432,28 @@ def write_leaderboard(lb: Leaderboard, out_dir: str | os.PathLike) -> dict[str, 
 
 
 def leaderboard_table(lb: Leaderboard):
-    """A rich Table of the leaderboard (merges ranked, then reference rows)."""
+    """A rich Table of the leaderboard (merges ranked, then reference rows); chosen points in the caption."""
     from rich.table import Table
 
-    table = Table(title=f"classification zoo '{lb.zoo['name']}': normalized test accuracy (%)")
-    table.add_column("model")
-    table.add_column("avg norm.", justify="right")
-    table.add_column("avg acc.", justify="right")
+    chosen = "; ".join(f"{m.method}: {m.chosen_label()}" for m in lb.ranked())
+    skipped = "; ".join(f"{m.method}: {m.status} ({m.reason})" for m in lb.methods if m.status != "ok")
+    caption = "chosen on validation: " + chosen + (f"\nnot run: {skipped}" if skipped else "")
+    table = Table(
+        title=f"classification zoo '{lb.zoo['name']}': normalized test accuracy (%)",
+        caption=caption,
+        caption_justify="left",
+    )
+    table.add_column("model", no_wrap=True, max_width=22, overflow="ellipsis")
+    table.add_column("avg", justify="right", no_wrap=True, min_width=5)
     for t in lb.tasks:
-        table.add_column(t, justify="right")
-    table.add_column("merge s", justify="right")
-    table.add_column("chosen")
+        table.add_column(t, justify="right", no_wrap=True, min_width=5)
+    table.add_column("merge s", justify="right", no_wrap=True, min_width=5)
     for m in lb.ranked():
         assert m.test is not None
-        table.add_row(
-            m.method, *_row_cells(m.test, lb.tasks), f"{m.merge_seconds or 0:.1f}", m.chosen.label() if m.chosen else ""
-        )
-    for m in lb.methods:
-        if m.status != "ok":
-            table.add_row(m.method, f"[dim]{m.status}: {m.reason}[/]")
+        cells = _row_cells(m.test, lb.tasks)
+        table.add_row(m.method, cells[0], *cells[2:], f"{m.merge_seconds or 0:.1f}")
     table.add_section()
     for r in lb.references:
-        table.add_row(f"[dim]{r.model}[/]", *_row_cells(r, lb.tasks), "", "")
+        cells = _row_cells(r, lb.tasks)
+        table.add_row(f"[dim]{r.model}[/]", cells[0], *cells[2:], "")
     return table
