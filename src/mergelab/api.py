@@ -151,6 +151,8 @@ def merge(
                                    compute_dtype=opts.compute_dtype)
             plan.attach_aux(phase.readers)
         summary = summarize(plan, opts.compute_dtype)
+        if phase is not None:  # what the data phase cost, for benchmarks and leaderboards
+            summary["data_phase"] = {"seconds": phase.seconds, "peak_bytes": phase.peak_bytes, **phase.summary}
         writer = ShardedSafetensorsWriter(dest.tmp, ((j.name, j.out_dtype, j.shape) for j in plan.jobs), shard_bytes)
         parts = None
         if plan.method.outputs == "modulated":  # shared model + per-task parts (TALL masks, EMR)

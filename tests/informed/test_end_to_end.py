@@ -78,7 +78,8 @@ def _sd(folder: Path) -> dict[str, torch.Tensor]:
 def test_regmean_plusplus_and_adamerging_from_python(family, cal_files, tmp_path):
     base, experts = family
     r = yaml.safe_load(_recipe(tmp_path, "regmean_plusplus", base, experts[:2], cal_files[:2]).read_text())
-    mergelab.merge(r, tmp_path / "pp")
+    res = mergelab.merge(r, tmp_path / "pp")
+    assert res.plan_summary["data_phase"]["seconds"] > 0 and res.plan_summary["data_phase"]["peak_bytes"] > 0
     _load_lm(tmp_path / "pp")
     plus = _sd(tmp_path / "pp")
     mergelab.merge({**r, "merge_method": "regmean"}, tmp_path / "rm")
@@ -168,7 +169,8 @@ def test_statistics_beyond_the_memory_budget_are_collected_in_groups_with_the_sa
     small = {**r, "calibration": {**r["calibration"], "memory_budget": "40KB"}}
 
     class Phases:
-        names: list[str] = []
+        def __init__(self):
+            self.names: list[str] = []
 
         def begin(self, phase, total_items, total_bytes):
             self.names.append(phase)

@@ -7,7 +7,7 @@ accuracy and reports that point on the test split. Ranges follow the papers' rec
 for merging many experts:
 
 * task arithmetic: λ in 0.1…1.0 (Ilharco et al. 2023 pick λ on validation from this range);
-* TIES: density (top-k fraction) 0.1/0.2/0.3 × λ from 0.8 to 2, since the disjoint mean is
+* TIES: density (top-k fraction) 0.1/0.2/0.3 × λ from 1 to 2.5, since the disjoint mean is
   already an average (Yadav et al. 2023) and short LP-FT experts have small task vectors;
 * DARE / DELLA: keep rate 0.1…0.5 (DARE) or 0.3…0.7 (DELLA), λ like their base method
   (linear variants sum the task vectors, ties variants average the agreeing ones);
@@ -56,7 +56,7 @@ def product(
 
 LAMBDA_SUM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 LAMBDA_SUM_SPARSE = (0.2, 0.4, 0.7, 1.0)
-LAMBDA_MEAN = (0.8, 1.0, 1.25, 1.5, 2.0)
+LAMBDA_MEAN = (1.0, 1.5, 2.0, 2.5)
 LAMBDA_MEAN_SPARSE = (1.0, 1.5, 2.0)
 
 GRIDS: dict[str, tuple[GridPoint, ...]] = {
@@ -90,7 +90,7 @@ DEMO_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
 
 DEMO_GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "task_arithmetic": product({"lambda": (0.4, 0.7, 1.0, 1.3)}),
-    "ties": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.2,)}),
+    "ties": product({"lambda": (1.5, 2.0, 2.5)}, {"density": (0.2,)}),
     "dare_ties": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.3,)}),
 }
 """Smaller grids for ``mergelab demo`` (quick zoo, a minute or two of merging and scoring)."""
