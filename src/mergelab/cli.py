@@ -91,7 +91,7 @@ def merge(
     dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
     out_dtype: Annotated[str | None, typer.Option(help="output dtype (default: recipe dtype, else the base's)")] = None,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
-    hash_inputs: Annotated[bool, typer.Option(help="record SHA-256 content hashes of the inputs in the model card")] = True,
+    hash_inputs: Annotated[bool, typer.Option(help="record BLAKE3 content hashes of the inputs in the model card")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""

@@ -12,14 +12,15 @@ as ``ctx.aux``; the data phase that writes them runs before (``mergelab.informed
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import blake3
 import torch
 
 from mergelab.checkpoint.reader import CheckpointReader, tensor_digest
@@ -94,19 +95,50 @@ def resolve_device(device: str) -> torch.device:
 
 
 class _Hasher:
-    """Accumulates per-tensor digests of every input as it is read."""
+    """Content hashes of every input, computed on a thread of their own as tensors are read.
 
-    def __init__(self) -> None:
+    Hashing (BLAKE3, which releases the GIL) overlaps both reading and merging; at most
+    ``max_pending`` tensors wait to be hashed, so it cannot hold more than that in memory.
+    """
+
+    def __init__(self, max_pending: int = 8) -> None:
         self.digests: dict[int, dict[str, tuple[str, tuple[int, ...], bytes]]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash")
+        self._pending: deque[Future[None]] = deque()
+        self._max_pending = max_pending
+        self._seen: set[tuple[int, str]] = set()
 
-    def add(self, reader: CheckpointReader, name: str, t: torch.Tensor) -> None:
+    def _digest(self, reader: CheckpointReader, name: str, t: torch.Tensor) -> None:
         self.digests.setdefault(id(reader), {})[name] = (str(t.dtype), tuple(t.shape), tensor_digest(t))
 
+    def add(self, reader: CheckpointReader, name: str, t: torch.Tensor) -> None:
+        """Queue one input tensor (a tensor already hashed in an earlier pass is skipped)."""
+        if (id(reader), name) in self._seen:
+            return
+        self._seen.add((id(reader), name))
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._digest, reader, name, t))
+
+    def close(self) -> None:
+        """Wait for the queued digests (re-raising a failure) and stop the thread."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def abandon(self) -> None:
+        """Stop without waiting for queued digests (the run failed)."""
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def result(self, readers: Sequence[CheckpointReader]) -> dict[str, str]:
+        self.close()
         out = {}
         for r in readers:
             entries = self.digests.get(id(r), {})
-            h = hashlib.sha256()
+            h = blake3.blake3()
             for name in sorted(entries):
                 dtype, shape, digest = entries[name]
                 h.update(f"{name}\x00{dtype}\x00{shape}\x00".encode())
@@ -272,10 +304,27 @@ def execute(
             f"merge_method {plan.method.name} needs per-expert statistics from a data phase: add a `calibration:` "
             "block to the recipe (or pass statistics=...); mergelab.merge runs the data phase before the merge"
         )
+    hasher = _Hasher() if opts.hash_inputs else None
+    try:
+        return _execute(plan, sink, opts, prog, parts, device, hasher)
+    except BaseException:
+        if hasher is not None:
+            hasher.abandon()
+        raise
+
+
+def _execute(
+    plan: Plan,
+    sink: TensorSink,
+    opts: EngineOptions,
+    prog: Progress,
+    parts: PartsSink | None,
+    device: torch.device,
+    hasher: _Hasher | None,
+) -> RunStats:
     t0 = time.perf_counter()
     run = RunStats()
     stats: dict[str, Any] = {}
-    hasher = _Hasher() if opts.hash_inputs else None
     passes = plan.method.passes(plan.global_params)
     merge_jobs = plan.merge_jobs
     n_exp = len(plan.experts)
@@ -299,8 +348,7 @@ def execute(
 
     total_in = plan.input_bytes()
     prog.begin("merge" if not passes else f"pass {len(passes) + 1}/{len(passes) + 1}: merge", len(plan.jobs), total_in)
-    merge_hasher = hasher if not passes else None
-    for job, raw, aux in _stream(plan, plan.jobs, merge_hasher, opts, device):
+    for job, raw, aux in _stream(plan, plan.jobs, hasher, opts, device):
         nbytes = plan.job_input_bytes(job)
         if job.kind == "copy":
             out = raw[id(plan.reference)]

@@ -183,3 +183,27 @@ def test_bad_model_params_rejected(bad):
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         BC.params.model_validate(bad)
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("n", [3517, 4 * 65536 + 999])  # small path, and the sampled-bracket path
+def test_chunked_merge_equals_whole_tensor_masks(name, n, monkeypatch):
+    """The chunked path (bounds from two selections, masks per chunk) must equal masking whole
+    tensors with outlier_mask; dyadic values make the arithmetic exact and create ties."""
+    import mergelab.methods.breadcrumbs as bc
+    import mergelab.methods.sparsify as sp
+    from mergelab.methods import get_method
+
+    m = get_method(name)
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(n, generator=g) * 8).round() / 8
+    experts = [base + (torch.randn(n, generator=g) * 8).round() / 8 for _ in range(3)]
+    mp = [m.model_params.model_validate({"density": d, "gamma": gm, "weight": w})
+          for d, gm, w in [(0.9, 0.01, 1.0), (0.5, 0.2, 0.5), (0.3, 0.0, 2.0)]]
+    params = m.params.model_validate({"lambda": 0.7})
+    ctx = TensorContext(name="x", seed=0)
+    monkeypatch.setattr(sp, "CHUNK", 1000 if n < 10_000 else 100_000)
+    chunked = m(base, experts, params, mp, ctx)
+    monkeypatch.setattr(bc, "_chunkable", lambda *a, **k: False)
+    whole = m(base, experts, params, mp, ctx)
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=0)

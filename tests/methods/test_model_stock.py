@@ -311,3 +311,19 @@ def test_parity_with_mergekit(tmp_path):
     # and the default (exact cosine) departs from mergekit on the small case
     c = cases[-1]
     assert not torch.allclose(run(c["base"], c["experts"]), torch.tensor(expected[-1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_blockwise_products_equal_the_reference(filter_wise, monkeypatch):
+    """Dot products and norms accumulated block by block (several row or column blocks, uneven
+    last block) give the paper formula's result."""
+    import mergelab.methods.sparsify as sp
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(37, 53, generator=g)
+    experts = [base + torch.randn(37, 53, generator=g) * s for s in (0.1, 0.2)]
+    experts.append(base + 0.5 * (experts[0] - base) + torch.randn(37, 53, generator=g) * 0.01)
+    monkeypatch.setattr(sp, "CHUNK", 100)
+    got = run(base, experts, filter_wise=filter_wise)
+    want = torch.from_numpy(reference_model_stock(base, experts, filter_wise=filter_wise)).float()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

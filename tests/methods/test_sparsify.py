@@ -361,3 +361,57 @@ def test_tensor_seed_used_by_the_parity_driver_matches_mergelab():
 
     digest = hashlib.sha256("0\x00ties.a".encode()).digest()
     assert tensor_seed(0, "ties.a") == int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ----------------------------------------------------------- sampled-bracket k-th largest magnitude
+
+
+def _sorted_magnitudes(x: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+    return torch.sort((x - minus).abs().reshape(-1), descending=True).values
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16_ties", "sparse", "identical", "constant"])
+def test_kth_largest_magnitude_is_exact_on_large_tensors(kind):
+    """Tensors above 4 × SAMPLE entries take the sampled-bracket path; the answer must equal a full
+    sort's for every rank, including heavy ties (bf16 deltas), mostly-zero and all-zero deltas."""
+    g = torch.Generator().manual_seed(7)
+    n = 4 * sp.SAMPLE + 12_345
+    base = torch.randn(n, generator=g) * 0.02
+    if kind == "normal":
+        expert = base + torch.randn(n, generator=g) * 0.002
+    elif kind == "bf16_ties":
+        base = base.bfloat16().float()
+        expert = (base + torch.randn(n, generator=g) * 0.002).bfloat16().float()
+    elif kind == "sparse":
+        expert = base + (torch.rand(n, generator=g) < 0.1) * torch.randn(n, generator=g) * 0.006
+    elif kind == "identical":
+        expert = base.clone()
+    else:
+        expert = base + 0.001
+    ordered = _sorted_magnitudes(expert, base)
+    for k in sorted({1, 2, n // 100, n // 5, n // 2, n - n // 5, n - 1, n}):
+        want = ordered[k - 1].item()
+        assert sp.kth_largest_magnitude(expert, k, minus=base) == want, (kind, k)
+        assert sp.kth_largest_magnitude(expert - base, k) == want, (kind, k)
+
+
+def test_kth_largest_magnitude_falls_back_to_the_exact_radix_select(monkeypatch):
+    """A bracket that misses (forced here by a negative width) must still give the exact answer."""
+    calls = []
+    original = sp._kth_largest_chunked
+    monkeypatch.setattr(sp, "_kth_largest_chunked", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(sp, "SAMPLE_SIGMAS", -1.0)
+    g = torch.Generator().manual_seed(3)
+    n = 4 * sp.SAMPLE + 1
+    base, expert = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ordered = _sorted_magnitudes(expert, base)
+    for k in [1, 1000, n // 3, n // 2, n - 1, n]:
+        assert sp.kth_largest_magnitude(expert, k, minus=base) == ordered[k - 1].item(), k
+    assert calls, "the fallback was never exercised"
+
+
+def test_kth_largest_magnitude_rejects_bad_ranks():
+    with pytest.raises(ValueError, match="rank"):
+        sp.kth_largest_magnitude(torch.ones(5), 0)
+    with pytest.raises(ValueError, match="rank"):
+        sp.kth_largest_magnitude(torch.ones(5), 6)

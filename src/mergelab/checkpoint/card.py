@@ -49,7 +49,7 @@ def model_card(
         "",
         "## Inputs",
         "",
-        "| role | model | parameters | content hash (sha256 of tensors) |",
+        "| role | model | parameters | content hash (BLAKE3 of tensors) |",
         "| --- | --- | --- | --- |",
     ]
     if base_label:
@@ -60,7 +60,7 @@ def model_card(
     if stats:
         lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in stats.items()] + [""]
     lines += [
-        "The content hash is the SHA-256 over the sorted (tensor name, dtype, shape, SHA-256 of the tensor's bytes) "
+        "The content hash is the BLAKE3 over the sorted (tensor name, dtype, shape, BLAKE3 of the tensor's bytes) "
         "of every tensor read, so it does not depend on how a model is sharded.",
         "",
     ]

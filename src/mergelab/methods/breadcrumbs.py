@@ -35,12 +35,15 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import SignTie, consensus_merge, linear_merge
+from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     SparseMergeParams,
     SparseModelParams,
     apply_mask,
+    flat_chunks,
+    keep_count,
+    kth_largest_magnitude,
     outlier_mask,
 )
 
@@ -89,6 +92,7 @@ def _masked(
     params: BreadcrumbsParams,
     model_params: Sequence[BreadcrumbsModelParams],
 ) -> list[Tensor]:
+    """Whole-tensor masking (used when the L1 rescale needs the whole task vector)."""
     out = []
     for e, m in zip(experts, model_params):
         delta = e.float() - base.float()
@@ -99,6 +103,81 @@ def _masked(
             )
         )
     return out
+
+
+Bounds = tuple[float | None, float | None] | None
+"""Magnitude bounds (lower, upper) of the kept entries (None: unbounded); None: keep nothing."""
+
+
+def magnitude_bounds(base: Tensor, expert: Tensor, density: float, gamma: float) -> Bounds:
+    """The bounds :func:`mergelab.methods.sparsify.outlier_mask` keeps between, from two exact
+    selections on |expert − base| (no tensor-sized temporary)."""
+    n = base.numel()
+    if density >= 1:
+        return (None, None)
+    target = keep_count(n, density)
+    if target == 0:
+        return None
+    n_top = min(n, int(gamma * n))
+    n_bottom = max(0, n - target - n_top)
+    lower = kth_largest_magnitude(expert, n - n_bottom, minus=base) if n_bottom > 0 else None
+    upper = (
+        kth_largest_magnitude(expert, n - n_bottom - target + 1, minus=base)
+        if n_bottom + target < n
+        else None
+    )
+    return (lower, upper)
+
+
+def _merge_chunked(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: BreadcrumbsParams,
+    model_params: Sequence[BreadcrumbsModelParams],
+    *,
+    elect: bool,
+) -> Tensor:
+    """Mask, rescale (inverse) and merge chunk by chunk: the same result as whole tensors,
+    with temporaries of CHUNK entries."""
+    weights = [m.weight for m in model_params]
+    bounds = [magnitude_bounds(base, e, m.density, m.gamma) for e, m in zip(experts, model_params)]
+    b_flat = base.reshape(-1)
+    e_flat = [e.reshape(-1) for e in experts]
+    out = torch.empty_like(b_flat)
+    scratch = Scratch(out)
+    for sl in flat_chunks(b_flat.numel()):
+        b = b_flat[sl]
+        m = b.numel()
+        masked = []
+        for i, (e, mp, bd) in enumerate(zip(e_flat, model_params, bounds)):
+            d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m))
+            if bd is None:
+                d.zero_()
+            else:
+                lower, upper = bd
+                if lower is not None or upper is not None:
+                    mag = torch.abs(d, out=scratch.take("mag", m))
+                    keep = scratch.take("keep", m)
+                    if lower is not None:
+                        d.mul_(torch.ge(mag, lower, out=keep))  # float-valued masks: fast on CPU
+                    if upper is not None:
+                        d.mul_(torch.le(mag, upper, out=keep))
+                if params.rescale:  # inverse mode (l1 runs on whole tensors)
+                    d.div_(mp.density) if mp.density > 0 else d.zero_()
+            masked.append(d)
+        if elect:
+            merged = consensus_merge(
+                masked, weights, normalize=params.normalize, on_zero="positive", scratch=scratch
+            )
+        else:
+            merged = linear_merge(masked, weights, normalize=params.normalize)
+        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
+    return out.reshape(base.shape).to(base.dtype)
+
+
+def _chunkable(params: BreadcrumbsParams, elect: bool) -> bool:
+    l1 = params.rescale and params.rescale_mode == "l1"
+    return not l1 and (not elect or params.sign_tie == "positive")
 
 
 @method(
@@ -116,6 +195,8 @@ def breadcrumbs(
     ctx: TensorContext,
 ) -> Tensor:
     """Remove outliers and small entries of each task vector per tensor, then task arithmetic."""
+    if _chunkable(params, elect=False):
+        return _merge_chunked(base, experts, params, model_params, elect=False)
     masked = _masked(base, experts, params, model_params)
     weights = [m.weight for m in model_params]
     merged = linear_merge(masked, weights, normalize=params.normalize)
@@ -138,6 +219,8 @@ def breadcrumbs_ties(
     ctx: TensorContext,
 ) -> Tensor:
     """Breadcrumbs masks, then TIES sign election and disjoint merge."""
+    if _chunkable(params, elect=True):
+        return _merge_chunked(base, experts, params, model_params, elect=True)
     masked = _masked(base, experts, params, model_params)
     weights = [m.weight for m in model_params]
     merged = consensus_merge(

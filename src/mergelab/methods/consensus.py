@@ -37,13 +37,45 @@ OnZero = Literal["majority", "positive", "zero"]
 SignTie = Literal["majority", "positive"]
 
 
-def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
-    """Σ_i w_i τ_i (w_i = 1 when ``weights`` is None), accumulated in one buffer."""
+class Scratch:
+    """Reusable buffers for chunk-by-chunk merges.
+
+    ``take(name, m)`` returns the first ``m`` entries of a named float buffer, allocated on
+    first use and grown when needed, so a loop over chunks allocates (and page-faults) its
+    temporaries once instead of once per chunk.
+    """
+
+    def __init__(self, like: Tensor) -> None:
+        self.device, self.dtype = like.device, like.dtype
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, m: int) -> Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < m:
+            buf = self._bufs[name] = torch.empty(m, device=self.device, dtype=self.dtype)
+        return buf[:m]
+
+
+def scratch_view(scratch: Scratch | None, name: str, like: Tensor) -> Tensor:
+    """A buffer shaped like ``like``: from ``scratch`` when given, else freshly allocated."""
+    if scratch is None or like.dtype != scratch.dtype or like.device != scratch.device:
+        return torch.empty_like(like)
+    return scratch.take(name, like.numel()).view(like.shape)
+
+
+def weighted_sum(
+    deltas: Sequence[Tensor], weights: Sequence[float] | None = None, *, out: Tensor | None = None
+) -> Tensor:
+    """Σ_i w_i τ_i (w_i = 1 when ``weights`` is None), accumulated in one buffer (``out``)."""
     if not deltas:
         raise ValueError("need at least one task vector")
-    total = torch.zeros_like(deltas[0])
+    total = torch.empty_like(deltas[0]) if out is None else out
     for i, d in enumerate(deltas):
-        total.add_(d, alpha=1.0 if weights is None else float(weights[i]))
+        w = 1.0 if weights is None else float(weights[i])
+        if i == 0:
+            torch.mul(d, w, out=total)
+        else:
+            total.add_(d, alpha=w)
     return total
 
 
@@ -53,6 +85,7 @@ def elect_sign(
     *,
     on_zero: OnZero = "majority",
     majority: float | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Elected sign per coordinate: sgn(Σ_i w_i τ_i), with ties resolved by ``on_zero``.
 
@@ -60,7 +93,7 @@ def elect_sign(
     overrides the tie-breaking sign used by ``on_zero="majority"`` (pass the model-wide value
     for global scope); by default it is sgn(Σ_p γ_p) over this tensor.
     """
-    sign = torch.sign(weighted_sum(deltas, weights))
+    sign = weighted_sum(deltas, weights, out=out).sign_()
     if on_zero == "zero":
         return sign
     if on_zero == "positive":  # 0 → +1 in two in-place passes: sgn(sgn(s) + ½)
@@ -96,6 +129,7 @@ def disjoint_merge(
     sign: Tensor,
     *,
     normalize: bool = True,
+    scratch: Scratch | None = None,
 ) -> Tensor:
     """Σ over agreeing i of w_i τ_i, divided by Σ over agreeing i of w_i when ``normalize``.
 
@@ -104,21 +138,21 @@ def disjoint_merge(
     sum to exactly 0 (possible only with negative weights) the divisor is also taken as 1,
     i.e. the disjoint sum is returned there, as in mergekit.
     """
-    total = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign) if normalize else None
-    scratch = torch.empty_like(sign)
+    total = scratch_view(scratch, "total", sign).zero_()
+    divisor = scratch_view(scratch, "divisor", sign).zero_() if normalize else None
+    agree = scratch_view(scratch, "agree", sign)
     for d, w in zip(deltas, weights):
         w = float(w)
         if w == 0.0:
             continue  # w·τ is 0 everywhere: it never agrees
         # sgn(w·τ) = γ  ⇔  τ·γ > 0 for w > 0, τ·γ < 0 for w < 0
-        torch.mul(d, sign, out=scratch)
-        agree = scratch.gt_(0.0) if w > 0 else scratch.lt_(0.0)  # 1.0 where agreeing, else 0.0
+        torch.mul(d, sign, out=agree)
+        agree.gt_(0.0) if w > 0 else agree.lt_(0.0)  # 1.0 where agreeing, else 0.0
         if divisor is not None:
             divisor.add_(agree, alpha=w)
         total.add_(agree.mul_(d), alpha=w)
     if divisor is not None:
-        divisor.masked_fill_(divisor == 0, 1.0)
+        divisor.add_(torch.eq(divisor, 0.0, out=agree))  # 0 → 1 (float-valued compare: fast on CPU)
         total.div_(divisor)
     return total
 
@@ -130,10 +164,17 @@ def consensus_merge(
     normalize: bool = True,
     on_zero: OnZero = "majority",
     majority: float | None = None,
+    scratch: Scratch | None = None,
 ) -> Tensor:
-    """Elect on the weighted deltas, then disjoint mean (``normalize``) or sum."""
-    sign = elect_sign(deltas, weights, on_zero=on_zero, majority=majority)
-    return disjoint_merge(deltas, weights, sign, normalize=normalize)
+    """Elect on the weighted deltas, then disjoint mean (``normalize``) or sum.
+
+    With ``scratch`` the result (and every temporary) lives in its buffers: consume it before
+    the next call with the same scratch.
+    """
+    sign = elect_sign(
+        deltas, weights, on_zero=on_zero, majority=majority, out=scratch_view(scratch, "sign", deltas[0])
+    )
+    return disjoint_merge(deltas, weights, sign, normalize=normalize, scratch=scratch)
 
 
 def linear_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool) -> Tensor:

@@ -40,14 +40,14 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import SignTie, consensus_merge, linear_merge
+from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge, scratch_view
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     RescaleMode,
     SparseMergeParams,
     SparseModelParams,
     apply_mask,
-    bernoulli_mask,
+    keep_indicator,
     flat_chunks,
     realised_keep_prob,
 )
@@ -97,12 +97,24 @@ def dare_drop(
     *,
     rescale: bool = True,
     mode: RescaleMode = "inverse",
+    inplace: bool = False,
+    scratch: Scratch | None = None,
 ) -> Tensor:
-    """τ̃ = m ⊙ τ (÷ density, or L1-matched), m ~ Bernoulli(density) elementwise."""
+    """τ̃ = m ⊙ τ (÷ density, or L1-matched), m ~ Bernoulli(density) elementwise.
+
+    ``inplace`` overwrites ``delta`` (the chunked merge passes its own scratch copy);
+    ``scratch`` holds the mask buffer. The draws are those of :func:`bernoulli_mask`.
+    """
     if density >= 1:
         return delta
-    mask = bernoulli_mask(delta, density, generator)
-    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=realised_keep_prob(density))
+    keep = keep_indicator(delta, density, generator, out=scratch_view(scratch, "keep", delta))
+    if rescale and mode == "l1":
+        return apply_mask(delta, keep, rescale=True, mode="l1")
+    out = delta.mul_(keep) if inplace else delta * keep
+    if rescale:
+        p = realised_keep_prob(density)
+        return out.zero_() if p <= 0 else out.div_(p)
+    return out
 
 
 def _dare_merge(
@@ -118,7 +130,7 @@ def _dare_merge(
 
     Runs chunk by chunk unless a step needs the whole tensor (L1 rescale, majority sign ties);
     each expert's mask comes from its own stream ``ctx.generator(i + 1)`` drawn in order, so
-    the result does not depend on the chunking.
+    the result does not depend on the chunking. Temporaries live in one :class:`Scratch`.
     """
     weights = [m.weight for m in model_params]
     whole = (params.rescale and params.rescale_mode == "l1") or (
@@ -128,14 +140,21 @@ def _dare_merge(
     b_flat = base.reshape(-1).float()
     e_flat = [e.reshape(-1).float() for e in experts]
     out = torch.empty_like(b_flat)
+    scratch = Scratch(out)
     for sl in [slice(0, b_flat.numel())] if whole else flat_chunks(b_flat.numel()):
         b = b_flat[sl]
+        m = b.numel()
         dropped = [
-            dare_drop(e[sl] - b, m.density, g, rescale=params.rescale, mode=params.rescale_mode)
-            for e, m, g in zip(e_flat, model_params, gens)
+            dare_drop(
+                torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m)), mp.density, g,
+                rescale=params.rescale, mode=params.rescale_mode, inplace=True, scratch=scratch,
+            )
+            for i, (e, mp, g) in enumerate(zip(e_flat, model_params, gens))
         ]
         if elect:
-            merged = consensus_merge(dropped, weights, normalize=params.normalize, on_zero=params.sign_tie)
+            merged = consensus_merge(
+                dropped, weights, normalize=params.normalize, on_zero=params.sign_tie, scratch=scratch
+            )
         else:
             merged = linear_merge(dropped, weights, normalize=params.normalize)
         torch.add(b, merged, alpha=params.lambda_, out=out[sl])

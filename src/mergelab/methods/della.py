@@ -46,14 +46,15 @@ import torch
 from pydantic import Field, model_validator
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import SignTie, consensus_merge, linear_merge
+from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge, scratch_view
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     RescaleMode,
     SparseMergeParams,
     SparseModelParams,
     apply_mask,
-    bernoulli_mask,
+    PROB_BITS,
+    keep_indicator,
     row_chunks,
     realised_keep_prob,
     rank_keep_probs,
@@ -122,13 +123,24 @@ def magprune(
     *,
     rescale: bool = True,
     mode: RescaleMode = "inverse",
+    inplace: bool = False,
+    scratch: Scratch | None = None,
 ) -> Tensor:
-    """DELLA's MagPrune on one task vector: rank-based Bernoulli drop per row, then rescale."""
+    """DELLA's MagPrune on one task vector: rank-based Bernoulli drop per row, then rescale.
+
+    ``inplace`` overwrites ``delta``; ``scratch`` holds the mask buffer. The draws are those
+    of :func:`mergelab.methods.sparsify.bernoulli_mask` with the rank-based probabilities.
+    """
     if density >= 1:
         return delta
-    probs = rank_keep_probs(delta, density, epsilon)
-    mask = bernoulli_mask(delta, probs, generator)
-    return apply_mask(delta, mask, rescale=rescale, mode=mode, keep_prob=realised_keep_prob(probs))
+    probs = realised_keep_prob(rank_keep_probs(delta, density, epsilon))
+    keep = keep_indicator(delta, probs, generator, out=scratch_view(scratch, "keep", delta))
+    if rescale and mode == "l1":
+        return apply_mask(delta, keep, rescale=True, mode="l1")
+    out = delta.mul_(keep) if inplace else delta * keep
+    if rescale:
+        out.div_(probs.clamp_(min=2.0**-PROB_BITS))  # kept entries have p ≥ 2⁻¹⁶; guards 0/0
+    return out
 
 
 def _della_merge(
@@ -156,18 +168,21 @@ def _della_merge(
     b_flat = base.reshape(-1).float()
     e_flat = [e.reshape(-1).float() for e in experts]
     out = torch.empty_like(b_flat)
+    scratch = Scratch(out)
     for sl in [slice(0, b_flat.numel())] if whole else row_chunks(shape):
         b = b_flat[sl]
         rows = (-1, cols) if base.dim() >= 2 else (-1,)
         pruned = [
             magprune(
-                (e[sl] - b).reshape(rows), m.density, m.epsilon, g,
-                rescale=params.rescale, mode=params.rescale_mode,
+                torch.sub(e[sl], b, out=scratch.take(f"delta{i}", b.numel())).view(rows), m.density,
+                m.epsilon, g, rescale=params.rescale, mode=params.rescale_mode, inplace=True, scratch=scratch,
             ).reshape(-1)
-            for e, m, g in zip(e_flat, model_params, gens)
+            for i, (e, m, g) in enumerate(zip(e_flat, model_params, gens))
         ]
         if elect:
-            merged = consensus_merge(pruned, weights, normalize=params.normalize, on_zero=params.sign_tie)
+            merged = consensus_merge(
+                pruned, weights, normalize=params.normalize, on_zero=params.sign_tie, scratch=scratch
+            )
         else:
             merged = linear_merge(pruned, weights, normalize=params.normalize)
         torch.add(b, merged, alpha=params.lambda_, out=out[sl])

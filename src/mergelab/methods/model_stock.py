@@ -41,6 +41,7 @@ from pydantic import Field
 
 from mergelab.methods.base import MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import method
+from mergelab.methods import sparsify
 
 SINGULAR_EPS = 1e-6
 """Where |1 + (N − 1) cos| is below this, t = 0 (the base is kept)."""
@@ -137,14 +138,62 @@ def model_stock(
         w0 = base.reshape(1, -1)
         ws = [e.reshape(1, -1) for e in experts]
 
-    deltas = [w - w0 for w in ws]
-    cos = pairwise_mean_cosine(deltas, params.norm_product_floor)
-    del deltas
+    dots, norms = _delta_products(w0, ws)
+    cos = cosine_from_products(dots, norms, params.norm_product_floor)
     t = interpolation_ratio(cos, n, params.clamp_cos).unsqueeze(-1)
 
-    mean = torch.zeros_like(w0)
-    for w in ws:
-        mean.add_(w)
-    mean.div_(n)
-    out = torch.lerp(w0, mean, t)  # t·mean + (1 − t)·θ0 in one pass
+    out = torch.empty_like(w0)
+    scratch = torch.empty(0, dtype=w0.dtype, device=w0.device)
+    for rows, cols in _blocks(w0.shape):
+        mean = scratch.resize_(w0[rows, cols].shape)  # Σ_i θ_i / N, one block at a time
+        torch.add(ws[0][rows, cols], ws[1][rows, cols], out=mean)
+        for w in ws[2:]:
+            mean.add_(w[rows, cols])
+        mean.div_(n)
+        torch.lerp(w0[rows, cols], mean, t[rows], out=out[rows, cols])  # t·mean + (1 − t)·θ0
     return out.reshape(shape).to(base.dtype)
+
+
+def _blocks(shape: torch.Size) -> list[tuple[slice, slice]]:
+    """(row, column) slices covering an R × C tensor in blocks of about CHUNK entries: whole
+    rows when R > 1, column ranges of the single row otherwise."""
+    r, c = shape
+    if r == 1:
+        return [(slice(0, 1), sl) for sl in sparsify.flat_chunks(c)]
+    per = max(1, sparsify.CHUNK // max(c, 1))
+    return [(slice(i, min(r, i + per)), slice(0, c)) for i in range(0, r, per)]
+
+
+def _delta_products(
+    w0: torch.Tensor, ws: Sequence[torch.Tensor]
+) -> tuple[dict[tuple[int, int], torch.Tensor], list[torch.Tensor]]:
+    """Row-wise ⟨τi, τj⟩ (i < j) and ‖τi‖, accumulated block by block in float64, so that no
+    tensor-sized task vector is ever held."""
+    n, rows = len(ws), w0.shape[0]
+    acc = torch.zeros((n * (n + 1)) // 2, rows, dtype=torch.float64, device=w0.device)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    for r, c in _blocks(w0.shape):
+        base = w0[r, c]
+        deltas = [w[r, c] - base for w in ws]
+        for k, (i, j) in enumerate(pairs):
+            acc[k, r] += torch.linalg.vecdot(deltas[i], deltas[j], dim=-1).double()
+    products = dict(zip(pairs, acc))
+    norms = [products[(i, i)].clamp(min=0).sqrt() for i in range(n)]
+    return {(i, j): v for (i, j), v in products.items() if i < j}, norms
+
+
+def cosine_from_products(
+    dots: dict[tuple[int, int], torch.Tensor], norms: Sequence[torch.Tensor], norm_product_floor: float = 0.0
+) -> torch.Tensor:
+    """Mean over pairs i < j of ⟨τi, τj⟩ / (‖τi‖ ‖τj‖) (float32), as :func:`pairwise_mean_cosine`."""
+    cosines = []
+    for (i, j), dot in dots.items():
+        if norm_product_floor > 0:
+            cos = dot / (norms[i] * norms[j]).clamp(min=norm_product_floor)
+        else:
+            nonzero = (norms[i] > 0) & (norms[j] > 0)
+            safe_i = torch.where(nonzero, norms[i], torch.ones_like(norms[i]))
+            safe_j = torch.where(nonzero, norms[j], torch.ones_like(norms[j]))
+            cos = torch.where(nonzero, dot / safe_i / safe_j, torch.zeros_like(dot))
+        cosines.append(cos.clamp(-1.0, 1.0))
+    return torch.stack(cosines).mean(dim=0).float()

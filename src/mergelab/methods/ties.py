@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import GatherPass, TensorContext
-from mergelab.methods.consensus import SignTie, consensus_merge, elect_sign, sign_balance
+from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, elect_sign, sign_balance
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     HIGH_BINS,
@@ -59,6 +59,7 @@ from mergelab.methods.sparsify import (
     low_histogram,
     flat_chunks,
     keep_count,
+    kth_largest_magnitude,
     magnitude_mask,
 )
 
@@ -336,17 +337,7 @@ def tensor_threshold(base: Tensor, expert: Tensor, density: float) -> float | No
     k = keep_count(n, density, at_least_one=True)
     if k == 0:
         return math.inf
-    b, e = base.reshape(-1), expert.reshape(-1)
-    chunks = flat_chunks(n)
-    high = torch.zeros(HIGH_BINS, dtype=torch.int64)
-    for sl in chunks:
-        high += high_histogram(e[sl] - b[sl])
-    hb, rank = locate_in_histogram(high, k)
-    low = torch.zeros(LOW_BINS, dtype=torch.int64)
-    for sl in chunks:
-        low += low_histogram(e[sl] - b[sl], hb)
-    lb, _ = locate_in_histogram(low, rank)
-    return bits_to_float(hb, lb)
+    return kth_largest_magnitude(expert, k, minus=base)
 
 
 def _ties_tensor_chunked(
@@ -360,14 +351,19 @@ def _ties_tensor_chunked(
     b_flat = base.reshape(-1)
     e_flat = [e.reshape(-1) for e in experts]
     out = torch.empty_like(b_flat)
+    scratch = Scratch(out)
     for sl in flat_chunks(b_flat.numel()):
         b = b_flat[sl]
+        m = b.numel()
         trimmed = []
-        for e, thr in zip(e_flat, thresholds):
-            d = e[sl] - b
+        for i, (e, thr) in enumerate(zip(e_flat, thresholds)):
+            d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m))
             if thr is not None:
-                d.mul_(d.abs() >= thr)
+                keep = torch.abs(d, out=scratch.take("keep", m))
+                d.mul_(torch.ge(keep, thr, out=keep))  # float-valued mask: fast on CPU
             trimmed.append(d)
-        merged = consensus_merge(trimmed, weights, normalize=params.normalize, on_zero="positive")
+        merged = consensus_merge(
+            trimmed, weights, normalize=params.normalize, on_zero="positive", scratch=scratch
+        )
         torch.add(b, merged, alpha=params.lambda_, out=out[sl])
     return out.reshape(base.shape).to(base.dtype)
