@@ -549,7 +549,7 @@ def bench_size(
                     method,
                     recipe,
                     work,
-                    args.repeats,
+                    args.mergekit_repeats if tool == "mergekit" else args.repeats,
                     env,
                     args.mergelab_args_list,
                     mergekit or "",
@@ -663,6 +663,12 @@ def main(argv: list[str] | None = None) -> int:
         help="runs per tool and method (median reported)",
     )
     ap.add_argument(
+        "--mergekit-repeats",
+        type=int,
+        default=None,
+        help="runs per method for mergekit (default: --repeats; its slow methods take minutes each)",
+    )
+    ap.add_argument(
         "--floor-repeats",
         type=int,
         default=None,
@@ -727,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         m.strip() for m in args.shards_methods.split(",") if m.strip()
     ]
     args.floor_repeats = args.floor_repeats or max(3, args.repeats)
+    args.mergekit_repeats = args.mergekit_repeats or args.repeats
     args.mergelab_args_list = shlex.split(args.mergelab_args)
     args.workdir = args.workdir.resolve()
     sizes = ["168m", "738m"] if args.size == "both" else [args.size]
@@ -766,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": mach,
         "versions": versions,
         "repeats": args.repeats,
+        "mergekit_repeats": args.mergekit_repeats,
         "floor_repeats": args.floor_repeats,
     }
     results = []

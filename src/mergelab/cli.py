@@ -213,12 +213,35 @@ def inspect(
 @app.command()
 @user_errors
 def demo(
-    workdir: Annotated[Path | None, typer.Option(help="where to build the demo models (default: a cache folder)")] = None,
+    synthetic: Annotated[
+        bool, typer.Option("--synthetic", help="the engine-only demo: small random checkpoints merged with TIES (seconds, no zoo)")
+    ] = False,
+    install: Annotated[
+        bool, typer.Option("--install", help="install the zoo's source packages first if any is missing (apt needs root)")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the leaderboard (markdown, JSON, PNG) into this folder")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="--synthetic: where to build the demo models (default: a cache folder)")] = None,
 ) -> None:
-    """Build small local checkpoints, merge them with TIES and show what the merge kept."""
-    from mergelab.demo import run_demo
+    """Build the quick classification zoo (4 experts, cached), merge it with task arithmetic, TIES and
+    DARE-TIES, evaluate every merge on every task and print the leaderboard."""
+    if synthetic:
+        from mergelab.demo import run_demo
 
-    run_demo(workdir, console=console, err_console=err_console)
+        run_demo(workdir, console=console, err_console=err_console)
+        return
+    from mergelab.eval.commands import demo_bench
+    from mergelab.zoo.sources import SourceError, install_sources
+
+    try:
+        demo_bench(out=out, threads=threads, progress_enabled=not no_progress)
+    except SourceError:
+        if not install:
+            raise
+        err_console.print("some zoo sources are missing: installing them", highlight=False)
+        install_sources(None, echo=lambda m: err_console.print(m, highlight=False))
+        demo_bench(out=out, threads=threads, progress_enabled=not no_progress)
 
 
 def _register_subcommands() -> None:

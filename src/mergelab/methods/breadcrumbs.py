@@ -45,6 +45,7 @@ from mergelab.methods.sparsify import (
     keep_count,
     kth_largest_magnitude,
     outlier_mask,
+    parallel_map,
 )
 
 Tensor = torch.Tensor
@@ -140,7 +141,11 @@ def _merge_chunked(
     """Mask, rescale (inverse) and merge chunk by chunk: the same result as whole tensors,
     with temporaries of CHUNK entries."""
     weights = [m.weight for m in model_params]
-    bounds = [magnitude_bounds(base, e, m.density, m.gamma) for e, m in zip(experts, model_params)]
+    bounds = parallel_map(
+        lambda em: magnitude_bounds(base, em[0], em[1].density, em[1].gamma),
+        list(zip(experts, model_params)),
+        numel=base.numel(),
+    )
     b_flat = base.reshape(-1)
     e_flat = [e.reshape(-1) for e in experts]
     out = torch.empty_like(b_flat)

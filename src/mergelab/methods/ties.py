@@ -60,6 +60,7 @@ from mergelab.methods.sparsify import (
     flat_chunks,
     keep_count,
     kth_largest_magnitude,
+    parallel_map,
     magnitude_mask,
 )
 
@@ -347,7 +348,9 @@ def _ties_tensor_chunked(
     model_params: Sequence[TiesModelParams],
 ) -> Tensor:
     weights = [m.weight for m in model_params]
-    thresholds = [tensor_threshold(base, e, m.density) for e, m in zip(experts, model_params)]
+    thresholds = parallel_map(
+        lambda em: tensor_threshold(base, em[0], em[1].density), list(zip(experts, model_params)), numel=base.numel()
+    )
     b_flat = base.reshape(-1)
     e_flat = [e.reshape(-1) for e in experts]
     out = torch.empty_like(b_flat)
