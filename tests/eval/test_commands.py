@@ -38,10 +38,12 @@ def test_eval_command_writes_json(tiny_zoo_manifest: Path, tmp_path: Path) -> No
     assert "normalized" in res.output
 
 
-def test_eval_command_rejects_the_unbuilt_lm_suite(tiny_zoo_manifest: Path) -> None:
+def test_eval_suite_lm_refuses_a_classification_zoo(tiny_zoo_manifest: Path) -> None:
+    from mergelab.zoo.build import ZooError
+
     res = runner.invoke(app, ["eval", "base", "--suite", "lm", "--zoo", str(tiny_zoo_manifest.parent)])
     assert res.exit_code != 0
-    assert isinstance(res.exception, commands.UsageError)
+    assert isinstance(res.exception, ZooError) and "classification zoo" in str(res.exception)
 
 
 def test_bench_command_writes_the_leaderboard(tiny_zoo_manifest: Path, tmp_path: Path) -> None:

