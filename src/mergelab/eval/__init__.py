@@ -5,15 +5,26 @@ on every task with each task's head; ``run_bench(zoo)`` tunes and scores every m
 ``write_leaderboard`` writes markdown, JSON and a bar chart.
 """
 
+from mergelab.eval.data_informed import BenchCalibration
 from mergelab.eval.ensembles import majority_vote, probability_average
-from mergelab.eval.grids import GRIDS, LEADERBOARD_METHODS, GridPoint, grid_for
+from mergelab.eval.grids import (
+    ADVANCED_METHODS,
+    DATA_INFORMED_METHODS,
+    GRIDS,
+    LEADERBOARD_METHODS,
+    GridPoint,
+    grid_for,
+)
 from mergelab.eval.harness import Evaluator, evaluate_model, report_table
 from mergelab.eval.leaderboard import Leaderboard, run_bench, write_leaderboard
 from mergelab.eval.metrics import EvalReport, TaskScore, accuracy, normalized_score
 
 __all__ = [
+    "ADVANCED_METHODS",
+    "DATA_INFORMED_METHODS",
     "GRIDS",
     "LEADERBOARD_METHODS",
+    "BenchCalibration",
     "EvalReport",
     "Evaluator",
     "GridPoint",

@@ -15,6 +15,41 @@ for merging many experts:
   Belilovsky 2024 defaults), λ as for the base method;
 * linear and Model Stock have no free parameter (one point).
 
+Advanced data-free methods (:data:`ADVANCED_METHODS`), each grid at most six points:
+
+* TALL masks (Wang et al. 2024, arXiv:2405.07813): λ_t from the reference grid 0.2…0.6
+  (0.2/0.4/0.6 here) × τ_MTL from task arithmetic or TIES; a *routed* method: every task is
+  scored with its own reconstruction θ0 + m_t ⊙ τ_MTL (see :mod:`mergelab.eval.routed`);
+* consensus (same paper): k = 2 (the reference), α over 0.4/0.7/1.0 (the reference picks it
+  from 0.1…1.0 on validation) × TA / TIES dis-sum;
+* EMR (Huang et al. 2024, arXiv:2405.17461): tuning-free (one point), routed like TALL
+  (θ0 + λ_t m_t ⊙ τ_uni per task);
+* TSV-M (Gargiulo et al. 2025, arXiv:2412.00081): α = 1 in the paper; 0.8/1.0/1.2 around it;
+* ISO-C / ISO-CTS (Marczak et al. 2025, arXiv:2502.04959): the paper selects α on validation;
+  0.5…2.0 (common_space_fraction 0.8, the references' default);
+* WIDEN (Yu et al. 2024, arXiv:2408.03092): the reference defaults t = c = 1.0 and a few values
+  around them (t: above-average ratio 1.0/1.5/2.0, c: score calibration 0.5/1.0);
+* MagMax (Marczak et al. 2024, arXiv:2407.06322): λ = 0.5 in the paper's scripts; 0.3…1.0;
+* PCB (Du et al. 2024, arXiv:2410.02396): r = ``pcb_ratio`` 0.05/0.1/0.2 (the example scripts'
+  range) × λ = 1.0 (default) or 1.2 (the vision script's fixed λ_i without the ES search);
+* LiNeS (Wang et al. 2024, arXiv:2410.17146) on task arithmetic: α automatic (1/T), β from the
+  paper's task-arithmetic grid 0.1…1.0 (0.2/0.4/0.6/0.8/1.0).
+
+Data-informed methods (:data:`DATA_INFORMED_METHODS`; their data phase is described in
+:mod:`mergelab.eval.data_informed`):
+
+* Fisher (Matena & Raffel 2022, arXiv:2111.09832): the default, with and without the norm
+  scaling of each expert's Fisher (``normalize``); one set of statistics serves both points;
+* RegMean (Jin et al. 2023, arXiv:2212.09849): α (``reduce_non_diagonal_ratio``, off-diagonal
+  scaling; the paper tunes it, fusion_bench uses 0.1 for LMs and 0.95 for CLIP, MergeLM 1.0)
+  over 0.1/0.5/0.9/0.95/1.0; the Grams are computed once;
+* RegMean++ (Nguyen et al. 2025, arXiv:2508.03121): α 0.5/0.9/0.95 (its Grams depend on α,
+  since each block's inputs come from the already merged blocks: one data phase per point);
+* AdaMerging (Yang et al. 2024, arXiv:2310.02575): one point, the module's defaults
+  (layer-wise, 500 Adam steps, λ from 0.3): each point is a whole entropy-minimisation run
+  (hours on CPU for the quick zoo; see the module); the task-wise variant is in
+  :data:`ADAMERGING_TASKWISE` for runs that can afford it.
+
 A method registered in :mod:`mergelab.methods` but absent here gets one point with its
 defaults, so a new method shows up on the leaderboard without an edit here.
 """
@@ -70,9 +105,28 @@ GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "della": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.3, 0.5, 0.7)}),
     "della_linear": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.3, 0.5, 0.7)}),
     "model_stock": (GridPoint(),),
+    # advanced data-free methods (see the module docstring for the papers' searches)
+    "tall_masks": product({"multitask": ("sum", "ties")}, {"tall_lambda": (0.2, 0.4, 0.6)}),
+    "consensus": product({"multitask": ("sum", "ties"), "lambda": (0.4, 0.7, 1.0), "k": (2,)}),
+    "emr": (GridPoint(),),
+    "tsv_m": product({"alpha": (0.8, 1.0, 1.2)}),
+    "iso_c": product({"alpha": (0.5, 1.0, 1.5, 2.0)}),
+    "iso_cts": product({"alpha": (0.5, 1.0, 1.5, 2.0)}),
+    "widen": product({"above_average_value_ratio": (1.0, 1.5, 2.0), "score_calibration_value": (0.5, 1.0)}),
+    "magmax": product({"lambda": (0.3, 0.5, 0.7, 1.0)}),
+    "pcb": product({"pcb_ratio": (0.05, 0.1, 0.2), "lambda": (1.0, 1.2)}),
+    "lines": product({"merge_method": ("task_arithmetic",), "beta": (0.2, 0.4, 0.6, 0.8, 1.0)}),
+    # data-informed methods (statistics from the zoo's data: mergelab.eval.data_informed)
+    "fisher": product({"normalize": (True, False)}),
+    "regmean": product({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 0.95, 1.0)}),
+    "regmean_plusplus": product({"reduce_non_diagonal_ratio": (0.5, 0.9, 0.95)}),
+    "adamerging": (GridPoint({"granularity": "layer"}),),
 }
 
-LEADERBOARD_METHODS: tuple[str, ...] = (
+ADAMERGING_TASKWISE: tuple[GridPoint, ...] = product({"granularity": ("task", "layer")})
+"""AdaMerging's task-wise and layer-wise variants (two full data phases), for ``grids=``."""
+
+CLASSIC_METHODS: tuple[str, ...] = (
     "linear",
     "task_arithmetic",
     "ties",
@@ -84,7 +138,46 @@ LEADERBOARD_METHODS: tuple[str, ...] = (
     "della_linear",
     "model_stock",
 )
+"""The task-vector methods of the first leaderboard."""
+
+ADVANCED_METHODS: tuple[str, ...] = (
+    "tall_masks",
+    "consensus",
+    "emr",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    "widen",
+    "magmax",
+    "pcb",
+    "lines",
+)
+"""Data-free methods after TIES/DARE; ``tall_masks`` and ``emr`` are routed (per-task parts)."""
+
+DATA_INFORMED_METHODS: tuple[str, ...] = ("fisher", "regmean", "regmean_plusplus", "adamerging")
+"""Methods with a data phase (statistics from the zoo's splits, see mergelab.eval.data_informed)."""
+
+LEADERBOARD_METHODS: tuple[str, ...] = CLASSIC_METHODS + ADVANCED_METHODS + DATA_INFORMED_METHODS
 """Methods of ``mergelab bench`` when none are named (every multi-expert method)."""
+
+METHOD_GROUPS: dict[str, tuple[str, ...]] = {
+    "classic": CLASSIC_METHODS,
+    "advanced": ADVANCED_METHODS,
+    "informed": DATA_INFORMED_METHODS,
+    "data_free": CLASSIC_METHODS + ADVANCED_METHODS,
+    "all": LEADERBOARD_METHODS,
+}
+"""Names ``mergelab bench --methods`` accepts for a group of methods."""
+
+
+def expand_methods(names: Sequence[str]) -> list[str]:
+    """Method names with group names (:data:`METHOD_GROUPS`) expanded, duplicates dropped, order kept."""
+    out: list[str] = []
+    for name in names:
+        for m in METHOD_GROUPS.get(name, (name,)):
+            if m not in out:
+                out.append(m)
+    return out
 
 DEMO_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
 

@@ -4,7 +4,18 @@
 of the method's grid (:mod:`mergelab.eval.grids`), score each merge on the validation split,
 keep the point with the best average normalized accuracy (ties: the earlier point), and score
 that merge on the test split, recording the merge's wall time and peak memory. The test split
-is never looked at during the search. Reference rows (no merge) come from the zoo's own
+is never looked at during the search.
+
+Two kinds of methods need more than a merged state dict:
+
+* routed methods (``tall_masks``, ``emr``: a shared model plus per-task masks and scales) are
+  merged as ``mergelab merge`` does and every task is scored with its own reconstruction
+  (:mod:`mergelab.eval.routed`); their rows are marked ``routed`` (they need the task id at
+  inference) and record the storage of the shared model + parts against N separate experts;
+* data-informed methods (``fisher``, ``regmean``, ``regmean_plusplus``, ``adamerging``) first run
+  their data phase on the zoo's data (:mod:`mergelab.eval.data_informed`: train split for the
+  statistics, unlabeled validation texts for AdaMerging), cached under ``<work_dir>/statistics``
+  so grid points and reruns reuse them; the data phase's time is recorded beside the merge's. Reference rows (no merge) come from the zoo's own
 models: the pretrained encoder with the experts' heads and with linear-probe heads, each
 expert alone on every task, and the probability-average and majority-vote ensembles.
 
@@ -18,6 +29,8 @@ import contextlib
 import datetime as _dt
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +39,7 @@ from typing import Any
 
 import torch
 
+from mergelab.eval.data_informed import BenchCalibration, compute_statistics
 from mergelab.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, edge_axes, grid_for
 from mergelab.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
 from mergelab.eval.measure import measure
@@ -42,15 +56,19 @@ class GridResult:
     validation_average: float | None
     merge_seconds: float
     merge_peak_bytes: int
+    statistics_seconds: float | None = None  # data phase of this point (data-informed methods)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             **self.point.to_dict(),
             "validation_average_normalized": self.validation_average_normalized,
             "validation_average": self.validation_average,
             "merge_seconds": round(self.merge_seconds, 3),
             "merge_peak_mb": round(self.merge_peak_bytes / 2**20, 1),
         }
+        if self.statistics_seconds is not None:
+            d["statistics_seconds"] = round(self.statistics_seconds, 3)
+        return d
 
 
 @dataclass
@@ -67,6 +85,19 @@ class MethodResult:
     merge_seconds: float | None = None
     merge_peak_bytes: int | None = None
     search_seconds: float | None = None
+    kind: str = "merge"
+    """``merge`` (one merged model for every task) or ``routed`` (one reconstruction per task)."""
+    routing: dict[str, Any] | None = None
+    """Routed rows: reconstruction, storage (shared + parts vs N experts), the shared model's score."""
+    statistics: dict[str, Any] | None = None
+    """Data-informed rows: the data phase (collector, seconds per grid point, cache folder)."""
+
+    @property
+    def routed(self) -> bool:
+        return self.kind == "routed"
+
+    def display_name(self) -> str:
+        return f"{self.method} (routed)" if self.routed else self.method
 
     @property
     def chosen_at_edge(self) -> list[str]:
@@ -94,6 +125,9 @@ class MethodResult:
             "merge_seconds": None if self.merge_seconds is None else round(self.merge_seconds, 3),
             "merge_peak_mb": None if self.merge_peak_bytes is None else round(self.merge_peak_bytes / 2**20, 1),
             "search_seconds": None if self.search_seconds is None else round(self.search_seconds, 1),
+            "kind": self.kind,
+            "routing": self.routing,
+            "statistics": self.statistics,
         }
 
     @classmethod
@@ -106,6 +140,7 @@ class MethodResult:
                 g["validation_average"],
                 g["merge_seconds"],
                 int(g["merge_peak_mb"] * 2**20),
+                g.get("statistics_seconds"),
             )
             for g in d.get("grid", [])
         ]
@@ -120,6 +155,9 @@ class MethodResult:
             merge_seconds=d.get("merge_seconds"),
             merge_peak_bytes=None if d.get("merge_peak_mb") is None else int(d["merge_peak_mb"] * 2**20),
             search_seconds=d.get("search_seconds"),
+            kind=d.get("kind", "merge"),
+            routing=d.get("routing"),
+            statistics=d.get("statistics"),
         )
 
 
@@ -198,11 +236,18 @@ def run_bench(
     merge_fn: MergeFn | None = None,
     progress=None,
     echo: Callable[[str], None] | None = None,
+    calibration: BenchCalibration | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
 ) -> Leaderboard:
     """Tune every method on validation, score it on test, add the reference rows.
 
     ``grids`` overrides :func:`mergelab.eval.grids.grid_for` per method (tests use tiny ones);
-    ``merge_fn`` defaults to :func:`mergelab.merge_state_dicts`.
+    ``merge_fn`` defaults to :func:`mergelab.merge_state_dicts` (data-informed methods get the
+    keyword ``statistics``; routed methods merge to disk through :func:`mergelab.merge`).
+    ``calibration`` sets the data of the data-informed methods; their statistics are kept in
+    ``work_dir/statistics`` (reused by later grid points and later runs) and routed merges are
+    written under ``work_dir`` while they are scored; without ``work_dir`` a temporary folder
+    is used and removed.
     """
     from mergelab.methods import get_method
 
@@ -211,6 +256,7 @@ def run_bench(
     say = echo or (lambda _: None)
     steps = _Steps(progress)
     methods = list(methods or LEADERBOARD_METHODS)
+    cal = calibration or BenchCalibration()
     t_start = time.perf_counter()
     val = Evaluator(zoo, split="validation", limit=validation_limit)
     test = Evaluator(zoo, split="test", limit=test_limit)
@@ -224,52 +270,38 @@ def run_bench(
             tick()
 
     base, experts = _load_models(zoo)
+    temporary = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-")) if work_dir is None else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stats_root = work / "statistics"
+    routed_root = work / ".routed-merges"
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, cal, stats_root, routed_root, seed, progress, steps,
+                        temporary)
     results: list[MethodResult] = []
-    for name in methods:
-        points = list((grids or {}).get(name, grid_for(name)))
-        reason = check_grid(name, len(experts), points)
-        if reason:
-            say(f"{name}: skipped ({reason})")
-            results.append(MethodResult(name, status="skipped", reason=reason))
-            continue
-        spec = get_method(name)
-        result = MethodResult(name)
-        best_state: dict[str, torch.Tensor] | None = None
-        best_score = -float("inf")
-        t_search = time.perf_counter()
-        with steps.phase(f"{name}: {len(points)} grid point(s) on validation", len(points)) as tick:
-            for point in points:
-                with measure() as m:
-                    merged = merge_fn(
-                        name,
-                        experts,
-                        None if spec.base == "ignored" else base,
-                        parameters=dict(point.parameters),
-                        model_parameters=[dict(point.model_parameters) for _ in experts],
-                        seed=seed,
-                    )
-                report = val.evaluate(merged, name=name)
-                score = report.average_normalized
-                result.grid.append(GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes))
-                if score is not None and score > best_score:
-                    best_score, best_state = score, merged
-                    result.chosen, result.validation = point, report
-                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
-                del merged
-                tick()
-        result.search_seconds = time.perf_counter() - t_search
-        if best_state is None:
-            result.status, result.reason = "failed", "no grid point gave a score"
-        else:
-            result.test = test.evaluate(best_state, name=name)
-            say(
-                f"{name}: {result.chosen.label() if result.chosen else ''} -> "
-                f"test normalized {fmt_pct(result.test.average_normalized)} %"
-            )
-        results.append(result)
-        best_state = None
+    try:
+        for name in methods:
+            points = list((grids or {}).get(name, grid_for(name)))
+            reason = check_grid(name, len(experts), points)
+            if reason:
+                say(f"{name}: skipped ({reason})")
+                results.append(MethodResult(name, status="skipped", reason=reason))
+                continue
+            result = _run_method(ctx, get_method(name), points)
+            if result.status == "ok" and result.test is not None:
+                say(
+                    f"{result.display_name()}: {result.chosen.label() if result.chosen else ''} -> "
+                    f"test normalized {fmt_pct(result.test.average_normalized)} %"
+                )
+            else:
+                say(f"{name}: {result.status} ({result.reason})")
+            results.append(result)
+    finally:
+        shutil.rmtree(routed_root, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
 
-    config = {
+    specs = {m: get_method(m) for m in methods}
+    config: dict[str, Any] = {
         "suite": "classification",
         "zoo": zoo.name,
         "methods": methods,
@@ -279,6 +311,21 @@ def run_bench(
         "selection": "best average normalized accuracy on the validation split",
         "grids": {m: [p.to_dict() for p in (grids or {}).get(m, grid_for(m))] for m in methods},
     }
+    routed = [m for m, sp in specs.items() if sp.outputs == "modulated"]
+    if routed:
+        config["routed"] = {
+            "methods": routed,
+            "evaluation": "task t is scored with its own reconstruction theta_0 + s_t * m_t * (shared - theta_0) "
+            "(mergelab extract); selection by the average normalized validation accuracy of the reconstructions; "
+            "needs the task id at inference",
+        }
+    informed = [m for m, sp in specs.items() if sp.statistics is not None]
+    if informed:
+        config["calibration"] = {
+            "methods": informed,
+            **cal.describe(zoo),
+            "statistics_dir": "temporary (removed)" if temporary else str(stats_root),
+        }
     zoo_info = {
         "name": zoo.name,
         "key": zoo.key,
@@ -293,6 +340,107 @@ def run_bench(
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, info)
+
+
+@dataclass
+class _BenchContext:
+    zoo: Zoo
+    base: dict[str, torch.Tensor]
+    experts: list[dict[str, torch.Tensor]]
+    val: Evaluator
+    test: Evaluator
+    merge_fn: MergeFn
+    calibration: BenchCalibration
+    stats_root: Path
+    routed_root: Path
+    seed: int
+    progress: Any
+    steps: _Steps
+    temporary: bool
+
+
+def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> MethodResult:
+    """Merge and score every grid point on validation, then the chosen one on test."""
+    from mergelab.eval.routed import RoutedMerge, routed_merge, routing_info
+
+    name = spec.name
+    routed = spec.outputs == "modulated"
+    informed = spec.statistics is not None
+    result = MethodResult(name, kind="routed" if routed else "merge")
+    best: Any = None  # the chosen point's merge: a state dict, or a RoutedMerge folder
+    best_score = -float("inf")
+    stats_seconds: list[float] = []
+    stats_summary: dict[str, str] = {}
+    t_search = time.perf_counter()
+    try:
+        with ctx.steps.phase(f"{name}: {len(points)} grid point(s) on validation", len(points)) as tick:
+            for k, point in enumerate(points):
+                statistics = None
+                if informed:
+                    statistics = compute_statistics(name, ctx.zoo, point, ctx.calibration, ctx.stats_root,
+                                                    seed=ctx.seed, progress=ctx.progress)
+                    stats_seconds.append(statistics.seconds)
+                    stats_summary = statistics.summary
+                try:
+                    with measure() as m:
+                        if routed:
+                            merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / f"{name}-{k}", seed=ctx.seed)
+                        else:
+                            extra = {"statistics": statistics.readers} if statistics is not None else {}
+                            merged = ctx.merge_fn(
+                                name,
+                                ctx.experts,
+                                None if spec.base == "ignored" else ctx.base,
+                                parameters=dict(point.parameters),
+                                model_parameters=[dict(point.model_parameters) for _ in ctx.experts],
+                                seed=ctx.seed,
+                                **extra,
+                            )
+                finally:
+                    if statistics is not None:
+                        statistics.close()
+                if isinstance(merged, RoutedMerge):
+                    report = merged.evaluate(ctx.val, name)
+                else:
+                    report = ctx.val.evaluate(merged, name=name)
+                score = report.average_normalized
+                result.grid.append(GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes,
+                                              statistics.seconds if statistics is not None else None))
+                if score is not None and score > best_score:
+                    if isinstance(best, RoutedMerge):
+                        best.remove()
+                    best_score, best = score, merged
+                    result.chosen, result.validation = point, report
+                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
+                elif isinstance(merged, RoutedMerge):
+                    merged.remove()
+                del merged
+                tick()
+        result.search_seconds = time.perf_counter() - t_search
+        if informed:
+            result.statistics = {
+                "collector": spec.statistics,
+                "split": ctx.calibration.split(spec.statistics),
+                "examples_per_task": ctx.calibration.num_examples(spec.statistics),
+                "seconds_per_point": [round(x, 3) for x in stats_seconds],
+                "seconds_total": round(sum(stats_seconds), 3),
+                "summary": stats_summary,
+                "cache": None if ctx.temporary else str(ctx.stats_root / name),
+            }
+        if best is None:
+            result.status, result.reason = "failed", "no grid point gave a score"
+        elif isinstance(best, RoutedMerge):
+            result.test = best.evaluate(ctx.test, name)
+            shared = best.evaluate_shared(ctx.test, f"{name} (shared model)")
+            result.routing = routing_info(best, shared)
+        else:
+            result.test = ctx.test.evaluate(best, name=name)
+    except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' rows
+        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        if isinstance(best, RoutedMerge):
+            best.remove()
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,10 +458,17 @@ def reproduce_command(lb: Leaderboard) -> str:
     c = lb.config
     vl = c["validation_limit"] if c["validation_limit"] is not None else 0
     tl = c["test_limit"] if c["test_limit"] is not None else 0
-    return (
+    cmd = (
         f"mergelab bench --suite classification --zoo {c['zoo']} --methods {','.join(c['methods'])} "
         f"--validation-limit {vl} --test-limit {tl} --seed {c['seed']}"
     )
+    cal = c.get("calibration")
+    if cal:
+        cmd += (
+            f" --calibration-examples {cal['examples']} --fisher-examples {cal['fisher_examples']}"
+            f" --adamerging-examples {cal['adamerging_examples']} --calibration-device {cal['device']}"
+        )
+    return cmd
 
 
 def markdown(lb: Leaderboard) -> str:
@@ -334,7 +489,7 @@ def markdown(lb: Leaderboard) -> str:
     ]
     for m in lb.ranked():
         assert m.test is not None
-        cells = [m.method, *_row_cells(m.test, tasks)]
+        cells = [m.display_name(), *_row_cells(m.test, tasks)]
         cells += [
             f"{m.merge_seconds:.1f}" if m.merge_seconds is not None else "–",
             f"{m.merge_peak_bytes / 2**20:.0f}" if m.merge_peak_bytes is not None else "–",
@@ -345,6 +500,7 @@ def markdown(lb: Leaderboard) -> str:
     for m in lb.methods:
         if m.status != "ok":
             lines.append(f"| {m.method} | {m.status}: {m.reason} |" + " |" * (len(head) + 2))
+    lines += _notes(lb)
     lines += ["", "## Reference rows (no merge)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lb.references:
         lines.append("| " + " | ".join([r.model, *_row_cells(r, tasks)]) + " |")
@@ -368,6 +524,51 @@ def markdown(lb: Leaderboard) -> str:
     return "\n".join(lines)
 
 
+def _notes(lb: Leaderboard) -> list[str]:
+    """Markdown paragraphs about routed and data-informed rows (none when there are none)."""
+    out: list[str] = []
+    routed = [m for m in lb.ranked() if m.routed]
+    if routed:
+        out += [
+            "",
+            (
+                "Rows marked `(routed)` are not one merged model: each task is scored with its own reconstruction "
+                "θ0 + s_t·m_t ⊙ (shared − θ0) (`mergelab extract`), so they need the task id at inference. "
+                "Storage is the shared model + θ0 + bit-packed masks, against N separate experts; their merge time "
+                "and peak memory are those of `mergelab merge` writing that output to disk."
+            ),
+            "",
+        ]
+        for m in routed:
+            r = m.routing or {}
+            storage = r.get("storage", {})
+            shared = r.get("shared_model_test_average_normalized")
+            out.append(
+                f"- {m.method}: {storage.get('summary', 'storage not recorded')}; "
+                f"shared model alone (no task id): {fmt_pct(shared)} % normalized"
+            )
+    informed = [m for m in lb.methods if m.statistics]
+    cal = lb.config.get("calibration")
+    if informed and cal:
+        out += [
+            "",
+            (
+                "Data-informed rows: statistics from the zoo's data (train split; AdaMerging: unlabeled validation "
+                f"texts, never the test split), at most {cal.get('max_length')} tokens per example; "
+                "`merge s` excludes the data phase:"
+            ),
+            "",
+        ]
+        for m in informed:
+            st = m.statistics or {}
+            out.append(
+                f"- {m.method}: {st.get('examples_per_task')} examples per task ({st.get('split')} split), "
+                f"data phase {st.get('seconds_total', 0):.1f} s over {len(st.get('seconds_per_point', []))} "
+                "grid point(s)"
+            )
+    return out
+
+
 def _short_zoo_config(config: dict[str, Any]) -> str:
     train = config.get("train", {})
     keys = ("steps", "batch_size", "max_len", "lr", "head_lr", "freeze_embeddings", "seed")
@@ -381,7 +582,9 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows: list[tuple[str, EvalReport, str]] = [(m.method, m.test, "merge") for m in lb.ranked() if m.test is not None]
+    rows: list[tuple[str, EvalReport, str]] = [
+        (m.display_name(), m.test, "merge") for m in lb.ranked() if m.test is not None
+    ]
     rows += [(r.model, r, "reference") for r in lb.references]
     fig_h = 1.2 + 0.32 * len(rows)
     fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
@@ -451,7 +654,7 @@ def leaderboard_table(lb: Leaderboard):
     for m in lb.ranked():
         assert m.test is not None
         cells = _row_cells(m.test, lb.tasks)
-        table.add_row(m.method, cells[0], *cells[2:], f"{m.merge_seconds or 0:.1f}")
+        table.add_row(m.display_name(), cells[0], *cells[2:], f"{m.merge_seconds or 0:.1f}")
     table.add_section()
     for r in lb.references:
         cells = _row_cells(r, lb.tasks)

@@ -1,0 +1,186 @@
+"""Data-informed methods on the leaderboard: calibration from the zoo, statistics cached per method.
+
+Fisher, RegMean, RegMean++ and AdaMerging need statistics computed from data before they merge
+(:mod:`mergelab.informed`). For the bench, every expert's calibration comes from the zoo itself:
+
+* Fisher, RegMean, RegMean++: the first ``examples`` rows (``fisher_examples`` for Fisher) of the
+  expert's own task's **train** split; Fisher and AdaMerging score with the zoo's expert head on
+  mean-pooled encoder states, as the zoo's classifiers do;
+* AdaMerging minimises the entropy of its predictions on **unlabeled** inputs (the paper uses the
+  test inputs): here the first ``adamerging_examples`` texts of each task's **validation**
+  split; the loss never reads labels (``mergelab.informed.modeling.model_inputs`` drops them),
+  and the test split is never used.
+
+Texts are tokenized at the zoo's own ``max_len`` (64 for the presets), batches of
+``batch_size`` (32, the zoo's training batch) for the Gram and Fisher passes; AdaMerging keeps
+its module's batch size (16) and steps (500).
+
+Cost and caching. Each call goes through :func:`mergelab.informed.run_data_phase` with
+``calibration.statistics_dir`` = ``<statistics root>/<method>``: the phase's own reuse keys
+(model files, data, settings, and the method parameters that change a statistic) decide what
+is recomputed. Fisher's and RegMean's statistics do not depend on the merge parameters, so
+they are computed once per method and every grid point (and a rerun of the bench) reuses
+them; RegMean++ (block-by-block, its Grams depend on α) and AdaMerging (the statistics *are*
+the learned coefficients) compute one set per grid point, cached the same way. Per-example
+Fisher with the exact expectation over labels costs one backward pass per example and class:
+the defaults of ``mergelab merge`` (256 examples at length 128) took 2154 s on the quick zoo
+(4 experts, 20 classes in all) on 2 CPU threads, so the bench uses 64 examples at the zoo's
+length (64): about an eighth of that.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mergelab.eval.grids import GridPoint
+from mergelab.zoo.build import Zoo
+
+#: collectors whose statistics depend on the grid point (one data phase per point)
+PER_POINT_COLLECTORS = ("gram_plusplus", "adamerging")
+
+
+@dataclass(frozen=True)
+class BenchCalibration:
+    """How much data the data phases of the bench see (recorded in the leaderboard's config)."""
+
+    examples: int = 256
+    """RegMean / RegMean++: rows of each task's train split per expert."""
+    fisher_examples: int = 64
+    """Fisher: rows of each task's train split per expert (per-example gradients × classes)."""
+    adamerging_examples: int = 256
+    """AdaMerging: unlabeled texts of each task's validation split (labels never read)."""
+    batch_size: int = 32
+    """batch size of the Gram and Fisher passes (AdaMerging: its module's default, 16)."""
+    max_length: int | None = None
+    """tokens per example; None: the zoo's ``max_len``."""
+    device: str = "cpu"
+    """torch device of the data phases (the merges themselves run on the CPU)."""
+
+    def __post_init__(self) -> None:
+        from mergelab.errors import RecipeError
+
+        for name in ("examples", "fisher_examples", "adamerging_examples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"calibration {name.replace('_', ' ')} must be at least 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise RecipeError("calibration max_length must be at least 2")
+
+    def num_examples(self, collector: str) -> int:
+        if collector == "fisher":
+            return self.fisher_examples
+        if collector == "adamerging":
+            return self.adamerging_examples
+        return self.examples
+
+    def split(self, collector: str) -> str:
+        return "validation" if collector == "adamerging" else "train"
+
+    def describe(self, zoo: Zoo | None = None) -> dict[str, Any]:
+        """The config entry of the leaderboard."""
+        d: dict[str, Any] = asdict(self)
+        if zoo is not None and self.max_length is None:
+            d["max_length"] = zoo.max_len
+        d["sources"] = {
+            "fisher": f"first {self.fisher_examples} rows of each expert's task, train split, with the zoo's "
+            "expert head (exact expectation over labels)",
+            "regmean": f"first {self.examples} rows of each expert's task, train split",
+            "regmean_plusplus": f"first {self.examples} rows of each expert's task, train split",
+            "adamerging": f"first {self.adamerging_examples} texts of each task's validation split, without labels "
+            "(entropy on unlabeled inputs; the test split is never used); batch 16 (module default)",
+        }
+        return d
+
+
+@dataclass
+class Statistics:
+    """The statistics of one grid point: one reader per expert, and what computing them cost."""
+
+    readers: list[Any]
+    seconds: float
+    summary: dict[str, str]
+    side_files: dict[str, str]
+    _phase: Any = None
+    _plan: Any = None
+
+    def close(self) -> None:
+        if self._phase is not None:
+            self._phase.close()
+        if self._plan is not None:
+            self._plan.close()
+
+
+def calibration_recipe(
+    method: str,
+    zoo: Zoo,
+    point: GridPoint,
+    calibration: BenchCalibration,
+    statistics_dir: str | os.PathLike[str],
+    seed: int,
+) -> dict[str, Any]:
+    """The recipe of one grid point whose data phase the bench runs (zoo folders as models)."""
+    from mergelab.methods import get_method
+
+    spec = get_method(method)
+    collector = spec.statistics
+    if collector is None:
+        raise ValueError(f"{method} is data-free")
+    split = calibration.split(collector)
+    models = [
+        {
+            "model": str(zoo.expert_model_dir(t)),
+            "parameters": dict(point.model_parameters),
+            "calibration": {"zoo_task": t, "zoo": str(zoo.root), "split": split, "head": "zoo"},
+        }
+        for t in zoo.tasks
+    ]
+    return {
+        "merge_method": method,
+        "base_model": str(zoo.base_dir),
+        "models": models,
+        "parameters": dict(point.parameters),
+        "calibration": {
+            "num_examples": calibration.num_examples(collector),
+            "batch_size": None if collector == "adamerging" else calibration.batch_size,
+            "max_length": calibration.max_length or zoo.max_len,
+            "model_type": "encoder",
+            "pooling": "mean",  # the zoo's classifiers: head(mean_pool(encoder(text)))
+            "statistics_dir": str(Path(statistics_dir) / spec.name),
+        },
+        "seed": seed,
+    }
+
+
+def compute_statistics(
+    method: str,
+    zoo: Zoo,
+    point: GridPoint,
+    calibration: BenchCalibration,
+    statistics_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    progress: Any = None,
+) -> Statistics:
+    """Run (or reuse from ``statistics_dir``) the data phase of ``method`` at ``point``.
+
+    The caller merges with ``Statistics.readers`` (``merge_state_dicts(..., statistics=...)``)
+    and then calls ``close()``.
+    """
+    from mergelab.api import plan_merge
+    from mergelab.informed.phase import run_data_phase
+
+    recipe = calibration_recipe(method, zoo, point, calibration, statistics_dir, seed)
+    plan = plan_merge(recipe)
+    t0 = time.perf_counter()
+    try:
+        phase = run_data_phase(plan, device=calibration.device, progress=progress, seed=seed,
+                               workdir=Path(statistics_dir))
+    except BaseException:
+        plan.close()
+        raise
+    return Statistics(list(phase.readers), time.perf_counter() - t0, dict(phase.summary), dict(phase.side_files),
+                      phase, plan)
+

@@ -1,0 +1,172 @@
+"""The bench with routed (TALL masks, EMR) and data-informed methods, on the tiny zoo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.eval.data_informed import BenchCalibration
+from mergelab.eval.grids import (
+    ADVANCED_METHODS,
+    DATA_INFORMED_METHODS,
+    GRIDS,
+    LEADERBOARD_METHODS,
+    GridPoint,
+    check_grid,
+    expand_methods,
+    product,
+)
+from mergelab.eval.harness import Evaluator
+from mergelab.eval.leaderboard import Leaderboard, markdown, run_bench
+from mergelab.zoo.build import Zoo
+
+TINY_CAL = BenchCalibration(examples=8, fisher_examples=4, adamerging_examples=8, batch_size=4)
+
+
+def test_every_declared_grid_validates_and_is_small() -> None:
+    from mergelab.methods import all_methods
+
+    for name, points in GRIDS.items():
+        assert check_grid(name, 8, points) is None, name
+    for name in ADVANCED_METHODS + DATA_INFORMED_METHODS:
+        assert name in GRIDS and 1 <= len(GRIDS[name]) <= 6, name
+    # every registered method that merges any number of experts is on the leaderboard
+    multi = {m.name for m in all_methods() if m.max_experts is None}
+    assert multi <= set(LEADERBOARD_METHODS)
+    assert expand_methods(["informed", "fisher", "linear"]) == [*DATA_INFORMED_METHODS, "linear"]
+
+
+def test_routed_method_is_scored_per_task_with_its_reconstruction(tiny_zoo: Zoo, tmp_path) -> None:
+    from mergelab import merge
+    from mergelab.eval.routed import routed_recipe
+    from mergelab.modulators import task_state_dict
+
+    grids = {"tall_masks": product({}, {"tall_lambda": (0.2, 0.6)}), "emr": (GridPoint(),)}
+    lb = run_bench(tiny_zoo, methods=["tall_masks", "emr"], grids=grids, validation_limit=None, test_limit=None,
+                   work_dir=tmp_path / "work")
+    assert not (tmp_path / "work" / ".routed-merges").exists()  # merges removed once scored
+    for row in lb.methods:
+        assert row.status == "ok", row.reason
+        assert row.routed and row.display_name() == f"{row.method} (routed)"
+        storage = row.routing["storage"]
+        assert storage["tasks"] == 2 and storage["separate_experts_bytes"] == 2 * storage["shared_bytes"]
+        assert storage["total_bytes"] == storage["shared_bytes"] + storage["base_bytes"] + storage["masks_bytes"]
+        # the choice is the argmax of the validation scores of the per-task reconstructions
+        scores = [g.validation_average_normalized for g in row.grid]
+        assert row.chosen == row.grid[scores.index(max(scores))].point
+
+        # rebuild the chosen merge independently and score each task with its own reconstruction
+        out = merge(routed_recipe(row.method, tiny_zoo, row.chosen, 0), tmp_path / row.method)
+        shared = dict(Evaluator(tiny_zoo, split="test", limit=None).encoder(out.path).state_dict())
+        for i, task in enumerate(tiny_zoo.tasks):
+            state = task_state_dict(out.path, i)
+            differs = any(not torch.equal(state[k], shared[k]) for k in state if k in shared)
+            assert differs, f"{row.method}: task {task}'s reconstruction equals the shared model"
+            direct = Evaluator(tiny_zoo, tasks=[task], split="test", limit=None).evaluate(state).scores[0]
+            reported = next(s for s in row.test.scores if s.task == task)
+            assert reported.value == pytest.approx(direct.value) and reported.n == direct.n
+    tall = next(m for m in lb.methods if m.method == "tall_masks")
+    assert tall.routing["shared_model_test_average_normalized"] is not None
+    assert lb.config["routed"]["methods"] == ["tall_masks", "emr"]
+    md = markdown(lb)
+    assert "| tall_masks (routed) |" in md and "separate experts" in md
+    assert Leaderboard.from_dict(lb.to_dict()).to_dict() == lb.to_dict()
+
+
+def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tmp_path, monkeypatch) -> None:
+    from mergelab.data import sources
+    from mergelab.informed import gram, phase
+
+    gram_calls = []
+    real_gram = gram.gram_matrices
+
+    def counting_gram(*a, **k):
+        gram_calls.append(1)
+        return real_gram(*a, **k)
+
+    splits = []
+    real_load = sources.load_examples
+
+    def recording_load(source, limit):
+        splits.append((source.zoo_task, source.split, limit))
+        return real_load(source, limit)
+
+    monkeypatch.setattr(gram, "gram_matrices", counting_gram)
+    monkeypatch.setattr(phase, "load_examples", recording_load)
+    grids = {
+        "regmean": product({"reduce_non_diagonal_ratio": (0.5, 0.9)}),
+        "adamerging": (GridPoint({"granularity": "task", "steps": 2}),),
+    }
+    lb = run_bench(tiny_zoo, methods=["regmean", "adamerging"], grids=grids, validation_limit=None, test_limit=None,
+                   calibration=TINY_CAL, work_dir=tmp_path / "work")
+    regmean, ada = lb.methods
+    assert regmean.status == "ok" and ada.status == "ok", (regmean.reason, ada.reason)
+    assert len(gram_calls) == len(tiny_zoo.tasks)  # one Gram pass per expert for both grid points
+    assert len(regmean.grid) == 2 and all(g.statistics_seconds is not None for g in regmean.grid)
+    assert regmean.statistics["collector"] == "gram" and regmean.statistics["split"] == "train"
+    assert (tmp_path / "work" / "statistics" / "regmean" / "gram").is_dir()
+    # RegMean reads each task's train rows; AdaMerging its validation texts; nothing reads test
+    assert {(t, s, n) for t, s, n in splits} == {(t, "train", 8) for t in tiny_zoo.tasks} | {
+        (t, "validation", 8) for t in tiny_zoo.tasks
+    }
+    assert ada.statistics["split"] == "validation"
+    assert lb.config["calibration"]["examples"] == 8 and "validation" in lb.config["calibration"]["sources"][
+        "adamerging"]
+    # a second bench in the same folder reuses every statistic
+    gram_calls.clear()
+    lb2 = run_bench(tiny_zoo, methods=["regmean"], grids=grids, validation_limit=None, test_limit=None,
+                    calibration=TINY_CAL, work_dir=tmp_path / "work")
+    assert lb2.methods[0].status == "ok" and gram_calls == []
+    assert lb2.methods[0].test.average_normalized == pytest.approx(regmean.test.average_normalized)
+
+
+def test_data_informed_choice_uses_validation_only(tiny_zoo: Zoo, tmp_path) -> None:
+    """The merge function sees the statistics; the chosen point is the validation argmax."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(tiny_zoo.model_dir("base") / "model.safetensors"))
+    alpha = load_file(str(tiny_zoo.model_dir("alpha") / "model.safetensors"))
+    seen = []
+
+    def fake_merge(method, experts, base_sd, *, parameters, model_parameters, seed, statistics):
+        seen.append((parameters["normalize"], len(statistics)))
+        return alpha if parameters["normalize"] else base
+
+    lb = run_bench(tiny_zoo, methods=["fisher"], grids={"fisher": product({"normalize": (False, True)})},
+                   merge_fn=fake_merge, validation_limit=None, test_limit=None, calibration=TINY_CAL,
+                   work_dir=tmp_path / "work")
+    m = lb.methods[0]
+    assert m.status == "ok", m.reason
+    assert seen == [(False, 2), (True, 2)]
+    val = Evaluator(tiny_zoo, split="validation", limit=None)
+    scores = {False: val.evaluate(base).average_normalized, True: val.evaluate(alpha).average_normalized}
+    expected = scores[True] > scores[False]
+    assert m.chosen.parameters["normalize"] is expected
+    assert m.statistics["seconds_per_point"][1] <= m.statistics["seconds_per_point"][0]  # reused
+
+
+def test_bench_command_runs_routed_and_data_informed_methods(tiny_zoo_manifest, tmp_path) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from mergelab.eval import commands
+
+    app = typer.Typer()
+    app.command("bench")(commands.bench_command)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "lb"
+    args = ["bench", "--zoo", str(tiny_zoo_manifest.parent), "--methods", "emr,regmean", "--out", str(out),
+            "--validation-limit", "0", "--test-limit", "0", "--calibration-examples", "4", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "leaderboard.json").read_text())
+    rows = {m["method"]: m for m in data["methods"]}
+    assert rows["emr"]["kind"] == "routed" and rows["emr"]["status"] == "ok"
+    assert rows["regmean"]["status"] == "ok" and rows["regmean"]["statistics"]["examples_per_task"] == 4
+    assert data["config"]["calibration"]["statistics_dir"] == str(out / "statistics")
+    assert (out / "statistics" / "regmean").is_dir()
+    assert "--calibration-examples 4" in (out / "leaderboard.md").read_text()
+    bad = CliRunner().invoke(app, [*args[:6], "--fisher-examples", "0"])
+    assert bad.exit_code != 0
