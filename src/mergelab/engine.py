@@ -13,6 +13,7 @@ as ``ctx.aux``; the data phase that writes them runs before (``mergelab.informed
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -147,6 +148,58 @@ class _Hasher:
         return out
 
 
+class _BufferPool:
+    """Reuses the compute-dtype buffers that inputs are converted into, job after job.
+
+    A fresh tensor-sized buffer costs a page fault per 4 KiB on first write, which made the
+    bf16 → float32 conversion of the inputs several times slower than the copy itself; layers
+    repeat the same shapes, so a buffer released by one job is taken by the next. Only buffers
+    up to :data:`READ_AHEAD_CONVERT_LIMIT` entries are kept, at most ``per_size`` per size, and
+    the pool is emptied before a larger tensor is read, so it never adds to the peak set by the
+    largest tensors. A buffer is only given back when the job's result does not share its
+    memory (checked by the caller).
+    """
+
+    def __init__(self, per_size: int) -> None:
+        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}
+        self._per_size = per_size
+        self._lock = threading.Lock()
+
+    def convert(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` cast to ``dtype`` in a pooled buffer (a plain ``.to`` when no cast is needed)."""
+        if t.dtype == dtype or t.device.type != "cpu":
+            return t.to(dtype=dtype)
+        key = (t.numel(), dtype)
+        with self._lock:
+            free = self._free.get(key)
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = torch.empty(t.numel(), dtype=dtype)
+        out = buf.view(t.shape).copy_(t)
+        with self._lock:
+            self._lent[buf.data_ptr()] = buf
+        return out
+
+    def give_back(self, tensors: Sequence[torch.Tensor | None], result: torch.Tensor | None) -> None:
+        """Return the pooled buffers among ``tensors`` unless ``result`` shares their memory."""
+        taken = result.untyped_storage().data_ptr() if result is not None else None
+        with self._lock:
+            for t in tensors:
+                if t is None or t.data_ptr() == taken:
+                    continue
+                buf = self._lent.pop(t.data_ptr(), None)
+                if buf is None:
+                    continue
+                free = self._free.setdefault((buf.numel(), buf.dtype), [])
+                if len(free) < self._per_size:
+                    free.append(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
 READ_AHEAD_CONVERT_LIMIT = 16 * 2**20
 """Tensors with more elements than this are converted to the compute dtype on the compute thread."""
 
@@ -182,7 +235,8 @@ def _read_aux(plan: Plan, job: TensorJob) -> _Aux:
 
 
 def _read_job(
-    plan: Plan, job: TensorJob, hasher: _Hasher | None, opts: EngineOptions, convert: bool
+    plan: Plan, job: TensorJob, hasher: _Hasher | None, opts: EngineOptions, convert: bool,
+    buffers: _BufferPool | None = None,
 ) -> tuple[dict[int, torch.Tensor], _Aux]:
     """Read the job's tensor from each distinct input reader; runs on the reader thread.
 
@@ -192,6 +246,8 @@ def _read_job(
     a second large tensor in the (wider) compute dtype.
     """
     convert = convert and job.numel <= READ_AHEAD_CONVERT_LIMIT
+    if buffers is not None and job.numel > READ_AHEAD_CONVERT_LIMIT:
+        buffers.clear()  # the largest tensors set the peak: hold nothing else while they are in memory
     out: dict[int, torch.Tensor] = {}
     readers = plan.inputs if (job.kind == "copy" and hasher is not None) else plan.readers_for(job)
     for r in readers:
@@ -209,7 +265,7 @@ def _read_job(
                     "this checkpoint is broken: re-download or re-train it"
                 )
             if convert:
-                t = t.to(dtype=opts.compute_dtype)
+                t = buffers.convert(t, opts.compute_dtype) if buffers is not None else t.to(dtype=opts.compute_dtype)
         out[id(r)] = t
     return out, _read_aux(plan, job)
 
@@ -220,19 +276,22 @@ def _stream(
     hasher: _Hasher | None,
     opts: EngineOptions,
     device: torch.device,
+    buffers: _BufferPool | None = None,
 ) -> Iterator[tuple[TensorJob, dict[int, torch.Tensor], _Aux]]:
     """Yield (job, input tensors by reader id, statistics), reading the next job while the caller computes."""
     convert = device.type == "cpu"
     if not opts.prefetch or len(jobs) < 2:
         for job in jobs:
-            yield (job, *_read_job(plan, job, hasher, opts, convert))
+            yield (job, *_read_job(plan, job, hasher, opts, convert, buffers))
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
-        future: Future[tuple[dict[int, torch.Tensor], _Aux]] = pool.submit(_read_job, plan, jobs[0], hasher, opts, convert)
+        future: Future[tuple[dict[int, torch.Tensor], _Aux]] = pool.submit(
+            _read_job, plan, jobs[0], hasher, opts, convert, buffers
+        )
         for i, job in enumerate(jobs):
             raw, aux = future.result()
             if i + 1 < len(jobs):
-                future = pool.submit(_read_job, plan, jobs[i + 1], hasher, opts, convert)
+                future = pool.submit(_read_job, plan, jobs[i + 1], hasher, opts, convert, buffers)
             yield job, raw, aux
             del raw, aux
 
@@ -348,7 +407,10 @@ def _execute(
 
     total_in = plan.input_bytes()
     prog.begin("merge" if not passes else f"pass {len(passes) + 1}/{len(passes) + 1}: merge", len(plan.jobs), total_in)
-    for job, raw, aux in _stream(plan, plan.jobs, hasher, opts, device):
+    # Pooled conversion buffers are reused only when nothing but the engine can hold them: not
+    # with a parts sink (per-task parts could alias an input).
+    buffers = _BufferPool(per_size=len(plan.inputs)) if parts is None else None
+    for job, raw, aux in _stream(plan, plan.jobs, hasher, opts, device, buffers):
         nbytes = plan.job_input_bytes(job)
         if job.kind == "copy":
             out = raw[id(plan.reference)]
@@ -356,6 +418,8 @@ def _execute(
             prep = _Prepared(plan, raw, opts, device, aux)
             del raw, aux
             out = _call_method(plan, job, prep, _context(plan, job, opts, device, stats, prep), parts)
+            if buffers is not None:
+                buffers.give_back([prep.base, *prep.experts], out)
             del prep
             if opts.check_finite and not all_finite(out):
                 raise MergelabError(
