@@ -209,3 +209,20 @@ def test_chunked_equals_whole_tensor(name, monkeypatch):
     whole = m(base, experts, m.params(), mp, ctx)
     monkeypatch.setattr(sp, "CHUNK", 100)  # several chunks (DELLA: 3 rows each)
     assert torch.equal(m(base, experts, m.params(), mp, ctx), whole)
+
+
+def test_experts_dropped_on_threads_equal_the_sequential_loop(monkeypatch):
+    """Chunks large enough for the experts' masks to be drawn side by side on threads give
+    exactly the sequential result (each expert has its own generator)."""
+    import mergelab.methods.dare as dare_module
+    from mergelab.methods import get_method
+
+    m = get_method("dare_ties")
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(600, 600, generator=g)
+    experts = [base + torch.randn(600, 600, generator=g) for _ in range(3)]
+    mp = [m.model_params.model_validate({"density": d}) for d in (0.3, 0.5, 0.7)]
+    ctx = TensorContext(name="x", seed=2)
+    threaded = m(base, experts, m.params(), mp, ctx)
+    monkeypatch.setattr(dare_module, "parallel_map", lambda fn, items, numel: [fn(x) for x in items])
+    assert torch.equal(m(base, experts, m.params(), mp, ctx), threaded)

@@ -49,6 +49,7 @@ from mergelab.methods.sparsify import (
     apply_mask,
     keep_indicator,
     flat_chunks,
+    parallel_map,
     realised_keep_prob,
 )
 
@@ -98,16 +99,17 @@ def dare_drop(
     rescale: bool = True,
     mode: RescaleMode = "inverse",
     inplace: bool = False,
-    scratch: Scratch | None = None,
+    keep_out: Tensor | None = None,
 ) -> Tensor:
     """τ̃ = m ⊙ τ (÷ density, or L1-matched), m ~ Bernoulli(density) elementwise.
 
     ``inplace`` overwrites ``delta`` (the chunked merge passes its own scratch copy);
-    ``scratch`` holds the mask buffer. The draws are those of :func:`bernoulli_mask`.
+    ``keep_out`` is an optional buffer for the mask. The draws are those of
+    :func:`bernoulli_mask`.
     """
     if density >= 1:
         return delta
-    keep = keep_indicator(delta, density, generator, out=scratch_view(scratch, "keep", delta))
+    keep = keep_indicator(delta, density, generator, out=keep_out)
     if rescale and mode == "l1":
         return apply_mask(delta, keep, rescale=True, mode="l1")
     out = delta.mul_(keep) if inplace else delta * keep
@@ -144,13 +146,16 @@ def _dare_merge(
     for sl in [slice(0, b_flat.numel())] if whole else flat_chunks(b_flat.numel()):
         b = b_flat[sl]
         m = b.numel()
-        dropped = [
-            dare_drop(
-                torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m)), mp.density, g,
-                rescale=params.rescale, mode=params.rescale_mode, inplace=True, scratch=scratch,
+        deltas = [torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m)) for i, e in enumerate(e_flat)]
+
+        def drop(i: int) -> Tensor:  # one thread per expert: each has its own generator and mask buffer
+            keep = scratch_view(scratch, f"keep{i}", deltas[i])
+            return dare_drop(
+                deltas[i], model_params[i].density, gens[i], rescale=params.rescale,
+                mode=params.rescale_mode, inplace=True, keep_out=keep,
             )
-            for i, (e, mp, g) in enumerate(zip(e_flat, model_params, gens))
-        ]
+
+        dropped = parallel_map(drop, list(range(len(e_flat))), numel=m)
         if elect:
             merged = consensus_merge(
                 dropped, weights, normalize=params.normalize, on_zero=params.sign_tie, scratch=scratch
