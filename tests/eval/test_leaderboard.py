@@ -182,7 +182,7 @@ def test_grid_shapes() -> None:
         1.0,
     ]
     ties = grid_for("ties")
-    assert len(ties) == 12 and {p.model_parameters["density"] for p in ties} == {0.1, 0.2, 0.3}
+    assert len(ties) == 15 and {p.model_parameters["density"] for p in ties} == {0.1, 0.2, 0.3}
     assert grid_for("not_in_the_table") == (GridPoint(),)
     assert product({"x": (1, 2)}, {"y": (3,)}) == (GridPoint({"x": 1}, {"y": 3}), GridPoint({"x": 2}, {"y": 3}))
 

@@ -7,7 +7,7 @@ accuracy and reports that point on the test split. Ranges follow the papers' rec
 for merging many experts:
 
 * task arithmetic: λ in 0.1…1.0 (Ilharco et al. 2023 pick λ on validation from this range);
-* TIES: density (top-k fraction) 0.1/0.2/0.3 × λ from 1 to 2.5, since the disjoint mean is
+* TIES: density (top-k fraction) 0.1/0.2/0.3 × λ from 1 to 3, since the disjoint mean is
   already an average (Yadav et al. 2023) and short LP-FT experts have small task vectors;
 * DARE / DELLA: keep rate 0.1…0.5 (DARE) or 0.3…0.7 (DELLA), λ like their base method
   (linear variants sum the task vectors, ties variants average the agreeing ones);
@@ -90,9 +90,9 @@ def product(
 
 
 LAMBDA_SUM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-LAMBDA_SUM_SPARSE = (0.2, 0.4, 0.7, 1.0)
-LAMBDA_MEAN = (1.0, 1.5, 2.0, 2.5)
-LAMBDA_MEAN_SPARSE = (1.0, 1.5, 2.0)
+LAMBDA_SUM_SPARSE = (0.2, 0.4, 0.7, 1.0, 1.3)
+LAMBDA_MEAN = (1.0, 1.5, 2.0, 2.5, 3.0)
+LAMBDA_MEAN_SPARSE = (1.0, 1.5, 2.0, 2.5)
 
 GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "linear": (GridPoint(),),
@@ -109,12 +109,12 @@ GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "tall_masks": product({"multitask": ("sum", "ties")}, {"tall_lambda": (0.2, 0.4, 0.6)}),
     "consensus": product({"multitask": ("sum", "ties"), "lambda": (0.4, 0.7, 1.0), "k": (2,)}),
     "emr": (GridPoint(),),
-    "tsv_m": product({"alpha": (0.8, 1.0, 1.2)}),
-    "iso_c": product({"alpha": (0.5, 1.0, 1.5, 2.0)}),
-    "iso_cts": product({"alpha": (0.5, 1.0, 1.5, 2.0)}),
+    "tsv_m": product({"alpha": (0.8, 1.0, 1.2, 1.5)}),
+    "iso_c": product({"alpha": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}),
+    "iso_cts": product({"alpha": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}),
     "widen": product({"above_average_value_ratio": (1.0, 1.5, 2.0), "score_calibration_value": (0.5, 1.0)}),
-    "magmax": product({"lambda": (0.3, 0.5, 0.7, 1.0)}),
-    "pcb": product({"pcb_ratio": (0.05, 0.1, 0.2), "lambda": (1.0, 1.2)}),
+    "magmax": product({"lambda": (0.3, 0.5, 0.7, 1.0, 1.3)}),
+    "pcb": product({"pcb_ratio": (0.1, 0.2, 0.3), "lambda": (1.0, 1.2)}),
     "lines": product({"merge_method": ("task_arithmetic",), "beta": (0.2, 0.4, 0.6, 0.8, 1.0)}),
     # data-informed methods (statistics from the zoo's data: mergelab.eval.data_informed)
     "fisher": product({"normalize": (True, False)}),
