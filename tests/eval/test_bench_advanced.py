@@ -53,10 +53,20 @@ def test_routed_method_is_scored_per_task_with_its_reconstruction(tiny_zoo: Zoo,
         assert storage["total_bytes"] == storage["shared_bytes"] + storage["base_bytes"] + storage["masks_bytes"]
         # the choice is the argmax of the validation scores of the per-task reconstructions
         scores = [g.validation_average_normalized for g in row.grid]
-        assert row.chosen == row.grid[scores.index(max(scores))].point
+        argmax = row.grid[scores.index(max(scores))].point
+        per_task = (row.routing or {}).get("per_task_parameters")
+        if per_task is None:
+            assert row.chosen == argmax
+            overrides = None
+        else:  # TALL: λ_t chosen per task from the same grid's per-task validation scores
+            (axis, values), = per_task.items()
+            assert row.chosen.model_parameters[axis] == "per task"
+            assert row.validation.average_normalized >= max(scores)
+            overrides = [{axis: values[t]} for t in tiny_zoo.tasks]
 
         # rebuild the chosen merge independently and score each task with its own reconstruction
-        out = merge(routed_recipe(row.method, tiny_zoo, row.chosen, 0), tmp_path / row.method)
+        point = argmax if per_task is not None else row.chosen
+        out = merge(routed_recipe(row.method, tiny_zoo, point, 0, overrides), tmp_path / row.method)
         shared = dict(Evaluator(tiny_zoo, split="test", limit=None).encoder(out.path).state_dict())
         for i, task in enumerate(tiny_zoo.tasks):
             state = task_state_dict(out.path, i)
@@ -170,3 +180,45 @@ def test_bench_command_runs_routed_and_data_informed_methods(tiny_zoo_manifest, 
     assert "--calibration-examples 4" in (out / "leaderboard.md").read_text()
     bad = CliRunner().invoke(app, [*args[:6], "--fisher-examples", "0"])
     assert bad.exit_code != 0
+
+
+def test_per_task_choice_takes_each_tasks_best_value_within_the_chosen_setting() -> None:
+    from mergelab.eval.metrics import EvalReport, TaskScore
+    from mergelab.eval.routed import per_task_choice
+
+    def report(a: float, b: float) -> EvalReport:
+        return EvalReport("m", "validation", [TaskScore("a", a, 10, 1.0), TaskScore("b", b, 10, 1.0)])
+
+    p = lambda mt, lam: GridPoint({"multitask": mt}, {"tall_lambda": lam})  # noqa: E731
+    reports = [
+        (p("sum", 0.2), report(0.9, 0.5)),
+        (p("sum", 0.4), report(0.7, 0.8)),
+        (p("sum", 0.6), report(0.7, 0.8)),  # ties with 0.4 on b: the first in grid order wins
+        (p("ties", 0.2), report(1.0, 1.0)),  # another multitask setting: not considered
+    ]
+    assert per_task_choice("tall_lambda", p("sum", 0.4), reports, ["a", "b"]) == {"a": 0.2, "b": 0.4}
+    # a tie with the chosen point's own value keeps the chosen value
+    assert per_task_choice("tall_lambda", p("sum", 0.6), reports, ["a", "b"]) == {"a": 0.2, "b": 0.6}
+
+
+def test_per_task_values_are_merged_and_scored(tiny_zoo: Zoo, tmp_path, monkeypatch) -> None:
+    """Force a per-task choice that differs from the grid's: the row is re-merged with one λ_t per
+    task, kept only if validation does not get worse, and its routing records the values."""
+    import mergelab.eval.routed as routed
+
+    forced = {tiny_zoo.tasks[0]: 0.2, tiny_zoo.tasks[1]: 0.6}
+    monkeypatch.setattr(routed, "per_task_choice", lambda axis, chosen, reports, tasks: dict(forced))
+    grids = {"tall_masks": product({}, {"tall_lambda": (0.2, 0.6)})}
+    lb = run_bench(tiny_zoo, methods=["tall_masks"], grids=grids, validation_limit=None, test_limit=None,
+                   work_dir=tmp_path / "work")
+    row = lb.methods[0]
+    assert row.status == "ok", row.reason
+    best_grid = max(g.validation_average_normalized for g in row.grid)
+    if row.routing.get("per_task_parameters") is not None:
+        assert row.routing["per_task_parameters"] == {"tall_lambda": forced}
+        assert row.chosen.model_parameters["tall_lambda"] == "per task"
+        assert row.validation.average_normalized >= best_grid
+    else:  # the per-task merge scored lower on validation: the grid's choice stays
+        assert row.chosen.model_parameters["tall_lambda"] in (0.2, 0.6)
+        assert row.validation.average_normalized == best_grid
+    assert not (tmp_path / "work" / ".routed-merges").exists()

@@ -361,7 +361,7 @@ class _BenchContext:
 
 def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> MethodResult:
     """Merge and score every grid point on validation, then the chosen one on test."""
-    from mergelab.eval.routed import RoutedMerge, routed_merge, routing_info
+    from mergelab.eval.routed import PER_TASK_AXES, RoutedMerge, per_task_choice, routed_merge, routing_info
 
     name = spec.name
     routed = spec.outputs == "modulated"
@@ -371,6 +371,8 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
     best_score = -float("inf")
     stats_seconds: list[float] = []
     stats_summary: dict[str, str] = {}
+    reports: list[tuple[GridPoint, EvalReport]] = []  # routed rows: every point's validation report
+    per_task: dict[str, Any] | None = None
     t_search = time.perf_counter()
     try:
         with ctx.steps.phase(f"{name}: {len(points)} grid point(s) on validation", len(points)) as tick:
@@ -401,6 +403,7 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
                         statistics.close()
                 if isinstance(merged, RoutedMerge):
                     report = merged.evaluate(ctx.val, name)
+                    reports.append((point, report))
                 else:
                     report = ctx.val.evaluate(merged, name=name)
                 score = report.average_normalized
@@ -416,6 +419,22 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
                     merged.remove()
                 del merged
                 tick()
+        axis = PER_TASK_AXES.get(name)
+        if isinstance(best, RoutedMerge) and axis and result.chosen and axis in result.chosen.model_parameters:
+            choice = per_task_choice(axis, result.chosen, reports, ctx.zoo.tasks)
+            if any(v != result.chosen.model_parameters[axis] for v in choice.values()):
+                with measure() as m:
+                    tuned = routed_merge(name, ctx.zoo, result.chosen, ctx.routed_root / f"{name}-per-task",
+                                         seed=ctx.seed, per_model=[{axis: choice[t]} for t in ctx.zoo.tasks])
+                report = tuned.evaluate(ctx.val, name)
+                if report.average_normalized is not None and report.average_normalized >= best_score:
+                    best.remove()
+                    best, best_score, per_task = tuned, report.average_normalized, {axis: choice}
+                    result.validation = report
+                    result.chosen = GridPoint(result.chosen.parameters, {**result.chosen.model_parameters, axis: "per task"})
+                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
+                else:
+                    tuned.remove()
         result.search_seconds = time.perf_counter() - t_search
         if informed:
             result.statistics = {
@@ -433,6 +452,8 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
             result.test = best.evaluate(ctx.test, name)
             shared = best.evaluate_shared(ctx.test, f"{name} (shared model)")
             result.routing = routing_info(best, shared)
+            if per_task is not None:
+                result.routing["per_task_parameters"] = per_task
         else:
             result.test = ctx.test.evaluate(best, name=name)
     except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' rows

@@ -21,6 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergelab.eval.grids import GridPoint
@@ -72,24 +73,64 @@ class RoutedMerge:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def routed_recipe(method: str, zoo: Zoo, point: GridPoint, seed: int) -> dict[str, Any]:
+PER_TASK_AXES: dict[str, str] = {"tall_masks": "tall_lambda"}
+"""Per-model parameters that only affect their own task's reconstruction, so each task's value
+can be chosen from the grid's per-task validation scores with no further search. TALL masks:
+m_t = 1{|τ_t| ≥ λ_t |τ_MTL − τ_t|} depends on λ_t alone once τ_MTL (the multi-task merge) is
+fixed, and the paper (Wang et al. 2024) picks λ_t per task on validation."""
+
+
+def routed_recipe(
+    method: str, zoo: Zoo, point: GridPoint, seed: int, per_model: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The recipe of one routed merge; ``per_model`` overrides the point's per-model parameters
+    task by task (in ``zoo.tasks`` order)."""
+    overrides = list(per_model) if per_model is not None else [{} for _ in zoo.tasks]
     return {
         "merge_method": method,
         "base_model": str(zoo.base_dir),
-        "models": [{"model": str(zoo.expert_model_dir(t)), "parameters": dict(point.model_parameters)}
-                   for t in zoo.tasks],
+        "models": [{"model": str(zoo.expert_model_dir(t)), "parameters": {**point.model_parameters, **o}}
+                   for t, o in zip(zoo.tasks, overrides)],
         "parameters": dict(point.parameters),
         "seed": seed,
     }
 
 
-def routed_merge(method: str, zoo: Zoo, point: GridPoint, out: str | os.PathLike[str], *, seed: int = 0) -> RoutedMerge:
+def routed_merge(
+    method: str, zoo: Zoo, point: GridPoint, out: str | os.PathLike[str], *, seed: int = 0,
+    per_model: Sequence[Mapping[str, Any]] | None = None,
+) -> RoutedMerge:
     """Merge the zoo's experts with ``method`` at ``point`` into ``out`` (as ``mergelab merge``)."""
     from mergelab.api import merge
     from mergelab.modulators import read_manifest
 
-    result = merge(routed_recipe(method, zoo, point, seed), out, force=True, hash_inputs=False)
+    result = merge(routed_recipe(method, zoo, point, seed, per_model), out, force=True, hash_inputs=False)
     return RoutedMerge(result.path, list(zoo.tasks), read_manifest(result.path))
+
+
+def per_task_choice(
+    axis: str, chosen: GridPoint, reports: Sequence[tuple[GridPoint, EvalReport]], tasks: Sequence[str]
+) -> dict[str, Any]:
+    """Each task's best value of ``axis`` on validation, among the grid points that differ from
+    ``chosen`` only in that axis (ties: the chosen point's value, then the first in grid order)."""
+    others = {k: v for k, v in chosen.model_parameters.items() if k != axis}
+    group = [
+        (p, r) for p, r in reports
+        if dict(p.parameters) == dict(chosen.parameters)
+        and {k: v for k, v in p.model_parameters.items() if k != axis} == others
+    ]
+    out: dict[str, Any] = {}
+    for task in tasks:
+        best_value, best_score = chosen.model_parameters.get(axis), None
+        for p, r in group:
+            score = next((s.normalized for s in r.scores if s.task == task), None)
+            if score is None:
+                continue
+            better = best_score is None or score > best_score
+            if better or (score == best_score and p.model_parameters.get(axis) == chosen.model_parameters.get(axis)):
+                best_value, best_score = p.model_parameters.get(axis), score
+        out[task] = best_value
+    return out
 
 
 def routing_info(merged: RoutedMerge, shared_test: EvalReport | None) -> dict[str, Any]:
