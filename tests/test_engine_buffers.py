@@ -36,3 +36,10 @@ def test_no_copy_when_no_cast_and_clear_drops_everything() -> None:
     assert len(pool._free[(5, torch.float32)]) == 1  # kept once, not twice
     pool.clear()
     assert pool._free == {}
+
+
+def test_a_buffer_kept_by_the_result_is_forgotten_by_the_pool() -> None:
+    pool = _BufferPool(per_size=2)
+    a = pool.convert(torch.ones(8, dtype=torch.bfloat16), torch.float32)
+    pool.give_back([a], result=a[1:3])
+    assert pool._lent == {} and pool._free.get((8, torch.float32), []) == []

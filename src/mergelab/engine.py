@@ -186,11 +186,11 @@ class _BufferPool:
         taken = result.untyped_storage().data_ptr() if result is not None else None
         with self._lock:
             for t in tensors:
-                if t is None or t.data_ptr() == taken:
+                if t is None:
                     continue
-                buf = self._lent.pop(t.data_ptr(), None)
-                if buf is None:
-                    continue
+                buf = self._lent.pop(t.data_ptr(), None)  # forget it either way: the pool never frees lent buffers
+                if buf is None or t.data_ptr() == taken:
+                    continue  # not ours, or the result lives in it: leave it to the result
                 free = self._free.setdefault((buf.numel(), buf.dtype), [])
                 if len(free) < self._per_size:
                     free.append(buf)

@@ -415,3 +415,20 @@ def test_kth_largest_magnitude_rejects_bad_ranks():
         sp.kth_largest_magnitude(torch.ones(5), 0)
     with pytest.raises(ValueError, match="rank"):
         sp.kth_largest_magnitude(torch.ones(5), 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_kth_largest_magnitude_matches_the_callers_arithmetic(dtype):
+    """With a bf16 or float64 compute dtype the threshold is the k-th largest of |x − minus| as
+    computed in that dtype, so comparing in that dtype keeps exactly the k largest (no ties here
+    beyond those the dtype creates, which are all kept)."""
+    g = torch.Generator().manual_seed(4)
+    n = 4 * sp.SAMPLE + 777
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    expert = (base.double() + torch.randn(n, generator=g).double() * 0.002).to(dtype)
+    mag = (expert - base).abs()
+    ordered = torch.sort(mag.double(), descending=True).values
+    for k in [1, n // 10, n // 2]:
+        t = sp.kth_largest_magnitude(expert, k, minus=base)
+        assert t == ordered[k - 1].item()
+        assert int((mag >= t).sum()) >= k

@@ -156,8 +156,14 @@ def kth_largest_magnitude(x: Tensor, k: int, minus: Tensor | None = None) -> flo
     n = xf.numel()
     if not 1 <= k <= n:
         raise ValueError(f"rank {k} outside 1..{n}")
+    dtype = torch.promote_types(xf.dtype, mf.dtype) if mf is not None else xf.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # float64 (or other) compute: select in that dtype, as the caller compares in it
+        mag = (xf - mf).abs() if mf is not None else xf.abs()
+        return float(torch.kthvalue(mag.cpu(), n - k + 1).values)
     if n <= 4 * SAMPLE:
-        mag = (xf.float() - mf.float()).abs_() if mf is not None else xf.float().abs()
+        # |x − minus| rounded as the caller computes it (in x's dtype), then widened exactly
+        mag = (xf - mf).float().abs_() if mf is not None else xf.float().abs()
         return kth_largest(mag, k)
     lo, hi = _bracket(xf, mf, k)
     above = 0
@@ -168,10 +174,10 @@ def kth_largest_magnitude(x: Tensor, k: int, minus: Tensor | None = None) -> flo
     for sl in flat_chunks(n):
         d = buf[: sl.stop - sl.start]
         if mf is not None:
-            if xf.dtype == torch.float32 and mf.dtype == torch.float32:
+            if dtype == torch.float32:
                 torch.sub(xf[sl], mf[sl], out=d)
-            else:
-                torch.sub(xf[sl].float(), mf[sl].float(), out=d)
+            else:  # bf16/fp16: round the difference as the caller does, then widen (exact)
+                d.copy_(xf[sl] - mf[sl])
         else:
             d.copy_(xf[sl])
         d.abs_()
