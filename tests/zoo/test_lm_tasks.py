@@ -130,3 +130,16 @@ def test_ensure_lm_task_caches_by_content(lm_sources: FixtureSources, tmp_path: 
         "max_chars": LM_SPLIT.max_chars, "min_chars": LM_SPLIT.min_chars,
     }  # fmt: skip
     assert a.rows("test", limit=3) == a.rows("test")[:3]
+
+
+def test_code_splits_do_not_depend_on_where_the_sources_are_unpacked(tmp_path: Path) -> None:
+    """Keys use the installed path (/usr/...), so the same files unpacked in two folders give the
+    same rows and splits (absolute fixture paths made the split assignment vary from run to run)."""
+    a = write_lm_sources(tmp_path / "first-unpack")
+    b = write_lm_sources(tmp_path / "second" / "elsewhere")
+    rows = []
+    for sources, out in ((a, tmp_path / "out-a"), (b, tmp_path / "out-b")):
+        data = _build("python", sources, out)
+        rows.append({s: [r["key"] for r in data.rows(s)] for s in SPLITS})
+    assert rows[0] == rows[1]
+    assert all(k.startswith("libpython3.11-stdlib:/usr/lib/python3.11/") for s in SPLITS for k in rows[0][s])

@@ -326,6 +326,14 @@ def line_windows(
         start += step
 
 
+def _installed_path(path: Path) -> str:
+    """The file's path as installed (from ``/usr/`` on), so keys and splits do not depend on
+    where a source tree was unpacked (the system root, or a test fixture's folder)."""
+    text = path.as_posix()
+    i = text.find("/usr/")
+    return text[i:] if i >= 0 else text
+
+
 def _source_windows(reader: SourceReader, packages: Sequence[str], keep: Callable[[Path], bool]) -> Iterator[LMRow]:
     for package in packages:
         for path in reader.deb_files(package):
@@ -335,8 +343,9 @@ def _source_windows(reader: SourceReader, packages: Sequence[str], keep: Callabl
                 lines = path.read_text(encoding="utf-8").splitlines()
             except (UnicodeDecodeError, OSError):
                 continue
+            where = _installed_path(path)
             for start, text in line_windows(lines):
-                yield LMRow(f"{package}:{path}:{start}", text, group=f"file:{path}")
+                yield LMRow(f"{package}:{where}:{start}", text, group=f"file:{where}")
 
 
 def _not_test(path: Path) -> bool:
