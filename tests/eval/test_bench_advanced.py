@@ -115,13 +115,11 @@ def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tm
     assert len(regmean.grid) == 2 and all(g.statistics_seconds is not None for g in regmean.grid)
     assert regmean.statistics["collector"] == "gram" and regmean.statistics["split"] == "train"
     assert (tmp_path / "work" / "statistics" / "regmean" / "gram").is_dir()
-    # RegMean reads each task's train rows; AdaMerging its validation texts; nothing reads test
-    assert {(t, s, n) for t, s, n in splits} == {(t, "train", 8) for t in tiny_zoo.tasks} | {
-        (t, "validation", 8) for t in tiny_zoo.tasks
-    }
-    assert ada.statistics["split"] == "validation"
-    assert lb.config["calibration"]["examples"] == 8 and "validation" in lb.config["calibration"]["sources"][
-        "adamerging"]
+    # RegMean and AdaMerging (unlabeled) read each task's train rows; validation only selects; nothing reads test
+    assert {(t, s, n) for t, s, n in splits} == {(t, "train", 8) for t in tiny_zoo.tasks}
+    assert ada.statistics["split"] == "train"
+    assert lb.config["calibration"]["examples"] == 8 and "train split, without labels" in lb.config["calibration"][
+        "sources"]["adamerging"]
     # a second bench in the same folder reuses every statistic
     gram_calls.clear()
     lb2 = run_bench(tiny_zoo, methods=["regmean"], grids=grids, validation_limit=None, test_limit=None,

@@ -397,7 +397,7 @@ def bench_command(
         int, typer.Option(help="Fisher: train rows per task (per-example gradients, one backward per class)")
     ] = 64,
     adamerging_examples: Annotated[
-        int, typer.Option(help="AdaMerging: unlabeled validation texts per task (never the test split)")
+        int, typer.Option(help="AdaMerging: unlabeled train texts per task (validation only selects; never the test split)")
     ] = 256,
     calibration_device: Annotated[
         str, typer.Option(help="torch device of the data phases of data-informed methods (cpu, cuda)")

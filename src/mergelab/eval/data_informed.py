@@ -7,9 +7,10 @@ Fisher, RegMean, RegMean++ and AdaMerging need statistics computed from data bef
   expert's own task's **train** split; Fisher and AdaMerging score with the zoo's expert head on
   mean-pooled encoder states, as the zoo's classifiers do;
 * AdaMerging minimises the entropy of its predictions on **unlabeled** inputs (the paper uses the
-  test inputs): here the first ``adamerging_examples`` texts of each task's **validation**
-  split; the loss never reads labels (``mergelab.informed.modeling.model_inputs`` drops them),
-  and the test split is never used.
+  test inputs): here the first ``adamerging_examples`` texts of each task's **train** split,
+  labels dropped (``mergelab.informed.modeling.model_inputs``). Not the validation split, which
+  selects the grid point: fitting and selecting on the same rows would flatter its row. The
+  test split is never used.
 
 Texts are tokenized at the zoo's own ``max_len`` (64 for the presets), batches of
 ``batch_size`` (32, the zoo's training batch) for the Gram and Fisher passes; AdaMerging keeps
@@ -52,7 +53,7 @@ class BenchCalibration:
     fisher_examples: int = 64
     """Fisher: rows of each task's train split per expert (per-example gradients × classes)."""
     adamerging_examples: int = 256
-    """AdaMerging: unlabeled texts of each task's validation split (labels never read)."""
+    """AdaMerging: unlabeled texts of each task's train split (labels never read)."""
     batch_size: int = 32
     """batch size of the Gram and Fisher passes (AdaMerging: its module's default, 16)."""
     max_length: int | None = None
@@ -77,7 +78,7 @@ class BenchCalibration:
         return self.examples
 
     def split(self, collector: str) -> str:
-        return "validation" if collector == "adamerging" else "train"
+        return "train"  # AdaMerging too (unlabeled): validation is kept for the grid choice
 
     def describe(self, zoo: Zoo | None = None) -> dict[str, Any]:
         """The config entry of the leaderboard."""
@@ -89,8 +90,8 @@ class BenchCalibration:
             "expert head (exact expectation over labels)",
             "regmean": f"first {self.examples} rows of each expert's task, train split",
             "regmean_plusplus": f"first {self.examples} rows of each expert's task, train split",
-            "adamerging": f"first {self.adamerging_examples} texts of each task's validation split, without labels "
-            "(entropy on unlabeled inputs; the test split is never used); batch 16 (module default)",
+            "adamerging": f"first {self.adamerging_examples} texts of each task's train split, without labels "
+            "(entropy on unlabeled inputs; validation only selects, test is never used); batch 16 (module default)",
         }
         return d
 

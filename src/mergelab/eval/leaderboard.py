@@ -14,7 +14,7 @@ Two kinds of methods need more than a merged state dict:
   inference) and record the storage of the shared model + parts against N separate experts;
 * data-informed methods (``fisher``, ``regmean``, ``regmean_plusplus``, ``adamerging``) first run
   their data phase on the zoo's data (:mod:`mergelab.eval.data_informed`: train split for the
-  statistics, unlabeled validation texts for AdaMerging), cached under ``<work_dir>/statistics``
+  statistics, unlabeled train texts for AdaMerging), cached under ``<work_dir>/statistics``
   so grid points and reruns reuse them; the data phase's time is recorded beside the merge's. Reference rows (no merge) come from the zoo's own
 models: the pretrained encoder with the experts' heads and with linear-probe heads, each
 expert alone on every task, and the probability-average and majority-vote ensembles.
@@ -574,8 +574,8 @@ def _notes(lb: Leaderboard) -> list[str]:
         out += [
             "",
             (
-                "Data-informed rows: statistics from the zoo's data (train split; AdaMerging: unlabeled validation "
-                f"texts, never the test split), at most {cal.get('max_length')} tokens per example; "
+                "Data-informed rows: statistics from the zoo's data (train split; AdaMerging: the train texts "
+                f"without labels; never the test split), at most {cal.get('max_length')} tokens per example; "
                 "`merge s` excludes the data phase:"
             ),
             "",
