@@ -220,3 +220,14 @@ def test_per_task_values_are_merged_and_scored(tiny_zoo: Zoo, tmp_path, monkeypa
         assert row.chosen.model_parameters["tall_lambda"] in (0.2, 0.6)
         assert row.validation.average_normalized == best_grid
     assert not (tmp_path / "work" / ".routed-merges").exists()
+
+
+def test_a_per_task_value_on_the_grid_edge_is_flagged() -> None:
+    from mergelab.eval.leaderboard import GridResult, MethodResult
+
+    grid = [GridResult(GridPoint({}, {"tall_lambda": v}), 0.9, 0.9, 0.0, 0) for v in (0.2, 0.4, 0.6)]
+    row = MethodResult("tall_masks", chosen=GridPoint({}, {"tall_lambda": "per task"}), grid=grid, kind="routed",
+                       routing={"per_task_parameters": {"tall_lambda": {"a": 0.4, "b": 0.6}}})
+    assert row.chosen_at_edge == ["tall_lambda"]
+    row.routing["per_task_parameters"]["tall_lambda"] = {"a": 0.4, "b": 0.4}
+    assert row.chosen_at_edge == []

@@ -104,7 +104,15 @@ class MethodResult:
         """Grid axes on which the chosen point is at the smallest or largest value."""
         if self.chosen is None:
             return []
-        return edge_axes(self.chosen, [g.point for g in self.grid])
+        points = [g.point for g in self.grid]
+        out = edge_axes(self.chosen, points)
+        per_task = (self.routing or {}).get("per_task_parameters") or {}
+        for axis, values in per_task.items():  # one value per task: flag the axis if any task sits on an edge
+            for value in values.values():
+                probe = GridPoint(self.chosen.parameters, {**self.chosen.model_parameters, axis: value})
+                if axis in edge_axes(probe, points) and axis not in out:
+                    out.append(axis)
+        return out
 
     def chosen_label(self) -> str:
         if self.chosen is None:
