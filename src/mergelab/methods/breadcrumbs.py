@@ -35,13 +35,12 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge
+from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge, merge_chunks
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     SparseMergeParams,
     SparseModelParams,
     apply_mask,
-    flat_chunks,
     keep_count,
     kth_largest_magnitude,
     outlier_mask,
@@ -146,38 +145,26 @@ def _merge_chunked(
         list(zip(experts, model_params)),
         numel=base.numel(),
     )
-    b_flat = base.reshape(-1)
-    e_flat = [e.reshape(-1) for e in experts]
-    out = torch.empty_like(b_flat)
-    scratch = Scratch(out)
-    for sl in flat_chunks(b_flat.numel()):
-        b = b_flat[sl]
-        m = b.numel()
-        masked = []
-        for i, (e, mp, bd) in enumerate(zip(e_flat, model_params, bounds)):
-            d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m))
-            if bd is None:
-                d.zero_()
-            else:
-                lower, upper = bd
-                if lower is not None or upper is not None:
-                    mag = torch.abs(d, out=scratch.take("mag", m))
-                    keep = scratch.take("keep", m)
-                    if lower is not None:
-                        d.mul_(torch.ge(mag, lower, out=keep))  # float-valued masks: fast on CPU
-                    if upper is not None:
-                        d.mul_(torch.le(mag, upper, out=keep))
-                if params.rescale:  # inverse mode (l1 runs on whole tensors)
-                    d.div_(mp.density) if mp.density > 0 else d.zero_()
-            masked.append(d)
-        if elect:
-            merged = consensus_merge(
-                masked, weights, normalize=params.normalize, on_zero="positive", scratch=scratch
-            )
-        else:
-            merged = linear_merge(masked, weights, normalize=params.normalize)
-        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
-    return out.reshape(base.shape).to(base.dtype)
+
+    def mask_chunk(i: int, d: Tensor, scratch: Scratch) -> None:
+        if bounds[i] is None:
+            d.zero_()
+            return
+        lower, upper = bounds[i]
+        if lower is not None or upper is not None:
+            mag = torch.abs(d, out=scratch.take("mag", d.numel()))
+            keep = scratch.take("keep", d.numel())
+            if lower is not None:
+                d.mul_(torch.ge(mag, lower, out=keep))  # float-valued masks: fast on CPU
+            if upper is not None:
+                d.mul_(torch.le(mag, upper, out=keep))
+        if params.rescale:  # inverse mode (l1 runs on whole tensors)
+            density = model_params[i].density
+            d.div_(density) if density > 0 else d.zero_()
+
+    return merge_chunks(
+        base, experts, mask_chunk, weights, lambda_=params.lambda_, normalize=params.normalize, elect=elect
+    )
 
 
 def _chunkable(params: BreadcrumbsParams, elect: bool) -> bool:

@@ -24,7 +24,7 @@ whatever the sign.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -186,3 +186,41 @@ def linear_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, normaliz
             raise ValueError("normalize=true needs weights that do not sum to zero")
         total.div_(denom)
     return total
+
+
+def merge_chunks(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    sparsify: Callable[[int, Tensor, Scratch], None],
+    weights: Sequence[float],
+    *,
+    lambda_: float,
+    normalize: bool,
+    elect: bool,
+) -> Tensor:
+    """θ0 + λ · merge_i(sparsify_i(θ_i − θ0)), chunk by chunk of the flattened tensors.
+
+    ``sparsify(i, delta, scratch)`` edits expert i's task-vector chunk in place (its masks must
+    be set per tensor beforehand, e.g. magnitude thresholds); the merge is the TIES elect +
+    disjoint merge with mergekit's +1 sign-tie rule (``elect``) or the weighted sum. Every
+    temporary lives in one :class:`Scratch`, so a chunk's buffers are allocated once per tensor.
+    """
+    from mergelab.methods.sparsify import flat_chunks
+
+    b_flat = base.reshape(-1)
+    e_flat = [e.reshape(-1) for e in experts]
+    out = torch.empty_like(b_flat)
+    scratch = Scratch(out)
+    for sl in flat_chunks(b_flat.numel()):
+        b = b_flat[sl]
+        deltas = []
+        for i, e in enumerate(e_flat):
+            d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", b.numel()))
+            sparsify(i, d, scratch)
+            deltas.append(d)
+        if elect:
+            merged = consensus_merge(deltas, weights, normalize=normalize, on_zero="positive", scratch=scratch)
+        else:
+            merged = linear_merge(deltas, weights, normalize=normalize)
+        torch.add(b, merged, alpha=lambda_, out=out[sl])
+    return out.reshape(base.shape).to(base.dtype)

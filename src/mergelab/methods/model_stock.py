@@ -70,31 +70,6 @@ class ModelStockParams(MethodParams):
     )
 
 
-def pairwise_mean_cosine(
-    deltas: Sequence[torch.Tensor], norm_product_floor: float = 0.0
-) -> torch.Tensor:
-    """Mean over pairs i < j of the row-wise cosine of 2-D tensors ``deltas[i]`` (shape R × C).
-
-    Returns shape (R,). A zero row has cosine 0 with everything (exact mode); with
-    ``norm_product_floor`` > 0 each dot product is divided by max(‖a‖‖b‖, floor) instead.
-    """
-    norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
-    cosines = []
-    for i in range(len(deltas)):
-        for j in range(i + 1, len(deltas)):
-            dot = torch.linalg.vecdot(deltas[i], deltas[j], dim=-1)  # no tensor-sized temporary
-            if norm_product_floor > 0:
-                cos = dot / (norms[i] * norms[j]).clamp(min=norm_product_floor)
-            else:
-                # Divide one norm at a time: |dot / ‖a‖| ≤ ‖b‖, so nothing under- or overflows.
-                nonzero = (norms[i] > 0) & (norms[j] > 0)
-                safe_i = torch.where(nonzero, norms[i], torch.ones_like(norms[i]))
-                safe_j = torch.where(nonzero, norms[j], torch.ones_like(norms[j]))
-                cos = torch.where(nonzero, dot / safe_i / safe_j, torch.zeros_like(dot))
-            cosines.append(cos.clamp(-1.0, 1.0))
-    return torch.stack(cosines).mean(dim=0)
-
-
 def interpolation_ratio(cos: torch.Tensor, n: int, clamp_cos: bool = False) -> torch.Tensor:
     """t = N cos / (1 + (N − 1) cos); 0 where the denominator vanishes."""
     if clamp_cos:
@@ -185,7 +160,10 @@ def _delta_products(
 def cosine_from_products(
     dots: dict[tuple[int, int], torch.Tensor], norms: Sequence[torch.Tensor], norm_product_floor: float = 0.0
 ) -> torch.Tensor:
-    """Mean over pairs i < j of ⟨τi, τj⟩ / (‖τi‖ ‖τj‖) (float32), as :func:`pairwise_mean_cosine`."""
+    """Mean over pairs i < j of ⟨τi, τj⟩ / (‖τi‖ ‖τj‖) (float32). A zero vector has cosine 0 with
+    everything; with ``norm_product_floor`` > 0 each dot product is divided by
+    max(‖a‖‖b‖, floor) instead (mergekit's rule). Dividing one norm at a time keeps
+    |dot / ‖a‖| ≤ ‖b‖, so nothing under- or overflows."""
     cosines = []
     for (i, j), dot in dots.items():
         if norm_product_floor > 0:

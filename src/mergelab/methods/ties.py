@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import GatherPass, TensorContext
-from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, elect_sign, sign_balance
+from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, elect_sign, merge_chunks, sign_balance
 from mergelab.methods.registry import method
 from mergelab.methods.sparsify import (
     HIGH_BINS,
@@ -57,7 +57,6 @@ from mergelab.methods.sparsify import (
     high_histogram,
     locate_in_histogram,
     low_histogram,
-    flat_chunks,
     keep_count,
     kth_largest_magnitude,
     parallel_map,
@@ -351,22 +350,12 @@ def _ties_tensor_chunked(
     thresholds = parallel_map(
         lambda em: tensor_threshold(base, em[0], em[1].density), list(zip(experts, model_params)), numel=base.numel()
     )
-    b_flat = base.reshape(-1)
-    e_flat = [e.reshape(-1) for e in experts]
-    out = torch.empty_like(b_flat)
-    scratch = Scratch(out)
-    for sl in flat_chunks(b_flat.numel()):
-        b = b_flat[sl]
-        m = b.numel()
-        trimmed = []
-        for i, (e, thr) in enumerate(zip(e_flat, thresholds)):
-            d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m))
-            if thr is not None:
-                keep = torch.abs(d, out=scratch.take("keep", m))
-                d.mul_(torch.ge(keep, thr, out=keep))  # float-valued mask: fast on CPU
-            trimmed.append(d)
-        merged = consensus_merge(
-            trimmed, weights, normalize=params.normalize, on_zero="positive", scratch=scratch
-        )
-        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
-    return out.reshape(base.shape).to(base.dtype)
+
+    def trim_chunk(i: int, d: Tensor, scratch: Scratch) -> None:
+        if thresholds[i] is not None:
+            keep = torch.abs(d, out=scratch.take("keep", d.numel()))
+            d.mul_(torch.ge(keep, thresholds[i], out=keep))  # float-valued mask: fast on CPU
+
+    return merge_chunks(
+        base, experts, trim_chunk, weights, lambda_=params.lambda_, normalize=params.normalize, elect=True
+    )

@@ -222,7 +222,7 @@ def finalize(spec: TaskSpec, rows: Iterable[Row], cfg: SplitConfig) -> Finalized
     )
 
 
-def _jsonl(rows: Sequence[dict[str, str]]) -> bytes:
+def jsonl_bytes(rows: Sequence[dict[str, str]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
 
 
@@ -231,7 +231,7 @@ def content_hash(splits: dict[str, Sequence[dict[str, str]]]) -> str:
     digest = hashlib.sha256()
     for split in SPLITS:
         digest.update(split.encode() + b"\0")
-        digest.update(_jsonl(splits[split]))
+        digest.update(jsonl_bytes(splits[split]))
     return digest.hexdigest()
 
 
@@ -240,22 +240,19 @@ def content_hash(splits: dict[str, Sequence[dict[str, str]]]) -> str:
 
 
 @dataclass
-class TaskData:
-    """A built task on disk: labels, metadata and the split files."""
+class SplitFiles:
+    """A built task folder: ``meta.json`` and one JSONL file per split (classification tasks
+    here, language-model domains in :mod:`mergelab.zoo.lm.tasks`)."""
 
     name: str
     path: Path
     meta: dict
 
     @classmethod
-    def load(cls, path: str | Path) -> TaskData:
+    def load(cls, path: str | Path):  # noqa: ANN206 - returns the subclass it is called on
         path = Path(path)
         meta = read_json(path / "meta.json")
         return cls(meta["task"], path, meta)
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta["labels"])
 
     def rows(self, split: str, limit: int | None = None) -> list[dict[str, str]]:
         """The first ``limit`` rows of a split (a deterministic random sample)."""
@@ -268,6 +265,16 @@ class TaskData:
                     break
                 out.append(json.loads(line))
         return out
+
+
+
+@dataclass
+class TaskData(SplitFiles):
+    """A built classification task on disk: labels, metadata and the split files."""
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
 
     def examples(self, split: str, limit: int | None = None) -> tuple[list[str], list[int]]:
         """(texts, label ids) of a split; label ids index :attr:`labels`."""
@@ -302,7 +309,7 @@ def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig
         raise ValueError(f"task {spec.name}: no examples for labels {missing}")
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in result.splits.items():
-        (out / f"{split}.jsonl").write_bytes(_jsonl(rows))
+        (out / f"{split}.jsonl").write_bytes(jsonl_bytes(rows))
     meta = {
         "task": spec.name,
         "description": spec.description,

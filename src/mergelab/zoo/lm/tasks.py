@@ -27,13 +27,12 @@ source packages with versions, ``content_sha256`` over the three files), cached 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mergelab.zoo.cache import atomic_dir, config_key, read_json, write_json, zoo_root
+from mergelab.zoo.cache import atomic_dir, config_key, write_json, zoo_root
 from mergelab.zoo.sources import SourceReader
 from mergelab.zoo.tasks import (
     SPLITS,
@@ -41,7 +40,9 @@ from mergelab.zoo.tasks import (
     _deb_paragraphs,
     _description_text,
     _is_cookie_file,
+    SplitFiles,
     content_hash,
+    jsonl_bytes,
     fortune_entries,
     normalize_text,
     split_of,
@@ -191,39 +192,13 @@ def finalize_lm(spec: LMTaskSpec, rows: Iterable[LMRow], cfg: SplitConfig = LM_S
     )
 
 
-def _jsonl(rows: Sequence[dict[str, str]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
-
-
 @dataclass
-class LMTaskData:
+class LMTaskData(SplitFiles):
     """A built domain on disk: metadata and the split files."""
-
-    name: str
-    path: Path
-    meta: dict
-
-    @classmethod
-    def load(cls, path: str | Path) -> LMTaskData:
-        path = Path(path)
-        meta = read_json(path / "meta.json")
-        return cls(meta["task"], path, meta)
 
     @property
     def metrics(self) -> list[str]:
         return list(self.meta["metrics"])
-
-    def rows(self, split: str, limit: int | None = None) -> list[dict[str, str]]:
-        """The first ``limit`` rows of a split (a deterministic random sample)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        out = []
-        with open(self.path / f"{split}.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                if limit is not None and len(out) >= limit:
-                    break
-                out.append(json.loads(line))
-        return out
 
     def texts(self, split: str, limit: int | None = None) -> list[str]:
         return [r["text"] for r in self.rows(split, limit)]
@@ -251,7 +226,7 @@ def build_lm_task(spec: LMTaskSpec, reader: SourceReader, out: Path, cfg: SplitC
         raise ValueError(f"LM task {spec.name}: empty {', '.join(empty)} split(s); is a source missing or empty?")
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in result.splits.items():
-        (out / f"{split}.jsonl").write_bytes(_jsonl(rows))
+        (out / f"{split}.jsonl").write_bytes(jsonl_bytes(rows))
     meta = {
         "task": spec.name,
         "suite": "lm",
