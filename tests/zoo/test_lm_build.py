@@ -136,8 +136,6 @@ def test_cli_eval_suite_lm_writes_json(built, tmp_path: Path) -> None:
 
 def test_cli_refusals(built) -> None:
     zoo, _, _ = built
-    res = runner.invoke(app, ["bench", "--suite", "lm"])
-    assert isinstance(res.exception, commands.UsageError)
     res = runner.invoke(app, ["eval", "base", "--suite", "lm", "--zoo", str(zoo.root), "--head", "probe"])
     assert isinstance(res.exception, commands.UsageError)
     res = runner.invoke(app, ["eval", "base", "--suite", "lm", "--zoo", str(zoo.root), "--tasks", "nope"])
@@ -166,3 +164,51 @@ def test_cli_sources_lists_the_lm_base(tmp_path: Path) -> None:
 def test_missing_lm_zoo_names_the_build_command(tmp_path: Path) -> None:
     with pytest.raises(ZooError, match="mergelab zoo build --suite lm"):
         load_lm_zoo("default", cache=tmp_path)
+
+
+def test_lm_bench_picks_the_best_validation_point_and_scores_it_on_test(built, tmp_path: Path) -> None:
+    from mergelab import merge_state_dicts
+    from mergelab.eval.grids import product
+    from mergelab.eval.harness import load_state_dict_path
+    from mergelab.eval.leaderboard import write_leaderboard
+    from mergelab.eval.lm_bench import run_lm_bench
+
+    zoo, _, _ = built
+    lambdas = (0.2, 1.0, 3.0)
+    grids = {"task_arithmetic": product({"lambda": lambdas}), "ties": product({"lambda": (1.0,)}, {"density": (0.5,)})}
+    lb = run_lm_bench(zoo, methods=["task_arithmetic", "ties", "fisher"], grids=grids, validation_limit=4)
+
+    base = load_state_dict_path(zoo.base_dir)
+    experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
+    val = LMEvaluator(zoo, split="validation", limit=4)
+
+    def merged(lam: float):
+        return merge_state_dicts("task_arithmetic", experts, base, parameters={"lambda": lam})
+
+    scores = [val.evaluate(merged(lam)).average_normalized for lam in lambdas]
+    assert len(set(scores)) == len(scores)  # the choice is not a tie-break
+    ta = next(m for m in lb.methods if m.method == "task_arithmetic")
+    assert [g.validation_average_normalized for g in ta.grid] == pytest.approx(scores)
+    assert ta.chosen.parameters["lambda"] == lambdas[scores.index(max(scores))]
+    expected = LMEvaluator(zoo, split="test").evaluate(merged(ta.chosen.parameters["lambda"]))
+    assert ta.test.average_normalized == pytest.approx(expected.average_normalized)
+    assert next(m for m in lb.methods if m.method == "fisher").status == "skipped"
+    assert [r.model for r in lb.references] == ["base", "expert: python", "expert: arithmetic"]
+    own = {s.task: s for s in lb.references[1].scores}["python"]
+    assert own.normalized == pytest.approx(1.0)
+
+    paths = write_leaderboard(lb, tmp_path / "lb")
+    text = paths["markdown"].read_text()
+    assert "LM zoo `tiny`" in text and "--suite lm" in text and "perplexity" in text
+    assert json.loads(paths["json"].read_text())["config"]["suite"] == "lm"
+
+
+def test_cli_bench_suite_lm(built, tmp_path: Path) -> None:
+    zoo, _, _ = built
+    out = tmp_path / "lb"
+    args = ["bench", "--suite", "lm", "--zoo", str(zoo.root), "--methods", "linear", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--validation-limit", "2", "--test-limit", "4"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert data["config"]["validation_limit"] == 2 and data["config"]["test_limit"] == 4
+    assert data["methods"][0]["status"] == "ok" and (out / "leaderboard.png").is_file()

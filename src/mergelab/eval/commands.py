@@ -76,12 +76,10 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _check_suite(suite: str, *, lm: bool = True) -> None:
-    """Accept ``classification`` (and ``lm`` where the command supports it)."""
+def _check_suite(suite: str) -> None:
+    """Accept ``classification`` and ``lm``."""
     if suite not in ("classification", "lm"):
         raise UsageError(f"unknown suite {suite!r}: use classification or lm")
-    if suite == "lm" and not lm:
-        raise UsageError("the lm suite has no leaderboard yet: score a merge with `mergelab eval MODEL --suite lm`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +366,10 @@ def _eval_lm(
 
 
 def bench_command(
-    suite: Annotated[str, typer.Option(help="classification (lm has no leaderboard yet)")] = "classification",
-    zoo: Annotated[str, typer.Option(help="zoo preset (quick, full) or zoo directory")] = "full",
+    suite: Annotated[str, typer.Option(help="classification or lm (the SmolLM2 domain experts)")] = "classification",
+    zoo: Annotated[
+        str | None, typer.Option(help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]")
+    ] = None,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -380,12 +380,16 @@ def bench_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="output directory (default benchmarks/results/classification-<zoo>); data-informed methods "
+            help="output directory (default benchmarks/results/<suite>-<zoo>); data-informed methods "
             "keep their statistics in OUT/statistics and reuse them"
         ),
     ] = None,
-    validation_limit: Annotated[int, typer.Option(help="validation rows per task for the grid search (0 = all)")] = 300,
-    test_limit: Annotated[int, typer.Option(help="test rows per task (0 = all)")] = 1000,
+    validation_limit: Annotated[
+        int | None, typer.Option(help="validation rows per task for the grid search (0 = all) [default: 300; lm: 32]")
+    ] = None,
+    test_limit: Annotated[
+        int | None, typer.Option(help="test rows per task (0 = all) [default: 1000; lm: the zoo's eval limit]")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the randomized methods (DARE, DELLA)")] = 0,
     build: Annotated[bool, typer.Option("--build", help="build the zoo first if it is not cached")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
@@ -409,9 +413,17 @@ def bench_command(
     from mergelab.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
     from mergelab.zoo import ZooConfig, ZooError, build_zoo, load_zoo
 
-    _check_suite(suite, lm=False)
+    _check_suite(suite)
     _quiet_transformers()
     _set_threads(threads)
+    if suite == "lm":
+        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache)
+        return
+    from mergelab.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
+
+    zoo = zoo or "full"
+    validation_limit = DEFAULT_VALIDATION_LIMIT if validation_limit is None else validation_limit
+    test_limit = DEFAULT_TEST_LIMIT if test_limit is None else test_limit
     method_names = expand_methods(_split_list(methods) or list(LEADERBOARD_METHODS))
     from mergelab.methods import get_method
 
@@ -444,6 +456,33 @@ def bench_command(
     err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def _lm_bench(
+    zoo: str | None, methods: str | None, out: Path | None, validation_limit: int | None, test_limit: int | None,
+    seed: int, cache: Path | None,
+) -> None:
+    """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab.eval.lm_bench`)."""
+    from mergelab.eval.grids import expand_methods
+    from mergelab.eval.leaderboard import leaderboard_table, write_leaderboard
+    from mergelab.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench
+    from mergelab.methods import get_method
+    from mergelab.zoo.lm.build import load_lm_zoo
+
+    method_names = expand_methods(_split_list(methods) or list(LM_METHODS))
+    for m in method_names:
+        get_method(m)  # unknown names fail before any work
+    z = load_lm_zoo(zoo or "default", cache=cache)
+    with progress_bars() as progress:
+        lb = run_lm_bench(
+            z, methods=method_names, seed=seed, progress=progress,
+            validation_limit=DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit),
+            test_limit="zoo" if test_limit is None else _limit(test_limit),
+            echo=lambda m: err_console.print(m, highlight=False),
+        )  # fmt: skip
+    paths = write_leaderboard(lb, out or Path("benchmarks") / "results" / f"lm-{z.name}")
+    console.print(leaderboard_table(lb))
+    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def demo_bench(
     *,
     cache: str | Path | None = None,
@@ -456,13 +495,15 @@ def demo_bench(
     from mergelab.eval.grids import DEMO_GRIDS, DEMO_METHODS
     from mergelab.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
     from mergelab.zoo import ZooConfig, build_zoo
+    from mergelab.zoo.build import QUICK_EVAL_LIMIT
 
     _quiet_transformers()
     _set_threads(threads)
     with progress_bars(progress_enabled) as progress:
         z = build_zoo(ZooConfig.quick(), cache=cache, progress=progress, threads=threads)
         lb = run_bench(
-            z, methods=DEMO_METHODS, grids=DEMO_GRIDS, validation_limit=200, test_limit=500, progress=progress,
+            z, methods=DEMO_METHODS, grids=DEMO_GRIDS, validation_limit=200, test_limit=QUICK_EVAL_LIMIT,
+            progress=progress,
         )  # fmt: skip
     if out is not None:
         write_leaderboard(lb, out)

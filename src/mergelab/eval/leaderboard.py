@@ -483,12 +483,25 @@ def _row_cells(report: EvalReport, tasks: Sequence[str]) -> list[str]:
     ]
 
 
+def _is_lm(lb: Leaderboard) -> bool:
+    return lb.config.get("suite") == "lm"
+
+
+def _zoo_title(lb: Leaderboard) -> str:
+    kind = "LM zoo" if _is_lm(lb) else "classification zoo"
+    return f"{kind} `{lb.zoo['name']}` ({len(lb.tasks)} {'domains' if _is_lm(lb) else 'tasks'})"
+
+
+def _score_word(lb: Leaderboard) -> str:
+    return "normalized score" if _is_lm(lb) else "normalized accuracy"
+
+
 def reproduce_command(lb: Leaderboard) -> str:
     c = lb.config
     vl = c["validation_limit"] if c["validation_limit"] is not None else 0
     tl = c["test_limit"] if c["test_limit"] is not None else 0
     cmd = (
-        f"mergelab bench --suite classification --zoo {c['zoo']} --methods {','.join(c['methods'])} "
+        f"mergelab bench --suite {c.get('suite', 'classification')} --zoo {c['zoo']} --methods {','.join(c['methods'])} "
         f"--validation-limit {vl} --test-limit {tl} --seed {c['seed']}"
     )
     cal = c.get("calibration")
@@ -503,13 +516,20 @@ def reproduce_command(lb: Leaderboard) -> str:
 def markdown(lb: Leaderboard) -> str:
     """The leaderboard as a markdown document."""
     tasks = lb.tasks
-    head = ["model", "avg normalized", "avg accuracy", *tasks]
+    lm = _is_lm(lb)
+    head = ["model", "avg normalized", "avg score" if lm else "avg accuracy", *tasks]
+    measure_text = (
+        "Normalized score (%: expert perplexity / merged perplexity; merged exact match / expert exact match for "
+        "answers that are exact; 100 = as good as the domain's expert, higher is better)"
+        if lm
+        else "Normalized accuracy (merged / expert, %)"
+    )
     lines = [
-        f"# Leaderboard: classification zoo `{lb.zoo['name']}` ({len(tasks)} tasks)",
+        f"# Leaderboard: {_zoo_title(lb)}",
         "",
-        f"Normalized accuracy (merged / expert, %) on the test split (first {lb.config['test_limit']} rows per task). "
+        f"{measure_text} on the test split (first {lb.config['test_limit']} rows per task). "
         f"Hyperparameters were chosen on the validation split (first {lb.config['validation_limit']} rows per task) "
-        "by average normalized accuracy; the test split was not used for the choice.",
+        f"by average {_score_word(lb)}; the test split was not used for the choice.",
         "",
         "## Merges",
         "",
@@ -533,12 +553,23 @@ def markdown(lb: Leaderboard) -> str:
     lines += ["", "## Reference rows (no merge)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lb.references:
         lines.append("| " + " | ".join([r.model, *_row_cells(r, tasks)]) + " |")
+    if lm:
+        metrics = lb.info.get("metrics", {})
+        lines += [
+            "",
+            "Experts' own test scores: "
+            + ", ".join(f"{t} {metrics.get(t, '')} {lb.expert_test[t]:.4g}" for t in tasks)
+            + ".",
+        ]
+    else:
+        lines += [
+            "",
+            "Ensembles run every expert on every input (one forward pass per expert) with the task's head.",
+            "`pretrained + linear probe` is the pretrained encoder with a head trained on its frozen features.",
+            "",
+            "Experts' own test accuracy (%): " + ", ".join(f"{t} {fmt_pct(lb.expert_test[t])}" for t in tasks) + ".",
+        ]
     lines += [
-        "",
-        "Ensembles run every expert on every input (one forward pass per expert) with the task's head.",
-        "`pretrained + linear probe` is the pretrained encoder with a head trained on its frozen features.",
-        "",
-        "Experts' own test accuracy (%): " + ", ".join(f"{t} {fmt_pct(lb.expert_test[t])}" for t in tasks) + ".",
         "",
         "## Setup",
         "",
@@ -635,8 +666,8 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     ax.set_yticks(y)
     ax.set_yticklabels([name for name, *_ in rows], fontsize=8)
     ax.axvline(100, color="black", lw=0.8, ls="--")
-    ax.set_xlabel("normalized accuracy (% of the expert), test split")
-    ax.set_title(f"mergelab classification zoo '{lb.zoo['name']}': bars = average, markers = tasks", fontsize=9)
+    ax.set_xlabel(f"{_score_word(lb)} (% of the expert), test split")
+    ax.set_title(f"mergelab {_zoo_title(lb).replace('`', chr(39))}: bars = average, markers = tasks", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=7)
     lowest = min(
         [100 * (r.average_normalized or 0) for _, r, _ in rows]
@@ -671,7 +702,7 @@ def leaderboard_table(lb: Leaderboard):
     skipped = "; ".join(f"{m.method}: {m.status} ({m.reason})" for m in lb.methods if m.status != "ok")
     caption = "chosen on validation: " + chosen + (f"\nnot run: {skipped}" if skipped else "")
     table = Table(
-        title=f"classification zoo '{lb.zoo['name']}': normalized test accuracy (%)",
+        title=f"{_zoo_title(lb).replace('`', chr(39))}: {_score_word(lb)} on test (%)",
         caption=caption,
         caption_justify="left",
     )

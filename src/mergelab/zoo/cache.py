@@ -11,6 +11,7 @@ Directories are written under a temporary name and renamed into place when compl
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -70,15 +71,39 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """Remove ``final``'s leftover temporary folders whose builder process has exited."""
+    prefix = f".{final.name}."
+    for p in final.parent.glob(f"{glob.escape(prefix)}*.partial"):
+        tag = p.name[len(prefix) : -len(".partial")]
+        pid_text = tag.split("-", 1)[0]
+        if pid_text.isdigit() and "-" in tag and _pid_alive(int(pid_text)):
+            continue  # a live build (this name scheme) owns it
+        shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``final`` when the block succeeds.
 
     An existing ``final`` is replaced. On an exception the temporary directory is removed
-    and ``final`` is left as it was.
+    and ``final`` is left as it was. The temporary name carries the builder's process id, so
+    the partial folders of a build that was killed (no exception to clean up after) are
+    removed by the next build of the same ``final``; those of a live process are left alone.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    _remove_stale_partials(final)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     tmp.mkdir()
     try:
         yield tmp
