@@ -28,7 +28,7 @@ def test_negate_is_base_minus_lambda_tau() -> None:
 
 def test_largest_lambda_within_the_bound_hand_computed() -> None:
     # control(λ) = 1 − λ, base = 1: the 95 % rule keeps λ ≤ 0.05; a 72 % bound keeps λ ≤ 0.28
-    control = lambda s: 1.0 - lam_of(s)  # noqa: E731
+    control = lambda s: 1.0 - lam_of(s)
     r = negation_search(BASE, FORGET, control)
     assert r.lambda_ == 0.05 and r.base_control == 1.0
     assert [p.within_bound for p in r.points] == [True, True] + [False] * 19
@@ -38,7 +38,7 @@ def test_largest_lambda_within_the_bound_hand_computed() -> None:
 
 
 def test_a_non_monotone_control_curve_still_gets_its_largest_passing_lambda() -> None:
-    control = lambda s: 1.0 if lam_of(s) in (0.0, 0.1, 0.6) else 0.5  # noqa: E731
+    control = lambda s: 1.0 if lam_of(s) in (0.0, 0.1, 0.6) else 0.5
     r = negation_search(BASE, FORGET, control)
     assert r.lambda_ == 0.6
     assert [p.lambda_ for p in r.points if p.within_bound] == [0.0, 0.1, 0.6]

@@ -31,7 +31,13 @@ import torch
 
 from mergelab.eval.grids import GridPoint, check_grid, product
 from mergelab.eval.harness import load_state_dict_path
-from mergelab.eval.leaderboard import GridResult, Leaderboard, MergeFn, MethodResult, _Steps
+from mergelab.eval.leaderboard import (
+    GridResult,
+    Leaderboard,
+    MergeFn,
+    MethodResult,
+    _Steps,
+)
 from mergelab.eval.lm_harness import Limit, LMEvaluator
 from mergelab.eval.measure import measure
 from mergelab.eval.metrics import EvalReport
@@ -64,10 +70,6 @@ DEFAULT_LM_VALIDATION_LIMIT = 32
 
 def lm_grid_for(method: str) -> tuple[GridPoint, ...]:
     return LM_GRIDS.get(method, (GridPoint(),))
-
-
-def _state_dict(folder) -> dict[str, torch.Tensor]:
-    return load_state_dict_path(folder)
 
 
 def run_lm_bench(
@@ -106,8 +108,8 @@ def run_lm_bench(
     for t in zoo.tasks:
         val.expert_scores(t)
 
-    base = _state_dict(zoo.base_dir)
-    experts = [_state_dict(zoo.expert_model_dir(t)) for t in zoo.tasks]
+    base = load_state_dict_path(zoo.base_dir)
+    experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
     results: list[MethodResult] = []
     for name in methods:
         spec = get_method(name)
