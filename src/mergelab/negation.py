@@ -20,7 +20,7 @@ A score is any callable ``state dict -> float`` (a zoo evaluation, a perplexity,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,13 +44,9 @@ class NegationPoint:
     within_bound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "lambda": self.lambda_,
-            "control": self.control,
-            "control_ratio": self.control_ratio,
-            "forget": self.forget,
-            "within_bound": self.within_bound,
-        }
+        d = asdict(self)
+        d["lambda"] = d.pop("lambda_")
+        return d
 
 
 @dataclass
@@ -115,10 +111,10 @@ def negation_search(
     grid = sorted({float(x) for x in lambdas} | {0.0})
     if any(x < 0 for x in grid):
         raise RecipeError("negation lambdas must be ≥ 0 (λ scales the subtracted task vector)")
-    missing = sorted(set(base) ^ set(forget_expert))
-    if missing:
-        raise RecipeError(f"base and forget expert differ in tensors: {', '.join(missing[:5])}")
-    base_state = {k: v for k, v in base.items()}
+    differ = sorted(set(base) ^ set(forget_expert))
+    if differ:
+        raise RecipeError(f"base and forget expert differ in tensors: {', '.join(differ[:5])}")
+    base_state = dict(base)
     base_control = float(control(base_state))
     base_forget = float(forget(base_state)) if forget is not None else None
     points: list[NegationPoint] = []
@@ -130,7 +126,7 @@ def negation_search(
         ratio = _ratio(c, base_control, higher_is_better)
         point = NegationPoint(lam, c, ratio, f, within_bound=ratio >= threshold)
         points.append(point)
-        if point.within_bound and lam >= best:
+        if point.within_bound:  # the grid ascends: the last passing λ is the largest
             best, best_state = lam, state
         if on_point is not None:
             on_point(point)

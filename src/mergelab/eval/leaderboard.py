@@ -283,7 +283,7 @@ def run_bench(
     work.mkdir(parents=True, exist_ok=True)
     stats_root = work / "statistics"
     routed_root = work / ".routed-merges"
-    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, cal, stats_root, routed_root, seed, progress, steps,
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, cal, stats_root, routed_root,
                         temporary)
     results: list[MethodResult] = []
     try:
@@ -295,13 +295,7 @@ def run_bench(
                 results.append(MethodResult(name, status="skipped", reason=reason))
                 continue
             result = _run_method(ctx, get_method(name), points)
-            if result.status == "ok" and result.test is not None:
-                say(
-                    f"{result.display_name()}: {result.chosen.label() if result.chosen else ''} -> "
-                    f"test normalized {fmt_pct(result.test.average_normalized)} %"
-                )
-            else:
-                say(f"{name}: {result.status} ({result.reason})")
+            announce(result, say)
             results.append(result)
     finally:
         shutil.rmtree(routed_root, ignore_errors=True)
@@ -341,30 +335,50 @@ def run_bench(
         "config": zoo.manifest.get("config", {}),
         "base_source": zoo.manifest.get("base_source", {}),
     }
-    info = {
+    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, run_info(t_start))
+
+
+def run_info(t_start: float, **extra: Any) -> dict[str, Any]:
+    """The ``info`` block of a leaderboard: bench wall time since ``t_start``, threads, platform, date."""
+    return {
         "bench_seconds": round(time.perf_counter() - t_start, 1),
         "torch_threads": torch.get_num_threads(),
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }
-    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, info)
+
+
+def announce(result: MethodResult, say: Callable[[str], None]) -> None:
+    """One line per finished method: its chosen point and test score, or why it has none."""
+    if result.status == "ok" and result.test is not None:
+        say(
+            f"{result.display_name()}: {result.chosen.label() if result.chosen else ''} -> "
+            f"test normalized {fmt_pct(result.test.average_normalized)} %"
+        )
+    else:
+        say(f"{result.method}: {result.status} ({result.reason})")
 
 
 @dataclass
 class _BenchContext:
-    zoo: Zoo
+    """What a method's grid search needs. ``zoo``/``val``/``test`` are a classification zoo and its
+    :class:`Evaluator`s or an LM zoo and its ``LMEvaluator``s (same ``evaluate`` interface);
+    the last four fields serve only routed and data-informed methods."""
+
+    zoo: Any
     base: dict[str, torch.Tensor]
     experts: list[dict[str, torch.Tensor]]
-    val: Evaluator
-    test: Evaluator
+    val: Any
+    test: Any
     merge_fn: MergeFn
-    calibration: BenchCalibration
-    stats_root: Path
-    routed_root: Path
     seed: int
     progress: Any
     steps: _Steps
-    temporary: bool
+    calibration: BenchCalibration | None = None
+    stats_root: Path | None = None
+    routed_root: Path | None = None
+    temporary: bool = True
 
 
 def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> MethodResult:

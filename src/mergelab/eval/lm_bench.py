@@ -21,25 +21,23 @@ need a text-file export first).
 
 from __future__ import annotations
 
-import datetime as _dt
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from mergelab.eval.grids import GridPoint, check_grid, product
 from mergelab.eval.harness import load_state_dict_path
 from mergelab.eval.leaderboard import (
-    GridResult,
     Leaderboard,
     MergeFn,
     MethodResult,
+    _BenchContext,
+    _run_method,
     _Steps,
+    announce,
+    run_info,
 )
 from mergelab.eval.lm_harness import Limit, LMEvaluator
-from mergelab.eval.measure import measure
 from mergelab.eval.metrics import EvalReport
 from mergelab.zoo.lm.build import LMZoo
 
@@ -110,6 +108,7 @@ def run_lm_bench(
 
     base = load_state_dict_path(zoo.base_dir)
     experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps)
     results: list[MethodResult] = []
     for name in methods:
         spec = get_method(name)
@@ -117,47 +116,9 @@ def run_lm_bench(
         reason = check_grid(name, len(experts), points)
         if not reason and (spec.statistics is not None or spec.outputs == "modulated"):
             reason = "data-informed and routed methods are not on the LM leaderboard yet"
-        if reason:
-            say(f"{name}: skipped ({reason})")
-            results.append(MethodResult(name, status="skipped", reason=reason))
-            continue
-        result = MethodResult(name)
-        best: dict[str, torch.Tensor] | None = None
-        best_score = -float("inf")
-        t_search = time.perf_counter()
-        try:
-            with steps.phase(f"{name}: {len(points)} grid point(s) on validation", len(points)) as tick:
-                for point in points:
-                    with measure() as m:
-                        merged = merge_fn(
-                            name,
-                            experts,
-                            None if spec.base == "ignored" else base,
-                            parameters=dict(point.parameters),
-                            model_parameters=[dict(point.model_parameters) for _ in experts],
-                            seed=seed,
-                        )
-                    report = val.evaluate(merged, name=name)
-                    score = report.average_normalized
-                    result.grid.append(
-                        GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes)
-                    )
-                    if score is not None and score > best_score:
-                        best_score, best = score, merged
-                        result.chosen, result.validation = point, report
-                        result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
-                    del merged
-                    tick()
-            result.search_seconds = time.perf_counter() - t_search
-            if best is None:
-                result.status, result.reason = "failed", "no grid point gave a score"
-            else:
-                result.test = test.evaluate(best, name=name)
-                say(f"{name}: {result.chosen_label()} -> test normalized {100 * (result.test.average_normalized or 0):.1f} %")
-        except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' rows
-            result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+        result = MethodResult(name, status="skipped", reason=reason) if reason else _run_method(ctx, spec, points)
+        announce(result, say)
         results.append(result)
-        best = None
 
     config: dict[str, Any] = {
         "suite": "lm",
@@ -177,11 +138,5 @@ def run_lm_bench(
         "config": zoo.manifest.get("config", {}),
         "base_source": zoo.manifest.get("base", {}),
     }
-    info = {
-        "bench_seconds": round(time.perf_counter() - t_start, 1),
-        "torch_threads": torch.get_num_threads(),
-        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "metrics": {t: zoo.metrics(t)[0] for t in zoo.tasks},
-    }
+    info = run_info(t_start, metrics={t: zoo.metrics(t)[0] for t in zoo.tasks})
     return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, info)
