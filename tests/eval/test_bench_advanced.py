@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergelab.errors import RecipeError
 from mergelab.eval.data_informed import BenchCalibration
 from mergelab.eval.grids import (
     ADVANCED_METHODS,
@@ -31,8 +32,10 @@ def test_every_declared_grid_validates_and_is_small() -> None:
     for name in ADVANCED_METHODS + DATA_INFORMED_METHODS:
         assert name in GRIDS and 1 <= len(GRIDS[name]) <= 6, name
     # every registered method that merges any number of experts is on the leaderboard
+    from mergelab.eval.grids import method_of
+
     multi = {m.name for m in all_methods() if m.max_experts is None}
-    assert multi <= set(LEADERBOARD_METHODS)
+    assert multi <= {method_of(m) for m in LEADERBOARD_METHODS}
     assert expand_methods(["informed", "fisher", "linear"]) == [*DATA_INFORMED_METHODS, "linear"]
 
 
@@ -105,21 +108,32 @@ def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tm
     monkeypatch.setattr(phase, "load_examples", recording_load)
     grids = {
         "regmean": product({"reduce_non_diagonal_ratio": (0.5, 0.9)}),
-        "adamerging": (GridPoint({"granularity": "task", "steps": 2}),),
+        "adamerging_task": (GridPoint({"granularity": "task", "steps": 2}),),
     }
-    lb = run_bench(tiny_zoo, methods=["regmean", "adamerging"], grids=grids, validation_limit=None, test_limit=None,
-                   calibration=TINY_CAL, work_dir=tmp_path / "work")
+    lb = run_bench(tiny_zoo, methods=["regmean", "adamerging_task"], grids=grids, validation_limit=None,
+                   test_limit=None, calibration=TINY_CAL, work_dir=tmp_path / "work")
     regmean, ada = lb.methods
     assert regmean.status == "ok" and ada.status == "ok", (regmean.reason, ada.reason)
+    assert ada.method == "adamerging_task" and ada.chosen.parameters["granularity"] == "task"
     assert len(gram_calls) == len(tiny_zoo.tasks)  # one Gram pass per expert for both grid points
     assert len(regmean.grid) == 2 and all(g.statistics_seconds is not None for g in regmean.grid)
     assert regmean.statistics["collector"] == "gram" and regmean.statistics["split"] == "train"
     assert (tmp_path / "work" / "statistics" / "regmean" / "gram").is_dir()
-    # RegMean and AdaMerging (unlabeled) read each task's train rows; validation only selects; nothing reads test
-    assert {(t, s, n) for t, s, n in splits} == {(t, "train", 8) for t in tiny_zoo.tasks}
-    assert ada.statistics["split"] == "train"
-    assert lb.config["calibration"]["examples"] == 8 and "train split, without labels" in lb.config["calibration"][
+    # RegMean reads each task's train rows; AdaMerging the unlabeled test inputs (its paper's protocol);
+    # validation only selects
+    assert sorted(splits) == sorted([(t, "train", 8) for t in tiny_zoo.tasks] + [(t, "test", 8) for t in tiny_zoo.tasks])
+    assert ada.statistics["split"] == "test"
+    assert lb.config["calibration"]["examples"] == 8 and "test split, without labels" in lb.config["calibration"][
         "sources"]["adamerging"]
+    assert "unlabeled test inputs, as in the AdaMerging paper" in markdown(lb)
+    # the train variant reads train texts instead
+    splits.clear()
+    from dataclasses import replace
+
+    lb_train = run_bench(tiny_zoo, methods=["adamerging_task"], grids=grids, validation_limit=None, test_limit=None,
+                         calibration=replace(TINY_CAL, adamerging_split="train"), work_dir=tmp_path / "work")
+    assert lb_train.methods[0].status == "ok" and lb_train.methods[0].statistics["split"] == "train"
+    assert {s for _, s, _ in splits} == {"train"}
     # a second bench in the same folder reuses every statistic
     gram_calls.clear()
     lb2 = run_bench(tiny_zoo, methods=["regmean"], grids=grids, validation_limit=None, test_limit=None,
@@ -231,3 +245,60 @@ def test_a_per_task_value_on_the_grid_edge_is_flagged() -> None:
     assert row.chosen_at_edge == ["tall_lambda"]
     row.routing["per_task_parameters"]["tall_lambda"] = {"a": 0.4, "b": 0.4}
     assert row.chosen_at_edge == []
+
+
+def test_adamerging_is_two_rows_task_and_layer_wise() -> None:
+    from mergelab.eval.grids import grid_for, method_of
+
+    assert expand_methods(["adamerging"]) == ["adamerging_task", "adamerging_layer"]
+    assert {"adamerging_task", "adamerging_layer"} <= set(DATA_INFORMED_METHODS)
+    assert [p.parameters for p in grid_for("adamerging_task")] == [{"granularity": "task"}]
+    assert [p.parameters for p in grid_for("adamerging_layer")] == [{"granularity": "layer"}]
+    assert method_of("adamerging_layer") == "adamerging" and method_of("ties") == "ties"
+    assert check_grid("adamerging_task", 8) is None
+    with pytest.raises(RecipeError, match="must be test or train"):
+        BenchCalibration(adamerging_split="validation")
+
+
+def test_bench_update_adds_rows_and_refuses_a_different_protocol(tiny_zoo_manifest, tmp_path) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from mergelab.eval import commands
+
+    app = typer.Typer()
+    app.command("bench")(commands.bench_command)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "lb"
+    common = ["bench", "--zoo", str(tiny_zoo_manifest.parent), "--out", str(out), "--validation-limit", "0",
+              "--test-limit", "0", "--calibration-examples", "4", "--threads", "1"]
+    first = CliRunner().invoke(app, [*common, "--methods", "regmean,linear"])
+    assert first.exit_code == 0, first.output
+    before = json.loads((out / "leaderboard.json").read_text())
+    rows_before = {m["method"]: m for m in before["methods"]}
+
+    res = CliRunner().invoke(app, [*common, "--methods", "task_arithmetic,linear", "--update"])
+    assert res.exit_code == 0, res.output
+    after = json.loads((out / "leaderboard.json").read_text())
+    rows = {m["method"]: m for m in after["methods"]}
+    assert list(rows) == ["regmean", "linear", "task_arithmetic"]
+    assert rows["regmean"] == rows_before["regmean"]  # kept as it was
+    assert after["config"]["methods"] == ["regmean", "linear", "task_arithmetic"]
+    assert set(after["config"]["grids"]) == set(rows) and after["config"]["calibration"]["methods"] == ["regmean"]
+    assert [u["methods"] for u in after["info"]["updates"]] == [["regmean", "linear"], ["task_arithmetic", "linear"]]
+    md = (out / "leaderboard.md").read_text()
+    assert "--methods regmean,linear,task_arithmetic" in md and "task_arithmetic" in md
+
+    # a kept RegMean row computed with 4 examples cannot sit beside a data-informed run with 5
+    bad = CliRunner().invoke(app, [*common[:-4], "--calibration-examples", "5", "--threads", "1",
+                                   "--fisher-examples", "2", "--methods", "fisher", "--update"])
+    assert bad.exit_code != 0 and "calibration examples=4" in str(bad.exception)
+    other_limit = CliRunner().invoke(app, [*common[:5], "--validation-limit", "3", *common[7:], "--methods", "linear",
+                                           "--update"])
+    assert other_limit.exit_code != 0 and "validation_limit" in str(other_limit.exception)
+    assert json.loads((out / "leaderboard.json").read_text()) == after  # nothing rewritten by the refused runs
+    missing = CliRunner().invoke(app, [*common[:3], "--out", str(tmp_path / "none"), *common[5:], "--methods",
+                                       "linear", "--update"])
+    assert missing.exit_code != 0 and "does not exist" in str(missing.exception)

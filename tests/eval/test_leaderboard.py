@@ -161,11 +161,14 @@ def test_writer_outputs_round_trip(tmp_path) -> None:
 def test_every_leaderboard_method_has_a_valid_grid() -> None:
     from mergelab.methods import all_methods
 
+    from mergelab.eval.grids import ROW_VARIANTS, method_of
+
     registered = {m.name for m in all_methods()}
-    assert set(LEADERBOARD_METHODS) <= registered
+    assert {method_of(m) for m in LEADERBOARD_METHODS} <= registered
+    assert set(ROW_VARIANTS.values()) <= registered and not set(ROW_VARIANTS) & registered
     for name in LEADERBOARD_METHODS:
         assert check_grid(name, 8) is None, name
-    assert set(GRIDS) <= registered
+    assert {method_of(m) for m in GRIDS} <= registered
 
 
 def test_grid_shapes() -> None:

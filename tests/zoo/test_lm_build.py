@@ -176,7 +176,7 @@ def test_lm_bench_picks_the_best_validation_point_and_scores_it_on_test(built, t
     zoo, _, _ = built
     lambdas = (0.2, 1.0, 3.0)
     grids = {"task_arithmetic": product({"lambda": lambdas}), "ties": product({"lambda": (1.0,)}, {"density": (0.5,)})}
-    lb = run_lm_bench(zoo, methods=["task_arithmetic", "ties", "fisher"], grids=grids, validation_limit=4)
+    lb = run_lm_bench(zoo, methods=["task_arithmetic", "ties", "tall_masks"], grids=grids, validation_limit=4)
 
     base = load_state_dict_path(zoo.base_dir)
     experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
@@ -192,7 +192,7 @@ def test_lm_bench_picks_the_best_validation_point_and_scores_it_on_test(built, t
     assert ta.chosen.parameters["lambda"] == lambdas[scores.index(max(scores))]
     expected = LMEvaluator(zoo, split="test").evaluate(merged(ta.chosen.parameters["lambda"]))
     assert ta.test.average_normalized == pytest.approx(expected.average_normalized)
-    assert next(m for m in lb.methods if m.method == "fisher").status == "skipped"
+    assert next(m for m in lb.methods if m.method == "tall_masks").status == "skipped"  # routed
     assert [r.model for r in lb.references] == ["base", "expert: python", "expert: arithmetic"]
     own = {s.task: s for s in lb.references[1].scores}["python"]
     assert own.normalized == pytest.approx(1.0)
@@ -201,6 +201,55 @@ def test_lm_bench_picks_the_best_validation_point_and_scores_it_on_test(built, t
     text = paths["markdown"].read_text()
     assert "LM zoo `tiny`" in text and "--suite lm" in text and "perplexity" in text
     assert json.loads(paths["json"].read_text())["config"]["suite"] == "lm"
+
+
+def test_lm_bench_runs_data_informed_methods_on_the_causal_lms(built, tmp_path: Path, monkeypatch) -> None:
+    """Fisher and RegMean on the LM zoo: calibration texts from each domain's train file, statistics of the
+    causal LMs (Fisher: sampled next tokens), rows equal to a direct merge with those statistics."""
+    from mergelab import merge_state_dicts
+    from mergelab.data import sources
+    from mergelab.eval.data_informed import BenchCalibration, compute_statistics
+    from mergelab.eval.grids import GridPoint, product
+    from mergelab.eval.harness import load_state_dict_path
+    from mergelab.eval.lm_bench import run_lm_bench
+
+    zoo, _, _ = built
+    cal = BenchCalibration(examples=6, fisher_examples=3, batch_size=3)
+    grids = {"regmean": product({"reduce_non_diagonal_ratio": (0.5, 1.0)}), "fisher": (GridPoint(),)}
+    read = []
+    real = sources.read_text_file
+
+    def recording(path, **kw):
+        read.append((Path(path), kw.get("label_field"), kw.get("limit")))
+        return real(path, **kw)
+
+    monkeypatch.setattr(sources, "read_text_file", recording)
+    lb = run_lm_bench(zoo, methods=["regmean", "fisher"], grids=grids, validation_limit=4, calibration=cal,
+                      work_dir=tmp_path / "work")
+    rows = {m.method: m for m in lb.methods}
+    assert all(m.status == "ok" for m in rows.values()), [m.reason for m in rows.values()]
+    train_files = {zoo.data(t).path / "train.jsonl" for t in zoo.tasks}
+    assert {p for p, _, _ in read} == train_files and {lf for _, lf, _ in read} == {None}
+    assert {n for _, _, n in read} == {6, 3}
+    assert rows["fisher"].statistics["summary"]  # per-expert lines of the data phase
+    assert any("label sampled" in v for v in rows["fisher"].statistics["summary"].values())
+    assert (tmp_path / "work" / "statistics" / "regmean").is_dir()
+    assert lb.config["calibration"]["methods"] == ["regmean", "fisher"]
+    assert "sampled" in lb.config["calibration"]["sources"]["fisher"]
+
+    # the RegMean row is the chosen point's merge with the same statistics, scored on test
+    chosen = rows["regmean"].chosen
+    st = compute_statistics("regmean", zoo, chosen, cal, tmp_path / "work" / "statistics")
+    try:
+        base = load_state_dict_path(zoo.base_dir)
+        experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
+        merged = merge_state_dicts("regmean", experts, base, parameters=dict(chosen.parameters), statistics=st.readers)
+    finally:
+        st.close()
+    expected = LMEvaluator(zoo, split="test").evaluate(merged)
+    assert rows["regmean"].test.average_normalized == pytest.approx(expected.average_normalized)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           merge_state_dicts("linear", experts, None)["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_cli_bench_suite_lm(built, tmp_path: Path) -> None:

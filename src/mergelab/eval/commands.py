@@ -12,7 +12,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -401,11 +401,22 @@ def bench_command(
         int, typer.Option(help="Fisher: train rows per task (per-example gradients, one backward per class)")
     ] = 64,
     adamerging_examples: Annotated[
-        int, typer.Option(help="AdaMerging: unlabeled train texts per task (validation only selects; never the test split)")
-    ] = 256,
+        int, typer.Option(help="AdaMerging: unlabeled texts per task (first rows of --adamerging-split)")
+    ] = 1000,
+    adamerging_split: Annotated[
+        str, typer.Option(help="AdaMerging's unlabeled inputs: test (the paper's test-time protocol) or train")
+    ] = "test",
     calibration_device: Annotated[
         str, typer.Option(help="torch device of the data phases of data-informed methods (cpu, cuda)")
     ] = "cpu",
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="keep the other rows of OUT/leaderboard.json (same zoo, limits and seed): add or replace only the "
+            "methods run now",
+        ),
+    ] = False,
 ) -> None:
     """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
     from mergelab.eval.data_informed import BenchCalibration
@@ -416,8 +427,12 @@ def bench_command(
     _check_suite(suite)
     _quiet_transformers()
     _set_threads(threads)
+    calibration = BenchCalibration(
+        examples=calibration_examples, fisher_examples=fisher_examples, adamerging_examples=adamerging_examples,
+        adamerging_split=adamerging_split, device=calibration_device,
+    )  # fmt: skip
     if suite == "lm":
-        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache)
+        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update)
         return
     from mergelab.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
 
@@ -425,10 +440,11 @@ def bench_command(
     validation_limit = DEFAULT_VALIDATION_LIMIT if validation_limit is None else validation_limit
     test_limit = DEFAULT_TEST_LIMIT if test_limit is None else test_limit
     method_names = expand_methods(_split_list(methods) or list(LEADERBOARD_METHODS))
+    from mergelab.eval.grids import method_of
     from mergelab.methods import get_method
 
     for m in method_names:
-        get_method(m)  # unknown names fail before any work
+        get_method(method_of(m))  # unknown names fail before any work
     with progress_bars() as progress:
         try:
             z = load_zoo(zoo, cache=cache)
@@ -442,15 +458,17 @@ def bench_command(
                 threads=threads,
             )
         out_dir = out or Path("benchmarks") / "results" / f"classification-{z.name}"
-        calibration = BenchCalibration(
-            examples=calibration_examples, fisher_examples=fisher_examples, adamerging_examples=adamerging_examples,
-            device=calibration_device,
-        )  # fmt: skip
+        previous = _previous_leaderboard(out_dir) if update else None
+        if previous is not None:
+            _check_update(previous, z.key, suite="classification", zoo=z.name, validation_limit=_limit(validation_limit),
+                          test_limit=_limit(test_limit), seed=seed)
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
             calibration=calibration, work_dir=out_dir,
         )  # fmt: skip
+    if previous is not None:
+        lb = _updated(previous, lb)
     paths = write_leaderboard(lb, out_dir)
     console.print(leaderboard_table(lb))
     err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -458,10 +476,10 @@ def bench_command(
 
 def _lm_bench(
     zoo: str | None, methods: str | None, out: Path | None, validation_limit: int | None, test_limit: int | None,
-    seed: int, cache: Path | None,
+    seed: int, cache: Path | None, calibration: Any, update: bool,
 ) -> None:
     """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab.eval.lm_bench`)."""
-    from mergelab.eval.grids import expand_methods
+    from mergelab.eval.grids import expand_methods, method_of
     from mergelab.eval.leaderboard import leaderboard_table, write_leaderboard
     from mergelab.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench
     from mergelab.methods import get_method
@@ -469,18 +487,55 @@ def _lm_bench(
 
     method_names = expand_methods(_split_list(methods) or list(LM_METHODS))
     for m in method_names:
-        get_method(m)  # unknown names fail before any work
+        get_method(method_of(m))  # unknown names fail before any work
     z = load_lm_zoo(zoo or "default", cache=cache)
+    out_dir = out or Path("benchmarks") / "results" / f"lm-{z.name}"
+    previous = _previous_leaderboard(out_dir) if update else None
+    if previous is not None:  # the test limit is resolved by the evaluator: checked after the run
+        _check_update(previous, z.key, suite="lm", zoo=z.name, seed=seed,
+                      validation_limit=DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit))
     with progress_bars() as progress:
         lb = run_lm_bench(
             z, methods=method_names, seed=seed, progress=progress,
             validation_limit=DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit),
             test_limit="zoo" if test_limit is None else _limit(test_limit),
-            echo=lambda m: err_console.print(m, highlight=False),
+            echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
         )  # fmt: skip
-    paths = write_leaderboard(lb, out or Path("benchmarks") / "results" / f"lm-{z.name}")
+    if previous is not None:
+        lb = _updated(previous, lb)
+    paths = write_leaderboard(lb, out_dir)
     console.print(leaderboard_table(lb))
     err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _previous_leaderboard(out_dir: Path) -> Any:
+    """``--update``: the leaderboard already in ``out_dir`` (read before any work, so a bad one fails early)."""
+    from mergelab.eval.leaderboard import Leaderboard
+
+    path = out_dir / "leaderboard.json"
+    if not path.is_file():
+        raise UsageError(f"--update: {path} does not exist; run the bench without --update first")
+    try:
+        return Leaderboard.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--update: {path} is not a mergelab leaderboard ({type(exc).__name__}: {exc})") from None
+
+
+def _check_update(previous: Any, zoo_key: str, **protocol: Any) -> None:
+    from mergelab.eval.leaderboard import update_conflict
+
+    problem = update_conflict(previous, zoo_key, **protocol)
+    if problem:
+        raise UsageError(f"--update: {problem}")
+
+
+def _updated(previous: Any, lb: Any) -> Any:
+    from mergelab.eval.leaderboard import update_leaderboard
+
+    try:
+        return update_leaderboard(previous, lb)
+    except ValueError as exc:
+        raise UsageError(f"--update: {exc}") from None
 
 
 def demo_bench(

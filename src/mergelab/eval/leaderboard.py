@@ -12,15 +12,19 @@ Two kinds of methods need more than a merged state dict:
   merged as ``mergelab merge`` does and every task is scored with its own reconstruction
   (:mod:`mergelab.eval.routed`); their rows are marked ``routed`` (they need the task id at
   inference) and record the storage of the shared model + parts against N separate experts;
-* data-informed methods (``fisher``, ``regmean``, ``regmean_plusplus``, ``adamerging``) first run
-  their data phase on the zoo's data (:mod:`mergelab.eval.data_informed`: train split for the
-  statistics, unlabeled train texts for AdaMerging), cached under ``<work_dir>/statistics``
-  so grid points and reruns reuse them; the data phase's time is recorded beside the merge's. Reference rows (no merge) come from the zoo's own
-models: the pretrained encoder with the experts' heads and with linear-probe heads, each
-expert alone on every task, and the probability-average and majority-vote ensembles.
+* data-informed methods (``fisher``, ``regmean``, ``regmean_plusplus``, AdaMerging's
+  ``adamerging_task`` and ``adamerging_layer`` rows) first run their data phase on the zoo's
+  data (:mod:`mergelab.eval.data_informed`: train split for the statistics, the unlabeled test
+  inputs for AdaMerging as in its paper), cached under ``<work_dir>/statistics`` so grid points
+  and reruns reuse them; the data phase's time is recorded beside the merge's.
+
+Reference rows (no merge) come from the zoo's own models: the pretrained encoder with the
+experts' heads and with linear-probe heads, each expert alone on every task, and the
+probability-average and majority-vote ensembles.
 
 :func:`write_leaderboard` writes ``leaderboard.json`` (everything, including every grid
-point's validation score and the exact config), ``leaderboard.md`` and ``leaderboard.png``.
+point's validation score and the exact config), ``leaderboard.md`` and ``leaderboard.png``;
+:func:`update_leaderboard` adds rows from a later run of the same protocol (``--update``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any
 import torch
 
 from mergelab.eval.data_informed import BenchCalibration, compute_statistics
-from mergelab.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, edge_axes, grid_for
+from mergelab.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, edge_axes, grid_for, method_of
 from mergelab.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
 from mergelab.eval.measure import measure
 from mergelab.eval.metrics import EvalReport, fmt_pct
@@ -294,7 +298,7 @@ def run_bench(
                 say(f"{name}: skipped ({reason})")
                 results.append(MethodResult(name, status="skipped", reason=reason))
                 continue
-            result = _run_method(ctx, get_method(name), points)
+            result = _run_method(ctx, get_method(method_of(name)), points, row=name)
             announce(result, say)
             results.append(result)
     finally:
@@ -302,7 +306,7 @@ def run_bench(
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
 
-    specs = {m: get_method(m) for m in methods}
+    specs = {m: get_method(method_of(m)) for m in methods}
     config: dict[str, Any] = {
         "suite": "classification",
         "zoo": zoo.name,
@@ -336,6 +340,74 @@ def run_bench(
         "base_source": zoo.manifest.get("base_source", {}),
     }
     return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, run_info(t_start))
+
+
+_PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed")
+
+
+def update_conflict(previous: Leaderboard, zoo_key: str | None, **protocol: Any) -> str | None:
+    """Why a run with ``protocol`` (any of suite, zoo, validation_limit, test_limit, seed) on the zoo
+    ``zoo_key`` cannot update ``previous``, or ``None``. The CLI asks before running, with what it knows."""
+    for key, value in protocol.items():
+        old = previous.config.get(key, "classification" if key == "suite" else None)
+        if value != old:
+            return (f"the existing leaderboard has {key}={old!r}, this run {value!r}: run with the same setting, "
+                    "or write to another --out")
+    if zoo_key is not None and previous.zoo.get("key") != zoo_key:
+        return (f"the existing leaderboard is of zoo {previous.zoo.get('key')}, this run of {zoo_key} "
+                "(the zoo was rebuilt): rerun the whole bench")
+    return None
+
+
+def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
+    """``previous`` with the rows of ``new`` added, or replacing the rows of the same name.
+
+    Both must come from the same protocol (suite, zoo key, validation and test limits, seed), and
+    the calibration settings that ``previous``'s kept data-informed rows depend on must be equal,
+    so every row of the result is reproduced by its one reproduce command. Reference rows and
+    expert scores are ``new``'s (same protocol, same numbers).
+    """
+    problem = update_conflict(previous, new.zoo.get("key"), **{k: new.config.get(k) for k in _PROTOCOL})
+    if problem:
+        raise ValueError(problem)
+    replaced = {m.method for m in new.methods}
+    kept = [m for m in previous.methods if m.method not in replaced]
+    old_cal, new_cal = previous.config.get("calibration"), new.config.get("calibration")
+    for m in kept:
+        collector = (m.statistics or {}).get("collector")
+        if collector is None or new_cal is None:
+            continue
+        for f in BenchCalibration.fields_for(collector):
+            if (old_cal or {}).get(f) != new_cal.get(f):
+                raise ValueError(f"row {m.method} was computed with calibration {f}={(old_cal or {}).get(f)!r}, this "
+                                 f"run uses {new_cal.get(f)!r}: pass the same setting or rerun {m.method} too")
+    fresh = {m.method: m for m in new.methods}
+    old_names = {m.method for m in previous.methods}
+    methods = [fresh.get(m.method, m) for m in previous.methods] + [m for m in new.methods if m.method not in old_names]
+    names = [m.method for m in methods]
+    config = {**previous.config, **{k: v for k, v in new.config.items() if k not in ("methods", "grids")}}
+    config["methods"] = names
+    config["grids"] = {n: (new.config["grids"] if n in replaced else previous.config.get("grids", {})).get(n, [])
+                       for n in names}
+    informed = [m.method for m in methods if m.statistics]
+    if old_cal or new_cal:
+        config["calibration"] = {**(old_cal or {}), **(new_cal or {}), "methods": informed}
+        config["calibration"]["sources"] = {**(old_cal or {}).get("sources", {}), **(new_cal or {}).get("sources", {})}
+    if not informed:
+        config.pop("calibration", None)
+    routed = [m.method for m in methods if m.routed]
+    if routed:
+        config["routed"] = {**previous.config.get("routed", {}), **new.config.get("routed", {}), "methods": routed}
+    else:
+        config.pop("routed", None)
+    fields = ("date", "bench_seconds", "torch_threads")
+    history = list(previous.info.get("updates", [])) or [
+        {k: previous.info.get(k) for k in fields} | {"methods": [m.method for m in previous.methods]}
+    ]
+    history.append({k: new.info.get(k) for k in fields} | {"methods": [m.method for m in new.methods]})
+    info = {**new.info, "bench_seconds": round(sum(h.get("bench_seconds") or 0.0 for h in history), 1),
+            "updates": history}
+    return Leaderboard(config, new.zoo, new.tasks, methods, new.references, new.expert_test, info)
 
 
 def run_info(t_start: float, **extra: Any) -> dict[str, Any]:
@@ -381,34 +453,41 @@ class _BenchContext:
     temporary: bool = True
 
 
-def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> MethodResult:
-    """Merge and score every grid point on validation, then the chosen one on test."""
+def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row: str | None = None) -> MethodResult:
+    """Merge and score every grid point on validation, then the chosen one on test.
+
+    ``row`` names the leaderboard row (a variant of ``spec``'s method; default: the method's name).
+    """
     from mergelab.eval.routed import PER_TASK_AXES, RoutedMerge, per_task_choice, routed_merge, routing_info
 
     name = spec.name
+    row = row or name
     routed = spec.outputs == "modulated"
     informed = spec.statistics is not None
-    result = MethodResult(name, kind="routed" if routed else "merge")
+    result = MethodResult(row, kind="routed" if routed else "merge")
     best: Any = None  # the chosen point's merge: a state dict, or a RoutedMerge folder
     best_score = -float("inf")
     stats_seconds: list[float] = []
     stats_summary: dict[str, str] = {}
+    stats_peak = 0
     reports: list[tuple[GridPoint, EvalReport]] = []  # routed rows: every point's validation report
     per_task: dict[str, Any] | None = None
     t_search = time.perf_counter()
     try:
-        with ctx.steps.phase(f"{name}: {len(points)} grid point(s) on validation", len(points)) as tick:
+        with ctx.steps.phase(f"{row}: {len(points)} grid point(s) on validation", len(points)) as tick:
             for k, point in enumerate(points):
                 statistics = None
                 if informed:
                     statistics = compute_statistics(name, ctx.zoo, point, ctx.calibration, ctx.stats_root,
                                                     seed=ctx.seed, progress=ctx.progress)
+                    if not stats_seconds or statistics.seconds > max(stats_seconds):
+                        stats_summary = statistics.summary  # the point that computed (later points reuse)
                     stats_seconds.append(statistics.seconds)
-                    stats_summary = statistics.summary
+                    stats_peak = max(stats_peak, statistics.peak_bytes)
                 try:
                     with measure() as m:
                         if routed:
-                            merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / f"{name}-{k}", seed=ctx.seed)
+                            merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / f"{row}-{k}", seed=ctx.seed)
                         else:
                             extra = {"statistics": statistics.readers} if statistics is not None else {}
                             merged = ctx.merge_fn(
@@ -424,10 +503,10 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
                     if statistics is not None:
                         statistics.close()
                 if isinstance(merged, RoutedMerge):
-                    report = merged.evaluate(ctx.val, name)
+                    report = merged.evaluate(ctx.val, row)
                     reports.append((point, report))
                 else:
-                    report = ctx.val.evaluate(merged, name=name)
+                    report = ctx.val.evaluate(merged, name=row)
                 score = report.average_normalized
                 result.grid.append(GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes,
                                               statistics.seconds if statistics is not None else None))
@@ -446,9 +525,9 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
             choice = per_task_choice(axis, result.chosen, reports, ctx.zoo.tasks)
             if any(v != result.chosen.model_parameters[axis] for v in choice.values()):
                 with measure() as m:
-                    tuned = routed_merge(name, ctx.zoo, result.chosen, ctx.routed_root / f"{name}-per-task",
+                    tuned = routed_merge(name, ctx.zoo, result.chosen, ctx.routed_root / f"{row}-per-task",
                                          seed=ctx.seed, per_model=[{axis: choice[t]} for t in ctx.zoo.tasks])
-                report = tuned.evaluate(ctx.val, name)
+                report = tuned.evaluate(ctx.val, row)
                 if report.average_normalized is not None and report.average_normalized >= best_score:
                     best.remove()
                     best, best_score, per_task = tuned, report.average_normalized, {axis: choice}
@@ -466,18 +545,19 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint]) -> M
                 "seconds_per_point": [round(x, 3) for x in stats_seconds],
                 "seconds_total": round(sum(stats_seconds), 3),
                 "summary": stats_summary,
+                "peak_mb": round(stats_peak / 2**20, 1),
                 "cache": None if ctx.temporary else str(ctx.stats_root / name),
             }
         if best is None:
             result.status, result.reason = "failed", "no grid point gave a score"
         elif isinstance(best, RoutedMerge):
-            result.test = best.evaluate(ctx.test, name)
-            shared = best.evaluate_shared(ctx.test, f"{name} (shared model)")
+            result.test = best.evaluate(ctx.test, row)
+            shared = best.evaluate_shared(ctx.test, f"{row} (shared model)")
             result.routing = routing_info(best, shared)
             if per_task is not None:
                 result.routing["per_task_parameters"] = per_task
         else:
-            result.test = ctx.test.evaluate(best, name=name)
+            result.test = ctx.test.evaluate(best, name=row)
     except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' rows
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
     finally:
@@ -524,6 +604,10 @@ def reproduce_command(lb: Leaderboard) -> str:
             f" --calibration-examples {cal['examples']} --fisher-examples {cal['fisher_examples']}"
             f" --adamerging-examples {cal['adamerging_examples']} --calibration-device {cal['device']}"
         )
+        if "adamerging_split" in cal:
+            cmd += f" --adamerging-split {cal['adamerging_split']}"
+    if lb.info.get("updates"):
+        cmd += "  (the rows were computed in several runs with --update; this one command gives them all)"
     return cmd
 
 
@@ -590,7 +674,7 @@ def markdown(lb: Leaderboard) -> str:
         f"- zoo `{lb.zoo['name']}`, key `{lb.zoo['key']}`; "
         f"build config: `{_short_zoo_config(lb.zoo.get('config', {}))}`",
         "- merge wall time and peak memory (RSS above the pre-merge level) are for the chosen point, "
-        f"in-memory merge of {len(tasks)} experts, {lb.info.get('torch_threads', '?')} threads",
+        f"in-memory merge of {len(tasks)} experts, {_threads(lb)}",
         f"- whole bench: {lb.info.get('bench_seconds', '?')} s; {lb.info.get('platform', {})}",
         f"- reproduce: `{reproduce_command(lb)}`",
         "",
@@ -627,20 +711,31 @@ def _notes(lb: Leaderboard) -> list[str]:
         out += [
             "",
             (
-                "Data-informed rows: statistics from the zoo's data (train split; AdaMerging: the train texts "
-                f"without labels; never the test split), at most {cal.get('max_length')} tokens per example; "
+                "Data-informed rows: statistics from the zoo's data (labels are used by no method; validation rows "
+                f"by none: they only choose the grid point), at most {cal.get('max_length')} tokens per example; "
                 "`merge s` excludes the data phase:"
             ),
             "",
         ]
         for m in informed:
             st = m.statistics or {}
+            test_time = " (unlabeled test inputs, as in the AdaMerging paper)" if st.get("split") == "test" else ""
+            peak = f", peak {st['peak_mb'] / 1024:.1f} GB" if st.get("peak_mb") else ""
+            learned = st.get("summary", {}).get("adamerging")
             out.append(
-                f"- {m.method}: {st.get('examples_per_task')} examples per task ({st.get('split')} split), "
+                f"- {m.method}: {st.get('examples_per_task')} examples per task ({st.get('split')} split{test_time}), "
                 f"data phase {st.get('seconds_total', 0):.1f} s over {len(st.get('seconds_per_point', []))} "
-                "grid point(s)"
+                f"grid point(s){peak}" + (f"; {learned}" if learned else "")
             )
     return out
+
+
+def _threads(lb: Leaderboard) -> str:
+    """The torch CPU threads of the run, or of each run that added rows (``--update``)."""
+    updates = lb.info.get("updates") or []
+    if len({u.get("torch_threads") for u in updates}) > 1:
+        return "; ".join(f"{', '.join(u['methods'])}: {u.get('torch_threads') or '?'} threads" for u in updates)
+    return f"{lb.info.get('torch_threads', '?')} threads"
 
 
 def _short_zoo_config(config: dict[str, Any]) -> str:

@@ -14,18 +14,29 @@ averaging the next-token distributions of N language models is not a model anyon
 The grids are smaller than the classification bench's: every validation point is a forward
 pass of a 135M-parameter model over every domain (about 30 s at 32 rows per domain on 2
 CPU cores), and each expert's task vector comes from 100 short steps, so the useful λ are
-large (the experts moved little). Data-informed methods are not on this leaderboard yet
-(their calibration readers take classification zoo tasks and files; the LM zoo's domains
-need a text-file export first).
+large (the experts moved little).
+
+Data-informed methods (Fisher, RegMean, RegMean++, AdaMerging) run their data phase on the
+causal LMs themselves (:mod:`mergelab.eval.data_informed`): calibration texts are the first
+rows of each domain's train split file; Fisher takes the log-likelihood of the next tokens
+with one label sampled from the model per position (the exact expectation over a 49k-token
+vocabulary is out of reach), RegMean the Grams of every linear layer's inputs at the real
+positions. Their statistics are kept under ``<work_dir>/statistics``. Routed methods are
+not on this leaderboard (a per-domain reconstruction of a causal LM is not scored yet).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from mergelab.eval.grids import GridPoint, check_grid, product
+from mergelab.eval.data_informed import BenchCalibration
+from mergelab.eval.grids import ROW_VARIANTS, GridPoint, check_grid, grid_for, method_of, product
 from mergelab.eval.harness import load_state_dict_path
 from mergelab.eval.leaderboard import (
     Leaderboard,
@@ -60,6 +71,8 @@ LM_GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "breadcrumbs": product({"lambda": (0.5, 1.0)}, {"density": (0.9,), "gamma": (0.01,)}),
     "della": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.7,)}),
     "model_stock": (GridPoint(),),
+    "fisher": product({"normalize": (True, False)}),
+    "regmean": product({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 1.0)}),
 }
 """Per-method grids for the LM suite (see the module docstring); a method not listed gets its defaults."""
 
@@ -67,7 +80,8 @@ DEFAULT_LM_VALIDATION_LIMIT = 32
 
 
 def lm_grid_for(method: str) -> tuple[GridPoint, ...]:
-    return LM_GRIDS.get(method, (GridPoint(),))
+    """The LM grid of a method or row variant (a variant's fixed point when it has no LM grid)."""
+    return LM_GRIDS.get(method, grid_for(method) if method in ROW_VARIANTS else (GridPoint(),))
 
 
 def run_lm_bench(
@@ -81,8 +95,15 @@ def run_lm_bench(
     merge_fn: MergeFn | None = None,
     progress=None,
     echo: Callable[[str], None] | None = None,
+    calibration: BenchCalibration | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
 ) -> Leaderboard:
-    """Tune every method on validation, score it on test, add the base and expert rows."""
+    """Tune every method on validation, score it on test, add the base and expert rows.
+
+    ``calibration`` and ``work_dir`` serve the data-informed methods as in
+    :func:`mergelab.eval.leaderboard.run_bench` (statistics in ``work_dir/statistics``; without
+    ``work_dir`` a temporary folder, removed at the end).
+    """
     from mergelab.methods import get_method
 
     if merge_fn is None:
@@ -108,17 +129,26 @@ def run_lm_bench(
 
     base = load_state_dict_path(zoo.base_dir)
     experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
-    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps)
+    cal = calibration or BenchCalibration()
+    temporary = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="mergelab-lm-bench-")) if work_dir is None else Path(work_dir)
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, cal, work / "statistics",
+                        None, temporary)
+    specs = {name: get_method(method_of(name)) for name in methods}
     results: list[MethodResult] = []
-    for name in methods:
-        spec = get_method(name)
-        points = list((grids or {}).get(name, lm_grid_for(name)))
-        reason = check_grid(name, len(experts), points)
-        if not reason and (spec.statistics is not None or spec.outputs == "modulated"):
-            reason = "data-informed and routed methods are not on the LM leaderboard yet"
-        result = MethodResult(name, status="skipped", reason=reason) if reason else _run_method(ctx, spec, points)
-        announce(result, say)
-        results.append(result)
+    try:
+        for name, spec in specs.items():
+            points = list((grids or {}).get(name, lm_grid_for(name)))
+            reason = check_grid(name, len(experts), points)
+            if not reason and spec.outputs == "modulated":
+                reason = "routed methods are not on the LM leaderboard yet"
+            result = (MethodResult(name, status="skipped", reason=reason) if reason
+                      else _run_method(ctx, spec, points, row=name))
+            announce(result, say)
+            results.append(result)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
 
     config: dict[str, Any] = {
         "suite": "lm",
@@ -131,6 +161,13 @@ def run_lm_bench(
         "normalized": "expert perplexity / merged perplexity; merged exact match / expert exact match",
         "grids": {m: [p.to_dict() for p in (grids or {}).get(m, lm_grid_for(m))] for m in methods},
     }
+    informed = [m for m, sp in specs.items() if sp.statistics is not None]
+    if informed:
+        config["calibration"] = {
+            "methods": informed,
+            **cal.describe(zoo),
+            "statistics_dir": "temporary (removed)" if temporary else str(work / "statistics"),
+        }
     zoo_info = {
         "name": zoo.name,
         "key": zoo.key,

@@ -305,12 +305,14 @@ def _peak(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _reuse(folder: Path, key: str | None, dp: DataProgress, label: str) -> bool:
+def _reuse(folder: Path, key: str | None, dp: DataProgress, label: str, summary: dict[str, str]) -> bool:
     if key is None:
         return False
     meta = st.read_meta(folder)
     if meta is not None and meta.get("key") == key:
         dp.note(f"{label}: reusing statistics in {folder}")
+        took = f", computed in {meta['seconds']} s" if "seconds" in meta else ""
+        summary[label] = f"reused ({meta.get('examples', '?')} examples{took})"
         return True
     return False
 
@@ -332,7 +334,7 @@ def _collect_fisher(plan: Plan, experts: list[_Expert], s: CalibrationSettings, 
                     "settings": _settings_ident(s), "params": {k: getattr(gp, k) for k in PHASE_PARAMS["fisher"]},
                     "seed": seed})
         folders.append(folder)
-        if _reuse(folder, key, dp, e.label):
+        if _reuse(folder, key, dp, e.label, summary):
             continue
         model, kind = _model(e, s, device, dtype)
         head = _head(e, s.pooling)
@@ -394,7 +396,7 @@ def _collect_gram(plan: Plan, experts: list[_Expert], s: CalibrationSettings, ro
         key = _key({"collector": "gram", "model": _model_identity(e.reader), "source": _source_identity(e),
                     "settings": _settings_ident(s)})
         folders.append(folder)
-        if _reuse(folder, key, dp, e.label):
+        if _reuse(folder, key, dp, e.label, summary):
             continue
         model, _ = _model(e, s, device, dtype)
         batches = _batches(e, s, "gram", _tok_folder(e, plan), None, read_config(e.folder))
