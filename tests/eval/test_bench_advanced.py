@@ -140,6 +140,9 @@ def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tm
                     calibration=TINY_CAL, work_dir=tmp_path / "work")
     assert lb2.methods[0].status == "ok" and gram_calls == []
     assert lb2.methods[0].test.average_normalized == pytest.approx(regmean.test.average_normalized)
+    # reused statistics still report what computing them took (from their metadata), not the reuse's 0 s
+    assert regmean.statistics["compute_seconds"] > 0 and ada.statistics["compute_seconds"] > 0
+    assert lb2.methods[0].statistics["compute_seconds"] == regmean.statistics["compute_seconds"]
 
 
 def test_data_informed_choice_uses_validation_only(tiny_zoo: Zoo, tmp_path) -> None:

@@ -142,6 +142,8 @@ class Statistics:
     side_files: dict[str, str]
     peak_bytes: int = 0
     """peak memory of the data phase: CUDA max allocated, or on CPU the process's peak RSS so far"""
+    compute_seconds: float = 0.0
+    """what computing the statistics took, also when this call reused them"""
     _phase: Any = None
     _plan: Any = None
 
@@ -236,5 +238,5 @@ def compute_statistics(
         plan.close()
         raise
     return Statistics(list(phase.readers), time.perf_counter() - t0, dict(phase.summary), dict(phase.side_files),
-                      phase.peak_bytes, phase, plan)
+                      phase.peak_bytes, phase.compute_seconds, phase, plan)
 

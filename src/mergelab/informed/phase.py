@@ -103,6 +103,8 @@ class DataPhaseResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_bytes: int = 0
+    compute_seconds: float = 0.0
+    """what computing these statistics took, also when they were reused from ``statistics_dir``"""
     cleanup: list[Path] = field(default_factory=list)
 
     def close(self) -> None:
@@ -303,6 +305,18 @@ def _peak(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _compute_seconds(collector: str, folders: Sequence[Path]) -> float:
+    """Seconds that computing the statistics in ``folders`` took (recorded in their metadata): one
+    pass per expert (Fisher, Gram) adds up; a joint pass (RegMean++, AdaMerging) is recorded in each."""
+    secs = [float((st.read_meta(f) or {}).get("seconds", 0.0)) for f in folders]
+    if not secs:
+        return 0.0
+    side = Path(folders[0]).parent / "adamerging_coefficients.json"
+    if collector == "adamerging" and not any(secs) and side.is_file():  # written before metas had seconds
+        secs = [float(json.loads(side.read_text()).get("seconds", 0.0))]
+    return max(secs) if collector in ("gram_plusplus", "adamerging") else sum(secs)
 
 
 def _reuse(folder: Path, key: str | None, dp: DataProgress, label: str, summary: dict[str, str]) -> bool:
@@ -551,7 +565,12 @@ def _collect_adamerging(plan: Plan, experts: list[_Expert], s: CalibrationSettin
     if key is not None and cached.is_file() and all(
             st.read_meta(f) is not None and st.read_meta(f).get("key") == key for f in folders):
         dp.note(f"reusing AdaMerging coefficients in {folders[0].parent}")
-        return folders, {side_name: cached.read_text()}, {}
+        doc = json.loads(cached.read_text())
+        ent = doc.get("entropy", {})
+        reused = {"adamerging": f"{doc.get('granularity')}-wise, {doc.get('steps')} steps, mean entropy "
+                                f"{ent.get('initial', float('nan')):.4f} → {ent.get('final', float('nan')):.4f}, "
+                                f"{doc.get('seconds', 0.0):.1f} s (reused)"}
+        return folders, {side_name: cached.read_text()}, reused
     dtype = parse_dtype(s.dtype) or torch.float32
     base_exp = _Expert(-1, plan.base.label, plan.base, plan.base.folder, None, None, None)
     base_cal = next((e.cal for e in experts if e.cal is not None and e.cal.model is not None), None)
@@ -596,7 +615,8 @@ def _collect_adamerging(plan: Plan, experts: list[_Expert], s: CalibrationSettin
             lam = res.coefficient(index[m], i) if m is not None else mean_i
             flat[st.key(name, "lambda")] = torch.tensor(lam, dtype=torch.float32)
             per_tensor[name] = lam
-        st.write_statistics(folder, flat, {"kind": "adamerging", "model": e.label, "key": key})
+        st.write_statistics(folder, flat, {"kind": "adamerging", "model": e.label, "key": key,
+                                           "seconds": round(secs, 3)})
         coeffs[e.label] = round(mean_i, 6) if gp.granularity == "task" else {k: round(v, 6) for k, v in per_tensor.items()}
     doc = {
         "method": "adamerging",
@@ -678,6 +698,7 @@ def run_data_phase(
         computed = iter(folders)
         for e in experts:
             result.readers.append(st.open_statistics(e.statistics if e.statistics is not None else next(computed), e.label))
+        result.compute_seconds = _compute_seconds(collector, folders)
         result.side_files.update(side)
         result.summary.update(summary)
     except BaseException:
