@@ -206,3 +206,18 @@ def test_a_choice_on_the_grid_edge_is_flagged() -> None:
     assert edge_axes(GridPoint({"lambda": 1.5}, {"density": 0.1, "gamma": 0.01}), grid) == ["lambda", "density"]
     m = MethodResult("ties", chosen=grid[0], grid=[])
     assert m.chosen_label() == "lambda=0.5, density=0.1, gamma=0.01"  # no grid recorded: nothing flagged
+
+
+def test_thread_line_names_each_row_once_with_its_latest_run() -> None:
+    lb = _fake_leaderboard()
+    lb.info["updates"] = [
+        {"torch_threads": 2, "methods": ["task_arithmetic", "ties", "slerp"]},
+        {"torch_threads": 1, "methods": ["ties"]},
+        {"torch_threads": 1, "methods": ["ties"]},  # a rerun replaces the row, it is not a second one
+    ]
+    md = markdown(lb)
+    assert "task_arithmetic, slerp: 2 threads; ties: 1 threads" in md
+    assert md.count("ties: 1 threads") == 1
+    lb.info["updates"] = [{"torch_threads": 2, "methods": ["ties"]}, {"torch_threads": 2, "methods": ["slerp"]}]
+    lb.info["torch_threads"] = 2
+    assert "in-memory merge of 2 experts, 2 threads" in markdown(lb)

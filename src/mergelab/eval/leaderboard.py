@@ -740,9 +740,13 @@ def _notes(lb: Leaderboard) -> list[str]:
 def _threads(lb: Leaderboard) -> str:
     """The torch CPU threads of the run, or of each run that added rows (``--update``)."""
     updates = lb.info.get("updates") or []
-    if len({u.get("torch_threads") for u in updates}) > 1:
-        return "; ".join(f"{', '.join(u['methods'])}: {u.get('torch_threads') or '?'} threads" for u in updates)
-    return f"{lb.info.get('torch_threads', '?')} threads"
+    if len({u.get("torch_threads") for u in updates}) <= 1:
+        return f"{lb.info.get('torch_threads', '?')} threads"
+    latest = {name: u.get("torch_threads") for u in updates for name in u["methods"]}  # a rerun replaces its row
+    by_threads: dict[Any, list[str]] = {}
+    for m in lb.methods:
+        by_threads.setdefault(latest.get(m.method), []).append(m.method)
+    return "; ".join(f"{', '.join(names)}: {threads or '?'} threads" for threads, names in by_threads.items())
 
 
 def _short_zoo_config(config: dict[str, Any]) -> str:
