@@ -43,11 +43,12 @@ def _coefficients(record: dict, experts: list[str]) -> Coefficient:
 
 
 def merge(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], lam: Coefficient) -> dict:
-    """θ0 + Σ λ_i τ_i tensor by tensor; tensors that no expert changes are kept as they are."""
+    """θ0 + Σ λ_i τ_i tensor by tensor, written apart from the engine so the table cross-checks the
+    leaderboard; tensors that no expert changes are kept as they are."""
     out = {}
     for name, b in base.items():
-        deltas = [(i, e[name].float() - b.float()) for i, e in enumerate(experts)]
-        deltas = [(i, d) for i, d in deltas if b.is_floating_point() and bool(d.any())]
+        deltas = [(i, e[name].float() - b.float()) for i, e in enumerate(experts)] if b.is_floating_point() else []
+        deltas = [(i, d) for i, d in deltas if bool(d.any())]
         out[name] = (b.float() + sum(lam(i, name) * d for i, d in deltas)).to(b.dtype) if deltas else b
     return out
 

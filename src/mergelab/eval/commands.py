@@ -490,14 +490,13 @@ def _lm_bench(
         get_method(method_of(m))  # unknown names fail before any work
     z = load_lm_zoo(zoo or "default", cache=cache)
     out_dir = out or Path("benchmarks") / "results" / f"lm-{z.name}"
+    val_limit = DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit)
     previous = _previous_leaderboard(out_dir) if update else None
     if previous is not None:  # the test limit is resolved by the evaluator: checked after the run
-        _check_update(previous, z.key, suite="lm", zoo=z.name, seed=seed,
-                      validation_limit=DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit))
+        _check_update(previous, z.key, suite="lm", zoo=z.name, seed=seed, validation_limit=val_limit)
     with progress_bars() as progress:
         lb = run_lm_bench(
-            z, methods=method_names, seed=seed, progress=progress,
-            validation_limit=DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit),
+            z, methods=method_names, seed=seed, progress=progress, validation_limit=val_limit,
             test_limit="zoo" if test_limit is None else _limit(test_limit),
             echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
         )  # fmt: skip

@@ -370,8 +370,8 @@ def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
     problem = update_conflict(previous, new.zoo.get("key"), **{k: new.config.get(k) for k in _PROTOCOL})
     if problem:
         raise ValueError(problem)
-    replaced = {m.method for m in new.methods}
-    kept = [m for m in previous.methods if m.method not in replaced]
+    fresh = {m.method: m for m in new.methods}
+    kept = [m for m in previous.methods if m.method not in fresh]
     old_cal, new_cal = previous.config.get("calibration"), new.config.get("calibration")
     for m in kept:
         collector = (m.statistics or {}).get("collector")
@@ -381,13 +381,12 @@ def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
             if (old_cal or {}).get(f) != new_cal.get(f):
                 raise ValueError(f"row {m.method} was computed with calibration {f}={(old_cal or {}).get(f)!r}, this "
                                  f"run uses {new_cal.get(f)!r}: pass the same setting or rerun {m.method} too")
-    fresh = {m.method: m for m in new.methods}
     old_names = {m.method for m in previous.methods}
     methods = [fresh.get(m.method, m) for m in previous.methods] + [m for m in new.methods if m.method not in old_names]
     names = [m.method for m in methods]
     config = {**previous.config, **{k: v for k, v in new.config.items() if k not in ("methods", "grids")}}
     config["methods"] = names
-    config["grids"] = {n: (new.config["grids"] if n in replaced else previous.config.get("grids", {})).get(n, [])
+    config["grids"] = {n: (new.config["grids"] if n in fresh else previous.config.get("grids", {})).get(n, [])
                        for n in names}
     informed = [m.method for m in methods if m.statistics]
     if old_cal or new_cal:
