@@ -1,10 +1,12 @@
 """Merging methods: one module per method, each registered with ``@method``."""
 
-from mergelab.methods.base import GatherPass, MergeMethod, MethodOutput, MethodParams, NoParams, TensorContext
+from mergelab.methods.base import Fold, GatherPass, MergeMethod, MethodCard, MethodOutput, MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import all_methods, get_method, method
 
 __all__ = [
+    "Fold",
     "GatherPass",
+    "MethodCard",
     "MergeMethod",
     "MethodOutput",
     "MethodParams",

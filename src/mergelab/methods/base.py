@@ -109,20 +109,44 @@ MergeFn = Callable[..., "Tensor | MethodOutput"]
 
 
 @dataclass(frozen=True)
-class GatherPass:
+class Fold:
     """One read over every merged tensor before the merge, for model-wide statistics.
 
     ``init(params, n_experts)`` makes a state; ``update(state, base, experts, params,
     model_params, ctx)`` folds one tensor in (keep the state small: scalars, histograms);
-    ``finish(state, params, n_experts)`` returns the statistic stored as ``ctx.stats[name]``.
-    Passes run in order; a later pass sees the earlier passes' results in ``ctx.stats``.
-    ``params`` here are the recipe's global parameters (not per-tensor resolved).
+    ``combine(a, b)`` merges two states folded over disjoint sets of tensors (so that workers
+    can fold shards of the model and a driver can combine them; ``None``: the fold cannot be
+    sharded); ``finish(state, params, n_experts)`` returns the statistic stored as
+    ``ctx.stats[name]``. Folds run in order; a later fold sees the earlier folds' results in
+    ``ctx.stats``. ``params`` here are the recipe's global parameters (not per-tensor resolved).
     """
 
     name: str
     init: Callable[..., Any]
     update: Callable[..., None]
     finish: Callable[..., Any]
+    combine: Callable[[Any, Any], Any] | None = None
+
+
+GatherPass = Fold  # the former name; removed once every module says Fold
+
+
+@dataclass(frozen=True)
+class MethodCard:
+    """What the tests, the docs and the benchmark need to know about a method, declared with it.
+
+    ``identity``: (global, per-model) parameters under which merging copies of one expert
+    returns that expert (the registry-wide contract tests); ``typical``: parameters that
+    exercise the method's non-trivial path (sparsity, randomness); ``grid``: the benchmark's
+    search grid, parameter name -> values (global and per-model names alike); ``group``: the
+    benchmark group (``classic``, ``advanced``, ``informed``, ``routed``) or ``None`` when the
+    method is not benchmarked on its own.
+    """
+
+    identity: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
+    typical: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
+    grid: Mapping[str, Sequence[Any]] | None = None
+    group: str | None = None
 
 
 BaseUse = Literal["required", "optional", "ignored"]
@@ -141,12 +165,18 @@ class MergeMethod:
     base: BaseUse = "required"
     min_experts: int = 1
     max_experts: int | None = None
-    passes_fn: Callable[[MethodParams], Sequence[GatherPass]] | None = None
+    passes_fn: Callable[[MethodParams], Sequence[Fold]] | None = None
     aliases: tuple[str, ...] = ()
     outputs: Literal["model", "modulated"] = "model"  # "modulated": fn returns MethodOutput
     statistics: str | None = None  # data phase producing ctx.aux (mergelab.informed); None: data-free
+    card: MethodCard = field(default_factory=MethodCard)
+    # Scaled form, for executors that sweep the scale without recomputing the rest (the memory
+    # session): ``fn(...)`` equals ``torch.add(base, delta(...), alpha=params.<scale>)`` bit for bit,
+    # where ``delta`` has fn's signature and returns the unscaled merged task vector.
+    scale: str | None = None
+    delta: MergeFn | None = None
 
-    def passes(self, params: MethodParams) -> Sequence[GatherPass]:
+    def passes(self, params: MethodParams) -> Sequence[Fold]:
         """The gather passes needed with these global parameters (often none)."""
         return tuple(self.passes_fn(params)) if self.passes_fn else ()
 

@@ -15,9 +15,10 @@ from typing import Literal
 from mergelab.errors import RecipeError
 from mergelab.methods.base import (
     BaseUse,
-    GatherPass,
+    Fold,
     MergeFn,
     MergeMethod,
+    MethodCard,
     MethodParams,
     NoParams,
 )
@@ -36,18 +37,26 @@ def method(
     base: BaseUse = "required",
     min_experts: int = 1,
     max_experts: int | None = None,
-    passes: Callable[[MethodParams], Sequence[GatherPass]] | None = None,
+    passes: Callable[[MethodParams], Sequence[Fold]] | None = None,
     aliases: Sequence[str] = (),
     summary: str | None = None,
     outputs: Literal["model", "modulated"] = "model",
     statistics: str | None = None,
+    card: MethodCard | None = None,
+    scale: str | None = None,
+    delta: MergeFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn(base, experts, params, model_params, ctx) -> Tensor`` under ``name``.
 
     ``summary`` defaults to the first line of the function's docstring. ``statistics`` names the
     data phase (``mergelab.informed.phase.COLLECTORS``) whose per-expert results the engine
-    passes as ``ctx.aux``; ``None`` for data-free methods.
+    passes as ``ctx.aux``; ``None`` for data-free methods. ``card`` declares the identity and
+    typical parameters, the benchmark grid and group (:class:`MethodCard`). ``scale`` and
+    ``delta`` declare the scaled form ``fn == base + params.<scale> * delta`` (bit for bit), which
+    lets the memory session sweep the scale without recomputing the delta.
     """
+    if (scale is None) != (delta is None):
+        raise ValueError(f"merge method {name!r}: give both scale= and delta=, or neither")
 
     def decorate(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY or name in _ALIASES:
@@ -67,6 +76,9 @@ def method(
             aliases=tuple(aliases),
             outputs=outputs,
             statistics=statistics,
+            card=card or MethodCard(),
+            scale=scale,
+            delta=delta,
         )
         _REGISTRY[name] = spec
         for alias in aliases:
