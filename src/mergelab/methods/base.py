@@ -131,22 +131,28 @@ class Fold:
 GatherPass = Fold  # the former name; removed once every module says Fold
 
 
+Scoped = tuple[Mapping[str, Any], Mapping[str, Any]]  # (global parameters, per-model parameters)
+
+
 @dataclass(frozen=True)
 class MethodCard:
     """What the tests, the docs and the benchmark need to know about a method, declared with it.
 
     ``identity``: (global, per-model) parameters under which merging copies of one expert
-    returns that expert (the registry-wide contract tests); ``typical``: parameters that
-    exercise the method's non-trivial path (sparsity, randomness); ``grid``: the benchmark's
-    search grid, parameter name -> values (global and per-model names alike); ``group``: the
-    benchmark group (``classic``, ``advanced``, ``informed``, ``routed``) or ``None`` when the
-    method is not benchmarked on its own.
+    returns that expert (the registry-wide contract tests); ``typical``: (global, per-model)
+    parameters that exercise the method's non-trivial path (sparsity, randomness); ``grid``:
+    the benchmark's search grid as (global axes, per-model axes), each axis a parameter name ->
+    values, searched as their product; ``group``: the benchmark group (``classic``,
+    ``advanced``, ``informed``) or ``None`` when the method is not benchmarked on its own;
+    ``variants``: benchmark rows that are this method with fixed global parameters (row name ->
+    parameters), benchmarked instead of the plain method.
     """
 
-    identity: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
-    typical: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
-    grid: Mapping[str, Sequence[Any]] | None = None
+    identity: Scoped | None = None
+    typical: Scoped | None = None
+    grid: tuple[Mapping[str, Sequence[Any]], Mapping[str, Sequence[Any]]] | None = None
     group: str | None = None
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 BaseUse = Literal["required", "optional", "ignored"]
