@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.engine import _BufferPool
+from mergelab.executors.streaming import _BufferPool
 
 
 def test_released_buffers_are_reused_for_the_same_size() -> None:

@@ -19,9 +19,12 @@ import torch
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
-from mergelab.engine import EngineOptions, MemorySink, Progress, RunStats, execute
+from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
+from mergelab.executors.base import ExecutorOptions, Progress, RunStats, get_executor, thread_limit
+from mergelab.executors.sinks import MemorySink, abort_sinks, finish_sinks, open_disk_sinks
+from mergelab.executors.streaming import StreamingExecutor
 from mergelab.errors import MergelabError, RecipeError
+from mergelab.ir import MODEL
 from mergelab.plan import Plan, build_plan
 from mergelab.recipe import Recipe, load_recipe, parse_dtype
 
@@ -111,6 +114,9 @@ def merge(
     plan: Plan | None = None,
     calibration: Sequence[Any] | None = None,
     statistics: Sequence[Any] | None = None,
+    executor: str = "streaming",
+    workers: int | None = None,
+    address: str | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into a Hugging Face folder at ``out``.
 
@@ -124,6 +130,10 @@ def merge(
     expert, None to keep the recipe's) and ``statistics`` (one precomputed statistics folder or
     dict per expert) override them from Python. Side files of the phase (AdaMerging's learned
     coefficients) are written beside the model.
+
+    ``executor`` runs the merge: ``streaming`` (default, one process) or ``ray`` (``workers``
+    Ray worker processes on a local Ray, or the cluster at ``address``; needs ``mergelab[ray]``);
+    both give bit-identical tensors.
     """
     rec = load_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
@@ -132,42 +142,35 @@ def merge(
     phase = None
     try:
         plan = plan or build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
-        opts = EngineOptions(
+        opts = ExecutorOptions(
             device=device,
             compute_dtype=parse_dtype(compute_dtype, "compute_dtype") or rec.compute_torch_dtype,
             threads=threads,
             seed=rec.seed if seed is None else seed,
             check_finite=check_finite,
             hash_inputs=hash_inputs,
+            workers=workers,
+            address=address,
         )
+        runner = get_executor(executor)  # an unknown or unavailable executor fails before the data phase
         if plan.method.statistics is not None and plan.aux is None:
             from mergelab.informed.phase import run_data_phase
 
-            if threads:
-                torch.set_num_threads(threads)
-
-            phase = run_data_phase(plan, device=device, calibration=calibration, statistics=statistics,
-                                   progress=progress, workdir=dest.tmp.parent, seed=opts.seed,
-                                   compute_dtype=opts.compute_dtype)
+            with thread_limit(threads):
+                phase = run_data_phase(plan, device=device, calibration=calibration, statistics=statistics,
+                                       progress=progress, workdir=dest.tmp.parent, seed=opts.seed,
+                                       compute_dtype=opts.compute_dtype)
             plan.attach_aux(phase.readers)
         summary = summarize(plan, opts.compute_dtype)
         if phase is not None:  # what the data phase cost, for benchmarks and leaderboards
             summary["data_phase"] = {"seconds": phase.seconds, "peak_bytes": phase.peak_bytes, **phase.summary}
-        writer = ShardedSafetensorsWriter(dest.tmp, ((j.name, j.out_dtype, j.shape) for j in plan.jobs), shard_bytes)
-        parts = None
-        if plan.method.outputs == "modulated":  # shared model + per-task parts (TALL masks, EMR)
-            from mergelab.modulators import open_parts_writer
-
-            parts = open_parts_writer(dest.tmp, plan)
+        # one sink per artifact: the checkpoint, plus the per-task parts of modulated methods (TALL masks, EMR)
+        sinks = open_disk_sinks(plan, dest.tmp, shard_bytes)
         try:
-            stats = execute(plan, writer, opts, progress, parts)
-            writer.finish()
-            if parts is not None:
-                parts.finish(stats)
+            stats = runner.run(plan, sinks, opts, progress)
+            finish_sinks(plan.graph, sinks, stats)
         finally:
-            writer.abort()
-            if parts is not None:
-                parts.abort()
+            abort_sinks(sinks)
         tok_source = plan.reference
         if rec.tokenizer_source not in (None, "base"):
             tok_source = open_checkpoint(rec.tokenizer_source)
@@ -275,8 +278,8 @@ def merge_state_dicts(
         plan.attach_aux([open_statistics(s, f"<statistics {i}>") for i, s in enumerate(statistics)])
     sink = MemorySink()
     with torch.no_grad():
-        execute(plan, sink, EngineOptions(device=device, compute_dtype=compute_dtype, seed=seed, hash_inputs=False,
-                                          prefetch=False))
+        StreamingExecutor().run(plan, {MODEL: sink}, ExecutorOptions(device=device, compute_dtype=compute_dtype, seed=seed,
+                                                                       hash_inputs=False, prefetch=False))
     out = sink.tensors
     for alias, canonical in plan.tied.items():
         out[alias] = out[canonical]

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, open_checkpoint
 from mergelab.errors import ParameterError, PlanError, RecipeError
+from mergelab.ir import IDENTITY, MASKS, MODEL, Artifact, Copy, Graph, Job, MethodCall, NameMap, OutRef, TensorRef
 from mergelab.methods.base import MergeMethod, MethodParams
 from mergelab.methods.registry import get_method
 from mergelab.recipe import Recipe, parse_dtype, resolve_setting
@@ -72,83 +73,91 @@ def num_layers_from(config: Mapping[str, Any] | None, names: Sequence[str]) -> i
     return max(idx) + 1 if idx else None
 
 
-@dataclass(frozen=True)
-class TensorJob:
-    """One output tensor: how to make it and what it will look like."""
-
-    name: str
-    shape: tuple[int, ...]
-    out_dtype: torch.dtype
-    kind: Literal["merge", "copy"]
-    layer: int | None = None
-    params: MethodParams | None = None
-    model_params: tuple[MethodParams, ...] = ()
-    rows: int | None = None  # vocabulary truncation: keep the first `rows` rows of every input
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def out_nbytes(self) -> int:
-        return self.numel * self.out_dtype.itemsize
+TensorJob = Job
+"""One output tensor (the former name of :class:`mergelab.ir.Job`; same per-tensor attributes)."""
 
 
 @dataclass
 class Plan:
-    """A validated merge: the method, the opened inputs and one job per output tensor."""
+    """A validated merge: the recipe and its job graph (:class:`mergelab.ir.Graph`).
+
+    The attributes below are views of the graph in the planner's terms (readers rather than
+    source ids), used by the data phases, the analysis and the API; executors take the graph.
+    """
 
     recipe: Recipe
-    method: MergeMethod
-    base: CheckpointReader | None
-    experts: list[CheckpointReader]
-    reference: CheckpointReader
-    jobs: list[TensorJob]
-    num_layers: int | None
-    global_params: MethodParams
-    global_model_params: tuple[MethodParams, ...]
-    tied: dict[str, str] = field(default_factory=dict)  # omitted name -> name it is tied to
-    warnings: list[str] = field(default_factory=list)
-    # Data-informed methods: one statistics reader per expert (keys "<tensor>::<kind>"), attached
-    # by :meth:`attach_aux` after the data phase; the engine hands the entries of each tensor to
-    # the method as ``ctx.aux``.
-    aux: list[CheckpointReader] | None = None
-    aux_index: list[dict[str, dict[str, str]]] = field(default_factory=list)  # expert -> tensor -> kind -> key
+    graph: Graph
+    global_model_params: tuple[MethodParams, ...] = ()
+
+    @property
+    def method(self) -> MergeMethod:
+        return self.graph.method
+
+    @property
+    def global_params(self) -> MethodParams:
+        return self.graph.global_params
+
+    @property
+    def jobs(self) -> list[Job]:
+        return self.graph.jobs
+
+    @property
+    def num_layers(self) -> int | None:
+        return self.graph.num_layers
+
+    @property
+    def tied(self) -> dict[str, str]:
+        return self.graph.tied
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.graph.warnings
+
+    @property
+    def base(self) -> CheckpointReader | None:
+        g = self.graph
+        return g.sources[g.base] if g.base is not None else None
+
+    @property
+    def experts(self) -> list[CheckpointReader]:
+        g = self.graph
+        return [g.sources[e] for e in g.experts]
+
+    @property
+    def reference(self) -> CheckpointReader:
+        return self.graph.sources[self.graph.reference]
+
+    @property
+    def aux(self) -> list[CheckpointReader] | None:
+        """One statistics reader per expert (keys ``"<tensor>::<kind>"``), attached by :meth:`attach_aux`."""
+        return self.graph.aux
+
+    @property
+    def aux_index(self) -> list[dict[str, dict[str, str]]]:
+        return self.graph.aux_index
 
     @property
     def inputs(self) -> list[CheckpointReader]:
-        seen: list[CheckpointReader] = []
-        for r in ([self.base] if self.base is not None else []) + self.experts:
-            if all(r is not s for s in seen):
-                seen.append(r)
-        return seen
+        """The distinct merged inputs (base, then experts)."""
+        return [self.graph.sources[s] for s in self.graph.input_sources]
 
     @property
-    def merge_jobs(self) -> list[TensorJob]:
-        return [j for j in self.jobs if j.kind == "merge"]
+    def merge_jobs(self) -> list[Job]:
+        return self.graph.merge_jobs
 
-    def job_input_bytes(self, job: TensorJob) -> int:
+    def job_input_bytes(self, job: Job) -> int:
         """Bytes read from the inputs for one job."""
-        total = 0
-        for r in {id(r): r for r in self.readers_for(job)}.values():
-            m = r.tensors()[job.name]
-            total += m.numel * m.dtype.itemsize
-        return total
+        return self.graph.job_input_bytes(job)
 
-    def input_bytes(self, jobs: Sequence[TensorJob] | None = None) -> int:
+    def input_bytes(self, jobs: Sequence[Job] | None = None) -> int:
         """Bytes read from the inputs for one pass over ``jobs`` (default: all jobs)."""
-        return sum(self.job_input_bytes(j) for j in (self.jobs if jobs is None else jobs))
+        return self.graph.input_bytes(jobs)
 
     def output_bytes(self) -> int:
-        return sum(j.out_nbytes for j in self.jobs)
+        return self.graph.output_bytes(MODEL)
 
-    def readers_for(self, job: TensorJob) -> list[CheckpointReader]:
-        if job.kind == "copy":
-            return [self.reference]
-        return ([self.base] if self.base is not None else []) + list(self.experts)
+    def readers_for(self, job: Job) -> list[CheckpointReader]:
+        return [self.graph.sources[r.source] for r in job.inputs]
 
     def expected_peak_bytes(self, compute_itemsize: int = 4) -> int:
         """Upper estimate of the engine's working memory beyond the interpreter itself.
@@ -159,7 +168,7 @@ class Plan:
         and three float64 copies of the largest single statistic (e.g. RegMean's Gram sum and
         its factorisation).
         """
-        n_in = len(self.experts) + (1 if self.base is not None else 0)
+        n_in = len(self.graph.experts) + (1 if self.graph.base is not None else 0)
         largest = max((j.numel for j in self.jobs), default=0)
         raw_ahead = max((self.job_input_bytes(j) for j in self.jobs), default=0)
         aux = 0
@@ -175,8 +184,8 @@ class Plan:
 
         Entries of tensors the plan does not merge are ignored; a key without ``::`` is an error.
         """
-        if len(readers) != len(self.experts):
-            raise PlanError(f"{len(readers)} statistics for {len(self.experts)} experts: give one per expert")
+        if len(readers) != len(self.graph.experts):
+            raise PlanError(f"{len(readers)} statistics for {len(self.graph.experts)} experts: give one per expert")
         index: list[dict[str, dict[str, str]]] = []
         for r in readers:
             by_tensor: dict[str, dict[str, str]] = {}
@@ -186,27 +195,18 @@ class Plan:
                     raise PlanError(f"{r.label}: statistics key {key!r} is not of the form '<tensor name>::<kind>'")
                 by_tensor.setdefault(name, {})[kind] = key
             index.append(by_tensor)
-        self.aux = list(readers)
-        self.aux_index = index
+        self.graph.aux = list(readers)
+        self.graph.aux_index = index
 
-    def aux_keys(self, job: TensorJob) -> list[dict[str, str]]:
+    def aux_keys(self, job: Job) -> list[dict[str, str]]:
         """Per expert, the statistics keys of ``job`` by kind (empty dicts without statistics)."""
-        if self.aux is None:
-            return []
-        return [idx.get(job.name, {}) for idx in self.aux_index]
+        return self.graph.aux_keys(job)
 
-    def job_aux_bytes(self, job: TensorJob) -> int:
-        if self.aux is None:
-            return 0
-        total = 0
-        for r, kinds in zip(self.aux, self.aux_keys(job)):
-            for key in kinds.values():
-                m = r.tensors()[key]
-                total += m.numel * m.dtype.itemsize
-        return total
+    def job_aux_bytes(self, job: Job) -> int:
+        return self.graph.job_aux_bytes(job)
 
     def close(self) -> None:
-        for r in self.inputs + list(self.aux or []):
+        for r in list(self.graph.sources.values()) + list(self.aux or []):
             r.close()
 
 
@@ -395,6 +395,27 @@ def _plan_tensors(
     global_params: MethodParams,
     global_model_params: tuple[MethodParams, ...],
 ) -> Plan:
+    names: NameMap = IDENTITY
+    sources: dict[str, CheckpointReader] = {}
+
+    def source_id(r: CheckpointReader, want: str) -> str:
+        for k, v in sources.items():
+            if v is r:
+                return k
+        sources[want] = r
+        return want
+
+    base_id = source_id(base, "base") if base is not None else None
+    expert_ids = tuple(source_id(r, f"expert{i}") for i, r in enumerate(experts))
+    ref_id = source_id(reference, "reference")
+    merged_ids = ([base_id] if base_id is not None else []) + list(expert_ids)
+    modulated = method.outputs == "modulated"
+    artifacts = {MODEL: Artifact(MODEL, "hf_checkpoint")}
+    if modulated:
+        from mergelab.modulators.format import FOLDER
+
+        artifacts[MASKS] = Artifact(MASKS, "masks", FOLDER)
+
     ref_names = reference.tensors()
     if not ref_names:
         raise PlanError(f"{reference.label}: the checkpoint holds no tensors")
@@ -413,18 +434,19 @@ def _plan_tensors(
                 "compatible checkpoints"
             )
 
-    jobs: list[TensorJob] = []
+    jobs: list[Job] = []
     for name in sorted(ref_names, key=natural_order_key):
         meta = ref_names[name]
         if name in tied:
             continue
         layer = layer_index(name)
         if not _is_float(meta.dtype):
-            jobs.append(TensorJob(name, meta.shape, meta.dtype, "copy", layer))
+            jobs.append(Job((TensorRef(ref_id, name),), Copy(layer), (OutRef(MODEL, name, meta.shape, meta.dtype),)))
             continue
         rows: int | None = None
-        for r in merged_inputs:
-            other = r.tensors().get(name)
+        refs = tuple(names.ref(s, name) for s in merged_ids)
+        for r, ref in zip(merged_inputs, refs):
+            other = r.tensors().get(ref.name)
             if other is None:
                 raise PlanError(
                     f"{r.label}: missing tensor {name!r} that {reference.label} has; the models do not share an "
@@ -456,22 +478,25 @@ def _plan_tensors(
         if layer is not None and num_layers:
             t = 1.0 if num_layers <= 1 else layer / (num_layers - 1)
         params, model_params = resolver.resolve(name, t)
-        jobs.append(
-            TensorJob(name, meta.shape, out_dtype or meta.dtype, "merge", layer, params, model_params, rows)
-        )
-    return Plan(
-        recipe=recipe,
-        method=method,
-        base=base,
-        experts=experts,
-        reference=reference,
+        outputs = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
+        if modulated:
+            outputs += (OutRef(MASKS, name, meta.shape, torch.bool),)
+        jobs.append(Job(refs, MethodCall(params, model_params, layer, rows, base=base is not None), outputs))
+    graph = Graph(
+        sources=sources,
+        artifacts=artifacts,
         jobs=jobs,
-        num_layers=num_layers,
+        method=method,
         global_params=global_params,
-        global_model_params=global_model_params,
+        base=base_id,
+        experts=expert_ids,
+        reference=ref_id,
+        num_layers=num_layers,
         tied=tied,
         warnings=warnings,
+        names=names,
     )
+    return Plan(recipe=recipe, graph=graph, global_model_params=global_model_params)
 
 
 def describe_dtype(dtype: str | torch.dtype | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mergelab.analysis.stats import AnalysisOptions, TaskVectorStats
-from mergelab.engine import all_finite
+from mergelab.executors.streaming import all_finite
 from mergelab.errors import InputDataError, RecipeError
 from mergelab.modulators.format import task_names
 from mergelab.plan import Plan, build_plan

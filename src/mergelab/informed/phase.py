@@ -650,7 +650,7 @@ def run_data_phase(
     compute_dtype: torch.dtype = torch.float32,
 ) -> DataPhaseResult:
     """Compute (or reuse) the statistics ``plan.method`` needs; one reader per expert."""
-    from mergelab.engine import resolve_device
+    from mergelab.executors.base import resolve_device
 
     collector = plan.method.statistics
     if collector is None:

@@ -1,0 +1,173 @@
+"""The executor protocol: run a job graph into one sink per artifact.
+
+An executor takes a :class:`mergelab.ir.Graph` (or a :class:`mergelab.plan.Plan`, whose graph it
+runs), a mapping artifact name -> sink, :class:`ExecutorOptions` and a progress receiver, runs
+the graph's folds (model-wide statistics) and then every job, and returns :class:`RunStats`.
+Executors differ in *where* jobs run (``streaming``: one process, tensor by tensor; ``memory``: a
+resident session for parameter searches; ``ray``: shards of jobs on Ray workers); for the same
+graph and seed they give bit-identical tensors (random methods seed per (seed, tensor name)).
+
+Nothing here changes process-wide state beyond a run: :func:`thread_limit` sets torch's thread
+count for the run and restores it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from mergelab.errors import MergelabError
+
+if TYPE_CHECKING:
+    from mergelab.ir import Graph
+    from mergelab.plan import Plan
+
+
+class TensorSink(Protocol):
+    """Receives the output tensors of one artifact (``hf_checkpoint``, ``state``, ...)."""
+
+    def add(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+class PartsSink(Protocol):
+    """Receives the per-task parts of methods that return MethodOutput (kind ``masks``)."""
+
+    def add(self, name: str, parts: dict[str, Any]) -> None: ...
+
+
+class Progress(Protocol):
+    """Receives progress events; the CLI renders them as a progress bar."""
+
+    def begin(self, phase: str, total_items: int, total_bytes: int) -> None: ...
+    def advance(self, items: int, nbytes: int) -> None: ...
+    def end(self) -> None: ...
+
+
+class NoProgress:
+    """A progress receiver that ignores every event."""
+
+    def begin(self, phase: str, total_items: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, items: int, nbytes: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class ExecutorOptions:
+    """How to run a graph: where, in which precision, with which checks, on how many workers.
+
+    ``threads``: torch's CPU threads during the run (restored afterwards; also bounds the
+    experts' side-by-side selections in :func:`mergelab.methods.sparsify.parallel_map`, which size
+    themselves from torch's thread count). ``workers`` and ``address`` are for distributed
+    executors (``ray``: worker processes; the cluster address, ``None`` for a local Ray).
+    """
+
+    device: str = "cpu"
+    compute_dtype: torch.dtype = torch.float32
+    threads: int | None = None
+    seed: int = 0
+    check_finite: bool = True
+    hash_inputs: bool = True
+    prefetch: bool = True
+    workers: int | None = None
+    address: str | None = None
+
+
+@dataclass
+class RunStats:
+    """What a run did: time, bytes, tensors, peak memory, input content hashes."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    tensors: int = 0
+    passes: int = 1
+    peak_rss_bytes: int = 0
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """Runs a graph: folds first, then every job into the sink of its output's artifact.
+
+    ``sinks`` maps artifact name -> sink; outputs of an artifact without a sink are dropped
+    (e.g. the per-task parts of an in-memory merge).
+    """
+
+    name: str
+
+    def run(
+        self,
+        graph: Graph | Plan,
+        sinks: Mapping[str, Any],
+        options: ExecutorOptions | None = None,
+        progress: Progress | None = None,
+    ) -> RunStats: ...
+
+
+EXECUTORS: dict[str, str] = {
+    "streaming": "mergelab.executors.streaming:StreamingExecutor",
+    "memory": "mergelab.executors.memory:MemoryExecutor",
+    "ray": "mergelab.executors.ray:RayExecutor",
+}
+"""Executor name -> ``module:class`` (imported on first use: the core never needs Ray)."""
+
+
+def get_executor(name: str) -> Executor:
+    """A fresh executor by name (``streaming``, ``memory``, ``ray``)."""
+    target = EXECUTORS.get(name)
+    if target is None:
+        raise MergelabError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})")
+    module, cls = target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        hint = " (pip install 'mergelab[ray]')" if name == "ray" else ""
+        raise MergelabError(f"executor {name!r} is not available: {exc}{hint}") from exc
+    return getattr(mod, cls)()
+
+
+def as_graph(graph_or_plan: Graph | Plan) -> Graph:
+    """The graph of a plan (or the graph itself)."""
+    return getattr(graph_or_plan, "graph", graph_or_plan)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block, then restored (``None``: unchanged)."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergelabError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+def check_statistics(graph: Graph) -> None:
+    """Data-informed methods need their statistics attached before any executor runs."""
+    if graph.method.statistics is not None and graph.aux is None:
+        raise MergelabError(
+            f"merge_method {graph.method.name} needs per-expert statistics from a data phase: add a `calibration:` "
+            "block to the recipe (or pass statistics=...); mergelab.merge runs the data phase before the merge"
+        )

@@ -1,0 +1,278 @@
+"""The job graph: what a merge computes, as data, before any tensor is read.
+
+A :class:`Graph` is what the planner (:mod:`mergelab.plan`) builds from a recipe and the inputs'
+headers, and what every executor (:mod:`mergelab.executors`) runs:
+
+* **sources**: the opened inputs, by source id (``"base"``, ``"expert0"``, ...);
+* **artifacts**: the outputs of the run (:class:`Artifact`), each of one kind; each kind has one
+  sink class (:data:`mergelab.executors.sinks.SINKS`);
+* **jobs**: one per output tensor. A :class:`Job` names its input tensors
+  (:class:`TensorRef`: source id + the tensor's name *in that source*), an operation
+  (:class:`MethodCall`, :class:`Copy` or :class:`Init`) and its outputs (:class:`OutRef`:
+  artifact + name + shape + dtype);
+* the method, its global parameters and folds (model-wide statistics), the depth, tied names,
+  warnings and, for data-informed methods, the per-expert statistics readers.
+
+Name mappings between an output and the inputs are data (:class:`NameMap`; the identity today),
+so renaming schemes (MoE upcycling, PEFT keys) add a map, not a code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from mergelab.checkpoint.reader import CheckpointReader
+    from mergelab.methods.base import Fold, MergeMethod, MethodParams
+
+ArtifactKind = Literal["hf_checkpoint", "peft_adapter", "masks", "state", "router"]
+ARTIFACT_KINDS: tuple[str, ...] = ("hf_checkpoint", "peft_adapter", "masks", "state", "router")
+
+MODEL = "model"
+"""Name of the merged checkpoint artifact (kind ``hf_checkpoint``) in graphs the planner builds."""
+MASKS = "masks"
+"""Name of the per-task parts artifact (kind ``masks``) of methods registered ``outputs="modulated"``."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One input tensor: the tensor ``name`` as stored in source ``source``."""
+
+    source: str
+    name: str
+
+
+@dataclass(frozen=True)
+class OutRef:
+    """One output tensor: ``name`` in artifact ``artifact``, with its planned shape and dtype."""
+
+    artifact: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One output of a run: a name, a kind (which picks the sink class) and its folder.
+
+    ``folder`` is relative to the run's output folder (``""``: the output folder itself).
+    """
+
+    name: str
+    kind: ArtifactKind
+    folder: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ARTIFACT_KINDS:
+            raise ValueError(f"unknown artifact kind {self.kind!r} (known: {', '.join(ARTIFACT_KINDS)})")
+
+
+@dataclass(frozen=True)
+class MethodCall:
+    """Call the graph's method on the job's inputs (the base first when ``base``, then the experts).
+
+    ``params`` / ``model_params`` are resolved for this tensor (filters, gradients); ``layer`` is
+    the block index; ``rows`` truncates every input to its first rows (vocabulary mismatch).
+    """
+
+    params: MethodParams
+    model_params: tuple[MethodParams, ...]
+    layer: int | None = None
+    rows: int | None = None
+    base: bool = True
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Copy the job's one input unchanged (non-float tensors: position ids, masks)."""
+
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Init:
+    """A tensor no input has (a router, a new head): zeros, seeded normal noise, or a given value.
+
+    ``random`` draws ``std * N(0, 1)`` from the generator seeded by (run seed, output name), so it
+    is the same in every executor and tensor order; ``given`` writes ``value``.
+    """
+
+    fill: Literal["zeros", "random", "given"] = "zeros"
+    std: float = 0.02
+    value: torch.Tensor | None = field(default=None, compare=False)
+    layer: int | None = None
+
+
+Operation = MethodCall | Copy | Init
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: read ``inputs``, apply ``op``, write ``outputs``.
+
+    ``outputs[0]`` is the job's tensor; a method with per-task parts has a second output in the
+    parts artifact. The properties below are the planner's per-tensor view used throughout the
+    package (``name``, ``kind``, ``shape``, ``out_dtype``, ``params``, ...).
+    """
+
+    inputs: tuple[TensorRef, ...]
+    op: Operation
+    outputs: tuple[OutRef, ...]
+
+    @property
+    def name(self) -> str:
+        return self.outputs[0].name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.outputs[0].shape
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.outputs[0].dtype
+
+    @property
+    def kind(self) -> Literal["merge", "copy", "init"]:
+        op = self.op
+        return "merge" if isinstance(op, MethodCall) else "copy" if isinstance(op, Copy) else "init"
+
+    @property
+    def layer(self) -> int | None:
+        return self.op.layer
+
+    @property
+    def params(self) -> MethodParams | None:
+        return self.op.params if isinstance(self.op, MethodCall) else None
+
+    @property
+    def model_params(self) -> tuple[MethodParams, ...]:
+        return self.op.model_params if isinstance(self.op, MethodCall) else ()
+
+    @property
+    def rows(self) -> int | None:
+        return self.op.rows if isinstance(self.op, MethodCall) else None
+
+    @property
+    def numel(self) -> int:
+        return self.outputs[0].numel
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """Output tensor name -> the name it has in each source (identity where not listed).
+
+    ``maps[source][output name] = input name``. Today every graph uses the identity; MoE
+    upcycling (one input tensor -> several experts' outputs) and PEFT keys are maps.
+    """
+
+    maps: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def input_name(self, source: str, out_name: str) -> str:
+        m = self.maps.get(source)
+        return m.get(out_name, out_name) if m else out_name
+
+    def ref(self, source: str, out_name: str) -> TensorRef:
+        return TensorRef(source, self.input_name(source, out_name))
+
+
+IDENTITY = NameMap()
+
+
+@dataclass
+class Graph:
+    """A validated merge as data: sources, artifacts, jobs, the method and its folds.
+
+    ``base`` / ``experts`` / ``reference`` are source ids (the reference supplies copied
+    tensors and side files). ``aux`` (per expert, a statistics reader with keys
+    ``"<tensor>::<kind>"``) is attached after a data phase; ``aux_index`` maps expert -> tensor ->
+    kind -> key.
+    """
+
+    sources: dict[str, CheckpointReader]
+    artifacts: dict[str, Artifact]
+    jobs: list[Job]
+    method: MergeMethod
+    global_params: MethodParams
+    base: str | None
+    experts: tuple[str, ...]
+    reference: str
+    num_layers: int | None = None
+    tied: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    names: NameMap = IDENTITY
+    aux: list[CheckpointReader] | None = None
+    aux_index: list[dict[str, dict[str, str]]] = field(default_factory=list)
+
+    # --- what the executors ask -------------------------------------------------------------
+
+    @property
+    def folds(self) -> Sequence[Fold]:
+        """The method's folds (gather passes) with the global parameters, in order."""
+        return self.method.passes(self.global_params)
+
+    @property
+    def input_sources(self) -> list[str]:
+        """Distinct source ids of the merged inputs (base, then experts): the hashed inputs."""
+        ids = ([self.base] if self.base is not None else []) + list(self.experts)
+        return list(dict.fromkeys(ids))
+
+    @property
+    def merge_jobs(self) -> list[Job]:
+        return [j for j in self.jobs if isinstance(j.op, MethodCall)]
+
+    def reader(self, ref: TensorRef) -> CheckpointReader:
+        return self.sources[ref.source]
+
+    def meta(self, ref: TensorRef) -> Any:
+        return self.sources[ref.source].tensors()[ref.name]
+
+    def job_input_bytes(self, job: Job) -> int:
+        """Bytes read from the inputs for one job (each distinct input tensor once)."""
+        total = 0
+        for ref in dict.fromkeys(job.inputs):
+            m = self.meta(ref)
+            total += m.numel * m.dtype.itemsize
+        return total
+
+    def input_bytes(self, jobs: Sequence[Job] | None = None) -> int:
+        return sum(self.job_input_bytes(j) for j in (self.jobs if jobs is None else jobs))
+
+    def output_bytes(self, artifact: str | None = MODEL) -> int:
+        return sum(o.numel * o.dtype.itemsize for j in self.jobs for o in j.outputs
+                   if artifact is None or o.artifact == artifact)
+
+    def outputs_of(self, artifact: str) -> list[OutRef]:
+        """Every planned output of one artifact, in job order (a sink's layout)."""
+        return [o for j in self.jobs for o in j.outputs if o.artifact == artifact]
+
+    def aux_keys(self, job: Job) -> list[dict[str, str]]:
+        """Per expert, the statistics keys of ``job`` by kind (empty without statistics)."""
+        if self.aux is None:
+            return []
+        return [idx.get(job.name, {}) for idx in self.aux_index]
+
+    def job_aux_bytes(self, job: Job) -> int:
+        if self.aux is None:
+            return 0
+        total = 0
+        for r, kinds in zip(self.aux, self.aux_keys(job)):
+            for key in kinds.values():
+                m = r.tensors()[key]
+                total += m.numel * m.dtype.itemsize
+        return total
