@@ -93,6 +93,9 @@ def merge(
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
     hash_inputs: Annotated[bool, typer.Option(help="record BLAKE3 content hashes of the inputs in the model card")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    executor: Annotated[str, typer.Option(help="streaming (one process) or ray (jobs sharded across Ray workers)")] = "streaming",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray workers (default: 2, or the cluster's CPUs)")] = None,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
     from mergelab.api import merge as run_merge
@@ -111,6 +114,7 @@ def merge(
             plan.recipe, out, force=force, device=device, threads=threads, seed=seed, compute_dtype=dtype,
             out_dtype=out_dtype, max_shard_size=max_shard_size, hash_inputs=hash_inputs,
             progress=RichProgress(err_console, enabled=not quiet), plan=plan,
+            executor=executor, workers=workers, address=ray_address,
         )
     finally:
         plan.close()

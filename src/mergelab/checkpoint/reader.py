@@ -65,6 +65,67 @@ class CheckpointReader(Protocol):
     def read(self, name: str) -> torch.Tensor: ...
     def config(self) -> dict | None: ...
     def close(self) -> None: ...
+    def spec(self) -> ReaderSpec: ...
+
+
+class ReaderSpec(Protocol):
+    """How to reopen a reader elsewhere (another process, a Ray worker): small, frozen, picklable."""
+
+    label: str
+
+    def open(self) -> CheckpointReader: ...
+
+
+@dataclass(frozen=True)
+class SafetensorsSpec:
+    """Safetensors files (a folder's shards, or one file): reopened from the same paths (shared storage)."""
+
+    label: str
+    folder: str | None
+    files: tuple[str, ...]
+
+    def open(self) -> CheckpointReader:
+        return SafetensorsReader(self.label, Path(self.folder) if self.folder else None, [Path(f) for f in self.files])
+
+
+@dataclass(frozen=True)
+class TorchBinSpec:
+    """``pytorch_model.bin`` files (weights-only): reopened from the same paths."""
+
+    label: str
+    folder: str | None
+    files: tuple[str, ...]
+
+    def open(self) -> CheckpointReader:
+        return TorchBinReader(self.label, Path(self.folder) if self.folder else None, [Path(f) for f in self.files])
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A Hugging Face Hub repository: reopened from the local cache (downloaded there if missing)."""
+
+    label: str
+    revision: str | None = None
+
+    def open(self) -> CheckpointReader:
+        reader = _reader_for_folder(self.label, resolve_hub(self.label, self.revision))
+        reader._spec = self  # type: ignore[union-attr]
+        return reader
+
+
+@dataclass(frozen=True)
+class StateDictSpec:
+    """An in-memory state dict, carried *by value*: pickling the spec copies every tensor.
+
+    For in-process use and small models (tests, searches); pickling keeps storage shared between
+    tied tensors, so the reopened reader reports the same aliases.
+    """
+
+    label: str
+    tensors: Mapping[str, torch.Tensor]
+
+    def open(self) -> CheckpointReader:
+        return StateDictReader(self.tensors, self.label)
 
 
 def _load_json(path: Path) -> dict:
@@ -80,6 +141,8 @@ class SafetensorsReader:
     def __init__(self, label: str, folder: Path | None, files: list[Path]):
         self.label = label
         self.folder = folder
+        self._files = list(files)
+        self._spec: ReaderSpec | None = None
         self._entries: dict[str, tuple[Path, StEntry]] = {}
         self._meta: dict[str, TensorMeta] = {}
         self._fds: dict[Path, int] = {}
@@ -113,6 +176,12 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.label}: no tensor named {name!r}") from None
         return pread_tensor(self._fd(path), entry, path)
 
+    def spec(self) -> ReaderSpec:
+        """Reopens the same files (or the same Hub repository)."""
+        if self._spec is not None:
+            return self._spec
+        return SafetensorsSpec(self.label, str(self.folder) if self.folder else None, tuple(str(f) for f in self._files))
+
     def config(self) -> dict | None:
         if self.folder and (self.folder / "config.json").is_file():
             return _load_json(self.folder / "config.json")
@@ -141,6 +210,7 @@ class TorchBinReader:
         self._open_path: Path | None = None
         self._open_sd: Mapping[str, torch.Tensor] | None = None
         self._lock = threading.Lock()
+        self._spec: ReaderSpec | None = None
         for f in files:
             sd = self._load(f)
             for name, t in sd.items():
@@ -184,6 +254,12 @@ class TorchBinReader:
                 self._open_path = path
             assert self._open_sd is not None
             return self._open_sd[name].detach().clone()
+
+    def spec(self) -> ReaderSpec:
+        """Reopens the same files."""
+        if self._spec is not None:
+            return self._spec
+        return TorchBinSpec(self.label, str(self.folder) if self.folder else None, tuple(str(f) for f in self._files))
 
     def config(self) -> dict | None:
         if self.folder and (self.folder / "config.json").is_file():
@@ -229,6 +305,10 @@ class StateDictReader:
     def read(self, name: str) -> torch.Tensor:
         # a copy, so that nothing downstream can alias or modify the caller's tensors
         return self._sd[name].detach().clone()
+
+    def spec(self) -> ReaderSpec:
+        """Carries the tensors by value (see :class:`StateDictSpec`)."""
+        return StateDictSpec(self.label, {k: v for k, v in self._sd.items() if isinstance(v, torch.Tensor)})
 
     def config(self) -> dict | None:
         return None
@@ -316,7 +396,7 @@ def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | t
             return TorchBinReader(label, path.parent, [path])
         raise CheckpointError(f"{path}: unsupported file type; give a model folder, .safetensors or .bin file")
     if _HUB_ID.match(label) and not label.startswith((".", "/", "~")):
-        return _reader_for_folder(label, resolve_hub(label))
+        return HubSpec(label).open()
     raise CheckpointError(f"{label}: no such file or folder (and not a Hugging Face Hub id); check the path")
 
 

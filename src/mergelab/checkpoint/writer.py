@@ -144,6 +144,64 @@ class ShardedSafetensorsWriter:
         for s in self.shards:
             s.close()
 
+    # --- writing from other processes (distributed executors) ------------------------------
+
+    def layout(self) -> ShardLayout:
+        """Where every planned tensor goes: hand it to workers that write in place (picklable)."""
+        return ShardLayout({name: (str(shard.path), shard.offsets[name], self._dtypes[name])
+                            for shard in self.shards for name in shard.names})
+
+    def prepare_files(self) -> None:
+        """Create every shard file with its header and full size, so that workers only ``pwrite`` tensors."""
+        for s in self.shards:
+            if s.fd is None:
+                s.open()
+            s.close()
+
+    def mark_written(self, names: Iterable[str]) -> None:
+        """Record tensors that workers wrote through :meth:`layout` (after :meth:`prepare_files`)."""
+        for name in names:
+            self._where[name].pending.discard(name)
+
+
+class ShardLayout:
+    """A sink that writes planned tensors in place into shard files laid out by the driver.
+
+    Each tensor goes to its fixed offset with ``pwrite``; files are opened without truncation,
+    so several processes can write disjoint tensors of the same shard.
+    """
+
+    def __init__(self, where: dict[str, tuple[str, int, torch.dtype]]):
+        self.where = where
+        self._fds: dict[str, int] = {}
+        self.written: list[str] = []
+
+    def __getstate__(self) -> dict:
+        return {"where": self.where}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["where"])  # type: ignore[misc]
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        path, off, dtype = self.where[name]
+        t = tensor.detach()
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_WRONLY)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], off + done)
+        self.written.append(name)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
 
 class AtomicOutputDir:
     """A temporary folder beside ``dest`` that becomes ``dest`` only on :meth:`commit`."""

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import (
-    GatherPass,
+    Fold,
     MethodOutput,
     MethodParams,
     NoParams,
@@ -91,12 +91,12 @@ def _stat(t: Tensor, rescaler: str) -> float:
     return s / t.numel() if rescaler == "tensor_mean" else s
 
 
-def _init(params: EmrParams, n: int) -> dict[str, list[float]]:
-    return {"num": [0.0] * n, "den": [0.0] * n}
+def _init(params: EmrParams, n: int) -> dict[str, list[list[float]]]:
+    return {"num": [[] for _ in range(n)], "den": [[] for _ in range(n)]}
 
 
 def _update(
-    state: dict[str, list[float]],
+    state: dict[str, list[list[float]]],
     base: Tensor,
     experts: Sequence[Tensor],
     params: EmrParams,
@@ -109,16 +109,33 @@ def _update(
     deltas = [e.float() - b for e in experts]
     tau_uni, masks = elect(deltas, params.sign_zero)
     for i, (d, m) in enumerate(zip(deltas, masks)):
-        state["num"][i] += _stat(d, params.rescaler)
-        state["den"][i] += _stat(tau_uni.masked_fill(~m, 0.0), params.rescaler)
+        state["num"][i].append(_stat(d, params.rescaler))
+        state["den"][i].append(_stat(tau_uni.masked_fill(~m, 0.0), params.rescaler))
 
 
-def _finish(state: dict[str, list[float]], params: EmrParams, n: int) -> list[float]:
-    return [num / den if den > 0 else 1.0 for num, den in zip(state["num"], state["den"])]
+def _combine(a: dict[str, list[list[float]]], b: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+    """Concatenate per-tensor terms (``a``'s tensors first): the finish sums them in tensor order."""
+    return {k: [x + y for x, y in zip(a[k], b[k])] for k in ("num", "den")}
 
 
-def emr_passes(params: EmrParams) -> tuple[GatherPass, ...]:
-    return (GatherPass(PASS_RESCALE, _init, _update, _finish),)
+def _ordered_sum(values: Sequence[float]) -> float:
+    """Left-to-right float sum from 0.0: the same bits however the terms were folded and combined."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def _finish(state: dict[str, list[list[float]]], params: EmrParams, n: int) -> list[float]:
+    out = []
+    for num_terms, den_terms in zip(state["num"], state["den"]):
+        num, den = _ordered_sum(num_terms), _ordered_sum(den_terms)
+        out.append(num / den if den > 0 else 1.0)
+    return out
+
+
+def emr_passes(params: EmrParams) -> tuple[Fold, ...]:
+    return (Fold(PASS_RESCALE, _init, _update, _finish, _combine),)
 
 
 @method(

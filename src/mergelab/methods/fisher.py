@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import GatherPass, MethodParams, TensorContext
+from mergelab.methods.base import Fold, MethodParams, TensorContext
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -57,23 +57,39 @@ class FisherModelParams(MethodParams):
     weight: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="c_i: this expert's merging coefficient")
 
 
-def _norm_init(params: FisherParams, n_experts: int) -> list[float]:
-    return [0.0] * n_experts
+def _norm_init(params: FisherParams, n_experts: int) -> list[list[float]]:
+    return [[] for _ in range(n_experts)]
 
 
-def _norm_update(state: list[float], base, experts, params, model_params, ctx: TensorContext) -> None:
+def _norm_update(state: list[list[float]], base, experts, params, model_params, ctx: TensorContext) -> None:
     for i, a in enumerate(ctx.aux):
         f = a.get("fisher")
         if f is not None:
-            state[i] += float(f.double().square().sum())
+            state[i].append(float(f.double().square().sum()))
 
 
-def _norm_finish(state: list[float], params: FisherParams, n_experts: int) -> list[float]:
-    return [math.sqrt(s) for s in state]
+def _norm_combine(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    """Concatenate per-tensor terms (``a``'s tensors first): the finish sums them in tensor order."""
+    return [x + y for x, y in zip(a, b)]
 
 
-def fisher_passes(params: FisherParams) -> tuple[GatherPass, ...]:
-    return (GatherPass(PASS_NORM, _norm_init, _norm_update, _norm_finish),) if getattr(params, "normalize", False) else ()
+def _ordered_sum(values: Sequence[float]) -> float:
+    """Left-to-right float sum from 0.0: the same bits however the terms were folded and combined."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def _norm_finish(state: list[list[float]], params: FisherParams, n_experts: int) -> list[float]:
+    return [math.sqrt(_ordered_sum(s)) for s in state]
+
+
+def fisher_passes(params: FisherParams) -> tuple[Fold, ...]:
+    """The global-norm fold when ``normalize`` (per expert: ‖F_i‖₂ over every merged tensor)."""
+    if not getattr(params, "normalize", False):
+        return ()
+    return (Fold(PASS_NORM, _norm_init, _norm_update, _norm_finish, _norm_combine),)
 
 
 def fisher_merge(experts: Sequence[Tensor], fishers: Sequence[Tensor], coeffs: Sequence[float], floor: float) -> Tensor:

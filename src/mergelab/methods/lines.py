@@ -55,7 +55,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from mergelab.errors import ParameterError
-from mergelab.methods.base import GatherPass, MergeMethod, MethodParams, TensorContext
+from mergelab.methods.base import Fold, MergeMethod, MethodParams, TensorContext
 from mergelab.methods.registry import get_method, method
 
 Tensor = torch.Tensor
@@ -206,7 +206,7 @@ def _single(params: LinesParams, n_experts: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _wrap_inner_pass(gp: GatherPass) -> GatherPass:
+def _wrap_inner_pass(gp: Fold) -> Fold:
     def init(params: LinesParams, n_experts: int) -> Any:
         return gp.init(params.inner_params, n_experts)
 
@@ -216,7 +216,7 @@ def _wrap_inner_pass(gp: GatherPass) -> GatherPass:
     def finish(state, params: LinesParams, n_experts: int) -> Any:
         return gp.finish(state, params.inner_params, n_experts)
 
-    return GatherPass(gp.name, init, update, finish)
+    return Fold(gp.name, init, update, finish, gp.combine)
 
 
 def _l1_init(params: LinesParams, n_experts: int) -> dict[str, Any]:
@@ -236,6 +236,10 @@ def _l1_update(state, base, experts, params: LinesParams, model_params, ctx) -> 
     state["per_tensor"][ctx.name] = (sum_l1, float(merged.abs().sum(dtype=torch.float64)))
 
 
+def _l1_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {"n": a["n"], "per_tensor": {**a["per_tensor"], **b["per_tensor"]}}
+
+
 def _l1_finish(state, params: LinesParams, n_experts: int) -> dict[str, float]:
     sum_l1 = math.fsum(state["per_tensor"][k][0] for k in sorted(state["per_tensor"]))
     merged_l1 = math.fsum(state["per_tensor"][k][1] for k in sorted(state["per_tensor"]))
@@ -244,11 +248,11 @@ def _l1_finish(state, params: LinesParams, n_experts: int) -> dict[str, float]:
     return {"sum_l1": sum_l1, "merged_l1": merged_l1, "alpha": alpha}
 
 
-def lines_passes(params: LinesParams) -> tuple[GatherPass, ...]:
+def lines_passes(params: LinesParams) -> tuple[Fold, ...]:
     """The inner method's passes, then the L1 pass when α is computed (multi-task, no ``alpha``)."""
     passes = [_wrap_inner_pass(gp) for gp in params.inner.passes(params.inner_params)]
     if params.alpha is None and params.mode != "single_task":
-        passes.append(GatherPass(PASS_L1, _l1_init, _l1_update, _l1_finish))
+        passes.append(Fold(PASS_L1, _l1_init, _l1_update, _l1_finish, _l1_combine))
     return tuple(passes)
 
 

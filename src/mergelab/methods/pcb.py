@@ -63,7 +63,7 @@ import torch
 from pydantic import Field
 
 from mergelab.errors import ParameterError
-from mergelab.methods.base import GatherPass, MethodParams, TensorContext
+from mergelab.methods.base import Fold, MethodParams, TensorContext
 from mergelab.methods.order_stats import (
     BINS,
     high_histogram,
@@ -307,6 +307,31 @@ def _abs_low_finish(state, params: PcbParams, n_experts: int) -> list[tuple[floa
     return bounds
 
 
+def _located(a: dict[str, Any], b: dict[str, Any]) -> Any:
+    return a["located"] if a["located"] is not None else b["located"]
+
+
+def _abs_high_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {"hist": [x + y for x, y in zip(a["hist"], b["hist"])], "count": a["count"] + b["count"]}
+
+
+def _abs_low_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    hist = [[x + y for x, y in zip(ha, hb)] for ha, hb in zip(a["hist"], b["hist"])]
+    return {"hist": hist, "located": _located(a, b)}
+
+
+def _score_high_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "hist": [x + y for x, y in zip(a["hist"], b["hist"])],
+        "max": [max(x, y) for x, y in zip(a["max"], b["max"])],
+        "count": a["count"] + b["count"],
+    }
+
+
+def _score_low_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {"hist": [x + y for x, y in zip(a["hist"], b["hist"])], "located": _located(a, b)}
+
+
 def _global_betas(base, experts, params: PcbParams, ctx) -> tuple[list[Tensor], list[Tensor]]:
     return balancing_scores(_flat_task_vectors(base, experts), ctx.stats[PASS_ABS_LOW], params.inter)
 
@@ -366,15 +391,15 @@ def _score_low_finish(state, params: PcbParams, n_experts: int) -> dict[str, Any
     return out
 
 
-def global_passes(params: PcbParams) -> tuple[GatherPass, ...]:
+def global_passes(params: PcbParams) -> tuple[Fold, ...]:
     """The gather passes ``scope: global`` needs (none for ``scope: tensor``)."""
     if getattr(params, "scope", "tensor") != "global":
         return ()
     return (
-        GatherPass(PASS_ABS_HIGH, _abs_high_init, _abs_high_update, _abs_high_finish),
-        GatherPass(PASS_ABS_LOW, _abs_low_init, _abs_low_update, _abs_low_finish),
-        GatherPass(PASS_SCORE_HIGH, _score_high_init, _score_high_update, _score_high_finish),
-        GatherPass(PASS_SCORE_LOW, _score_low_init, _score_low_update, _score_low_finish),
+        Fold(PASS_ABS_HIGH, _abs_high_init, _abs_high_update, _abs_high_finish, _abs_high_combine),
+        Fold(PASS_ABS_LOW, _abs_low_init, _abs_low_update, _abs_low_finish, _abs_low_combine),
+        Fold(PASS_SCORE_HIGH, _score_high_init, _score_high_update, _score_high_finish, _score_high_combine),
+        Fold(PASS_SCORE_LOW, _score_low_init, _score_low_update, _score_low_finish, _score_low_combine),
     )
 
 
