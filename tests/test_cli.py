@@ -81,3 +81,31 @@ def test_inspect_missing_path_is_one_line_error(tmp_path):
     res = runner.invoke(app, ["inspect", str(tmp_path / "nope")])
     assert res.exit_code == 3
     assert "no such file or folder" in res.output and "Traceback" not in res.output
+
+
+def test_merge_unknown_executor_is_one_line_error(family, tmp_path):
+    base, experts = family
+    res = runner.invoke(app, ["merge", str(_recipe(tmp_path, base, experts)), str(tmp_path / "out"), "--executor", "nosuch"])
+    assert res.exit_code != 0 and "unknown executor 'nosuch'" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_with_the_ray_executor_matches_streaming_and_stops_its_ray(family, tmp_path):
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    base, experts = family
+    recipe = _recipe(tmp_path, base, experts)
+    a, b = tmp_path / "streaming", tmp_path / "ray"
+    res = runner.invoke(app, ["merge", str(recipe), str(a), "--max-shard-size", "100KB", "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["merge", str(recipe), str(b), "--max-shard-size", "100KB", "-q", "--executor", "ray",
+                              "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    assert index == json.loads((b / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        assert (a / shard).read_bytes() == (b / shard).read_bytes(), shard
+    assert not ray.is_initialized()  # the run started a local Ray and shut it down

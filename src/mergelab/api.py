@@ -141,6 +141,7 @@ def merge(
     own_plan = plan is None
     phase = None
     try:
+        runner = get_executor(executor)  # an unknown executor fails before any input is opened
         plan = plan or build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
         opts = ExecutorOptions(
             device=device,
@@ -152,7 +153,6 @@ def merge(
             workers=workers,
             address=address,
         )
-        runner = get_executor(executor)  # an unknown or unavailable executor fails before the data phase
         if plan.method.statistics is not None and plan.aux is None:
             from mergelab.informed.phase import run_data_phase
 

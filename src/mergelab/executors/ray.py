@@ -122,9 +122,17 @@ class _Collect:
 
 
 class _Worker:
-    """One actor: the graph reopened from specs, running passes over shards of its jobs."""
+    """One actor: the graph reopened from specs, running passes over shards of its jobs.
 
-    def __init__(self, payload: _Payload, opts: ExecutorOptions) -> None:
+    An actor outlives one run when the Ray session does (see :func:`_actors`): :meth:`load`
+    opens a run's graph, :meth:`close` closes its readers.
+    """
+
+    def __init__(self) -> None:
+        self.graph: Graph | None = None
+
+    def load(self, payload: _Payload, opts: ExecutorOptions) -> None:
+        self.close()
         self.graph = _rebuild(payload)
         self.opts = opts
         self.device = resolve_device(opts.device)
@@ -168,8 +176,34 @@ class _Worker:
         }
 
     def close(self) -> None:
-        for r in list(self.graph.sources.values()) + list(self.graph.aux or []):
-            r.close()
+        if self.graph is not None:
+            for r in list(self.graph.sources.values()) + list(self.graph.aux or []):
+                r.close()
+        self.graph = None
+
+
+_POOL: dict[str, Any] = {"job": None, "actors": []}
+"""Actors kept for the next run while the Ray session that holds them lives (a worker process
+costs seconds to start: importing torch); a Ray this executor started is shut down instead."""
+
+
+def _actors(ray: Any, n: int, keep: bool) -> list[Any]:
+    actor_cls = ray.remote(num_cpus=1)(_Worker)
+    if not keep:
+        return [actor_cls.remote() for _ in range(n)]
+    job = ray.get_runtime_context().get_job_id()
+    if _POOL["job"] != job:
+        _POOL.update(job=job, actors=[])
+    pool: list[Any] = _POOL["actors"]
+    while len(pool) < n:
+        pool.append(actor_cls.remote())
+    return pool[:n]
+
+
+def _drop_pool(ray: Any) -> None:
+    for a in _POOL["actors"]:
+        ray.kill(a)
+    _POOL.update(job=None, actors=[])
 
 
 class RayExecutor:
@@ -194,6 +228,10 @@ class RayExecutor:
         if n_workers < 1:
             raise MergelabError(f"--workers must be at least 1, got {n_workers}")
         started = False
+        if ray.is_initialized() and opts.address is None:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if cpus < n_workers:
+                raise MergelabError(f"--workers {n_workers}: the running Ray session has {cpus:g} CPUs; use at most that many")
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if opts.address is None:
@@ -203,7 +241,7 @@ class RayExecutor:
         try:
             # workers compute with the driver's thread count, so reductions split the same way
             wopts = dataclasses.replace(opts, threads=opts.threads or torch.get_num_threads())
-            return _run(ray, g, sinks, wopts, prog, n_workers)
+            return _run(ray, g, sinks, wopts, prog, n_workers, keep=not started)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, BaseException):
@@ -214,19 +252,25 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def _run(ray: Any, g: Graph, sinks: Mapping[str, Any], opts: ExecutorOptions, prog: Progress, n_workers: int) -> RunStats:
+def _run(ray: Any, g: Graph, sinks: Mapping[str, Any], opts: ExecutorOptions, prog: Progress, n_workers: int,
+         keep: bool) -> RunStats:
     t0 = time.perf_counter()
     run = RunStats()
     payload = ray.put(_payload(g))
-    actor_cls = ray.remote(num_cpus=1)(_Worker)
-    actors = [actor_cls.remote(payload, opts) for _ in range(n_workers)]
+    actors = _actors(ray, n_workers, keep)
+    ok = False
     try:
+        ray.get([a.load.remote(payload, opts) for a in actors])
         stats = _folds(ray, g, actors, opts, prog, run)
         _merge(ray, g, actors, sinks, stats, opts, prog, run)
         ray.get([a.close.remote() for a in actors])
+        ok = True
     finally:
-        for a in actors:
-            ray.kill(a)
+        if not keep:
+            for a in actors:
+                ray.kill(a)
+        elif not ok:  # a failed run may leave an actor mid-job: start afresh next time
+            _drop_pool(ray)
     run.seconds = time.perf_counter() - t0
     run.peak_rss_bytes = max(run.peak_rss_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return run
