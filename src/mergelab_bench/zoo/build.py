@@ -20,7 +20,6 @@ Cache layout under ``$MERGELAB_CACHE/zoo`` (default ``~/.cache/mergelab/zoo``)::
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
 import platform
 import time
@@ -42,8 +41,9 @@ from mergelab_bench.zoo.backbone import (
     load_tokenizer,
     make_batches,
 )
-from mergelab_bench.zoo.cache import atomic_dir, config_key, file_sha256, read_json, write_json, zoo_root
+from mergelab_bench.zoo.cache import config_key, file_sha256, read_json, write_json, zoo_root
 from mergelab_bench.zoo.sources import BACKBONE_PACKAGE, SourceReader, SystemSources
+from mergelab_bench.zoo.store import build_stamp, ensure_dir, point_latest, zoo_key
 from mergelab_bench.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task
 from mergelab_bench.zoo.train import TrainConfig, accuracy, select_probe, torch_threads, train_expert
 
@@ -347,13 +347,13 @@ def ensure_base(cache: str | os.PathLike[str] | None = None, backbone: Path | No
         source.update(
             package=BACKBONE_PACKAGE[0], version=BACKBONE_PACKAGE[1], model="sentence-transformers/all-MiniLM-L6-v2"
         )
-    final = zoo_root(cache) / "models" / f"base-{config_key(source)}"
-    if not (final / "config.json").is_file():
-        with atomic_dir(final) as tmp:
-            load_encoder(src).save_pretrained(tmp, safe_serialization=True)
-            load_tokenizer(src).save_pretrained(tmp)
-            write_json(tmp / "source.json", source)
-    return final, source
+
+    def build(tmp: Path) -> None:
+        load_encoder(src).save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(src).save_pretrained(tmp)
+        write_json(tmp / "source.json", source)
+
+    return ensure_dir(zoo_root(cache) / "models" / f"base-{config_key(source)}", build, done="config.json"), source
 
 
 def expert_key(cfg: ZooConfig, data: TaskData, base_key: str) -> str:
@@ -388,10 +388,9 @@ def ensure_expert(
     """Train (or reuse) the expert and probe of one task; returns the expert directory."""
     reporter = reporter or _Reporter()
     final = zoo_root(cache) / "models" / f"expert-{data.name}-{expert_key(cfg, data, base_dir.name)}"
-    if (final / "record.json").is_file() and not force:
-        return final
     tc = cfg.train
-    with atomic_dir(final) as tmp:
+
+    def build(tmp: Path) -> None:
         tokenizer = load_tokenizer(base_dir)
         base = load_encoder(base_dir)
 
@@ -455,12 +454,11 @@ def ensure_expert(
             "eval_limit": tc.eval_limit,
             # the probe's L2 was chosen on validation, so test is the unbiased comparison
             "beats_probe": {s: _beats(scores["expert"][s], scores["probe"][s]) for s in ("validation", "test")},
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **build_stamp(),
         }
         write_json(tmp / "record.json", record)
-    return final
+
+    return ensure_dir(final, build, done="record.json", force=force)
 
 
 def build_zoo(
@@ -494,7 +492,7 @@ def build_zoo(
         experts: dict[str, Path] = {}
         for name in config.tasks:
             experts[name] = ensure_expert(config, datas[name], base_dir, cache=cache, reporter=reporter, force=force)
-    key = config_key({"config": config.model_dump(mode="json"), "experts": {t: p.name for t, p in experts.items()}})
+    key = zoo_key(config.model_dump(mode="json"), experts)
     root = zoo_root(cache) / "zoos" / key
     records = {t: read_json(p / "record.json") for t, p in experts.items()}
     write_manifest(
@@ -517,7 +515,7 @@ def build_zoo(
             },
         },
     )
-    (root.parent / f"{config.name}.latest").write_text(key + "\n")
+    point_latest(root, config.name)
     return Zoo(root / "manifest.json")
 
 
@@ -543,10 +541,13 @@ def zoo_summary(zoo: Zoo) -> list[dict[str, Any]]:
     return out
 
 
-def tasks_list(names: Sequence[str] | None) -> tuple[str, ...]:
-    if not names:
-        return FULL_TASKS
-    unknown = [n for n in names if n not in ALL_TASKS]
+def known_names(names: Sequence[str], known: Sequence[str], noun: str = "tasks") -> tuple[str, ...]:
+    """``names`` as a tuple, or a ZooError naming the ones not in ``known`` (either suite)."""
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ZooError(f"unknown tasks {unknown}; known: {', '.join(ALL_TASKS)}")
+        raise ZooError(f"unknown {noun} {unknown}; known: {', '.join(known)}")
     return tuple(names)
+
+
+def tasks_list(names: Sequence[str] | None) -> tuple[str, ...]:
+    return known_names(names, ALL_TASKS) if names else FULL_TASKS

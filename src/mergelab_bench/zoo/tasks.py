@@ -26,23 +26,33 @@ version, the split config and the versions/digests of the sources.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
-import json
 import re
 import tarfile
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergelab_bench.zoo.cache import atomic_dir, config_key, read_json, write_json, zoo_root
+from mergelab_bench.zoo.cache import config_key, write_json, zoo_root
+from mergelab_bench.zoo.registry import Registry
 from mergelab_bench.zoo.sources import ARCHIVES, SourceReader
+from mergelab_bench.zoo.splits import (  # noqa: F401 - SPLITS .. unit_hash are re-exported for both suites
+    SPLITS,
+    Finalized,
+    SplitConfig,
+    assign_splits,
+    content_hash,
+    hash_sample,
+    jsonl_bytes,
+    normalize_text,
+    split_of,
+    unit_hash,
+)
+from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_split_files
 
 BUILDER_VERSION = 1
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -57,20 +67,6 @@ class Row:
     text: str
     label: str
     group: str | None = None
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """Split fractions and text limits shared by every task."""
-
-    validation: float = 0.1
-    test: float = 0.2
-    max_chars: int = 1000
-    min_chars: int = 3
-
-    def __post_init__(self) -> None:
-        if not (0 < self.test and 0 <= self.validation and self.test + self.validation < 1):
-            raise ValueError("split fractions must satisfy 0 < test, 0 <= validation, test + validation < 1")
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ class TaskSpec:
         return out
 
 
-TASKS: dict[str, TaskSpec] = {}
+TASKS: Registry[TaskSpec] = Registry("task")
 
 
 def task(
@@ -116,9 +112,7 @@ def task(
     """Register a task whose rows ``fn(reader)`` collects."""
 
     def decorate(fn: Callable[[SourceReader], Iterable[Row]]) -> Callable[[SourceReader], Iterable[Row]]:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} registered twice")
-        TASKS[name] = TaskSpec(
+        TASKS.add(TaskSpec(
             name=name,
             description=description,
             labels=tuple(labels),
@@ -128,51 +122,23 @@ def task(
             archives=tuple(archives),
             apt=apt,
             cap=cap,
-        )
+        ))
         return fn
 
     return decorate
 
 
 def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+    return TASKS.spec(name)
 
 
 # --------------------------------------------------------------------------------------------
 # Deterministic splitting
 
 
-def unit_hash(*parts: str) -> float:
-    """A number in [0, 1) from sha256 of the parts: uniform, stable across runs and machines."""
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def normalize_text(text: str) -> str:
-    """The duplicate key of a text: NFKC, case-folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def split_of(salt: str, group: str, cfg: SplitConfig) -> str:
-    u = unit_hash(salt, "split", group)
-    if u < cfg.test:
-        return "test"
-    if u < cfg.test + cfg.validation:
-        return "validation"
-    return "train"
-
-
 def _clean(text: str, max_chars: int) -> str:
     lines = [line.rstrip() for line in text.strip().splitlines()]
     return "\n".join(lines)[:max_chars].strip()
-
-
-@dataclass
-class Finalized:
-    splits: dict[str, list[dict[str, str]]]
-    dropped: dict[str, int] = field(default_factory=dict)
 
 
 def finalize(spec: TaskSpec, rows: Iterable[Row], cfg: SplitConfig) -> Finalized:
@@ -207,65 +173,19 @@ def finalize(spec: TaskSpec, rows: Iterable[Row], cfg: SplitConfig) -> Finalized
             per_label[item[1].label].append(item)
         kept = []
         for label in sorted(per_label):
-            items = sorted(per_label[label], key=lambda it: (unit_hash(spec.salt, "cap", it[1].key), it[1].key))
-            dropped["over_cap"] += max(0, len(items) - spec.cap)
-            kept += items[: spec.cap]
+            sample, over = hash_sample(spec.salt, per_label[label], spec.cap, key=lambda it: it[1].key)
+            dropped["over_cap"] += over
+            kept += sample
 
-    splits: dict[str, list[tuple[float, dict[str, str]]]] = {s: [] for s in SPLITS}
-    for norm, row in kept:
-        split = split_of(spec.salt, row.group if row.group is not None else norm, cfg)
-        order = unit_hash(spec.salt, "order", row.key)
-        splits[split].append((order, {"text": row.text, "label": row.label, "key": row.key}))
+    records = ((norm, row.group, {"text": row.text, "label": row.label, "key": row.key}) for norm, row in kept)
     return Finalized(
-        splits={s: [r for _, r in sorted(items, key=lambda x: (x[0], x[1]["key"]))] for s, items in splits.items()},
+        splits=assign_splits(spec.salt, records, cfg),
         dropped={k: v for k, v in sorted(dropped.items()) if v},
     )
 
 
-def jsonl_bytes(rows: Sequence[dict[str, str]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
-
-
-def content_hash(splits: dict[str, Sequence[dict[str, str]]]) -> str:
-    """sha256 over the three split files, in split order."""
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        digest.update(split.encode() + b"\0")
-        digest.update(jsonl_bytes(splits[split]))
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # Built task data
-
-
-@dataclass
-class SplitFiles:
-    """A built task folder: ``meta.json`` and one JSONL file per split (classification tasks
-    here, language-model domains in :mod:`mergelab_bench.zoo.lm.tasks`)."""
-
-    name: str
-    path: Path
-    meta: dict
-
-    @classmethod
-    def load(cls, path: str | Path):  # noqa: ANN206 - returns the subclass it is called on
-        path = Path(path)
-        meta = read_json(path / "meta.json")
-        return cls(meta["task"], path, meta)
-
-    def rows(self, split: str, limit: int | None = None) -> list[dict[str, str]]:
-        """The first ``limit`` rows of a split (a deterministic random sample)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        out = []
-        with open(self.path / f"{split}.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                if limit is not None and len(out) >= limit:
-                    break
-                out.append(json.loads(line))
-        return out
-
 
 
 @dataclass
@@ -307,9 +227,7 @@ def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig
     missing = [label for label in spec.labels if not any(label in c for c in counts.values())]
     if missing and strict:
         raise ValueError(f"task {spec.name}: no examples for labels {missing}")
-    out.mkdir(parents=True, exist_ok=True)
-    for split, rows in result.splits.items():
-        (out / f"{split}.jsonl").write_bytes(jsonl_bytes(rows))
+    write_split_files(out, result.splits)
     meta = {
         "task": spec.name,
         "description": spec.description,
@@ -342,10 +260,7 @@ def ensure_task(
     """The built data of task ``name``, built into the cache first if it is not there."""
     spec = get_task(name)
     final = zoo_root(cache) / "data" / f"{name}-{data_key(spec, reader, cfg)}"
-    if force or not (final / "meta.json").is_file():
-        with atomic_dir(final) as tmp:
-            build_task(spec, reader, tmp, cfg)
-    return TaskData.load(final)
+    return TaskData.load(ensure_dir(final, lambda tmp: build_task(spec, reader, tmp, cfg), done="meta.json", force=force))
 
 
 # --------------------------------------------------------------------------------------------

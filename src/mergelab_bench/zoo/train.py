@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mergelab_bench.zoo.backbone import Head, embed, load_encoder, load_tokenizer, pooled
-from mergelab_bench.zoo.tasks import TaskData, unit_hash
+from mergelab_bench.zoo.splits import unit_hash
+from mergelab_bench.zoo.tasks import TaskData
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, total, info)`` during training."""

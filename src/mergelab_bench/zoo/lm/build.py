@@ -25,7 +25,6 @@ tokens; meant for a GPU, ``--device cuda``, and never required).
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 import time
@@ -37,8 +36,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergelab_bench.zoo.build import ZooError, _Reporter
-from mergelab_bench.zoo.cache import atomic_dir, config_key, file_sha256, read_json, write_json, zoo_root
+from mergelab_bench.zoo.build import ZooError, _Reporter, known_names
+from mergelab_bench.zoo.cache import config_key, file_sha256, read_json, write_json, zoo_root
 from mergelab_bench.zoo.lm.base import (
     LM_BASE_GGUF,
     LM_BASE_MODEL,
@@ -53,6 +52,7 @@ from mergelab_bench.zoo.lm.scorer import DomainScorer, Scores
 from mergelab_bench.zoo.lm.tasks import ALL_LM_TASKS, LM_SPLIT, LMTaskData, ensure_lm_task
 from mergelab_bench.zoo.lm.train import LMTrainConfig, peak_rss_mb, train_lm_expert
 from mergelab_bench.zoo.sources import SourceReader, SystemSources
+from mergelab_bench.zoo.store import build_stamp, ensure_dir, point_latest, zoo_key
 from mergelab_bench.zoo.train import torch_threads
 
 LM_MANIFEST_FORMAT = "mergelab-lm-zoo/1"
@@ -248,29 +248,30 @@ def ensure_lm_base(cache: str | os.PathLike[str] | None = None, source: Path | N
     else:
         weights = sorted(source.glob("*.safetensors"))
         info = {"format": BASE_FORMAT, "local": str(source), "sha256": [file_sha256(w) for w in weights]}
-    final = lm_root(cache) / "models" / f"base-{config_key(info)}"
-    if not (final / "config.json").is_file():
-        with atomic_dir(final) as tmp:
-            if source is None:
-                facts = convert_gguf(gguf, tmp)
-            else:
-                model = load_causal_lm(source)
-                model.save_pretrained(tmp, safe_serialization=True)
-                load_lm_tokenizer(source).save_pretrained(tmp)
-                facts = {"parameters": sum(p.numel() for p in model.parameters())}
-            import transformers
 
-            write_json(
-                tmp / "source.json",
-                {
-                    **info,
-                    **facts,
-                    "note": LM_BASE_NOTE if source is None else "local test base",
-                    "transformers": transformers.__version__,
-                    "convert_seconds": round(time.perf_counter() - t0, 1),
-                    "weights_sha256": {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
-                },
-            )
+    def build(tmp: Path) -> None:
+        if source is None:
+            facts = convert_gguf(gguf, tmp)
+        else:
+            model = load_causal_lm(source)
+            model.save_pretrained(tmp, safe_serialization=True)
+            load_lm_tokenizer(source).save_pretrained(tmp)
+            facts = {"parameters": sum(p.numel() for p in model.parameters())}
+        import transformers
+
+        write_json(
+            tmp / "source.json",
+            {
+                **info,
+                **facts,
+                "note": LM_BASE_NOTE if source is None else "local test base",
+                "transformers": transformers.__version__,
+                "convert_seconds": round(time.perf_counter() - t0, 1),
+                "weights_sha256": {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+            },
+        )
+
+    final = ensure_dir(lm_root(cache) / "models" / f"base-{config_key(info)}", build, done="config.json")
     return final, read_json(final / "source.json")
 
 
@@ -311,23 +312,22 @@ def ensure_lm_expert(
     reporter = reporter or _Reporter()
     tc = cfg.train
     final = lm_root(cache) / "models" / f"expert-{data.name}-{lm_expert_key(cfg, data, base_dir.name)}"
-    if (final / "record.json").is_file() and not force:
-        return final
-    scorer = scorer or scorer_for(base_dir, tc)
-    with atomic_dir(final) as tmp:
+
+    def build(tmp: Path) -> None:
+        use_scorer = scorer or scorer_for(base_dir, tc)
         with reporter.task(f"train {data.name}", tc.steps) as advance:
             trained = train_lm_expert(data, base_dir, tc, progress=lambda step, total, info: advance(step))
         trained.model.save_pretrained(tmp / "model", safe_serialization=True)
-        scorer.tokenizer.save_pretrained(tmp / "model")
+        use_scorer.tokenizer.save_pretrained(tmp / "model")
         t0 = time.perf_counter()
         limit = tc.eval_limit
-        n_steps = _score_steps(scorer, data, limit)
+        n_steps = _score_steps(use_scorer, data, limit)
         with reporter.task(f"score {data.name} (expert, base)", 2 * n_steps) as advance:
-            expert_test = scorer.score(trained.model, data, "test", limit, on_step=advance)
+            expert_test = use_scorer.score(trained.model, data, "test", limit, on_step=advance)
             # write the cache file the LMZoo reads, so the expert's own score is never recomputed
-            write_json_scores(scorer, tmp, data, "test", limit, expert_test)
+            write_json_scores(use_scorer, tmp, data, "test", limit, expert_test)
             del trained.model
-            base_test = scorer.cached_score(
+            base_test = use_scorer.cached_score(
                 base_dir, lambda: load_causal_lm(base_dir, tc.device), data, "test", limit, on_step=advance
             )
         score_s = time.perf_counter() - t0
@@ -344,13 +344,12 @@ def ensure_lm_expert(
             "eval_limit": limit,
             "score_seconds": round(score_s, 2),
             "peak_rss_mb_process": peak_rss_mb(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
             "device": tc.device,
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **build_stamp(),
         }
         write_json(tmp / "record.json", record)
-    return final
+
+    return ensure_dir(final, build, done="record.json", force=force)
 
 
 def write_json_scores(
@@ -393,9 +392,7 @@ def build_lm_zoo(
     directory (tests).
     """
     config = config or LMZooConfig.default()
-    unknown = [t for t in config.tasks if t not in ALL_LM_TASKS]
-    if unknown:
-        raise ZooError(f"unknown LM tasks {unknown}; known: {', '.join(ALL_LM_TASKS)}")
+    known_names(config.tasks, ALL_LM_TASKS, "LM tasks")
     reader = reader or SystemSources(cache)
     reporter = _Reporter(progress, echo)
     t_start = time.perf_counter()
@@ -415,7 +412,7 @@ def build_lm_zoo(
             )
             for name in config.tasks
         }
-    key = config_key({"config": config.model_dump(mode="json"), "experts": {t: p.name for t, p in experts.items()}})
+    key = zoo_key(config.model_dump(mode="json"), experts)
     root = lm_root(cache) / "zoos" / key
     records = {t: read_json(p / "record.json") for t, p in experts.items()}
     tc = config.train
@@ -457,7 +454,7 @@ def build_lm_zoo(
     }
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "manifest.json", manifest)
-    (root.parent / f"{config.name}.latest").write_text(key + "\n")
+    point_latest(root, config.name)
     return LMZoo(root / "manifest.json", device=tc.device)
 
 
@@ -485,9 +482,4 @@ def lm_zoo_summary(zoo: LMZoo) -> list[dict[str, Any]]:
 
 
 def lm_tasks_list(names: Sequence[str] | None, default: Sequence[str] = DEFAULT_LM_TASKS) -> tuple[str, ...]:
-    if not names:
-        return tuple(default)
-    unknown = [n for n in names if n not in ALL_LM_TASKS]
-    if unknown:
-        raise ZooError(f"unknown LM tasks {unknown}; known: {', '.join(ALL_LM_TASKS)}")
-    return tuple(names)
+    return known_names(names, ALL_LM_TASKS, "LM tasks") if names else tuple(default)

@@ -29,25 +29,23 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergelab_bench.zoo.cache import atomic_dir, config_key, write_json, zoo_root
+from mergelab_bench.zoo.cache import config_key, write_json, zoo_root
+from mergelab_bench.zoo.registry import Registry
 from mergelab_bench.zoo.sources import SourceReader
-from mergelab_bench.zoo.tasks import (
+from mergelab_bench.zoo.splits import (
     SPLITS,
+    Finalized,
     SplitConfig,
-    _deb_paragraphs,
-    _description_text,
-    _is_cookie_file,
-    SplitFiles,
+    assign_splits,
     content_hash,
-    jsonl_bytes,
-    fortune_entries,
+    hash_sample,
     normalize_text,
-    split_of,
-    unit_hash,
 )
+from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_split_files
+from mergelab_bench.zoo.tasks import _deb_paragraphs, _description_text, _is_cookie_file, fortune_entries
 
 LM_BUILDER_VERSION = 1
 LM_SPLIT = SplitConfig(validation=0.1, test=0.2, max_chars=1000, min_chars=20)
@@ -95,7 +93,7 @@ class LMTaskSpec:
         return out
 
 
-LM_TASKS: dict[str, LMTaskSpec] = {}
+LM_TASKS: Registry[LMTaskSpec] = Registry("LM task")
 
 
 def lm_task(
@@ -112,12 +110,10 @@ def lm_task(
     """Register a domain whose rows ``fn(reader)`` collects."""
 
     def decorate(fn: Callable[[SourceReader], Iterable[LMRow]]) -> Callable[[SourceReader], Iterable[LMRow]]:
-        if name in LM_TASKS:
-            raise ValueError(f"LM task {name!r} registered twice")
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"LM task {name!r}: unknown metrics {unknown}")
-        LM_TASKS[name] = LMTaskSpec(
+        LM_TASKS.add(LMTaskSpec(
             name=name,
             description=description,
             salt=salt or name,
@@ -127,26 +123,21 @@ def lm_task(
             cap=cap,
             metrics=tuple(metrics),
             generated=generated,
-        )
+        ))
         return fn
 
     return decorate
 
 
 def get_lm_task(name: str) -> LMTaskSpec:
-    if name not in LM_TASKS:
-        raise KeyError(f"unknown LM task {name!r}; known: {', '.join(sorted(LM_TASKS))}")
-    return LM_TASKS[name]
+    return LM_TASKS.spec(name)
 
 
 # --------------------------------------------------------------------------------------------
 # Finalizing and writing
 
 
-@dataclass
-class LMFinalized:
-    splits: dict[str, list[dict[str, str]]]
-    dropped: dict[str, int] = field(default_factory=dict)
+LMFinalized = Finalized
 
 
 def _clean(text: str, max_chars: int) -> str:
@@ -175,19 +166,14 @@ def finalize_lm(spec: LMTaskSpec, rows: Iterable[LMRow], cfg: SplitConfig = LM_S
                 continue
         by_text[norm] = LMRow(row.key, text, row.group, row.fields)
 
-    items = sorted(by_text.items(), key=lambda it: it[1].key)
+    items = list(by_text.items())
     if spec.cap is not None and len(items) > spec.cap:
-        items.sort(key=lambda it: (unit_hash(spec.salt, "cap", it[1].key), it[1].key))
-        dropped["over_cap"] += len(items) - spec.cap
-        items = items[: spec.cap]
+        items, over = hash_sample(spec.salt, items, spec.cap, key=lambda it: it[1].key)
+        dropped["over_cap"] += over
 
-    splits: dict[str, list[tuple[float, dict[str, str]]]] = {s: [] for s in SPLITS}
-    for norm, row in items:
-        split = split_of(spec.salt, row.group if row.group is not None else norm, cfg)
-        record = {"key": row.key, "text": row.text, **dict(row.fields)}
-        splits[split].append((unit_hash(spec.salt, "order", row.key), record))
-    return LMFinalized(
-        splits={s: [r for _, r in sorted(v, key=lambda x: (x[0], x[1]["key"]))] for s, v in splits.items()},
+    records = ((norm, row.group, {"key": row.key, "text": row.text, **dict(row.fields)}) for norm, row in items)
+    return Finalized(
+        splits=assign_splits(spec.salt, records, cfg),
         dropped={k: v for k, v in sorted(dropped.items()) if v},
     )
 
@@ -224,9 +210,7 @@ def build_lm_task(spec: LMTaskSpec, reader: SourceReader, out: Path, cfg: SplitC
     empty = [s for s in SPLITS if not result.splits[s]]
     if empty:
         raise ValueError(f"LM task {spec.name}: empty {', '.join(empty)} split(s); is a source missing or empty?")
-    out.mkdir(parents=True, exist_ok=True)
-    for split, rows in result.splits.items():
-        (out / f"{split}.jsonl").write_bytes(jsonl_bytes(rows))
+    write_split_files(out, result.splits)
     meta = {
         "task": spec.name,
         "suite": "lm",
@@ -259,10 +243,7 @@ def ensure_lm_task(
     """The built data of domain ``name``, built into the cache first if it is not there."""
     spec = get_lm_task(name)
     final = zoo_root(cache) / "lm" / "data" / f"{name}-{lm_data_key(spec, reader, cfg)}"
-    if force or not (final / "meta.json").is_file():
-        with atomic_dir(final) as tmp:
-            build_lm_task(spec, reader, tmp, cfg)
-    return LMTaskData.load(final)
+    return LMTaskData.load(ensure_dir(final, lambda tmp: build_lm_task(spec, reader, tmp, cfg), done="meta.json", force=force))
 
 
 # --------------------------------------------------------------------------------------------
