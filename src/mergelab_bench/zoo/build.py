@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergelab.errors import MergelabError
 from mergelab_bench.zoo.backbone import (
     Batch,
     Head,
@@ -43,7 +42,7 @@ from mergelab_bench.zoo.backbone import (
 )
 from mergelab_bench.zoo.cache import config_key, file_sha256, read_json, write_json, zoo_root
 from mergelab_bench.zoo.sources import BACKBONE_PACKAGE, SourceReader, SystemSources
-from mergelab_bench.zoo.store import build_stamp, ensure_dir, point_latest, zoo_key
+from mergelab_bench.zoo.store import BuiltZoo, ZooError, build_stamp, ensure_dir, find_manifest, point_latest, zoo_key
 from mergelab_bench.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task
 from mergelab_bench.zoo.train import TrainConfig, accuracy, select_probe, torch_threads, train_expert
 
@@ -55,12 +54,6 @@ QUICK_EVAL_LIMIT = 300
 """Validation/test rows the quick zoo scores its experts on (the demo's test limit, so the
 experts' cached features serve the demo's reference rows)."""
 FULL_TASKS: tuple[str, ...] = ALL_TASKS
-
-
-class ZooError(MergelabError):
-    """A zoo is missing or unreadable."""
-
-    exit_code = 7
 
 
 class ZooConfig(BaseModel):
@@ -102,7 +95,7 @@ class ZooConfig(BaseModel):
 # Reading a built zoo
 
 
-class Zoo:
+class Zoo(BuiltZoo):
     """A built zoo: base checkpoint, one expert (checkpoint + head) and probe head per task.
 
     Features (mean-pooled encoder outputs) of the base and of every expert are cached on disk
@@ -110,13 +103,11 @@ class Zoo:
     and max length; they feed the experts' own scores and the output-level ensembles.
     """
 
+    FORMAT = MANIFEST_FORMAT
+    DATA = TaskData
+
     def __init__(self, manifest_path: str | os.PathLike[str]) -> None:
-        self.manifest_path = Path(manifest_path)
-        self.root = self.manifest_path.parent
-        self.manifest = read_json(self.manifest_path)
-        if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise ZooError(f"{self.manifest_path}: not a {MANIFEST_FORMAT} manifest")
-        self._data: dict[str, TaskData] = {}
+        super().__init__(manifest_path)
         self._heads: dict[tuple[str, str], Head] = {}
         self._batches: dict[tuple[str, str, int | None], list[Batch]] = {}
         self._tokenizer = None
@@ -124,50 +115,11 @@ class Zoo:
 
     # -- paths and metadata
     @property
-    def name(self) -> str:
-        return self.manifest.get("name", "custom")
-
-    @property
-    def key(self) -> str:
-        return self.manifest.get("key", "")
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.manifest.get("task_order") or self.manifest["tasks"])
-
-    @property
     def max_len(self) -> int:
         return int(self.manifest["max_len"])
 
-    def _path(self, rel: str) -> Path:
-        return (self.root / rel).resolve()
-
-    @property
-    def base_dir(self) -> Path:
-        """The pretrained encoder as an HF checkpoint directory (the merge base)."""
-        return self._path(self.manifest["base"]["path"])
-
-    def expert_dir(self, task: str) -> Path:
-        """The directory of a task's expert (``model/``, ``head.safetensors``, ...)."""
-        return self._path(self._task(task)["expert"])
-
-    def expert_model_dir(self, task: str) -> Path:
-        """The expert encoder as an HF checkpoint directory (what gets merged)."""
-        return self.expert_dir(task) / "model"
-
-    def record(self, task: str) -> dict:
-        return read_json(self.expert_dir(task) / "record.json")
-
-    def _task(self, task: str) -> dict:
-        try:
-            return self.manifest["tasks"][task]
-        except KeyError:
-            raise ZooError(f"task {task!r} is not in zoo {self.name} ({', '.join(self.tasks)})") from None
-
     def data(self, task: str) -> TaskData:
-        if task not in self._data:
-            self._data[task] = TaskData.load(self._path(self._task(task)["data"]))
-        return self._data[task]
+        return super().data(task)
 
     def head(self, task: str, kind: str = "expert") -> Head:
         """The task's head: ``expert`` (trained with the expert) or ``probe`` (on pretrained features)."""
@@ -291,16 +243,9 @@ def write_manifest(
 
 def load_zoo(spec: str | os.PathLike[str] = "quick", *, cache: str | os.PathLike[str] | None = None) -> Zoo:
     """A built zoo by preset name (``quick``, ``full``: the last build of it), directory or manifest."""
-    path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return Zoo(path / "manifest.json")
-    if path.is_file():
-        return Zoo(path)
-    pointer = zoo_root(cache) / "zoos" / f"{spec}.latest"
-    if pointer.is_file():
-        manifest = zoo_root(cache) / "zoos" / pointer.read_text().strip() / "manifest.json"
-        if manifest.is_file():
-            return Zoo(manifest)
+    manifest = find_manifest(spec, zoo_root(cache) / "zoos")
+    if manifest is not None:
+        return Zoo(manifest)
     command = "mergelab zoo build --quick" if str(spec) == "quick" else "mergelab zoo build"
     raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `{command}`")
 

@@ -1,6 +1,7 @@
 """The on-disk pieces every suite shares: built split folders (:class:`SplitFiles`), cached
-artifacts built once into an atomic directory (:func:`ensure_dir`), and a built zoo's key and
-``<name>.latest`` pointer (:func:`zoo_key`, :func:`point_latest`).
+artifacts built once into an atomic directory (:func:`ensure_dir`), a built zoo's key and
+``<name>.latest`` pointer (:func:`zoo_key`, :func:`point_latest`, :func:`find_manifest`) and the
+manifest reader both suites' zoo classes extend (:class:`BuiltZoo`).
 
 Keys are :func:`mergelab_bench.zoo.cache.config_key` hashes of what a suite passes in; nothing here
 adds to them, so the artifacts of either suite are found under the same names as before.
@@ -13,12 +14,20 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+import os
+from typing import Any, ClassVar
 
 import torch
 
+from mergelab.errors import MergelabError
 from mergelab_bench.zoo.cache import atomic_dir, config_key, read_json
 from mergelab_bench.zoo.splits import SPLITS, jsonl_bytes
+
+
+class ZooError(MergelabError):
+    """A zoo is missing or unreadable."""
+
+    exit_code = 7
 
 
 @dataclass
@@ -82,3 +91,81 @@ def build_stamp() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def find_manifest(spec: str | os.PathLike[str], zoos_dir: Path) -> Path | None:
+    """The manifest ``spec`` names: a zoo directory, a manifest file, or a preset name whose
+    ``zoos_dir/<name>.latest`` points at a built zoo; ``None`` when there is none."""
+    path = Path(spec)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return path / "manifest.json"
+    if path.is_file():
+        return path
+    pointer = zoos_dir / f"{spec}.latest"
+    if pointer.is_file():
+        manifest = zoos_dir / pointer.read_text().strip() / "manifest.json"
+        if manifest.is_file():
+            return manifest
+    return None
+
+
+class BuiltZoo:
+    """A built zoo's manifest: name, key, tasks, the base and each task's expert and data folders
+    (paths in the manifest are relative to its folder). Suites set the manifest ``FORMAT``, the
+    ``DATA`` class of their task folders and the ``NOUN`` used in errors."""
+
+    FORMAT: ClassVar[str]
+    DATA: ClassVar[type[SplitFiles]] = SplitFiles
+    NOUN: ClassVar[str] = "zoo"
+    FORMAT_HINT: ClassVar[str] = ""
+
+    def __init__(self, manifest_path: str | os.PathLike[str]) -> None:
+        self.manifest_path = Path(manifest_path)
+        self.root = self.manifest_path.parent
+        self.manifest = read_json(self.manifest_path)
+        if self.manifest.get("format") != self.FORMAT:
+            raise ZooError(f"{self.manifest_path}: not a {self.FORMAT} manifest{self.FORMAT_HINT}")
+        self._data: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", "custom")
+
+    @property
+    def key(self) -> str:
+        return self.manifest.get("key", "")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest.get("task_order") or self.manifest["tasks"])
+
+    def _path(self, rel: str) -> Path:
+        return (self.root / rel).resolve()
+
+    @property
+    def base_dir(self) -> Path:
+        """The pretrained model as an HF checkpoint directory (the merge base)."""
+        return self._path(self.manifest["base"]["path"])
+
+    def _task(self, task: str) -> dict:
+        try:
+            return self.manifest["tasks"][task]
+        except KeyError:
+            raise ZooError(f"task {task!r} is not in {self.NOUN} {self.name} ({', '.join(self.tasks)})") from None
+
+    def expert_dir(self, task: str) -> Path:
+        """The directory of a task's expert (``model/``, ``record.json``, ...)."""
+        return self._path(self._task(task)["expert"])
+
+    def expert_model_dir(self, task: str) -> Path:
+        """The expert as an HF checkpoint directory (what gets merged)."""
+        return self.expert_dir(task) / "model"
+
+    def record(self, task: str) -> dict:
+        return read_json(self.expert_dir(task) / "record.json")
+
+    def data(self, task: str) -> Any:  # noqa: ANN401 - the suite's DATA class
+        """The task's built data (:attr:`DATA`), loaded once."""
+        if task not in self._data:
+            self._data[task] = self.DATA.load(self._path(self._task(task)["data"]))
+        return self._data[task]

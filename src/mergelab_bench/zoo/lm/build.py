@@ -52,7 +52,7 @@ from mergelab_bench.zoo.lm.scorer import DomainScorer, Scores
 from mergelab_bench.zoo.lm.tasks import ALL_LM_TASKS, LM_SPLIT, LMTaskData, ensure_lm_task
 from mergelab_bench.zoo.lm.train import LMTrainConfig, peak_rss_mb, train_lm_expert
 from mergelab_bench.zoo.sources import SourceReader, SystemSources
-from mergelab_bench.zoo.store import build_stamp, ensure_dir, point_latest, zoo_key
+from mergelab_bench.zoo.store import BuiltZoo, build_stamp, ensure_dir, find_manifest, point_latest, zoo_key
 from mergelab_bench.zoo.train import torch_threads
 
 LM_MANIFEST_FORMAT = "mergelab-lm-zoo/1"
@@ -116,67 +116,29 @@ class LMZooConfig(BaseModel):
 # Reading a built LM zoo
 
 
-class LMZoo:
+class LMZoo(BuiltZoo):
     """A built LM zoo: the base and one expert causal LM per domain, with the domains' data."""
 
+    FORMAT = LM_MANIFEST_FORMAT
+    FORMAT_HINT = " (is it a classification zoo?)"
+    DATA = LMTaskData
+    NOUN = "LM zoo"
+
     def __init__(self, manifest_path: str | os.PathLike[str], *, device: str | None = None) -> None:
-        self.manifest_path = Path(manifest_path)
-        self.root = self.manifest_path.parent
-        self.manifest = read_json(self.manifest_path)
-        if self.manifest.get("format") != LM_MANIFEST_FORMAT:
-            raise ZooError(f"{self.manifest_path}: not a {LM_MANIFEST_FORMAT} manifest (is it a classification zoo?)")
+        super().__init__(manifest_path)
         self.device = device or "cpu"
-        self._data: dict[str, LMTaskData] = {}
         self._scorer: DomainScorer | None = None
-
-    @property
-    def name(self) -> str:
-        return self.manifest.get("name", "custom")
-
-    @property
-    def key(self) -> str:
-        return self.manifest.get("key", "")
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.manifest["task_order"])
 
     @property
     def eval_settings(self) -> dict[str, Any]:
         return dict(self.manifest["eval"])
 
-    def _path(self, rel: str) -> Path:
-        return (self.root / rel).resolve()
-
-    @property
-    def base_dir(self) -> Path:
-        """The base causal LM as an HF checkpoint directory (the merge base)."""
-        return self._path(self.manifest["base"]["path"])
-
-    def _task(self, task: str) -> dict:
-        try:
-            return self.manifest["tasks"][task]
-        except KeyError:
-            raise ZooError(f"task {task!r} is not in LM zoo {self.name} ({', '.join(self.tasks)})") from None
-
-    def expert_dir(self, task: str) -> Path:
-        return self._path(self._task(task)["expert"])
-
-    def expert_model_dir(self, task: str) -> Path:
-        """The expert causal LM as an HF checkpoint directory (what gets merged)."""
-        return self.expert_dir(task) / "model"
-
     def model_dir(self, model: str) -> Path:
         """``base`` or an expert's task name -> its checkpoint directory."""
         return self.base_dir if model == "base" else self.expert_model_dir(model)
 
-    def record(self, task: str) -> dict:
-        return read_json(self.expert_dir(task) / "record.json")
-
     def data(self, task: str) -> LMTaskData:
-        if task not in self._data:
-            self._data[task] = LMTaskData.load(self._path(self._task(task)["data"]))
-        return self._data[task]
+        return super().data(task)
 
     def metrics(self, task: str) -> list[str]:
         return self.data(task).metrics
@@ -208,16 +170,9 @@ def load_lm_zoo(
     device: str | None = None,
 ) -> LMZoo:
     """A built LM zoo by preset name (the last build of it), directory or manifest."""
-    path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return LMZoo(path / "manifest.json", device=device)
-    if path.is_file():
-        return LMZoo(path, device=device)
-    pointer = lm_root(cache) / "zoos" / f"{spec}.latest"
-    if pointer.is_file():
-        manifest = lm_root(cache) / "zoos" / pointer.read_text().strip() / "manifest.json"
-        if manifest.is_file():
-            return LMZoo(manifest, device=device)
+    manifest = find_manifest(spec, lm_root(cache) / "zoos")
+    if manifest is not None:
+        return LMZoo(manifest, device=device)
     preset = f" --preset {spec}" if str(spec) in ("quick", "large") else ""
     raise ZooError(f"no built LM zoo {str(spec)!r} under {lm_root(cache)}: run `mergelab zoo build --suite lm{preset}`")
 
