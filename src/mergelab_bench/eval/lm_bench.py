@@ -1,0 +1,179 @@
+"""The LM suite's leaderboard: the LM zoo's domain experts merged, tuned on validation, scored on test.
+
+The protocol is the classification bench's (:mod:`mergelab_bench.eval.leaderboard`): for each
+method, merge the SmolLM2 experts into their base at every point of a small grid
+(:data:`LM_GRIDS`), score each merge on the first ``validation_limit`` validation rows of
+every domain, keep the point with the best average normalized score (ties: the earlier
+point) and score that merge on the test split (the rows the experts' own records use).
+
+Normalized score per domain (:mod:`mergelab_bench.eval.metrics`): ``expert / merged`` perplexity,
+``merged / expert`` exact match, so 100 % is "as good as the domain's expert" and higher is
+better everywhere. Reference rows: the base and every expert on every domain (no ensembles:
+averaging the next-token distributions of N language models is not a model anyone ships).
+
+The grids are smaller than the classification bench's: every validation point is a forward
+pass of a 135M-parameter model over every domain (about 30 s at 32 rows per domain on 2
+CPU cores), and each expert's task vector comes from 100 short steps, so the useful λ are
+large (the experts moved little).
+
+Data-informed methods (Fisher, RegMean, RegMean++, AdaMerging) run their data phase on the
+causal LMs themselves (:mod:`mergelab_bench.eval.data_informed`): calibration texts are the first
+rows of each domain's train split file; Fisher takes the log-likelihood of the next tokens
+with one label sampled from the model per position (the exact expectation over a 49k-token
+vocabulary is out of reach), RegMean the Grams of every linear layer's inputs at the real
+positions. Their statistics are kept under ``<work_dir>/statistics``. Routed methods are
+not on this leaderboard (a per-domain reconstruction of a causal LM is not scored yet).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mergelab_bench.eval.data_informed import BenchCalibration
+from mergelab_bench.eval.grids import ROW_VARIANTS, GridPoint, check_grid, grid_for, method_of, product
+from mergelab_bench.eval.harness import load_state_dict_path
+from mergelab_bench.eval.leaderboard import (
+    Leaderboard,
+    MergeFn,
+    MethodResult,
+    _BenchContext,
+    _run_method,
+    _Steps,
+    announce,
+    run_info,
+)
+from mergelab_bench.eval.lm_harness import Limit, LMEvaluator
+from mergelab_bench.eval.metrics import EvalReport
+from mergelab_bench.zoo.lm.build import LMZoo
+
+LM_METHODS: tuple[str, ...] = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "breadcrumbs",
+    "della",
+    "model_stock",
+)
+"""The engine's core methods, on the LM leaderboard by default."""
+
+LM_GRIDS: dict[str, tuple[GridPoint, ...]] = {
+    "linear": (GridPoint(),),
+    "task_arithmetic": product({"lambda": (0.3, 0.5, 0.7, 1.0)}),
+    "ties": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.2, 0.5)}),
+    "dare_ties": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.3,)}),
+    "breadcrumbs": product({"lambda": (0.5, 1.0)}, {"density": (0.9,), "gamma": (0.01,)}),
+    "della": product({"lambda": (1.0, 1.5, 2.0)}, {"density": (0.7,)}),
+    "model_stock": (GridPoint(),),
+    "fisher": product({"normalize": (True, False)}),
+    "regmean": product({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 1.0)}),
+}
+"""Per-method grids for the LM suite (see the module docstring); a method not listed gets its defaults."""
+
+DEFAULT_LM_VALIDATION_LIMIT = 32
+
+
+def lm_grid_for(method: str) -> tuple[GridPoint, ...]:
+    """The LM grid of a method or row variant (a variant's fixed point when it has no LM grid)."""
+    return LM_GRIDS.get(method, grid_for(method) if method in ROW_VARIANTS else (GridPoint(),))
+
+
+def run_lm_bench(
+    zoo: LMZoo,
+    *,
+    methods: Sequence[str] | None = None,
+    validation_limit: int | None = DEFAULT_LM_VALIDATION_LIMIT,
+    test_limit: Limit = "zoo",
+    seed: int = 0,
+    grids: Mapping[str, Sequence[GridPoint]] | None = None,
+    merge_fn: MergeFn | None = None,
+    progress=None,
+    echo: Callable[[str], None] | None = None,
+    calibration: BenchCalibration | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+) -> Leaderboard:
+    """Tune every method on validation, score it on test, add the base and expert rows.
+
+    ``calibration`` and ``work_dir`` serve the data-informed methods as in
+    :func:`mergelab_bench.eval.leaderboard.run_bench` (statistics in ``work_dir/statistics``; without
+    ``work_dir`` a temporary folder, removed at the end).
+    """
+    from mergelab.methods import get_method
+
+    if merge_fn is None:
+        from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
+    say = echo or (lambda _: None)
+    steps = _Steps(progress)
+    methods = list(methods or LM_METHODS)
+    t_start = time.perf_counter()
+    val = LMEvaluator(zoo, split="validation", limit=validation_limit)
+    test = LMEvaluator(zoo, split="test", limit=test_limit)
+
+    references: list[EvalReport] = []
+    with steps.phase("reference rows", len(zoo.tasks) + 1) as tick:
+        for name in ["base", *zoo.tasks]:
+            model = name if name == "base" else f"expert:{name}"
+            report = test.evaluate(model, name=name if name == "base" else f"expert: {name}")
+            report.info["kind"] = "pretrained" if name == "base" else "expert"
+            references.append(report)
+            tick()
+    expert_test = {t: test.expert_scores(t)[zoo.metrics(t)[0]]["value"] for t in zoo.tasks}
+    for t in zoo.tasks:
+        val.expert_scores(t)
+
+    base = load_state_dict_path(zoo.base_dir)
+    experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
+    cal = calibration or BenchCalibration()
+    temporary = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="mergelab-lm-bench-")) if work_dir is None else Path(work_dir)
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, cal, work / "statistics",
+                        None, temporary)
+    specs = {name: get_method(method_of(name)) for name in methods}
+    results: list[MethodResult] = []
+    try:
+        for name, spec in specs.items():
+            points = list((grids or {}).get(name, lm_grid_for(name)))
+            reason = check_grid(name, len(experts), points)
+            if not reason and spec.outputs == "modulated":
+                reason = "routed methods are not on the LM leaderboard yet"
+            result = (MethodResult(name, status="skipped", reason=reason) if reason
+                      else _run_method(ctx, spec, points, row=name))
+            announce(result, say)
+            results.append(result)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+    config: dict[str, Any] = {
+        "suite": "lm",
+        "zoo": zoo.name,
+        "methods": methods,
+        "validation_limit": validation_limit,
+        "test_limit": test.limit,
+        "seed": seed,
+        "selection": "best average normalized score on the validation split",
+        "normalized": "expert perplexity / merged perplexity; merged exact match / expert exact match",
+        "grids": {m: [p.to_dict() for p in (grids or {}).get(m, lm_grid_for(m))] for m in methods},
+    }
+    informed = [m for m, sp in specs.items() if sp.statistics is not None]
+    if informed:
+        config["calibration"] = {
+            "methods": informed,
+            **cal.describe(zoo),
+            "statistics_dir": "temporary (removed)" if temporary else str(work / "statistics"),
+        }
+    zoo_info = {
+        "name": zoo.name,
+        "key": zoo.key,
+        "tasks": zoo.tasks,
+        "config": zoo.manifest.get("config", {}),
+        "base_source": zoo.manifest.get("base", {}),
+    }
+    info = run_info(t_start, metrics={t: zoo.metrics(t)[0] for t in zoo.tasks})
+    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, info)

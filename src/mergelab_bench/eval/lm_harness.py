@@ -1,0 +1,203 @@
+"""Evaluating a causal LM (a merge, an expert, the base) on every domain of an LM zoo.
+
+Per domain the report holds the domain's headline metric (perplexity on held-out text;
+exact match for arithmetic), the number of texts, the domain expert's own score on the same
+texts and the normalized score: ``merged / expert`` for exact match and ``expert / merged``
+for perplexity (lower is better), so that 1.0 is "as good as the expert" and higher is better
+for every domain (see :mod:`mergelab_bench.eval.metrics`). The other metrics of a domain (the
+perplexity of the arithmetic texts) are reported beside it in ``info["secondary"]``, with the
+same fields; ``info["tokens"]`` gives the number of predicted tokens behind each perplexity.
+
+Accepted models: an HF causal-LM checkpoint directory, a ``.safetensors`` file or a directory
+of them (a state dict of the base's architecture: a merge output without a config), an
+in-memory state dict, an ``nn.Module``, or the names ``base`` and ``expert:<task>`` for the
+zoo's own models (their scores are read from the zoo's cache when there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mergelab_bench.eval.harness import load_state_dict_path
+from mergelab_bench.eval.metrics import EvalReport, TaskScore, fmt_pct
+from mergelab_bench.zoo.lm.base import causal_lm_from_state_dict, load_causal_lm, load_lm_weights
+from mergelab_bench.zoo.lm.build import LMZoo, load_lm_zoo
+from mergelab_bench.zoo.lm.scorer import Scores
+
+LMModelLike = str | os.PathLike | Mapping[str, torch.Tensor] | nn.Module
+Limit = int | None | Literal["zoo"]
+"""Rows per domain: a number, ``None`` for all, or ``"zoo"`` for the zoo's ``eval_limit`` (the default)."""
+
+
+def _value(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+class LMEvaluator:
+    """Scores causal LMs on an LM zoo's domains (one split, the first ``limit`` rows of each)."""
+
+    def __init__(
+        self,
+        zoo: LMZoo,
+        *,
+        tasks: Sequence[str] | None = None,
+        split: str = "test",
+        limit: Limit = "zoo",
+    ) -> None:
+        self.zoo = zoo
+        self.tasks = list(tasks) if tasks else zoo.tasks
+        for t in self.tasks:
+            zoo.data(t)  # fail early on an unknown task
+        if split not in ("test", "validation"):
+            raise ValueError("split must be test or validation")
+        self.split = split
+        self.limit: int | None = zoo.eval_settings.get("eval_limit") if limit == "zoo" else limit  # type: ignore[assignment]
+        self._scratch: nn.Module | None = None
+
+    # -- models
+    def model(self, model: LMModelLike) -> nn.Module:
+        """A causal-LM module for any accepted model form (see the module docstring)."""
+        device = self.zoo.device
+        if isinstance(model, nn.Module):
+            return model.to(device).eval()
+        if isinstance(model, Mapping):
+            if self._scratch is None:
+                self._scratch = causal_lm_from_state_dict(self.zoo.base_dir, dict(model)).to(device)
+            else:
+                load_lm_weights(self._scratch, dict(model))
+            return self._scratch.eval()
+        text = os.fspath(model)
+        zoo_name = self._zoo_model_name(text)
+        if zoo_name is not None:
+            return load_causal_lm(self.zoo.model_dir(zoo_name), device)
+        path = Path(text)
+        if path.is_dir() and (path / "config.json").is_file():
+            return load_causal_lm(path, device)
+        if path.exists():
+            return self.model(load_state_dict_path(path))
+        raise FileNotFoundError(f"{text}: no such checkpoint (a directory, a .safetensors file, base or expert:<task>)")
+
+    def _zoo_model_name(self, text: str) -> str | None:
+        if text == "base":
+            return "base"
+        if text.startswith("expert:"):
+            task = text.split(":", 1)[1]
+            self.zoo.expert_dir(task)  # unknown task: ZooError
+            return task
+        return None
+
+    # -- scores
+    def expert_scores(self, task: str) -> Scores:
+        """The domain expert's own scores on these rows (disk-cached)."""
+        return self.zoo.zoo_scores(task, task, self.split, self.limit)
+
+    def scores(self, model: LMModelLike, task: str) -> Scores:
+        """Every metric of ``task`` for ``model`` (the zoo's own models: from the cache)."""
+        if isinstance(model, (str, os.PathLike)):
+            name = self._zoo_model_name(os.fspath(model))
+            if name is not None:
+                return self.zoo.zoo_scores(name, task, self.split, self.limit)
+        return self.zoo.scorer.score(self.model(model), self.zoo.data(task), self.split, self.limit)
+
+    def report(self, name: str, scores: Mapping[str, Scores], info: dict | None = None) -> EvalReport:
+        """A report from each task's scores (headline metric in ``scores``, the others in ``info``)."""
+        rows: list[TaskScore] = []
+        secondary: dict[str, dict[str, Any]] = {}
+        tokens: dict[str, int] = {}
+        for t in self.tasks:
+            expert = self.expert_scores(t)
+            metrics = self.zoo.metrics(t)
+            made = {
+                m: TaskScore(
+                    task=t,
+                    value=_value(scores[t][m]["value"]),
+                    n=int(scores[t][m]["n"]),
+                    expert=expert[m]["value"],
+                    metric=m,
+                )
+                for m in metrics
+            }
+            rows.append(made[metrics[0]])
+            if len(metrics) > 1:
+                secondary[t] = {m: made[m].to_dict() for m in metrics[1:]}
+            if "perplexity" in scores[t]:
+                tokens[t] = int(scores[t]["perplexity"].get("tokens", 0))
+        return EvalReport(name, self.split, rows, {**(info or {}), "secondary": secondary, "tokens": tokens})
+
+    def evaluate(
+        self, model: LMModelLike, *, name: str | None = None, on_task: Callable[[str], None] | None = None
+    ) -> EvalReport:
+        """Score ``model`` on every domain: headline metric, n, expert's score, normalized score."""
+        resolved: LMModelLike = model
+        if not (isinstance(model, (str, os.PathLike)) and self._zoo_model_name(os.fspath(model)) is not None):
+            resolved = self.model(model)  # load a checkpoint or state dict once, not once per task
+        scores = {}
+        for t in self.tasks:
+            scores[t] = self.scores(resolved, t)
+            if on_task:
+                on_task(t)
+        label = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model")
+        return self.report(label, scores, {"limit": self.limit, "suite": "lm"})
+
+
+def evaluate_lm_model(
+    model: LMModelLike,
+    zoo: LMZoo | str | os.PathLike = "default",
+    *,
+    tasks: Sequence[str] | None = None,
+    split: str = "test",
+    limit: Limit = "zoo",
+    name: str | None = None,
+    cache: str | os.PathLike | None = None,
+    device: str | None = None,
+    on_task: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Evaluate ``model`` on every domain of an LM zoo (a :class:`LMZoo`, a preset name or a path).
+
+    ``limit`` defaults to the zoo's ``eval_limit`` (the rows its experts were scored on);
+    ``None`` scores every row of the split.
+    """
+    if not isinstance(zoo, LMZoo):
+        zoo = load_lm_zoo(zoo, cache=cache, device=device)
+    evaluator = LMEvaluator(zoo, tasks=tasks, split=split, limit=limit)
+    report = evaluator.evaluate(model, name=name, on_task=on_task)
+    report.info.update({"zoo": zoo.name, "zoo_key": zoo.key})
+    return report
+
+
+def fmt_metric(metric: str, value: float | None) -> str:
+    """Perplexity with 2 decimals, rates as percentages, a dash when undefined."""
+    if value is None or math.isnan(value):
+        return fmt_pct(None)
+    return f"{value:.2f}" if metric == "perplexity" else fmt_pct(value)
+
+
+def lm_report_table(report: EvalReport, title: str | None = None):
+    """A rich Table of an LM report: task, metric, n, score, expert, normalized (+ secondary rows)."""
+    from rich.table import Table
+
+    table = Table(title=title or f"{report.model} ({report.split})")
+    for col in ("task", "metric", "n", "score", "expert", "normalized %"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    secondary = report.info.get("secondary", {})
+    for s in report.scores:
+        metric = s.metric + (" %" if s.metric != "perplexity" else "")
+        table.add_row(
+            s.task, metric, str(s.n), fmt_metric(s.metric, s.value), fmt_metric(s.metric, s.expert),
+            fmt_pct(s.normalized),
+        )  # fmt: skip
+        for m, d in secondary.get(s.task, {}).items():
+            table.add_row(
+                "", f"({m})", str(d["n"]), fmt_metric(m, d["value"]), fmt_metric(m, d["expert"]),
+                f"({fmt_pct(d['normalized'])})",
+            )  # fmt: skip
+    table.add_section()
+    table.add_row("average", "", "", "", "", fmt_pct(report.average_normalized))
+    return table

@@ -1,0 +1,267 @@
+"""Training one expert per task, and the linear-probe baseline it must beat.
+
+An *expert* is the backbone fine-tuned on one task together with a linear head on its
+mean-pooled features (AdamW, linear warm-up then linear decay, dropout on, fixed seeds). By
+default the head starts from the task's linear probe (LP-FT, Kumar et al. 2022, "Fine-Tuning
+can Distort Pretrained Features", arXiv:2202.10054): with a good head from step 0 the short
+fine-tuning refines the features instead of first dragging them towards a random head, which
+gave a clear gain over the probe in 100 steps where a random head did not (code_lang).
+With ``freeze_embeddings`` (the default) the word/position/type embeddings stay at the
+pretrained values: about 13 % faster on CPU and the task vector is half as large (only the
+six transformer blocks move).
+
+The *probe* is the baseline "pretrained backbone + trained head": a multinomial logistic
+regression on the frozen pretrained features of the same training examples the expert saw
+(steps × batch size, capped by the train split). An expert that does not beat its probe has
+learned nothing the pretrained features did not already give.
+
+Seeds derive from ``(seed, task name)``, so an expert does not depend on which other tasks
+were trained before it in the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from mergelab_bench.zoo.backbone import Head, embed, load_encoder, load_tokenizer, pooled
+from mergelab_bench.zoo.splits import unit_hash
+from mergelab_bench.zoo.tasks import TaskData
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+"""Called as ``progress(step, total, info)`` during training."""
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters of an expert and of its probe; every field is part of the cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(300, ge=1, description="optimizer steps per expert")
+    batch_size: int = Field(32, ge=1)
+    max_len: int = Field(64, ge=8, description="tokens per text (longer texts are truncated)")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate of the encoder")
+    head_lr: float = Field(2e-3, gt=0, description="peak learning rate of the new linear head")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_frac: float = Field(0.1, ge=0, le=1, description="linear warm-up, fraction of steps")
+    freeze_embeddings: bool = Field(True, description="keep the embedding layer at its pretrained values")
+    head_init: Literal["probe", "random"] = Field(
+        "probe", description="start the head from the linear probe (LP-FT, Kumar et al. 2022) or at random"
+    )
+    seed: int = 0
+    probe_epochs: int = Field(200, ge=1, description="full-batch epochs of the probe's logistic regression")
+    probe_lr: float = Field(0.05, gt=0)
+    probe_l2: tuple[float, ...] = Field(
+        (1e-4, 1e-3, 1e-2, 1e-1), min_length=1, description="L2 strengths tried for the probe; best on validation"
+    )
+    eval_limit: int | None = Field(1000, ge=1, description="validation/test rows scored in the record")
+    eval_batch_size: int = Field(128, ge=1)
+
+
+@dataclass
+class TrainedExpert:
+    encoder: nn.Module
+    head: Head
+    record: dict
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (``None``: unchanged), then restore the count."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def task_seed(seed: int, task: str) -> int:
+    return int(unit_hash(str(seed), "train", task) * 2**31)
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def new_head(in_features: int, labels: list[str], task: str, generator: torch.Generator) -> Head:
+    linear = nn.Linear(in_features, len(labels))
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 0.02, generator=generator)
+        linear.bias.zero_()
+    return Head(linear, labels, task)
+
+
+def accuracy(logits: torch.Tensor, labels: list[int] | torch.Tensor) -> float:
+    """Exact fraction of rows whose argmax equals the label (``nan`` for none)."""
+    y = torch.as_tensor(labels)
+    return int((logits.argmax(-1) == y).sum()) / len(y) if len(y) else float("nan")
+
+
+def train_expert(
+    data: TaskData,
+    base_dir: Path,
+    cfg: TrainConfig,
+    *,
+    init_head: Head | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainedExpert:
+    """Fine-tune the encoder in ``base_dir`` plus a head on ``data``'s train split.
+
+    The head starts as a copy of ``init_head`` (the probe, for LP-FT) or, if ``None``, at random.
+    """
+    seed = task_seed(cfg.seed, data.name)
+    torch.manual_seed(seed)  # dropout draws from the global generator
+    gen = torch.Generator().manual_seed(seed)
+    order_rng = random.Random(seed)
+
+    tokenizer = load_tokenizer(base_dir)
+    encoder = load_encoder(base_dir)
+    head = new_head(encoder.config.hidden_size, data.labels, data.name, gen)
+    if init_head is not None:
+        if init_head.labels != data.labels:
+            raise ValueError(f"initial head labels {init_head.labels} differ from the task's {data.labels}")
+        with torch.no_grad():
+            head.linear.weight.copy_(init_head.linear.weight)
+            head.linear.bias.copy_(init_head.linear.bias)
+    if cfg.freeze_embeddings:
+        for p in encoder.embeddings.parameters():
+            p.requires_grad_(False)
+    enc_params = [p for p in encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": enc_params, "lr": cfg.lr},
+            {"params": list(head.linear.parameters()), "lr": cfg.head_lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    warmup = int(round(cfg.warmup_frac * cfg.steps))
+
+    texts, labels = data.examples("train")
+    if not texts:
+        raise ValueError(f"task {data.name} has an empty train split")
+    order: list[int] = []
+    seen = 0
+    encoder.train()
+    head.linear.train()
+    t0 = time.perf_counter()
+    loss_ema = math.nan
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(texts)))
+            order_rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        seen += len(idx)
+        enc = tokenizer(
+            [texts[i] for i in idx], truncation=True, max_length=cfg.max_len, padding=True, return_tensors="pt"
+        )
+        y = torch.tensor([labels[i] for i in idx])
+        for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * lr_factor(step, cfg.steps, warmup)
+        logits = head.linear(pooled(encoder, enc["input_ids"], enc["attention_mask"]))
+        loss = nn.functional.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
+        if progress is not None:
+            progress(step + 1, cfg.steps, {"loss": loss_ema})
+    train_s = time.perf_counter() - t0
+    encoder.eval()
+    head.linear.eval()
+    n_trainable = sum(p.numel() for p in enc_params) + sum(p.numel() for p in head.linear.parameters())
+    record = {
+        "task": data.name,
+        "seed": seed,
+        "train_examples_seen": seen,
+        "train_split_size": len(texts),
+        "trainable_parameters": n_trainable,
+        "train_seconds": round(train_s, 2),
+        "steps_per_second": round(cfg.steps / train_s, 3),
+        "final_loss_ema": round(loss_ema, 4),
+    }
+    return TrainedExpert(encoder, head, record)
+
+
+def train_probe(
+    features: torch.Tensor, labels: list[int], label_names: list[str], task: str, cfg: TrainConfig, l2: float
+) -> Head:
+    """Multinomial logistic regression (L2 strength ``l2``) on fixed features, as a head on raw features.
+
+    Features are standardised for the optimisation and the scaling is folded back into the
+    weights, so the head applies to unscaled pooled features like the experts' heads.
+    """
+    gen = torch.Generator().manual_seed(task_seed(cfg.seed, task + "/probe"))
+    mu = features.mean(0)
+    sigma = features.std(0).clamp_min(1e-6)
+    x = (features - mu) / sigma
+    y = torch.as_tensor(labels)
+    linear = nn.Linear(x.shape[1], len(label_names))
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 0.01, generator=gen)
+        linear.bias.zero_()
+    opt = torch.optim.Adam(linear.parameters(), lr=cfg.probe_lr)
+    for epoch in range(cfg.probe_epochs):
+        for group in opt.param_groups:
+            group["lr"] = cfg.probe_lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.probe_epochs))
+        loss = nn.functional.cross_entropy(linear(x), y) + l2 * linear.weight.pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    folded = nn.Linear(x.shape[1], len(label_names))
+    with torch.no_grad():
+        w = linear.weight / sigma
+        folded.weight.copy_(w)
+        folded.bias.copy_(linear.bias - w @ mu)
+    return Head(folded.eval(), list(label_names), task)
+
+
+def select_probe(
+    train: tuple[torch.Tensor, list[int]],
+    validation: tuple[torch.Tensor, list[int]],
+    label_names: list[str],
+    task: str,
+    cfg: TrainConfig,
+) -> tuple[Head, float, dict[str, float]]:
+    """Fit one probe per L2 strength in ``cfg.probe_l2``; keep the best validation accuracy.
+
+    Returns (head, chosen L2, validation accuracy per L2). Ties go to the stronger L2.
+    """
+    best: tuple[float, float, Head] | None = None
+    scores = {}
+    for l2 in sorted(cfg.probe_l2, reverse=True):
+        with torch_threads(1):  # small matrices: threads only add synchronisation cost
+            head = train_probe(train[0], train[1], label_names, task, cfg, l2)
+        acc = accuracy(head(validation[0]), validation[1]) if len(validation[1]) else -1.0
+        scores[repr(l2)] = round(acc, 6) if acc >= 0 else None
+        if best is None or acc > best[0]:
+            best = (acc, l2, head)
+    assert best is not None
+    return best[2], best[1], scores
+
+
+def probe_features(data: TaskData, base_dir: Path, cfg: TrainConfig, encoder: nn.Module | None = None, tokenizer=None):
+    """Pretrained features and labels of the train rows a probe is fitted on."""
+    tokenizer = tokenizer or load_tokenizer(base_dir)
+    encoder = encoder or load_encoder(base_dir)
+    texts, labels = data.examples("train", limit=cfg.steps * cfg.batch_size)
+    feats = embed(encoder, tokenizer, texts, max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
+    return feats, labels
