@@ -40,7 +40,9 @@ sys.path.insert(0, str(HERE))
 
 import make_inputs
 
-DEFAULT_MERGEKIT = "/work/venvs/mergekit/bin/mergekit-yaml"
+# mergekit-yaml beside $MERGEKIT_PYTHON (a venv with mergekit 0.1.5), or --mergekit; None: not available
+DEFAULT_MERGEKIT = (str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml")
+                    if os.environ.get("MERGEKIT_PYTHON") else None)
 ALL_METHODS = (
     "task_arithmetic",
     "ties",
@@ -680,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--mergekit",
         default=DEFAULT_MERGEKIT,
-        help="path to mergekit-yaml (skipped if absent)",
+        help="path to mergekit-yaml (default: beside $MERGEKIT_PYTHON; skipped if absent)",
     )
     ap.add_argument(
         "--mergelab-args",
@@ -740,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mergekit: str | None = None
     if not args.no_mergekit:
-        if Path(args.mergekit).is_file() and os.access(args.mergekit, os.X_OK):
+        if args.mergekit and Path(args.mergekit).is_file() and os.access(args.mergekit, os.X_OK):
             mergekit = args.mergekit
         else:
             print(

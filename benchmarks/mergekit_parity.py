@@ -22,12 +22,12 @@ breadcrumbs, slerp, model_stock and nuslerp) and every recipe ran; 1 otherwise. 
 ties/breadcrumbs are excused when every differing element sits at a top-k boundary tie (an
 expert's |τ| equal to the magnitude at a cut, where mergekit keeps exactly k entries and breaks
 the tie by sort order while mergelab keeps all tied entries). dare_linear is only checked to run
-(its random masks differ by design). Without mergekit (not found at ``--mergekit``) the mergekit
+(its random masks differ by design). Without mergekit (``--mergekit``, default ``mergekit-yaml`` beside ``$MERGEKIT_PYTHON``) the mergekit
 side is skipped with a message and only mergelab is run.
 
 Usage::
 
-    python benchmarks/mergekit_parity.py [--mergekit PATH/TO/mergekit-yaml] [--only ties,slerp]
+    MERGEKIT_PYTHON=VENV/bin/python python benchmarks/mergekit_parity.py [--mergekit PATH/TO/mergekit-yaml] [--only ties,slerp]
                                          [--keep DIR] [--verbose]
 
 Needs torch, transformers, safetensors, PyYAML (mergelab's own dependencies) and a ``mergelab``
@@ -37,6 +37,7 @@ command on PATH (else ``python -c 'from mergelab.cli import main; main()'`` is u
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DEFAULT_MERGEKIT = "/work/venvs/mergekit/bin/mergekit-yaml"
+# mergekit-yaml beside $MERGEKIT_PYTHON (a venv with mergekit 0.1.5), or --mergekit; None: not available
+DEFAULT_MERGEKIT = (str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml")
+                    if os.environ.get("MERGEKIT_PYTHON") else None)
 ATOL = 1e-5
 N_FINETUNES = 3
 
@@ -314,16 +317,17 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT, help="path of mergekit-yaml")
+    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT, help="path of mergekit-yaml (default: beside $MERGEKIT_PYTHON)")
     ap.add_argument("--only", default="", help="comma-separated recipe names to run")
     ap.add_argument("--keep", type=Path, default=None, help="work in DIR and keep it")
     ap.add_argument("--verbose", "-v", action="store_true", help="list differing tensors")
     args = ap.parse_args(argv)
 
-    mergekit = Path(args.mergekit)
-    have_mk = mergekit.exists()
+    mergekit = Path(args.mergekit) if args.mergekit else None
+    have_mk = mergekit is not None and mergekit.exists()
     if not have_mk:
-        print(f"mergekit not found at {mergekit}: skipping the mergekit side, running mergelab only")
+        where = mergekit if mergekit is not None else "(set MERGEKIT_PYTHON or pass --mergekit)"
+        print(f"mergekit not found at {where}: skipping the mergekit side, running mergelab only")
 
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -225,7 +225,13 @@ class AtomicOutputDir:
         if self.dest.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.mergelab-old-", dir=self.dest.parent))
             os.rename(self.dest, trash / "old")
-        os.rename(self.tmp, self.dest)
+        try:
+            os.rename(self.tmp, self.dest)
+        except BaseException:
+            if trash is not None:  # put the previous output back before reporting the failure
+                os.rename(trash / "old", self.dest)
+                shutil.rmtree(trash, ignore_errors=True)
+            raise
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.dest

@@ -7,7 +7,7 @@ Isotropic Model Merging with Common and Task-Specific Subspaces", arXiv:2502.049
 For every 2-D tensor (m × n, r = min(m, n)) not named in ``exclude``, with τ_i = θ_i − θ0:
 
 ISO-C (``iso_c``)
-    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD, float32); replace every singular value by their mean
+    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD, float32; float64 under a float64 compute dtype); replace every singular value by their mean
     σ̄ = (1/r) Σ_j σ_j (the zeros of a rank-deficient M included): Δ = σ̄ U Vᵀ.
 
 ISO-CTS (``iso_cts``)
@@ -53,6 +53,7 @@ from mergelab.methods.svd_utils import (
     mean_task_vector,
     polar_factor,
     task_vectors,
+    work_dtype,
 )
 
 Tensor = torch.Tensor
@@ -135,7 +136,7 @@ def iso_cts_matrix(taus: Sequence[Tensor], fraction: float) -> Tensor:
 
 
 def _finish(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
-    return (base.float() + alpha * delta).to(base.dtype)
+    return (base.to(delta.dtype) + alpha * delta).to(base.dtype)
 
 
 @method("iso_c", paper=PAPER, params=IsoCParams, model_params=NoParams, base="required")
@@ -147,7 +148,7 @@ def iso_c(
     ctx: TensorContext,
 ) -> Tensor:
     """Sum the task matrices, then flatten the sum's singular spectrum to its mean (isotropic)."""
-    taus = task_vectors(base, experts)
+    taus = task_vectors(base, experts, dtype=work_dtype(base))  # float64 stays float64, else float32
     if decomposes(base, ctx.name, params.exclude):
         delta = iso_c_matrix(taus)
     else:
@@ -165,7 +166,7 @@ def iso_cts(
     ctx: TensorContext,
 ) -> Tensor:
     """ISO-C in the common subspace plus per-task subspaces, orthogonalised, spectrum flattened."""
-    taus = task_vectors(base, experts)
+    taus = task_vectors(base, experts, dtype=work_dtype(base))  # float64 stays float64, else float32
     if decomposes(base, ctx.name, params.exclude):
         delta = iso_cts_matrix(taus, params.common_space_fraction)
     else:

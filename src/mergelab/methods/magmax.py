@@ -27,6 +27,7 @@ from pydantic import Field
 
 from mergelab.methods.base import MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import method
+from mergelab.methods.svd_utils import work_dtype
 
 Tensor = torch.Tensor
 
@@ -67,6 +68,7 @@ def magmax(
     ctx: TensorContext,
 ) -> Tensor:
     """Keep, per weight, the task-vector entry of largest magnitude; add λ times it to the base."""
-    b = base.float()
-    best = max_magnitude(e.float() - b for e in experts)
+    w = work_dtype(base)  # float64 compute stays float64; everything else works in float32
+    b = base.to(w)
+    best = max_magnitude(e.to(w) - b for e in experts)
     return (b + params.lambda_ * best).to(base.dtype)

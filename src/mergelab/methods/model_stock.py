@@ -115,7 +115,7 @@ def model_stock(
 
     dots, norms = _delta_products(w0, ws)
     cos = cosine_from_products(dots, norms, params.norm_product_floor)
-    t = interpolation_ratio(cos, n, params.clamp_cos).unsqueeze(-1)
+    t = interpolation_ratio(cos, n, params.clamp_cos).unsqueeze(-1).to(w0.dtype)  # lerp needs one dtype
 
     out = torch.empty_like(w0)
     scratch = torch.empty(0, dtype=w0.dtype, device=w0.device)

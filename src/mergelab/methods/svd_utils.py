@@ -29,12 +29,21 @@ Tensor = torch.Tensor
 EXCLUDE_ALL = "*"
 
 
-def task_vectors(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float] | None = None) -> list[Tensor]:
-    """τ_i = θ_i − θ0 in float32 (times w_i when ``weights`` are given)."""
-    b = base.float()
+def work_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a method computes in for inputs of ``t``'s dtype: float64 stays float64 (a float64
+    compute dtype is honoured); float32, bfloat16 and float16 work in float32 (SVD, norms and
+    softmax are not supported or not accurate enough in half precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def task_vectors(
+    base: Tensor, experts: Sequence[Tensor], weights: Sequence[float] | None = None, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
+    """τ_i = θ_i − θ0 in ``dtype`` (float32 unless given; times w_i when ``weights`` are given)."""
+    b = base.to(dtype)
     out = []
     for i, e in enumerate(experts):
-        t = e.float() - b
+        t = e.to(dtype) - b
         if weights is not None and weights[i] != 1.0:
             t.mul_(float(weights[i]))
         out.append(t)

@@ -5,7 +5,7 @@ Reducing Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081.
 
 For every 2-D tensor (a weight matrix W of shape m × n, r = min(m, n)) not named in ``exclude``:
 
-1. τ_i = U_i diag(s_i) V_iᵀ (thin SVD, float32), i = 1..T, optionally τ_i ← w_i τ_i first;
+1. τ_i = U_i diag(s_i) V_iᵀ (thin SVD, float32; float64 under a float64 compute dtype), i = 1..T, optionally τ_i ← w_i τ_i first;
 2. keep k = ⌊r / T⌋ directions per task: U = [U_1[:, :k] … U_T[:, :k]] (m × kT),
    s = [s_1[:k] … s_T[:k]], Vᵀ = rows [V_1ᵀ[:k] … V_Tᵀ[:k]] (kT × n);
 3. orthogonalise (whitening by orthogonal Procrustes): U⊥ = P_U Q_Uᵀ for U = P_U Σ_U Q_Uᵀ,
@@ -52,6 +52,7 @@ from mergelab.methods.svd_utils import (
     mean_task_vector,
     polar_factor,
     task_vectors,
+    work_dtype,
 )
 
 Tensor = torch.Tensor
@@ -70,7 +71,7 @@ class TsvmModelParams(MethodParams):
 
 
 def tsv_merge_matrix(taus: Sequence[Tensor]) -> Tensor:
-    """Δ for one m × n matrix from its T task matrices (float32), steps 1–4 above."""
+    """Δ for one m × n matrix from its T task matrices (float32 or float64), steps 1–4 above."""
     m, n = taus[0].shape
     r = min(m, n)
     k = r // len(taus)
@@ -111,10 +112,11 @@ def tsv_m(
     ctx: TensorContext,
 ) -> Tensor:
     """Per weight matrix: top-(r/T) singular directions of each task, orthogonalised, summed."""
-    taus = task_vectors(base, experts, [m.weight for m in model_params])
+    w = work_dtype(base)  # float64 compute stays float64; everything else works in float32
+    taus = task_vectors(base, experts, [m.weight for m in model_params], dtype=w)
     if decomposes(base, ctx.name, params.exclude):
         delta = tsv_merge_matrix(taus)
     else:
         delta = mean_task_vector(taus)
     del taus
-    return (base.float() + params.alpha * delta).to(base.dtype)
+    return (base.to(w) + params.alpha * delta).to(base.dtype)

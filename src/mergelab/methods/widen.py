@@ -46,6 +46,7 @@ from pydantic import Field
 
 from mergelab.methods.base import MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import method
+from mergelab.methods.svd_utils import work_dtype
 
 Tensor = torch.Tensor
 
@@ -82,11 +83,11 @@ class WidenParams(MethodParams):
 
 
 def within_model_rank(diff: Tensor) -> Tensor:
-    """Per row of ``diff`` (experts × columns): ascending stable rank / n_columns, in float32."""
+    """Per row of ``diff`` (experts × columns): ascending stable rank / n_columns, in ``diff``'s dtype."""
     n_models, n_cols = diff.shape
     order = torch.argsort(diff, dim=1, stable=True)
-    levels = (torch.arange(n_cols, device=diff.device, dtype=torch.float32) / n_cols).expand(n_models, -1)
-    ranks = torch.empty((n_models, n_cols), dtype=torch.float32, device=diff.device)
+    levels = (torch.arange(n_cols, device=diff.device, dtype=diff.dtype) / n_cols).expand(n_models, -1)
+    ranks = torch.empty((n_models, n_cols), dtype=diff.dtype, device=diff.device)
     ranks.scatter_(1, order, levels)
     return ranks
 
@@ -103,7 +104,7 @@ def _is_embedding(name: str) -> bool:
 
 
 def widen_matrix(base: Tensor, experts: Sequence[Tensor], ratio: float, calibration: float) -> Tensor:
-    """Merged matrix for (out × in) float32 inputs (columns = dim 1)."""
+    """Merged matrix for (out × in) float32 (or float64) inputs (columns = dim 1)."""
     base_norm = base.norm(dim=0)
     mag_diff, dir_diff, taus = [], [], []
     for e in experts:
@@ -146,8 +147,9 @@ def widen(
 ) -> Tensor:
     """Weight each expert's update per column by its ranked magnitude and direction change."""
     t, c = params.above_average_value_ratio, params.score_calibration_value
-    b = base.float()
-    ex = [e.float() for e in experts]
+    w = work_dtype(base)  # float64 compute stays float64; everything else works in float32
+    b = base.to(w)
+    ex = [e.to(w) for e in experts]
     if b.dim() < 2:
         return widen_elementwise(b, ex, t, c).to(base.dtype)
     transpose = b.dim() == 2 and params.transpose_embeddings and _is_embedding(ctx.name)

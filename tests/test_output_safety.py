@@ -1,0 +1,257 @@
+"""Fault injection on output publishing: the destination is only ever replaced whole, by one rename.
+
+The guarantees (``mergelab.merge`` and ``mergelab merge``):
+
+* a failed merge, with or without ``--force``, leaves the destination exactly as it was (absent, or the
+  previous output byte for byte) and removes its temporary folder;
+* a complete merge is published with a single ``os.rename``/``os.replace`` of the temporary folder onto
+  the destination; nothing is copied or moved into the destination file by file;
+* a process killed between two shards leaves no destination (and, under ``--force``, the old one intact).
+
+These tests only use the public API and patch ``os``/``shutil``/``io`` functions globally, so they do not
+depend on how the writer or the engine are organised inside.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+import mergelab
+
+SHARD = "100KB"  # the tiny family's merged output is about 1 MB, so this gives several shards
+
+
+def digest(path: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``path``, by relative name."""
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary or trash folders the writer left beside ``out``."""
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and "mergelab" in p.name)
+
+
+def recipe(base: Path, experts: list[Path], method: str = "task_arithmetic") -> dict:
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(e), "parameters": {"weight": 0.5}} for e in experts],
+    }
+
+
+def poisoned_copy(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose last stored tensor holds a NaN (found while merging, not while planning)."""
+    shutil.copytree(src, dst)
+    last = sorted(dst.glob("*.safetensors"))[-1]
+    sd = load_file(str(last))
+    name = sorted(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 2)[-1]
+    t = sd[name].clone()
+    t[0, 0] = float("nan")
+    sd[name] = t
+    save_file(sd, str(last), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture
+def previous(family, tmp_path) -> Path:
+    """A real earlier merge output at ``tmp_path/out`` (several shards, index, card, side files)."""
+    base, experts = family
+    out = tmp_path / "out"
+    mergelab.merge(recipe(base, experts[:2]), out, max_shard_size=SHARD, hash_inputs=False)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    return out
+
+
+# ---------------------------------------------------------------- (a) a failed --force keeps the old output
+
+
+def test_failed_forced_merge_keeps_previous_output(family, previous, tmp_path):
+    base, experts = family
+    before = digest(previous)
+    bad = poisoned_copy(experts[0], tmp_path / "bad")
+    with pytest.raises(mergelab.errors.MergelabError, match="NaN or Inf"):
+        mergelab.merge(recipe(base, [bad, experts[1]]), previous, force=True, max_shard_size=SHARD, hash_inputs=False)
+    assert digest(previous) == before, "a failed --force merge changed or removed the previous output"
+    assert leftovers(previous) == [], "temporary folder left behind"
+
+
+def test_forced_merge_failing_inside_commit_keeps_previous_output(family, previous, monkeypatch):
+    """The last step (putting the new folder in place) fails: the old output must still be there."""
+    base, experts = family
+    before = digest(previous)
+    real_rename, real_replace = os.rename, os.replace
+
+    def failing(real):
+        def fn(src, dst, *a, **k):
+            if Path(dst) == previous and ".mergelab-tmp-" in Path(src).name:
+                raise OSError(errno.EIO, "injected failure publishing the output")
+            return real(src, dst, *a, **k)
+        return fn
+
+    monkeypatch.setattr(os, "rename", failing(real_rename))
+    monkeypatch.setattr(os, "replace", failing(real_replace))
+    with pytest.raises(OSError, match="injected"):
+        mergelab.merge(recipe(base, experts[1:]), previous, force=True, max_shard_size=SHARD, hash_inputs=False)
+    monkeypatch.undo()
+    assert digest(previous) == before, "a commit that failed lost the previous output"
+    assert leftovers(previous) == [], "temporary or trash folder left behind"
+
+
+# ---------------------------------------------------------------- (b) the commit is one rename
+
+
+class Recorder:
+    """Records every rename/replace/copy/move; checks the temp folder is complete when it is renamed."""
+
+    def __init__(self, monkeypatch, dest: Path):
+        self.dest = dest
+        self.calls: list[tuple[str, Path, Path]] = []
+        self.dest_at_publish: bool | None = None
+        self.tmp_contents: set[str] = set()
+        for mod, name in ((os, "rename"), (os, "replace"), (shutil, "copytree"), (shutil, "move"),
+                          (shutil, "copy"), (shutil, "copy2"), (shutil, "copyfile")):
+            monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
+
+    def _wrap(self, name, real):
+        def fn(src, dst, *a, **k):
+            src_p, dst_p = Path(src).absolute(), Path(dst).absolute()
+            self.calls.append((name, src_p, dst_p))
+            if name in ("rename", "replace") and dst_p == self.dest:
+                self.dest_at_publish = dst_p.exists()
+                self.tmp_contents = {p.name for p in src_p.iterdir()} if src_p.is_dir() else set()
+            return real(src, dst, *a, **k)
+        return fn
+
+    def into_dest(self) -> list[tuple[str, Path, Path]]:
+        """Calls whose target is the destination or anything inside it."""
+        return [c for c in self.calls if c[2] == self.dest or self.dest in c[2].parents]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_commit_is_one_rename_of_the_temp_folder(family, tmp_path, monkeypatch, force):
+    base, experts = family
+    out = tmp_path / "out"
+    if force:
+        mergelab.merge(recipe(base, experts[:2]), out, max_shard_size=SHARD, hash_inputs=False)
+    rec = Recorder(monkeypatch, out.absolute())
+    mergelab.merge(recipe(base, experts[1:]), out, force=force, max_shard_size=SHARD, hash_inputs=False)
+    monkeypatch.undo()
+    into = rec.into_dest()
+    assert len(into) == 1, f"the destination was written by {len(into)} calls, not one rename: {into}"
+    kind, src, dst = into[0]
+    assert kind in ("rename", "replace"), f"published with shutil.{kind}, not a rename"
+    assert src.parent == out.absolute().parent and ".mergelab-tmp-" in src.name, src
+    assert not src.exists()
+    # At the moment of the rename the temporary folder held the whole model.
+    assert {"config.json", "model.safetensors.index.json", "README.md"} <= rec.tmp_contents
+    assert len([n for n in rec.tmp_contents if n.startswith("model-")]) > 1
+    assert rec.dest_at_publish is False, "the destination still existed when the new folder was renamed onto it"
+    assert not [c for c in rec.calls if c[0] not in ("rename", "replace") and c[2].name.startswith(".out.")]
+    assert leftovers(out) == []
+    assert digest(out).keys() >= {"config.json", "model.safetensors.index.json"}
+
+
+# ---------------------------------------------------------------- (c) a crash between shards
+
+SECOND_SHARD = "model-00002-of-"
+
+
+def test_failure_writing_second_shard_leaves_nothing(family, tmp_path, monkeypatch):
+    """Opening the second output shard fails (disk full): no destination, no temporary folder."""
+    base, experts = family
+    out = tmp_path / "out"
+    fired = []
+    real_os_open, real_io_open = os.open, io.open
+
+    def check(path):
+        if SECOND_SHARD in os.fspath(path) and ".mergelab-tmp-" in os.fspath(path):
+            fired.append(path)
+            raise OSError(errno.ENOSPC, "injected: no space left on device", os.fspath(path))
+
+    def os_open(path, *a, **k):
+        check(path)
+        return real_os_open(path, *a, **k)
+
+    def io_open(file, *a, **k):
+        if isinstance(file, (str, bytes, os.PathLike)):
+            check(file)
+        return real_io_open(file, *a, **k)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(io, "open", io_open)
+    monkeypatch.setattr("builtins.open", io_open)
+    with pytest.raises(OSError):
+        mergelab.merge(recipe(base, experts), out, max_shard_size=SHARD, hash_inputs=False)
+    monkeypatch.undo()
+    assert fired, "the injected failure never fired: the writer no longer opens shard files by path"
+    assert not out.exists(), "a failed merge left a destination"
+    assert leftovers(out) == [], "temporary folder left behind"
+
+
+KILL_CHILD = textwrap.dedent(
+    """
+    import io, os, signal, sys, builtins
+    import mergelab
+
+    recipe, out, force = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    real_os_open, real_io_open = os.open, io.open
+
+    def check(path):
+        p = os.fspath(path)
+        if "model-00002-of-" in str(p) and ".mergelab-tmp-" in str(p):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup handler can run
+
+    def os_open(path, *a, **k):
+        check(path)
+        return real_os_open(path, *a, **k)
+
+    def io_open(file, *a, **k):
+        if isinstance(file, (str, bytes, os.PathLike)):
+            check(file)
+        return real_io_open(file, *a, **k)
+
+    os.open, io.open, builtins.open = os_open, io_open, io_open
+    mergelab.merge(recipe, out, force=force, max_shard_size="100KB", hash_inputs=False)
+    print("NOT KILLED")
+    """
+)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_process_killed_between_shards(family, tmp_path, force):
+    base, experts = family
+    out = tmp_path / "out"
+    before = None
+    if force:
+        mergelab.merge(recipe(base, experts[:2]), out, max_shard_size=SHARD, hash_inputs=False)
+        before = digest(out)
+    r = tmp_path / "recipe.yaml"
+    r.write_text(yaml.safe_dump(recipe(base, experts)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_CHILD, str(r), str(out), "1" if force else "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    if force:
+        assert digest(out) == before, "a merge killed mid-write changed the previous output"
+    else:
+        assert not out.exists(), "a merge killed mid-write left a destination"
+    # A killed process cannot clean up: its temporary folder may remain, but only beside the destination
+    # under the hidden temporary prefix, never as the destination itself.
+    assert all(".mergelab-tmp-" in p.name for p in leftovers(out))
