@@ -28,11 +28,11 @@ METHODS = [m.name for m in all_methods() if m.name not in DATA_INFORMED]
 
 # global params, per-model params, under which n identical experts must return the expert
 IDENTITY_PARAMS: dict[str, tuple[dict, dict]] = {
-    m.name: m.card.identity for m in all_methods() if m.card.identity is not None
+    m.name: m.card.identity for m in all_methods() if m.card.identity is not None and m.name in METHODS
 }
 # parameters that exercise each method's non-trivial path (sparsity, randomness)
 TYPICAL_PARAMS: dict[str, tuple[dict, dict]] = {
-    m.name: m.card.typical for m in all_methods() if m.card.typical is not None
+    m.name: m.card.typical for m in all_methods() if m.card.typical is not None and m.name in METHODS
 }
 
 

@@ -45,7 +45,6 @@ class AdaMergingParams(MethodParams):
     statistics="adamerging",
     card=MethodCard(
         identity=({}, {}),  # with coefficients summing to 1 (tests/informed/test_contracts.py)
-        typical=({}, {}),
         group="informed",
         # the paper reports task- and layer-wise AdaMerging side by side: two benchmark rows
         variants={"adamerging_task": {"granularity": "task"}, "adamerging_layer": {"granularity": "layer"}},

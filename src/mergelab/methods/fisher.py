@@ -100,7 +100,6 @@ def fisher_merge(experts: Sequence[Tensor], fishers: Sequence[Tensor], coeffs: S
     aliases=("fisher_merging",),
     card=MethodCard(
         identity=({}, {}),  # with any Fisher diagonals (tests/informed/test_contracts.py)
-        typical=({}, {}),
         grid=({"normalize": (True, False)}, {}),
         group="informed",
     ),

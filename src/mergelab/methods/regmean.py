@@ -165,7 +165,6 @@ def regmean_tensor(base, experts, params: RegMeanParams, model_params, ctx: Tens
     statistics="gram",
     card=MethodCard(
         identity=({}, {}),  # with any Grams (tests/informed/test_contracts.py)
-        typical=({}, {}),
         grid=({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 0.95, 1.0)}, {}),
         group="informed",
     ),
@@ -186,7 +185,6 @@ def regmean(base, experts, params, model_params, ctx):
     aliases=("regmean++",),
     card=MethodCard(
         identity=({}, {}),
-        typical=({}, {}),
         grid=({"reduce_non_diagonal_ratio": (0.5, 0.9, 0.95)}, {}),
         group="informed",
     ),
