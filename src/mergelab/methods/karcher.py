@@ -1,10 +1,12 @@
 """Karcher mean: the Riemannian (Fréchet) mean of the models' weight tensors on the unit sphere.
 
-Karcher 1977, "Riemannian center of mass and mollifier smoothing", Comm. Pure Appl. Math.
-30(5):509-541; the spherical weighted mean and its fixed-point iteration: Buss & Fillmore 2001,
-"Spherical averages and applications to spherical splines and interpolation", ACM TOG
-20(2):95-126. Applied to model weights as mergekit 0.1.5's ``karcher`` method (Goddard et al.
-2024, arXiv:2403.13257; its reference: arXiv:2603.04972), whose recipes run unchanged.
+Wang, Ye & Yin 2026, "Functionality-Oriented LLM Merging on the Fisher–Rao Manifold",
+arXiv:2603.04972: merging as a weighted Karcher mean on the Fisher–Rao manifold, computed with a
+spherical proxy that keeps norms (their code is mergekit 0.1.5's ``karcher``, whose recipes run
+unchanged). The mean itself: Karcher 1977, "Riemannian center of mass and mollifier smoothing",
+Comm. Pure Appl. Math. 30(5):509-541; on the sphere, with its fixed-point iteration: Buss &
+Fillmore 2001, "Spherical averages and applications to spherical splines and interpolation",
+ACM TOG 20(2):95-126.
 
 For one tensor, each model's tensor x_i (flattened) is split into its norm r_i = ‖x_i‖ and its
 direction u_i = x_i / r_i, a point on the unit sphere. With weights a_i = w_i / Σ_j w_j
@@ -24,11 +26,12 @@ within ``tol`` radians of μ adds nothing to v; if the Euclidean mean of the dir
 norm < ``tol`` (opposite directions) the iteration starts from the first kept direction; if
 every norm is ≤ ``tol`` the result is zero. One model gives that model back.
 
-mergekit weighs every model equally and takes no ``weight``; with the default weights (all
-1.0) this is its computation. Computed in float32 (float64 for float64 inputs) and returned in
-the inputs' dtype. The base is ignored: list it under ``models`` to include it. Granularity: per
-tensor (the whole tensor is one point on the sphere), one pass; ``max_iter`` small
-tensor-sized steps per tensor.
+The paper's mean is weighted; mergekit's method weighs every model equally and takes no
+``weight``: with the default weights (all 1.0) this is mergekit's computation. Departure from
+mergekit: it computes in the recipe dtype (bfloat16 directions for a bfloat16 merge), this
+module in float32 (float64 for float64 inputs), returning the inputs' dtype. The base is
+ignored: list it under ``models`` to include it. Granularity: per tensor (the whole tensor is
+one point on the sphere), one pass; at most ``max_iter`` tensor-sized steps per tensor.
 """
 
 from __future__ import annotations
@@ -110,8 +113,8 @@ def karcher_mean(
 
 @method(
     "karcher",
-    paper="Karcher 1977, Riemannian center of mass and mollifier smoothing, Comm. Pure Appl. Math. 30(5); "
-    "as in mergekit's karcher (arXiv:2603.04972)",
+    paper="Wang et al. 2026, Functionality-Oriented LLM Merging on the Fisher–Rao Manifold, arXiv:2603.04972; "
+    "Karcher 1977",
     params=KarcherParams,
     model_params=KarcherModelParams,
     base="ignored",
