@@ -43,16 +43,35 @@ import make_inputs
 # mergekit-yaml beside $MERGEKIT_PYTHON (a venv with mergekit 0.1.5), or --mergekit; None: not available
 DEFAULT_MERGEKIT = (str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml")
                     if os.environ.get("MERGEKIT_PYTHON") else None)
-ALL_METHODS = (
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "della",
-    "linear",
-    "breadcrumbs",
-    "model_stock",
-    "slerp",
-)
+THIRD = 1 / 3
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "task_arithmetic": ({}, {"weight": THIRD}),
+    "ties": ({}, {"weight": 1.0, "density": 0.5}),
+    "dare_ties": ({}, {"weight": 1.0, "density": 0.5}),
+    "della": ({}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
+    "linear": ({}, {"weight": THIRD}),  # average of all 4 models; weights are normalised (sum to 1)
+    "breadcrumbs": ({}, {"weight": THIRD, "density": 0.9, "gamma": 0.01}),
+    "model_stock": ({}, {}),
+    "slerp": ({"t": 0.5}, {}),  # base -> ft_dense
+}
+"""(global, per-model) parameters of the recipes measured since the first speed report (also
+valid for mergekit); the default --methods, in this order. Any other registered data-free method
+is measured with its card's typical parameters (``MethodCard.typical``)."""
+DEFAULT_METHODS = tuple(RECIPES)
+MERGEKIT_METHODS = frozenset(
+    ("linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+     "breadcrumbs_ties", "della", "della_linear", "model_stock", "karcher", "sce")
+)  # fmt: skip
+"""mergekit 0.1.5's names among mergelab's methods: mergekit is run on these only."""
+
+
+def available_methods() -> list[str]:
+    """Every registered method the speed benchmark can run: the data-free ones (registry order)."""
+    from mergelab.methods import all_methods
+
+    return [m.name for m in all_methods() if m.statistics is None]
+
+
 # targets from the issue, on the 738m set: wall / floor
 TARGETS = {"task_arithmetic": 2.0, "ties": 3.0, "dare_ties": 3.0, "della": 3.0}
 RSS_TARGET_VS_MERGEKIT = 0.6
@@ -63,35 +82,51 @@ GB = 1e9
 # recipes (the same YAML file is given to both tools)
 
 
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a double-quoted YAML scalar
+
+
+def recipe_parameters(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(global, per-model) parameters of ``method``'s recipe: pinned, else its card's typical ones."""
+    from mergelab.methods import get_method
+
+    if method in RECIPES:
+        return RECIPES[method]
+    gp, mp = get_method(method).card.typical or ({}, {})
+    return dict(gp), dict(mp)
+
+
 def recipe_text(method: str, set_root: Path) -> str:
+    """The recipe given to both tools: the 3 fine-tunes on the base (the base listed among the
+    models too for methods that merge a fixed number of models, as mergekit's SLERP wants; all 4
+    models for a method that ignores the base)."""
+    from mergelab.methods import get_method
+
+    spec = get_method(method)
+    gp, mp = recipe_parameters(method)
     base = set_root / "base"
     fts = [set_root / m for m in ("ft_dense", "ft_sparse", "ft_conflict")]
-    third = "0.3333333333333333"
-
-    def models(paths: list[Path], params: str | None) -> str:
-        out = []
-        for p in paths:
-            out.append(f"  - model: {p}")
-            if params:
-                out.append(f"    parameters: {{{params}}}")
-        return "\n".join(out)
-
-    if method == "linear":  # average of all 4 models; weights are normalised (sum to 1)
-        body = f"models:\n{models([base, *fts], f'weight: {third}')}\n"
-    elif method == "slerp":  # base -> ft_dense, t = 0.5
-        body = f"base_model: {base}\nmodels:\n{models([base, fts[0]], None)}\nparameters:\n  t: 0.5\n"
-    elif method == "model_stock":
-        body = f"base_model: {base}\nmodels:\n{models(fts, None)}\n"
+    flow = "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in mp.items()) + "}"
+    lines = []
+    if spec.base == "ignored":
+        models = [(p, True) for p in (base, *fts)]
     else:
-        params = {
-            "task_arithmetic": f"weight: {third}",
-            "breadcrumbs": f"weight: {third}, density: 0.9, gamma: 0.01",
-            "ties": "weight: 1.0, density: 0.5",
-            "dare_ties": "weight: 1.0, density: 0.5",
-            "della": "weight: 1.0, density: 0.5, epsilon: 0.1",
-        }[method]
-        body = f"base_model: {base}\nmodels:\n{models(fts, params)}\n"
-    return f"merge_method: {method}\n{body}dtype: bfloat16\n"
+        lines.append(f"base_model: {base}")
+        experts = fts[: spec.max_experts] if spec.max_experts is not None else fts
+        models = ([(base, False)] if spec.max_experts is not None else []) + [(p, True) for p in experts]
+    lines.append("models:")
+    for path, is_expert in models:
+        lines.append(f"  - model: {path}")
+        if mp and is_expert:
+            lines.append(f"    parameters: {flow}")
+    if gp:
+        lines.append("parameters:")
+        lines += [f"  {k}: {_yaml_value(v)}" for k, v in gp.items()]
+    return f"merge_method: {method}\n" + "\n".join(lines) + "\ndtype: bfloat16\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,8 +573,8 @@ def bench_size(
     print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
     floor = run_floor(root, work, args.floor_repeats, env)
     rows: list[Row] = []
-    tools = ["mergelab"] + (["mergekit"] if mergekit else [])
     for method in args.methods:
+        tools = ["mergelab"] + (["mergekit"] if mergekit and method in MERGEKIT_METHODS else [])
         recipe = work / "recipes" / f"{method}.yaml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(recipe_text(method, root))
@@ -655,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=["168m", "738m", "both"], default="738m")
     ap.add_argument(
         "--methods",
-        default=",".join(ALL_METHODS),
-        help="comma-separated (default: all 8); 'none' runs only the floor (and --shards-test)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated registered methods (default: {','.join(DEFAULT_METHODS)}); 'all': every "
+        "data-free method; 'none' runs only the floor (and --shards-test)",
     )
     ap.add_argument(
         "--repeats",
@@ -724,12 +760,15 @@ def main(argv: list[str] | None = None) -> int:
         report(json.loads(args.report.read_text()), args.markdown)
         return 0
 
+    known = available_methods()
     args.methods = [
         m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"
     ]
-    bad = [m for m in args.methods if m not in ALL_METHODS]
+    if args.methods == ["all"]:
+        args.methods = known
+    bad = [m for m in args.methods if m not in known]
     if bad:
-        ap.error(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
+        ap.error(f"unknown method(s) {bad}; choose from {', '.join(known)}")
     args.shard_sizes = [s.strip() for s in args.shard_sizes.split(",") if s.strip()]
     args.shards_methods = [
         m.strip() for m in args.shards_methods.split(",") if m.strip()

@@ -12,9 +12,22 @@ from safetensors.torch import load_file
 
 import mergelab
 from mergelab.informed import write_statistics
-from mergelab.methods import get_method
+from mergelab.methods import all_methods, get_method
 
-INFORMED = ["fisher", "regmean", "regmean_plusplus", "adamerging"]
+# every method that declares a data phase (`statistics=`), with its card's parameters
+INFORMED = [m.name for m in all_methods() if m.statistics is not None]
+
+
+def _params(method: str, which: str) -> dict:
+    """The card's (global, per-model) parameters as merge_state_dicts keywords."""
+    gp, mp = getattr(get_method(method).card, which) or ({}, {})
+    return {"parameters": dict(gp), "model_parameters": [dict(mp)] * 2}
+
+
+def test_informed_methods_declare_their_contract_parameters():
+    missing = [f"{m} (in {get_method(m).fn.__module__})" for m in INFORMED if get_method(m).card.identity is None]
+    assert not missing, f"declare card=MethodCard(identity=...) on the @method of {', '.join(missing)}"
+    assert {"fisher", "regmean", "regmean_plusplus", "adamerging"} <= set(INFORMED)
 
 
 def _state(seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -29,16 +42,19 @@ def _state(seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
 def _stats(method: str, state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """Plausible statistics of one expert for every tensor of ``state``."""
     g = torch.Generator().manual_seed(seed)
+    kind = get_method(method).statistics  # the data phase: what its statistics hold
     out = {}
     for name, t in state.items():
-        if method == "fisher":
+        if kind == "fisher":
             out[f"{name}::fisher"] = torch.rand(t.shape, generator=g)
-        elif method.startswith("regmean") and t.dim() == 2:
+        elif kind in ("gram", "gram_plusplus") and t.dim() == 2:
             x = torch.randn(20, t.shape[1], generator=g)
             out[f"{name}::gram"] = x.T @ x
             out[f"{name}::rows"] = torch.tensor(20.0, dtype=torch.float64)
-        elif method == "adamerging":
+        elif kind == "adamerging":
             out[f"{name}::lambda"] = torch.rand((), generator=g)
+        elif kind not in ("gram", "gram_plusplus"):
+            raise AssertionError(f"add plausible {kind!r} statistics for {method} to _stats")
     return out
 
 
@@ -53,7 +69,7 @@ def test_identical_experts_return_that_expert(method):
     stats = [_stats(method, expert, s) for s in (1, 2)]
     if method == "adamerging":  # θ0 + Σ λ τ is the expert when the λ sum to 1
         stats = [{k: torch.tensor(0.5) for k in s} for s in stats]
-    out = _merge(method, [expert, expert], base, stats)
+    out = _merge(method, [expert, expert], base, stats, **_params(method, "identity"))
     for k in base:
         assert torch.allclose(out[k], expert[k], atol=1e-5), k
 
@@ -61,7 +77,7 @@ def test_identical_experts_return_that_expert(method):
 @pytest.mark.parametrize("method", INFORMED)
 def test_zero_task_vectors_return_the_base(method):
     base = _state(1)
-    out = _merge(method, [dict(base), dict(base)], base, [_stats(method, base, s) for s in (3, 4)])
+    out = _merge(method, [dict(base), dict(base)], base, [_stats(method, base, s) for s in (3, 4)], **_params(method, "typical"))
     for k in base:
         assert torch.allclose(out[k], base[k], atol=1e-5), k
 
@@ -71,7 +87,7 @@ def test_zero_task_vectors_return_the_base(method):
 def test_dtype_preserved(method, dtype):
     base = _state(2, dtype)
     experts = [{k: (v.float() + 0.02 * (i + 1)).to(dtype) for k, v in base.items()} for i in range(2)]
-    out = _merge(method, experts, base, [_stats(method, base, s) for s in (5, 6)])
+    out = _merge(method, experts, base, [_stats(method, base, s) for s in (5, 6)], **_params(method, "typical"))
     assert all(v.dtype == dtype for v in out.values())
 
 
@@ -80,8 +96,8 @@ def test_seeded_runs_reproducible(method):
     base = _state(3)
     experts = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(2)]
     stats = [_stats(method, base, s) for s in (7, 8)]
-    a = _merge(method, experts, base, stats, seed=7)
-    b = _merge(method, experts, base, stats, seed=7)
+    a = _merge(method, experts, base, stats, seed=7, **_params(method, "typical"))
+    b = _merge(method, experts, base, stats, seed=7, **_params(method, "typical"))
     for k in a:
         assert torch.equal(a[k], b[k])
 
@@ -99,10 +115,16 @@ def test_streaming_merge_with_statistics_folders_equals_in_memory_merge(method, 
     sds = [_load_dir(p) for p in (base, *experts[:2])]
     stats = [_stats(method, sds[0], s) for s in (9, 10)]
     folders = [write_statistics(tmp_path / f"s{i}", st) for i, st in enumerate(stats)]
-    recipe = {"merge_method": method, "base_model": str(base), "models": [{"model": str(e)} for e in experts[:2]]}
+    p = _params(method, "typical")
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(e), "parameters": mp} for e, mp in zip(experts[:2], p["model_parameters"], strict=True)],
+        "parameters": p["parameters"],
+    }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False, statistics=folders)
     streamed = _load_dir(tmp_path / "out")
-    mem = _merge(method, sds[1:], sds[0], stats)
+    mem = _merge(method, sds[1:], sds[0], stats, **p)
     assert set(streamed) == set(mem)
     for k in mem:
         assert torch.equal(streamed[k], mem[k]), k

@@ -1,7 +1,10 @@
 """Contracts every registered method must honour, checked over the whole registry.
 
-A new method must add its entry to IDENTITY_PARAMS (parameters under which merging copies of
-one expert gives that expert back); the first test fails until it does.
+The parameters come from each method's card (``@method(..., card=MethodCard(identity=...,
+typical=...))``): ``identity`` are (global, per-model) parameters under which merging copies of
+one expert gives that expert back; ``typical`` exercise the method's non-trivial path (sparsity,
+randomness; the defaults when absent). A new method declares them in its own module; the first
+test fails, naming that module, until it does.
 """
 
 from __future__ import annotations
@@ -15,81 +18,41 @@ from safetensors.torch import load_file
 import mergelab
 from mergelab.methods import all_methods, get_method
 
-# global params, per-model params, under which n identical experts must return the expert
-IDENTITY_PARAMS: dict[str, tuple[dict, dict]] = {
-    "linear": ({}, {"weight": 1.0}),
-    "task_arithmetic": ({"lambda": 1.0, "normalize": True}, {"weight": 1.0}),
-    "ties": ({"lambda": 1.0}, {"density": 1.0, "weight": 1.0}),
-    "dare_linear": ({"lambda": 1.0, "normalize": True}, {"density": 1.0, "weight": 1.0}),
-    "dare_ties": ({"lambda": 1.0}, {"density": 1.0, "weight": 1.0}),
-    "breadcrumbs": ({"lambda": 1.0, "normalize": True}, {"density": 1.0, "gamma": 0.0, "weight": 1.0}),
-    "breadcrumbs_ties": ({"lambda": 1.0}, {"density": 1.0, "gamma": 0.0, "weight": 1.0}),
-    "della": ({"lambda": 1.0}, {"density": 1.0, "epsilon": 0.0, "weight": 1.0}),
-    "della_linear": ({"lambda": 1.0, "normalize": True}, {"density": 1.0, "epsilon": 0.0, "weight": 1.0}),
-    "slerp": ({"t": 1.0}, {}),
-    "nuslerp": ({}, {"weight": 1.0}),
-    "model_stock": ({}, {}),
-    # SVD methods: no parameter makes identical experts an identity on the SVD path (TSV-M keeps
-    # r/T directions per copy, ISO flattens the spectrum); excluding every tensor reduces them to
-    # the mean of the task vectors. Their SVD path is covered by TYPICAL_PARAMS and their tests.
-    "tsv_m": ({"exclude": "*"}, {"weight": 1.0}),
-    "iso_c": ({"exclude": "*"}, {}),
-    "iso_cts": ({"exclude": "*"}, {}),
-    "widen": ({"score_calibration_value": 0.5}, {}),  # c = 1/T: every score is 1/T
-    "magmax": ({"lambda": 1.0}, {}),
-    "pcb": ({"pcb_ratio": 1.0, "clip_ratio": 0.0, "unscored": "mean"}, {"weight": 1.0}),
-    "lines": ({"beta": 0.0}, {}),  # task arithmetic: tau_m = T tau, alpha = 1/T
-    "tall_masks": ({"normalize": True}, {}),  # shared model θ0 + mean τ (the masks are parts)
-    "consensus": ({"normalize": True}, {}),
-    "emr": ({}, {}),  # shared model θ0 + τ_uni
-}
-
-# parameters that exercise each method's non-trivial path (sparsity, randomness)
-TYPICAL_PARAMS: dict[str, tuple[dict, dict]] = {
-    "ties": ({}, {"density": 0.3}),
-    "dare_linear": ({}, {"density": 0.5}),
-    "dare_ties": ({}, {"density": 0.5}),
-    "breadcrumbs": ({}, {"density": 0.8, "gamma": 0.05}),
-    "breadcrumbs_ties": ({}, {"density": 0.8, "gamma": 0.05}),
-    "della": ({}, {"density": 0.5, "epsilon": 0.1}),
-    "della_linear": ({}, {"density": 0.5, "epsilon": 0.1}),
-    "slerp": ({"t": 0.3}, {}),
-    "nuslerp": ({}, {"weight": 1.0}),
-    "tsv_m": ({"alpha": 1.0}, {"weight": 1.0}),
-    "iso_c": ({"alpha": 1.3}, {}),
-    "iso_cts": ({"alpha": 1.3, "common_space_fraction": 0.5}, {}),
-    "widen": ({}, {}),
-    "magmax": ({}, {}),
-    "pcb": ({"pcb_ratio": 0.2, "scope": "global"}, {}),
-    "lines": ({"beta": 0.5, "merge_method": "ties", "merge_parameters": "{scope: global}"}, {"density": 0.3}),
-    "tall_masks": ({"multitask": "ties"}, {"tall_lambda": 0.4, "density": 0.3}),
-    "consensus": ({"lambda": 0.5}, {"tall_lambda": 0.3}),
-    "emr": ({}, {}),
-}
-
-# ---- EXCLUDED: data-informed methods -------------------------------------------------------
-# fisher, regmean, regmean_plusplus and adamerging merge with per-expert statistics from a data
-# phase (ctx.aux: Fisher diagonals, Gram matrices, learned coefficients) that these generic
-# contracts do not provide. tests/informed/test_contracts.py checks the same contracts for them
-# (identity, zero task vectors, dtype, seeded reproducibility, streamed == in memory) with
-# statistics. A new method that declares `statistics=` must be added here.
-DATA_INFORMED = {"fisher", "regmean", "regmean_plusplus", "adamerging"}
+# Data-informed methods (those that declare `statistics=`: Fisher, RegMean, RegMean++,
+# AdaMerging) merge with per-expert statistics from a data phase (ctx.aux: Fisher diagonals, Gram
+# matrices, learned coefficients) that these generic contracts do not provide.
+# tests/informed/test_contracts.py checks the same contracts for them (identity, zero task
+# vectors, dtype, seeded reproducibility, streamed == in memory) with statistics.
+DATA_INFORMED = {m.name for m in all_methods() if m.statistics is not None}
 METHODS = [m.name for m in all_methods() if m.name not in DATA_INFORMED]
 
+# global params, per-model params, under which n identical experts must return the expert
+IDENTITY_PARAMS: dict[str, tuple[dict, dict]] = {
+    m.name: m.card.identity for m in all_methods() if m.card.identity is not None and m.name in METHODS
+}
+# parameters that exercise each method's non-trivial path (sparsity, randomness)
+TYPICAL_PARAMS: dict[str, tuple[dict, dict]] = {
+    m.name: m.card.typical for m in all_methods() if m.card.typical is not None and m.name in METHODS
+}
 
-def test_data_informed_exclusions_are_exactly_the_methods_with_statistics():
-    assert DATA_INFORMED == {m.name for m in all_methods() if m.statistics is not None}
+
+def test_data_informed_exclusions_are_the_methods_with_statistics():
+    assert {"fisher", "regmean", "regmean_plusplus", "adamerging"} <= DATA_INFORMED
+    assert all(get_method(m).statistics is None for m in METHODS)
+
+
+def test_every_method_declares_identity_params():
+    missing = [f"{m} (in {get_method(m).fn.__module__})" for m in METHODS if m not in IDENTITY_PARAMS]
+    assert not missing, (
+        "declare card=MethodCard(identity=(global params, per-model params)) on the @method of "
+        f"{', '.join(missing)}"
+    )
 
 
 def n_experts(name: str) -> int:
     m = get_method(name)
     n = max(m.min_experts, 2)
     return min(n, m.max_experts) if m.max_experts is not None else n
-
-
-def test_every_method_declares_identity_params():
-    missing = [m for m in METHODS if m not in IDENTITY_PARAMS]
-    assert not missing, f"add IDENTITY_PARAMS for {missing}"
 
 
 def _state(seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:

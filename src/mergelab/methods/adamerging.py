@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, TensorContext
 from mergelab.methods.registry import method
 
 
@@ -43,6 +43,12 @@ class AdaMergingParams(MethodParams):
     params=AdaMergingParams,
     base="required",
     statistics="adamerging",
+    card=MethodCard(
+        identity=({}, {}),  # with coefficients summing to 1 (tests/informed/test_contracts.py)
+        group="informed",
+        # the paper reports task- and layer-wise AdaMerging side by side: two benchmark rows
+        variants={"adamerging_task": {"granularity": "task"}, "adamerging_layer": {"granularity": "layer"}},
+    ),
 )
 def adamerging(base, experts, params: AdaMergingParams, model_params, ctx: TensorContext) -> torch.Tensor:
     """θ0 + Σ λᵢ τᵢ with λ learned by minimising prediction entropy on unlabeled data (task- or layer-wise)."""

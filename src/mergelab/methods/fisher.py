@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import Fold, MethodParams, TensorContext
+from mergelab.methods.base import Fold, MethodCard, MethodParams, TensorContext
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -114,6 +114,11 @@ def fisher_merge(experts: Sequence[Tensor], fishers: Sequence[Tensor], coeffs: S
     passes=fisher_passes,
     statistics="fisher",
     aliases=("fisher_merging",),
+    card=MethodCard(
+        identity=({}, {}),  # with any Fisher diagonals (tests/informed/test_contracts.py)
+        grid=({"normalize": (True, False)}, {}),
+        group="informed",
+    ),
 )
 def fisher(base, experts, params: FisherParams, model_params, ctx: TensorContext) -> Any:
     """Σ cᵢ Fᵢ θᵢ / Σ cᵢ Fᵢ with each expert's diagonal Fisher (floored at ε, optionally norm-scaled)."""

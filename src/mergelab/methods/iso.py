@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import NoParams, TensorContext
+from mergelab.methods.base import MethodCard, NoParams, TensorContext
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import (
     ExcludeParams,
@@ -139,7 +139,19 @@ def _finish(base: Tensor, delta: Tensor, alpha: float) -> Tensor:
     return (base.to(delta.dtype) + alpha * delta).to(base.dtype)
 
 
-@method("iso_c", paper=PAPER, params=IsoCParams, model_params=NoParams, base="required")
+@method(
+    "iso_c",
+    paper=PAPER,
+    params=IsoCParams,
+    model_params=NoParams,
+    base="required",
+    card=MethodCard(
+        identity=({"exclude": "*"}, {}),  # ISO flattens the spectrum: identity only off the SVD path
+        typical=({"alpha": 1.3}, {}),
+        grid=({"alpha": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}, {}),
+        group="advanced",
+    ),
+)
 def iso_c(
     base: Tensor,
     experts: Sequence[Tensor],
@@ -157,7 +169,19 @@ def iso_c(
     return _finish(base, delta, params.alpha)
 
 
-@method("iso_cts", paper=PAPER, params=IsoCtsParams, model_params=NoParams, base="required")
+@method(
+    "iso_cts",
+    paper=PAPER,
+    params=IsoCtsParams,
+    model_params=NoParams,
+    base="required",
+    card=MethodCard(
+        identity=({"exclude": "*"}, {}),
+        typical=({"alpha": 1.3, "common_space_fraction": 0.5}, {}),
+        grid=({"alpha": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}, {}),
+        group="advanced",
+    ),
+)
 def iso_cts(
     base: Tensor,
     experts: Sequence[Tensor],

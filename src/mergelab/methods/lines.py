@@ -55,7 +55,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from mergelab.errors import ParameterError
-from mergelab.methods.base import Fold, MergeMethod, MethodParams, TensorContext
+from mergelab.methods.base import Fold, MergeMethod, MethodCard, MethodParams, TensorContext
 from mergelab.methods.registry import get_method, method
 
 Tensor = torch.Tensor
@@ -270,6 +270,12 @@ def depth_factor(alpha: float, beta: float, ctx: TensorContext) -> float:
     model_params=LinesModelParams,
     base="required",
     passes=lines_passes,
+    card=MethodCard(
+        identity=({"beta": 0.0}, {}),  # task arithmetic: tau_m = T tau, alpha = 1/T
+        typical=({"beta": 0.5, "merge_method": "ties", "merge_parameters": "{scope: global}"}, {"density": 0.3}),
+        grid=({"merge_method": ("task_arithmetic",), "beta": (0.2, 0.4, 0.6, 0.8, 1.0)}, {}),
+        group="advanced",
+    ),
 )
 def lines(
     base: Tensor,

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, TensorContext
 from mergelab.methods.registry import method
 
 COLINEAR_EPS = 1e-8
@@ -113,6 +113,7 @@ def nuslerp_tensors(
     base="optional",
     min_experts=2,
     max_experts=2,
+    card=MethodCard(identity=({}, {"weight": 1.0}), typical=({}, {"weight": 1.0})),
 )
 def nuslerp(
     base: torch.Tensor | None,

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, TensorContext
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -163,6 +163,11 @@ def regmean_tensor(base, experts, params: RegMeanParams, model_params, ctx: Tens
     model_params=RegMeanModelParams,
     base="optional",
     statistics="gram",
+    card=MethodCard(
+        identity=({}, {}),  # with any Grams (tests/informed/test_contracts.py)
+        grid=({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 0.95, 1.0)}, {}),
+        group="informed",
+    ),
 )
 def regmean(base, experts, params, model_params, ctx):
     """Per linear layer, (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ from the Grams of each expert's inputs; other tensors averaged."""
@@ -178,6 +183,11 @@ def regmean(base, experts, params, model_params, ctx):
     base="optional",
     statistics="gram_plusplus",
     aliases=("regmean++",),
+    card=MethodCard(
+        identity=({}, {}),
+        grid=({"reduce_non_diagonal_ratio": (0.5, 0.9, 0.95)}, {}),
+        group="informed",
+    ),
 )
 def regmean_plusplus(base, experts, params, model_params, ctx):
     """RegMean with each block's inputs taken from the merged previous blocks (merged block by block)."""

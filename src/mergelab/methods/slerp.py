@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, NoParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import method
 
 DOT_THRESHOLD = 0.9995
@@ -88,6 +88,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     base="required",
     min_experts=1,
     max_experts=1,
+    card=MethodCard(identity=({"t": 1.0}, {}), typical=({"t": 0.3}, {})),
 )
 def slerp(
     base: torch.Tensor,

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, TensorContext
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import (
     ExcludeParams,
@@ -103,6 +103,14 @@ def tsv_merge_matrix(taus: Sequence[Tensor]) -> Tensor:
     model_params=TsvmModelParams,
     base="required",
     aliases=("tsvm",),
+    card=MethodCard(
+        # no parameter makes identical experts an identity on the SVD path (r/T directions kept
+        # per copy); excluding every tensor reduces TSV-M to the mean of the task vectors
+        identity=({"exclude": "*"}, {"weight": 1.0}),
+        typical=({"alpha": 1.0}, {"weight": 1.0}),
+        grid=({"alpha": (0.8, 1.0, 1.2, 1.5)}, {}),
+        group="advanced",
+    ),
 )
 def tsv_m(
     base: Tensor,

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, NoParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import work_dtype
 
@@ -137,6 +137,12 @@ def widen_elementwise(base: Tensor, experts: Sequence[Tensor], ratio: float, cal
     params=WidenParams,
     model_params=NoParams,
     base="required",
+    card=MethodCard(
+        identity=({"score_calibration_value": 0.5}, {}),  # c = 1/T: every score is 1/T
+        typical=({}, {}),
+        grid=({"above_average_value_ratio": (1.0, 1.5, 2.0), "score_calibration_value": (0.5, 1.0)}, {}),
+        group="advanced",
+    ),
 )
 def widen(
     base: Tensor,

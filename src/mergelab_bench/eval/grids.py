@@ -1,6 +1,9 @@
-"""The hyperparameter grid of every method on the leaderboard, declared in one place.
+"""The hyperparameter grid and group of every method on the leaderboard, read from the method cards.
 
-Each point is ``(parameters, model_parameters)``: the method's global parameters and the
+Each method declares its grid and benchmark group with itself (``@method(...,
+card=MethodCard(grid=(global axes, per-model axes), group=..., variants=...))``); this module
+collects them into :data:`GRIDS`, the groups (:data:`METHOD_GROUPS`) and the row variants
+(:data:`ROW_VARIANTS`), so that adding a method never edits this file. Each point is ``(parameters, model_parameters)``: the method's global parameters and the
 per-model parameters given to every expert alike (experts are weighted equally). The bench
 merges each point, scores it on the validation split, keeps the best average normalized
 accuracy and reports that point on the test split. Ranges follow the papers' recommendations
@@ -54,8 +57,10 @@ A leaderboard row is a registered method, or a variant of one (:data:`ROW_VARIAN
 method with some parameters fixed, reported as its own row, as the papers report task- and
 layer-wise AdaMerging side by side).
 
-A method registered in :mod:`mergelab.methods` but absent here gets one point with its
-defaults, so a new method shows up on the leaderboard without an edit here.
+A method whose card names a group but no grid gets one point with its defaults; a method
+without a group is not on the leaderboard by default (``grid_for`` still gives it its card's
+grid, or one point with its defaults). The values and the papers' searches they follow are
+listed above; the cards hold them.
 """
 
 from __future__ import annotations
@@ -93,82 +98,83 @@ def product(
     return tuple(points)
 
 
-LAMBDA_SUM = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-LAMBDA_SUM_SPARSE = (0.2, 0.4, 0.7, 1.0, 1.3)
-LAMBDA_MEAN = (1.0, 1.5, 2.0, 2.5, 3.0)
-LAMBDA_MEAN_SPARSE = (1.0, 1.5, 2.0, 2.5)
+GROUPS: tuple[str, ...] = ("classic", "advanced", "informed")
+"""The benchmark groups a method card may name (``MethodCard.group``), in leaderboard order."""
 
-GRIDS: dict[str, tuple[GridPoint, ...]] = {
-    "linear": (GridPoint(),),
-    "task_arithmetic": product({"lambda": LAMBDA_SUM}),
-    "ties": product({"lambda": LAMBDA_MEAN}, {"density": (0.1, 0.2, 0.3)}),
-    "dare_linear": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.1, 0.3, 0.5)}),
-    "dare_ties": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.1, 0.3, 0.5)}),
-    "breadcrumbs": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
-    "breadcrumbs_ties": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
-    "della": product({"lambda": LAMBDA_MEAN_SPARSE}, {"density": (0.3, 0.5, 0.7)}),
-    "della_linear": product({"lambda": LAMBDA_SUM_SPARSE}, {"density": (0.3, 0.5, 0.7)}),
-    "model_stock": (GridPoint(),),
-    # advanced data-free methods (see the module docstring for the papers' searches)
-    "tall_masks": product({"multitask": ("sum", "ties")}, {"tall_lambda": (0.2, 0.4, 0.6)}),
-    "consensus": product({"multitask": ("sum", "ties"), "lambda": (0.4, 0.7, 1.0), "k": (2,)}),
-    "emr": (GridPoint(),),
-    "tsv_m": product({"alpha": (0.8, 1.0, 1.2, 1.5)}),
-    "iso_c": product({"alpha": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}),
-    "iso_cts": product({"alpha": (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}),
-    "widen": product({"above_average_value_ratio": (1.0, 1.5, 2.0), "score_calibration_value": (0.5, 1.0)}),
-    "magmax": product({"lambda": (0.3, 0.5, 0.7, 1.0, 1.3)}),
-    "pcb": product({"pcb_ratio": (0.1, 0.2, 0.3), "lambda": (1.0, 1.2)}),
-    "lines": product({"merge_method": ("task_arithmetic",), "beta": (0.2, 0.4, 0.6, 0.8, 1.0)}),
-    # data-informed methods (statistics from the zoo's data: mergelab_bench.eval.data_informed)
-    "fisher": product({"normalize": (True, False)}),
-    "regmean": product({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 0.95, 1.0)}),
-    "regmean_plusplus": product({"reduce_non_diagonal_ratio": (0.5, 0.9, 0.95)}),
-    "adamerging_task": (GridPoint({"granularity": "task"}),),
-    "adamerging_layer": (GridPoint({"granularity": "layer"}),),
-}
+LEADERBOARD_ORDER: tuple[str, ...] = (
+    # classic
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock",
+    # advanced
+    "tall_masks", "consensus", "emr", "tsv_m", "iso_c", "iso_cts", "widen", "magmax", "pcb", "lines",
+    # informed
+    "fisher", "regmean", "regmean_plusplus", "adamerging_task", "adamerging_layer",
+)  # fmt: skip
+"""The order of the rows on the committed leaderboards. Within its group a row listed here comes
+at its place, any other row after them by name: a new method joins its group's end without an
+edit here."""
 
-ROW_VARIANTS: dict[str, str] = {
-    "adamerging_task": "adamerging",
-    "adamerging_layer": "adamerging",
-}
-"""Leaderboard rows that are a registered method with parameters fixed by their grid (row -> method)."""
+
+def _card_rows() -> tuple[dict[str, tuple[GridPoint, ...]], dict[str, str], dict[str, str]]:
+    """(grid per row, group per row, method per variant row), read from the method cards."""
+    from mergelab.methods import all_methods
+
+    grids: dict[str, tuple[GridPoint, ...]] = {}
+    groups: dict[str, str] = {}
+    variants: dict[str, str] = {}
+    for m in all_methods():
+        card = m.card
+        if card.group is not None and card.group not in GROUPS:
+            raise ValueError(f"method {m.name!r} ({m.fn.__module__}): card group {card.group!r} is not one of {GROUPS}")
+        if card.grid is None and card.group is None:
+            continue
+        points = product(*card.grid) if card.grid is not None else (GridPoint(),)
+        rows = {row: dict(fixed) for row, fixed in card.variants.items()} or {m.name: {}}
+        for row, fixed in rows.items():
+            grids[row] = tuple(
+                GridPoint({**fixed, **{k: v for k, v in p.parameters.items() if k not in fixed}}, p.model_parameters)
+                for p in points
+            )
+            if card.group is not None:
+                groups[row] = card.group
+            if row != m.name:
+                variants[row] = m.name
+    return grids, groups, variants
+
+
+def _in_order(rows: Sequence[str]) -> tuple[str, ...]:
+    rank = {r: i for i, r in enumerate(LEADERBOARD_ORDER)}
+    return tuple(sorted(rows, key=lambda r: (rank.get(r, len(rank)), r)))
+
+
+_GRIDS, _GROUP_OF, _VARIANTS = _card_rows()
+
+GRIDS: dict[str, tuple[GridPoint, ...]] = {row: _GRIDS[row] for row in _in_order(list(_GRIDS))}
+"""Every benchmarked row's grid, from the method cards (``MethodCard.grid``: global axes x
+per-model axes; a row variant fixes some global parameters)."""
+
+ROW_VARIANTS: dict[str, str] = {row: _VARIANTS[row] for row in _in_order(list(_VARIANTS))}
+"""Leaderboard rows that are a registered method with parameters fixed by their grid (row -> method);
+from ``MethodCard.variants``."""
 
 
 def method_of(row: str) -> str:
     """The registered method behind a leaderboard row (the row's own name for a plain method)."""
     return ROW_VARIANTS.get(row, row)
 
-CLASSIC_METHODS: tuple[str, ...] = (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "model_stock",
-)
-"""The task-vector methods of the first leaderboard."""
 
-ADVANCED_METHODS: tuple[str, ...] = (
-    "tall_masks",
-    "consensus",
-    "emr",
-    "tsv_m",
-    "iso_c",
-    "iso_cts",
-    "widen",
-    "magmax",
-    "pcb",
-    "lines",
-)
-"""Data-free methods after TIES/DARE; ``tall_masks`` and ``emr`` are routed (per-task parts)."""
+def _group(name: str) -> tuple[str, ...]:
+    return _in_order([row for row, g in _GROUP_OF.items() if g == name])
 
-DATA_INFORMED_METHODS: tuple[str, ...] = ("fisher", "regmean", "regmean_plusplus", "adamerging_task", "adamerging_layer")
-"""Methods with a data phase (statistics from the zoo's splits, see mergelab_bench.eval.data_informed)."""
+
+CLASSIC_METHODS: tuple[str, ...] = _group("classic")
+"""The task-vector methods of the first leaderboard (cards with ``group="classic"``)."""
+
+ADVANCED_METHODS: tuple[str, ...] = _group("advanced")
+"""Data-free methods after TIES/DARE (``group="advanced"``); ``tall_masks`` and ``emr`` are routed (per-task parts)."""
+
+DATA_INFORMED_METHODS: tuple[str, ...] = _group("informed")
+"""Methods with a data phase (``group="informed"``; statistics from the zoo's splits, see mergelab_bench.eval.data_informed)."""
 
 LEADERBOARD_METHODS: tuple[str, ...] = CLASSIC_METHODS + ADVANCED_METHODS + DATA_INFORMED_METHODS
 """Methods of ``mergelab bench`` when none are named (every multi-expert method)."""
@@ -179,9 +185,10 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "informed": DATA_INFORMED_METHODS,
     "data_free": CLASSIC_METHODS + ADVANCED_METHODS,
     "all": LEADERBOARD_METHODS,
-    "adamerging": ("adamerging_task", "adamerging_layer"),
+    **{m: tuple(r for r, v in ROW_VARIANTS.items() if v == m) for m in dict.fromkeys(ROW_VARIANTS.values())},
 }
-"""Names ``mergelab bench --methods`` accepts for a group of methods."""
+"""Names ``mergelab bench --methods`` accepts for a group of methods (a method with row variants,
+e.g. ``adamerging``, names its rows)."""
 
 
 def expand_methods(names: Sequence[str]) -> list[str]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab_bench.eval.data_informed import BenchCalibration
-from mergelab_bench.eval.grids import ROW_VARIANTS, GridPoint, check_grid, grid_for, method_of, product
+from mergelab_bench.eval.grids import GridPoint, check_grid, grid_for, method_of, product
 from mergelab_bench.eval.harness import load_state_dict_path
 from mergelab_bench.eval.leaderboard import (
     Leaderboard,
@@ -61,7 +61,8 @@ LM_METHODS: tuple[str, ...] = (
     "della",
     "model_stock",
 )
-"""The engine's core methods, on the LM leaderboard by default."""
+"""The engine's core methods, on the LM leaderboard by default (the suite's choice; any registered
+method can be named with ``--methods``)."""
 
 LM_GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "linear": (GridPoint(),),
@@ -74,14 +75,16 @@ LM_GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "fisher": product({"normalize": (True, False)}),
     "regmean": product({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 1.0)}),
 }
-"""Per-method grids for the LM suite (see the module docstring); a method not listed gets its defaults."""
+"""The LM suite's overrides of the method cards' grids (see the module docstring: every point is
+a forward pass over every domain, so these are smaller); a method not listed here gets its card's
+grid (:func:`mergelab.eval.grids.grid_for`)."""
 
 DEFAULT_LM_VALIDATION_LIMIT = 32
 
 
 def lm_grid_for(method: str) -> tuple[GridPoint, ...]:
-    """The LM grid of a method or row variant (a variant's fixed point when it has no LM grid)."""
-    return LM_GRIDS.get(method, grid_for(method) if method in ROW_VARIANTS else (GridPoint(),))
+    """The LM grid of a method or row variant: the LM suite's override, else the method card's grid."""
+    return LM_GRIDS.get(method, grid_for(method))
 
 
 def run_lm_bench(
