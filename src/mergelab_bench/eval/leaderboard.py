@@ -261,8 +261,6 @@ def run_bench(
     written under ``work_dir`` while they are scored; without ``work_dir`` a temporary folder
     is used and removed.
     """
-    from mergelab.methods import get_method
-
     if merge_fn is None:
         from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
     say = echo or (lambda _: None)
@@ -282,43 +280,114 @@ def run_bench(
             tick()
 
     base, experts = _load_models(zoo)
+    return run_suite(
+        CLASSIFICATION, zoo, val=val, test=test, base=base, experts=experts, references=references,
+        expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
+        steps=steps, say=say, calibration=cal, work_dir=work_dir, t_start=t_start,
+        limits={"validation_limit": validation_limit, "test_limit": test_limit},
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The suite-agnostic part of a bench run
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What a bench suite declares; :func:`run_suite` does the rest (the grid search, the config,
+    zoo and calibration blocks of the leaderboard, the working folder).
+
+    ``grid_for`` gives a row's default grid; ``routed``: routed methods are merged to disk and
+    scored per task (else skipped with ``routed_skip``); ``base_source_key`` is the manifest entry
+    the leaderboard's ``zoo.base_source`` comes from.
+    """
+
+    name: str
+    selection: str
+    grid_for: Callable[[str], Sequence[GridPoint]]
+    normalized: str | None = None
+    routed: bool = True
+    routed_skip: str = ""
+    base_source_key: str = "base_source"
+    work_prefix: str = "mergelab-bench-"
+
+
+CLASSIFICATION = Suite(
+    name="classification",
+    selection="best average normalized accuracy on the validation split",
+    grid_for=grid_for,
+)
+
+
+def run_suite(
+    suite: Suite,
+    zoo: Any,
+    *,
+    val: Any,
+    test: Any,
+    base: dict[str, torch.Tensor],
+    experts: list[dict[str, torch.Tensor]],
+    references: list[EvalReport],
+    expert_test: dict[str, float | None],
+    methods: Sequence[str],
+    grids: Mapping[str, Sequence[GridPoint]] | None,
+    seed: int,
+    merge_fn: MergeFn,
+    progress: Any,
+    steps: _Steps,
+    say: Callable[[str], None],
+    calibration: BenchCalibration,
+    work_dir: str | os.PathLike[str] | None,
+    t_start: float,
+    limits: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+) -> Leaderboard:
+    """Run every method of ``methods`` through the grid search and assemble the leaderboard.
+
+    ``val``/``test`` are the suite's evaluators, ``references`` and ``expert_test`` its reference
+    rows and the experts' test scores; ``limits`` the validation and test limits as the
+    leaderboard's config records them.
+    """
+    from mergelab.methods import get_method
+
+    specs = {m: get_method(method_of(m)) for m in methods}
     temporary = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="mergelab-bench-")) if work_dir is None else Path(work_dir)
+    work = Path(tempfile.mkdtemp(prefix=suite.work_prefix)) if work_dir is None else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     stats_root = work / "statistics"
-    routed_root = work / ".routed-merges"
-    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, cal, stats_root, routed_root,
-                        temporary)
+    routed_root = work / ".routed-merges" if suite.routed else None
+    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, calibration, stats_root,
+                        routed_root, temporary)
     results: list[MethodResult] = []
     try:
-        for name in methods:
-            points = list((grids or {}).get(name, grid_for(name)))
+        for name, spec in specs.items():
+            points = list((grids or {}).get(name, suite.grid_for(name)))
             reason = check_grid(name, len(experts), points)
-            if reason:
-                say(f"{name}: skipped ({reason})")
-                results.append(MethodResult(name, status="skipped", reason=reason))
-                continue
-            result = _run_method(ctx, get_method(method_of(name)), points, row=name)
+            if not reason and not suite.routed and spec.outputs == "modulated":
+                reason = suite.routed_skip
+            result = (MethodResult(name, status="skipped", reason=reason) if reason
+                      else _run_method(ctx, spec, points, row=name))
             announce(result, say)
             results.append(result)
     finally:
-        shutil.rmtree(routed_root, ignore_errors=True)
+        if routed_root is not None:
+            shutil.rmtree(routed_root, ignore_errors=True)
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
 
-    specs = {m: get_method(method_of(m)) for m in methods}
     config: dict[str, Any] = {
-        "suite": "classification",
+        "suite": suite.name,
         "zoo": zoo.name,
-        "methods": methods,
-        "validation_limit": validation_limit,
-        "test_limit": test_limit,
+        "methods": list(methods),
+        **limits,
         "seed": seed,
-        "selection": "best average normalized accuracy on the validation split",
-        "grids": {m: [p.to_dict() for p in (grids or {}).get(m, grid_for(m))] for m in methods},
+        "selection": suite.selection,
+        "grids": {m: [p.to_dict() for p in (grids or {}).get(m, suite.grid_for(m))] for m in methods},
     }
+    if suite.normalized:
+        config["normalized"] = suite.normalized
     routed = [m for m, sp in specs.items() if sp.outputs == "modulated"]
-    if routed:
+    if routed and suite.routed:
         config["routed"] = {
             "methods": routed,
             "evaluation": "task t is scored with its own reconstruction theta_0 + s_t * m_t * (shared - theta_0) "
@@ -329,7 +398,7 @@ def run_bench(
     if informed:
         config["calibration"] = {
             "methods": informed,
-            **cal.describe(zoo),
+            **calibration.describe(zoo),
             "statistics_dir": "temporary (removed)" if temporary else str(stats_root),
         }
     zoo_info = {
@@ -337,9 +406,10 @@ def run_bench(
         "key": zoo.key,
         "tasks": zoo.tasks,
         "config": zoo.manifest.get("config", {}),
-        "base_source": zoo.manifest.get("base_source", {}),
+        "base_source": zoo.manifest.get(suite.base_source_key, {}),
     }
-    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, run_info(t_start))
+    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test,
+                       run_info(t_start, **(info or {})))
 
 
 _PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed")

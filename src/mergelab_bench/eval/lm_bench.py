@@ -28,26 +28,13 @@ not on this leaderboard (a per-domain reconstruction of a causal LM is not score
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 from mergelab_bench.eval.data_informed import BenchCalibration
-from mergelab_bench.eval.grids import GridPoint, check_grid, grid_for, method_of, product
+from mergelab_bench.eval.grids import GridPoint, grid_for, product
 from mergelab_bench.eval.harness import load_state_dict_path
-from mergelab_bench.eval.leaderboard import (
-    Leaderboard,
-    MergeFn,
-    MethodResult,
-    _BenchContext,
-    _run_method,
-    _Steps,
-    announce,
-    run_info,
-)
+from mergelab_bench.eval.leaderboard import Leaderboard, MergeFn, Suite, _Steps, run_suite
 from mergelab_bench.eval.lm_harness import Limit, LMEvaluator
 from mergelab_bench.eval.metrics import EvalReport
 from mergelab_bench.zoo.lm.build import LMZoo
@@ -87,6 +74,19 @@ def lm_grid_for(method: str) -> tuple[GridPoint, ...]:
     return LM_GRIDS.get(method, grid_for(method))
 
 
+LM_SUITE = Suite(
+    name="lm",
+    selection="best average normalized score on the validation split",
+    normalized="expert perplexity / merged perplexity; merged exact match / expert exact match",
+    grid_for=lm_grid_for,
+    routed=False,
+    routed_skip="routed methods are not on the LM leaderboard yet",
+    base_source_key="base",
+    work_prefix="mergelab-lm-bench-",
+)
+"""The LM leaderboard's protocol over the shared runner (:func:`mergelab_bench.eval.leaderboard.run_suite`)."""
+
+
 def run_lm_bench(
     zoo: LMZoo,
     *,
@@ -107,8 +107,6 @@ def run_lm_bench(
     :func:`mergelab_bench.eval.leaderboard.run_bench` (statistics in ``work_dir/statistics``; without
     ``work_dir`` a temporary folder, removed at the end).
     """
-    from mergelab.methods import get_method
-
     if merge_fn is None:
         from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
     say = echo or (lambda _: None)
@@ -132,51 +130,10 @@ def run_lm_bench(
 
     base = load_state_dict_path(zoo.base_dir)
     experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
-    cal = calibration or BenchCalibration()
-    temporary = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="mergelab-lm-bench-")) if work_dir is None else Path(work_dir)
-    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, cal, work / "statistics",
-                        None, temporary)
-    specs = {name: get_method(method_of(name)) for name in methods}
-    results: list[MethodResult] = []
-    try:
-        for name, spec in specs.items():
-            points = list((grids or {}).get(name, lm_grid_for(name)))
-            reason = check_grid(name, len(experts), points)
-            if not reason and spec.outputs == "modulated":
-                reason = "routed methods are not on the LM leaderboard yet"
-            result = (MethodResult(name, status="skipped", reason=reason) if reason
-                      else _run_method(ctx, spec, points, row=name))
-            announce(result, say)
-            results.append(result)
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
-
-    config: dict[str, Any] = {
-        "suite": "lm",
-        "zoo": zoo.name,
-        "methods": methods,
-        "validation_limit": validation_limit,
-        "test_limit": test.limit,
-        "seed": seed,
-        "selection": "best average normalized score on the validation split",
-        "normalized": "expert perplexity / merged perplexity; merged exact match / expert exact match",
-        "grids": {m: [p.to_dict() for p in (grids or {}).get(m, lm_grid_for(m))] for m in methods},
-    }
-    informed = [m for m, sp in specs.items() if sp.statistics is not None]
-    if informed:
-        config["calibration"] = {
-            "methods": informed,
-            **cal.describe(zoo),
-            "statistics_dir": "temporary (removed)" if temporary else str(work / "statistics"),
-        }
-    zoo_info = {
-        "name": zoo.name,
-        "key": zoo.key,
-        "tasks": zoo.tasks,
-        "config": zoo.manifest.get("config", {}),
-        "base_source": zoo.manifest.get("base", {}),
-    }
-    info = run_info(t_start, metrics={t: zoo.metrics(t)[0] for t in zoo.tasks})
-    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test, info)
+    return run_suite(
+        LM_SUITE, zoo, val=val, test=test, base=base, experts=experts, references=references,
+        expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
+        steps=steps, say=say, calibration=calibration or BenchCalibration(), work_dir=work_dir, t_start=t_start,
+        limits={"validation_limit": validation_limit, "test_limit": test.limit},
+        info={"metrics": {t: zoo.metrics(t)[0] for t in zoo.tasks}},
+    )  # fmt: skip

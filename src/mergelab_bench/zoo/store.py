@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 import os
 from typing import Any, ClassVar
@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 from mergelab.errors import MergelabError
-from mergelab_bench.zoo.cache import atomic_dir, config_key, read_json
-from mergelab_bench.zoo.splits import SPLITS, jsonl_bytes
+from mergelab_bench.zoo.cache import atomic_dir, config_key, read_json, write_json
+from mergelab_bench.zoo.splits import SPLITS, Finalized, SplitConfig, content_hash, jsonl_bytes
 
 
 class ZooError(MergelabError):
@@ -63,6 +63,32 @@ def write_split_files(out: Path, splits: Mapping[str, list[dict[str, str]]]) -> 
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         (out / f"{split}.jsonl").write_bytes(jsonl_bytes(rows))
+
+
+def write_task_folder(out: Path, spec: Any, reader: Any, cfg: SplitConfig, result: Finalized, *,
+                      builder_version: int, **fields: Any) -> dict:
+    """Write a finalized task into ``out``: the split files and ``meta.json`` (what every suite
+    records: name, description, builder version, split config and salt, sizes, drops, sources with
+    versions, content hash, the apt release when the task reads the apt index; plus the suite's
+    ``fields``). ``spec`` is a task spec of either suite, ``reader`` the source reader it was
+    collected from. Returns the metadata."""
+    write_split_files(out, result.splits)
+    meta = {
+        "task": spec.name,
+        "description": spec.description,
+        "builder_version": builder_version,
+        "split_config": asdict(cfg),
+        "split_salt": spec.salt,
+        "sizes": {s: len(rows) for s, rows in result.splits.items()},
+        "dropped": result.dropped,
+        "sources": spec.sources(reader),
+        "content_sha256": content_hash(result.splits),
+        **fields,
+    }
+    if spec.apt:
+        meta["apt_release"] = reader.apt_index().provenance
+    write_json(out / "meta.json", meta)
+    return meta
 
 
 def ensure_dir(final: Path, build: Callable[[Path], Any], *, done: str, force: bool = False) -> Path:

@@ -50,7 +50,7 @@ from mergelab_bench.zoo.splits import (  # noqa: F401 - SPLITS .. unit_hash are 
     split_of,
     unit_hash,
 )
-from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_split_files
+from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_task_folder
 
 BUILDER_VERSION = 1
 
@@ -227,26 +227,10 @@ def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig
     missing = [label for label in spec.labels if not any(label in c for c in counts.values())]
     if missing and strict:
         raise ValueError(f"task {spec.name}: no examples for labels {missing}")
-    write_split_files(out, result.splits)
-    meta = {
-        "task": spec.name,
-        "description": spec.description,
-        "labels": list(spec.labels),
-        "builder_version": BUILDER_VERSION,
-        "split_config": asdict(cfg),
-        "split_salt": spec.salt,
-        "cap_per_label": spec.cap,
-        "sizes": {s: len(rows) for s, rows in result.splits.items()},
-        "label_counts": counts,
-        "dropped": result.dropped,
-        "empty_labels": missing,
-        "sources": spec.sources(reader),
-        "content_sha256": content_hash(result.splits),
-    }
-    if spec.apt:
-        meta["apt_release"] = reader.apt_index().provenance
-    write_json(out / "meta.json", meta)
-    return meta
+    return write_task_folder(
+        out, spec, reader, cfg, result, builder_version=BUILDER_VERSION, labels=list(spec.labels),
+        cap_per_label=spec.cap, label_counts=counts, empty_labels=missing,
+    )
 
 
 def ensure_task(

@@ -44,7 +44,7 @@ from mergelab_bench.zoo.splits import (
     hash_sample,
     normalize_text,
 )
-from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_split_files
+from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_task_folder
 from mergelab_bench.zoo.tasks import _deb_paragraphs, _description_text, _is_cookie_file, fortune_entries
 
 LM_BUILDER_VERSION = 1
@@ -210,26 +210,10 @@ def build_lm_task(spec: LMTaskSpec, reader: SourceReader, out: Path, cfg: SplitC
     empty = [s for s in SPLITS if not result.splits[s]]
     if empty:
         raise ValueError(f"LM task {spec.name}: empty {', '.join(empty)} split(s); is a source missing or empty?")
-    write_split_files(out, result.splits)
-    meta = {
-        "task": spec.name,
-        "suite": "lm",
-        "description": spec.description,
-        "metrics": list(spec.metrics),
-        "builder_version": LM_BUILDER_VERSION,
-        "split_config": asdict(cfg),
-        "split_salt": spec.salt,
-        "cap": spec.cap,
-        "sizes": {s: len(rows) for s, rows in result.splits.items()},
-        "chars": {s: sum(len(r["text"]) for r in rows) for s, rows in result.splits.items()},
-        "dropped": result.dropped,
-        "sources": spec.sources(reader),
-        "content_sha256": content_hash(result.splits),
-    }
-    if spec.apt:
-        meta["apt_release"] = reader.apt_index().provenance
-    write_json(out / "meta.json", meta)
-    return meta
+    return write_task_folder(
+        out, spec, reader, cfg, result, builder_version=LM_BUILDER_VERSION, suite="lm", metrics=list(spec.metrics),
+        cap=spec.cap, chars={s: sum(len(r["text"]) for r in rows) for s, rows in result.splits.items()},
+    )
 
 
 def ensure_lm_task(
