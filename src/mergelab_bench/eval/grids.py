@@ -3,7 +3,9 @@
 Each method declares its grid and benchmark group with itself (``@method(...,
 card=MethodCard(grid=(global axes, per-model axes), group=..., variants=...))``); this module
 collects them into :data:`GRIDS`, the groups (:data:`METHOD_GROUPS`) and the row variants
-(:data:`ROW_VARIANTS`), so that adding a method never edits this file. Each point is ``(parameters, model_parameters)``: the method's global parameters and the
+(:data:`ROW_VARIANTS`), so that adding a method never edits this file.
+
+Each point is ``(parameters, model_parameters)``: the method's global parameters and the
 per-model parameters given to every expert alike (experts are weighted equally). The bench
 merges each point, scores it on the validation split, keeps the best average normalized
 accuracy and reports that point on the test split. Ranges follow the papers' recommendations
