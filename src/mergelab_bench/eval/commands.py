@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -420,8 +420,8 @@ def bench_command(
 ) -> None:
     """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
     from mergelab_bench.eval.data_informed import BenchCalibration
-    from mergelab_bench.eval.grids import LEADERBOARD_METHODS, expand_methods
-    from mergelab_bench.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
+    from mergelab_bench.eval.grids import LEADERBOARD_METHODS
+    from mergelab_bench.eval.leaderboard import run_bench
     from mergelab_bench.zoo import ZooConfig, ZooError, build_zoo, load_zoo
 
     _check_suite(suite)
@@ -439,12 +439,7 @@ def bench_command(
     zoo = zoo or "full"
     validation_limit = DEFAULT_VALIDATION_LIMIT if validation_limit is None else validation_limit
     test_limit = DEFAULT_TEST_LIMIT if test_limit is None else test_limit
-    method_names = expand_methods(_split_list(methods) or list(LEADERBOARD_METHODS))
-    from mergelab_bench.eval.grids import method_of
-    from mergelab.methods import get_method
-
-    for m in method_names:
-        get_method(method_of(m))  # unknown names fail before any work
+    method_names = _method_names(methods, LEADERBOARD_METHODS)
     with progress_bars() as progress:
         try:
             z = load_zoo(zoo, cache=cache)
@@ -467,11 +462,7 @@ def bench_command(
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
             calibration=calibration, work_dir=out_dir,
         )  # fmt: skip
-    if previous is not None:
-        lb = _updated(previous, lb)
-    paths = write_leaderboard(lb, out_dir)
-    console.print(leaderboard_table(lb))
-    err_console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    _write_bench(lb, previous, out_dir)
 
 
 def _lm_bench(
@@ -479,15 +470,10 @@ def _lm_bench(
     seed: int, cache: Path | None, calibration: Any, update: bool,
 ) -> None:
     """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`)."""
-    from mergelab_bench.eval.grids import expand_methods, method_of
-    from mergelab_bench.eval.leaderboard import leaderboard_table, write_leaderboard
     from mergelab_bench.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench
-    from mergelab.methods import get_method
     from mergelab_bench.zoo.lm.build import load_lm_zoo
 
-    method_names = expand_methods(_split_list(methods) or list(LM_METHODS))
-    for m in method_names:
-        get_method(method_of(m))  # unknown names fail before any work
+    method_names = _method_names(methods, LM_METHODS)
     z = load_lm_zoo(zoo or "default", cache=cache)
     out_dir = out or Path("benchmarks") / "results" / f"lm-{z.name}"
     val_limit = DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit)
@@ -500,6 +486,24 @@ def _lm_bench(
             test_limit="zoo" if test_limit is None else _limit(test_limit),
             echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
         )  # fmt: skip
+    _write_bench(lb, previous, out_dir)
+
+
+def _method_names(methods: str | None, default: Sequence[str]) -> list[str]:
+    """``--methods`` (groups expanded; default: the suite's), each checked before any work."""
+    from mergelab.methods import get_method
+    from mergelab_bench.eval.grids import expand_methods, method_of
+
+    names = expand_methods(_split_list(methods) or list(default))
+    for m in names:
+        get_method(method_of(m))  # unknown names fail before any work
+    return names
+
+
+def _write_bench(lb: Any, previous: Any, out_dir: Path) -> None:
+    """Merge ``lb`` into ``previous`` (``--update``), write it to ``out_dir`` and print it (either suite)."""
+    from mergelab_bench.eval.leaderboard import leaderboard_table, write_leaderboard
+
     if previous is not None:
         lb = _updated(previous, lb)
     paths = write_leaderboard(lb, out_dir)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergelab_bench.eval.evaluator import ZooEvaluator, load_state_dict_path  # noqa: F401 - re-exported
 from mergelab_bench.eval.ensembles import majority_vote, probability_average
 from mergelab_bench.eval.metrics import EvalReport, TaskScore, accuracy, fmt_pct
 from mergelab_bench.zoo.backbone import embed_batches, encoder_from_state_dict, load_encoder, load_weights
@@ -32,20 +33,7 @@ DEFAULT_TEST_LIMIT = 1000
 DEFAULT_VALIDATION_LIMIT = 300
 
 
-def load_state_dict_path(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file, or of every ``*.safetensors`` file in a directory."""
-    from safetensors.torch import load_file
-
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors file")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
-class Evaluator:
+class Evaluator(ZooEvaluator):
     """Scores encoders on a zoo's tasks (one split, the first ``limit`` rows of each)."""
 
     def __init__(
@@ -56,38 +44,23 @@ class Evaluator:
         split: str = "test",
         limit: int | None = DEFAULT_TEST_LIMIT,
     ) -> None:
-        self.zoo = zoo
-        self.tasks = list(tasks) if tasks else zoo.tasks
-        for t in self.tasks:
-            zoo.data(t)  # fail early on an unknown task
-        self.split = split
-        self.limit = limit
+        super().__init__(zoo, tasks=tasks, split=split, limit=limit)
         self.labels = {t: torch.tensor(zoo.examples(t, split, limit)[1]) for t in self.tasks}
         self._expert: dict[str, float] = {}
-        self._scratch: nn.Module | None = None
 
     # -- models
+    def _load_dir(self, path: Path) -> nn.Module:
+        return load_encoder(path)
+
+    def _from_state_dict(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        return encoder_from_state_dict(self.zoo.base_dir, state)
+
+    def _load_into(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        load_weights(module, state)
+
     def encoder(self, model: ModelLike) -> nn.Module:
         """An encoder module for any accepted model form (see the module docstring)."""
-        if isinstance(model, nn.Module):
-            return model.eval()
-        if isinstance(model, Mapping):
-            if self._scratch is None:
-                self._scratch = encoder_from_state_dict(self.zoo.base_dir, model)
-            else:
-                load_weights(self._scratch, model)
-            return self._scratch.eval()
-        text = os.fspath(model)
-        if text == "base":
-            return load_encoder(self.zoo.base_dir)
-        if text.startswith("expert:"):
-            return load_encoder(self.zoo.expert_model_dir(text.split(":", 1)[1]))
-        path = Path(text)
-        if path.is_dir() and (path / "config.json").is_file():
-            return load_encoder(path)
-        if path.exists():
-            return self.encoder(load_state_dict_path(path))
-        raise FileNotFoundError(f"{text}: no such checkpoint (a directory, a .safetensors file, base or expert:<task>)")
+        return self.module(model)
 
     # -- scores
     def expert_score(self, task: str) -> float:

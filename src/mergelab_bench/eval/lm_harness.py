@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mergelab_bench.eval.harness import load_state_dict_path
+from mergelab_bench.eval.evaluator import ZooEvaluator
 from mergelab_bench.eval.metrics import EvalReport, TaskScore, fmt_pct
 from mergelab_bench.zoo.lm.base import causal_lm_from_state_dict, load_causal_lm, load_lm_weights
 from mergelab_bench.zoo.lm.build import LMZoo, load_lm_zoo
@@ -40,7 +40,7 @@ def _value(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
-class LMEvaluator:
+class LMEvaluator(ZooEvaluator):
     """Scores causal LMs on an LM zoo's domains (one split, the first ``limit`` rows of each)."""
 
     def __init__(
@@ -51,38 +51,27 @@ class LMEvaluator:
         split: str = "test",
         limit: Limit = "zoo",
     ) -> None:
-        self.zoo = zoo
-        self.tasks = list(tasks) if tasks else zoo.tasks
-        for t in self.tasks:
-            zoo.data(t)  # fail early on an unknown task
+        resolved: int | None = zoo.eval_settings.get("eval_limit") if limit == "zoo" else limit  # type: ignore[assignment]
+        super().__init__(zoo, tasks=tasks, split=split, limit=resolved)
         if split not in ("test", "validation"):
             raise ValueError("split must be test or validation")
-        self.split = split
-        self.limit: int | None = zoo.eval_settings.get("eval_limit") if limit == "zoo" else limit  # type: ignore[assignment]
-        self._scratch: nn.Module | None = None
 
     # -- models
+    def _load_dir(self, path: Path) -> nn.Module:
+        return load_causal_lm(path, self.zoo.device)
+
+    def _from_state_dict(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        return causal_lm_from_state_dict(self.zoo.base_dir, dict(state)).to(self.zoo.device)
+
+    def _load_into(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        load_lm_weights(module, dict(state))
+
+    def _prepare(self, module: nn.Module) -> nn.Module:
+        return module.to(self.zoo.device)
+
     def model(self, model: LMModelLike) -> nn.Module:
         """A causal-LM module for any accepted model form (see the module docstring)."""
-        device = self.zoo.device
-        if isinstance(model, nn.Module):
-            return model.to(device).eval()
-        if isinstance(model, Mapping):
-            if self._scratch is None:
-                self._scratch = causal_lm_from_state_dict(self.zoo.base_dir, dict(model)).to(device)
-            else:
-                load_lm_weights(self._scratch, dict(model))
-            return self._scratch.eval()
-        text = os.fspath(model)
-        zoo_name = self._zoo_model_name(text)
-        if zoo_name is not None:
-            return load_causal_lm(self.zoo.model_dir(zoo_name), device)
-        path = Path(text)
-        if path.is_dir() and (path / "config.json").is_file():
-            return load_causal_lm(path, device)
-        if path.exists():
-            return self.model(load_state_dict_path(path))
-        raise FileNotFoundError(f"{text}: no such checkpoint (a directory, a .safetensors file, base or expert:<task>)")
+        return self.module(model)
 
     def _zoo_model_name(self, text: str) -> str | None:
         if text == "base":

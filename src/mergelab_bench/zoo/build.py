@@ -44,7 +44,8 @@ from mergelab_bench.zoo.cache import config_key, file_sha256, read_json, write_j
 from mergelab_bench.zoo.sources import BACKBONE_PACKAGE, SourceReader, SystemSources
 from mergelab_bench.zoo.store import BuiltZoo, ZooError, build_stamp, ensure_dir, find_manifest, point_latest, zoo_key
 from mergelab_bench.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task
-from mergelab_bench.zoo.train import TrainConfig, accuracy, select_probe, torch_threads, train_expert
+from mergelab_bench.zoo.train import TrainConfig, accuracy, select_probe, train_expert
+from mergelab_bench.zoo.training import torch_threads
 
 MANIFEST_FORMAT = "mergelab-zoo/1"
 EXPERT_FORMAT = 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -81,6 +81,12 @@ def assign_splits(salt: str, items: Iterable[tuple[str, str | None, dict[str, st
         split = split_of(salt, group if group is not None else norm, cfg)
         splits[split].append((unit_hash(salt, "order", record["key"]), record))
     return {s: [r for _, r in sorted(v, key=lambda x: (x[0], x[1]["key"]))] for s, v in splits.items()}
+
+
+def finalized_splits(salt: str, items: Iterable[tuple[str, str | None, dict[str, str]]], cfg: SplitConfig,
+              dropped: Mapping[str, int]) -> Finalized:
+    """The splits of ``items`` (:func:`assign_splits`) and the non-zero drop counts, sorted by reason."""
+    return Finalized(assign_splits(salt, items, cfg), {k: v for k, v in sorted(dropped.items()) if v})
 
 
 def jsonl_bytes(rows: Sequence[dict[str, str]]) -> bytes:

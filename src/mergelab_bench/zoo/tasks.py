@@ -42,8 +42,8 @@ from mergelab_bench.zoo.splits import (  # noqa: F401 - SPLITS .. unit_hash are 
     SPLITS,
     Finalized,
     SplitConfig,
-    assign_splits,
     content_hash,
+    finalized_splits,
     hash_sample,
     jsonl_bytes,
     normalize_text,
@@ -178,10 +178,7 @@ def finalize(spec: TaskSpec, rows: Iterable[Row], cfg: SplitConfig) -> Finalized
             kept += sample
 
     records = ((norm, row.group, {"text": row.text, "label": row.label, "key": row.key}) for norm, row in kept)
-    return Finalized(
-        splits=assign_splits(spec.salt, records, cfg),
-        dropped={k: v for k, v in sorted(dropped.items()) if v},
-    )
+    return finalized_splits(spec.salt, records, cfg, dropped)
 
 
 # --------------------------------------------------------------------------------------------

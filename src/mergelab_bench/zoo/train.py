@@ -21,11 +21,10 @@ were trained before it in the same process.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mergelab_bench.zoo.backbone import Head, embed, load_encoder, load_tokenizer, pooled
-from mergelab_bench.zoo.splits import unit_hash
+from mergelab_bench.zoo.training import (  # noqa: F401 - torch_threads, task_seed, lr_factor: re-exported
+    epoch_batches,
+    loss_ema,
+    lr_factor,
+    set_scheduled_lr,
+    task_seed,
+    torch_threads,
+)
 from mergelab_bench.zoo.tasks import TaskData
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -73,31 +79,6 @@ class TrainedExpert:
     encoder: nn.Module
     head: Head
     record: dict
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads (``None``: unchanged), then restore the count."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def task_seed(seed: int, task: str) -> int:
-    return int(unit_hash(str(seed), "train", task) * 2**31)
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def new_head(in_features: int, labels: list[str], task: str, generator: torch.Generator) -> Head:
@@ -157,33 +138,28 @@ def train_expert(
     texts, labels = data.examples("train")
     if not texts:
         raise ValueError(f"task {data.name} has an empty train split")
-    order: list[int] = []
+    batches = epoch_batches(len(texts), cfg.batch_size, order_rng)
     seen = 0
     encoder.train()
     head.linear.train()
     t0 = time.perf_counter()
-    loss_ema = math.nan
+    ema = math.nan
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(texts)))
-            order_rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        idx = next(batches)
         seen += len(idx)
         enc = tokenizer(
             [texts[i] for i in idx], truncation=True, max_length=cfg.max_len, padding=True, return_tensors="pt"
         )
         y = torch.tensor([labels[i] for i in idx])
-        for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
-            group["lr"] = base_lr * lr_factor(step, cfg.steps, warmup)
+        set_scheduled_lr(opt, base_lrs, step, cfg.steps, warmup)
         logits = head.linear(pooled(encoder, enc["input_ids"], enc["attention_mask"]))
         loss = nn.functional.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
+        ema = loss_ema(ema, loss.item())
         if progress is not None:
-            progress(step + 1, cfg.steps, {"loss": loss_ema})
+            progress(step + 1, cfg.steps, {"loss": ema})
     train_s = time.perf_counter() - t0
     encoder.eval()
     head.linear.eval()
@@ -196,7 +172,7 @@ def train_expert(
         "trainable_parameters": n_trainable,
         "train_seconds": round(train_s, 2),
         "steps_per_second": round(cfg.steps / train_s, 3),
-        "final_loss_ema": round(loss_ema, 4),
+        "final_loss_ema": round(ema, 4),
     }
     return TrainedExpert(encoder, head, record)
 

@@ -53,7 +53,7 @@ from mergelab_bench.zoo.lm.tasks import ALL_LM_TASKS, LM_SPLIT, LMTaskData, ensu
 from mergelab_bench.zoo.lm.train import LMTrainConfig, peak_rss_mb, train_lm_expert
 from mergelab_bench.zoo.sources import SourceReader, SystemSources
 from mergelab_bench.zoo.store import BuiltZoo, build_stamp, ensure_dir, find_manifest, point_latest, zoo_key
-from mergelab_bench.zoo.train import torch_threads
+from mergelab_bench.zoo.training import torch_threads
 
 LM_MANIFEST_FORMAT = "mergelab-lm-zoo/1"
 LM_EXPERT_FORMAT = 1

@@ -39,8 +39,8 @@ from mergelab_bench.zoo.splits import (
     SPLITS,
     Finalized,
     SplitConfig,
-    assign_splits,
     content_hash,
+    finalized_splits,
     hash_sample,
     normalize_text,
 )
@@ -172,10 +172,7 @@ def finalize_lm(spec: LMTaskSpec, rows: Iterable[LMRow], cfg: SplitConfig = LM_S
         dropped["over_cap"] += over
 
     records = ((norm, row.group, {"key": row.key, "text": row.text, **dict(row.fields)}) for norm, row in items)
-    return Finalized(
-        splits=assign_splits(spec.salt, records, cfg),
-        dropped={k: v for k, v in sorted(dropped.items()) if v},
-    )
+    return finalized_splits(spec.salt, records, cfg, dropped)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch import nn
 from mergelab_bench.zoo.lm.base import load_causal_lm, load_lm_tokenizer
 from mergelab_bench.zoo.lm.scoring import DOC_TOKEN, collate, doc_token_id, encode_texts, lm_loss, pad_token_id
 from mergelab_bench.zoo.lm.tasks import LMTaskData
-from mergelab_bench.zoo.train import lr_factor, task_seed
+from mergelab_bench.zoo.training import epoch_batches, loss_ema, set_scheduled_lr, task_seed
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -131,21 +131,16 @@ def train_lm_expert(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup_frac * cfg.steps)
     model.train()
-    order: list[int] = []
+    batches = epoch_batches(len(seqs), cfg.batch_size, order_rng)
     seen = tokens = 0
-    loss_ema = math.nan
+    ema = math.nan
     first_loss = math.nan
     step_times: list[float] = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(seqs)))
-            order_rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        idx = next(batches)
         batch = collate([seqs[i] for i in idx], pad_id).to(cfg.device)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.steps, warmup)
+        set_scheduled_lr(opt, [cfg.lr], step, cfg.steps, warmup)
         ts = time.perf_counter()
         loss, count = lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
@@ -158,9 +153,9 @@ def train_lm_expert(
         tokens += count
         value = loss.item()
         first_loss = value if math.isnan(first_loss) else first_loss
-        loss_ema = value if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * value
+        ema = loss_ema(ema, value)
         if progress is not None:
-            progress(step + 1, cfg.steps, {"loss": loss_ema})
+            progress(step + 1, cfg.steps, {"loss": ema})
     train_s = time.perf_counter() - t0
     model.eval()
     steady = step_times[1:] or step_times  # the first step pays one-off allocation costs
@@ -178,7 +173,7 @@ def train_lm_expert(
         "steps_per_second": round(cfg.steps / train_s, 4) if train_s > 0 else None,
         "steady_steps_per_second": round(len(steady) / sum(steady), 4) if sum(steady) > 0 else None,
         "first_loss": round(first_loss, 4),
-        "final_loss_ema": round(loss_ema, 4),
+        "final_loss_ema": round(ema, 4),
         "peak_rss_mb_process": peak_rss_mb(),
     }
     return TrainedLM(model, record)
