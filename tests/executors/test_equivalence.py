@@ -174,3 +174,28 @@ def test_ray_output_folder_matches_streaming(name, params, family, tmp_path, ray
         assert (b.path / "modulators" / "manifest.json").is_file()
     # the executor left the module's Ray session running (it did not start it)
     assert ray_session.is_initialized()
+
+
+@pytest.mark.skipif(not ray_available, reason="ray is not installed")
+def test_ray_matches_streaming_for_a_data_informed_method_with_a_fold(family, ray_session):
+    """Fisher with normalize: statistics readers reopened from specs, the global-norm fold combined."""
+    from mergelab.checkpoint.reader import StateDictReader
+
+    rec = recipe(family, "fisher", ({"normalize": True}, {}))
+    outs = []
+    for executor in ("streaming", "ray"):
+        plan = build_plan(Recipe.model_validate(rec))
+        try:
+            stats = []
+            for i in range(len(plan.experts)):
+                g = torch.Generator().manual_seed(100 + i)
+                stats.append(StateDictReader({f"{j.name}::fisher": torch.rand(j.shape, generator=g) + 0.01
+                                              for j in plan.merge_jobs}, f"<statistics {i}>"))
+            plan.attach_aux(stats)
+            assert plan.graph.folds and all(f.combine is not None for f in plan.graph.folds)
+            sink = MemorySink()
+            get_executor(executor).run(plan, {MODEL: sink}, ExecutorOptions(seed=3, hash_inputs=False, workers=2))
+            outs.append(sink.tensors)
+        finally:
+            plan.close()
+    assert_same(outs[0], outs[1], "fisher")
