@@ -54,9 +54,22 @@ MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 LABELS = tuple(MANIFEST["inputs"])
 ATOL, RTOL = 1e-6, 1e-5
 
-MATCH = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "slerp_gradient",
-         "model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_nobase_rows",
-         "karcher", "sce", "sce_topk"]  # the last three run once mergelab registers the method
+MATCH = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "slerp",
+    "slerp_gradient",
+    "model_stock",
+    "model_stock_filter_wise",
+    "nuslerp",
+    "nuslerp_nobase_rows",
+    "karcher",
+    "sce",
+    "sce_topk",
+]  # the last three run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
 
@@ -147,8 +160,10 @@ def test_ties_departure_default_density(tmp_path):
     theirs = mergekit_output("ties_default_density")
     ours = run_mergelab(recipe, tmp_path / "paper")
     assert max_diff(ours, theirs) > 1e-2
-    compat = {**recipe, "models": [{**m, "parameters": {**m.get("parameters", {}), "density": 1.0}}
-                                   for m in recipe["models"]]}
+    compat = {
+        **recipe,
+        "models": [{**m, "parameters": {**m.get("parameters", {}), "density": 1.0}} for m in recipe["models"]],
+    }
     assert max_diff(run_mergelab(compat, tmp_path / "compat"), theirs) <= ATOL
 
 
@@ -158,16 +173,30 @@ MERGEKIT_PYTHON = os.environ.get("MERGEKIT_PYTHON")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MERGEKIT_PYTHON, reason="set MERGEKIT_PYTHON to a venv python with mergekit 0.1.5 "
-                    "to check the frozen fixtures against a live mergekit")
+@pytest.mark.skipif(
+    not MERGEKIT_PYTHON,
+    reason="set MERGEKIT_PYTHON to a venv python with mergekit 0.1.5 "
+    "to check the frozen fixtures against a live mergekit",
+)
 def test_frozen_fixtures_equal_a_live_mergekit_run(tmp_path):
     """make_fixtures.py into a scratch copy, then compare with the committed outputs bit for bit."""
     import shutil
 
     work = tmp_path / "fixtures"
     shutil.copytree(FIXTURES, work)
-    proc = subprocess.run([sys.executable, str(work / "make_fixtures.py"), "--mergekit-python", MERGEKIT_PYTHON,
-                           "--only", "ties,model_stock,slerp"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(work / "make_fixtures.py"),
+            "--mergekit-python",
+            MERGEKIT_PYTHON,
+            "--only",
+            "ties,model_stock,slerp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for case in ("ties", "model_stock", "slerp"):
         fresh, frozen = load_file(str(work / "outputs" / f"{case}.safetensors")), mergekit_output(case)

@@ -103,6 +103,7 @@ def test_forced_merge_failing_inside_commit_keeps_previous_output(family, previo
             if Path(dst) == previous and ".mergelab-tmp-" in Path(src).name:
                 raise OSError(errno.EIO, "injected failure publishing the output")
             return real(src, dst, *a, **k)
+
         return fn
 
     monkeypatch.setattr(os, "rename", failing(real_rename))
@@ -125,8 +126,15 @@ class Recorder:
         self.calls: list[tuple[str, Path, Path]] = []
         self.dest_at_publish: bool | None = None
         self.tmp_contents: set[str] = set()
-        for mod, name in ((os, "rename"), (os, "replace"), (shutil, "copytree"), (shutil, "move"),
-                          (shutil, "copy"), (shutil, "copy2"), (shutil, "copyfile")):
+        for mod, name in (
+            (os, "rename"),
+            (os, "replace"),
+            (shutil, "copytree"),
+            (shutil, "move"),
+            (shutil, "copy"),
+            (shutil, "copy2"),
+            (shutil, "copyfile"),
+        ):
             monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
 
     def _wrap(self, name, real):
@@ -137,6 +145,7 @@ class Recorder:
                 self.dest_at_publish = dst_p.exists()
                 self.tmp_contents = {p.name for p in src_p.iterdir()} if src_p.is_dir() else set()
             return real(src, dst, *a, **k)
+
         return fn
 
     def into_dest(self) -> list[tuple[str, Path, Path]]:
@@ -155,7 +164,7 @@ def test_commit_is_one_rename_of_the_temp_folder(family, tmp_path, monkeypatch, 
     monkeypatch.undo()
     into = rec.into_dest()
     assert len(into) == 1, f"the destination was written by {len(into)} calls, not one rename: {into}"
-    kind, src, dst = into[0]
+    kind, src, _dst = into[0]
     assert kind in ("rename", "replace"), f"published with shutil.{kind}, not a rename"
     assert src.parent == out.absolute().parent and ".mergelab-tmp-" in src.name, src
     assert not src.exists()
@@ -245,8 +254,13 @@ def test_process_killed_between_shards(family, tmp_path, force):
     r = tmp_path / "recipe.yaml"
     r.write_text(yaml.safe_dump(recipe(base, experts)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_CHILD, str(r), str(out), "1" if force else "0"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_CHILD, str(r), str(out), "1" if force else "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     if force:
         assert digest(out) == before, "a merge killed mid-write changed the previous output"

@@ -84,8 +84,9 @@ def _n_experts(method: MergeMethod) -> int:
 
 def _ctx(name: str, stats: Mapping[str, Any], aux=()) -> TensorContext:
     m = re.search(r"\.layers\.(\d+)\.", name)
-    return TensorContext(name=name, seed=5, layer=int(m.group(1)) if m else None, num_layers=NUM_LAYERS,
-                         stats=stats, aux=aux)
+    return TensorContext(
+        name=name, seed=5, layer=int(m.group(1)) if m else None, num_layers=NUM_LAYERS, stats=stats, aux=aux
+    )
 
 
 def run_direct(name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -97,14 +98,19 @@ def run_direct(name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     mps = tuple(method.model_params.model_validate(dict(mp_raw)) for _ in range(n))
     base64 = _state(0)
     experts64 = [
-        {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
-         for k, v in base64.items()}
+        {
+            k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
+            for k, v in base64.items()
+        }
         for i in range(n)
     ]
     base = None if method.base == "ignored" else {k: v.to(dtype) for k, v in base64.items()}
     experts = [{k: v.to(dtype) for k, v in e.items()} for e in experts64]
-    aux = {k: [{kind: s for kind, s in _aux(method, k, base64[k], 20 + i).items()} for i in range(n)]
-           for k in NAMES} if method.statistics is not None else {k: () for k in NAMES}
+    aux = (
+        {k: [_aux(method, k, base64[k], 20 + i) for i in range(n)] for k in NAMES}
+        if method.statistics is not None
+        else dict.fromkeys(NAMES, ())
+    )
 
     def inputs(k):
         return (None if base is None else base[k]), [e[k] for e in experts]
@@ -155,8 +161,12 @@ COMPUTES_IN_FLOAT32 = {
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason=f"computes in float32: {COMPUTES_IN_FLOAT32[n]}", strict=False))
-     if n in COMPUTES_IN_FLOAT32 else n for n in METHODS],
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=f"computes in float32: {COMPUTES_IN_FLOAT32[n]}", strict=False))
+        if n in COMPUTES_IN_FLOAT32
+        else n
+        for n in METHODS
+    ],
 )
 def test_float64_compute_is_honoured(name):
     """A float64 run must not round through float32 on the way (its error would be ~1e-7, not ~1e-15)."""

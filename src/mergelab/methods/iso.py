@@ -7,7 +7,7 @@ Isotropic Model Merging with Common and Task-Specific Subspaces", arXiv:2502.049
 For every 2-D tensor (m × n, r = min(m, n)) not named in ``exclude``, with τ_i = θ_i − θ0:
 
 ISO-C (``iso_c``)
-    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD, float32; float64 under a float64 compute dtype); replace every singular value by their mean
+    M = Σ_i τ_i = U diag(σ) Vᵀ (thin SVD, float32); replace every singular value by their mean
     σ̄ = (1/r) Σ_j σ_j (the zeros of a rank-deficient M included): Δ = σ̄ U Vᵀ.
 
 ISO-CTS (``iso_cts``)
@@ -36,6 +36,7 @@ Checked against the reference code (danielm1405/iso-merging configs; fusion_benc
   a negative index), s = ⌊r / T⌋ is used instead.
 * ``exclude`` (reference: ``exclude_keys``, exact names, default none) matches name substrings.
 * With ``common_space_fraction: 1`` ISO-CTS has no task-specific part (s = 0) and equals ISO-C.
+* Working dtype: float32 (bf16/fp16 SVD is not supported), float64 when the compute dtype is float64.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Reducing Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081.
 
 For every 2-D tensor (a weight matrix W of shape m × n, r = min(m, n)) not named in ``exclude``:
 
-1. τ_i = U_i diag(s_i) V_iᵀ (thin SVD, float32; float64 under a float64 compute dtype), i = 1..T, optionally τ_i ← w_i τ_i first;
+1. τ_i = U_i diag(s_i) V_iᵀ (thin SVD, float32), i = 1..T, optionally τ_i ← w_i τ_i first;
 2. keep k = ⌊r / T⌋ directions per task: U = [U_1[:, :k] … U_T[:, :k]] (m × kT),
    s = [s_1[:k] … s_T[:k]], Vᵀ = rows [V_1ᵀ[:k] … V_Tᵀ[:k]] (kT × n);
 3. orthogonalise (whitening by orthogonal Procrustes): U⊥ = P_U Q_Uᵀ for U = P_U Σ_U Q_Uᵀ,
@@ -35,6 +35,7 @@ Checked against the reference code (fusion_bench ``method/task_singular_vector``
 * With one task, k = r and both polar factors are the identity map: Δ = τ_1 exactly.
 * Singular vectors of a rank-deficient τ_i for zero singular values are whatever the SVD routine
   returns; they carry zero weight in Δ but take part in the orthogonalisation, as in the reference.
+* Working dtype: float32 (bf16/fp16 SVD is not supported), float64 when the compute dtype is float64.
 """
 
 from __future__ import annotations
