@@ -228,16 +228,21 @@ class RayExecutor:
         if n_workers < 1:
             raise MergelabError(f"--workers must be at least 1, got {n_workers}")
         started = False
-        if ray.is_initialized() and opts.address is None:
-            cpus = ray.cluster_resources().get("CPU", 0)
-            if cpus < n_workers:
-                raise MergelabError(f"--workers {n_workers}: the running Ray session has {cpus:g} CPUs; use at most that many")
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if opts.address is None:
                 kwargs["num_cpus"] = n_workers
-            ray.init(address=opts.address, **kwargs)
+            try:
+                ray.init(address=opts.address, **kwargs)
+            except Exception as exc:  # connection and start-up errors of several types
+                where = f"the Ray cluster at {opts.address}" if opts.address else "a local Ray"
+                raise MergelabError(f"cannot start or reach {where} ({type(exc).__name__}: {exc})") from exc
             started = True
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < n_workers:
+            if started:
+                ray.shutdown()
+            raise MergelabError(f"--workers {n_workers}: the Ray cluster has {cpus:g} CPUs; use at most that many")
         try:
             # workers compute with the driver's thread count, so reductions split the same way
             wopts = dataclasses.replace(opts, threads=opts.threads or torch.get_num_threads())
