@@ -199,3 +199,35 @@ def test_ray_matches_streaming_for_a_data_informed_method_with_a_fold(family, ra
         finally:
             plan.close()
     assert_same(outs[0], outs[1], "fisher")
+
+
+@pytest.mark.skipif(not ray_available, reason="ray is not installed")
+def test_ray_reports_a_worker_failure_as_the_original_error(ray_session):
+    """A NaN found by a worker surfaces as the same one-line error as in the streaming executor."""
+    from mergelab.checkpoint.reader import StateDictReader
+    from mergelab.errors import InputDataError
+
+    base = {f"model.layers.{i}.w": torch.zeros(4, 4) for i in range(4)}
+    bad = {k: v + 1 for k, v in base.items()}
+    bad["model.layers.3.w"][0, 0] = float("nan")
+    rec = Recipe.model_validate({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "e"}]})
+    for executor in ("streaming", "ray"):
+        plan = build_plan(rec, readers={"b": StateDictReader(base, "b"), "e": StateDictReader(bad, "e")})
+        try:
+            with pytest.raises(InputDataError, match="model.layers.3.w.*NaN"):
+                get_executor(executor).run(plan, {MODEL: MemorySink()}, ExecutorOptions(workers=2))
+        finally:
+            plan.close()
+
+
+@pytest.mark.skipif(not ray_available, reason="ray is not installed")
+def test_ray_refuses_more_workers_than_the_session_has_cpus(family, ray_session):
+    from mergelab.errors import MergelabError
+
+    plan = build_plan(Recipe.model_validate(recipe(family, "linear")))
+    try:
+        with pytest.raises(MergelabError, match="--workers 3: the Ray cluster has 2 CPUs"):
+            get_executor("ray").run(plan, {MODEL: MemorySink()}, ExecutorOptions(workers=3))
+    finally:
+        plan.close()
+    assert ray_session.is_initialized()

@@ -166,3 +166,23 @@ def test_an_unknown_executor_fails_before_any_input_is_opened(tmp_path: Path):
         mergelab.merge({"merge_method": "linear", "models": [{"model": str(tmp_path / "nope")}]},
                        tmp_path / "out", executor="nosuch")
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_merge_ranges_follow_output_shards(family, tmp_path):
+    """With as many shards as workers, every shard file is written by exactly one worker."""
+    from mergelab.checkpoint.writer import ShardedSafetensorsWriter
+    from mergelab.executors.ray import _merge_ranges
+
+    plan = build_plan(_recipe(family))
+    try:
+        g = plan.graph
+        writer = ShardedSafetensorsWriter(tmp_path, [(j.name, j.out_dtype, j.shape) for j in g.jobs], 150_000)
+        assert len(writer.shards) >= 2
+        ranges = _merge_ranges(g, {MODEL: writer}, 2)
+        assert [i for r in ranges for i in r] == list(range(len(g.jobs))) and len(ranges) == 2
+        shard_of = {n: k for k, s in enumerate(writer.shards) for n in s.names}
+        owners = [{shard_of[g.jobs[i].name] for i in r} for r in ranges]
+        assert not owners[0] & owners[1]
+        writer.abort()
+    finally:
+        plan.close()

@@ -12,7 +12,8 @@ jobs (contiguous ranges in job order, balanced by bytes read):
   pass. A fold without ``combine`` runs on the driver instead (same result, not parallel).
 * **merge**: a checkpoint sink (:class:`~mergelab.checkpoint.writer.ShardedSafetensorsWriter`)
   is laid out and its files created by the driver; every actor writes its tensors in place at
-  their planned offsets (:class:`~mergelab.checkpoint.writer.ShardLayout`). Other sinks (the
+  their planned offsets (:class:`~mergelab.checkpoint.writer.ShardLayout`). With at least as
+  many shards as workers, each worker gets whole shards (its own shard files). Other sinks (the
   in-memory sink, the masks writer) receive the actors' results on the driver, in job order.
   The driver then finishes the sinks (index, manifest), and the caller writes the model card
   and side files and publishes the output folder with its one rename.
@@ -45,7 +46,7 @@ from mergelab.executors.base import (
     thread_limit,
 )
 from mergelab.executors.streaming import _Hasher, fold_jobs, input_hashes, merge_jobs
-from mergelab.ir import Graph, Job
+from mergelab.ir import MODEL, Graph, Job
 
 DEFAULT_WORKERS = 2
 
@@ -228,16 +229,21 @@ class RayExecutor:
         if n_workers < 1:
             raise MergelabError(f"--workers must be at least 1, got {n_workers}")
         started = False
-        if ray.is_initialized() and opts.address is None:
-            cpus = ray.cluster_resources().get("CPU", 0)
-            if cpus < n_workers:
-                raise MergelabError(f"--workers {n_workers}: the running Ray session has {cpus:g} CPUs; use at most that many")
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if opts.address is None:
                 kwargs["num_cpus"] = n_workers
-            ray.init(address=opts.address, **kwargs)
+            try:
+                ray.init(address=opts.address, **kwargs)
+            except Exception as exc:  # connection and start-up errors of several types
+                where = f"the Ray cluster at {opts.address}" if opts.address else "a local Ray"
+                raise MergelabError(f"cannot start or reach {where} ({type(exc).__name__}: {exc})") from exc
             started = True
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < n_workers:
+            if started:
+                ray.shutdown()
+            raise MergelabError(f"--workers {n_workers}: the Ray cluster has {cpus:g} CPUs; use at most that many")
         try:
             # workers compute with the driver's thread count, so reductions split the same way
             wopts = dataclasses.replace(opts, threads=opts.threads or torch.get_num_threads())
@@ -303,6 +309,31 @@ def _folds(ray: Any, g: Graph, actors: list[Any], opts: ExecutorOptions, prog: P
     return stats
 
 
+def _merge_ranges(g: Graph, sinks: Mapping[str, Any], n: int) -> list[range]:
+    """Contiguous job ranges for the merge pass, one per actor.
+
+    When the checkpoint has at least ``n`` shards, ranges follow shard boundaries, so every
+    shard file is written by one worker; otherwise jobs are split by bytes (workers then write
+    disjoint tensors of the same file).
+    """
+    jobs = g.jobs
+    weights = [g.job_input_bytes(j) for j in jobs]
+    writer = sinks.get(MODEL)
+    if isinstance(writer, ShardedSafetensorsWriter) and len(writer.shards) >= n:
+        shard_of = {name: k for k, shard in enumerate(writer.shards) for name in shard.names}
+        # consecutive jobs of one shard (the writer groups tensors in job order)
+        groups: list[range] = []
+        start = 0
+        for i in range(1, len(jobs) + 1):
+            if i == len(jobs) or shard_of.get(jobs[i].name) != shard_of.get(jobs[start].name):
+                groups.append(range(start, i))
+                start = i
+        if len(groups) >= n:
+            cut = partition([sum(weights[k] for k in grp) for grp in groups], n)
+            return [range(groups[c.start].start, groups[c.stop - 1].stop) for c in cut]
+    return partition(weights, n)
+
+
 def _merge(ray: Any, g: Graph, actors: list[Any], sinks: Mapping[str, Any], stats: Mapping[str, Any],
            opts: ExecutorOptions, prog: Progress, run: RunStats) -> None:
     layouts: dict[str, Any] = {}
@@ -314,7 +345,7 @@ def _merge(ray: Any, g: Graph, actors: list[Any], sinks: Mapping[str, Any], stat
         else:
             collect.append(name)
     jobs: list[Job] = g.jobs
-    ranges = partition([g.job_input_bytes(j) for j in jobs], len(actors))
+    ranges = _merge_ranges(g, sinks, len(actors))
     prog.begin("merge" if not g.folds else f"pass {len(g.folds) + 1}/{len(g.folds) + 1}: merge", len(jobs), g.input_bytes())
     futures = [a.merge.remote(list(r), stats, layouts, collect) for a, r in zip(actors, ranges)]
     pending = {f: i for i, f in enumerate(futures)}
