@@ -232,7 +232,9 @@ class RayExecutor:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if opts.address is None:
+                # a local Ray of this run only: every service on the loopback interface
                 kwargs["num_cpus"] = n_workers
+                kwargs["_node_ip_address"] = "127.0.0.1"
             try:
                 ray.init(address=opts.address, **kwargs)
             except Exception as exc:  # connection and start-up errors of several types
