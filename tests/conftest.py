@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from mergelab.synthetic import make_base, make_expert, make_family
 
 torch.set_num_threads(2)
+# Ray started by the tests binds to the loopback address only (read by Ray at import)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ the driver's torch thread count. Ray is imported only when this executor runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from collections.abc import Mapping, Sequence
@@ -51,7 +52,15 @@ from mergelab.ir import MODEL, Graph, Job
 DEFAULT_WORKERS = 2
 
 
-def _import_ray() -> Any:
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Set before Ray is imported, a local Ray (no --ray-address) binds every service to the loopback
+address instead of the machine's network address (Ray reads this flag once, at import)."""
+
+
+def _import_ray(local: bool = False) -> Any:
+    if local:
+        for k, v in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(k, v)
     try:
         import ray
     except ImportError as exc:
@@ -224,7 +233,7 @@ class RayExecutor:
         prog = progress or NoProgress()
         check_statistics(g)
         resolve_device(opts.device)  # fail on a bad device before starting anything
-        ray = _import_ray()
+        ray = _import_ray(local=opts.address is None)
         n_workers = opts.workers or DEFAULT_WORKERS
         if n_workers < 1:
             raise MergelabError(f"--workers must be at least 1, got {n_workers}")
@@ -234,7 +243,6 @@ class RayExecutor:
             if opts.address is None:
                 # a local Ray of this run only: every service on the loopback interface
                 kwargs["num_cpus"] = n_workers
-                kwargs["_node_ip_address"] = "127.0.0.1"
             try:
                 ray.init(address=opts.address, **kwargs)
             except Exception as exc:  # connection and start-up errors of several types
