@@ -26,7 +26,9 @@ class _RateColumn(ProgressColumn):
         if elapsed <= 0:
             return Text("", style="progress.data.speed")
         nbytes = task.fields.get("nbytes", 0)
-        return Text(f"{task.completed / elapsed:5.0f} t/s {nbytes / elapsed / 1e9:5.2f} GB/s", style="progress.data.speed")
+        return Text(
+            f"{task.completed / elapsed:5.0f} t/s {nbytes / elapsed / 1e9:5.2f} GB/s", style="progress.data.speed"
+        )
 
 
 class RichProgress:

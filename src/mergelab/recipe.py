@@ -262,11 +262,15 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
         return src.model_copy(update=update)
 
     models = [
-        m.model_copy(update={"model": fix(m.model), "calibration": fix_source(m.calibration), "statistics": fix(m.statistics)})
+        m.model_copy(
+            update={"model": fix(m.model), "calibration": fix_source(m.calibration), "statistics": fix(m.statistics)}
+        )
         for m in recipe.models
     ]
     update: dict[str, Any] = {
-        "models": models, "base_model": fix(recipe.base_model), "tokenizer_source": fix(recipe.tokenizer_source)
+        "models": models,
+        "base_model": fix(recipe.base_model),
+        "tokenizer_source": fix(recipe.tokenizer_source),
     }
     if recipe.calibration is not None:
         cal = recipe.calibration
@@ -314,4 +318,6 @@ def resolve_setting(setting: ParamSetting, tensor_name: str, t: float) -> Any:
             if c.filter is None or c.filter == "*" or c.filter in tensor_name:
                 return resolve_setting(c.value, tensor_name, t)
         return None
-    raise RecipeError(f"unsupported parameter value {setting!r}: use a number, a list of numbers, or filter/value pairs")
+    raise RecipeError(
+        f"unsupported parameter value {setting!r}: use a number, a list of numbers, or filter/value pairs"
+    )

@@ -31,7 +31,7 @@ class GramCollector:
     def __init__(self, modules: Mapping[str, nn.Module]):
         self.modules = dict(modules)
         self.grams: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {name: 0 for name in self.modules}
+        self.rows: dict[str, int] = dict.fromkeys(self.modules, 0)
         self.mask: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -52,6 +52,7 @@ class GramCollector:
                 g = self.grams[name] = torch.zeros(d, d, dtype=torch.float32, device=x.device)
             g.addmm_(rows.T, rows)
             self.rows[name] += rows.shape[0]
+
         return hook
 
     @contextmanager

@@ -49,9 +49,15 @@ class DataProgress:
             )
 
             bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}", style="progress.data.speed"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=self.console, transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}", style="progress.data.speed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
             )
             bar.start()
             tid = bar.add_task(description, total=total, rate="")
@@ -61,6 +67,7 @@ class DataProgress:
                 t = bar.tasks[0]
                 if t.elapsed:
                     bar.update(tid, rate=f"{t.completed / t.elapsed:6.1f} {unit}/s")
+
             try:
                 yield advance
             finally:

@@ -87,12 +87,14 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, Any], 
             if calls[idx] is not None:
                 raise MergelabError("RegMean++: a block ran twice in one forward (shared blocks are not supported)")
             calls[idx] = _Call(tuple(args), dict(kwargs))
+
         return hook
 
     def post(idx: int):
         def hook(module, args, kwargs, output):
             o = output[0] if isinstance(output, (tuple, list)) else output
             outs[idx] = o
+
         return hook
 
     for i, b in enumerate(blocks):
@@ -139,7 +141,7 @@ def regmean_plusplus(
     expert_blocks = [e.get_submodule(bname) for e in experts]
     prefix = f"{bname}." if bname else ""
     lin = {k: v for k, v in linear_modules(merged).items() if mergeable(f"{k}.weight")}
-    in_block = {k for k in lin if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    in_block = {k for k in lin if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()}
     grams: list[dict[str, tuple[torch.Tensor, int, bool]]] = [{} for _ in range(n)]
 
     def set_param(name: str, aux: list[dict[str, torch.Tensor]]) -> None:
@@ -169,6 +171,7 @@ def regmean_plusplus(
             masks.append(mi)
         # 3. block by block
         for layer, block in enumerate(blocks):
+
             def full(rel: str, layer: int = layer) -> str:
                 return f"{prefix}{layer}" + (f".{rel}" if rel else "")
 
@@ -186,7 +189,9 @@ def regmean_plusplus(
             for pname, _ in block.named_parameters():
                 name = full(pname)
                 mod = name.rsplit(".", 1)[0]
-                aux = [_aux(grams[i].get(mod)) if name.endswith(".weight") and mod in in_block else {} for i in range(n)]
+                aux = [
+                    _aux(grams[i].get(mod)) if name.endswith(".weight") and mod in in_block else {} for i in range(n)
+                ]
                 set_param(name, aux)
             for i in range(n):
                 for j in range(len(task_batches[i])):

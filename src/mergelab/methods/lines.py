@@ -83,19 +83,17 @@ def parse_mapping(value: Any) -> dict[str, Any]:
         if parsed is None:
             return {}
         if not isinstance(parsed, dict):
-            raise ValueError(f"merge_parameters must be a mapping such as '{{lambda: 1.0}}', got {value!r}")  # noqa: TRY004 (pydantic reports ValueError only)
+            # ValueError, not TypeError: pydantic reports a validator's ValueError only
+            raise ValueError(f"merge_parameters must be a mapping such as '{{lambda: 1.0}}', got {value!r}")
         return parsed
     raise ValueError(f"merge_parameters must be a mapping (a string in recipes), got {value!r}")
 
 
 class LinesParams(MethodParams):
-    merge_method: str = Field(
-        "task_arithmetic", description="registered method whose merged task vector is scaled"
-    )
+    merge_method: str = Field("task_arithmetic", description="registered method whose merged task vector is scaled")
     merge_parameters: dict[str, Any] | str = Field(
         "",
-        description="global parameters of merge_method, as a YAML/JSON mapping string in recipes, "
-        "e.g. '{lambda: 1.0}'",
+        description="global parameters of merge_method, as a YAML/JSON mapping string in recipes, e.g. '{lambda: 1.0}'",
     )
     mode: Literal["auto", "multi_task", "single_task"] = Field(
         "auto", description="auto: single_task with one expert, multi_task otherwise"

@@ -63,7 +63,9 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     numel = math.prod(shape)
     raw = packed.detach().to("cpu").reshape(-1).numpy()
     if raw.size != packed_size(numel):
-        raise CheckpointError(f"packed mask has {raw.size} bytes, expected {packed_size(numel)} for shape {list(shape)}")
+        raise CheckpointError(
+            f"packed mask has {raw.size} bytes, expected {packed_size(numel)} for shape {list(shape)}"
+        )
     bits = np.unpackbits(raw, count=numel, bitorder=BIT_ORDER)
     return torch.from_numpy(bits.astype(np.bool_)).reshape(tuple(shape))
 

@@ -368,7 +368,10 @@ def _eval_lm(
 def bench_command(
     suite: Annotated[str, typer.Option(help="classification or lm (the SmolLM2 domain experts)")] = "classification",
     zoo: Annotated[
-        str | None, typer.Option(help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]")
+        str | None,
+        typer.Option(
+            help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]"
+        ),
     ] = None,
     methods: Annotated[
         str | None,
@@ -455,8 +458,15 @@ def bench_command(
         out_dir = out or Path("benchmarks") / "results" / f"classification-{z.name}"
         previous = _previous_leaderboard(out_dir) if update else None
         if previous is not None:
-            _check_update(previous, z.key, suite="classification", zoo=z.name, validation_limit=_limit(validation_limit),
-                          test_limit=_limit(test_limit), seed=seed)
+            _check_update(
+                previous,
+                z.key,
+                suite="classification",
+                zoo=z.name,
+                validation_limit=_limit(validation_limit),
+                test_limit=_limit(test_limit),
+                seed=seed,
+            )
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
@@ -466,8 +476,15 @@ def bench_command(
 
 
 def _lm_bench(
-    zoo: str | None, methods: str | None, out: Path | None, validation_limit: int | None, test_limit: int | None,
-    seed: int, cache: Path | None, calibration: Any, update: bool,
+    zoo: str | None,
+    methods: str | None,
+    out: Path | None,
+    validation_limit: int | None,
+    test_limit: int | None,
+    seed: int,
+    cache: Path | None,
+    calibration: Any,
+    update: bool,
 ) -> None:
     """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`)."""
     from mergelab_bench.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mergelab_bench.zoo.backbone import Head, embed, load_encoder, load_tokenizer, pooled
+from mergelab_bench.zoo.tasks import TaskData
 from mergelab_bench.zoo.training import (  # noqa: F401 - torch_threads, task_seed, lr_factor: re-exported
     epoch_batches,
     loss_ema,
@@ -42,7 +43,6 @@ from mergelab_bench.zoo.training import (  # noqa: F401 - torch_threads, task_se
     task_seed,
     torch_threads,
 )
-from mergelab_bench.zoo.tasks import TaskData
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, total, info)`` during training."""
@@ -133,7 +133,7 @@ def train_expert(
         weight_decay=cfg.weight_decay,
     )
     base_lrs = [g["lr"] for g in opt.param_groups]
-    warmup = int(round(cfg.warmup_frac * cfg.steps))
+    warmup = round(cfg.warmup_frac * cfg.steps)
 
     texts, labels = data.examples("train")
     if not texts:
