@@ -31,6 +31,7 @@ block (see :mod:`mergelab.data.config`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -214,14 +215,14 @@ def _format_validation(exc: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
-def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> Recipe:
     """A Recipe from a YAML file path, a dict, or a Recipe; relative model paths are
     resolved against the YAML file's folder when they exist there."""
     if isinstance(source, Recipe):
         return source
     where = "recipe"
     base_dir: Path | None = None
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         where = str(path)
         if not path.is_file():

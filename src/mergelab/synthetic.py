@@ -90,7 +90,7 @@ def make_base(
         tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = LlamaForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]  # transformers types .to() as a decorated wrapper
     if safe_serialization:
         kwargs: dict = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(str(path), **kwargs)

@@ -236,15 +236,15 @@ class TaskVectorStats:
         sel, neg = [], []
         for i, (d, mag, nz) in enumerate(zip(deltas, mags, nonzero)):
             s = _topk_from_mag(mag, o.topk).logical_and_(nz)
-            count = _count(s)
-            self.topk_count[i] += count
+            n_sel = _count(s)
+            self.topk_count[i] += n_sel
             sel.append(s)
             neg.append(torch.signbit(d))
             # densities after each sparsifier
             nnz = _count(nz)
             self.nonzero[i] += nnz
             self.ties_kept[i] += (
-                count if o.ties_density == o.topk else _count(_topk_from_mag(mag, o.ties_density).logical_and_(nz))
+                n_sel if o.ties_density == o.topk else _count(_topk_from_mag(mag, o.ties_density).logical_and_(nz))
             )
             self.breadcrumbs_kept[i] += _count(
                 _breadcrumbs_from_mag(mag, o.breadcrumbs_density, o.breadcrumbs_gamma).logical_and_(nz)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mergelab.data.sources import batch_rows, take_examples
-from mergelab.informed.modeling import default_forward_fn, to_device
+from mergelab.informed.modeling import default_forward_fn, module_weight, to_device
 
 
 class GramCollector:
@@ -70,7 +70,7 @@ class GramCollector:
         for name, mod in self.modules.items():
             g = self.grams.get(name)
             if g is None:  # the layer never ran on this data: a zero Gram (it then gets the average)
-                w = mod.weight
+                w = module_weight(mod)
                 d = w.shape[0] if _in_out(mod) else w.shape[1]
                 g = torch.zeros(d, d, dtype=torch.float32, device=w.device)
             out[name] = (g, self.rows[name])

@@ -108,6 +108,13 @@ def _conv1d_type():
         return None
 
 
+def module_weight(mod: nn.Module) -> torch.Tensor:
+    """A linear layer's ``weight`` typed as a tensor (``nn.Module`` attributes read as ``Tensor | Module``)."""
+    w = mod.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def linear_modules(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
     """Every linear layer by module name: ``(module, in_out)``; ``in_out`` for GPT-2 ``Conv1D``
     (weight stored in × out), false for ``nn.Linear`` (out × in)."""

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -63,12 +63,17 @@ from mergelab.informed.modeling import (
     detect_kind,
     linear_modules,
     load_model,
+    module_weight,
     read_config,
 )
 from mergelab.informed.progress import DataProgress, fmt_bytes
-from mergelab.methods.base import TensorContext
+from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.plan import Plan, _split_inputs
 from mergelab.recipe import parse_dtype
+
+if TYPE_CHECKING:
+    from mergelab.methods.adamerging import AdaMergingParams
+    from mergelab.methods.fisher import FisherParams
 
 DEFAULT_EXAMPLES: dict[str, int | None] = {"fisher": 256, "gram": 256, "gram_plusplus": 256, "adamerging": None}
 DEFAULT_BATCH: dict[str, int] = {"fisher": 8, "gram": 16, "gram_plusplus": 16, "adamerging": 16}
@@ -243,7 +248,11 @@ def _num_examples(e: _Expert, s: CalibrationSettings, collector: str) -> int | N
 def _head(e: _Expert, pooling: str) -> LinearHead | None:
     if e.source is None or e.source.head is None:
         return None
-    path = zoo_head_path(e.source.zoo_task, e.source.zoo) if e.source.head == "zoo" else Path(e.source.head)
+    if e.source.head == "zoo":
+        assert e.source.zoo_task is not None  # CalibrationSource checks that head: zoo names a zoo_task
+        path = zoo_head_path(e.source.zoo_task, e.source.zoo)
+    else:
+        path = Path(e.source.head)
     return LinearHead.load(path, pooling)
 
 
@@ -292,7 +301,7 @@ def _model(
 ) -> tuple[nn.Module, Kind]:
     if e.cal is not None and e.cal.model is not None and folder is None:
         m = e.cal.model.to(device).eval()
-        cfg = getattr(m, "config", None)
+        cfg: Any = getattr(m, "config", None)
         cfg_dict = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else {}
         if not cfg_dict.get("architectures"):
             cfg_dict["architectures"] = [type(m).__name__]
@@ -364,11 +373,12 @@ def _collect_fisher(
     dp: DataProgress,
     seed: int,
 ) -> tuple[list[Path], dict[str, str], dict[str, str]]:
-    gp = plan.global_params
+    gp = cast("FisherParams", plan.global_params)  # the fisher collector runs for the fisher method only
     budget = parse_size(s.memory_budget)
     dtype = parse_dtype(s.dtype) or torch.float32
     merge_names = _merge_names(plan)
-    folders, summary = [], {}
+    folders: list[Path] = []
+    summary: dict[str, str] = {}
     for e in experts:
         folder = root / "fisher" / e.slug
         key = _key(
@@ -465,7 +475,8 @@ def _collect_gram(
     budget = parse_size(s.memory_budget)
     dtype = parse_dtype(s.dtype) or torch.float32
     merge_names = _merge_names(plan)
-    folders, summary = [], {}
+    folders: list[Path] = []
+    summary: dict[str, str] = {}
     for e in experts:
         folder = root / "gram" / e.slug
         key = _key(
@@ -485,7 +496,7 @@ def _collect_gram(
         lin = {
             m: (mod, io) for m, (mod, io) in linear_modules(model).items() if mapping.get(f"{m}.weight") in merge_names
         }
-        d_in = {m: (mod.weight.shape[0] if io else mod.weight.shape[1]) for m, (mod, io) in lin.items()}
+        d_in = {m: int(module_weight(mod).shape[0 if io else 1]) for m, (mod, io) in lin.items()}
         sizes = [(m, d * d * 4) for m, d in d_in.items()]
         total = sum(b for _, b in sizes)
         groups = _groups(sizes, budget)
@@ -574,8 +585,11 @@ def _merge_tensor_fn(
         base = get(plan.base) if plan.base is not None else None
         experts = [get(r) for r in plan.experts]
         ctx = TensorContext(name=name, seed=seed, layer=job.layer, num_layers=plan.num_layers, device=device, aux=aux)
+        params = job.params
+        assert params is not None  # merge jobs always carry a method call
         with torch.no_grad():
-            return plan.method(base, experts, job.params, job.model_params, ctx)
+            out = plan.method(base, experts, params, job.model_params, ctx)
+        return out.merged if isinstance(out, MethodOutput) else out  # as the streaming executor does
 
     return merge_tensor
 
@@ -595,7 +609,7 @@ def _collect_gram_plusplus(
     dtype = parse_dtype(s.dtype) or torch.float32
     key = _joint_key(plan, experts, s, "gram_plusplus", seed)
     folders = [root / f"gram_plusplus-{key or 'run'}" / e.slug for e in experts]
-    if key is not None and all(st.read_meta(f) is not None and st.read_meta(f).get("key") == key for f in folders):
+    if key is not None and all((meta := st.read_meta(f)) is not None and meta.get("key") == key for f in folders):
         dp.note(f"reusing RegMean++ statistics in {folders[0].parent}")
         return folders, {}, {}
     models = []
@@ -613,8 +627,7 @@ def _collect_gram_plusplus(
     model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
     lin = {m: mod for m, (mod, io) in linear_modules(merged).items() if f"{m}.weight" in mapping}
     gram_total = sum(
-        (mod.weight.shape[0] if not isinstance(mod, nn.Linear) else mod.weight.shape[1]) ** 2 * 4
-        for mod in lin.values()
+        int(module_weight(mod).shape[1 if isinstance(mod, nn.Linear) else 0]) ** 2 * 4 for mod in lin.values()
     )
     tokens = [sum(int(b["input_ids"].numel()) for b in bs) for bs in batches]
     hidden = int(getattr(getattr(merged, "config", None), "hidden_size", 0) or 0)
@@ -661,7 +674,7 @@ def _collect_adamerging(
 ) -> tuple[list[Path], dict[str, str], dict[str, str]]:
     from mergelab.informed.adamerging import AdaTask, learn_coefficients
 
-    gp = plan.global_params
+    gp = cast("AdaMergingParams", plan.global_params)  # the adamerging collector runs for adamerging only
     if plan.base is None:
         raise RecipeError("adamerging needs a base_model")
     key = _joint_key(plan, experts, s, "adamerging", seed)
@@ -671,7 +684,7 @@ def _collect_adamerging(
     if (
         key is not None
         and cached.is_file()
-        and all(st.read_meta(f) is not None and st.read_meta(f).get("key") == key for f in folders)
+        and all((meta := st.read_meta(f)) is not None and meta.get("key") == key for f in folders)
     ):
         dp.note(f"reusing AdaMerging coefficients in {folders[0].parent}")
         doc = json.loads(cached.read_text())
@@ -803,13 +816,13 @@ def run_data_phase(
     given = [e for e in experts if e.statistics is not None]
     try:
         if len(given) == len(experts):
-            result.readers = [st.open_statistics(e.statistics, e.label) for e in experts]
+            result.readers = [st.open_statistics(e.statistics, e.label) for e in experts if e.statistics is not None]
             if collector == "adamerging":
                 for e in experts:
                     if isinstance(e.statistics, (str, os.PathLike)):
-                        side = Path(e.statistics).parent / "adamerging_coefficients.json"
-                        if side.is_file():
-                            result.side_files["adamerging_coefficients.json"] = side.read_text()
+                        side_path = Path(e.statistics).parent / "adamerging_coefficients.json"
+                        if side_path.is_file():
+                            result.side_files["adamerging_coefficients.json"] = side_path.read_text()
                             break
             result.summary["statistics"] = "precomputed"
             return result

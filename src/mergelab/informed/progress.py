@@ -73,11 +73,20 @@ class DataProgress:
             finally:
                 bar.stop()
             return
-        if self.engine is not None and hasattr(self.engine, "begin"):
-            self.engine.begin(description, total or 0, 0)
+        engine = self.engine
+        if engine is not None and hasattr(engine, "begin"):
+            engine.begin(description, total or 0, 0)
+
+            def advance_engine(n: int = 1) -> None:
+                engine.advance(n, 0)
+
             try:
-                yield lambda n=1: self.engine.advance(n, 0)
+                yield advance_engine
             finally:
-                self.engine.end()
+                engine.end()
             return
-        yield lambda n=1: None
+
+        def ignore(n: int = 1) -> None:
+            pass
+
+        yield ignore

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -111,7 +111,8 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, Any], 
     if check:
         for i in range(len(blocks) - 1):
             nxt = _hidden_of(calls[i + 1])  # type: ignore[arg-type]
-            if outs[i] is None or nxt.shape != outs[i].shape or not torch.equal(nxt, outs[i]):
+            out_i = outs[i]
+            if out_i is None or nxt.shape != out_i.shape or not torch.equal(nxt, out_i):
                 raise MergelabError(
                     f"RegMean++: block {i + 1}'s input is not block {i}'s output; the blocks of this architecture "
                     "are not applied in sequence (use regmean)"
@@ -138,7 +139,8 @@ def regmean_plusplus(
     merged_params = dict(merged.named_parameters())
     expert_params = [dict(e.named_parameters()) for e in experts]
     bname, blocks = find_blocks(merged)
-    expert_blocks = [e.get_submodule(bname) for e in experts]
+    # the same ModuleList as ``blocks`` in each expert (the experts share the merged model's architecture)
+    expert_blocks = [cast(nn.ModuleList, e.get_submodule(bname)) for e in experts]
     prefix = f"{bname}." if bname else ""
     lin = {k: v for k, v in linear_modules(merged).items() if mergeable(f"{k}.weight")}
     in_block = {k for k in lin if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()}
@@ -158,14 +160,16 @@ def regmean_plusplus(
         hidden: list[list[torch.Tensor]] = []
         masks: list[list[torch.Tensor | None]] = []
         for i in range(n):
-            ci, hi, mi = [], [], []
+            ci: list[list[_Call]] = []
+            hi: list[torch.Tensor] = []
+            mi: list[torch.Tensor | None] = []
             for j, batch in enumerate(task_batches[i]):
                 batch = to_device(batch, dev)
                 c = _capture(merged, blocks, batch, check=(i == 0 and j == 0))
                 ci.append(c)
                 hi.append(_hidden_of(c[0]))
-                m = batch.get("attention_mask")
-                mi.append(m if isinstance(m, torch.Tensor) and m.dim() == 2 else None)
+                am = batch.get("attention_mask")
+                mi.append(am if isinstance(am, torch.Tensor) and am.dim() == 2 else None)
             calls.append(ci)
             hidden.append(hi)
             masks.append(mi)

@@ -128,7 +128,8 @@ def open_statistics(
 ) -> CheckpointReader:
     """A reader over a statistics folder, an in-memory statistics dict, or an open reader."""
     if isinstance(ref, Mapping):
-        return StateDictReader(dict(ref), label or "<statistics>")
+        # StateDictReader declares ``folder: None`` where the protocol says ``Path | None`` (checkpoint/ typing gap)
+        return StateDictReader(dict(ref), label or "<statistics>")  # type: ignore[return-value]
     if isinstance(ref, (str, os.PathLike)):
         path = Path(ref)
         if not path.exists():

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import yaml
@@ -185,12 +185,16 @@ def merged_task_vector(
     n = len(experts)
     if n < inner.min_experts or (inner.max_experts is not None and n > inner.max_experts):
         raise ParameterError(f"lines: merge_method {inner.name} cannot merge {n} experts")
-    merged = inner.fn(
-        None if inner.base == "ignored" else base,
-        experts,
-        params.inner_params,
-        inner_model_params(params, model_params),
-        ctx,
+    # LinesParams accepts only inner methods with outputs == "model": a tensor, never a MethodOutput
+    merged = cast(
+        Tensor,
+        inner.fn(
+            None if inner.base == "ignored" else base,
+            experts,
+            params.inner_params,
+            inner_model_params(params, model_params),
+            ctx,
+        ),
     )
     return merged.float() - base.float()
 
@@ -246,8 +250,9 @@ def _l1_finish(state, params: LinesParams, n_experts: int) -> dict[str, float]:
     return {"sum_l1": sum_l1, "merged_l1": merged_l1, "alpha": alpha}
 
 
-def lines_passes(params: LinesParams) -> tuple[Fold, ...]:
+def lines_passes(method_params: MethodParams) -> tuple[Fold, ...]:
     """The inner method's passes, then the L1 pass when α is computed (multi-task, no ``alpha``)."""
+    params = cast(LinesParams, method_params)  # the registry validates lines' parameters as LinesParams
     passes = [_wrap_inner_pass(gp) for gp in params.inner.passes(params.inner_params)]
     if params.alpha is None and params.mode != "single_task":
         passes.append(Fold(PASS_L1, _l1_init, _l1_update, _l1_finish, _l1_combine))

@@ -36,7 +36,7 @@ Grams it used and the merge pass below recomputes exactly the weights it merged 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import Field
@@ -113,7 +113,7 @@ def regmean_solve(
         r = gw if r is None else r + gw
     assert s is not None and r is not None
     total = sum(coeffs)
-    avg = sum(c * w for c, w in zip(coeffs, wt)) / total
+    avg = cast(Tensor, sum(c * w for c, w in zip(coeffs, wt)) / total)  # a sum of tensors
     scale = float(s.diagonal().mean()) if s.numel() else 0.0
     if scale <= 0.0:  # the layer never saw an input
         return _as_in_out(avg, in_out).to(dtype)

@@ -30,7 +30,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ FOLDER = "modulators"
 MANIFEST = "manifest.json"
 BASE_FOLDER = "base"
 MASKS_FOLDER = "masks"
-BIT_ORDER = "little"
+BIT_ORDER: Final = "little"
 RECONSTRUCTION = "theta_t = base + scale_t * mask_t * (shared - base)"
 
 
