@@ -129,15 +129,15 @@ def zoo_command(
         raise UsageError("--device applies to --suite lm only (the classification zoo trains on CPU)")
     if preset_name not in (None, "quick", "full"):
         raise UsageError(f"unknown classification preset {preset_name!r}: use quick or full")
-    preset = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
+    start = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
     overrides: dict = {}
     if tasks:
         overrides["tasks"] = tasks_list(_split_list(tasks))
         overrides["name"] = "custom"
     if steps:
-        overrides["train"] = TrainConfig(**{**preset.train.model_dump(), "steps": steps})
+        overrides["train"] = TrainConfig(**{**start.train.model_dump(), "steps": steps})
         overrides["name"] = "custom"
-    config = preset.model_copy(update=overrides) if overrides else preset
+    config = start.model_copy(update=overrides) if overrides else start
     config = ZooConfig.model_validate(config.model_dump())
     if install:
         install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))

@@ -96,7 +96,7 @@ def jsonl_bytes(rows: Sequence[dict[str, str]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
 
 
-def content_hash(splits: dict[str, Sequence[dict[str, str]]]) -> str:
+def content_hash(splits: Mapping[str, Sequence[dict[str, str]]]) -> str:
     """sha256 over the three split files, in split order."""
     digest = hashlib.sha256()
     for split in SPLITS:

@@ -49,7 +49,7 @@ class SplitFiles:
         """The first ``limit`` rows of a split (a deterministic random sample)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        out = []
+        out: list[dict[str, str]] = []
         with open(self.path / f"{split}.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 if limit is not None and len(out) >= limit:

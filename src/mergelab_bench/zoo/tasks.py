@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import html
 import io
+import os
 import re
 import tarfile
 from collections import Counter, defaultdict
@@ -247,7 +248,7 @@ def ensure_task(
     name: str,
     reader: SourceReader,
     *,
-    cache: str | Path | None = None,
+    cache: str | os.PathLike[str] | None = None,
     cfg: SplitConfig = _DEFAULT_SPLIT,
     force: bool = False,
 ) -> TaskData:

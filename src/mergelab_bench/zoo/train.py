@@ -216,13 +216,14 @@ def select_probe(
     label_names: list[str],
     task: str,
     cfg: TrainConfig,
-) -> tuple[Head, float, dict[str, float]]:
+) -> tuple[Head, float, dict[str, float | None]]:
     """Fit one probe per L2 strength in ``cfg.probe_l2``; keep the best validation accuracy.
 
-    Returns (head, chosen L2, validation accuracy per L2). Ties go to the stronger L2.
+    Returns (head, chosen L2, validation accuracy per L2, None without validation rows).
+    Ties go to the stronger L2.
     """
     best: tuple[float, float, Head] | None = None
-    scores = {}
+    scores: dict[str, float | None] = {}
     for l2 in sorted(cfg.probe_l2, reverse=True):
         with torch_threads(1):  # small matrices: threads only add synchronisation cost
             head = train_probe(train[0], train[1], label_names, task, cfg, l2)

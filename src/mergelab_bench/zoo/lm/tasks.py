@@ -27,6 +27,7 @@ source packages with versions, ``content_sha256`` over the three files), cached 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -226,7 +227,7 @@ def ensure_lm_task(
     name: str,
     reader: SourceReader,
     *,
-    cache: str | Path | None = None,
+    cache: str | os.PathLike[str] | None = None,
     cfg: SplitConfig = LM_SPLIT,
     force: bool = False,
 ) -> LMTaskData:
