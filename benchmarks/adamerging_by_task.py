@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mergelab_bench.eval.harness import Evaluator, load_state_dict_path
 from mergelab.informed.adamerging import entropy
+from mergelab_bench.eval.harness import Evaluator, load_state_dict_path
 from mergelab_bench.zoo.build import load_zoo
 
 Coefficient = Callable[[int, str], float]
@@ -86,8 +86,10 @@ def main() -> None:
                 classes[t] = logits.shape[-1]
                 acc = (logits.argmax(-1) == ev.labels[t]).float().mean().item()
                 rows.setdefault(t, []).append((entropy(logits).item(), 100 * acc / ev.expert_score(t)))
-    print(f"zoo {args.zoo}, {args.split} split, first {args.limit} rows per task; H = mean entropy (nats), "
-          "norm = merged / expert accuracy (%)\n")
+    print(
+        f"zoo {args.zoo}, {args.split} split, first {args.limit} rows per task; H = mean entropy (nats), "
+        "norm = merged / expert accuracy (%)\n"
+    )
     print("| task | classes | " + " | ".join(f"{m}: H | norm" for m in models) + " |")
     print("|---|---|" + "---|---|" * len(models))
     for t, values in rows.items():

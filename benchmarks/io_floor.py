@@ -45,9 +45,7 @@ class Model:
             n = int.from_bytes(os.pread(fd, 8, 0), "little")
             hdr = json.loads(os.pread(fd, n, 8))
             hdr.pop("__metadata__", None)
-            for name, info in sorted(
-                hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]
-            ):
+            for name, info in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 a, b = info["data_offsets"]
                 self.where[name] = (fd, 8 + n + a, b - a, info["dtype"], info["shape"])
                 self.order.append(name)
@@ -71,9 +69,7 @@ class Model:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--shard-bytes", type=int, default=1_000_000_000)

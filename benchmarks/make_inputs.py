@@ -64,9 +64,7 @@ def set_dir(workdir: Path, size: str) -> Path:
 
 
 def is_complete(root: Path) -> bool:
-    return (root / "DONE.json").is_file() and all(
-        (root / m / "config.json").is_file() for m in MODELS
-    )
+    return (root / "DONE.json").is_file() and all((root / m / "config.json").is_file() for m in MODELS)
 
 
 def parse_size(text: str) -> int:
@@ -105,9 +103,7 @@ def build(root: Path, size: str) -> None:
         flush=True,
     )
     for name, (kind, seed) in EXPERTS.items():
-        make_expert(
-            base, root / name, kind=kind, seed=seed, partner_seed=1, scale=DELTA_SCALE
-        )
+        make_expert(base, root / name, kind=kind, seed=seed, partner_seed=1, scale=DELTA_SCALE)
         print(
             f"[make_inputs] {size}: {name} written ({time.perf_counter() - t0:.0f} s)",
             flush=True,
@@ -148,11 +144,7 @@ def count_params(model: Path) -> int:
 
 
 def model_bytes(model: Path) -> int:
-    return sum(
-        e - s
-        for f in weight_files(model)
-        for s, e in (v["data_offsets"] for v in _header(f)[1].values())
-    )
+    return sum(e - s for f in weight_files(model) for s, e in (v["data_offsets"] for v in _header(f)[1].values()))
 
 
 def reshard(src: Path, dst: Path, shard_size: str) -> None:
@@ -173,19 +165,13 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
         s_dir, d_dir = src / m, dst / m
         d_dir.mkdir()
         for f in s_dir.iterdir():
-            if (
-                f.is_file()
-                and f.suffix != ".safetensors"
-                and f.name != "model.safetensors.index.json"
-            ):
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
                 shutil.copyfile(f, d_dir / f.name)
         # the order transformers wrote (by file, then by offset), split into small shards
         items = []
         for f in weight_files(s_dir):
             start, hdr = _header(f)
-            for name, info in sorted(
-                hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]
-            ):
+            for name, info in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 items.append((f, start, name, info))
         groups: list[list] = [[]]
         used = 0
@@ -207,9 +193,7 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
                     fh.seek(start + a)
                     fh.readinto(buf)
                 shard[name] = (
-                    torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(
-                        info["shape"]
-                    )
+                    torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
                     if buf
                     else torch.empty(info["shape"], dtype=dtypes[info["dtype"]])
                 )
@@ -236,14 +220,10 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SHAPES))
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument(
-        "--force", action="store_true", help="rebuild even if the set is complete"
-    )
+    ap.add_argument("--force", action="store_true", help="rebuild even if the set is complete")
     ap.add_argument("--reshard", nargs=2, metavar=("SRC_SET", "DST_SET"), type=Path)
     ap.add_argument("--shard-size", default="250MB")
     a = ap.parse_args(argv)
@@ -254,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         t0 = time.perf_counter()
         reshard(src, dst, a.shard_size)
-        print(
-            f"[make_inputs] resharded {src} -> {dst} ({a.shard_size}) in {time.perf_counter() - t0:.0f} s"
-        )
+        print(f"[make_inputs] resharded {src} -> {dst} ({a.shard_size}) in {time.perf_counter() - t0:.0f} s")
         return 0
     if not a.size:
         ap.error("--size or --reshard is required")

@@ -38,11 +38,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import make_inputs
+import make_inputs  # noqa: E402 - lives beside this script, importable only after the path insert above
 
 # mergekit-yaml beside $MERGEKIT_PYTHON (a venv with mergekit 0.1.5), or --mergekit; None: not available
-DEFAULT_MERGEKIT = (str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml")
-                    if os.environ.get("MERGEKIT_PYTHON") else None)
+DEFAULT_MERGEKIT = (
+    str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml") if os.environ.get("MERGEKIT_PYTHON") else None
+)
 THIRD = 1 / 3
 RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "task_arithmetic": ({}, {"weight": THIRD}),
@@ -176,11 +177,7 @@ def warm(paths: list[Path]) -> float:
 
 
 def dir_bytes(path: Path) -> int:
-    return (
-        sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        if path.is_dir()
-        else 0
-    )
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
 
 
 def measure(cmd: list[str], out_dir: Path, log: Path, env: dict[str, str]) -> Run:
@@ -368,9 +365,7 @@ def ensure_reshard(workdir: Path, src: Path, shard_size: str) -> Path:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
-    )
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
 
 
@@ -428,9 +423,7 @@ def run_tool(
         note = ""
         if r.rc != 0:
             note = f"  FAILED rc={r.rc} (log {r.log})\n{tail(r.log)}"
-        elif (
-            expected_bytes and abs(r.out_bytes - expected_bytes) > 0.02 * expected_bytes
-        ):
+        elif expected_bytes and abs(r.out_bytes - expected_bytes) > 0.02 * expected_bytes:
             note = f"  WARNING: wrote {r.out_bytes / GB:.3f} GB of tensors, expected {expected_bytes / GB:.3f} GB"
         print(
             f"  {tool:9s} {method:16s} run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
@@ -502,32 +495,18 @@ def table_rows(floor: Row, rows: list[Row]) -> tuple[list[str], list[list[str]]]
     return head, body
 
 
-def render(
-    head: list[str], body: list[list[str]], markdown: bool, left: int = 2
-) -> str:
+def render(head: list[str], body: list[list[str]], markdown: bool, left: int = 2) -> str:
     """A plain-text or Markdown table; the first ``left`` columns are text, the rest numbers."""
     if markdown:
         align = ["---"] * left + ["---:"] * (len(head) - left)
         lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
         lines += ["| " + " | ".join(c or "" for c in row) + " |" for row in body]
         return "\n".join(lines)
-    widths = [
-        max(len(head[i]), *(len(row[i]) for row in body)) for i in range(len(head))
-    ]
-    out = [
-        "  ".join(
-            h.ljust(w) if i < left else h.rjust(w)
-            for i, (h, w) in enumerate(zip(head, widths))
-        )
-    ]
+    widths = [max(len(head[i]), *(len(row[i]) for row in body)) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) if i < left else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     out.append("  ".join("-" * w for w in widths))
     for row in body:
-        out.append(
-            "  ".join(
-                c.ljust(w) if i < left else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths))
-            )
-        )
+        out.append("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(out)
 
 
@@ -540,9 +519,7 @@ def target_lines(floor: Row, rows: list[Row]) -> list[str]:
         if r is None or not r.wall() or not fw:
             continue
         x = r.wall() / fw  # type: ignore[operator]
-        out.append(
-            f"{method}: {x:.2f}× floor (target ≤ {limit:g}×) {'ok' if x <= limit else 'MISSED'}"
-        )
+        out.append(f"{method}: {x:.2f}× floor (target ≤ {limit:g}×) {'ok' if x <= limit else 'MISSED'}")
     for (tool, method), r in by.items():
         mk = by.get(("mergekit", method))
         if tool == "mergelab" and mk is not None and r.rss() and mk.rss():
@@ -557,9 +534,7 @@ def target_lines(floor: Row, rows: list[Row]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_size(
-    size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None
-) -> dict:
+def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None) -> dict:
     root = ensure_set(args.workdir, size)
     info = json.loads((root / "DONE.json").read_text())
     work = args.workdir / "runs" / size
@@ -649,9 +624,7 @@ def shards_test(
         if not (set_root == root and all(m in measured for m in methods)):
             print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
         for method in methods:
-            if (
-                set_root == root and method in measured
-            ):  # already measured on this set above
+            if set_root == root and method in measured:  # already measured on this set above
                 row = measured[method]
             else:
                 recipe = work / "recipes" / f"{method}.yaml"
@@ -684,9 +657,7 @@ def shards_test(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["168m", "738m", "both"], default="738m")
     ap.add_argument(
         "--methods",
@@ -712,9 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="I/O floor runs (default: max(3, --repeats))",
     )
-    ap.add_argument(
-        "--no-mergekit", action="store_true", help="measure mergelab and the floor only"
-    )
+    ap.add_argument("--no-mergekit", action="store_true", help="measure mergelab and the floor only")
     ap.add_argument(
         "--mergekit",
         default=DEFAULT_MERGEKIT,
@@ -725,9 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="extra flags for `mergelab merge`, e.g. '--no-hash-inputs'",
     )
-    ap.add_argument(
-        "--markdown", action="store_true", help="print the tables as Markdown"
-    )
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument(
         "--shards-test",
         action="store_true",
@@ -761,18 +728,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     known = available_methods()
-    args.methods = [
-        m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"
-    ]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
     if args.methods == ["all"]:
         args.methods = known
     bad = [m for m in args.methods if m not in known]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {', '.join(known)}")
     args.shard_sizes = [s.strip() for s in args.shard_sizes.split(",") if s.strip()]
-    args.shards_methods = [
-        m.strip() for m in args.shards_methods.split(",") if m.strip()
-    ]
+    args.shards_methods = [m.strip() for m in args.shards_methods.split(",") if m.strip()]
     args.floor_repeats = args.floor_repeats or max(3, args.repeats)
     args.mergekit_repeats = args.mergekit_repeats or args.repeats
     args.mergelab_args_list = shlex.split(args.mergelab_args)
@@ -792,9 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     env = child_env()
     mach = machine()
     command = (
-        shlex.join([Path(sys.executable).name, *sys.argv])
-        if argv is None
-        else shlex.join(["merge_speed.py", *argv])
+        shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["merge_speed.py", *argv])
     )
     versions = {
         "mergelab": f"{version_of(sys.executable, 'mergelab')} ({source_state()})",
@@ -829,18 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("\n" + "=" * 100)
     report(doc, args.markdown)
-    out = (
-        args.workdir / "results" / f"merge_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
+    out = args.workdir / "results" / f"merge_speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     print(f"\nraw results: {out}  (print again with --report {out})")
-    failed = [
-        f"{r['tool']} {r['method']}"
-        for res in results
-        for r in res["rows"]
-        if any(x["rc"] for x in r["runs"])
-    ]
+    failed = [f"{r['tool']} {r['method']}" for res in results for r in res["rows"] if any(x["rc"] for x in r["runs"])]
     if failed:
         print(f"failed runs: {', '.join(failed)}")
     return 1 if failed else 0
@@ -850,11 +804,7 @@ def report(doc: dict, markdown: bool) -> None:
     """Print the header and the tables of a results document (a finished or a partial run)."""
     mach = doc["machine"]
     print(f"command: {doc['command']}")
-    extra = (
-        f", at end {doc['load_end']:.2f}; total {doc['minutes']:.1f} min"
-        if "minutes" in doc
-        else " (partial run)"
-    )
+    extra = f", at end {doc['load_end']:.2f}; total {doc['minutes']:.1f} min" if "minutes" in doc else " (partial run)"
     print(
         f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['ram_gb']} GB RAM; load average at start "
         f"{mach['load_avg'][0]:.2f}{extra}"
@@ -865,9 +815,7 @@ def report(doc: dict, markdown: bool) -> None:
         "wall = spawn to exit of the "
         "child; peak RSS = the child's ru_maxrss (GB = 1e9 bytes)"
     )
-    print(
-        "mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)"
-    )
+    print("mergelab computes in float32 (its default), mergekit in the recipe dtype (bfloat16)")
     for res in doc["results"]:
         s = res["set"]
         shards = res.get("shards_per_model", "?")
@@ -882,9 +830,7 @@ def report(doc: dict, markdown: bool) -> None:
                 print(f"  {line}")
         if "shards" in res:
             print(f"\nshards test ({res['size']}, mergelab only):")
-            print(
-                render(res["shards"]["head"], res["shards"]["body"], markdown, left=3)
-            )
+            print(render(res["shards"]["head"], res["shards"]["body"], markdown, left=3))
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ breadcrumbs, slerp, model_stock and nuslerp) and every recipe ran; 1 otherwise. 
 ties/breadcrumbs are excused when every differing element sits at a top-k boundary tie (an
 expert's |τ| equal to the magnitude at a cut, where mergekit keeps exactly k entries and breaks
 the tie by sort order while mergelab keeps all tied entries). dare_linear is only checked to run
-(its random masks differ by design). Without mergekit (``--mergekit``, default ``mergekit-yaml`` beside ``$MERGEKIT_PYTHON``) the mergekit
-side is skipped with a message and only mergelab is run.
+(its random masks differ by design). Without mergekit (``--mergekit``, default ``mergekit-yaml``
+beside ``$MERGEKIT_PYTHON``) the mergekit side is skipped with a message and only mergelab is run.
 
 Usage::
 
-    MERGEKIT_PYTHON=VENV/bin/python python benchmarks/mergekit_parity.py [--mergekit PATH/TO/mergekit-yaml] [--only ties,slerp]
-                                         [--keep DIR] [--verbose]
+    MERGEKIT_PYTHON=VENV/bin/python python benchmarks/mergekit_parity.py \
+        [--mergekit PATH/TO/mergekit-yaml] [--only ties,slerp] [--keep DIR] [--verbose]
 
 Needs torch, transformers, safetensors, PyYAML (mergelab's own dependencies) and a ``mergelab``
 command on PATH (else ``python -c 'from mergelab.cli import main; main()'`` is used).
@@ -53,8 +53,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # mergekit-yaml beside $MERGEKIT_PYTHON (a venv with mergekit 0.1.5), or --mergekit; None: not available
-DEFAULT_MERGEKIT = (str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml")
-                    if os.environ.get("MERGEKIT_PYTHON") else None)
+DEFAULT_MERGEKIT = (
+    str(Path(os.environ["MERGEKIT_PYTHON"]).parent / "mergekit-yaml") if os.environ.get("MERGEKIT_PYTHON") else None
+)
 ATOL = 1e-5
 N_FINETUNES = 3
 
@@ -113,7 +114,7 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
                 out[k] = h.get_tensor(k)
     return out
 
@@ -137,75 +138,128 @@ def make_cases(base: Path, fts: list[Path]) -> list[Case]:
         return {"model": path, "parameters": params} if params else {"model": path}
 
     cases = [
-        Case("linear", {
-            "merge_method": "linear",
-            "models": [m(f1, weight=1.0), m(f2, weight=0.5), m(f3, weight=0.8)],
-            "parameters": {"normalize": True},
-        }, "match"),
-        Case("task_arithmetic", {
-            "merge_method": "task_arithmetic",
-            "base_model": b,
-            "models": [m(f1, weight=0.7), m(f2, weight=0.5), m(f3, weight=-0.3)],
-            "parameters": {"lambda": 1.0, "normalize": False},
-        }, "match"),
-        Case("ties", {
-            "merge_method": "ties",
-            "base_model": b,
-            "models": [m(f1, weight=1.0, density=0.5), m(f2, weight=0.8, density=0.3),
-                       m(f3, weight=0.6, density=0.7)],
-            "parameters": {"lambda": 1.0, "normalize": True},
-        }, "match", [("ft1", 0.5, None), ("ft2", 0.3, None), ("ft3", 0.7, None)]),
-        Case("breadcrumbs", {
-            "merge_method": "breadcrumbs",
-            "base_model": b,
-            "models": [m(f1, weight=1.0, density=0.8, gamma=0.05),
-                       m(f2, weight=0.7, density=0.6, gamma=0.1),
-                       m(f3, weight=0.5, density=0.9, gamma=0.01)],
-            "parameters": {"lambda": 1.0, "normalize": False},
-        }, "match", [("ft1", 0.8, 0.05), ("ft2", 0.6, 0.1), ("ft3", 0.9, 0.01)]),
-        Case("slerp", {
-            "merge_method": "slerp",
-            "base_model": b,
-            "models": [m(b), m(f1)],
-            "parameters": {"t": 0.3},
-        }, "match"),
-        Case("slerp_gradient", {
-            "merge_method": "slerp",
-            "base_model": b,
-            "models": [m(b), m(f2)],
-            "parameters": {"t": [
-                {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
-                {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
-                {"value": 0.5},
-            ]},
-        }, "match"),
-        Case("model_stock", {
-            "merge_method": "model_stock",
-            "base_model": b,
-            "models": [m(f1), m(f2), m(f3)],
-        }, "match"),
-        Case("model_stock_filter_wise", {
-            "merge_method": "model_stock",
-            "base_model": b,
-            "models": [m(f1), m(f2), m(f3)],
-            "parameters": {"filter_wise": True},
-        }, "match"),
-        Case("dare_linear", {
-            "merge_method": "dare_linear",
-            "base_model": b,
-            "models": [m(f1, weight=1.0, density=0.5), m(f2, weight=0.5, density=0.5)],
-            "parameters": {"lambda": 1.0, "normalize": False, "rescale": True},
-        }, "runs"),
-        Case("nuslerp", {
-            "merge_method": "nuslerp",
-            "base_model": b,
-            "models": [m(f1, weight=0.4), m(f2, weight=0.6)],
-        }, "match"),
-        Case("nuslerp_nobase_rows", {
-            "merge_method": "nuslerp",
-            "models": [m(f1, weight=1.0), m(f3, weight=2.0)],
-            "parameters": {"nuslerp_flatten": False},
-        }, "match"),
+        Case(
+            "linear",
+            {
+                "merge_method": "linear",
+                "models": [m(f1, weight=1.0), m(f2, weight=0.5), m(f3, weight=0.8)],
+                "parameters": {"normalize": True},
+            },
+            "match",
+        ),
+        Case(
+            "task_arithmetic",
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": b,
+                "models": [m(f1, weight=0.7), m(f2, weight=0.5), m(f3, weight=-0.3)],
+                "parameters": {"lambda": 1.0, "normalize": False},
+            },
+            "match",
+        ),
+        Case(
+            "ties",
+            {
+                "merge_method": "ties",
+                "base_model": b,
+                "models": [
+                    m(f1, weight=1.0, density=0.5),
+                    m(f2, weight=0.8, density=0.3),
+                    m(f3, weight=0.6, density=0.7),
+                ],
+                "parameters": {"lambda": 1.0, "normalize": True},
+            },
+            "match",
+            [("ft1", 0.5, None), ("ft2", 0.3, None), ("ft3", 0.7, None)],
+        ),
+        Case(
+            "breadcrumbs",
+            {
+                "merge_method": "breadcrumbs",
+                "base_model": b,
+                "models": [
+                    m(f1, weight=1.0, density=0.8, gamma=0.05),
+                    m(f2, weight=0.7, density=0.6, gamma=0.1),
+                    m(f3, weight=0.5, density=0.9, gamma=0.01),
+                ],
+                "parameters": {"lambda": 1.0, "normalize": False},
+            },
+            "match",
+            [("ft1", 0.8, 0.05), ("ft2", 0.6, 0.1), ("ft3", 0.9, 0.01)],
+        ),
+        Case(
+            "slerp",
+            {
+                "merge_method": "slerp",
+                "base_model": b,
+                "models": [m(b), m(f1)],
+                "parameters": {"t": 0.3},
+            },
+            "match",
+        ),
+        Case(
+            "slerp_gradient",
+            {
+                "merge_method": "slerp",
+                "base_model": b,
+                "models": [m(b), m(f2)],
+                "parameters": {
+                    "t": [
+                        {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                        {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+                        {"value": 0.5},
+                    ]
+                },
+            },
+            "match",
+        ),
+        Case(
+            "model_stock",
+            {
+                "merge_method": "model_stock",
+                "base_model": b,
+                "models": [m(f1), m(f2), m(f3)],
+            },
+            "match",
+        ),
+        Case(
+            "model_stock_filter_wise",
+            {
+                "merge_method": "model_stock",
+                "base_model": b,
+                "models": [m(f1), m(f2), m(f3)],
+                "parameters": {"filter_wise": True},
+            },
+            "match",
+        ),
+        Case(
+            "dare_linear",
+            {
+                "merge_method": "dare_linear",
+                "base_model": b,
+                "models": [m(f1, weight=1.0, density=0.5), m(f2, weight=0.5, density=0.5)],
+                "parameters": {"lambda": 1.0, "normalize": False, "rescale": True},
+            },
+            "runs",
+        ),
+        Case(
+            "nuslerp",
+            {
+                "merge_method": "nuslerp",
+                "base_model": b,
+                "models": [m(f1, weight=0.4), m(f2, weight=0.6)],
+            },
+            "match",
+        ),
+        Case(
+            "nuslerp_nobase_rows",
+            {
+                "merge_method": "nuslerp",
+                "models": [m(f1, weight=1.0), m(f3, weight=2.0)],
+                "parameters": {"nuslerp_flatten": False},
+            },
+            "match",
+        ),
     ]
     for c in cases:
         c.recipe["dtype"] = "float32"
@@ -317,7 +371,9 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT, help="path of mergekit-yaml (default: beside $MERGEKIT_PYTHON)")
+    ap.add_argument(
+        "--mergekit", default=DEFAULT_MERGEKIT, help="path of mergekit-yaml (default: beside $MERGEKIT_PYTHON)"
+    )
     ap.add_argument("--only", default="", help="comma-separated recipe names to run")
     ap.add_argument("--keep", type=Path, default=None, help="work in DIR and keep it")
     ap.add_argument("--verbose", "-v", action="store_true", help="list differing tensors")
@@ -357,14 +413,21 @@ def main(argv: list[str] | None = None) -> int:
             recipe.write_text(yaml.safe_dump(case.recipe, sort_keys=False))
             print(f"- {case.name}")
 
-            ok_ml, t_ml = run_cmd(ml + ["merge", str(recipe), str(work / "mergelab"), "--force", "--quiet"],
-                                  work / "mergelab.log")
+            ok_ml, t_ml = run_cmd(
+                [*ml, "merge", str(recipe), str(work / "mergelab"), "--force", "--quiet"], work / "mergelab.log"
+            )
             if not ok_ml:
                 print(f"    mergelab failed:\n{tail(work / 'mergelab.log')}")
             ok_mk, t_mk = False, 0.0
             if have_mk:
-                mk_cmd = [str(mergekit), str(recipe), str(work / "mergekit"),
-                          "--random-seed", "0", "--no-copy-tokenizer"]
+                mk_cmd = [
+                    str(mergekit),
+                    str(recipe),
+                    str(work / "mergekit"),
+                    "--random-seed",
+                    "0",
+                    "--no-copy-tokenizer",
+                ]
                 ok_mk, t_mk = run_cmd(mk_cmd, work / "mergekit.log")
                 if not ok_mk:
                     print(f"    mergekit failed:\n{tail(work / 'mergekit.log')}")
@@ -376,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             elif not ok_mk:
                 status, diff = "MERGEKIT-ERROR", None
             else:
-                diff = compare(load_dir(work / "mergekit"), load_dir(work / "mergelab"), case, states,
-                               args.verbose)
+                diff = compare(load_dir(work / "mergekit"), load_dir(work / "mergelab"), case, states, args.verbose)
                 structural = diff.missing or diff.shape_mismatch
                 if case.expect == "runs":
                     status = "ran (not compared)" if not structural else "KEYS/SHAPES DIFFER"
@@ -390,15 +452,16 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     status = "MISMATCH"
                 if structural:
-                    print(f"    missing on one side: {diff.missing[:5]}; "
-                          f"shape mismatch: {diff.shape_mismatch[:5]}")
+                    print(f"    missing on one side: {diff.missing[:5]}; shape mismatch: {diff.shape_mismatch[:5]}")
             bad = status.isupper()  # errors and mismatches are upper case
             failed |= bad
             rows.append((case, status, diff, t_mk, t_ml))
 
         print()
-        header = f"{'recipe':26} {'expect':6} {'max |Δ|':>10} {'differ':>10} {'excused':>8} " \
-                 f"{'mergekit s':>10} {'mergelab s':>10}  status"
+        header = (
+            f"{'recipe':26} {'expect':6} {'max |Δ|':>10} {'differ':>10} {'excused':>8} "
+            f"{'mergekit s':>10} {'mergelab s':>10}  status"
+        )
         print(header)
         print("-" * len(header))
         for case, status, diff, t_mk, t_ml in rows:
@@ -408,12 +471,17 @@ def main(argv: list[str] | None = None) -> int:
                 cols = f"{diff.max_abs:10.2e} {diff.frac:10.2%} {diff.n_excused:8d}"
             print(f"{case.name:26} {case.expect:6} {cols} {t_mk:10.1f} {t_ml:10.1f}  {status}")
         if rows and any(r[2] is not None and r[2].max_abs > 0 for r in rows):
-            worst = max((r for r in rows if r[2] is not None and r[0].expect == "match"),
-                        key=lambda r: r[2].max_abs, default=None)
+            worst = max(
+                (r for r in rows if r[2] is not None and r[0].expect == "match"),
+                key=lambda r: r[2].max_abs,
+                default=None,
+            )
             if worst is not None:
                 print(f"\nlargest difference among compared recipes: {worst[0].name}, {worst[2].worst}")
-        print(f"\ntolerance {ATOL:g} absolute; 'differ' = fraction of elements beyond it; "
-              f"'excused' = of those, elements at top-k boundary ties")
+        print(
+            f"\ntolerance {ATOL:g} absolute; 'differ' = fraction of elements beyond it; "
+            f"'excused' = of those, elements at top-k boundary ties"
+        )
         print("FAIL" if failed else "OK")
         return 1 if failed else 0
     finally:

@@ -34,4 +34,7 @@ def bin_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pat
     """The same architecture saved as pytorch_model.bin (pickle, loaded weights-only)."""
     root = tmp_path_factory.mktemp("bin")
     base = make_base(root / "base", safe_serialization=False)
-    return base, [make_expert(base, root / "expert_0", seed=1), make_expert(base, root / "expert_1", kind="sparse", seed=2)]
+    return base, [
+        make_expert(base, root / "expert_0", seed=1),
+        make_expert(base, root / "expert_1", kind="sparse", seed=2),
+    ]

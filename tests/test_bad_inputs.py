@@ -56,7 +56,9 @@ def _edit_tensor(folder: Path, name: str, fn) -> None:
     raise KeyError(name)
 
 
-def _run_fails(tmp: Path, recipe: Path, inputs: list[Path], *match: str, code: int | None = None, out: Path | None = None):
+def _run_fails(
+    tmp: Path, recipe: Path, inputs: list[Path], *match: str, code: int | None = None, out: Path | None = None
+):
     before = {str(p): tree_digest(p) for p in inputs}
     out = out or tmp / "out"
     result = runner.invoke(app, ["merge", str(recipe), str(out)])
@@ -222,10 +224,13 @@ def test_existing_destination_refused_then_forced(family, tmp_path):
 
 
 def test_method_failure_leaves_no_output(family, tmp_path):
-    base, experts = family
+    _base, experts = family
     data = {
         "merge_method": "linear",
-        "models": [{"model": str(experts[0]), "parameters": {"weight": 1.0}}, {"model": str(experts[1]), "parameters": {"weight": -1.0}}],
+        "models": [
+            {"model": str(experts[0]), "parameters": {"weight": 1.0}},
+            {"model": str(experts[1]), "parameters": {"weight": -1.0}},
+        ],
     }
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(data))

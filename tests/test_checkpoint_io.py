@@ -115,9 +115,7 @@ def test_merged_checkpoint_loads_with_automodel_and_matches_in_memory(family, tm
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     # same weights loaded another way: merge the loaded modules in memory
     mods = [AutoModelForCausalLM.from_pretrained(str(p)) for p in (base, *experts)]
-    sd = mergelab.merge_state_dicts(
-        "task_arithmetic", mods[1:], base=mods[0], model_parameters=[{"weight": 0.4}] * 3
-    )
+    sd = mergelab.merge_state_dicts("task_arithmetic", mods[1:], base=mods[0], model_parameters=[{"weight": 0.4}] * 3)
     ref = AutoModelForCausalLM.from_pretrained(str(base))
     ref.load_state_dict(sd)
     ids = torch.arange(0, 20).unsqueeze(0)
@@ -154,7 +152,7 @@ def test_tied_modules_in_memory_keep_tie(tied_family):
 
 
 def test_untied_checkpoint_keeps_both_matrices(family, tmp_path):
-    base, experts = family
+    _base, experts = family
     out = tmp_path / "m"
     mergelab.merge({"merge_method": "linear", "models": [{"model": str(experts[0])}]}, out)
     stored = _load_all(out)
@@ -164,7 +162,11 @@ def test_untied_checkpoint_keeps_both_matrices(family, tmp_path):
 
 def test_bin_input_merges_like_safetensors(bin_family, tmp_path):
     base, experts = bin_family
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(e)} for e in experts]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(e)} for e in experts],
+    }
     out = tmp_path / "m"
     mergelab.merge(recipe, out)
     b = torch.load(base / "pytorch_model.bin", weights_only=True)
@@ -189,7 +191,7 @@ def test_model_card_records_recipe_and_hashes(family, tmp_path):
     assert "ties" in card and "arXiv:2306.01708" in card
     assert "lambda: 0.8" in card  # the recipe YAML
     assert str(experts[1]) in card
-    for label, digest in res.stats.hashes.items():
+    for digest in res.stats.hashes.values():
         assert len(digest) == 64 and digest in card
     # the content hash ignores sharding: a resharded copy of the base hashes the same
     copy = tmp_path / "base-one-shard"
@@ -203,7 +205,12 @@ def test_out_dtype_and_config(family, tmp_path):
     base, experts = family
     out = tmp_path / "m"
     mergelab.merge(
-        {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(experts[0])}], "dtype": "bfloat16"},
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [{"model": str(experts[0])}],
+            "dtype": "bfloat16",
+        },
         out,
     )
     stored = _load_all(out)

@@ -85,7 +85,9 @@ def test_inspect_missing_path_is_one_line_error(tmp_path):
 
 def test_merge_unknown_executor_is_one_line_error(family, tmp_path):
     base, experts = family
-    res = runner.invoke(app, ["merge", str(_recipe(tmp_path, base, experts)), str(tmp_path / "out"), "--executor", "nosuch"])
+    res = runner.invoke(
+        app, ["merge", str(_recipe(tmp_path, base, experts)), str(tmp_path / "out"), "--executor", "nosuch"]
+    )
     assert res.exit_code != 0 and "unknown executor 'nosuch'" in res.output
     assert not (tmp_path / "out").exists()
 
@@ -101,8 +103,9 @@ def test_merge_with_the_ray_executor_matches_streaming_and_stops_its_ray(family,
     a, b = tmp_path / "streaming", tmp_path / "ray"
     res = runner.invoke(app, ["merge", str(recipe), str(a), "--max-shard-size", "100KB", "-q"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["merge", str(recipe), str(b), "--max-shard-size", "100KB", "-q", "--executor", "ray",
-                              "--workers", "2"])
+    res = runner.invoke(
+        app, ["merge", str(recipe), str(b), "--max-shard-size", "100KB", "-q", "--executor", "ray", "--workers", "2"]
+    )
     assert res.exit_code == 0, res.output
     index = json.loads((a / "model.safetensors.index.json").read_text())
     assert index == json.loads((b / "model.safetensors.index.json").read_text())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from golden.method_outputs import RECORD, compute, environment
 
 RECORDED = json.loads(RECORD.read_text())
@@ -21,7 +20,9 @@ def current() -> dict[str, dict[str, str]]:
 
 def test_every_recorded_case_is_bit_identical(current):
     changed = [
-        f"{case}: {k}" for case, tensors in RECORDED["cases"].items() for k, h in tensors.items()
+        f"{case}: {k}"
+        for case, tensors in RECORDED["cases"].items()
+        for k, h in tensors.items()
         if current.get(case, {}).get(k) != h
     ]
     assert not changed, f"{len(changed)} tensors differ from the recorded fingerprints, e.g. {changed[:5]}"

@@ -95,7 +95,11 @@ def test_global_default_for_per_model_parameter(family):
 def test_base_listed_among_models_is_not_an_expert(family):
     base, experts = family
     recipe = load_recipe(
-        {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(experts[0])}]}
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(experts[0])}],
+        }
     )
     plan = build_plan(recipe)
     try:
@@ -110,7 +114,9 @@ def test_relative_paths_resolve_against_recipe_folder(family, tmp_path):
     sub.mkdir()
     (sub / "base").symlink_to(base)
     (sub / "e0").symlink_to(experts[0])
-    (sub / "x.yaml").write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "e0"}]}))
+    (sub / "x.yaml").write_text(
+        yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "e0"}]})
+    )
     recipe = load_recipe(sub / "x.yaml")
     assert recipe.base_model == str(sub / "base")
 
@@ -138,7 +144,11 @@ def test_method_needs_base(family):
 def test_global_parameter_given_per_model_is_explained(family):
     base, experts = family
     recipe = load_recipe(
-        {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(experts[0]), "parameters": {"lambda": 2}}]}
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(experts[0]), "parameters": {"lambda": 2}}],
+        }
     )
     with pytest.raises(RecipeError, match="global parameter"):
         build_plan(recipe)

@@ -11,6 +11,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -26,7 +27,9 @@ class _RateColumn(ProgressColumn):
         if elapsed <= 0:
             return Text("", style="progress.data.speed")
         nbytes = task.fields.get("nbytes", 0)
-        return Text(f"{task.completed / elapsed:5.0f} t/s {nbytes / elapsed / 1e9:5.2f} GB/s", style="progress.data.speed")
+        return Text(
+            f"{task.completed / elapsed:5.0f} t/s {nbytes / elapsed / 1e9:5.2f} GB/s", style="progress.data.speed"
+        )
 
 
 class RichProgress:
@@ -36,7 +39,7 @@ class RichProgress:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._bytes = 0
         self._t0 = 0.0
 

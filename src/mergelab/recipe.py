@@ -31,6 +31,7 @@ block (see :mod:`mergelab.data.config`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -214,14 +215,14 @@ def _format_validation(exc: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
-def load_recipe(source: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> Recipe:
     """A Recipe from a YAML file path, a dict, or a Recipe; relative model paths are
     resolved against the YAML file's folder when they exist there."""
     if isinstance(source, Recipe):
         return source
     where = "recipe"
     base_dir: Path | None = None
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         where = str(path)
         if not path.is_file():
@@ -262,11 +263,15 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
         return src.model_copy(update=update)
 
     models = [
-        m.model_copy(update={"model": fix(m.model), "calibration": fix_source(m.calibration), "statistics": fix(m.statistics)})
+        m.model_copy(
+            update={"model": fix(m.model), "calibration": fix_source(m.calibration), "statistics": fix(m.statistics)}
+        )
         for m in recipe.models
     ]
     update: dict[str, Any] = {
-        "models": models, "base_model": fix(recipe.base_model), "tokenizer_source": fix(recipe.tokenizer_source)
+        "models": models,
+        "base_model": fix(recipe.base_model),
+        "tokenizer_source": fix(recipe.tokenizer_source),
     }
     if recipe.calibration is not None:
         cal = recipe.calibration
@@ -314,4 +319,6 @@ def resolve_setting(setting: ParamSetting, tensor_name: str, t: float) -> Any:
             if c.filter is None or c.filter == "*" or c.filter in tensor_name:
                 return resolve_setting(c.value, tensor_name, t)
         return None
-    raise RecipeError(f"unsupported parameter value {setting!r}: use a number, a list of numbers, or filter/value pairs")
+    raise RecipeError(
+        f"unsupported parameter value {setting!r}: use a number, a list of numbers, or filter/value pairs"
+    )

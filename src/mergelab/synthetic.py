@@ -23,7 +23,9 @@ DeltaKind = Literal["dense", "sparse", "conflict"]
 
 
 def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "little") & (
+        (1 << 63) - 1
+    )
 
 
 def make_tokenizer(path: Path, vocab_size: int = 64) -> None:
@@ -31,7 +33,27 @@ def make_tokenizer(path: Path, vocab_size: int = 64) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>"] + "the a of and to in is it that for on with as was at by".split()
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "it",
+        "that",
+        "for",
+        "on",
+        "with",
+        "as",
+        "was",
+        "at",
+        "by",
+    ]
     vocab = {w: i for i, w in enumerate(words[: min(len(words), vocab_size)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -68,7 +90,7 @@ def make_base(
         tie_word_embeddings=tie_embeddings,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = LlamaForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]  # transformers types .to() as a decorated wrapper
     if safe_serialization:
         kwargs: dict = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(str(path), **kwargs)
@@ -89,7 +111,9 @@ def _delta(kind: DeltaKind, name: str, like: torch.Tensor, seed: int, scale: flo
         mask = torch.rand(shape, generator=gen) < 0.1
         return torch.randn(shape, generator=gen) * (3 * scale) * mask
     if kind == "conflict":
-        partner = torch.randn(shape, generator=torch.Generator().manual_seed(_seed("dense", partner_seed, name))) * scale
+        partner = (
+            torch.randn(shape, generator=torch.Generator().manual_seed(_seed("dense", partner_seed, name))) * scale
+        )
         return -0.7 * partner + torch.randn(shape, generator=gen) * (0.2 * scale)
     raise ValueError(f"unknown delta kind {kind!r}")
 
@@ -121,7 +145,11 @@ def make_expert(
         elif f.suffix == ".bin":
             sd = torch.load(f, map_location="cpu", weights_only=True)
             out = {
-                n: ((t.float() + _delta(kind, n, t, seed, scale, partner_seed)).to(t.dtype) if t.is_floating_point() else t)
+                n: (
+                    (t.float() + _delta(kind, n, t, seed, scale, partner_seed)).to(t.dtype)
+                    if t.is_floating_point()
+                    else t
+                )
                 for n, t in sd.items()
             }
             torch.save(out, path / f.name)
@@ -131,7 +159,10 @@ def make_expert(
 
 
 def make_family(
-    root: str | Path, n_experts: int = 3, kinds: tuple[DeltaKind, ...] = ("dense", "sparse", "conflict"), **base_kwargs: object
+    root: str | Path,
+    n_experts: int = 3,
+    kinds: tuple[DeltaKind, ...] = ("dense", "sparse", "conflict"),
+    **base_kwargs: object,
 ) -> tuple[Path, list[Path]]:
     """A base and ``n_experts`` experts under ``root`` (``base/``, ``expert_0/`` …)."""
     root = Path(root)

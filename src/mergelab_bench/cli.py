@@ -19,15 +19,23 @@ from mergelab.cli import console, err_console, user_errors
 @user_errors
 def demo(
     synthetic: Annotated[
-        bool, typer.Option("--synthetic", help="the engine-only demo: small random checkpoints merged with TIES (seconds, no zoo)")
+        bool,
+        typer.Option(
+            "--synthetic", help="the engine-only demo: small random checkpoints merged with TIES (seconds, no zoo)"
+        ),
     ] = False,
     install: Annotated[
-        bool, typer.Option("--install", help="install the zoo's source packages first if any is missing (apt needs root)")
+        bool,
+        typer.Option("--install", help="install the zoo's source packages first if any is missing (apt needs root)"),
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="also write the leaderboard (markdown, JSON, PNG) into this folder")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="also write the leaderboard (markdown, JSON, PNG) into this folder")
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
-    workdir: Annotated[Path | None, typer.Option(help="--synthetic: where to build the demo models (default: a cache folder)")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="--synthetic: where to build the demo models (default: a cache folder)")
+    ] = None,
 ) -> None:
     """Build the quick classification zoo (4 experts, cached), merge it with task arithmetic, TIES and
     DARE-TIES, evaluate every merge on every task and print the leaderboard."""

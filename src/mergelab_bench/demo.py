@@ -43,7 +43,9 @@ def run_demo(workdir: Path | None = None, console: Console | None = None, err_co
     recipe = {
         "merge_method": "ties",
         "base_model": str(models / "base"),
-        "models": [{"model": str(models / f"expert_{i}"), "parameters": {"weight": 1.0, "density": 0.2}} for i in range(3)],
+        "models": [
+            {"model": str(models / f"expert_{i}"), "parameters": {"weight": 1.0, "density": 0.2}} for i in range(3)
+        ],
         "parameters": {"lambda": 1.0},
         "dtype": "float32",
     }

@@ -75,7 +75,9 @@ def test_sign_conflict_rate_among_topk(topk, rate):
     assert sc["topk_entries"] == [int(topk * 100)] * 3
     assert sc["all_experts_rate"] == pytest.approx(rate)
     w = tau1.square()
-    assert r["cosine"]["matrix"][0][1] == pytest.approx(float((w * torch.where(flip, -1.0, 1.0)).sum() / w.sum()), rel=1e-6)
+    assert r["cosine"]["matrix"][0][1] == pytest.approx(
+        float((w * torch.where(flip, -1.0, 1.0)).sum() / w.sum()), rel=1e-6
+    )
 
 
 def test_sign_conflicts_ignore_zero_entries():
@@ -123,8 +125,9 @@ def test_masks_equal_the_methods_masks(small, monkeypatch):
     if not small:
         monkeypatch.setattr(stats_mod, "_SMALL", 0)  # force the radix-select path
     g = torch.Generator().manual_seed(3)
-    shapes, densities, gammas = ([(37,), (3, 5, 7)], (0.0, 0.1, 0.5, 0.97, 1.0), (0.0, 0.3)) if small else (
-        [(16, 24)], (0.1, 0.97), (0.05,))
+    shapes, densities, gammas = (
+        ([(37,), (3, 5, 7)], (0.0, 0.1, 0.5, 0.97, 1.0), (0.0, 0.3)) if small else ([(16, 24)], (0.1, 0.97), (0.05,))
+    )
     for shape in shapes:
         delta = (torch.randn(shape, generator=g) * 4).round() / 4  # many ties in magnitude
         for density in densities:
@@ -139,7 +142,9 @@ def test_della_closed_form_equals_rank_keep_probs(shape):
     delta = torch.randn(shape, generator=g).masked_fill_(torch.rand(shape, generator=g) < 0.4, 0.0)
     for density, eps in ((0.7, 0.07), (0.5, 0.5), (0.3, 0.0), (1.0, 0.1)):
         nz = delta != 0
-        want = float(rank_keep_probs(delta, density, eps).masked_fill_(~nz, 0.0).sum()) if density < 1 else float(nz.sum())
+        want = (
+            float(rank_keep_probs(delta, density, eps).masked_fill_(~nz, 0.0).sum()) if density < 1 else float(nz.sum())
+        )
         assert della_expected_kept(nz, density, eps) == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
@@ -206,7 +211,15 @@ def test_html_report_and_json(analysed, tmp_path):
     pngs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(pngs) == 7  # cosine, conflicts, per-layer cosine, norms, TALL histogram and claims, densities
     assert all(p.startswith("iVBORw0KGgo") for p in pngs)  # PNG signature
-    for fig in ("fig-cosine", "fig-conflict", "fig-layer_cosine", "fig-norms", "fig-tall_hist", "fig-tall_tasks", "fig-density"):
+    for fig in (
+        "fig-cosine",
+        "fig-conflict",
+        "fig-layer_cosine",
+        "fig-norms",
+        "fig-tall_hist",
+        "fig-tall_tasks",
+        "fig-density",
+    ):
         assert fig in page
     embedded = re.search(r"<script type='application/json' id='mergelab-analysis'>(.*?)</script>", page, re.DOTALL)
     assert json.loads(embedded.group(1)) == json.loads(json_path.read_text()) == json.loads(json.dumps(r))
@@ -222,8 +235,15 @@ def test_cli_command(family, tmp_path):
     app.command("analyze")(analyze_command)
     app.command("other")(lambda: None)  # keep typer in multi-command mode, as in the real CLI
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
-                                      "models": [{"model": str(e)} for e in experts[:2]]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(base),
+                "models": [{"model": str(e)} for e in experts[:2]],
+            }
+        )
+    )
     res = CliRunner().invoke(app, ["analyze", str(recipe), "--report", str(tmp_path / "a.html"), "-q", "--topk", "0.3"])
     assert res.exit_code == 0, res.output
     assert "expert_0 · expert_1: cosine" in res.output

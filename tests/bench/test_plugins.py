@@ -56,8 +56,15 @@ def test_a_broken_plugin_is_one_warning_line(monkeypatch) -> None:
 def test_mergelab_merge_works_with_a_broken_plugin(family, tmp_path: Path) -> None:
     base, experts = family
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(base),
-                                      "models": [{"model": str(e), "parameters": {"weight": 0.5}} for e in experts[:2]]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "base_model": str(base),
+                "models": [{"model": str(e), "parameters": {"weight": 0.5}} for e in experts[:2]],
+            }
+        )
+    )
     code = (
         "import importlib.metadata as md, sys\n"
         "real = md.entry_points\n"
@@ -71,8 +78,12 @@ def test_mergelab_merge_works_with_a_broken_plugin(family, tmp_path: Path) -> No
         "main()\n"
     )
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-c", code, "merge", str(recipe), str(out), "--quiet", "--no-hash-inputs"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code, "merge", str(recipe), str(out), "--quiet", "--no-hash-inputs"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     warnings = [line for line in res.stderr.splitlines() if "plugin" in line]
     assert len(warnings) == 1 and "'broken'" in warnings[0]
@@ -124,7 +135,9 @@ def test_a_fresh_process_reads_zoo_sources_without_importing_the_benchmark_first
         "from mergelab.data import sources\n"
         "from mergelab.data.config import CalibrationSource\n"
         "assert 'mergelab_bench' not in sys.modules\n"
-        f"ex = sources.load_examples(CalibrationSource(zoo_task='alpha', split='validation', zoo={str(tiny_zoo_manifest)!r}), 4)\n"
+        "ex = sources.load_examples(\n"
+        f"    CalibrationSource(zoo_task='alpha', split='validation', zoo={str(tiny_zoo_manifest)!r}), 4\n"
+        ")\n"
         "print(len(ex), ex.label_names, 'mergelab_bench' in sys.modules)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -142,7 +155,14 @@ def test_no_core_module_names_the_benchmark_package() -> None:
     offenders = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{path.relative_to(root)}:{node.lineno}" for n in names if n.split(".")[0] == "mergelab_bench"]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(root)}:{node.lineno}" for n in names if n.split(".")[0] == "mergelab_bench"
+            ]
     assert offenders == []

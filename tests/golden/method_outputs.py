@@ -145,8 +145,13 @@ def compute() -> dict[str, dict[str, str]]:
                             out = _merge_to_disk(m.name, base, experts, gp, mp, Path(d))
                     else:
                         out = mergelab.merge_state_dicts(
-                            m.name, experts, None if m.base == "ignored" else base,
-                            parameters=gp, model_parameters=[mp] * len(experts), seed=5, **kw,
+                            m.name,
+                            experts,
+                            None if m.base == "ignored" else base,
+                            parameters=gp,
+                            model_parameters=[mp] * len(experts),
+                            seed=5,
+                            **kw,
                         )
                 except ParameterError:
                     if set_name == "default":  # a required parameter (slerp's t): typical covers it

@@ -48,8 +48,15 @@ def bert_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pa
 
     root = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=64,
-                     max_position_embeddings=64, pad_token_id=2)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+        pad_token_id=2,
+    )
     BertModel(cfg).save_pretrained(str(root / "base"))
     make_tokenizer(root / "base")
     experts = [make_expert(root / "base", root / f"expert_{i}", seed=i + 1, scale=0.05) for i in range(2)]
@@ -57,7 +64,10 @@ def bert_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pa
     for i in range(2):
         g = torch.Generator().manual_seed(10 + i)
         path = root / f"head_{i}.safetensors"
-        save_file({"weight": torch.randn(3, 32, generator=g), "bias": torch.zeros(3)}, str(path),
-                  metadata={"labels": json.dumps(["neg", "pos", "mid"])})
+        save_file(
+            {"weight": torch.randn(3, 32, generator=g), "bias": torch.zeros(3)},
+            str(path),
+            metadata={"labels": json.dumps(["neg", "pos", "mid"])},
+        )
         heads.append(path)
     return root / "base", experts, heads

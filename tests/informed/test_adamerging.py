@@ -78,8 +78,10 @@ def test_the_merge_applies_the_learned_coefficients_per_tensor():
     b = {"w": torch.zeros(3), "v": torch.ones(2)}
     e1 = {"w": torch.tensor([1.0, 2.0, 3.0]), "v": torch.tensor([2.0, 2.0])}
     e2 = {"w": torch.tensor([-1.0, 0.0, 1.0]), "v": torch.tensor([0.0, 1.0])}
-    lam = [{"w::lambda": torch.tensor(0.5), "v::lambda": torch.tensor(1.0)},
-           {"w::lambda": torch.tensor(0.25), "v::lambda": torch.tensor(0.0)}]
+    lam = [
+        {"w::lambda": torch.tensor(0.5), "v::lambda": torch.tensor(1.0)},
+        {"w::lambda": torch.tensor(0.25), "v::lambda": torch.tensor(0.0)},
+    ]
     out = mergelab.merge_state_dicts("adamerging", [e1, e2], b, statistics=lam)
     assert torch.allclose(out["w"], 0.5 * e1["w"] + 0.25 * e2["w"])
     assert torch.allclose(out["v"], e1["v"])

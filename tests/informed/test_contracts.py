@@ -77,7 +77,9 @@ def test_identical_experts_return_that_expert(method):
 @pytest.mark.parametrize("method", INFORMED)
 def test_zero_task_vectors_return_the_base(method):
     base = _state(1)
-    out = _merge(method, [dict(base), dict(base)], base, [_stats(method, base, s) for s in (3, 4)], **_params(method, "typical"))
+    out = _merge(
+        method, [dict(base), dict(base)], base, [_stats(method, base, s) for s in (3, 4)], **_params(method, "typical")
+    )
     for k in base:
         assert torch.allclose(out[k], base[k], atol=1e-5), k
 
@@ -119,7 +121,9 @@ def test_streaming_merge_with_statistics_folders_equals_in_memory_merge(method, 
     recipe = {
         "merge_method": method,
         "base_model": str(base),
-        "models": [{"model": str(e), "parameters": mp} for e, mp in zip(experts[:2], p["model_parameters"], strict=True)],
+        "models": [
+            {"model": str(e), "parameters": mp} for e, mp in zip(experts[:2], p["model_parameters"], strict=True)
+        ],
         "parameters": p["parameters"],
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False, statistics=folders)

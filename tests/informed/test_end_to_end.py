@@ -102,10 +102,16 @@ def test_encoder_with_separate_heads_and_python_calibration(bert_family, cal_fil
     from transformers import AutoModel
 
     base, experts, heads = bert_family
-    models = [{"model": str(e), "calibration": {"path": str(c), "head": str(h)}}
-              for e, c, h in zip(experts, cal_files, heads)]
-    recipe = {"merge_method": "fisher", "base_model": str(base), "models": models, "calibration": CAL,
-              "parameters": {"fisher_label": "empirical"}}
+    models = [
+        {"model": str(e), "calibration": {"path": str(c), "head": str(h)}} for e, c, h in zip(experts, cal_files, heads)
+    ]
+    recipe = {
+        "merge_method": "fisher",
+        "base_model": str(base),
+        "models": models,
+        "calibration": CAL,
+        "parameters": {"fisher_label": "empirical"},
+    }
     mergelab.merge(recipe, tmp_path / "fisher")
     AutoModel.from_pretrained(str(tmp_path / "fisher"))
     # the same experts with batches and a logits function from Python
@@ -117,9 +123,18 @@ def test_encoder_with_separate_heads_and_python_calibration(bert_family, cal_fil
     for c, h in zip(cal_files, heads):
         head = LinearHead.load(h)
         batches = tokenize_batches(tok, read_text_file(c).texts[:8], batch_size=4, max_length=16)
-        cals.append(Calibration(batches=batches, logits_fn=lambda m, b, lin=head.linear: lin(
-            pool(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state, b["attention_mask"],
-                 "mean"))))
+        cals.append(
+            Calibration(
+                batches=batches,
+                logits_fn=lambda m, b, lin=head.linear: lin(
+                    pool(
+                        m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state,
+                        b["attention_mask"],
+                        "mean",
+                    )
+                ),
+            )
+        )
     py = mergelab.merge({**recipe, "parameters": {"fisher_label": "expected"}}, tmp_path / "py", calibration=cals)
     assert py.path.is_dir()
     mergelab.merge({**recipe, "parameters": {"fisher_label": "expected"}}, tmp_path / "yml")
@@ -133,8 +148,11 @@ def test_encoder_with_separate_heads_and_python_calibration(bert_family, cal_fil
 def test_precomputed_statistics_folder_in_the_recipe(family, cal_files, tmp_path):
     base, experts = family
     stats_dir = tmp_path / "stats"
-    r = yaml.safe_load(_recipe(tmp_path, "regmean", base, experts[:2], cal_files[:2],
-                               calibration={"statistics_dir": str(stats_dir)}).read_text())
+    r = yaml.safe_load(
+        _recipe(
+            tmp_path, "regmean", base, experts[:2], cal_files[:2], calibration={"statistics_dir": str(stats_dir)}
+        ).read_text()
+    )
     mergelab.merge(r, tmp_path / "a")
     folders = sorted(p.parent for p in stats_dir.rglob("statistics.json"))
     reader = open_statistics(folders[0])
@@ -153,18 +171,23 @@ def test_validate_reports_missing_calibration(family, tmp_path):
     p.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [{"model": str(e)} for e in experts[:2]]}))
     res = runner.invoke(app, ["validate", str(p)])
     assert res.exit_code == 2 and "needs calibration data" in res.output
-    p.write_text(yaml.safe_dump({"merge_method": "fisher",
-                                 "models": [{"model": str(e), "calibration": "nope.jsonl"} for e in experts[:2]]}))
+    p.write_text(
+        yaml.safe_dump(
+            {"merge_method": "fisher", "models": [{"model": str(e), "calibration": "nope.jsonl"} for e in experts[:2]]}
+        )
+    )
     res = runner.invoke(app, ["validate", str(p)])
     assert res.exit_code == 2 and "nope.jsonl" in res.output
 
 
 @pytest.mark.parametrize("method", ["regmean", "fisher"])
-def test_statistics_beyond_the_memory_budget_are_collected_in_groups_with_the_same_result(method, family, cal_files,
-                                                                                         tmp_path):
+def test_statistics_beyond_the_memory_budget_are_collected_in_groups_with_the_same_result(
+    method, family, cal_files, tmp_path
+):
     base, experts = family
-    r = yaml.safe_load(_recipe(tmp_path, method, base, experts[:2], cal_files[:2],
-                               calibration={"num_examples": 4}).read_text())
+    r = yaml.safe_load(
+        _recipe(tmp_path, method, base, experts[:2], cal_files[:2], calibration={"num_examples": 4}).read_text()
+    )
     mergelab.merge(r, tmp_path / "one")
     small = {**r, "calibration": {**r["calibration"], "memory_budget": "40KB"}}
 

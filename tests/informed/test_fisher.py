@@ -18,9 +18,13 @@ def _rand(*shape, seed):
 def test_constructed_fishers_give_the_fisher_weighted_mean():
     w1, w2 = _rand(3, 4, seed=1), _rand(3, 4, seed=2)
     f1, f2 = torch.rand(3, 4) + 0.1, torch.rand(3, 4) + 0.1
-    out = mergelab.merge_tensors("fisher", [w1, w2], parameters={"normalize": False},
-                                 model_parameters=[{"weight": 1.0}, {"weight": 3.0}],
-                                 statistics=[{"fisher": f1}, {"fisher": f2}])
+    out = mergelab.merge_tensors(
+        "fisher",
+        [w1, w2],
+        parameters={"normalize": False},
+        model_parameters=[{"weight": 1.0}, {"weight": 3.0}],
+        statistics=[{"fisher": f1}, {"fisher": f2}],
+    )
     assert torch.allclose(out, (f1 * w1 + 3 * f2 * w2) / (f1 + 3 * f2), atol=1e-6)
 
 
@@ -30,12 +34,17 @@ def test_equal_fishers_give_the_plain_average_and_the_floor_covers_zeros():
     same = mergelab.merge_tensors("fisher", [w1, w2], statistics=[{"fisher": f}, {"fisher": f}])
     assert torch.allclose(same, (w1 + w2) / 2, atol=1e-6)
     zero = torch.zeros(5)
-    floored = mergelab.merge_tensors("fisher", [w1, w2], parameters={"normalize": False},
-                                     statistics=[{"fisher": zero}, {"fisher": zero}])
+    floored = mergelab.merge_tensors(
+        "fisher", [w1, w2], parameters={"normalize": False}, statistics=[{"fisher": zero}, {"fisher": zero}]
+    )
     assert torch.allclose(floored, (w1 + w2) / 2, atol=1e-6)
     # the floor is applied elementwise to each expert's Fisher: expert 1 has F=0 → weight ε
-    one = mergelab.merge_tensors("fisher", [w1, w2], parameters={"normalize": False, "floor": 1e-3},
-                                 statistics=[{"fisher": zero}, {"fisher": torch.ones(5)}])
+    one = mergelab.merge_tensors(
+        "fisher",
+        [w1, w2],
+        parameters={"normalize": False, "floor": 1e-3},
+        statistics=[{"fisher": zero}, {"fisher": torch.ones(5)}],
+    )
     assert torch.allclose(one, (1e-3 * w1 + w2) / (1 + 1e-3), atol=1e-6)
 
 
@@ -70,8 +79,14 @@ def test_expected_fisher_matches_the_closed_form_of_logistic_regression(per_exam
     # softmax regression z = Wx + b: ∂ log p_y / ∂W_k = (1[y=k] − p_k) x, so
     # E_y[(∂ log p_y/∂W_kj)²] = p_k (1 − p_k) x_j² and for the bias p_k (1 − p_k)
     model, x = _logreg()
-    res = fisher_diagonal(model, [{"x": x[:4]}, {"x": x[4:]}], logits_fn=_logits, label="expected",
-                          per_example=per_example, num_examples=None)
+    res = fisher_diagonal(
+        model,
+        [{"x": x[:4]}, {"x": x[4:]}],
+        logits_fn=_logits,
+        label="expected",
+        per_example=per_example,
+        num_examples=None,
+    )
     assert res.per_example == per_example and res.examples == 6 and res.label == "expected"
     with torch.no_grad():
         p = torch.softmax(model(x), -1)
@@ -90,12 +105,12 @@ def test_per_example_fisher_is_not_the_square_of_a_batch_gradient():
     for i in range(6):
         model.zero_grad()
         torch.log_softmax(model(x[i : i + 1]), -1)[0, y[i]].backward()
-        per += model.weight.grad ** 2
+        per += model.weight.grad**2
     assert torch.allclose(res.fisher["weight"], per / 6, atol=1e-6)
     # the pitfall: one gradient of the batch's summed log-likelihood, squared
     model.zero_grad()
     torch.log_softmax(model(x), -1).gather(1, y[:, None]).sum().backward()
-    batch_sq = model.weight.grad ** 2 / 6
+    batch_sq = model.weight.grad**2 / 6
     assert (res.fisher["weight"] - batch_sq).abs().max() > 0.05
 
 
@@ -116,20 +131,32 @@ def test_causal_lm_fisher_sums_real_positions_of_each_sequence():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=20, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=20,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.tensor([[3, 5, 7, 9, 0, 0], [4, 6, 8, 10, 12, 14]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    res = fisher_diagonal(model, [{"input_ids": ids, "attention_mask": mask}], label="empirical", num_examples=None,
-                          names=["lm_head.weight"])
+    res = fisher_diagonal(
+        model,
+        [{"input_ids": ids, "attention_mask": mask}],
+        label="empirical",
+        num_examples=None,
+        names=["lm_head.weight"],
+    )
     assert res.per_example == "loop" and res.kind == "causal_lm"  # HF models cannot be vmapped: auto falls back
     expect = torch.zeros_like(model.lm_head.weight)
     for row, length in ((0, 4), (1, 6)):
         model.zero_grad()
         logp = torch.log_softmax(model(input_ids=ids[row : row + 1, :length]).logits[0], -1)
         logp[:-1].gather(1, ids[row, 1:length, None]).sum().backward()
-        expect += model.lm_head.weight.grad ** 2
+        expect += model.lm_head.weight.grad**2
     assert torch.allclose(res.fisher["lm_head.weight"], expect / 2, atol=1e-6)
     sampled = fisher_diagonal(model, [{"input_ids": ids, "attention_mask": mask}], names=["lm_head.weight"], seed=0)
     assert sampled.label == "sampled" and bool((sampled.fisher["lm_head.weight"] >= 0).all())

@@ -26,8 +26,7 @@ def _gram(rows: int, d: int, seed: int) -> torch.Tensor:
 def test_single_linear_layer_equals_least_squares_fit_of_all_experts_outputs():
     w1, w2, w3 = _rand(5, 6, seed=1), _rand(5, 6, seed=2), _rand(5, 6, seed=3)
     xs = [_rand(40, 6, seed=4), _rand(25, 6, seed=5), _rand(60, 6, seed=6)]
-    out = mergelab.merge_tensors("regmean", [w1, w2, w3], parameters=EXACT,
-                                 statistics=[{"gram": x.T @ x} for x in xs])
+    out = mergelab.merge_tensors("regmean", [w1, w2, w3], parameters=EXACT, statistics=[{"gram": x.T @ x} for x in xs])
     # min_W Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖²: one stacked least-squares problem
     X = torch.cat(xs).double()
     Y = torch.cat([x @ w.T for x, w in zip(xs, (w1, w2, w3))]).double()
@@ -40,16 +39,21 @@ def test_single_linear_layer_equals_least_squares_fit_of_all_experts_outputs():
 def test_gram_mean_weights_experts_per_row_and_equals_sum_when_rows_agree():
     w1, w2 = _rand(4, 3, seed=1), _rand(4, 3, seed=2)
     x1, x2 = _rand(10, 3, seed=3), _rand(30, 3, seed=4)
-    stats = [{"gram": x1.T @ x1, "rows": torch.tensor(10.0, dtype=torch.float64)},
-             {"gram": x2.T @ x2, "rows": torch.tensor(30.0, dtype=torch.float64)}]
+    stats = [
+        {"gram": x1.T @ x1, "rows": torch.tensor(10.0, dtype=torch.float64)},
+        {"gram": x2.T @ x2, "rows": torch.tensor(30.0, dtype=torch.float64)},
+    ]
     mean = mergelab.merge_tensors("regmean", [w1, w2], parameters={"reduce_non_diagonal_ratio": 1.0}, statistics=stats)
     total = mergelab.merge_tensors("regmean", [w1, w2], parameters=EXACT, statistics=stats)
     expect = regmean_solve([w1, w2], [x1.T @ x1 / 10, x2.T @ x2 / 30])
     assert torch.allclose(mean, expect, atol=1e-6)
     assert not torch.allclose(mean, total, atol=1e-3)
     same = [{"gram": s["gram"], "rows": torch.tensor(7.0, dtype=torch.float64)} for s in stats]
-    assert torch.allclose(mergelab.merge_tensors("regmean", [w1, w2], parameters={"reduce_non_diagonal_ratio": 1.0},
-                                                 statistics=same), total, atol=1e-6)
+    assert torch.allclose(
+        mergelab.merge_tensors("regmean", [w1, w2], parameters={"reduce_non_diagonal_ratio": 1.0}, statistics=same),
+        total,
+        atol=1e-6,
+    )
 
 
 def test_identity_grams_give_the_average_and_a_zero_gram_gives_the_other_expert():
@@ -58,7 +62,9 @@ def test_identity_grams_give_the_average_and_a_zero_gram_gives_the_other_expert(
     avg = mergelab.merge_tensors("regmean", [w1, w2], parameters=EXACT, statistics=[{"gram": eye}, {"gram": eye}])
     assert torch.allclose(avg, (w1 + w2) / 2, atol=1e-6)
     g1 = _gram(20, 4, seed=3)
-    only1 = mergelab.merge_tensors("regmean", [w1, w2], parameters=EXACT, statistics=[{"gram": g1}, {"gram": torch.zeros(4, 4)}])
+    only1 = mergelab.merge_tensors(
+        "regmean", [w1, w2], parameters=EXACT, statistics=[{"gram": g1}, {"gram": torch.zeros(4, 4)}]
+    )
     assert torch.allclose(only1, w1, atol=1e-5)
 
 
@@ -70,8 +76,13 @@ def test_off_diagonal_shrink_and_model_weights():
     def shrink(g):
         return a * g + (1 - a) * torch.diag(torch.diagonal(g))
 
-    out = mergelab.merge_tensors("regmean", [w1, w2], parameters={"reduce_non_diagonal_ratio": a, "gram": "sum"},
-                                 model_parameters=[{"weight": 2.0}, {"weight": 1.0}], statistics=[{"gram": g1}, {"gram": g2}])
+    out = mergelab.merge_tensors(
+        "regmean",
+        [w1, w2],
+        parameters={"reduce_non_diagonal_ratio": a, "gram": "sum"},
+        model_parameters=[{"weight": 2.0}, {"weight": 1.0}],
+        statistics=[{"gram": g1}, {"gram": g2}],
+    )
     s1, s2 = 2.0 * shrink(g1).double(), shrink(g2).double()
     expect = torch.linalg.solve(s1 + s2, s1 @ w1.double().T + s2 @ w2.double().T).T.float()
     assert torch.allclose(out, expect, atol=1e-5)
@@ -82,8 +93,12 @@ def test_conv1d_in_out_layout():
     g1, g2 = _gram(12, 5, seed=3), _gram(12, 5, seed=4)
     lin = mergelab.merge_tensors("regmean", [w1, w2], parameters=EXACT, statistics=[{"gram": g1}, {"gram": g2}])
     one = torch.ones(())
-    conv = mergelab.merge_tensors("regmean", [w1.T.contiguous(), w2.T.contiguous()], parameters=EXACT,
-                                  statistics=[{"gram": g1, "in_out": one}, {"gram": g2, "in_out": one}])
+    conv = mergelab.merge_tensors(
+        "regmean",
+        [w1.T.contiguous(), w2.T.contiguous()],
+        parameters=EXACT,
+        statistics=[{"gram": g1, "in_out": one}, {"gram": g2, "in_out": one}],
+    )
     assert torch.allclose(conv, lin.T, atol=1e-6)
 
 
@@ -93,8 +108,9 @@ def test_tensors_without_grams_are_averaged_or_task_arithmetic():
     none: list[dict] = [{}, {}]  # a 1-D tensor has no Gram
     avg = mergelab.merge_tensors("regmean", [e1, e2], base=b, statistics=none)
     assert torch.allclose(avg, (e1 + e2) / 2, atol=1e-6)
-    ta = mergelab.merge_tensors("regmean", [e1, e2], base=b, parameters={"nonlinear": "task_arithmetic", "lambda": 0.3},
-                                statistics=none)
+    ta = mergelab.merge_tensors(
+        "regmean", [e1, e2], base=b, parameters={"nonlinear": "task_arithmetic", "lambda": 0.3}, statistics=none
+    )
     assert torch.allclose(ta, b + 0.3 * ((e1 - b) + (e2 - b)), atol=1e-6)
 
 
@@ -104,8 +120,9 @@ def test_singular_sum_keeps_the_average_in_unseen_directions():
     g[0, 0] = 4.0  # only input feature 0 is ever non-zero
     out = mergelab.merge_tensors("regmean", [w1, w2], parameters=EXACT, statistics=[{"gram": g}, {"gram": g}])
     assert torch.allclose(out, (w1 + w2) / 2, atol=1e-4)
-    never = mergelab.merge_tensors("regmean", [w1, w2], parameters=EXACT,
-                                   statistics=[{"gram": torch.zeros(3, 3)}, {"gram": torch.zeros(3, 3)}])
+    never = mergelab.merge_tensors(
+        "regmean", [w1, w2], parameters=EXACT, statistics=[{"gram": torch.zeros(3, 3)}, {"gram": torch.zeros(3, 3)}]
+    )
     assert torch.allclose(never, (w1 + w2) / 2)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import mergelab
-from mergelab_bench.eval.grids import GRIDS, GROUPS, METHOD_GROUPS, ROW_VARIANTS, GridPoint, grid_for, product
 from mergelab.methods import all_methods, get_method
+from mergelab_bench.eval.grids import GRIDS, GROUPS, METHOD_GROUPS, ROW_VARIANTS, GridPoint, grid_for, product
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,8 @@ def test_grids_and_groups_come_from_the_cards():
                 assert row in METHOD_GROUPS["all"], row
             if card.grid is not None:
                 want = [
-                    ({**card.variants.get(row, {}), **p.parameters}, dict(p.model_parameters)) for p in product(*card.grid)
+                    ({**card.variants.get(row, {}), **p.parameters}, dict(p.model_parameters))
+                    for p in product(*card.grid)
                 ]
                 assert [(dict(p.parameters), dict(p.model_parameters)) for p in GRIDS[row]] == want, row
     assert ROW_VARIANTS["adamerging_task"] == "adamerging"

@@ -44,8 +44,7 @@ def test_data_informed_exclusions_are_the_methods_with_statistics():
 def test_every_method_declares_identity_params():
     missing = [f"{m} (in {get_method(m).fn.__module__})" for m in METHODS if m not in IDENTITY_PARAMS]
     assert not missing, (
-        "declare card=MethodCard(identity=(global params, per-model params)) on the @method of "
-        f"{', '.join(missing)}"
+        f"declare card=MethodCard(identity=(global params, per-model params)) on the @method of {', '.join(missing)}"
     )
 
 
@@ -70,7 +69,12 @@ def _merge(name, experts, base, params=None, model_params=None, **kw):
     if m.base == "ignored":
         base = None
     return mergelab.merge_state_dicts(
-        name, experts, base, parameters=gp, model_parameters=[mp] * len(experts) if model_params is None else model_params, **kw
+        name,
+        experts,
+        base,
+        parameters=gp,
+        model_parameters=[mp] * len(experts) if model_params is None else model_params,
+        **kw,
     )
 
 
@@ -124,7 +128,9 @@ def test_random_methods_depend_on_seed_and_name(name):
     w0 = torch.zeros(64, 64)
     experts = [torch.randn(64, 64), torch.randn(64, 64)]
     p, mp = TYPICAL_PARAMS[name]
-    run = lambda seed, tname: mergelab.merge_tensors(name, experts, w0, parameters=p, model_parameters=[mp] * 2, seed=seed, name=tname)  # noqa: E731
+    run = lambda seed, tname: mergelab.merge_tensors(
+        name, experts, w0, parameters=p, model_parameters=[mp] * 2, seed=seed, name=tname
+    )
     assert torch.equal(run(1, "a"), run(1, "a"))
     assert not torch.equal(run(1, "a"), run(2, "a"))
     assert not torch.equal(run(1, "a"), run(1, "b"))
@@ -166,9 +172,16 @@ def test_ties_full_density_without_conflict_equals_normalized_task_arithmetic():
     base = torch.randn(40)
     taus = [torch.rand(40) * 0.1, torch.rand(40) * 0.2]  # same sign everywhere
     experts = [base + t for t in taus]
-    ties = mergelab.merge_tensors("ties", experts, base, model_parameters=[{"density": 1.0, "weight": 1.0}, {"density": 1.0, "weight": 2.0}])
-    ta = mergelab.merge_tensors("task_arithmetic", experts, base, parameters={"normalize": True},
-                                model_parameters=[{"weight": 1.0}, {"weight": 2.0}])
+    ties = mergelab.merge_tensors(
+        "ties", experts, base, model_parameters=[{"density": 1.0, "weight": 1.0}, {"density": 1.0, "weight": 2.0}]
+    )
+    ta = mergelab.merge_tensors(
+        "task_arithmetic",
+        experts,
+        base,
+        parameters={"normalize": True},
+        model_parameters=[{"weight": 1.0}, {"weight": 2.0}],
+    )
     assert torch.allclose(ties, ta, atol=1e-6)
 
 
@@ -176,6 +189,10 @@ def test_ties_full_density_without_conflict_equals_normalized_task_arithmetic():
 def test_dare_without_drop_equals_task_arithmetic(name):
     base = torch.randn(30, 5)
     experts = [base + 0.1 * torch.randn(30, 5) for _ in range(3)]
-    dare = mergelab.merge_tensors(name, experts, base, parameters={"lambda": 0.7}, model_parameters=[{"density": 1.0, "weight": 0.5}] * 3)
-    ta = mergelab.merge_tensors("task_arithmetic", experts, base, parameters={"lambda": 0.7}, model_parameters=[{"weight": 0.5}] * 3)
+    dare = mergelab.merge_tensors(
+        name, experts, base, parameters={"lambda": 0.7}, model_parameters=[{"density": 1.0, "weight": 0.5}] * 3
+    )
+    ta = mergelab.merge_tensors(
+        "task_arithmetic", experts, base, parameters={"lambda": 0.7}, model_parameters=[{"weight": 0.5}] * 3
+    )
     assert torch.allclose(dare, ta, atol=1e-6)

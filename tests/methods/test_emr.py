@@ -109,7 +109,7 @@ def test_rescalers_match_naive_over_several_tensors(rescaler):
     scales = gather([(b, ex) for b, ex, _ in tensors], rescaler=rescaler)
     unified, masks, want = naive_emr([[t.tolist() for t in taus] for _, _, taus in tensors], rescaler)
     assert scales == pytest.approx(want, rel=1e-6)
-    tau_uni, ms = elect([t for t in tensors[1][2]])
+    tau_uni, ms = elect(list(tensors[1][2]))
     assert torch.allclose(tau_uni, T(unified[1]), atol=1e-6)
     assert [m.tolist() for m in ms] == masks[1]
 

@@ -118,12 +118,12 @@ def np_iso_cts(taus, fraction, alpha):
     v_all = np.zeros((r, mats[0].shape[1]))
     for i, t in enumerate(mats):
         ut, st, vt = np.linalg.svd(t - uc @ uc.T @ t, full_matrices=False)
-        u_all[:, i * s:(i + 1) * s] = ut[:, :s]
-        s_all[i * s:(i + 1) * s] = st[:s]
-        v_all[i * s:(i + 1) * s] = vt[:s]
-    u_all[:, n_tasks * s:] = uc
-    s_all[n_tasks * s:] = sig[:k]
-    v_all[n_tasks * s:] = vh[:k]
+        u_all[:, i * s : (i + 1) * s] = ut[:, :s]
+        s_all[i * s : (i + 1) * s] = st[:s]
+        v_all[i * s : (i + 1) * s] = vt[:s]
+    u_all[:, n_tasks * s :] = uc
+    s_all[n_tasks * s :] = sig[:k]
+    v_all[n_tasks * s :] = vh[:k]
     pu, _, qu = np.linalg.svd(u_all, full_matrices=False)
     pv, _, qv = np.linalg.svd(v_all, full_matrices=False)
     return alpha * s_all.mean() * (pu @ qu) @ (pv @ qv)
@@ -135,7 +135,9 @@ def test_iso_cts_matches_numpy(shape, n_tasks, fraction):
     taus = [rand(*shape, seed=30 + i) * (1 + 0.5 * i) for i in range(n_tasks)]
     out = run(ISO_CTS, base, [base + t for t in taus], alpha=0.9, common_space_fraction=fraction)
     expected = np_iso_cts(taus, fraction, 0.9)
-    assert np.allclose((out - base).double().numpy(), expected, atol=2e-4), np.abs((out - base).numpy() - expected).max()
+    assert np.allclose((out - base).double().numpy(), expected, atol=2e-4), np.abs(
+        (out - base).numpy() - expected
+    ).max()
 
 
 def test_iso_cts_without_task_subspaces_is_iso_c():
@@ -156,7 +158,9 @@ def test_iso_cts_with_one_task_is_iso_c(fraction):
 def test_iso_cts_differs_from_iso_c_with_task_subspaces():
     base = rand(8, 8, seed=45)
     experts = [base + rand(8, 8, seed=46), base + rand(8, 8, seed=47)]
-    assert not torch.allclose(run(ISO_CTS, base, experts, common_space_fraction=0.5), run(ISO_C, base, experts), atol=1e-3)
+    assert not torch.allclose(
+        run(ISO_CTS, base, experts, common_space_fraction=0.5), run(ISO_C, base, experts), atol=1e-3
+    )
 
 
 # ------------------------------------------------------------------------ non-matrix tensors
@@ -177,7 +181,9 @@ def test_vectors_and_excluded_matrices_take_the_mean(m):
 # ------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("bad", [{"common_space_fraction": 1.5}, {"common_space_fraction": -0.1}, {"alpha": float("inf")}, {"lambda": 1.0}])
+@pytest.mark.parametrize(
+    "bad", [{"common_space_fraction": 1.5}, {"common_space_fraction": -0.1}, {"alpha": float("inf")}, {"lambda": 1.0}]
+)
 def test_invalid_parameters(bad):
     with pytest.raises(ValidationError):
         ISO_CTS.params.model_validate(bad)

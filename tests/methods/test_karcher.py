@@ -88,7 +88,9 @@ def test_three_directions_on_a_circle_average_their_angles():
     out = run(xs, weights=[1.0, 1.0, 2.0], max_iter=50)
     mean_angle = (0.1 + 0.5 + 2 * 1.3) / 4
     scale = (1.0 + 2.0 + 2 * 0.5) / 4
-    torch.testing.assert_close(out, torch.tensor([scale * math.cos(mean_angle), scale * math.sin(mean_angle)]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        out, torch.tensor([scale * math.cos(mean_angle), scale * math.sin(mean_angle)]), rtol=0, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- optimality and the reference
@@ -197,10 +199,12 @@ def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_checkpoint_round_trip_matches_the_reference(family, tmp_path):
-    base, experts = family
+    _base, experts = family
     recipe = {
         "merge_method": "karcher",
-        "models": [{"model": str(e), "parameters": {"weight": w}} for e, w in zip(experts, (1.0, 2.0, 1.0), strict=True)],
+        "models": [
+            {"model": str(e), "parameters": {"weight": w}} for e, w in zip(experts, (1.0, 2.0, 1.0), strict=True)
+        ],
         "parameters": {"max_iter": 30, "tol": 1e-7},
     }
     out = tmp_path / "out"
@@ -233,9 +237,20 @@ print(json.dumps(out))
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(3)
     cases = []
-    for shape, n, max_iter, tol in [((16,), 2, 10, 1e-5), ((4, 8), 3, 10, 1e-5), ((3, 2, 5), 4, 25, 1e-7), ((8,), 3, 2, 1e-5)]:
+    for shape, n, max_iter, tol in [
+        ((16,), 2, 10, 1e-5),
+        ((4, 8), 3, 10, 1e-5),
+        ((3, 2, 5), 4, 25, 1e-7),
+        ((8,), 3, 2, 1e-5),
+    ]:
         center = torch.randn(shape, generator=gen)
-        cases.append({"tensors": [center + torch.randn(shape, generator=gen) for _ in range(n)], "max_iter": max_iter, "tol": tol})
+        cases.append(
+            {
+                "tensors": [center + torch.randn(shape, generator=gen) for _ in range(n)],
+                "max_iter": max_iter,
+                "tol": tol,
+            }
+        )
     cases.append({"tensors": [torch.randn(6, generator=gen), torch.zeros(6)], "max_iter": 10, "tol": 1e-5})
     path = tmp_path / "cases.pt"
     torch.save(cases, path)

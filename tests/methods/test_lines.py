@@ -81,7 +81,9 @@ def test_multi_task_alpha_from_l1_norms_on_ties():
     sum_l1 = sum(float(sum(e[k] - base[k] for e in experts).abs().sum()) for k in NAMES)
     ties_l1 = sum(float(t.abs().sum()) for t in tau_ties.values())
     alpha = sum_l1 / ties_l1 / 3
-    out = mergelab.merge_state_dicts("lines", experts, base, parameters={"merge_method": "ties", "beta": 0.4}, model_parameters=mp)
+    out = mergelab.merge_state_dicts(
+        "lines", experts, base, parameters={"merge_method": "ties", "beta": 0.4}, model_parameters=mp
+    )
     for k in NAMES:
         assert torch.allclose(out[k], base[k] + factor(alpha, 0.4, k) * tau_ties[k], atol=1e-5), k
 
@@ -92,13 +94,20 @@ def test_inner_gather_passes_run_first():
     mp = [{"density": 0.2}] * 2
     ties = mergelab.merge_state_dicts("ties", experts, base, parameters={"scope": "global"}, model_parameters=mp)
     out = mergelab.merge_state_dicts(
-        "lines", experts, base, model_parameters=mp,
+        "lines",
+        experts,
+        base,
+        model_parameters=mp,
         parameters={"merge_method": "ties", "merge_parameters": "{scope: global}", "alpha": 1.0, "beta": 0.0},
     )
     for k in NAMES:
         assert torch.allclose(out[k], ties[k], atol=1e-6), k
-    assert [p.name for p in LINES.passes(LINES.params.model_validate({"merge_method": "ties", "merge_parameters": {"scope": "global"}}))] == [
-        "ties.global.high", "ties.global.low", "ties.global.sign", "lines.l1"]
+    assert [
+        p.name
+        for p in LINES.passes(
+            LINES.params.model_validate({"merge_method": "ties", "merge_parameters": {"scope": "global"}})
+        )
+    ] == ["ties.global.high", "ties.global.low", "ties.global.sign", "lines.l1"]
 
 
 def test_merge_parameters_and_per_model_weights_are_forwarded():
@@ -106,12 +115,18 @@ def test_merge_parameters_and_per_model_weights_are_forwarded():
     k = NAMES[2]
     # inner λ = 2 doubles τ = 2 Σ τ_i and halves α to 1/4: the α part stays Σ τ_i / 2, the β part
     # doubles: factor (1/4 + 0.5 · 0.5) on 2 Σ τ_i (it would be (1/2 + 0.25) on Σ τ_i with λ = 1)
-    out = mergelab.merge_state_dicts("lines", experts, base, parameters={"merge_parameters": "{lambda: 2.0}", "beta": 0.5})
+    out = mergelab.merge_state_dicts(
+        "lines", experts, base, parameters={"merge_parameters": "{lambda: 2.0}", "beta": 0.5}
+    )
     summed = sum(e[k] - base[k] for e in experts)
     assert torch.allclose(out[k], base[k] + (0.25 + 0.5 * 0.5) * 2 * summed, atol=1e-5)
     # weights (1, 0): τ = τ1 only
     out = mergelab.merge_state_dicts(
-        "lines", experts, base, parameters={"alpha": 1.0, "beta": 0.0}, model_parameters=[{"weight": 1.0}, {"weight": 0.0}]
+        "lines",
+        experts,
+        base,
+        parameters={"alpha": 1.0, "beta": 0.0},
+        model_parameters=[{"weight": 1.0}, {"weight": 0.0}],
     )
     assert torch.allclose(out[k], experts[0][k], atol=1e-6)
 

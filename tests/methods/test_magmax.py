@@ -17,7 +17,9 @@ T = torch.tensor
 
 def run(base, experts, **glob):
     params = MAGMAX.params.model_validate(glob)
-    return MAGMAX(base, experts, params, [MAGMAX.model_params.model_validate({})] * len(experts), TensorContext(name="w"))
+    return MAGMAX(
+        base, experts, params, [MAGMAX.model_params.model_validate({})] * len(experts), TensorContext(name="w")
+    )
 
 
 # τ1 = [ 1.0, -3.0, 0.5,  2.0, 0.0]

@@ -231,9 +231,7 @@ def test_matches_reference_with_options(clamp_cos):
     base = torch.randn(6, 5, generator=gen)
     experts = [base + torch.randn(6, 5, generator=gen) for _ in range(3)]
     out = run(base, experts, filter_wise=True, clamp_cos=clamp_cos, norm_product_floor=1e-6)
-    ref = reference_model_stock(
-        base.numpy(), [e.numpy() for e in experts], True, 1e-6, clamp_cos
-    )
+    ref = reference_model_stock(base.numpy(), [e.numpy() for e in experts], True, 1e-6, clamp_cos)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -301,14 +299,11 @@ def test_parity_with_mergekit(tmp_path):
     cases.append({"base": base, "experts": small, "filter_wise": False, "floor": 1e-6})
     path = tmp_path / "cases.pt"
     torch.save(cases, path)
-    proc = subprocess.run(
-        [str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = json.loads(proc.stdout.strip().splitlines()[-1])
     for c, exp in zip(cases, expected):
-        out = run(c["base"], c["experts"], filter_wise=c["filter_wise"],
-                  norm_product_floor=c["floor"])
+        out = run(c["base"], c["experts"], filter_wise=c["filter_wise"], norm_product_floor=c["floor"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)
     # and the default (exact cosine) departs from mergekit on the small case
     c = cases[-1]

@@ -219,9 +219,7 @@ def test_matches_reference(shape, flatten, row_wise, with_base):
     w = (0.4, 1.1)
     out = run(base, e1, e2, w=w, nuslerp_flatten=flatten, nuslerp_row_wise=row_wise)
     assert out.shape == e1.shape and out.dtype == torch.float32
-    ref = reference_nuslerp(
-        None if base is None else base.numpy(), e1.numpy(), e2.numpy(), *w, flatten, row_wise
-    )
+    ref = reference_nuslerp(None if base is None else base.numpy(), e1.numpy(), e2.numpy(), *w, flatten, row_wise)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -281,22 +279,21 @@ def test_parity_with_mergekit(tmp_path):
     for shape in [(12,), (4, 6), (2, 3, 4)]:
         for flatten, row_wise in [(True, False), (False, False), (False, True)]:
             for with_base in (True, False):
-                cases.append({
-                    "base": torch.randn(shape, generator=gen) if with_base else None,
-                    "a": torch.randn(shape, generator=gen),
-                    "b": torch.randn(shape, generator=gen),
-                    "w": (0.3, 0.9),
-                    "flatten": flatten,
-                    "row_wise": row_wise,
-                })
+                cases.append(
+                    {
+                        "base": torch.randn(shape, generator=gen) if with_base else None,
+                        "a": torch.randn(shape, generator=gen),
+                        "b": torch.randn(shape, generator=gen),
+                        "w": (0.3, 0.9),
+                        "flatten": flatten,
+                        "row_wise": row_wise,
+                    }
+                )
     path = tmp_path / "cases.pt"
     torch.save(cases, path)
-    proc = subprocess.run(
-        [str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = json.loads(proc.stdout.strip().splitlines()[-1])
     for c, exp in zip(cases, expected):
-        out = run(c["base"], c["a"], c["b"], w=c["w"], nuslerp_flatten=c["flatten"],
-                  nuslerp_row_wise=c["row_wise"])
+        out = run(c["base"], c["a"], c["b"], w=c["w"], nuslerp_flatten=c["flatten"], nuslerp_row_wise=c["row_wise"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

@@ -100,7 +100,9 @@ def make(n_experts, shape, seed):
 
 
 @pytest.mark.parametrize("inter", ["pairwise", "summed"])
-@pytest.mark.parametrize(("n", "shape", "r", "q"), [(2, (20, 15), 0.1, 0.01), (3, (300,), 0.2, 1e-4), (4, (9, 7, 3), 0.5, 0.05)])
+@pytest.mark.parametrize(
+    ("n", "shape", "r", "q"), [(2, (20, 15), 0.1, 0.01), (3, (300,), 0.2, 1e-4), (4, (9, 7, 3), 0.5, 0.05)]
+)
 def test_per_tensor_matches_reference_formulas(inter, n, shape, r, q):
     base, taus = make(n, shape, seed=n)
     lams = [1.0 + 0.1 * i for i in range(n)]
@@ -128,14 +130,24 @@ def test_global_scope_matches_reference_on_flattened_model(inter):
     expected = ref_pcb(checks, 0.15, 0.02, inter)
     got = torch.cat([(out[k] - base[k]).reshape(-1) for k in names])
     assert torch.allclose(got, expected, atol=1e-5)
-    per_tensor = mergelab.merge_state_dicts("pcb", experts, base, parameters={"pcb_ratio": 0.15, "clip_ratio": 0.02, "inter": inter})
+    per_tensor = mergelab.merge_state_dicts(
+        "pcb", experts, base, parameters={"pcb_ratio": 0.15, "clip_ratio": 0.02, "inter": inter}
+    )
     assert not all(torch.allclose(per_tensor[k], out[k]) for k in names)
 
 
 def test_global_scope_refuses_per_tensor_ratios():
     base, experts = T([1.0, 2.0]), [T([1.5, 2.5]), T([0.5, 2.0])]
-    stats = {PASS_SCORE_LOW: {"thresholds": [0.0, 0.0], "max": [1.0, 1.0], "pcb_ratio": 0.1, "clip_ratio": 0.01,
-                              "inter": "pairwise"}, "pcb.global.abs_low": [(0.0, 1.0), (0.0, 1.0)]}
+    stats = {
+        PASS_SCORE_LOW: {
+            "thresholds": [0.0, 0.0],
+            "max": [1.0, 1.0],
+            "pcb_ratio": 0.1,
+            "clip_ratio": 0.01,
+            "inter": "pairwise",
+        },
+        "pcb.global.abs_low": [(0.0, 1.0), (0.0, 1.0)],
+    }
     with pytest.raises(ParameterError, match="one value for the whole model"):
         run(base, experts, stats=stats, scope="global", pcb_ratio=0.3)
     with pytest.raises(RuntimeError, match="gather pass"):
@@ -150,7 +162,9 @@ def test_order_statistics_match_sort(radix, monkeypatch):
     if radix:  # force the two-histogram path that large tensors and the global passes use
         monkeypatch.setattr(order_stats, "SMALL", 0)
     g = torch.Generator().manual_seed(3)
-    x = torch.cat([torch.randn(500, generator=g) * torch.logspace(-20, 20, 500), T([0.0, -0.0, 1.0, 1.0, -1.0, -1e-40])])
+    x = torch.cat(
+        [torch.randn(500, generator=g) * torch.logspace(-20, 20, 500), T([0.0, -0.0, 1.0, 1.0, -1.0, -1e-40])]
+    )
     s = torch.sort(x).values
     for k in (1, 2, 250, 503, x.numel()):
         assert kth_smallest(x, k) == float(s[k - 1])
@@ -169,8 +183,16 @@ def test_expert_without_change_and_constant_rows_stay_finite():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"pcb_ratio": 0.0}, {"pcb_ratio": 1.5}, {"clip_ratio": 0.5}, {"clip_ratio": -0.1}, {"inter": "max"},
-     {"scope": "layer"}, {"unscored": "base"}, {"lambda": float("nan")}],
+    [
+        {"pcb_ratio": 0.0},
+        {"pcb_ratio": 1.5},
+        {"clip_ratio": 0.5},
+        {"clip_ratio": -0.1},
+        {"inter": "max"},
+        {"scope": "layer"},
+        {"unscored": "base"},
+        {"lambda": float("nan")},
+    ],
 )
 def test_invalid_parameters(bad):
     with pytest.raises(ValidationError):

@@ -189,9 +189,20 @@ print(json.dumps(out))
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(8)
     cases = []
-    for shape, n, topk, scale in [((32,), 2, 1.0, 0.1), ((6, 8), 3, 0.3, 0.1), ((2, 4, 5), 4, 0.6, 0.05), ((64,), 3, 0.5, 1e-4)]:
+    for shape, n, topk, scale in [
+        ((32,), 2, 1.0, 0.1),
+        ((6, 8), 3, 0.3, 0.1),
+        ((2, 4, 5), 4, 0.6, 0.05),
+        ((64,), 3, 0.5, 1e-4),
+    ]:
         base = torch.randn(shape, generator=gen)
-        cases.append({"base": base, "experts": [base + scale * torch.randn(shape, generator=gen) for _ in range(n)], "topk": topk})
+        cases.append(
+            {
+                "base": base,
+                "experts": [base + scale * torch.randn(shape, generator=gen) for _ in range(n)],
+                "topk": topk,
+            }
+        )
     path = tmp_path / "cases.pt"
     torch.save(cases, path)
     proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)

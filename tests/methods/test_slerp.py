@@ -228,9 +228,7 @@ def test_parity_with_mergekit(tmp_path):
     cases.append({"base": torch.zeros(5), "other": torch.randn(5, generator=gen), "t": 0.6})
     path = tmp_path / "cases.pt"
     torch.save(cases, path)
-    proc = subprocess.run(
-        [str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = json.loads(proc.stdout.strip().splitlines()[-1])
     for case, exp in zip(cases, expected):

@@ -17,7 +17,10 @@ TSVM = get_method("tsv_m")
 
 def run(base, experts, name="w", weights=None, **glob):
     params = TSVM.params.model_validate(glob)
-    mps = [TSVM.model_params.model_validate({} if weights is None else {"weight": w}) for w in (weights or [1.0] * len(experts))]
+    mps = [
+        TSVM.model_params.model_validate({} if weights is None else {"weight": w})
+        for w in (weights or [1.0] * len(experts))
+    ]
     return TSVM(base, experts, params, mps, TensorContext(name=name))
 
 
@@ -26,6 +29,7 @@ def rand(*shape, seed=0):
 
 
 # ------------------------------------------------------------------------------ anchors
+
 
 @pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])
 def test_one_task_returns_its_task_vector(shape):
@@ -70,9 +74,9 @@ def naive_tsvm(taus, alpha=1.0):
     v_buf = torch.zeros(r, n, dtype=torch.float64)
     for i, t in enumerate(taus):
         u, s, vh = torch.linalg.svd(t.double(), full_matrices=False)
-        u_buf[:, i * k:(i + 1) * k] = u[:, :k]
-        s_buf[i * k:(i + 1) * k] = s[:k]
-        v_buf[i * k:(i + 1) * k, :] = vh[:k, :]
+        u_buf[:, i * k : (i + 1) * k] = u[:, :k]
+        s_buf[i * k : (i + 1) * k] = s[:k]
+        v_buf[i * k : (i + 1) * k, :] = vh[:k, :]
     used = slice(0, k * t_count)
 
     def whiten_cols(a):  # a (Aᵀ A)^(-1/2): the orthogonal polar factor of a full-column-rank a
@@ -135,9 +139,7 @@ def test_recipe_form_and_dtype():
 # ------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize(
-    "bad", [{"alpha": float("nan")}, {"exclude": 3}, {"exclude": ["a", 1]}, {"density": 0.5}]
-)
+@pytest.mark.parametrize("bad", [{"alpha": float("nan")}, {"exclude": 3}, {"exclude": ["a", 1]}, {"density": 0.5}])
 def test_invalid_global_parameters(bad):
     with pytest.raises(ValidationError):
         TSVM.params.model_validate(bad)

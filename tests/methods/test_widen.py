@@ -18,7 +18,9 @@ WIDEN = get_method("widen")
 
 def run(base, experts, name="model.layers.0.mlp.up_proj.weight", **glob):
     params = WIDEN.params.model_validate(glob)
-    return WIDEN(base, experts, params, [WIDEN.model_params.model_validate({})] * len(experts), TensorContext(name=name))
+    return WIDEN(
+        base, experts, params, [WIDEN.model_params.model_validate({})] * len(experts), TensorContext(name=name)
+    )
 
 
 def rand(*shape, seed=0):
@@ -66,6 +68,7 @@ def test_ratio_above_every_rank_disables_calibration():
 def reference_like(base, experts, t=1.0, c=1.0):
     """Follows the reference's structure: D = W / ‖W[:, j]‖, cosine_similarity of directions,
     scatter-based ranks, softmax + calibration, ½(mag + dir) weights."""
+
     def mag_dir(w):
         m = torch.norm(w, p=2, dim=0)
         return m, w / m
@@ -91,7 +94,9 @@ def reference_like(base, experts, t=1.0, c=1.0):
     return base + (deltas * w.unsqueeze(1)).sum(dim=0)
 
 
-@pytest.mark.parametrize(("shape", "n", "t", "c"), [((6, 5), 2, 1.0, 1.0), ((4, 9), 3, 0.8, 0.6), ((10, 3), 4, 1.2, 1.0)])
+@pytest.mark.parametrize(
+    ("shape", "n", "t", "c"), [((6, 5), 2, 1.0, 1.0), ((4, 9), 3, 0.8, 0.6), ((10, 3), 4, 1.2, 1.0)]
+)
 def test_matches_reference_structure(shape, n, t, c):
     base = rand(*shape, seed=1)
     experts = [base + rand(*shape, seed=10 + i) * (0.05 * (i + 1)) for i in range(n)]

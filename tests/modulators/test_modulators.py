@@ -35,8 +35,12 @@ def load_dir(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def recipe(method: str, base: Path, experts: list[Path], **params) -> dict:
-    return {"merge_method": method, "base_model": str(base), "models": [{"model": str(e)} for e in experts],
-            "parameters": params}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(e)} for e in experts],
+        "parameters": params,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +192,10 @@ def _disjoint_family(family, root: Path, n: int = 3) -> tuple[Path, list[Path], 
     owner = {k: torch.randint(0, n + 1, v.shape, generator=g) for k, v in b.items()}  # n = nobody
     experts, sds = [], []
     for t in range(n):
-        sd = {k: torch.where(owner[k] == t, v + 0.05 * torch.randn(v.shape, generator=g), v).contiguous()
-              for k, v in b.items()}
+        sd = {
+            k: torch.where(owner[k] == t, v + 0.05 * torch.randn(v.shape, generator=g), v).contiguous()
+            for k, v in b.items()
+        }
         folder = root / f"disjoint_{t}"
         folder.mkdir()
         for side in ("config.json", "tokenizer.json", "tokenizer_config.json"):

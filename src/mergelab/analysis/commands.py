@@ -11,14 +11,25 @@ from rich.console import Console
 
 def analyze_command(
     inputs: Annotated[list[str], typer.Argument(help="a recipe YAML, or the expert models (with --base)")],
-    report: Annotated[Path, typer.Option("--report", help="HTML report to write (numbers go to the same name with .json)")] = Path("analysis.html"),
-    base: Annotated[str | None, typer.Option("--base", help="base model (required when listing models; overrides the recipe's)")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="where to write the numbers (default: REPORT with .json)")] = None,
-    topk: Annotated[float, typer.Option(help="fraction of largest |τ| entries per tensor used for sign conflicts")] = 0.2,
+    report: Annotated[
+        Path, typer.Option("--report", help="HTML report to write (numbers go to the same name with .json)")
+    ] = Path("analysis.html"),
+    base: Annotated[
+        str | None, typer.Option("--base", help="base model (required when listing models; overrides the recipe's)")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="where to write the numbers (default: REPORT with .json)")
+    ] = None,
+    topk: Annotated[
+        float, typer.Option(help="fraction of largest |τ| entries per tensor used for sign conflicts")
+    ] = 0.2,
     tall_lambda: Annotated[float, typer.Option(help="λ of the TALL masks")] = 0.6,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Compare the experts' task vectors: cosines, sign conflicts, per-layer norms, TALL-mask overlap, sparsifier densities."""
+    """Compare the experts' task vectors.
+
+    Cosines, sign conflicts, per-layer norms, TALL-mask overlap and sparsifier densities.
+    """
     from mergelab.analysis.report import write_report
     from mergelab.analysis.run import analyze
     from mergelab.analysis.stats import AnalysisOptions
@@ -40,12 +51,18 @@ def analyze_command(
         result = analyze(models=inputs, base=base, options=opts, progress=progress)
     html_path, json_path = write_report(result, report, json_out)
     names = result["names"]
-    err.print(f"[green]analysed[/] {len(names)} experts over {result['parameters']:,} parameters: {html_path} ({json_path.name})",
-              highlight=False)
+    err.print(
+        f"[green]analysed[/] {len(names)} experts over {result['parameters']:,} parameters: "
+        f"{html_path} ({json_path.name})",
+        highlight=False,
+    )
     cos = result["cosine"]["matrix"]
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             c = cos[i][j]
             r = result["sign_conflict"]["rate"][i][j]
-            err.print(f"  {names[i]} · {names[j]}: cosine {'–' if c is None else f'{c:+.3f}'}, "
-                      f"top-{topk:g} sign conflicts {'–' if r is None else f'{100 * r:.1f} %'}", highlight=False)
+            err.print(
+                f"  {names[i]} · {names[j]}: cosine {'–' if c is None else f'{c:+.3f}'}, "
+                f"top-{topk:g} sign conflicts {'–' if r is None else f'{100 * r:.1f} %'}",
+                highlight=False,
+            )

@@ -21,7 +21,8 @@ from mergelab.errors import MergelabError, OutputError
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.8em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
 p.note{font-size:.9em;color:#444}code{background:#f4f4f4;padding:0 .2em}
 """
@@ -48,7 +49,9 @@ def _nan(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
-def _heatmap(matrix: list[list[float | None]], names: list[str], title: str, vmin: float, vmax: float, cmap: str) -> str:
+def _heatmap(
+    matrix: list[list[float | None]], names: list[str], title: str, vmin: float, vmax: float, cmap: str
+) -> str:
     figure_cls, _ = _mpl()
     t = len(names)
     size = max(3.5, 0.6 * t + 2)
@@ -117,16 +120,23 @@ def figures(result: dict[str, Any]) -> dict[str, str]:
             pairs = {}
             for i in range(t):
                 for j in range(i + 1, t):
-                    pairs[f"{names[i]} · {names[j]}"] = [_nan(result["cosine"]["per_layer"][k][i][j]) for k in block_layers]
+                    pairs[f"{names[i]} · {names[j]}"] = [
+                        _nan(result["cosine"]["per_layer"][k][i][j]) for k in block_layers
+                    ]
             out["layer_cosine"] = _lines(xs, pairs, "cosine similarity per layer", "cosine")
     tall = result["tall"]
-    out["tall_hist"] = _bars([str(c) for c in range(t + 1)], {"weights": tall["histogram"]},
-                             f"number of TALL masks selecting each weight (λ = {tall['lambda']:g})", "weights")
+    out["tall_hist"] = _bars(
+        [str(c) for c in range(t + 1)],
+        {"weights": tall["histogram"]},
+        f"number of TALL masks selecting each weight (λ = {tall['lambda']:g})",
+        "weights",
+    )
     n = max(result["parameters"], 1)
     out["tall_tasks"] = _bars(
         names,
         {"claimed": tall["claimed_fraction"], "selfish (claimed by this task only)": [s / n for s in tall["selfish"]]},
-        "fraction of the model each task's TALL mask claims", "fraction of weights",
+        "fraction of the model each task's TALL mask claims",
+        "fraction of weights",
     )
     d = result["density"]
     out["density"] = _bars(
@@ -138,7 +148,8 @@ def figures(result: dict[str, Any]) -> dict[str, str]:
             f"breadcrumbs {d['breadcrumbs']['density']:g}/{d['breadcrumbs']['gamma']:g}": d["breadcrumbs"]["kept"],
             f"DELLA {d['della']['density']:g}±{d['della']['epsilon']:g}": d["della"]["kept"],
         },
-        "density of each task vector after each sparsifier", "fraction of entries non-zero",
+        "density of each task vector after each sparsifier",
+        "fraction of entries non-zero",
     )
     return out
 
@@ -161,9 +172,13 @@ def _matrix_table(matrix: list[list[Any]], names: list[str]) -> str:
 
 
 def _rows_table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th class='l'>{html.escape(h)}</th>" if i == 0 else f"<th>{html.escape(h)}</th>" for i, h in enumerate(header))
+    head = "".join(
+        f"<th class='l'>{html.escape(h)}</th>" if i == 0 else f"<th>{html.escape(h)}</th>" for i, h in enumerate(header)
+    )
     body = "".join(
-        "<tr>" + "".join(f"<td class='l'>{_fmt(v)}</td>" if i == 0 else f"<td>{_fmt(v)}</td>" for i, v in enumerate(r)) + "</tr>"
+        "<tr>"
+        + "".join(f"<td class='l'>{_fmt(v)}</td>" if i == 0 else f"<td>{_fmt(v)}</td>" for i, v in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -172,8 +187,10 @@ def _rows_table(header: list[str], rows: list[list[Any]]) -> str:
 def _img(figs: dict[str, str], key: str, caption: str) -> str:
     if key not in figs:
         return ""
-    return (f"<figure id='fig-{key}'><img alt='{html.escape(caption)}' src='data:image/png;base64,{figs[key]}'/>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f"<figure id='fig-{key}'><img alt='{html.escape(caption)}' src='data:image/png;base64,{figs[key]}'/>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def render_html(result: dict[str, Any]) -> str:
@@ -187,44 +204,71 @@ def render_html(result: dict[str, Any]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>mergelab task-vector analysis</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Task-vector analysis</h1>",
-        (f"<p>Base <code>{html.escape(str(result['base']))}</code>; {t} expert(s); "
-        f"{result['parameters']:,} parameters in {result['tensors']} merged tensors; {len(result['layers'])} layer groups.</p>"),
-        _rows_table(["name", "model", "‖τ‖₂", "non-zero"],
-                    [[names[i], result["experts"][i], result["norms"]["total"][i], d["nonzero"][i]] for i in range(t)]),
+        (
+            f"<p>Base <code>{html.escape(str(result['base']))}</code>; {t} expert(s); "
+            f"{result['parameters']:,} parameters in {result['tensors']} merged tensors; "
+            f"{len(result['layers'])} layer groups.</p>"
+        ),
+        _rows_table(
+            ["name", "model", "‖τ‖₂", "non-zero"],
+            [[names[i], result["experts"][i], result["norms"]["total"][i], d["nonzero"][i]] for i in range(t)],
+        ),
         "<h2>Cosine similarity</h2>",
         "<p class='note'>cos(τ_i, τ_j) over the whole model; per layer below. Unrelated fine-tunes are near 0.</p>",
         _img(figs, "cosine", "pairwise cosine similarity of task vectors"),
         _matrix_table(result["cosine"]["matrix"], names),
         _img(figs, "layer_cosine", "cosine similarity per layer, per pair"),
         "<h2>Sign conflicts</h2>",
-        (f"<p class='note'>Among entries in the top {sc['topk']:g} fraction of |τ| of both experts (per tensor, non-zero), "
-        "the fraction with opposite signs. Over all experts: among entries in at least two experts' top-k, "
-        f"{_fmt(sc['all_experts_rate'])} have conflicting signs ({sc['all_experts_entries']:,} entries).</p>"),
+        (
+            f"<p class='note'>Among entries in the top {sc['topk']:g} fraction of |τ| of both experts "
+            "(per tensor, non-zero), "
+            "the fraction with opposite signs. Over all experts: among entries in at least two experts' top-k, "
+            f"{_fmt(sc['all_experts_rate'])} have conflicting signs ({sc['all_experts_entries']:,} entries).</p>"
+        ),
         _img(figs, "conflict", "sign-conflict rate among top-k entries"),
         _matrix_table(sc["rate"], names),
         "<p class='note'>Overlap of the top-k sets: |S_i ∩ S_j| / min(|S_i|, |S_j|).</p>",
         _matrix_table(sc["overlap"], names),
         "<h2>Task-vector norms per layer</h2>",
         _img(figs, "norms", "L2 norm of each task vector per layer"),
-        _rows_table(["layer", *names],
-                    [[k, *result["norms"]["per_layer"][k]] for k in result["layers"]]),
+        _rows_table(["layer", *names], [[k, *result["norms"]["per_layer"][k]] for k in result["layers"]]),
         "<h2>TALL-mask overlap</h2>",
-        (f"<p class='note'>m_t = 1[|τ_t| &gt; λ·|τ_MTL − τ_t|] with τ_MTL = Σ τ_i and λ = {tall['lambda']:g}. "
-        f"Selfish weights (claimed by exactly one task): {tall['selfish_total']:,} ({100 * tall['selfish_total'] / n:.2f} %); "
-        f"catastrophic (claimed by none): {tall['catastrophic']:,} ({100 * tall['catastrophic'] / n:.2f} %), of which "
-        f"{tall['untouched']:,} no expert moved. Consensus merging with k = 2 keeps the "
-        f"{100 * (n - tall['catastrophic'] - tall['selfish_total']) / n:.2f} % claimed by at least two tasks.</p>"),
+        (
+            f"<p class='note'>m_t = 1[|τ_t| &gt; λ·|τ_MTL − τ_t|] with τ_MTL = Σ τ_i and λ = {tall['lambda']:g}. "
+            f"Selfish weights (claimed by exactly one task): {tall['selfish_total']:,} "
+            f"({100 * tall['selfish_total'] / n:.2f} %); "
+            f"catastrophic (claimed by none): {tall['catastrophic']:,} "
+            f"({100 * tall['catastrophic'] / n:.2f} %), of which "
+            f"{tall['untouched']:,} no expert moved. Consensus merging with k = 2 keeps the "
+            f"{100 * (n - tall['catastrophic'] - tall['selfish_total']) / n:.2f} % claimed by at least two tasks.</p>"
+        ),
         _img(figs, "tall_hist", "histogram of the number of masks selecting each weight"),
         _img(figs, "tall_tasks", "weights claimed per task"),
-        _rows_table(["task", "claimed", "claimed fraction", "selfish"],
-                    [[names[i], tall["claimed"][i], tall["claimed_fraction"][i], tall["selfish"][i]] for i in range(t)]),
+        _rows_table(
+            ["task", "claimed", "claimed fraction", "selfish"],
+            [[names[i], tall["claimed"][i], tall["claimed_fraction"][i], tall["selfish"][i]] for i in range(t)],
+        ),
         "<h2>Density after each sparsifier</h2>",
-        ("<p class='note'>Fraction of the model's entries left non-zero in each task vector. TIES and breadcrumbs "
-        "are counted (per tensor, as the methods do); DARE and DELLA are exact expectations of their random drops.</p>"),
+        (
+            "<p class='note'>Fraction of the model's entries left non-zero in each task vector. TIES and breadcrumbs "
+            "are counted (per tensor, as the methods do); "
+            "DARE and DELLA are exact expectations of their random drops.</p>"
+        ),
         _img(figs, "density", "density after each sparsifier"),
-        _rows_table(["expert", "non-zero", "TIES", "DARE", "breadcrumbs", "DELLA"],
-                    [[names[i], d["nonzero"][i], d["ties"]["kept"][i], d["dare"]["kept"][i], d["breadcrumbs"]["kept"][i],
-                      d["della"]["kept"][i]] for i in range(t)]),
+        _rows_table(
+            ["expert", "non-zero", "TIES", "DARE", "breadcrumbs", "DELLA"],
+            [
+                [
+                    names[i],
+                    d["nonzero"][i],
+                    d["ties"]["kept"][i],
+                    d["dare"]["kept"][i],
+                    d["breadcrumbs"]["kept"][i],
+                    d["della"]["kept"][i],
+                ]
+                for i in range(t)
+            ],
+        ),
         "<h2>Numbers</h2><p class='note'>Every number above, as JSON (also written next to this file).</p>",
         "<script type='application/json' id='mergelab-analysis'>"
         + json.dumps(result).replace("</", "<\\/")
@@ -234,7 +278,9 @@ def render_html(result: dict[str, Any]) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def write_report(result: dict[str, Any], html_path: str | Path, json_path: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(
+    result: dict[str, Any], html_path: str | Path, json_path: str | Path | None = None
+) -> tuple[Path, Path]:
     """Write the HTML report and the JSON numbers (default: the report's path with ``.json``)."""
     html_path = Path(html_path).expanduser()
     json_path = Path(json_path).expanduser() if json_path is not None else html_path.with_suffix(".json")

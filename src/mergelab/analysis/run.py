@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from mergelab.analysis.stats import AnalysisOptions, TaskVectorStats
-from mergelab.executors.streaming import all_finite
 from mergelab.errors import InputDataError, RecipeError
+from mergelab.executors.streaming import all_finite
 from mergelab.modulators.format import task_names
 from mergelab.plan import Plan, build_plan
 from mergelab.recipe import Recipe, load_recipe
@@ -60,7 +60,9 @@ def _read(plan: Plan, job: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
             if job.rows is not None:
                 t = t[: job.rows]
             if not all_finite(t):
-                raise InputDataError(f"{r.label}: tensor {job.name!r} contains NaN or Inf values; this checkpoint is broken")
+                raise InputDataError(
+                    f"{r.label}: tensor {job.name!r} contains NaN or Inf values; this checkpoint is broken"
+                )
             cache[id(r)] = t
         return cache[id(r)]
 

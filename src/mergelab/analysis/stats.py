@@ -66,7 +66,14 @@ class AnalysisOptions:
     della_epsilon: float = field(default_factory=lambda: _default("della", "epsilon"))
 
     def __post_init__(self) -> None:
-        for name in ("topk", "ties_density", "dare_density", "breadcrumbs_density", "breadcrumbs_gamma", "della_density"):
+        for name in (
+            "topk",
+            "ties_density",
+            "dare_density",
+            "breadcrumbs_density",
+            "breadcrumbs_gamma",
+            "della_density",
+        ):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -229,15 +236,19 @@ class TaskVectorStats:
         sel, neg = [], []
         for i, (d, mag, nz) in enumerate(zip(deltas, mags, nonzero)):
             s = _topk_from_mag(mag, o.topk).logical_and_(nz)
-            count = _count(s)
-            self.topk_count[i] += count
+            n_sel = _count(s)
+            self.topk_count[i] += n_sel
             sel.append(s)
             neg.append(torch.signbit(d))
             # densities after each sparsifier
             nnz = _count(nz)
             self.nonzero[i] += nnz
-            self.ties_kept[i] += count if o.ties_density == o.topk else _count(_topk_from_mag(mag, o.ties_density).logical_and_(nz))
-            self.breadcrumbs_kept[i] += _count(_breadcrumbs_from_mag(mag, o.breadcrumbs_density, o.breadcrumbs_gamma).logical_and_(nz))
+            self.ties_kept[i] += (
+                n_sel if o.ties_density == o.topk else _count(_topk_from_mag(mag, o.ties_density).logical_and_(nz))
+            )
+            self.breadcrumbs_kept[i] += _count(
+                _breadcrumbs_from_mag(mag, o.breadcrumbs_density, o.breadcrumbs_gamma).logical_and_(nz)
+            )
             self.dare_expected[i] += o.dare_density * nnz
             self.della_expected[i] += della_expected_kept(nz, o.della_density, o.della_epsilon)
         for i, j in _pairs(self.t):
@@ -306,9 +317,16 @@ class TaskVectorStats:
         t, n = self.t, max(self.numel, 1)
         layers = self.layers()
         norms = [float(x) for x in self.gram.diagonal().clamp_min(0).sqrt()]
-        per_layer_norms = {str(k): [float(x) for x in self.layer_gram[k].diagonal().clamp_min(0).sqrt()] for k in layers}
-        rate = [[None if i == j or int(self.inter[i, j]) == 0 else int(self.conflict[i, j]) / int(self.inter[i, j])
-                 for j in range(t)] for i in range(t)]
+        per_layer_norms = {
+            str(k): [float(x) for x in self.layer_gram[k].diagonal().clamp_min(0).sqrt()] for k in layers
+        }
+        rate = [
+            [
+                None if i == j or int(self.inter[i, j]) == 0 else int(self.conflict[i, j]) / int(self.inter[i, j])
+                for j in range(t)
+            ]
+            for i in range(t)
+        ]
         overlap = []
         for i in range(t):
             row = []
@@ -357,7 +375,11 @@ class TaskVectorStats:
                     "kept": [c / n for c in self.breadcrumbs_kept],
                     "kind": "counted",
                 },
-                "dare": {"density": self.opts.dare_density, "kept": [c / n for c in self.dare_expected], "kind": "expected"},
+                "dare": {
+                    "density": self.opts.dare_density,
+                    "kept": [c / n for c in self.dare_expected],
+                    "kind": "expected",
+                },
                 "della": {
                     "density": self.opts.della_density,
                     "epsilon": self.opts.della_epsilon,

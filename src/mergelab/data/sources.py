@@ -37,8 +37,13 @@ class Examples:
         return len(self.texts)
 
 
-def read_text_file(path: str | os.PathLike[str], *, text_field: str = "text", label_field: str | None = "label",
-                   limit: int | None = None) -> Examples:
+def read_text_file(
+    path: str | os.PathLike[str],
+    *,
+    text_field: str = "text",
+    label_field: str | None = "label",
+    limit: int | None = None,
+) -> Examples:
     """The first ``limit`` examples of a ``.jsonl`` file (one JSON object a line) or a text file
     (one example a non-empty line)."""
     p = Path(path)
@@ -113,9 +118,11 @@ def _load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()()
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break file sources
-            warnings.warn(f"calibration source plugin {ep.name!r} ({ep.value}) failed to load: "
-                          f"{type(exc).__name__}: {exc}", stacklevel=2)
+        except Exception as exc:  # a broken plugin must not break file sources
+            warnings.warn(
+                f"calibration source plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
+                stacklevel=2,
+            )
 
 
 def source_kind(prefix: str) -> SourceKind:
@@ -123,8 +130,10 @@ def source_kind(prefix: str) -> SourceKind:
     if prefix not in _KINDS:
         _load_entry_points()
     if prefix not in _KINDS:
-        raise RecipeError(f"calibration sources {prefix}:... need a package that provides them "
-                          f"(none registered {prefix!r}; the zoo comes with mergelab_bench, part of `pip install -e .`)")
+        raise RecipeError(
+            f"calibration sources {prefix}:... need a package that provides them "
+            f"(none registered {prefix!r}; the zoo comes with mergelab_bench, part of `pip install -e .`)"
+        )
     return _KINDS[prefix]
 
 
@@ -163,9 +172,11 @@ def load_tokenizer(folder: str | os.PathLike[str]):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types here
-        raise RecipeError(f"{folder}: no tokenizer could be loaded from the model folder ({type(exc).__name__}); "
-                          "save the tokenizer next to the weights, or pass tokenized batches from Python") from None
+    except Exception as exc:  # transformers raises many types here
+        raise RecipeError(
+            f"{folder}: no tokenizer could be loaded from the model folder ({type(exc).__name__}); "
+            "save the tokenizer next to the weights, or pass tokenized batches from Python"
+        ) from None
     if tok.pad_token is None:
         for cand in (tok.eos_token, tok.unk_token, tok.bos_token):
             if cand is not None:
@@ -195,8 +206,9 @@ def label_ids(labels: Sequence[Any], names: Sequence[str] | None) -> list[int]:
     return out
 
 
-def tokenize_batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int,
-                     labels: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+def tokenize_batches(
+    tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int, labels: Sequence[int] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Tokenize and cut into batches (file order), each padded to its longest row."""
     out = []
     for start in range(0, len(texts), batch_size):
@@ -225,8 +237,10 @@ def take_examples(batches: Iterable[Batch], limit: int | None) -> Iterator[dict[
         n = batch_rows(batch)
         if limit is not None and seen + n > limit:
             keep = limit - seen
-            batch = {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-                     for k, v in batch.items()}
+            batch = {
+                k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+                for k, v in batch.items()
+            }
             n = keep
         seen += n
         yield dict(batch)

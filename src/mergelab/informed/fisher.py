@@ -63,14 +63,19 @@ class _Wrap(nn.Module):
 
 def _example(batch: Mapping[str, Any], b: int, n: int) -> dict[str, Any]:
     """Row ``b`` as a batch of one, right padding trimmed."""
-    ex = {k: (v[b : b + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v) for k, v in batch.items()}
+    ex = {
+        k: (v[b : b + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+        for k, v in batch.items()
+    }
     mask = ex.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         length = int(mask[0].sum())
         if length > 0 and bool(mask[0, :length].all()) and length < mask.shape[1]:
             width = mask.shape[1]
-            ex = {k: (v[:, :length] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width else v)
-                  for k, v in ex.items()}
+            ex = {
+                k: (v[:, :length] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width else v)
+                for k, v in ex.items()
+            }
     return ex
 
 
@@ -78,8 +83,10 @@ def _resolve_label(label: str, kind: TaskKind) -> str:
     if label == "auto":
         return "expected" if kind == "classification" else "sampled"
     if label == "expected" and kind == "causal_lm":
-        raise RecipeError("fisher_label: expected sums over every label (the whole vocabulary for a causal LM); "
-                          "use sampled or empirical")
+        raise RecipeError(
+            "fisher_label: expected sums over every label (the whole vocabulary for a causal LM); "
+            "use sampled or empirical"
+        )
     return label
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mergelab.data.sources import batch_rows, take_examples
-from mergelab.informed.modeling import default_forward_fn, to_device
+from mergelab.informed.modeling import default_forward_fn, module_weight, to_device
 
 
 class GramCollector:
@@ -31,7 +31,7 @@ class GramCollector:
     def __init__(self, modules: Mapping[str, nn.Module]):
         self.modules = dict(modules)
         self.grams: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {name: 0 for name in self.modules}
+        self.rows: dict[str, int] = dict.fromkeys(self.modules, 0)
         self.mask: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -52,6 +52,7 @@ class GramCollector:
                 g = self.grams[name] = torch.zeros(d, d, dtype=torch.float32, device=x.device)
             g.addmm_(rows.T, rows)
             self.rows[name] += rows.shape[0]
+
         return hook
 
     @contextmanager
@@ -69,7 +70,7 @@ class GramCollector:
         for name, mod in self.modules.items():
             g = self.grams.get(name)
             if g is None:  # the layer never ran on this data: a zero Gram (it then gets the average)
-                w = mod.weight
+                w = module_weight(mod)
                 d = w.shape[0] if _in_out(mod) else w.shape[1]
                 g = torch.zeros(d, d, dtype=torch.float32, device=w.device)
             out[name] = (g, self.rows[name])

@@ -45,8 +45,11 @@ def auto_class(kind: Kind):
         AutoModelForSequenceClassification,
     )
 
-    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
-            "encoder": AutoModel}[kind]
+    return {
+        "causal_lm": AutoModelForCausalLM,
+        "sequence_classification": AutoModelForSequenceClassification,
+        "encoder": AutoModel,
+    }[kind]
 
 
 def load_model(folder: str | os.PathLike[str], kind: Kind, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -57,9 +60,11 @@ def load_model(folder: str | os.PathLike[str], kind: Kind, device: torch.device,
     hf_logging.disable_progress_bar()  # the data phase draws its own progress
     try:
         model = auto_class(kind).from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-    except Exception as exc:  # noqa: BLE001
-        raise MergelabError(f"{folder}: cannot load the model with transformers as {kind} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # transformers raises many types here
+        raise MergelabError(
+            f"{folder}: cannot load the model with transformers as {kind} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -103,6 +108,13 @@ def _conv1d_type():
         return None
 
 
+def module_weight(mod: nn.Module) -> torch.Tensor:
+    """A linear layer's ``weight`` typed as a tensor (``nn.Module`` attributes read as ``Tensor | Module``)."""
+    w = mod.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def linear_modules(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
     """Every linear layer by module name: ``(module, in_out)``; ``in_out`` for GPT-2 ``Conv1D``
     (weight stored in × out), false for ``nn.Linear`` (out × in)."""
@@ -125,7 +137,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or n > best[0]:
                 best = (n, name, mod)
     if best is None:
-        raise MergelabError(f"{type(model).__name__}: no nn.ModuleList of blocks found (RegMean++ merges block by block)")
+        raise MergelabError(
+            f"{type(model).__name__}: no nn.ModuleList of blocks found (RegMean++ merges block by block)"
+        )
     return best[1], best[2]
 
 
@@ -180,8 +194,10 @@ class LinearHead:
 def default_logits_fn(kind: Kind, head: LinearHead | None = None) -> LogitsFn:
     """Logits of a batch: ``.logits`` of task models, ``head(pool(last_hidden_state))`` for encoders."""
     if kind in ("causal_lm", "sequence_classification"):
+
         def logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
             return model(**model_inputs(batch)).logits
+
         return logits
     if head is None:
         raise RecipeError(
@@ -196,6 +212,7 @@ def default_logits_fn(kind: Kind, head: LinearHead | None = None) -> LogitsFn:
         feats = pool(hidden, batch.get("attention_mask"), how)
         lin.to(device=feats.device, dtype=feats.dtype)
         return lin(feats)
+
     return head_logits
 
 

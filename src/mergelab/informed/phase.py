@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -63,12 +63,17 @@ from mergelab.informed.modeling import (
     detect_kind,
     linear_modules,
     load_model,
+    module_weight,
     read_config,
 )
 from mergelab.informed.progress import DataProgress, fmt_bytes
-from mergelab.methods.base import TensorContext
+from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.plan import Plan, _split_inputs
 from mergelab.recipe import parse_dtype
+
+if TYPE_CHECKING:
+    from mergelab.methods.adamerging import AdaMergingParams
+    from mergelab.methods.fisher import FisherParams
 
 DEFAULT_EXAMPLES: dict[str, int | None] = {"fisher": 256, "gram": 256, "gram_plusplus": 256, "adamerging": None}
 DEFAULT_BATCH: dict[str, int] = {"fisher": 8, "gram": 16, "gram_plusplus": 16, "adamerging": 16}
@@ -137,7 +142,9 @@ def _experts(plan: Plan, calibration: Sequence[Any] | None, statistics: Sequence
     n = len(plan.experts)
     for what, seq in (("calibration", calibration), ("statistics", statistics)):
         if seq is not None and len(seq) != n:
-            raise RecipeError(f"{what}: {len(seq)} entries for {n} experts (give one per expert, None to keep the recipe's)")
+            raise RecipeError(
+                f"{what}: {len(seq)} entries for {n} experts (give one per expert, None to keep the recipe's)"
+            )
     settings = plan.recipe.calibration
     out = []
     for i, (reader, mi) in enumerate(zip(plan.experts, idx)):
@@ -151,7 +158,9 @@ def _experts(plan: Plan, calibration: Sequence[Any] | None, statistics: Sequence
     return out
 
 
-def check_calibration(plan: Plan, calibration: Sequence[Any] | None = None, statistics: Sequence[Any] | None = None) -> None:
+def check_calibration(
+    plan: Plan, calibration: Sequence[Any] | None = None, statistics: Sequence[Any] | None = None
+) -> None:
     """Fail early (before any model is loaded) when an expert has no calibration data or a file is missing."""
     if plan.method.statistics is None:
         return
@@ -171,8 +180,10 @@ def check_calibration(plan: Plan, calibration: Sequence[Any] | None = None, stat
     joint = plan.method.statistics in ("gram_plusplus", "adamerging")
     exps = _experts(plan, calibration, statistics)
     if joint and any(e.statistics is not None for e in exps) and not all(e.statistics is not None for e in exps):
-        raise RecipeError(f"{plan.method.name} learns its statistics from all experts at once: give precomputed "
-                          "statistics for every expert or for none")
+        raise RecipeError(
+            f"{plan.method.name} learns its statistics from all experts at once: give precomputed "
+            "statistics for every expert or for none"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -191,8 +202,12 @@ def _model_identity(reader: CheckpointReader) -> list[Any] | None:
 
 
 def _source_identity(e: _Expert) -> Any:
-    if e.cal is not None and (e.cal.batches is not None or e.cal.logits_fn is not None or e.cal.forward_fn is not None
-                              or e.cal.model is not None):
+    if e.cal is not None and (
+        e.cal.batches is not None
+        or e.cal.logits_fn is not None
+        or e.cal.forward_fn is not None
+        or e.cal.model is not None
+    ):
         return None  # Python objects: no reuse
     if e.source is None:
         return None
@@ -206,8 +221,9 @@ def _source_identity(e: _Expert) -> Any:
 
 def _key(payload: Mapping[str, Any]) -> str | None:
     """A reuse key, or None when a model or a source has no stable identity (in memory, Python objects)."""
-    if any(payload.get(k) is None for k in ("model", "source") if k in payload) or \
-            any(v is None for k in ("models", "sources") for v in payload.get(k, [])):
+    if any(payload.get(k) is None for k in ("model", "source") if k in payload) or any(
+        v is None for k in ("models", "sources") for v in payload.get(k, [])
+    ):
         return None
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -232,12 +248,22 @@ def _num_examples(e: _Expert, s: CalibrationSettings, collector: str) -> int | N
 def _head(e: _Expert, pooling: str) -> LinearHead | None:
     if e.source is None or e.source.head is None:
         return None
-    path = zoo_head_path(e.source.zoo_task, e.source.zoo) if e.source.head == "zoo" else Path(e.source.head)
+    if e.source.head == "zoo":
+        assert e.source.zoo_task is not None  # CalibrationSource checks that head: zoo names a zoo_task
+        path = zoo_head_path(e.source.zoo_task, e.source.zoo)
+    else:
+        path = Path(e.source.head)
     return LinearHead.load(path, pooling)
 
 
-def _batches(e: _Expert, s: CalibrationSettings, collector: str, tok_folder: Path | None,
-             head: LinearHead | None, config: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def _batches(
+    e: _Expert,
+    s: CalibrationSettings,
+    collector: str,
+    tok_folder: Path | None,
+    head: LinearHead | None,
+    config: Mapping[str, Any] | None,
+) -> list[dict[str, Any]]:
     n = _num_examples(e, s, collector)
     if e.cal is not None and e.cal.batches is not None:
         return list(take_examples(e.cal.batches, n))
@@ -256,23 +282,26 @@ def _batches(e: _Expert, s: CalibrationSettings, collector: str, tok_folder: Pat
             labels = label_ids(ex.labels, names)
         except RecipeError:
             labels = None  # only the empirical Fisher needs labels; it says so
-    return tokenize_batches(tok, ex.texts, batch_size=s.batch_size or DEFAULT_BATCH[collector],
-                            max_length=s.max_length, labels=labels)
+    return tokenize_batches(
+        tok, ex.texts, batch_size=s.batch_size or DEFAULT_BATCH[collector], max_length=s.max_length, labels=labels
+    )
 
 
 def _tok_folder(e: _Expert, plan: Plan) -> Path | None:
     for folder in (e.folder, plan.base.folder if plan.base is not None else None, plan.reference.folder):
-        if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                        "tokenizer.model", "vocab.txt")):
+        if folder is not None and any(
+            (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+        ):
             return folder
     return e.folder
 
 
-def _model(e: _Expert, s: CalibrationSettings, device: torch.device, dtype: torch.dtype, folder: Path | None = None
-           ) -> tuple[nn.Module, Kind]:
+def _model(
+    e: _Expert, s: CalibrationSettings, device: torch.device, dtype: torch.dtype, folder: Path | None = None
+) -> tuple[nn.Module, Kind]:
     if e.cal is not None and e.cal.model is not None and folder is None:
         m = e.cal.model.to(device).eval()
-        cfg = getattr(m, "config", None)
+        cfg: Any = getattr(m, "config", None)
         cfg_dict = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else {}
         if not cfg_dict.get("architectures"):
             cfg_dict["architectures"] = [type(m).__name__]
@@ -335,25 +364,41 @@ def _reuse(folder: Path, key: str | None, dp: DataProgress, label: str, summary:
 # collectors
 
 
-def _collect_fisher(plan: Plan, experts: list[_Expert], s: CalibrationSettings, root: Path, device: torch.device,
-                    dp: DataProgress, seed: int) -> tuple[list[Path], dict[str, str], dict[str, str]]:
-    gp = plan.global_params
+def _collect_fisher(
+    plan: Plan,
+    experts: list[_Expert],
+    s: CalibrationSettings,
+    root: Path,
+    device: torch.device,
+    dp: DataProgress,
+    seed: int,
+) -> tuple[list[Path], dict[str, str], dict[str, str]]:
+    gp = cast("FisherParams", plan.global_params)  # the fisher collector runs for the fisher method only
     budget = parse_size(s.memory_budget)
     dtype = parse_dtype(s.dtype) or torch.float32
     merge_names = _merge_names(plan)
-    folders, summary = [], {}
+    folders: list[Path] = []
+    summary: dict[str, str] = {}
     for e in experts:
         folder = root / "fisher" / e.slug
-        key = _key({"collector": "fisher", "model": _model_identity(e.reader), "source": _source_identity(e),
-                    "settings": _settings_ident(s), "params": {k: getattr(gp, k) for k in PHASE_PARAMS["fisher"]},
-                    "seed": seed})
+        key = _key(
+            {
+                "collector": "fisher",
+                "model": _model_identity(e.reader),
+                "source": _source_identity(e),
+                "settings": _settings_ident(s),
+                "params": {k: getattr(gp, k) for k in PHASE_PARAMS["fisher"]},
+                "seed": seed,
+            }
+        )
         folders.append(folder)
         if _reuse(folder, key, dp, e.label, summary):
             continue
         model, kind = _model(e, s, device, dtype)
         head = _head(e, s.pooling)
-        logits_fn = (e.cal.logits_fn if e.cal is not None and e.cal.logits_fn is not None
-                     else default_logits_fn(kind, head))
+        logits_fn = (
+            e.cal.logits_fn if e.cal is not None and e.cal.logits_fn is not None else default_logits_fn(kind, head)
+        )
         batches = _batches(e, s, "fisher", _tok_folder(e, plan), head, read_config(e.folder))
         mapping = {m: c for m, c in checkpoint_names(model, e.reader.tensors()).items() if c in merge_names}
         if not mapping:
@@ -364,12 +409,17 @@ def _collect_fisher(plan: Plan, experts: list[_Expert], s: CalibrationSettings, 
         groups = _groups(sizes, budget)
         n_ex = sum(int(next(iter(b.values())).shape[0]) for b in batches)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        dp.note(f"{e.label}: Fisher of {len(mapping)} tensors on {n_ex} examples ({kind}); expected memory on {device}: "
-                f"model {fmt_bytes(model_bytes)} + gradients {fmt_bytes(total)} + accumulators "
-                f"{fmt_bytes(min(total, budget))}; on disk {fmt_bytes(total)}"
-                + (f"; {len(groups)} passes (memory_budget {fmt_bytes(budget)})" if len(groups) > 1 else ""))
-        writer = st.StatisticsWriter(folder, [(st.key(mapping[m], "fisher"), torch.float32, tuple(params[m].shape))
-                                              for m in mapping], {"kind": "fisher", "model": e.label, "key": key})
+        dp.note(
+            f"{e.label}: Fisher of {len(mapping)} tensors on {n_ex} examples ({kind}); expected memory on {device}: "
+            f"model {fmt_bytes(model_bytes)} + gradients {fmt_bytes(total)} + accumulators "
+            f"{fmt_bytes(min(total, budget))}; on disk {fmt_bytes(total)}"
+            + (f"; {len(groups)} passes (memory_budget {fmt_bytes(budget)})" if len(groups) > 1 else "")
+        )
+        writer = st.StatisticsWriter(
+            folder,
+            [(st.key(mapping[m], "fisher"), torch.float32, tuple(params[m].shape)) for m in mapping],
+            {"kind": "fisher", "model": e.label, "key": key},
+        )
         t0 = time.perf_counter()
         try:
             from mergelab.informed.fisher import fisher_diagonal
@@ -378,15 +428,29 @@ def _collect_fisher(plan: Plan, experts: list[_Expert], s: CalibrationSettings, 
             for gi, group in enumerate(groups):
                 desc = f"fisher {e.slug}" + (f" [{gi + 1}/{len(groups)}]" if len(groups) > 1 else "")
                 with dp.task(desc, n_ex) as advance:
-                    res = fisher_diagonal(model, batches, logits_fn=logits_fn, label=gp.fisher_label, num_examples=None,
-                                          names=group, per_example=gp.per_example, seed=seed, device=device,
-                                          advance=advance)
+                    res = fisher_diagonal(
+                        model,
+                        batches,
+                        logits_fn=logits_fn,
+                        label=gp.fisher_label,
+                        num_examples=None,
+                        names=group,
+                        per_example=gp.per_example,
+                        seed=seed,
+                        device=device,
+                        advance=advance,
+                    )
                 for m, f in res.fisher.items():
                     writer.add(st.key(mapping[m], "fisher"), f)
                 del res.fisher
             assert res is not None
-            writer.finish(examples=res.examples, label=res.label, per_example=res.per_example, task=res.kind,
-                          seconds=round(time.perf_counter() - t0, 3))
+            writer.finish(
+                examples=res.examples,
+                label=res.label,
+                per_example=res.per_example,
+                task=res.kind,
+                seconds=round(time.perf_counter() - t0, 3),
+            )
             summary[e.label] = f"{res.examples} examples, label {res.label}, per-example {res.per_example}"
         except BaseException:
             writer.abort()
@@ -397,36 +461,53 @@ def _collect_fisher(plan: Plan, experts: list[_Expert], s: CalibrationSettings, 
     return folders, {}, summary
 
 
-def _collect_gram(plan: Plan, experts: list[_Expert], s: CalibrationSettings, root: Path, device: torch.device,
-                  dp: DataProgress, seed: int) -> tuple[list[Path], dict[str, str], dict[str, str]]:
+def _collect_gram(
+    plan: Plan,
+    experts: list[_Expert],
+    s: CalibrationSettings,
+    root: Path,
+    device: torch.device,
+    dp: DataProgress,
+    seed: int,
+) -> tuple[list[Path], dict[str, str], dict[str, str]]:
     from mergelab.informed.gram import gram_matrices
 
     budget = parse_size(s.memory_budget)
     dtype = parse_dtype(s.dtype) or torch.float32
     merge_names = _merge_names(plan)
-    folders, summary = [], {}
+    folders: list[Path] = []
+    summary: dict[str, str] = {}
     for e in experts:
         folder = root / "gram" / e.slug
-        key = _key({"collector": "gram", "model": _model_identity(e.reader), "source": _source_identity(e),
-                    "settings": _settings_ident(s)})
+        key = _key(
+            {
+                "collector": "gram",
+                "model": _model_identity(e.reader),
+                "source": _source_identity(e),
+                "settings": _settings_ident(s),
+            }
+        )
         folders.append(folder)
         if _reuse(folder, key, dp, e.label, summary):
             continue
         model, _ = _model(e, s, device, dtype)
         batches = _batches(e, s, "gram", _tok_folder(e, plan), None, read_config(e.folder))
         mapping = checkpoint_names(model, e.reader.tensors())
-        lin = {m: (mod, io) for m, (mod, io) in linear_modules(model).items()
-               if mapping.get(f"{m}.weight") in merge_names}
-        d_in = {m: (mod.weight.shape[0] if io else mod.weight.shape[1]) for m, (mod, io) in lin.items()}
+        lin = {
+            m: (mod, io) for m, (mod, io) in linear_modules(model).items() if mapping.get(f"{m}.weight") in merge_names
+        }
+        d_in = {m: int(module_weight(mod).shape[0 if io else 1]) for m, (mod, io) in lin.items()}
         sizes = [(m, d * d * 4) for m, d in d_in.items()]
         total = sum(b for _, b in sizes)
         groups = _groups(sizes, budget)
         n_ex = sum(int(next(iter(b.values())).shape[0]) for b in batches)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        dp.note(f"{e.label}: Gram matrices of {len(lin)} linear layers on {n_ex} examples: Σ d_in² × 4 B = "
-                f"{fmt_bytes(total)} per expert ({fmt_bytes(total * len(experts))} for {len(experts)} experts on disk); "
-                f"expected memory on {device}: model {fmt_bytes(model_bytes)} + Grams {fmt_bytes(min(total, budget))}"
-                + (f"; {len(groups)} passes (memory_budget {fmt_bytes(budget)})" if len(groups) > 1 else ""))
+        dp.note(
+            f"{e.label}: Gram matrices of {len(lin)} linear layers on {n_ex} examples: Σ d_in² × 4 B = "
+            f"{fmt_bytes(total)} per expert ({fmt_bytes(total * len(experts))} for {len(experts)} experts on disk); "
+            f"expected memory on {device}: model {fmt_bytes(model_bytes)} + Grams {fmt_bytes(min(total, budget))}"
+            + (f"; {len(groups)} passes (memory_budget {fmt_bytes(budget)})" if len(groups) > 1 else "")
+        )
         specs = []
         for m, d in d_in.items():
             ck = mapping[f"{m}.weight"]
@@ -441,8 +522,15 @@ def _collect_gram(plan: Plan, experts: list[_Expert], s: CalibrationSettings, ro
             for gi, group in enumerate(groups):
                 desc = f"gram {e.slug}" + (f" [{gi + 1}/{len(groups)}]" if len(groups) > 1 else "")
                 with dp.task(desc, n_ex) as advance:
-                    res, seen = gram_matrices(model, batches, modules={m: lin[m][0] for m in group}, num_examples=None,
-                                              forward_fn=fwd, device=device, advance=advance)
+                    res, seen = gram_matrices(
+                        model,
+                        batches,
+                        modules={m: lin[m][0] for m in group},
+                        num_examples=None,
+                        forward_fn=fwd,
+                        device=device,
+                        advance=advance,
+                    )
                 for m, (g, rows) in res.items():
                     ck = mapping[f"{m}.weight"]
                     writer.add(st.key(ck, "gram"), g)
@@ -463,21 +551,24 @@ def _collect_gram(plan: Plan, experts: list[_Expert], s: CalibrationSettings, ro
 
 def _joint_key(plan: Plan, experts: list[_Expert], s: CalibrationSettings, collector: str, seed: int) -> str | None:
     jobs = plan.merge_jobs
-    return _key({
-        "collector": collector,
-        "models": [_model_identity(e.reader) for e in experts],
-        "base": _model_identity(plan.base) if plan.base is not None else "none",
-        "sources": [_source_identity(e) for e in experts],
-        "settings": _settings_ident(s),
-        "params": repr(plan.global_params),
-        "model_params": [repr(m) for m in plan.global_model_params],
-        "per_tensor": hashlib.sha256(repr([(j.name, j.params, j.model_params) for j in jobs]).encode()).hexdigest(),
-        "seed": seed,
-    })
+    return _key(
+        {
+            "collector": collector,
+            "models": [_model_identity(e.reader) for e in experts],
+            "base": _model_identity(plan.base) if plan.base is not None else "none",
+            "sources": [_source_identity(e) for e in experts],
+            "settings": _settings_ident(s),
+            "params": repr(plan.global_params),
+            "model_params": [repr(m) for m in plan.global_model_params],
+            "per_tensor": hashlib.sha256(repr([(j.name, j.params, j.model_params) for j in jobs]).encode()).hexdigest(),
+            "seed": seed,
+        }
+    )
 
 
-def _merge_tensor_fn(plan: Plan, device: torch.device, compute_dtype: torch.dtype, seed: int,
-                     to_ckpt: Mapping[str, str]) -> Callable[[str, list[dict[str, torch.Tensor]]], torch.Tensor]:
+def _merge_tensor_fn(
+    plan: Plan, device: torch.device, compute_dtype: torch.dtype, seed: int, to_ckpt: Mapping[str, str]
+) -> Callable[[str, list[dict[str, torch.Tensor]]], torch.Tensor]:
     """Merge one tensor exactly as the engine will: same readers, dtype, parameters and function."""
     jobs = {j.name: j for j in plan.merge_jobs}
 
@@ -494,21 +585,31 @@ def _merge_tensor_fn(plan: Plan, device: torch.device, compute_dtype: torch.dtyp
         base = get(plan.base) if plan.base is not None else None
         experts = [get(r) for r in plan.experts]
         ctx = TensorContext(name=name, seed=seed, layer=job.layer, num_layers=plan.num_layers, device=device, aux=aux)
+        params = job.params
+        assert params is not None  # merge jobs always carry a method call
         with torch.no_grad():
-            return plan.method(base, experts, job.params, job.model_params, ctx)
+            out = plan.method(base, experts, params, job.model_params, ctx)
+        return out.merged if isinstance(out, MethodOutput) else out  # as the streaming executor does
 
     return merge_tensor
 
 
-def _collect_gram_plusplus(plan: Plan, experts: list[_Expert], s: CalibrationSettings, root: Path,
-                           device: torch.device, dp: DataProgress, seed: int, compute_dtype: torch.dtype
-                           ) -> tuple[list[Path], dict[str, str], dict[str, str]]:
+def _collect_gram_plusplus(
+    plan: Plan,
+    experts: list[_Expert],
+    s: CalibrationSettings,
+    root: Path,
+    device: torch.device,
+    dp: DataProgress,
+    seed: int,
+    compute_dtype: torch.dtype,
+) -> tuple[list[Path], dict[str, str], dict[str, str]]:
     from mergelab.informed.regmean_pp import regmean_plusplus
 
     dtype = parse_dtype(s.dtype) or torch.float32
     key = _joint_key(plan, experts, s, "gram_plusplus", seed)
     folders = [root / f"gram_plusplus-{key or 'run'}" / e.slug for e in experts]
-    if key is not None and all(st.read_meta(f) is not None and st.read_meta(f).get("key") == key for f in folders):
+    if key is not None and all((meta := st.read_meta(f)) is not None and meta.get("key") == key for f in folders):
         dp.note(f"reusing RegMean++ statistics in {folders[0].parent}")
         return folders, {}, {}
     models = []
@@ -525,17 +626,27 @@ def _collect_gram_plusplus(plan: Plan, experts: list[_Expert], s: CalibrationSet
     bname, blocks = find_blocks(merged)
     model_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
     lin = {m: mod for m, (mod, io) in linear_modules(merged).items() if f"{m}.weight" in mapping}
-    gram_total = sum((mod.weight.shape[0] if not isinstance(mod, nn.Linear) else mod.weight.shape[1]) ** 2 * 4
-                     for mod in lin.values())
+    gram_total = sum(
+        int(module_weight(mod).shape[1 if isinstance(mod, nn.Linear) else 0]) ** 2 * 4 for mod in lin.values()
+    )
     tokens = [sum(int(b["input_ids"].numel()) for b in bs) for bs in batches]
     hidden = int(getattr(getattr(merged, "config", None), "hidden_size", 0) or 0)
-    dp.note(f"RegMean++ over {len(blocks)} blocks ({bname}) of {len(experts)} experts: expected memory on {device}: "
-            f"{len(experts) + 1} models {fmt_bytes(model_bytes * (len(experts) + 1))} + hidden states "
-            f"{fmt_bytes(sum(tokens) * hidden * 4)} + Grams of one block; on disk {fmt_bytes(gram_total * len(experts))}")
+    dp.note(
+        f"RegMean++ over {len(blocks)} blocks ({bname}) of {len(experts)} experts: expected memory on {device}: "
+        f"{len(experts) + 1} models {fmt_bytes(model_bytes * (len(experts) + 1))} + hidden states "
+        f"{fmt_bytes(sum(tokens) * hidden * 4)} + Grams of one block; on disk {fmt_bytes(gram_total * len(experts))}"
+    )
     t0 = time.perf_counter()
     with dp.task("regmean++ blocks", len(blocks) + 1, unit="blk") as advance:
-        grams = regmean_plusplus(models, merged, batches, _merge_tensor_fn(plan, device, compute_dtype, seed, mapping),
-                                 mergeable=lambda n: n in mapping, device=device, advance=advance)
+        grams = regmean_plusplus(
+            models,
+            merged,
+            batches,
+            _merge_tensor_fn(plan, device, compute_dtype, seed, mapping),
+            mergeable=lambda n: n in mapping,
+            device=device,
+            advance=advance,
+        )
     secs = time.perf_counter() - t0
     for e, folder, g in zip(experts, folders, grams):
         flat: dict[str, torch.Tensor] = {}
@@ -545,38 +656,53 @@ def _collect_gram_plusplus(plan: Plan, experts: list[_Expert], s: CalibrationSet
             flat[st.key(ck, "rows")] = torch.tensor(float(rows), dtype=torch.float64)
             if io:
                 flat[st.key(ck, "in_out")] = torch.ones((), dtype=torch.float32)
-        st.write_statistics(folder, flat, {"kind": "gram_plusplus", "model": e.label, "key": key,
-                                           "seconds": round(secs, 3)})
+        st.write_statistics(
+            folder, flat, {"kind": "gram_plusplus", "model": e.label, "key": key, "seconds": round(secs, 3)}
+        )
     del models, merged
     return folders, {}, {"regmean++": f"{len(blocks)} blocks, {sum(len(b) for b in batches)} batches, {secs:.1f} s"}
 
 
-def _collect_adamerging(plan: Plan, experts: list[_Expert], s: CalibrationSettings, root: Path, device: torch.device,
-                        dp: DataProgress, seed: int) -> tuple[list[Path], dict[str, str], dict[str, str]]:
+def _collect_adamerging(
+    plan: Plan,
+    experts: list[_Expert],
+    s: CalibrationSettings,
+    root: Path,
+    device: torch.device,
+    dp: DataProgress,
+    seed: int,
+) -> tuple[list[Path], dict[str, str], dict[str, str]]:
     from mergelab.informed.adamerging import AdaTask, learn_coefficients
 
-    gp = plan.global_params
+    gp = cast("AdaMergingParams", plan.global_params)  # the adamerging collector runs for adamerging only
     if plan.base is None:
         raise RecipeError("adamerging needs a base_model")
     key = _joint_key(plan, experts, s, "adamerging", seed)
     folders = [root / f"adamerging-{key or 'run'}" / e.slug for e in experts]
     side_name = "adamerging_coefficients.json"
     cached = folders[0].parent / side_name
-    if key is not None and cached.is_file() and all(
-            st.read_meta(f) is not None and st.read_meta(f).get("key") == key for f in folders):
+    if (
+        key is not None
+        and cached.is_file()
+        and all((meta := st.read_meta(f)) is not None and meta.get("key") == key for f in folders)
+    ):
         dp.note(f"reusing AdaMerging coefficients in {folders[0].parent}")
         doc = json.loads(cached.read_text())
         ent = doc.get("entropy", {})
-        reused = {"adamerging": f"{doc.get('granularity')}-wise, {doc.get('steps')} steps, mean entropy "
-                                f"{ent.get('initial', float('nan')):.4f} → {ent.get('final', float('nan')):.4f}, "
-                                f"{doc.get('seconds', 0.0):.1f} s (reused)"}
+        reused = {
+            "adamerging": f"{doc.get('granularity')}-wise, {doc.get('steps')} steps, mean entropy "
+            f"{ent.get('initial', float('nan')):.4f} → {ent.get('final', float('nan')):.4f}, "
+            f"{doc.get('seconds', 0.0):.1f} s (reused)"
+        }
         return folders, {side_name: cached.read_text()}, reused
     dtype = parse_dtype(s.dtype) or torch.float32
     base_exp = _Expert(-1, plan.base.label, plan.base, plan.base.folder, None, None, None)
     base_cal = next((e.cal for e in experts if e.cal is not None and e.cal.model is not None), None)
     if base_cal is not None:
-        raise RecipeError("adamerging loads the base model from its folder; in-memory models are not supported here "
-                          "(use mergelab.informed.learn_coefficients)")
+        raise RecipeError(
+            "adamerging loads the base model from its folder; in-memory models are not supported here "
+            "(use mergelab.informed.learn_coefficients)"
+        )
     model, kind = _model(base_exp, s, device, dtype)
     merge_names = _merge_names(plan)
     mapping = {m: c for m, c in checkpoint_names(model, plan.base.tensors()).items() if c in merge_names}
@@ -592,15 +718,29 @@ def _collect_adamerging(plan: Plan, experts: list[_Expert], s: CalibrationSettin
         bs = _batches(e, s, "adamerging", _tok_folder(e, plan), head, read_config(e.folder))
         tasks.append(AdaTask(bs, fn, e.label))
     p_bytes = sum(base[m].numel() * 4 for m in names)
-    dp.note(f"AdaMerging ({gp.granularity}-wise, {gp.steps} steps, {len(experts)} tasks, "
-            f"{sum(len(t.batches) for t in tasks)} batches): expected memory on {device}: base + task vectors "
-            f"{fmt_bytes(p_bytes * (len(experts) + 1))} + merged tensors {fmt_bytes(p_bytes)} + activations of "
-            f"{gp.batches_per_step} batch(es) per task")
+    dp.note(
+        f"AdaMerging ({gp.granularity}-wise, {gp.steps} steps, {len(experts)} tasks, "
+        f"{sum(len(t.batches) for t in tasks)} batches): expected memory on {device}: base + task vectors "
+        f"{fmt_bytes(p_bytes * (len(experts) + 1))} + merged tensors {fmt_bytes(p_bytes)} + activations of "
+        f"{gp.batches_per_step} batch(es) per task"
+    )
     t0 = time.perf_counter()
     with dp.task("adamerging", gp.steps, unit="step") as advance:
-        res = learn_coefficients(model, base, tvs, tasks, granularity=gp.granularity, steps=gp.steps, lr=gp.lr,
-                                 init=gp.init, clamp=gp.clamp, batches_per_step=gp.batches_per_step, seed=seed,
-                                 device=device, advance=advance)
+        res = learn_coefficients(
+            model,
+            base,
+            tvs,
+            tasks,
+            granularity=gp.granularity,
+            steps=gp.steps,
+            lr=gp.lr,
+            init=gp.init,
+            clamp=gp.clamp,
+            batches_per_step=gp.batches_per_step,
+            seed=seed,
+            device=device,
+            advance=advance,
+        )
     secs = time.perf_counter() - t0
     del tvs, base, model
     index = {m: k for k, m in enumerate(res.names)}
@@ -615,13 +755,20 @@ def _collect_adamerging(plan: Plan, experts: list[_Expert], s: CalibrationSettin
             lam = res.coefficient(index[m], i) if m is not None else mean_i
             flat[st.key(name, "lambda")] = torch.tensor(lam, dtype=torch.float32)
             per_tensor[name] = lam
-        st.write_statistics(folder, flat, {"kind": "adamerging", "model": e.label, "key": key,
-                                           "seconds": round(secs, 3)})
-        coeffs[e.label] = round(mean_i, 6) if gp.granularity == "task" else {k: round(v, 6) for k, v in per_tensor.items()}
+        st.write_statistics(
+            folder, flat, {"kind": "adamerging", "model": e.label, "key": key, "seconds": round(secs, 3)}
+        )
+        coeffs[e.label] = (
+            round(mean_i, 6) if gp.granularity == "task" else {k: round(v, 6) for k, v in per_tensor.items()}
+        )
     doc = {
         "method": "adamerging",
         "granularity": gp.granularity,
-        "steps": gp.steps, "lr": gp.lr, "init": gp.init, "clamp": gp.clamp, "batches_per_step": gp.batches_per_step,
+        "steps": gp.steps,
+        "lr": gp.lr,
+        "init": gp.init,
+        "clamp": gp.clamp,
+        "batches_per_step": gp.batches_per_step,
         "experts": [e.label for e in experts],
         "coefficients": coeffs,
         "entropy": {"initial": res.initial_entropy, "final": res.final_entropy, "per_step": res.history},
@@ -630,8 +777,10 @@ def _collect_adamerging(plan: Plan, experts: list[_Expert], s: CalibrationSettin
     text = json.dumps(doc, indent=2) + "\n"
     folders[0].parent.mkdir(parents=True, exist_ok=True)
     (folders[0].parent / side_name).write_text(text)
-    summary = {"adamerging": f"{gp.granularity}-wise, {gp.steps} steps, mean entropy {res.initial_entropy:.4f} → "
-                             f"{res.final_entropy:.4f}, {secs:.1f} s"}
+    summary = {
+        "adamerging": f"{gp.granularity}-wise, {gp.steps} steps, mean entropy {res.initial_entropy:.4f} → "
+        f"{res.final_entropy:.4f}, {secs:.1f} s"
+    }
     return folders, {side_name: text}, summary
 
 
@@ -667,13 +816,13 @@ def run_data_phase(
     given = [e for e in experts if e.statistics is not None]
     try:
         if len(given) == len(experts):
-            result.readers = [st.open_statistics(e.statistics, e.label) for e in experts]
+            result.readers = [st.open_statistics(e.statistics, e.label) for e in experts if e.statistics is not None]
             if collector == "adamerging":
                 for e in experts:
                     if isinstance(e.statistics, (str, os.PathLike)):
-                        side = Path(e.statistics).parent / "adamerging_coefficients.json"
-                        if side.is_file():
-                            result.side_files["adamerging_coefficients.json"] = side.read_text()
+                        side_path = Path(e.statistics).parent / "adamerging_coefficients.json"
+                        if side_path.is_file():
+                            result.side_files["adamerging_coefficients.json"] = side_path.read_text()
                             break
             result.summary["statistics"] = "precomputed"
             return result
@@ -697,7 +846,9 @@ def run_data_phase(
             raise MergelabError(f"unknown statistics {collector!r} of {plan.method.name}")
         computed = iter(folders)
         for e in experts:
-            result.readers.append(st.open_statistics(e.statistics if e.statistics is not None else next(computed), e.label))
+            result.readers.append(
+                st.open_statistics(e.statistics if e.statistics is not None else next(computed), e.label)
+            )
         result.compute_seconds = _compute_seconds(collector, folders)
         result.side_files.update(side)
         result.summary.update(summary)

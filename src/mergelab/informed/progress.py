@@ -49,9 +49,15 @@ class DataProgress:
             )
 
             bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}", style="progress.data.speed"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=self.console, transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(bar_width=24),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}", style="progress.data.speed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
             )
             bar.start()
             tid = bar.add_task(description, total=total, rate="")
@@ -61,16 +67,26 @@ class DataProgress:
                 t = bar.tasks[0]
                 if t.elapsed:
                     bar.update(tid, rate=f"{t.completed / t.elapsed:6.1f} {unit}/s")
+
             try:
                 yield advance
             finally:
                 bar.stop()
             return
-        if self.engine is not None and hasattr(self.engine, "begin"):
-            self.engine.begin(description, total or 0, 0)
+        engine = self.engine
+        if engine is not None and hasattr(engine, "begin"):
+            engine.begin(description, total or 0, 0)
+
+            def advance_engine(n: int = 1) -> None:
+                engine.advance(n, 0)
+
             try:
-                yield lambda n=1: self.engine.advance(n, 0)
+                yield advance_engine
             finally:
-                self.engine.end()
+                engine.end()
             return
-        yield lambda n=1: None
+
+        def ignore(n: int = 1) -> None:
+            pass
+
+        yield ignore

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -87,12 +87,14 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, Any], 
             if calls[idx] is not None:
                 raise MergelabError("RegMean++: a block ran twice in one forward (shared blocks are not supported)")
             calls[idx] = _Call(tuple(args), dict(kwargs))
+
         return hook
 
     def post(idx: int):
         def hook(module, args, kwargs, output):
             o = output[0] if isinstance(output, (tuple, list)) else output
             outs[idx] = o
+
         return hook
 
     for i, b in enumerate(blocks):
@@ -109,7 +111,8 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, Any], 
     if check:
         for i in range(len(blocks) - 1):
             nxt = _hidden_of(calls[i + 1])  # type: ignore[arg-type]
-            if outs[i] is None or nxt.shape != outs[i].shape or not torch.equal(nxt, outs[i]):
+            out_i = outs[i]
+            if out_i is None or nxt.shape != out_i.shape or not torch.equal(nxt, out_i):
                 raise MergelabError(
                     f"RegMean++: block {i + 1}'s input is not block {i}'s output; the blocks of this architecture "
                     "are not applied in sequence (use regmean)"
@@ -136,10 +139,11 @@ def regmean_plusplus(
     merged_params = dict(merged.named_parameters())
     expert_params = [dict(e.named_parameters()) for e in experts]
     bname, blocks = find_blocks(merged)
-    expert_blocks = [e.get_submodule(bname) for e in experts]
+    # the same ModuleList as ``blocks`` in each expert (the experts share the merged model's architecture)
+    expert_blocks = [cast(nn.ModuleList, e.get_submodule(bname)) for e in experts]
     prefix = f"{bname}." if bname else ""
     lin = {k: v for k, v in linear_modules(merged).items() if mergeable(f"{k}.weight")}
-    in_block = {k for k in lin if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    in_block = {k for k in lin if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()}
     grams: list[dict[str, tuple[torch.Tensor, int, bool]]] = [{} for _ in range(n)]
 
     def set_param(name: str, aux: list[dict[str, torch.Tensor]]) -> None:
@@ -156,19 +160,22 @@ def regmean_plusplus(
         hidden: list[list[torch.Tensor]] = []
         masks: list[list[torch.Tensor | None]] = []
         for i in range(n):
-            ci, hi, mi = [], [], []
+            ci: list[list[_Call]] = []
+            hi: list[torch.Tensor] = []
+            mi: list[torch.Tensor | None] = []
             for j, batch in enumerate(task_batches[i]):
                 batch = to_device(batch, dev)
                 c = _capture(merged, blocks, batch, check=(i == 0 and j == 0))
                 ci.append(c)
                 hi.append(_hidden_of(c[0]))
-                m = batch.get("attention_mask")
-                mi.append(m if isinstance(m, torch.Tensor) and m.dim() == 2 else None)
+                am = batch.get("attention_mask")
+                mi.append(am if isinstance(am, torch.Tensor) and am.dim() == 2 else None)
             calls.append(ci)
             hidden.append(hi)
             masks.append(mi)
         # 3. block by block
         for layer, block in enumerate(blocks):
+
             def full(rel: str, layer: int = layer) -> str:
                 return f"{prefix}{layer}" + (f".{rel}" if rel else "")
 
@@ -186,7 +193,9 @@ def regmean_plusplus(
             for pname, _ in block.named_parameters():
                 name = full(pname)
                 mod = name.rsplit(".", 1)[0]
-                aux = [_aux(grams[i].get(mod)) if name.endswith(".weight") and mod in in_block else {} for i in range(n)]
+                aux = [
+                    _aux(grams[i].get(mod)) if name.endswith(".weight") and mod in in_block else {} for i in range(n)
+                ]
                 set_param(name, aux)
             for i in range(n):
                 for j in range(len(task_batches[i])):

@@ -70,11 +70,18 @@ class StatisticsWriter:
     still accumulating.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 meta: Mapping[str, Any], max_shard_size: int = 2 * 10**9):
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        meta: Mapping[str, Any],
+        max_shard_size: int = 2 * 10**9,
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        for old in list(self.folder.glob("*.safetensors")) + list(self.folder.glob("*.index.json")) + [self.folder / META_FILE]:
+        for old in (
+            list(self.folder.glob("*.safetensors")) + list(self.folder.glob("*.index.json")) + [self.folder / META_FILE]
+        ):
             if old.exists():
                 old.unlink()
         self.specs = list(specs)
@@ -95,8 +102,9 @@ class StatisticsWriter:
         self._writer.abort()
 
 
-def write_statistics(folder: str | os.PathLike[str], flat: Mapping[str, torch.Tensor],
-                     meta: Mapping[str, Any] | None = None) -> Path:
+def write_statistics(
+    folder: str | os.PathLike[str], flat: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+) -> Path:
     """Write an in-memory statistics dict as a folder."""
     specs = [(k, t.dtype, tuple(t.shape)) for k, t in flat.items()]
     w = StatisticsWriter(folder, specs, meta or {})
@@ -115,11 +123,13 @@ def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
-def open_statistics(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | CheckpointReader,
-                    label: str | None = None) -> CheckpointReader:
+def open_statistics(
+    ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | CheckpointReader, label: str | None = None
+) -> CheckpointReader:
     """A reader over a statistics folder, an in-memory statistics dict, or an open reader."""
     if isinstance(ref, Mapping):
-        return StateDictReader(dict(ref), label or "<statistics>")
+        # StateDictReader declares ``folder: None`` where the protocol says ``Path | None`` (checkpoint/ typing gap)
+        return StateDictReader(dict(ref), label or "<statistics>")  # type: ignore[return-value]
     if isinstance(ref, (str, os.PathLike)):
         path = Path(ref)
         if not path.exists():

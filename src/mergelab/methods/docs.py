@@ -46,7 +46,8 @@ def method_rows() -> list[dict[str, Any]]:
 def methods_markdown() -> str:
     """The Markdown table kept between the README's method-table markers."""
     lines = [
-        "| method | what it does | paper | global parameters (default) | per-model parameters (default) | base; experts |",
+        "| method | what it does | paper | global parameters (default) "
+        "| per-model parameters (default) | base; experts |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in method_rows():

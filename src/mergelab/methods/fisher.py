@@ -85,7 +85,7 @@ def _norm_finish(state: list[list[float]], params: FisherParams, n_experts: int)
     return [math.sqrt(_ordered_sum(s)) for s in state]
 
 
-def fisher_passes(params: FisherParams) -> tuple[Fold, ...]:
+def fisher_passes(params: MethodParams) -> tuple[Fold, ...]:
     """The global-norm fold when ``normalize`` (per expert: ‖F_i‖₂ over every merged tensor)."""
     if not getattr(params, "normalize", False):
         return ()

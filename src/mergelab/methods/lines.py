@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import yaml
@@ -83,19 +83,17 @@ def parse_mapping(value: Any) -> dict[str, Any]:
         if parsed is None:
             return {}
         if not isinstance(parsed, dict):
-            raise ValueError(f"merge_parameters must be a mapping such as '{{lambda: 1.0}}', got {value!r}")  # noqa: TRY004 (pydantic reports ValueError only)
+            # ValueError, not TypeError: pydantic reports a validator's ValueError only
+            raise ValueError(f"merge_parameters must be a mapping such as '{{lambda: 1.0}}', got {value!r}")
         return parsed
     raise ValueError(f"merge_parameters must be a mapping (a string in recipes), got {value!r}")
 
 
 class LinesParams(MethodParams):
-    merge_method: str = Field(
-        "task_arithmetic", description="registered method whose merged task vector is scaled"
-    )
+    merge_method: str = Field("task_arithmetic", description="registered method whose merged task vector is scaled")
     merge_parameters: dict[str, Any] | str = Field(
         "",
-        description="global parameters of merge_method, as a YAML/JSON mapping string in recipes, "
-        "e.g. '{lambda: 1.0}'",
+        description="global parameters of merge_method, as a YAML/JSON mapping string in recipes, e.g. '{lambda: 1.0}'",
     )
     mode: Literal["auto", "multi_task", "single_task"] = Field(
         "auto", description="auto: single_task with one expert, multi_task otherwise"
@@ -187,12 +185,16 @@ def merged_task_vector(
     n = len(experts)
     if n < inner.min_experts or (inner.max_experts is not None and n > inner.max_experts):
         raise ParameterError(f"lines: merge_method {inner.name} cannot merge {n} experts")
-    merged = inner.fn(
-        None if inner.base == "ignored" else base,
-        experts,
-        params.inner_params,
-        inner_model_params(params, model_params),
-        ctx,
+    # LinesParams accepts only inner methods with outputs == "model": a tensor, never a MethodOutput
+    merged = cast(
+        Tensor,
+        inner.fn(
+            None if inner.base == "ignored" else base,
+            experts,
+            params.inner_params,
+            inner_model_params(params, model_params),
+            ctx,
+        ),
     )
     return merged.float() - base.float()
 
@@ -248,8 +250,9 @@ def _l1_finish(state, params: LinesParams, n_experts: int) -> dict[str, float]:
     return {"sum_l1": sum_l1, "merged_l1": merged_l1, "alpha": alpha}
 
 
-def lines_passes(params: LinesParams) -> tuple[Fold, ...]:
+def lines_passes(method_params: MethodParams) -> tuple[Fold, ...]:
     """The inner method's passes, then the L1 pass when α is computed (multi-task, no ``alpha``)."""
+    params = cast(LinesParams, method_params)  # the registry validates lines' parameters as LinesParams
     passes = [_wrap_inner_pass(gp) for gp in params.inner.passes(params.inner_params)]
     if params.alpha is None and params.mode != "single_task":
         passes.append(Fold(PASS_L1, _l1_init, _l1_update, _l1_finish, _l1_combine))

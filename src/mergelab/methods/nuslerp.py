@@ -75,9 +75,7 @@ def nuslerp_tensors(
 ) -> torch.Tensor:
     """Vector-wise SLERP of two same-shape tensors (see the module docstring); t = 0 gives v0."""
     if v0.shape != v1.shape:
-        raise ValueError(
-            f"nuslerp needs tensors of one shape, got {tuple(v0.shape)} and {tuple(v1.shape)}"
-        )
+        raise ValueError(f"nuslerp needs tensors of one shape, got {tuple(v0.shape)} and {tuple(v1.shape)}")
     shape = v0.shape
     if flatten or v0.dim() == 0:
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
@@ -128,9 +126,9 @@ def nuslerp(
     t = interpolation_factor(model_params[0].weight, model_params[1].weight)
     first, second = experts
     if base is None:
-        return nuslerp_tensors(
-            t, first, second, flatten=params.nuslerp_flatten, row_wise=params.nuslerp_row_wise
-        ).to(first.dtype)
+        return nuslerp_tensors(t, first, second, flatten=params.nuslerp_flatten, row_wise=params.nuslerp_row_wise).to(
+            first.dtype
+        )
     delta = nuslerp_tensors(
         t,
         first - base,

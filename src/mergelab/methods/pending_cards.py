@@ -106,7 +106,11 @@ def _apply() -> None:
     import mergelab.methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in registry._NOT_METHODS and not info.name.startswith("_") and info.name != __name__.rsplit(".", 1)[1]:
+        if (
+            info.name not in registry._NOT_METHODS
+            and not info.name.startswith("_")
+            and info.name != __name__.rsplit(".", 1)[1]
+        ):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     for name, card in PENDING.items():
         spec = registry._REGISTRY.get(name)

@@ -36,7 +36,7 @@ Grams it used and the merge pass below recomputes exactly the weights it merged 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import Field
@@ -49,7 +49,10 @@ Tensor = torch.Tensor
 
 class RegMeanParams(MethodParams):
     reduce_non_diagonal_ratio: float = Field(
-        0.9, ge=0.0, le=1.0, allow_inf_nan=False,
+        0.9,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
         description="α: off-diagonal Gram entries multiplied by α, the diagonal kept (1: exact RegMean)",
     )
     gram: Literal["mean", "sum"] = Field(
@@ -60,13 +63,17 @@ class RegMeanParams(MethodParams):
     )
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="λ of nonlinear: task_arithmetic")
     ridge: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False,
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
         description="δ/mean(diag ΣG̃): solve (ΣG̃ + δI)Wᵀ = ΣG̃ᵢWᵢᵀ + δW̄ᵀ (pulls unseen directions to the average)",
     )
 
 
 class RegMeanModelParams(MethodParams):
-    weight: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="w_i: scales this expert's Gram and average weight")
+    weight: float = Field(
+        1.0, gt=0.0, allow_inf_nan=False, description="w_i: scales this expert's Gram and average weight"
+    )
 
 
 def _as_in_out(w: Tensor, in_out: bool) -> Tensor:
@@ -106,11 +113,11 @@ def regmean_solve(
         r = gw if r is None else r + gw
     assert s is not None and r is not None
     total = sum(coeffs)
-    avg = sum(c * w for c, w in zip(coeffs, wt)) / total
+    avg = cast(Tensor, sum(c * w for c, w in zip(coeffs, wt)) / total)  # a sum of tensors
     scale = float(s.diagonal().mean()) if s.numel() else 0.0
     if scale <= 0.0:  # the layer never saw an input
         return _as_in_out(avg, in_out).to(dtype)
-    for delta in ([ridge] if ridge > 0 else [0.0, 1e-6]):
+    for delta in [ridge] if ridge > 0 else [0.0, 1e-6]:
         a = s + (delta * scale) * torch.eye(s.shape[0], dtype=s.dtype, device=s.device) if delta else s
         b = r + (delta * scale) * avg if delta else r
         chol, info = torch.linalg.cholesky_ex(a)
@@ -118,11 +125,15 @@ def regmean_solve(
             out = torch.cholesky_solve(b, chol)
             if bool(torch.isfinite(out).all()):
                 return _as_in_out(out, in_out).to(dtype)
-    raise ValueError("the summed Gram matrix is singular even with a ridge of 1e-6; set `ridge` (e.g. 1e-4) "
-                     "or reduce_non_diagonal_ratio < 1")
+    raise ValueError(
+        "the summed Gram matrix is singular even with a ridge of 1e-6; set `ridge` (e.g. 1e-4) "
+        "or reduce_non_diagonal_ratio < 1"
+    )
 
 
-def _nonlinear(base: Tensor | None, experts: Sequence[Tensor], coeffs: Sequence[float], params: RegMeanParams) -> Tensor:
+def _nonlinear(
+    base: Tensor | None, experts: Sequence[Tensor], coeffs: Sequence[float], params: RegMeanParams
+) -> Tensor:
     if params.nonlinear == "task_arithmetic":
         if base is None:
             raise ValueError("nonlinear: task_arithmetic needs a base_model")
@@ -152,13 +163,22 @@ def regmean_tensor(base, experts, params: RegMeanParams, model_params, ctx: Tens
     for a in aux:
         if tuple(a["gram"].shape) != (d_in, d_in):
             raise ValueError(f"Gram of shape {list(a['gram'].shape)} for a weight with {d_in} inputs")
-    return regmean_solve(experts, [a["gram"] for a in aux], alpha=params.reduce_non_diagonal_ratio, coeffs=coeffs,
-                         rows=rows, in_out=in_out, ridge=params.ridge)
+    return regmean_solve(
+        experts,
+        [a["gram"] for a in aux],
+        alpha=params.reduce_non_diagonal_ratio,
+        coeffs=coeffs,
+        rows=rows,
+        in_out=in_out,
+        ridge=params.ridge,
+    )
 
 
 @method(
     "regmean",
-    paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean), arXiv:2212.09849",
+    paper=(
+        "Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean), arXiv:2212.09849"
+    ),
     params=RegMeanParams,
     model_params=RegMeanModelParams,
     base="optional",

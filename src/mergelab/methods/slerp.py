@@ -46,9 +46,7 @@ class SlerpParams(MethodParams):
     )
 
 
-def slerp_coefficients(
-    t: float, v0: torch.Tensor, v1: torch.Tensor
-) -> tuple[float, float]:
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
     """The two scalars (a, b) with slerp(t, v0, v1) = a·v0 + b·v1, both tensors flattened."""
     if v0.numel() == 0:
         return 1.0 - t, t

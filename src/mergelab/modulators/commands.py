@@ -51,7 +51,9 @@ def modulators_command(
     for col in ("index", "name", "model", "scale", "mask keeps"):
         table.add_column(col, overflow="fold")
     for t in manifest["tasks"]:
-        table.add_row(str(t["index"]), t["name"], t["model"], f"{t['scale']:.6g}", f"{100 * t.get('mask_density', 0):.2f} %")
+        table.add_row(
+            str(t["index"]), t["name"], t["model"], f"{t['scale']:.6g}", f"{100 * t.get('mask_density', 0):.2f} %"
+        )
     console.print(table)
     if manifest.get("storage"):
         console.print(format_storage(manifest["storage"]), highlight=False)

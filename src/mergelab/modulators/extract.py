@@ -131,10 +131,14 @@ def iter_task_tensors(folder: str | Path, task: str | int) -> Iterator[tuple[str
             if name in modulated:
                 _, me = masks.entry(name)
                 if me.shape != (n_tasks, packed_size(meta.numel)) or me.dtype != torch.uint8:
-                    raise CheckpointError(f"{folder}: packed masks of {name!r} have shape {list(me.shape)}; the output is corrupt")
+                    raise CheckpointError(
+                        f"{folder}: packed masks of {name!r} have shape {list(me.shape)}; the output is corrupt"
+                    )
                 b = base.read(name)
                 if tuple(b.shape) != tuple(meta.shape):
-                    raise CheckpointError(f"{folder}: base tensor {name!r} has shape {list(b.shape)}, shared has {list(meta.shape)}")
+                    raise CheckpointError(
+                        f"{folder}: base tensor {name!r} has shape {list(b.shape)}, shared has {list(meta.shape)}"
+                    )
                 m = unpack_mask(masks.read_row(name, t), meta.shape)
                 value = reconstruct(value, b, m, scale)
             yield name, value
@@ -159,13 +163,17 @@ def _card(manifest: dict[str, Any], task: dict[str, Any], source: Path) -> str:
             "",
             f"# {task['name']} (extracted)",
             "",
-            (f"Task {task['index']} (`{task['model']}`) rebuilt with `mergelab extract` from the "
-            f"{manifest.get('method')} output `{source}`:"),
+            (
+                f"Task {task['index']} (`{task['model']}`) rebuilt with `mergelab extract` from the "
+                f"{manifest.get('method')} output `{source}`:"
+            ),
             "",
             f"    {manifest.get('reconstruction')}",
             "",
-            (f"with scale {task['scale']:.6g} and a mask keeping {100 * task.get('mask_density', 0):.2f} % of the "
-            "modulated weights."),
+            (
+                f"with scale {task['scale']:.6g} and a mask keeping {100 * task.get('mask_density', 0):.2f} % of the "
+                "modulated weights."
+            ),
             "",
         ]
     )

@@ -30,7 +30,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ FOLDER = "modulators"
 MANIFEST = "manifest.json"
 BASE_FOLDER = "base"
 MASKS_FOLDER = "masks"
-BIT_ORDER = "little"
+BIT_ORDER: Final = "little"
 RECONSTRUCTION = "theta_t = base + scale_t * mask_t * (shared - base)"
 
 
@@ -63,7 +63,9 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     numel = math.prod(shape)
     raw = packed.detach().to("cpu").reshape(-1).numpy()
     if raw.size != packed_size(numel):
-        raise CheckpointError(f"packed mask has {raw.size} bytes, expected {packed_size(numel)} for shape {list(shape)}")
+        raise CheckpointError(
+            f"packed mask has {raw.size} bytes, expected {packed_size(numel)} for shape {list(shape)}"
+        )
     bits = np.unpackbits(raw, count=numel, bitorder=BIT_ORDER)
     return torch.from_numpy(bits.astype(np.bool_)).reshape(tuple(shape))
 

@@ -129,15 +129,15 @@ def zoo_command(
         raise UsageError("--device applies to --suite lm only (the classification zoo trains on CPU)")
     if preset_name not in (None, "quick", "full"):
         raise UsageError(f"unknown classification preset {preset_name!r}: use quick or full")
-    preset = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
+    start = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
     overrides: dict = {}
     if tasks:
         overrides["tasks"] = tasks_list(_split_list(tasks))
         overrides["name"] = "custom"
     if steps:
-        overrides["train"] = TrainConfig(**{**preset.train.model_dump(), "steps": steps})
+        overrides["train"] = TrainConfig(**{**start.train.model_dump(), "steps": steps})
         overrides["name"] = "custom"
-    config = preset.model_copy(update=overrides) if overrides else preset
+    config = start.model_copy(update=overrides) if overrides else start
     config = ZooConfig.model_validate(config.model_dump())
     if install:
         install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))
@@ -368,7 +368,10 @@ def _eval_lm(
 def bench_command(
     suite: Annotated[str, typer.Option(help="classification or lm (the SmolLM2 domain experts)")] = "classification",
     zoo: Annotated[
-        str | None, typer.Option(help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]")
+        str | None,
+        typer.Option(
+            help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]"
+        ),
     ] = None,
     methods: Annotated[
         str | None,
@@ -455,8 +458,15 @@ def bench_command(
         out_dir = out or Path("benchmarks") / "results" / f"classification-{z.name}"
         previous = _previous_leaderboard(out_dir) if update else None
         if previous is not None:
-            _check_update(previous, z.key, suite="classification", zoo=z.name, validation_limit=_limit(validation_limit),
-                          test_limit=_limit(test_limit), seed=seed)
+            _check_update(
+                previous,
+                z.key,
+                suite="classification",
+                zoo=z.name,
+                validation_limit=_limit(validation_limit),
+                test_limit=_limit(test_limit),
+                seed=seed,
+            )
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
@@ -466,8 +476,15 @@ def bench_command(
 
 
 def _lm_bench(
-    zoo: str | None, methods: str | None, out: Path | None, validation_limit: int | None, test_limit: int | None,
-    seed: int, cache: Path | None, calibration: Any, update: bool,
+    zoo: str | None,
+    methods: str | None,
+    out: Path | None,
+    validation_limit: int | None,
+    test_limit: int | None,
+    seed: int,
+    cache: Path | None,
+    calibration: Any,
+    update: bool,
 ) -> None:
     """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`)."""
     from mergelab_bench.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench

@@ -202,8 +202,9 @@ def calibration_recipe(
             "num_examples": calibration.num_examples(collector),
             "batch_size": None if collector == "adamerging" else calibration.batch_size,
             "max_length": calibration.max_length or zoo_max_length(zoo),
-            **({"model_type": "causal_lm"} if isinstance(zoo, LMZoo) else
-               {"model_type": "encoder", "pooling": "mean"}),  # the zoo's classifiers: head(mean_pool(encoder(text)))
+            **(
+                {"model_type": "causal_lm"} if isinstance(zoo, LMZoo) else {"model_type": "encoder", "pooling": "mean"}
+            ),  # the zoo's classifiers: head(mean_pool(encoder(text)))
             "statistics_dir": str(Path(statistics_dir) / spec.name),
         },
         "seed": seed,
@@ -232,11 +233,19 @@ def compute_statistics(
     plan = plan_merge(recipe)
     t0 = time.perf_counter()
     try:
-        phase = run_data_phase(plan, device=calibration.device, progress=progress, seed=seed,
-                               workdir=Path(statistics_dir))
+        phase = run_data_phase(
+            plan, device=calibration.device, progress=progress, seed=seed, workdir=Path(statistics_dir)
+        )
     except BaseException:
         plan.close()
         raise
-    return Statistics(list(phase.readers), time.perf_counter() - t0, dict(phase.summary), dict(phase.side_files),
-                      phase.peak_bytes, phase.compute_seconds, phase, plan)
-
+    return Statistics(
+        list(phase.readers),
+        time.perf_counter() - t0,
+        dict(phase.summary),
+        dict(phase.side_files),
+        phase.peak_bytes,
+        phase.compute_seconds,
+        phase,
+        plan,
+    )

@@ -67,7 +67,7 @@ class ZooEvaluator:
             return self.zoo.expert_model_dir(text.split(":", 1)[1])
         return None
 
-    def module(self, model: Any) -> nn.Module:  # noqa: ANN401 - the suite's model forms
+    def module(self, model: Any) -> nn.Module:  # the suite's model forms
         """A module for any accepted model form (see the module docstring), in eval mode."""
         if isinstance(model, nn.Module):
             return self._prepare(model).eval()

@@ -176,7 +176,10 @@ ADVANCED_METHODS: tuple[str, ...] = _group("advanced")
 """Data-free methods after TIES/DARE (``group="advanced"``); ``tall_masks`` and ``emr`` are routed (per-task parts)."""
 
 DATA_INFORMED_METHODS: tuple[str, ...] = _group("informed")
-"""Methods with a data phase (``group="informed"``; statistics from the zoo's splits, see mergelab_bench.eval.data_informed)."""
+"""Methods with a data phase (``group="informed"``).
+
+Their statistics come from the zoo's splits; see mergelab_bench.eval.data_informed.
+"""
 
 LEADERBOARD_METHODS: tuple[str, ...] = CLASSIC_METHODS + ADVANCED_METHODS + DATA_INFORMED_METHODS
 """Methods of ``mergelab bench`` when none are named (every multi-expert method)."""
@@ -201,6 +204,7 @@ def expand_methods(names: Sequence[str]) -> list[str]:
             if m not in out:
                 out.append(m)
     return out
+
 
 DEMO_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergelab_bench.eval.evaluator import ZooEvaluator, load_state_dict_path  # noqa: F401 - re-exported
 from mergelab_bench.eval.ensembles import majority_vote, probability_average
+from mergelab_bench.eval.evaluator import ZooEvaluator, load_state_dict_path  # noqa: F401 - re-exported
 from mergelab_bench.eval.metrics import EvalReport, TaskScore, accuracy, fmt_pct
 from mergelab_bench.zoo.backbone import embed_batches, encoder_from_state_dict, load_encoder, load_weights
 from mergelab_bench.zoo.build import Zoo, load_zoo

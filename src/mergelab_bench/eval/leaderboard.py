@@ -356,8 +356,9 @@ def run_suite(
     work.mkdir(parents=True, exist_ok=True)
     stats_root = work / "statistics"
     routed_root = work / ".routed-merges" if suite.routed else None
-    ctx = _BenchContext(zoo, base, experts, val, test, merge_fn, seed, progress, steps, calibration, stats_root,
-                        routed_root, temporary)
+    ctx = _BenchContext(
+        zoo, base, experts, val, test, merge_fn, seed, progress, steps, calibration, stats_root, routed_root, temporary
+    )
     results: list[MethodResult] = []
     try:
         for name, spec in specs.items():
@@ -365,8 +366,11 @@ def run_suite(
             reason = check_grid(name, len(experts), points)
             if not reason and not suite.routed and spec.outputs == "modulated":
                 reason = suite.routed_skip
-            result = (MethodResult(name, status="skipped", reason=reason) if reason
-                      else _run_method(ctx, spec, points, row=name))
+            result = (
+                MethodResult(name, status="skipped", reason=reason)
+                if reason
+                else _run_method(ctx, spec, points, row=name)
+            )
             announce(result, say)
             results.append(result)
     finally:
@@ -408,8 +412,9 @@ def run_suite(
         "config": zoo.manifest.get("config", {}),
         "base_source": zoo.manifest.get(suite.base_source_key, {}),
     }
-    return Leaderboard(config, zoo_info, list(zoo.tasks), results, references, expert_test,
-                       run_info(t_start, **(info or {})))
+    return Leaderboard(
+        config, zoo_info, list(zoo.tasks), results, references, expert_test, run_info(t_start, **(info or {}))
+    )
 
 
 _PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed")
@@ -421,11 +426,15 @@ def update_conflict(previous: Leaderboard, zoo_key: str | None, **protocol: Any)
     for key, value in protocol.items():
         old = previous.config.get(key, "classification" if key == "suite" else None)
         if value != old:
-            return (f"the existing leaderboard has {key}={old!r}, this run {value!r}: run with the same setting, "
-                    "or write to another --out")
+            return (
+                f"the existing leaderboard has {key}={old!r}, this run {value!r}: run with the same setting, "
+                "or write to another --out"
+            )
     if zoo_key is not None and previous.zoo.get("key") != zoo_key:
-        return (f"the existing leaderboard is of zoo {previous.zoo.get('key')}, this run of {zoo_key} "
-                "(the zoo was rebuilt): rerun the whole bench")
+        return (
+            f"the existing leaderboard is of zoo {previous.zoo.get('key')}, this run of {zoo_key} "
+            "(the zoo was rebuilt): rerun the whole bench"
+        )
     return None
 
 
@@ -449,15 +458,18 @@ def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
             continue
         for f in BenchCalibration.fields_for(collector):
             if (old_cal or {}).get(f) != new_cal.get(f):
-                raise ValueError(f"row {m.method} was computed with calibration {f}={(old_cal or {}).get(f)!r}, this "
-                                 f"run uses {new_cal.get(f)!r}: pass the same setting or rerun {m.method} too")
+                raise ValueError(
+                    f"row {m.method} was computed with calibration {f}={(old_cal or {}).get(f)!r}, this "
+                    f"run uses {new_cal.get(f)!r}: pass the same setting or rerun {m.method} too"
+                )
     old_names = {m.method for m in previous.methods}
     methods = [fresh.get(m.method, m) for m in previous.methods] + [m for m in new.methods if m.method not in old_names]
     names = [m.method for m in methods]
     config = {**previous.config, **{k: v for k, v in new.config.items() if k not in ("methods", "grids")}}
     config["methods"] = names
-    config["grids"] = {n: (new.config["grids"] if n in fresh else previous.config.get("grids", {})).get(n, [])
-                       for n in names}
+    config["grids"] = {
+        n: (new.config["grids"] if n in fresh else previous.config.get("grids", {})).get(n, []) for n in names
+    }
     informed = [m.method for m in methods if m.statistics]
     if old_cal or new_cal:
         config["calibration"] = {**(old_cal or {}), **(new_cal or {}), "methods": informed}
@@ -474,8 +486,11 @@ def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
         {k: previous.info.get(k) for k in fields} | {"methods": [m.method for m in previous.methods]}
     ]
     history.append({k: new.info.get(k) for k in fields} | {"methods": [m.method for m in new.methods]})
-    info = {**new.info, "bench_seconds": round(sum(h.get("bench_seconds") or 0.0 for h in history), 1),
-            "updates": history}
+    info = {
+        **new.info,
+        "bench_seconds": round(sum(h.get("bench_seconds") or 0.0 for h in history), 1),
+        "updates": history,
+    }
     return Leaderboard(config, new.zoo, new.tasks, methods, new.references, new.expert_test, info)
 
 
@@ -548,8 +563,9 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
             for k, point in enumerate(points):
                 statistics = None
                 if informed:
-                    statistics = compute_statistics(name, ctx.zoo, point, ctx.calibration, ctx.stats_root,
-                                                    seed=ctx.seed, progress=ctx.progress)
+                    statistics = compute_statistics(
+                        name, ctx.zoo, point, ctx.calibration, ctx.stats_root, seed=ctx.seed, progress=ctx.progress
+                    )
                     if not stats_seconds or statistics.seconds > max(stats_seconds):
                         stats_summary = statistics.summary  # the point that computed (later points reuse)
                     stats_seconds.append(statistics.seconds)
@@ -579,8 +595,16 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
                 else:
                     report = ctx.val.evaluate(merged, name=row)
                 score = report.average_normalized
-                result.grid.append(GridResult(point, score, report.average, m.result.seconds, m.result.peak_bytes,
-                                              statistics.seconds if statistics is not None else None))
+                result.grid.append(
+                    GridResult(
+                        point,
+                        score,
+                        report.average,
+                        m.result.seconds,
+                        m.result.peak_bytes,
+                        statistics.seconds if statistics is not None else None,
+                    )
+                )
                 if score is not None and score > best_score:
                     if isinstance(best, RoutedMerge):
                         best.remove()
@@ -596,14 +620,22 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
             choice = per_task_choice(axis, result.chosen, reports, ctx.zoo.tasks)
             if any(v != result.chosen.model_parameters[axis] for v in choice.values()):
                 with measure() as m:
-                    tuned = routed_merge(name, ctx.zoo, result.chosen, ctx.routed_root / f"{row}-per-task",
-                                         seed=ctx.seed, per_model=[{axis: choice[t]} for t in ctx.zoo.tasks])
+                    tuned = routed_merge(
+                        name,
+                        ctx.zoo,
+                        result.chosen,
+                        ctx.routed_root / f"{row}-per-task",
+                        seed=ctx.seed,
+                        per_model=[{axis: choice[t]} for t in ctx.zoo.tasks],
+                    )
                 report = tuned.evaluate(ctx.val, row)
                 if report.average_normalized is not None and report.average_normalized >= best_score:
                     best.remove()
                     best, best_score, per_task = tuned, report.average_normalized, {axis: choice}
                     result.validation = report
-                    result.chosen = GridPoint(result.chosen.parameters, {**result.chosen.model_parameters, axis: "per task"})
+                    result.chosen = GridPoint(
+                        result.chosen.parameters, {**result.chosen.model_parameters, axis: "per task"}
+                    )
                     result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
                 else:
                     tuned.remove()
@@ -616,8 +648,12 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
                 "seconds_per_point": [round(x, 3) for x in stats_seconds],
                 "seconds_total": round(sum(stats_seconds), 3),
                 # one set of statistics per point (RegMean++, AdaMerging) or one shared by every point
-                "compute_seconds": round(sum(compute_seconds) if spec.statistics in PER_POINT_COLLECTORS
-                                         else max(compute_seconds, default=0.0), 3),
+                "compute_seconds": round(
+                    sum(compute_seconds)
+                    if spec.statistics in PER_POINT_COLLECTORS
+                    else max(compute_seconds, default=0.0),
+                    3,
+                ),
                 "summary": stats_summary,
                 "peak_mb": round(stats_peak / 2**20, 1),
                 "cache": None if ctx.temporary else str(ctx.stats_root / name),
@@ -632,7 +668,7 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
                 result.routing["per_task_parameters"] = per_task
         else:
             result.test = ctx.test.evaluate(best, name=row)
-    except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others' rows
+    except Exception as exc:  # one method failing must not lose the others' rows
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
     finally:
         if isinstance(best, RoutedMerge):
@@ -669,7 +705,8 @@ def reproduce_command(lb: Leaderboard) -> str:
     vl = c["validation_limit"] if c["validation_limit"] is not None else 0
     tl = c["test_limit"] if c["test_limit"] is not None else 0
     cmd = (
-        f"mergelab bench --suite {c.get('suite', 'classification')} --zoo {c['zoo']} --methods {','.join(c['methods'])} "
+        f"mergelab bench --suite {c.get('suite', 'classification')} --zoo {c['zoo']} "
+        f"--methods {','.join(c['methods'])} "
         f"--validation-limit {vl} --test-limit {tl} --seed {c['seed']}"
     )
     cal = c.get("calibration")
@@ -705,7 +742,7 @@ def markdown(lb: Leaderboard) -> str:
         "",
         "## Merges",
         "",
-        "| " + " | ".join(head + ["merge s", "peak MB", "chosen hyperparameters", "val avg norm."]) + " |",
+        "| " + " | ".join([*head, "merge s", "peak MB", "chosen hyperparameters", "val avg norm."]) + " |",
         "|" + "---|" * (len(head) + 4),
     ]
     for m in lb.ranked():

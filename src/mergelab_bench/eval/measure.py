@@ -61,12 +61,13 @@ class measure:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> measure:
-        self._before = current_rss()
-        if self._before is None:
+        before = current_rss()
+        if before is None:
             self.result.method = "ru_maxrss"
             self._before = max_rss()
         else:
-            self._peak = self._before
+            self._before = before
+            self._peak = before
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         self._t0 = time.perf_counter()

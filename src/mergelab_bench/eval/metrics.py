@@ -39,9 +39,7 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
 """Metrics whose normalized score is ``reference / value`` instead of ``value / reference``."""
 
 
-def normalized_score(
-    value: float | None, reference: float | None, *, lower_is_better: bool = False
-) -> float | None:
+def normalized_score(value: float | None, reference: float | None, *, lower_is_better: bool = False) -> float | None:
     """``value / reference`` (``reference / value`` with ``lower_is_better``).
 
     ``None`` when either is missing or NaN, or the reference is not positive (or, for a

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergelab_bench.eval.grids import GridPoint
@@ -61,8 +61,12 @@ class RoutedMerge:
         for t in evaluator.tasks:
             encoder = evaluator.encoder(self.task_state(t))
             preds[t] = evaluator.logits(encoder, t).argmax(-1)
-        info = {"head": "expert", "limit": evaluator.limit, "routed": True,
-                "reconstruction": self.manifest.get("reconstruction")}
+        info = {
+            "head": "expert",
+            "limit": evaluator.limit,
+            "routed": True,
+            "reconstruction": self.manifest.get("reconstruction"),
+        }
         return evaluator.report(name, preds, info)
 
     def evaluate_shared(self, evaluator: Evaluator, name: str) -> EvalReport:
@@ -89,15 +93,22 @@ def routed_recipe(
     return {
         "merge_method": method,
         "base_model": str(zoo.base_dir),
-        "models": [{"model": str(zoo.expert_model_dir(t)), "parameters": {**point.model_parameters, **o}}
-                   for t, o in zip(zoo.tasks, overrides)],
+        "models": [
+            {"model": str(zoo.expert_model_dir(t)), "parameters": {**point.model_parameters, **o}}
+            for t, o in zip(zoo.tasks, overrides)
+        ],
         "parameters": dict(point.parameters),
         "seed": seed,
     }
 
 
 def routed_merge(
-    method: str, zoo: Zoo, point: GridPoint, out: str | os.PathLike[str], *, seed: int = 0,
+    method: str,
+    zoo: Zoo,
+    point: GridPoint,
+    out: str | os.PathLike[str],
+    *,
+    seed: int = 0,
     per_model: Sequence[Mapping[str, Any]] | None = None,
 ) -> RoutedMerge:
     """Merge the zoo's experts with ``method`` at ``point`` into ``out`` (as ``mergelab merge``)."""
@@ -115,7 +126,8 @@ def per_task_choice(
     ``chosen`` only in that axis (ties: the chosen point's value, then the first in grid order)."""
     others = {k: v for k, v in chosen.model_parameters.items() if k != axis}
     group = [
-        (p, r) for p, r in reports
+        (p, r)
+        for p, r in reports
         if dict(p.parameters) == dict(chosen.parameters)
         and {k: v for k, v in p.model_parameters.items() if k != axis} == others
     ]

@@ -6,7 +6,8 @@ from typing import Generic, Protocol, TypeVar
 
 
 class _Named(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only, so frozen dataclasses qualify
 
 
 S = TypeVar("S", bound=_Named)

@@ -31,7 +31,7 @@ class SplitConfig:
     min_chars: int = 3
 
     def __post_init__(self) -> None:
-        if not (0 < self.test and 0 <= self.validation and self.test + self.validation < 1):
+        if not (self.test > 0 and self.validation >= 0 and self.test + self.validation < 1):
             raise ValueError("split fractions must satisfy 0 < test, 0 <= validation, test + validation < 1")
 
 
@@ -70,7 +70,9 @@ def hash_sample(salt: str, items: Iterable[T], cap: int, key: Callable[[T], str]
     return ordered[:cap], max(0, len(ordered) - cap)
 
 
-def assign_splits(salt: str, items: Iterable[tuple[str, str | None, dict[str, str]]], cfg: SplitConfig) -> dict[str, list[dict[str, str]]]:
+def assign_splits(
+    salt: str, items: Iterable[tuple[str, str | None, dict[str, str]]], cfg: SplitConfig
+) -> dict[str, list[dict[str, str]]]:
     """Records by split, each split in hash order.
 
     ``items`` are ``(normalized text, group, record)``: a record goes to the split of its group
@@ -83,8 +85,9 @@ def assign_splits(salt: str, items: Iterable[tuple[str, str | None, dict[str, st
     return {s: [r for _, r in sorted(v, key=lambda x: (x[0], x[1]["key"]))] for s, v in splits.items()}
 
 
-def finalized_splits(salt: str, items: Iterable[tuple[str, str | None, dict[str, str]]], cfg: SplitConfig,
-              dropped: Mapping[str, int]) -> Finalized:
+def finalized_splits(
+    salt: str, items: Iterable[tuple[str, str | None, dict[str, str]]], cfg: SplitConfig, dropped: Mapping[str, int]
+) -> Finalized:
     """The splits of ``items`` (:func:`assign_splits`) and the non-zero drop counts, sorted by reason."""
     return Finalized(assign_splits(salt, items, cfg), {k: v for k, v in sorted(dropped.items()) if v})
 
@@ -93,7 +96,7 @@ def jsonl_bytes(rows: Sequence[dict[str, str]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
 
 
-def content_hash(splits: dict[str, Sequence[dict[str, str]]]) -> str:
+def content_hash(splits: Mapping[str, Sequence[dict[str, str]]]) -> str:
     """sha256 over the three split files, in split order."""
     digest = hashlib.sha256()
     for split in SPLITS:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-import os
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +40,7 @@ class SplitFiles:
     meta: dict
 
     @classmethod
-    def load(cls, path: str | Path):  # noqa: ANN206 - returns the subclass it is called on
+    def load(cls, path: str | Path):  # returns the subclass it is called on
         path = Path(path)
         meta = read_json(path / "meta.json")
         return cls(meta["task"], path, meta)
@@ -49,7 +49,7 @@ class SplitFiles:
         """The first ``limit`` rows of a split (a deterministic random sample)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        out = []
+        out: list[dict[str, str]] = []
         with open(self.path / f"{split}.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 if limit is not None and len(out) >= limit:
@@ -65,8 +65,9 @@ def write_split_files(out: Path, splits: Mapping[str, list[dict[str, str]]]) -> 
         (out / f"{split}.jsonl").write_bytes(jsonl_bytes(rows))
 
 
-def write_task_folder(out: Path, spec: Any, reader: Any, cfg: SplitConfig, result: Finalized, *,
-                      builder_version: int, **fields: Any) -> dict:
+def write_task_folder(
+    out: Path, spec: Any, reader: Any, cfg: SplitConfig, result: Finalized, *, builder_version: int, **fields: Any
+) -> dict:
     """Write a finalized task into ``out``: the split files and ``meta.json`` (what every suite
     records: name, description, builder version, split config and salt, sizes, drops, sources with
     versions, content hash, the apt release when the task reads the apt index; plus the suite's
@@ -190,7 +191,7 @@ class BuiltZoo:
     def record(self, task: str) -> dict:
         return read_json(self.expert_dir(task) / "record.json")
 
-    def data(self, task: str) -> Any:  # noqa: ANN401 - the suite's DATA class
+    def data(self, task: str) -> Any:  # the suite's DATA class
         """The task's built data (:attr:`DATA`), loaded once."""
         if task not in self._data:
             self._data[task] = self.DATA.load(self._path(self._task(task)["data"]))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import html
 import io
+import os
 import re
 import tarfile
 from collections import Counter, defaultdict
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergelab_bench.zoo.cache import config_key, write_json, zoo_root
+from mergelab_bench.zoo.cache import config_key, zoo_root
 from mergelab_bench.zoo.registry import Registry
 from mergelab_bench.zoo.sources import ARCHIVES, SourceReader
 from mergelab_bench.zoo.splits import (  # noqa: F401 - SPLITS .. unit_hash are re-exported for both suites
@@ -112,17 +113,19 @@ def task(
     """Register a task whose rows ``fn(reader)`` collects."""
 
     def decorate(fn: Callable[[SourceReader], Iterable[Row]]) -> Callable[[SourceReader], Iterable[Row]]:
-        TASKS.add(TaskSpec(
-            name=name,
-            description=description,
-            labels=tuple(labels),
-            salt=salt or name,
-            collect=fn,
-            deb=tuple(deb),
-            archives=tuple(archives),
-            apt=apt,
-            cap=cap,
-        ))
+        TASKS.add(
+            TaskSpec(
+                name=name,
+                description=description,
+                labels=tuple(labels),
+                salt=salt or name,
+                collect=fn,
+                deb=tuple(deb),
+                archives=tuple(archives),
+                apt=apt,
+                cap=cap,
+            )
+        )
         return fn
 
     return decorate
@@ -225,23 +228,36 @@ def build_task(spec: TaskSpec, reader: SourceReader, out: Path, cfg: SplitConfig
     if missing and strict:
         raise ValueError(f"task {spec.name}: no examples for labels {missing}")
     return write_task_folder(
-        out, spec, reader, cfg, result, builder_version=BUILDER_VERSION, labels=list(spec.labels),
-        cap_per_label=spec.cap, label_counts=counts, empty_labels=missing,
+        out,
+        spec,
+        reader,
+        cfg,
+        result,
+        builder_version=BUILDER_VERSION,
+        labels=list(spec.labels),
+        cap_per_label=spec.cap,
+        label_counts=counts,
+        empty_labels=missing,
     )
+
+
+_DEFAULT_SPLIT = SplitConfig()  # frozen: one shared default is safe
 
 
 def ensure_task(
     name: str,
     reader: SourceReader,
     *,
-    cache: str | Path | None = None,
-    cfg: SplitConfig = SplitConfig(),
+    cache: str | os.PathLike[str] | None = None,
+    cfg: SplitConfig = _DEFAULT_SPLIT,
     force: bool = False,
 ) -> TaskData:
     """The built data of task ``name``, built into the cache first if it is not there."""
     spec = get_task(name)
     final = zoo_root(cache) / "data" / f"{name}-{data_key(spec, reader, cfg)}"
-    return TaskData.load(ensure_dir(final, lambda tmp: build_task(spec, reader, tmp, cfg), done="meta.json", force=force))
+    return TaskData.load(
+        ensure_dir(final, lambda tmp: build_task(spec, reader, tmp, cfg), done="meta.json", force=force)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +339,7 @@ FORTUNE_TOPICS = (
     "wisdom",
     "work",
 )
-ENGLISH_FORTUNE_FILES = FORTUNE_TOPICS + ("education", "food", "law", "love", "medicine", "sports")
+ENGLISH_FORTUNE_FILES = (*FORTUNE_TOPICS, "education", "food", "law", "love", "medicine", "sports")
 FORTUNE_LANGS = {
     # label: (package, directory the files sit in, or None for any file of the package)
     "en": ("fortunes", None),

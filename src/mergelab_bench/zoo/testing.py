@@ -76,7 +76,7 @@ def random_head(in_features: int, labels: list[str], task: str, seed: int) -> He
 
 def synthetic_rows(task: str, n: int, labels: Sequence[str], seed: int = 0) -> list[Row]:
     """``n`` distinct word sequences from :data:`TINY_WORDS` with hash-derived labels."""
-    rows = []
+    rows: list[Row] = []
     i = 0
     while len(rows) < n:
         h = hashlib.sha256(f"{task}/{seed}/{i}".encode()).digest()

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mergelab_bench.zoo.backbone import Head, embed, load_encoder, load_tokenizer, pooled
+from mergelab_bench.zoo.tasks import TaskData
 from mergelab_bench.zoo.training import (  # noqa: F401 - torch_threads, task_seed, lr_factor: re-exported
     epoch_batches,
     loss_ema,
@@ -42,7 +43,6 @@ from mergelab_bench.zoo.training import (  # noqa: F401 - torch_threads, task_se
     task_seed,
     torch_threads,
 )
-from mergelab_bench.zoo.tasks import TaskData
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """Called as ``progress(step, total, info)`` during training."""
@@ -133,7 +133,7 @@ def train_expert(
         weight_decay=cfg.weight_decay,
     )
     base_lrs = [g["lr"] for g in opt.param_groups]
-    warmup = int(round(cfg.warmup_frac * cfg.steps))
+    warmup = round(cfg.warmup_frac * cfg.steps)
 
     texts, labels = data.examples("train")
     if not texts:
@@ -216,13 +216,14 @@ def select_probe(
     label_names: list[str],
     task: str,
     cfg: TrainConfig,
-) -> tuple[Head, float, dict[str, float]]:
+) -> tuple[Head, float, dict[str, float | None]]:
     """Fit one probe per L2 strength in ``cfg.probe_l2``; keep the best validation accuracy.
 
-    Returns (head, chosen L2, validation accuracy per L2). Ties go to the stronger L2.
+    Returns (head, chosen L2, validation accuracy per L2, None without validation rows).
+    Ties go to the stronger L2.
     """
     best: tuple[float, float, Head] | None = None
-    scores = {}
+    scores: dict[str, float | None] = {}
     for l2 in sorted(cfg.probe_l2, reverse=True):
         with torch_threads(1):  # small matrices: threads only add synchronisation cost
             head = train_probe(train[0], train[1], label_names, task, cfg, l2)

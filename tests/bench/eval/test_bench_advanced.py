@@ -41,12 +41,18 @@ def test_every_declared_grid_validates_and_is_small() -> None:
 
 def test_routed_method_is_scored_per_task_with_its_reconstruction(tiny_zoo: Zoo, tmp_path) -> None:
     from mergelab import merge
-    from mergelab_bench.eval.routed import routed_recipe
     from mergelab.modulators import task_state_dict
+    from mergelab_bench.eval.routed import routed_recipe
 
     grids = {"tall_masks": product({}, {"tall_lambda": (0.2, 0.6)}), "emr": (GridPoint(),)}
-    lb = run_bench(tiny_zoo, methods=["tall_masks", "emr"], grids=grids, validation_limit=None, test_limit=None,
-                   work_dir=tmp_path / "work")
+    lb = run_bench(
+        tiny_zoo,
+        methods=["tall_masks", "emr"],
+        grids=grids,
+        validation_limit=None,
+        test_limit=None,
+        work_dir=tmp_path / "work",
+    )
     assert not (tmp_path / "work" / ".routed-merges").exists()  # merges removed once scored
     for row in lb.methods:
         assert row.status == "ok", row.reason
@@ -62,7 +68,7 @@ def test_routed_method_is_scored_per_task_with_its_reconstruction(tiny_zoo: Zoo,
             assert row.chosen == argmax
             overrides = None
         else:  # TALL: λ_t chosen per task from the same grid's per-task validation scores
-            (axis, values), = per_task.items()
+            ((axis, values),) = per_task.items()
             assert row.chosen.model_parameters[axis] == "per task"
             assert row.validation.average_normalized >= max(scores)
             overrides = [{axis: values[t]} for t in tiny_zoo.tasks]
@@ -110,8 +116,15 @@ def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tm
         "regmean": product({"reduce_non_diagonal_ratio": (0.5, 0.9)}),
         "adamerging_task": (GridPoint({"granularity": "task", "steps": 2}),),
     }
-    lb = run_bench(tiny_zoo, methods=["regmean", "adamerging_task"], grids=grids, validation_limit=None,
-                   test_limit=None, calibration=TINY_CAL, work_dir=tmp_path / "work")
+    lb = run_bench(
+        tiny_zoo,
+        methods=["regmean", "adamerging_task"],
+        grids=grids,
+        validation_limit=None,
+        test_limit=None,
+        calibration=TINY_CAL,
+        work_dir=tmp_path / "work",
+    )
     regmean, ada = lb.methods
     assert regmean.status == "ok" and ada.status == "ok", (regmean.reason, ada.reason)
     assert ada.method == "adamerging_task" and ada.chosen.parameters["granularity"] == "task"
@@ -121,23 +134,41 @@ def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tm
     assert (tmp_path / "work" / "statistics" / "regmean" / "gram").is_dir()
     # RegMean reads each task's train rows; AdaMerging the unlabeled test inputs (its paper's protocol);
     # validation only selects
-    assert sorted(splits) == sorted([(t, "train", 8) for t in tiny_zoo.tasks] + [(t, "test", 8) for t in tiny_zoo.tasks])
+    assert sorted(splits) == sorted(
+        [(t, "train", 8) for t in tiny_zoo.tasks] + [(t, "test", 8) for t in tiny_zoo.tasks]
+    )
     assert ada.statistics["split"] == "test"
-    assert lb.config["calibration"]["examples"] == 8 and "test split, without labels" in lb.config["calibration"][
-        "sources"]["adamerging"]
+    assert (
+        lb.config["calibration"]["examples"] == 8
+        and "test split, without labels" in lb.config["calibration"]["sources"]["adamerging"]
+    )
     assert "unlabeled test inputs, as in the AdaMerging paper" in markdown(lb)
     # the train variant reads train texts instead
     splits.clear()
     from dataclasses import replace
 
-    lb_train = run_bench(tiny_zoo, methods=["adamerging_task"], grids=grids, validation_limit=None, test_limit=None,
-                         calibration=replace(TINY_CAL, adamerging_split="train"), work_dir=tmp_path / "work")
+    lb_train = run_bench(
+        tiny_zoo,
+        methods=["adamerging_task"],
+        grids=grids,
+        validation_limit=None,
+        test_limit=None,
+        calibration=replace(TINY_CAL, adamerging_split="train"),
+        work_dir=tmp_path / "work",
+    )
     assert lb_train.methods[0].status == "ok" and lb_train.methods[0].statistics["split"] == "train"
     assert {s for _, s, _ in splits} == {"train"}
     # a second bench in the same folder reuses every statistic
     gram_calls.clear()
-    lb2 = run_bench(tiny_zoo, methods=["regmean"], grids=grids, validation_limit=None, test_limit=None,
-                    calibration=TINY_CAL, work_dir=tmp_path / "work")
+    lb2 = run_bench(
+        tiny_zoo,
+        methods=["regmean"],
+        grids=grids,
+        validation_limit=None,
+        test_limit=None,
+        calibration=TINY_CAL,
+        work_dir=tmp_path / "work",
+    )
     assert lb2.methods[0].status == "ok" and gram_calls == []
     assert lb2.methods[0].test.average_normalized == pytest.approx(regmean.test.average_normalized)
     # reused statistics still report what computing them took (from their metadata), not the reuse's 0 s
@@ -157,9 +188,16 @@ def test_data_informed_choice_uses_validation_only(tiny_zoo: Zoo, tmp_path) -> N
         seen.append((parameters["normalize"], len(statistics)))
         return alpha if parameters["normalize"] else base
 
-    lb = run_bench(tiny_zoo, methods=["fisher"], grids={"fisher": product({"normalize": (False, True)})},
-                   merge_fn=fake_merge, validation_limit=None, test_limit=None, calibration=TINY_CAL,
-                   work_dir=tmp_path / "work")
+    lb = run_bench(
+        tiny_zoo,
+        methods=["fisher"],
+        grids={"fisher": product({"normalize": (False, True)})},
+        merge_fn=fake_merge,
+        validation_limit=None,
+        test_limit=None,
+        calibration=TINY_CAL,
+        work_dir=tmp_path / "work",
+    )
     m = lb.methods[0]
     assert m.status == "ok", m.reason
     assert seen == [(False, 2), (True, 2)]
@@ -182,8 +220,23 @@ def test_bench_command_runs_routed_and_data_informed_methods(tiny_zoo_manifest, 
     app.command("bench")(commands.bench_command)
     app.command("noop")(lambda: None)
     out = tmp_path / "lb"
-    args = ["bench", "--zoo", str(tiny_zoo_manifest.parent), "--methods", "emr,regmean", "--out", str(out),
-            "--validation-limit", "0", "--test-limit", "0", "--calibration-examples", "4", "--threads", "1"]
+    args = [
+        "bench",
+        "--zoo",
+        str(tiny_zoo_manifest.parent),
+        "--methods",
+        "emr,regmean",
+        "--out",
+        str(out),
+        "--validation-limit",
+        "0",
+        "--test-limit",
+        "0",
+        "--calibration-examples",
+        "4",
+        "--threads",
+        "1",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     data = json.loads((out / "leaderboard.json").read_text())
@@ -204,7 +257,7 @@ def test_per_task_choice_takes_each_tasks_best_value_within_the_chosen_setting()
     def report(a: float, b: float) -> EvalReport:
         return EvalReport("m", "validation", [TaskScore("a", a, 10, 1.0), TaskScore("b", b, 10, 1.0)])
 
-    p = lambda mt, lam: GridPoint({"multitask": mt}, {"tall_lambda": lam})  # noqa: E731
+    p = lambda mt, lam: GridPoint({"multitask": mt}, {"tall_lambda": lam})
     reports = [
         (p("sum", 0.2), report(0.9, 0.5)),
         (p("sum", 0.4), report(0.7, 0.8)),
@@ -224,8 +277,14 @@ def test_per_task_values_are_merged_and_scored(tiny_zoo: Zoo, tmp_path, monkeypa
     forced = {tiny_zoo.tasks[0]: 0.2, tiny_zoo.tasks[1]: 0.6}
     monkeypatch.setattr(routed, "per_task_choice", lambda axis, chosen, reports, tasks: dict(forced))
     grids = {"tall_masks": product({}, {"tall_lambda": (0.2, 0.6)})}
-    lb = run_bench(tiny_zoo, methods=["tall_masks"], grids=grids, validation_limit=None, test_limit=None,
-                   work_dir=tmp_path / "work")
+    lb = run_bench(
+        tiny_zoo,
+        methods=["tall_masks"],
+        grids=grids,
+        validation_limit=None,
+        test_limit=None,
+        work_dir=tmp_path / "work",
+    )
     row = lb.methods[0]
     assert row.status == "ok", row.reason
     best_grid = max(g.validation_average_normalized for g in row.grid)
@@ -243,8 +302,13 @@ def test_a_per_task_value_on_the_grid_edge_is_flagged() -> None:
     from mergelab_bench.eval.leaderboard import GridResult, MethodResult
 
     grid = [GridResult(GridPoint({}, {"tall_lambda": v}), 0.9, 0.9, 0.0, 0) for v in (0.2, 0.4, 0.6)]
-    row = MethodResult("tall_masks", chosen=GridPoint({}, {"tall_lambda": "per task"}), grid=grid, kind="routed",
-                       routing={"per_task_parameters": {"tall_lambda": {"a": 0.4, "b": 0.6}}})
+    row = MethodResult(
+        "tall_masks",
+        chosen=GridPoint({}, {"tall_lambda": "per task"}),
+        grid=grid,
+        kind="routed",
+        routing={"per_task_parameters": {"tall_lambda": {"a": 0.4, "b": 0.6}}},
+    )
     assert row.chosen_at_edge == ["tall_lambda"]
     row.routing["per_task_parameters"]["tall_lambda"] = {"a": 0.4, "b": 0.4}
     assert row.chosen_at_edge == []
@@ -275,8 +339,21 @@ def test_bench_update_adds_rows_and_refuses_a_different_protocol(tiny_zoo_manife
     app.command("bench")(commands.bench_command)
     app.command("noop")(lambda: None)
     out = tmp_path / "lb"
-    common = ["bench", "--zoo", str(tiny_zoo_manifest.parent), "--out", str(out), "--validation-limit", "0",
-              "--test-limit", "0", "--calibration-examples", "4", "--threads", "1"]
+    common = [
+        "bench",
+        "--zoo",
+        str(tiny_zoo_manifest.parent),
+        "--out",
+        str(out),
+        "--validation-limit",
+        "0",
+        "--test-limit",
+        "0",
+        "--calibration-examples",
+        "4",
+        "--threads",
+        "1",
+    ]
     first = CliRunner().invoke(app, [*common, "--methods", "regmean,linear"])
     assert first.exit_code == 0, first.output
     before = json.loads((out / "leaderboard.json").read_text())
@@ -295,13 +372,28 @@ def test_bench_update_adds_rows_and_refuses_a_different_protocol(tiny_zoo_manife
     assert "--methods regmean,linear,task_arithmetic" in md and "task_arithmetic" in md
 
     # a kept RegMean row computed with 4 examples cannot sit beside a data-informed run with 5
-    bad = CliRunner().invoke(app, [*common[:-4], "--calibration-examples", "5", "--threads", "1",
-                                   "--fisher-examples", "2", "--methods", "fisher", "--update"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            *common[:-4],
+            "--calibration-examples",
+            "5",
+            "--threads",
+            "1",
+            "--fisher-examples",
+            "2",
+            "--methods",
+            "fisher",
+            "--update",
+        ],
+    )
     assert bad.exit_code != 0 and "calibration examples=4" in str(bad.exception)
-    other_limit = CliRunner().invoke(app, [*common[:5], "--validation-limit", "3", *common[7:], "--methods", "linear",
-                                           "--update"])
+    other_limit = CliRunner().invoke(
+        app, [*common[:5], "--validation-limit", "3", *common[7:], "--methods", "linear", "--update"]
+    )
     assert other_limit.exit_code != 0 and "validation_limit" in str(other_limit.exception)
     assert json.loads((out / "leaderboard.json").read_text()) == after  # nothing rewritten by the refused runs
-    missing = CliRunner().invoke(app, [*common[:3], "--out", str(tmp_path / "none"), *common[5:], "--methods",
-                                       "linear", "--update"])
+    missing = CliRunner().invoke(
+        app, [*common[:3], "--out", str(tmp_path / "none"), *common[5:], "--methods", "linear", "--update"]
+    )
     assert missing.exit_code != 0 and "does not exist" in str(missing.exception)

@@ -160,7 +160,6 @@ def test_writer_outputs_round_trip(tmp_path) -> None:
 
 def test_every_leaderboard_method_has_a_valid_grid() -> None:
     from mergelab.methods import all_methods
-
     from mergelab_bench.eval.grids import ROW_VARIANTS, method_of
 
     registered = {m.name for m in all_methods()}

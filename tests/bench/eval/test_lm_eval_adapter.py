@@ -170,7 +170,7 @@ def test_eval_command_lm_eval_writes_json(tiny_lm: dict, tmp_path: Path) -> None
 def test_unknown_task_and_bad_folder_are_one_line_errors(tiny_lm: dict, tmp_path: Path) -> None:
     with pytest.raises(LmEvalError, match="unknown lm-eval task.*nope.*" + TASK):
         run_lm_eval(tiny_lm["model_dir"], ["nope"], include_path=tiny_lm["task_dir"])
-    with pytest.raises(LmEvalError, match="no config.json"):
+    with pytest.raises(LmEvalError, match=r"no config\.json"):
         run_lm_eval(tmp_path, [TASK], include_path=tiny_lm["task_dir"])
 
 

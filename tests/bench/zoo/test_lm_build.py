@@ -224,8 +224,9 @@ def test_lm_bench_runs_data_informed_methods_on_the_causal_lms(built, tmp_path: 
         return real(path, **kw)
 
     monkeypatch.setattr(sources, "read_text_file", recording)
-    lb = run_lm_bench(zoo, methods=["regmean", "fisher"], grids=grids, validation_limit=4, calibration=cal,
-                      work_dir=tmp_path / "work")
+    lb = run_lm_bench(
+        zoo, methods=["regmean", "fisher"], grids=grids, validation_limit=4, calibration=cal, work_dir=tmp_path / "work"
+    )
     rows = {m.method: m for m in lb.methods}
     assert all(m.status == "ok" for m in rows.values()), [m.reason for m in rows.values()]
     train_files = {zoo.data(t).path / "train.jsonl" for t in zoo.tasks}
@@ -248,8 +249,10 @@ def test_lm_bench_runs_data_informed_methods_on_the_causal_lms(built, tmp_path: 
         st.close()
     expected = LMEvaluator(zoo, split="test").evaluate(merged)
     assert rows["regmean"].test.average_normalized == pytest.approx(expected.average_normalized)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
-                           merge_state_dicts("linear", experts, None)["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        merge_state_dicts("linear", experts, None)["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_cli_bench_suite_lm(built, tmp_path: Path) -> None:

@@ -10,7 +10,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_gguf_base_converts_to_a_tied_safetensors_checkpoint(tmp_path: Path) -> None:
-    from mergelab_bench.zoo.lm.base import LMSetupError, check_gguf_support, gguf_path, load_causal_lm, load_lm_tokenizer
+    from mergelab_bench.zoo.lm.base import (
+        LMSetupError,
+        check_gguf_support,
+        gguf_path,
+        load_causal_lm,
+        load_lm_tokenizer,
+    )
     from mergelab_bench.zoo.lm.build import ensure_lm_base
     from mergelab_bench.zoo.lm.scoring import doc_token_id, encode_texts, make_lm_batches, pad_token_id, perplexity
 

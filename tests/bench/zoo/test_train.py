@@ -76,7 +76,7 @@ def test_probe_fits_raw_features() -> None:
     x = centers[y] + 0.002 * torch.randn(90, 3, generator=gen)
     head = train_probe(x, y.tolist(), ["a", "b", "c"], "t", TINY.model_copy(update={"probe_epochs": 200}), l2=1e-4)
     assert (head(x).argmax(-1) == y).all()  # standardisation folded back: works on raw features
-    chosen, l2, scores = select_probe((x, y.tolist()), (x, y.tolist()), ["a", "b", "c"], "t", TINY)
+    _chosen, l2, scores = select_probe((x, y.tolist()), (x, y.tolist()), ["a", "b", "c"], "t", TINY)
     assert set(scores) == {repr(v) for v in TINY.probe_l2} and l2 in TINY.probe_l2
 
 

@@ -27,19 +27,19 @@ source packages with versions, ``content_sha256`` over the three files), cached 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergelab_bench.zoo.cache import config_key, write_json, zoo_root
+from mergelab_bench.zoo.cache import config_key, zoo_root
 from mergelab_bench.zoo.registry import Registry
 from mergelab_bench.zoo.sources import SourceReader
 from mergelab_bench.zoo.splits import (
     SPLITS,
     Finalized,
     SplitConfig,
-    content_hash,
     finalized_splits,
     hash_sample,
     normalize_text,
@@ -113,17 +113,19 @@ def lm_task(
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"LM task {name!r}: unknown metrics {unknown}")
-        LM_TASKS.add(LMTaskSpec(
-            name=name,
-            description=description,
-            salt=salt or name,
-            collect=fn,
-            deb=tuple(deb),
-            apt=apt,
-            cap=cap,
-            metrics=tuple(metrics),
-            generated=generated,
-        ))
+        LM_TASKS.add(
+            LMTaskSpec(
+                name=name,
+                description=description,
+                salt=salt or name,
+                collect=fn,
+                deb=tuple(deb),
+                apt=apt,
+                cap=cap,
+                metrics=tuple(metrics),
+                generated=generated,
+            )
+        )
         return fn
 
     return decorate
@@ -208,8 +210,16 @@ def build_lm_task(spec: LMTaskSpec, reader: SourceReader, out: Path, cfg: SplitC
     if empty:
         raise ValueError(f"LM task {spec.name}: empty {', '.join(empty)} split(s); is a source missing or empty?")
     return write_task_folder(
-        out, spec, reader, cfg, result, builder_version=LM_BUILDER_VERSION, suite="lm", metrics=list(spec.metrics),
-        cap=spec.cap, chars={s: sum(len(r["text"]) for r in rows) for s, rows in result.splits.items()},
+        out,
+        spec,
+        reader,
+        cfg,
+        result,
+        builder_version=LM_BUILDER_VERSION,
+        suite="lm",
+        metrics=list(spec.metrics),
+        cap=spec.cap,
+        chars={s: sum(len(r["text"]) for r in rows) for s, rows in result.splits.items()},
     )
 
 
@@ -217,14 +227,16 @@ def ensure_lm_task(
     name: str,
     reader: SourceReader,
     *,
-    cache: str | Path | None = None,
+    cache: str | os.PathLike[str] | None = None,
     cfg: SplitConfig = LM_SPLIT,
     force: bool = False,
 ) -> LMTaskData:
     """The built data of domain ``name``, built into the cache first if it is not there."""
     spec = get_lm_task(name)
     final = zoo_root(cache) / "lm" / "data" / f"{name}-{lm_data_key(spec, reader, cfg)}"
-    return LMTaskData.load(ensure_dir(final, lambda tmp: build_lm_task(spec, reader, tmp, cfg), done="meta.json", force=force))
+    return LMTaskData.load(
+        ensure_dir(final, lambda tmp: build_lm_task(spec, reader, tmp, cfg), done="meta.json", force=force)
+    )
 
 
 # --------------------------------------------------------------------------------------------
