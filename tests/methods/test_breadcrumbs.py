@@ -190,8 +190,8 @@ def test_bad_global_params_rejected(bad):
 def test_chunked_merge_equals_whole_tensor_masks(name, n, monkeypatch):
     """The chunked path (bounds from two selections, masks per chunk) must equal masking whole
     tensors with outlier_mask; dyadic values make the arithmetic exact and create ties."""
-    import mergelab.methods.breadcrumbs as bc
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as sp
+    from mergelab.methods.stages.pipeline import TaskVectorMerge
     from mergelab.methods import get_method
 
     m = get_method(name)
@@ -204,6 +204,6 @@ def test_chunked_merge_equals_whole_tensor_masks(name, n, monkeypatch):
     ctx = TensorContext(name="x", seed=0)
     monkeypatch.setattr(sp, "CHUNK", 1000 if n < 10_000 else 100_000)
     chunked = m(base, experts, params, mp, ctx)
-    monkeypatch.setattr(bc, "_chunkable", lambda *a, **k: False)
+    monkeypatch.setattr(TaskVectorMerge, "whole", property(lambda self: True))
     whole = m(base, experts, params, mp, ctx)
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=0)

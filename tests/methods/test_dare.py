@@ -196,7 +196,7 @@ def test_bad_global_params_rejected(bad):
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_chunked_equals_whole_tensor(name, monkeypatch):
     # each expert draws from its own stream in order, so chunking cannot change the masks
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as sp
     from mergelab.methods import get_method
 
     m = get_method(name)
@@ -214,7 +214,7 @@ def test_chunked_equals_whole_tensor(name, monkeypatch):
 def test_experts_dropped_on_threads_equal_the_sequential_loop(monkeypatch):
     """Chunks large enough for the experts' masks to be drawn side by side on threads give
     exactly the sequential result (each expert has its own generator)."""
-    import mergelab.methods.dare as dare_module
+    import mergelab.methods.stages.pipeline as pipeline
     from mergelab.methods import get_method
 
     m = get_method("dare_ties")
@@ -224,5 +224,5 @@ def test_experts_dropped_on_threads_equal_the_sequential_loop(monkeypatch):
     mp = [m.model_params.model_validate({"density": d}) for d in (0.3, 0.5, 0.7)]
     ctx = TensorContext(name="x", seed=2)
     threaded = m(base, experts, m.params(), mp, ctx)
-    monkeypatch.setattr(dare_module, "parallel_map", lambda fn, items, numel: [fn(x) for x in items])
+    monkeypatch.setattr(pipeline, "parallel_map", lambda fn, items, numel: [fn(x) for x in items])
     assert torch.equal(m(base, experts, m.params(), mp, ctx), threaded)

@@ -92,9 +92,9 @@ def test_sign_tie_rules():
 
 def test_chunked_tensor_scope_equals_whole_tensor_reference(monkeypatch):
     # several chunks, uneven last chunk, ties at the threshold, exact sign cancellations
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as chunks
 
-    monkeypatch.setattr(sp, "CHUNK", 1000)
+    monkeypatch.setattr(chunks, "CHUNK", 1000)
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(3517, generator=g) * 4).round() / 4  # dyadic values: exact arithmetic
     experts = [base + (torch.randn(3517, generator=g) * 4).round() / 4 for _ in range(3)]
