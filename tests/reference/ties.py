@@ -60,3 +60,18 @@ def elect_and_merge_lists(trimmed: Sequence[Sequence[float]], *, normalize: bool
         total = sum(agreeing)
         out.append(total / len(agreeing) if normalize and agreeing else total)
     return out
+
+
+def exact_tie_family(n: int = 64, seed: int = 7) -> tuple[Tensor, list[Tensor]]:
+    """A base and three experts (float32, dyadic values: exact arithmetic) whose task vectors
+    sum to exactly 0 with non-zero entries on the first half of the coordinates (expert 1
+    cancels expert 0 there; expert 2 is 0 there), while the second half elects mostly −1, so
+    the ``majority`` and ``positive`` tie rules give different merges."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 4).round() / 4
+    t0 = (torch.randn(n, generator=g) * 4).round() / 4 + 0.25 * torch.sign(torch.randn(n, generator=g))
+    t1 = -t0.clone()
+    t1[n // 2 :] = (torch.rand(n - n // 2, generator=g) * 4).round() / 4 * -1 - 0.5
+    t2 = torch.zeros(n)
+    t2[n // 2 :] = -1.5
+    return base, [base + t for t in (t0, t1, t2)]
