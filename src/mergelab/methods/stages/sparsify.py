@@ -37,7 +37,6 @@ from mergelab.methods.kernels.chunks import Scratch, parallel_map, scratch_view
 from mergelab.methods.kernels.random import PROB_BITS, keep_indicator, realised_keep_prob
 from mergelab.methods.kernels.ranks import row_ranks
 from mergelab.methods.kernels.select import keep_count, kth_largest_magnitude
-from mergelab.methods.stages.sign_consensus import SignTie
 
 Tensor = torch.Tensor
 
