@@ -19,7 +19,7 @@ import mergelab.analysis.stats as stats_mod
 from mergelab.analysis import AnalysisOptions, TaskVectorStats, analyze, write_report
 from mergelab.analysis.stats import breadcrumbs_mask, della_expected_kept, topk_mask
 from mergelab.errors import RecipeError
-from mergelab.methods.sparsify import magnitude_mask, outlier_mask, rank_keep_probs
+from mergelab.methods.stages.sparsify import magnitude_mask, outlier_mask, rank_keep_probs
 
 T = torch.tensor
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
+from reference.ties import elect_and_merge
 
 BC = get_method("breadcrumbs")
 BCT = get_method("breadcrumbs_ties")
@@ -95,7 +96,7 @@ def test_ties_at_the_bounds_are_kept():
 # ------------------------------------------------------------------- naive re-implementation
 
 
-def naive_breadcrumbs(base, experts, weights, densities, gammas, *, ties, lam=1.0, normalize=False):
+def naive_breadcrumbs(base, experts, weights, densities, gammas, *, ties, lam=1.0, normalize=False, sign_tie="positive"):
     masked = []
     for e, d, gm in zip(experts, densities, gammas):
         tau = (e - base).reshape(-1).double()
@@ -113,12 +114,7 @@ def naive_breadcrumbs(base, experts, weights, densities, gammas, *, ties, lam=1.
     if not ties:
         merged = W.sum(0) / (sum(weights) if normalize else 1.0)
     else:
-        gamma = torch.sign(W.sum(0))
-        gamma[gamma == 0] = torch.sign(gamma.sum())
-        agree = (torch.sign(W) == gamma) & (W != 0)
-        den = sum(w * a for w, a in zip(weights, agree.double()))
-        den[den == 0] = 1
-        merged = (W * agree).sum(0) / (den if normalize else 1.0)
+        merged = elect_and_merge(list(W), weights, normalize=normalize, sign_tie=sign_tie)
     return (base.double() + lam * merged.reshape(base.shape)).float()
 
 
@@ -190,8 +186,8 @@ def test_bad_global_params_rejected(bad):
 def test_chunked_merge_equals_whole_tensor_masks(name, n, monkeypatch):
     """The chunked path (bounds from two selections, masks per chunk) must equal masking whole
     tensors with outlier_mask; dyadic values make the arithmetic exact and create ties."""
-    import mergelab.methods.breadcrumbs as bc
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as sp
+    from mergelab.methods.stages.pipeline import TaskVectorMerge
     from mergelab.methods import get_method
 
     m = get_method(name)
@@ -204,6 +200,24 @@ def test_chunked_merge_equals_whole_tensor_masks(name, n, monkeypatch):
     ctx = TensorContext(name="x", seed=0)
     monkeypatch.setattr(sp, "CHUNK", 1000 if n < 10_000 else 100_000)
     chunked = m(base, experts, params, mp, ctx)
-    monkeypatch.setattr(bc, "_chunkable", lambda *a, **k: False)
+    monkeypatch.setattr(TaskVectorMerge, "whole", property(lambda self: True))
     whole = m(base, experts, params, mp, ctx)
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sign_tie", [None, "positive", "majority"])
+def test_exact_sign_ties_follow_the_methods_rule_breadcrumbs_ties(sign_tie):
+    """Coordinates whose weighted sum is exactly 0 take +1 (the default, mergekit) or the
+    tensor's majority sign; the reference applies the same rule."""
+    from reference.ties import exact_tie_family
+
+    base, experts = exact_tie_family()
+    m = get_method("breadcrumbs_ties")
+    gp = {} if sign_tie is None else {"sign_tie": sign_tie}
+    mp = [m.model_params.model_validate({"density": 1.0, "gamma": 0.0})] * 3
+    out = m(base, experts, m.params.model_validate(gp), mp, TensorContext(name="t", seed=1))
+    taus = [(e - base).double() for e in experts]
+    ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
+    assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
+    other = "majority" if (sign_tie or "positive") == "positive" else "positive"
+    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)

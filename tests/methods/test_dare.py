@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
+from reference.ties import elect_and_merge
 
 DARE_LINEAR = get_method("dare_linear")
 DARE_TIES = get_method("dare_ties")
@@ -107,7 +108,7 @@ def test_density_zero_gives_the_base():
 
 
 def naive_dare(method, base, experts, weights, densities, *, name, seed=0, lam=1.0,
-               normalize=None):
+               normalize=None, sign_tie="positive"):
     """From the paper: m ~ Bernoulli(d), drawn as u < round(d·2¹⁶) with u the tensor's
     per-expert generator streams' 64-bit draws split into 16-bit lanes, experts in order; τ̃ = m τ / d̂ with
     d̂ = round(d·2¹⁶)/2¹⁶ the realised keep probability; then a sum, or TIES elect + mean."""
@@ -128,13 +129,7 @@ def naive_dare(method, base, experts, weights, densities, *, name, seed=0, lam=1
     if method == "dare_linear":
         merged = W.sum(0) / (sum(weights) if normalize else 1.0)
     else:
-        gamma = torch.sign(W.sum(0))
-        gamma[gamma == 0] = torch.sign(gamma.sum())
-        agree = (torch.sign(W) == gamma) & (W != 0)
-        num = (W * agree).sum(0)
-        den = sum(w * a for w, a in zip(weights, agree.double()))
-        den[den == 0] = 1
-        merged = num / den if normalize else num
+        merged = elect_and_merge(list(W), weights, normalize=normalize, sign_tie=sign_tie)
     return (base.double() + lam * merged).float()
 
 
@@ -196,7 +191,7 @@ def test_bad_global_params_rejected(bad):
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_chunked_equals_whole_tensor(name, monkeypatch):
     # each expert draws from its own stream in order, so chunking cannot change the masks
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as sp
     from mergelab.methods import get_method
 
     m = get_method(name)
@@ -214,7 +209,7 @@ def test_chunked_equals_whole_tensor(name, monkeypatch):
 def test_experts_dropped_on_threads_equal_the_sequential_loop(monkeypatch):
     """Chunks large enough for the experts' masks to be drawn side by side on threads give
     exactly the sequential result (each expert has its own generator)."""
-    import mergelab.methods.dare as dare_module
+    import mergelab.methods.stages.pipeline as pipeline
     from mergelab.methods import get_method
 
     m = get_method("dare_ties")
@@ -224,5 +219,23 @@ def test_experts_dropped_on_threads_equal_the_sequential_loop(monkeypatch):
     mp = [m.model_params.model_validate({"density": d}) for d in (0.3, 0.5, 0.7)]
     ctx = TensorContext(name="x", seed=2)
     threaded = m(base, experts, m.params(), mp, ctx)
-    monkeypatch.setattr(dare_module, "parallel_map", lambda fn, items, numel: [fn(x) for x in items])
+    monkeypatch.setattr(pipeline, "parallel_map", lambda fn, items, numel: [fn(x) for x in items])
     assert torch.equal(m(base, experts, m.params(), mp, ctx), threaded)
+
+
+@pytest.mark.parametrize("sign_tie", [None, "positive", "majority"])
+def test_exact_sign_ties_follow_the_methods_rule_dare_ties(sign_tie):
+    """Coordinates whose weighted sum is exactly 0 take +1 (the default, mergekit) or the
+    tensor's majority sign; the reference applies the same rule."""
+    from reference.ties import exact_tie_family
+
+    base, experts = exact_tie_family()
+    m = get_method("dare_ties")
+    gp = {} if sign_tie is None else {"sign_tie": sign_tie}
+    mp = [m.model_params.model_validate({"density": 1.0})] * 3
+    out = m(base, experts, m.params.model_validate(gp), mp, TensorContext(name="t", seed=1))
+    taus = [(e - base).double() for e in experts]
+    ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
+    assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
+    other = "majority" if (sign_tie or "positive") == "positive" else "positive"
+    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
+from reference.ties import elect_and_merge
 
 DELLA = get_method("della")
 DELLA_LINEAR = get_method("della_linear")
@@ -129,7 +130,7 @@ def test_higher_dimensional_and_one_dimensional_tensors():
 
 
 def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed=0, lam=1.0,
-                normalize=True):
+                normalize=True, sign_tie="positive"):
     """From the paper: per row, rank |τ| ascending (Python sort), r = rank/(n−1),
     p = d − ε + 2ε r, keep = u < round(p·2¹⁶) with u 16-bit lanes of the tensor's generator's
     64-bit draws (experts in order), τ̃ = keep τ / p̂ with p̂ = round(p·2¹⁶)/2¹⁶."""
@@ -156,12 +157,7 @@ def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed
     if not ties:
         merged = W.sum(0) / (sum(weights) if normalize else 1.0)
     else:
-        gamma = torch.sign(W.sum(0))
-        gamma[gamma == 0] = torch.sign(gamma.sum())
-        agree = (torch.sign(W) == gamma) & (W != 0)
-        den = sum(w * a for w, a in zip(weights, agree.double()))
-        den[den == 0] = 1
-        merged = (W * agree).sum(0) / (den if normalize else 1.0)
+        merged = elect_and_merge(list(W), weights, normalize=normalize, sign_tie=sign_tie)
     return (base.double() + lam * merged).float()
 
 
@@ -223,3 +219,21 @@ def test_window_rejected(bad):
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         DELLA.params.model_validate(bad)
+
+
+@pytest.mark.parametrize("sign_tie", [None, "positive", "majority"])
+def test_exact_sign_ties_follow_the_methods_rule_della(sign_tie):
+    """Coordinates whose weighted sum is exactly 0 take +1 (the default, mergekit) or the
+    tensor's majority sign; the reference applies the same rule."""
+    from reference.ties import exact_tie_family
+
+    base, experts = exact_tie_family()
+    m = get_method("della")
+    gp = {} if sign_tie is None else {"sign_tie": sign_tie}
+    mp = [m.model_params.model_validate({"density": 1.0})] * 3
+    out = m(base, experts, m.params.model_validate(gp), mp, TensorContext(name="t", seed=1))
+    taus = [(e - base).double() for e in experts]
+    ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
+    assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
+    other = "majority" if (sign_tie or "positive") == "positive" else "positive"
+    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)

@@ -314,7 +314,7 @@ def test_parity_with_mergekit(tmp_path):
 def test_blockwise_products_equal_the_reference(filter_wise, monkeypatch):
     """Dot products and norms accumulated block by block (several row or column blocks, uneven
     last block) give the paper formula's result."""
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as sp
 
     g = torch.Generator().manual_seed(2)
     base = torch.randn(37, 53, generator=g)

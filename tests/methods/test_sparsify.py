@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelab.methods import sparsify as sp
+from mergelab.methods.kernels import random as rnd
+from mergelab.methods.kernels import ranks, select
+from mergelab.methods.stages import sparsify as stages
+from reference.masks import bernoulli_mask
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
 
@@ -51,7 +54,7 @@ def distinct(shape, seed: int) -> torch.Tensor:
     ],
 )
 def test_keep_count(n, density, at_least_one, expected):
-    assert sp.keep_count(n, density, at_least_one=at_least_one) == expected
+    assert select.keep_count(n, density, at_least_one=at_least_one) == expected
 
 
 # ------------------------------------------------------------------------------ magnitude mask
@@ -71,7 +74,7 @@ def naive_topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.2, 0.5, 0.99, 1.0])
 def test_magnitude_mask_matches_sorted_topk(shape, density):
     x = distinct(shape, seed=len(shape) * 10 + int(density * 100))
-    mask = sp.magnitude_mask(x, density)
+    mask = stages.magnitude_mask(x, density)
     assert mask.shape == x.shape and mask.dtype == torch.bool
     assert torch.equal(mask, naive_topk_mask(x, density))
 
@@ -79,9 +82,9 @@ def test_magnitude_mask_matches_sorted_topk(shape, density):
 def test_magnitude_mask_keeps_every_entry_tied_with_the_threshold():
     x = torch.tensor([3.0, -3.0, 3.0, 1.0, -1.0])
     # k = max(1, floor(0.2 * 5)) = 1, but three entries share the largest magnitude: all kept.
-    assert sp.magnitude_mask(x, 0.2).tolist() == [True, True, True, False, False]
+    assert stages.magnitude_mask(x, 0.2).tolist() == [True, True, True, False, False]
     # k = 4: the 4th largest magnitude is 1, tied with the 5th: everything is kept.
-    assert sp.magnitude_mask(x, 0.8).all()
+    assert stages.magnitude_mask(x, 0.8).all()
 
 
 def test_masks_use_selection_not_a_full_sort(monkeypatch):
@@ -92,8 +95,8 @@ def test_masks_use_selection_not_a_full_sort(monkeypatch):
         monkeypatch.setattr(torch, name, forbidden)
         monkeypatch.setattr(torch.Tensor, name, forbidden, raising=False)
     x = distinct((40, 25), seed=3)
-    assert int(sp.magnitude_mask(x, 0.3).sum()) == 300
-    assert int(sp.outlier_mask(x, 0.6, 0.05).sum()) == 600
+    assert int(stages.magnitude_mask(x, 0.3).sum()) == 300
+    assert int(stages.outlier_mask(x, 0.6, 0.05).sum()) == 600
 
 
 # -------------------------------------------------------------------------------- outlier mask
@@ -121,7 +124,7 @@ def naive_outlier_mask(x: torch.Tensor, density: float, gamma: float) -> torch.T
 )
 def test_outlier_mask_matches_sorted_reference(density, gamma):
     x = distinct((13, 11), seed=int(density * 100 + gamma * 1000))
-    mask = sp.outlier_mask(x, density, gamma)
+    mask = stages.outlier_mask(x, density, gamma)
     assert torch.equal(mask, naive_outlier_mask(x, density, gamma))
     assert int(mask.sum()) == (x.numel() if density >= 1 else int(density * x.numel()))
 
@@ -130,7 +133,7 @@ def test_outlier_mask_hand_case():
     # Magnitudes ascending: .02(5) .05(0) .08(9) .12(3) .25(7) .30(2) .45(8) .60(4) .90(1) 1.5(6).
     # density .6, gamma .1: target 6, n_top 1, n_bottom 10 - 6 - 1 = 3 -> positions 3..8 kept.
     x = torch.tensor([0.05, -0.9, 0.3, 0.12, -0.6, 0.02, 1.5, -0.25, 0.45, -0.08])
-    kept = sp.outlier_mask(x, 0.6, 0.1).nonzero().flatten().tolist()
+    kept = stages.outlier_mask(x, 0.6, 0.1).nonzero().flatten().tolist()
     assert kept == [1, 2, 3, 4, 7, 8]
 
 
@@ -139,18 +142,32 @@ def test_outlier_mask_hand_case():
 
 def test_bernoulli_mask_is_seeded_and_reaches_the_density():
     x = torch.ones(20000)
-    a = sp.bernoulli_mask(x, 0.3, torch.Generator().manual_seed(7))
-    b = sp.bernoulli_mask(x, 0.3, torch.Generator().manual_seed(7))
-    c = sp.bernoulli_mask(x, 0.3, torch.Generator().manual_seed(8))
+    a = rnd.keep_indicator(x, 0.3, torch.Generator().manual_seed(7)).bool()
+    b = rnd.keep_indicator(x, 0.3, torch.Generator().manual_seed(7)).bool()
+    c = rnd.keep_indicator(x, 0.3, torch.Generator().manual_seed(8)).bool()
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert abs(a.float().mean().item() - 0.3) < 0.015  # sd 0.0032
-    assert not sp.bernoulli_mask(x, 0.0, torch.Generator().manual_seed(1)).any()
-    assert sp.bernoulli_mask(x, 1.0, torch.Generator().manual_seed(1)).all()
+    assert not rnd.keep_indicator(x, 0.0, torch.Generator().manual_seed(1)).bool().any()
+    assert rnd.keep_indicator(x, 1.0, torch.Generator().manual_seed(1)).bool().all()
+
+
+def test_keep_indicator_draws_the_reference_scheme():
+    """keep_indicator (0/1 floats) equals the reference bool masks of the pinned scheme, for a
+    scalar and for per-entry probabilities, and rescale by the realised probability."""
+    x = torch.randn(4097)
+    for p in (0.3, 0.5, 0.77, 0.0, 1.0):
+        got = rnd.keep_indicator(x, p, torch.Generator().manual_seed(3))
+        assert got.dtype == x.dtype
+        assert torch.equal(got.bool(), bernoulli_mask(x, p, torch.Generator().manual_seed(3)))
+    probs = torch.rand(4097, generator=torch.Generator().manual_seed(1))
+    got = rnd.keep_indicator(x, probs, torch.Generator().manual_seed(9))
+    assert torch.equal(got.bool(), bernoulli_mask(x, probs, torch.Generator().manual_seed(9)))
+    assert rnd.realised_keep_prob(0.3) == round(0.3 * 65536) / 65536
 
 
 def test_bernoulli_mask_with_per_entry_probabilities():
     p = torch.cat([torch.full((10000,), 0.1), torch.full((10000,), 0.9)])
-    m = sp.bernoulli_mask(p, p, torch.Generator().manual_seed(0)).float()
+    m = rnd.keep_indicator(p, p, torch.Generator().manual_seed(0)).bool().float()
     assert abs(m[:10000].mean().item() - 0.1) < 0.015
     assert abs(m[10000:].mean().item() - 0.9) < 0.015
 
@@ -162,30 +179,30 @@ def test_rank_keep_probs_hand_case():
     # |x| ascending: 0.1 (rank 0), 0.3 (rank 1), 0.5 (rank 2); r = rank / 2 = [0, 1, 0.5].
     # p = (0.5 - 0.1) + 0.2 r = [0.4, 0.6, 0.5].
     x = torch.tensor([0.1, -0.5, 0.3])
-    assert torch.allclose(sp.rank_keep_probs(x, 0.5, 0.1), torch.tensor([0.4, 0.6, 0.5]))
+    assert torch.allclose(stages.rank_keep_probs(x, 0.5, 0.1), torch.tensor([0.4, 0.6, 0.5]))
 
 
 def test_rank_keep_probs_are_per_row():
     x = torch.tensor([[0.1, -0.5, 0.3], [9.0, 8.0, -7.0]])
-    p = sp.rank_keep_probs(x, 0.5, 0.1)
+    p = stages.rank_keep_probs(x, 0.5, 0.1)
     assert torch.allclose(p, torch.tensor([[0.4, 0.6, 0.5], [0.6, 0.5, 0.4]]))
     assert torch.allclose(p.mean(dim=1), torch.tensor([0.5, 0.5]))
 
 
 def test_row_ranks_ties_shapes_and_single_column():
     # Equal magnitudes get distinct ranks in index order (stable).
-    assert sp.row_ranks(torch.tensor([1.0, -1.0, 1.0])).tolist() == [0.0, 0.5, 1.0]
+    assert ranks.row_ranks(torch.tensor([1.0, -1.0, 1.0])).tolist() == [0.0, 0.5, 1.0]
     # k-D tensors: rows are the first dimension, the rest flattened.
     x3 = distinct((2, 3, 4), seed=5)
-    assert torch.equal(sp.row_ranks(x3), sp.row_ranks(x3.reshape(2, 12)).reshape(2, 3, 4))
-    assert sp.row_ranks(torch.tensor([[2.0], [-3.0]])).tolist() == [[0.5], [0.5]]
-    assert sp.row_ranks(torch.tensor(4.0)).tolist() == 0.5
+    assert torch.equal(ranks.row_ranks(x3), ranks.row_ranks(x3.reshape(2, 12)).reshape(2, 3, 4))
+    assert ranks.row_ranks(torch.tensor([[2.0], [-3.0]])).tolist() == [[0.5], [0.5]]
+    assert ranks.row_ranks(torch.tensor(4.0)).tolist() == 0.5
 
 
 def test_rank_probabilities_are_not_quantised():
     # A 5504-wide row (Llama MLP width): bf16 ranks would give ~800 distinct values.
     x = distinct((2, 5504), seed=11)
-    p = sp.rank_keep_probs(x, 0.6, 0.2)
+    p = stages.rank_keep_probs(x, 0.6, 0.2)
     assert p.dtype == torch.float32
     assert torch.unique(p[0]).numel() == 5504
     assert abs(p.min().item() - 0.4) < 1e-6 and abs(p.max().item() - 0.8) < 1e-6
@@ -216,17 +233,17 @@ def test_apply_mask_rescale_rules():
 
 
 def apply(x, m, **kw):
-    return sp.apply_mask(x, m, **kw)
+    return stages.apply_mask(x, m, **kw)
 
 
 # ------------------------------------------------------ exact k-th largest by two radix passes
 
 
 def radix_kth_largest(chunks: list[torch.Tensor], k: int, high: torch.Tensor) -> float:
-    b, r = sp.locate_in_histogram(high, k)
-    low = sum(sp.low_histogram(c, b) for c in chunks)
-    lo, _ = sp.locate_in_histogram(low, r)
-    return sp.bits_to_float(b, lo)
+    b, r = select.locate_from_top(high, k)
+    low = sum(select.magnitude_low_histogram(c, b) for c in chunks)
+    lo, _ = select.locate_from_top(low, r)
+    return select.magnitude_bits_to_float(b, lo)
 
 
 def test_radix_histograms_give_the_exact_kth_largest():
@@ -240,20 +257,20 @@ def test_radix_histograms_give_the_exact_kth_largest():
     ]
     everything = torch.cat([c.reshape(-1) for c in chunks]).abs()
     ordered = torch.sort(everything, descending=True).values
-    high = sum(sp.high_histogram(c) for c in chunks)  # pass 1, once
+    high = sum(select.magnitude_high_histogram(c) for c in chunks)  # pass 1, once
     for k in [1, 2, 3, 4, 7, 50, 123, 300, 400, len(ordered) - 41, len(ordered) - 1, len(ordered)]:
         assert radix_kth_largest(chunks, k, high) == ordered[k - 1].item(), k
 
 
 def test_locate_in_histogram_bounds():
     hist = torch.tensor([2, 0, 3], dtype=torch.int64)  # items: 0,0,2,2,2
-    assert sp.locate_in_histogram(hist, 1) == (2, 1)
-    assert sp.locate_in_histogram(hist, 3) == (2, 3)
-    assert sp.locate_in_histogram(hist, 4) == (0, 1)
+    assert select.locate_from_top(hist, 1) == (2, 1)
+    assert select.locate_from_top(hist, 3) == (2, 3)
+    assert select.locate_from_top(hist, 4) == (0, 1)
     with pytest.raises(ValueError):
-        sp.locate_in_histogram(hist, 6)
+        select.locate_from_top(hist, 6)
     with pytest.raises(ValueError):
-        sp.locate_in_histogram(hist, 0)
+        select.locate_from_top(hist, 0)
 
 
 # ------------------------------------------------ parity with mergekit 0.1.5 (optional: its venv)
@@ -377,7 +394,7 @@ def test_kth_largest_magnitude_is_exact_on_large_tensors(kind):
     """Tensors above 4 × SAMPLE entries take the sampled-bracket path; the answer must equal a full
     sort's for every rank, including heavy ties (bf16 deltas), mostly-zero and all-zero deltas."""
     g = torch.Generator().manual_seed(7)
-    n = 4 * sp.SAMPLE + 12_345
+    n = 4 * select.SAMPLE + 12_345
     base = torch.randn(n, generator=g) * 0.02
     if kind == "normal":
         expert = base + torch.randn(n, generator=g) * 0.002
@@ -393,30 +410,30 @@ def test_kth_largest_magnitude_is_exact_on_large_tensors(kind):
     ordered = _sorted_magnitudes(expert, base)
     for k in sorted({1, 2, n // 100, n // 5, n // 2, n - n // 5, n - 1, n}):
         want = ordered[k - 1].item()
-        assert sp.kth_largest_magnitude(expert, k, minus=base) == want, (kind, k)
-        assert sp.kth_largest_magnitude(expert - base, k) == want, (kind, k)
+        assert select.kth_largest_magnitude(expert, k, minus=base) == want, (kind, k)
+        assert select.kth_largest_magnitude(expert - base, k) == want, (kind, k)
 
 
 def test_kth_largest_magnitude_falls_back_to_the_exact_radix_select(monkeypatch):
     """A bracket that misses (forced here by a negative width) must still give the exact answer."""
     calls = []
-    original = sp._kth_largest_chunked
-    monkeypatch.setattr(sp, "_kth_largest_chunked", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(sp, "SAMPLE_SIGMAS", -1.0)
+    original = select._kth_largest_chunked
+    monkeypatch.setattr(select, "_kth_largest_chunked", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(select, "SAMPLE_SIGMAS", -1.0)
     g = torch.Generator().manual_seed(3)
-    n = 4 * sp.SAMPLE + 1
+    n = 4 * select.SAMPLE + 1
     base, expert = torch.randn(n, generator=g), torch.randn(n, generator=g)
     ordered = _sorted_magnitudes(expert, base)
     for k in [1, 1000, n // 3, n // 2, n - 1, n]:
-        assert sp.kth_largest_magnitude(expert, k, minus=base) == ordered[k - 1].item(), k
+        assert select.kth_largest_magnitude(expert, k, minus=base) == ordered[k - 1].item(), k
     assert calls, "the fallback was never exercised"
 
 
 def test_kth_largest_magnitude_rejects_bad_ranks():
     with pytest.raises(ValueError, match="rank"):
-        sp.kth_largest_magnitude(torch.ones(5), 0)
+        select.kth_largest_magnitude(torch.ones(5), 0)
     with pytest.raises(ValueError, match="rank"):
-        sp.kth_largest_magnitude(torch.ones(5), 6)
+        select.kth_largest_magnitude(torch.ones(5), 6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -425,12 +442,12 @@ def test_kth_largest_magnitude_matches_the_callers_arithmetic(dtype):
     computed in that dtype, so comparing in that dtype keeps exactly the k largest (no ties here
     beyond those the dtype creates, which are all kept)."""
     g = torch.Generator().manual_seed(4)
-    n = 4 * sp.SAMPLE + 777
+    n = 4 * select.SAMPLE + 777
     base = (torch.randn(n, generator=g) * 0.02).to(dtype)
     expert = (base.double() + torch.randn(n, generator=g).double() * 0.002).to(dtype)
     mag = (expert - base).abs()
     ordered = torch.sort(mag.double(), descending=True).values
     for k in [1, n // 10, n // 2]:
-        t = sp.kth_largest_magnitude(expert, k, minus=base)
+        t = select.kth_largest_magnitude(expert, k, minus=base)
         assert t == ordered[k - 1].item()
         assert int((mag >= t).sum()) >= k

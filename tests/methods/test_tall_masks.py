@@ -10,6 +10,7 @@ from pydantic import ValidationError
 import mergelab
 from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.methods.registry import get_method
+from reference.ties import elect_and_merge_lists
 
 TALL = get_method("tall_masks")
 T = torch.tensor
@@ -77,11 +78,7 @@ def naive_ties_dis_sum(taus: list[list[float]], k_frac: float) -> list[float]:
         k = max(1, int(k_frac * n)) if k_frac < 1 else n
         kth = sorted((abs(x) for x in tau), reverse=True)[k - 1]
         trimmed.append([x if abs(x) >= kth else 0.0 for x in tau])
-    sums = [sum(t[p] for t in trimmed) for p in range(n)]
-    signs = [(s > 0) - (s < 0) for s in sums]
-    majority = (sum(signs) > 0) - (sum(signs) < 0)
-    signs = [s if s != 0 else majority for s in signs]
-    return [sum(t[p] for t in trimmed if t[p] * signs[p] > 0) for p in range(n)]
+    return elect_and_merge_lists(trimmed, sign_tie="majority")
 
 
 def naive_tall(base, experts, lams, multitask="sum", k_frac=0.2):

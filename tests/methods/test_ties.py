@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
+from reference.ties import elect_and_merge
 from mergelab.methods.ties import PASS_HIGH, PASS_LOW, PASS_SIGN
 
 TIES = get_method("ties")
@@ -92,9 +93,9 @@ def test_sign_tie_rules():
 
 def test_chunked_tensor_scope_equals_whole_tensor_reference(monkeypatch):
     # several chunks, uneven last chunk, ties at the threshold, exact sign cancellations
-    import mergelab.methods.sparsify as sp
+    import mergelab.methods.kernels.chunks as chunks
 
-    monkeypatch.setattr(sp, "CHUNK", 1000)
+    monkeypatch.setattr(chunks, "CHUNK", 1000)
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(3517, generator=g) * 4).round() / 4  # dyadic values: exact arithmetic
     experts = [base + (torch.randn(3517, generator=g) * 4).round() / 4 for _ in range(3)]
@@ -120,15 +121,7 @@ def naive_ties(base, experts, weights, densities, lam=1.0, normalize=True, sign_
             continue
         kth = torch.sort(tau.abs(), descending=True).values[k - 1]
         trimmed.append(torch.where(tau.abs() >= kth, tau, torch.zeros_like(tau)))
-    W = torch.stack([w * t for w, t in zip(weights, trimmed)])
-    gamma = torch.sign(W.sum(0))
-    fill = torch.sign(gamma.sum()) if sign_tie == "majority" else 1.0
-    gamma[gamma == 0] = fill
-    agree = (torch.sign(W) == gamma) & (W != 0)
-    num = (W * agree).sum(0)
-    den = (torch.tensor(weights, dtype=torch.float64)[:, None] * agree).sum(0)
-    den[den == 0] = 1
-    merged = num / den if normalize else num
+    merged = elect_and_merge([w * t for w, t in zip(weights, trimmed)], weights, normalize=normalize, sign_tie=sign_tie)
     return (base.double() + lam * merged.reshape(base.shape)).float()
 
 
@@ -346,3 +339,21 @@ def test_bad_model_params_rejected(bad):
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         TIES.params.model_validate(bad)
+
+
+@pytest.mark.parametrize("sign_tie", [None, "positive", "majority"])
+def test_exact_sign_ties_follow_the_methods_rule_ties(sign_tie):
+    """Coordinates whose weighted sum is exactly 0 take +1 (the default, mergekit) or the
+    tensor's majority sign; the reference applies the same rule."""
+    from reference.ties import exact_tie_family
+
+    base, experts = exact_tie_family()
+    m = get_method("ties")
+    gp = {} if sign_tie is None else {"sign_tie": sign_tie}
+    mp = [m.model_params.model_validate({"density": 1.0})] * 3
+    out = m(base, experts, m.params.model_validate(gp), mp, TensorContext(name="t", seed=1))
+    taus = [(e - base).double() for e in experts]
+    ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
+    assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
+    other = "majority" if (sign_tie or "positive") == "positive" else "positive"
+    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)

@@ -27,7 +27,7 @@ statistic is exact (float64 accumulation, integer counts), not sampled:
   Σ of the rank-based keep probabilities over the non-zero entries, exact expectation in
   closed form, see :func:`della_expected_kept`). The parameters default to those methods'
   mergelab defaults. Top-k thresholds are exact k-th values (``torch.kthvalue`` up to 2**24
-  elements, the radix select of :mod:`mergelab.methods.sparsify` above).
+  elements, the radix select of :mod:`mergelab.methods.kernels.select` above).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from mergelab.methods.sparsify import keep_count, kth_largest
+from mergelab.methods.kernels.select import keep_count, kth_largest
 
 Tensor = torch.Tensor
 
@@ -86,7 +86,7 @@ class AnalysisOptions:
 
 
 #: Below this many elements a k-th value comes from ``torch.kthvalue`` (the radix select of
-#: :func:`mergelab.methods.sparsify.kth_largest` has a fixed cost of a few ms per call); both
+#: :func:`mergelab.methods.kernels.select.kth_largest` has a fixed cost of a few ms per call); both
 #: return the exact k-th value, so the masks are identical.
 _SMALL = 1 << 24
 
@@ -125,13 +125,13 @@ def _breadcrumbs_from_mag(mag: Tensor, density: float, gamma: float) -> Tensor:
 
 
 def topk_mask(delta: Tensor, density: float) -> Tensor:
-    """The TIES trim mask (as :func:`mergelab.methods.sparsify.magnitude_mask`): the
+    """The TIES trim mask (as :func:`mergelab.methods.stages.sparsify.magnitude_mask`): the
     ``max(1, ⌊density·n⌋)`` largest |τ|, entries tied with the k-th kept too."""
     return _topk_from_mag(delta.abs(), density)
 
 
 def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """The Model Breadcrumbs mask (as :func:`mergelab.methods.sparsify.outlier_mask`)."""
+    """The Model Breadcrumbs mask (as :func:`mergelab.methods.stages.sparsify.outlier_mask`)."""
     return _breadcrumbs_from_mag(delta.abs(), density, gamma)
 
 
@@ -143,7 +143,7 @@ def della_expected_kept(nonzero: Tensor, density: float, epsilon: float) -> floa
     """E[number of non-zero entries DELLA's MagPrune keeps] for one tensor, in closed form.
 
     MagPrune keeps entry p of a row of n with probability (density − ε) + 2ε·r_p/(n − 1), r_p its
-    ascending-magnitude rank (:func:`mergelab.methods.sparsify.rank_keep_probs`; rows as there:
+    ascending-magnitude rank (:func:`mergelab.methods.stages.sparsify.rank_keep_probs`; rows as there:
     a 0-/1-D tensor is one row, a k-D one has shape[0] rows). The z zeros of a row hold the
     ranks 0 … z − 1 whatever the tie order, so the non-zero entries hold ranks z … n − 1 and the
     expectation needs only z per row: Σ_{r=z}^{n−1} (density − ε) + 2ε r/(n − 1). A row of

@@ -10,7 +10,7 @@ or other tensors of the model. The engine hands it, for one tensor name at a tim
 * ``ctx``: a :class:`TensorContext` (name, layer position, seeded RNG, pass-1 statistics).
 
 and takes back one tensor of the base's shape. Methods that need model-wide statistics
-(e.g. TIES with the paper's global top-k) declare :class:`GatherPass` objects; the engine runs
+(e.g. TIES with the paper's global top-k) declare :class:`Fold` objects; the engine runs
 each as a read over every tensor before the merge and puts the result in ``ctx.stats``.
 
 Data-informed methods (Fisher, RegMean, AdaMerging) declare ``statistics``: the name of a data
@@ -126,9 +126,6 @@ class Fold:
     update: Callable[..., None]
     finish: Callable[..., Any]
     combine: Callable[[Any, Any], Any] | None = None
-
-
-GatherPass = Fold  # the former name; removed once every module says Fold
 
 
 Scoped = tuple[Mapping[str, Any], Mapping[str, Any]]  # (global parameters, per-model parameters)

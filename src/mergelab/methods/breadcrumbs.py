@@ -34,17 +34,16 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge, merge_chunks
+from mergelab.methods.base import MethodCard, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods.sparsify import (
+from mergelab.methods.stages.combine import DisjointMerge, WeightedSum
+from mergelab.methods.stages.pipeline import TaskVectorMerge
+from mergelab.methods.stages.sign_consensus import SignTie
+from mergelab.methods.stages.sparsify import (
+    OutlierBands,
     SparseMergeParams,
     SparseModelParams,
-    apply_mask,
-    keep_count,
-    kth_largest_magnitude,
-    outlier_mask,
-    parallel_map,
+    per_tensor_sign_tie,
 )
 
 Tensor = torch.Tensor
@@ -60,12 +59,7 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
         description="disjoint mean over the agreeing models (TIES); false: disjoint sum "
         "(mergekit's default for breadcrumbs_ties)",
     )
-    sign_tie: SignTie = Field(
-        "positive",
-        description="sign where the weighted sum is exactly 0: positive (mergekit; the "
-        "default for per-tensor methods, which lets them run chunk by chunk) or majority "
-        "(the tensor's majority elected sign, after the original TIES code)",
-    )
+    sign_tie: SignTie = per_tensor_sign_tie()
 
 
 class BreadcrumbsModelParams(SparseModelParams):
@@ -86,90 +80,47 @@ class BreadcrumbsModelParams(SparseModelParams):
     )
 
 
-def _masked(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    params: BreadcrumbsParams,
-    model_params: Sequence[BreadcrumbsModelParams],
-) -> list[Tensor]:
-    """Whole-tensor masking (used when the L1 rescale needs the whole task vector)."""
-    out = []
-    for e, m in zip(experts, model_params):
-        delta = e.float() - base.float()
-        mask = outlier_mask(delta, m.density, m.gamma)
-        out.append(
-            apply_mask(
-                delta, mask, rescale=params.rescale, mode=params.rescale_mode, keep_prob=m.density
-            )
-        )
-    return out
-
-
-Bounds = tuple[float | None, float | None] | None
-"""Magnitude bounds (lower, upper) of the kept entries (None: unbounded); None: keep nothing."""
-
-
-def magnitude_bounds(base: Tensor, expert: Tensor, density: float, gamma: float) -> Bounds:
-    """The bounds :func:`mergelab.methods.sparsify.outlier_mask` keeps between, from two exact
-    selections on |expert − base| (no tensor-sized temporary)."""
-    n = base.numel()
-    if density >= 1:
-        return (None, None)
-    target = keep_count(n, density)
-    if target == 0:
-        return None
-    n_top = min(n, int(gamma * n))
-    n_bottom = max(0, n - target - n_top)
-    lower = kth_largest_magnitude(expert, n - n_bottom, minus=base) if n_bottom > 0 else None
-    upper = (
-        kth_largest_magnitude(expert, n - n_bottom - target + 1, minus=base)
-        if n_bottom + target < n
-        else None
+def _pipeline(
+    params: BreadcrumbsParams, model_params: Sequence[BreadcrumbsModelParams], *, elect: bool
+) -> TaskVectorMerge:
+    """Breadcrumbs as stages: outlier bands × weighted sum (``breadcrumbs``) or elect + disjoint
+    merge (``breadcrumbs_ties``). Chunked in the compute dtype; whole tensors in float32 when
+    the L1 rescale or the tensor's majority sign needs them."""
+    bands = OutlierBands(
+        densities=tuple(float(m.density) for m in model_params),
+        gammas=tuple(float(m.gamma) for m in model_params),
+        rescale=params.rescale,
+        mode=params.rescale_mode,
     )
-    return (lower, upper)
+    if elect:
+        assert isinstance(params, BreadcrumbsTiesParams)
+        combine: DisjointMerge | WeightedSum = DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
+    else:
+        combine = WeightedSum(normalize=params.normalize)
+    merge = TaskVectorMerge(bands, combine)
+    return TaskVectorMerge(bands, combine, upcast=merge.whole)
 
 
-def _merge_chunked(
+def breadcrumbs_delta(
     base: Tensor,
     experts: Sequence[Tensor],
     params: BreadcrumbsParams,
     model_params: Sequence[BreadcrumbsModelParams],
-    *,
-    elect: bool,
+    ctx: TensorContext,
 ) -> Tensor:
-    """Mask, rescale (inverse) and merge chunk by chunk: the same result as whole tensors,
-    with temporaries of CHUNK entries."""
-    weights = [m.weight for m in model_params]
-    bounds = parallel_map(
-        lambda em: magnitude_bounds(base, em[0], em[1].density, em[1].gamma),
-        list(zip(experts, model_params)),
-        numel=base.numel(),
-    )
-
-    def mask_chunk(i: int, d: Tensor, scratch: Scratch) -> None:
-        if bounds[i] is None:
-            d.zero_()
-            return
-        lower, upper = bounds[i]
-        if lower is not None or upper is not None:
-            mag = torch.abs(d, out=scratch.take("mag", d.numel()))
-            keep = scratch.take("keep", d.numel())
-            if lower is not None:
-                d.mul_(torch.ge(mag, lower, out=keep))  # float-valued masks: fast on CPU
-            if upper is not None:
-                d.mul_(torch.le(mag, upper, out=keep))
-        if params.rescale:  # inverse mode (l1 runs on whole tensors)
-            density = model_params[i].density
-            d.div_(density) if density > 0 else d.zero_()
-
-    return merge_chunks(
-        base, experts, mask_chunk, weights, lambda_=params.lambda_, normalize=params.normalize, elect=elect
-    )
+    """τ_m of ``breadcrumbs`` (unscaled): ``breadcrumbs == base + λ · breadcrumbs_delta``."""
+    return _pipeline(params, model_params, elect=False).delta(base, experts, [m.weight for m in model_params])
 
 
-def _chunkable(params: BreadcrumbsParams, elect: bool) -> bool:
-    l1 = params.rescale and params.rescale_mode == "l1"
-    return not l1 and (not elect or params.sign_tie == "positive")
+def breadcrumbs_ties_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: BreadcrumbsTiesParams,
+    model_params: Sequence[BreadcrumbsModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """τ_m of ``breadcrumbs_ties`` (unscaled): ``breadcrumbs_ties == base + λ · breadcrumbs_ties_delta``."""
+    return _pipeline(params, model_params, elect=True).delta(base, experts, [m.weight for m in model_params])
 
 
 @method(
@@ -178,6 +129,14 @@ def _chunkable(params: BreadcrumbsParams, elect: bool) -> bool:
     params=BreadcrumbsParams,
     model_params=BreadcrumbsModelParams,
     base="required",
+    scale="lambda",
+    delta=breadcrumbs_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0, "normalize": True}, {"density": 1.0, "gamma": 0.0, "weight": 1.0}),
+        typical=({}, {"density": 0.8, "gamma": 0.05}),
+        grid=({"lambda": (0.2, 0.4, 0.7, 1.0, 1.3)}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
+        group="classic",
+    ),
 )
 def breadcrumbs(
     base: Tensor,
@@ -187,12 +146,8 @@ def breadcrumbs(
     ctx: TensorContext,
 ) -> Tensor:
     """Remove outliers and small entries of each task vector per tensor, then task arithmetic."""
-    if _chunkable(params, elect=False):
-        return _merge_chunked(base, experts, params, model_params, elect=False)
-    masked = _masked(base, experts, params, model_params)
     weights = [m.weight for m in model_params]
-    merged = linear_merge(masked, weights, normalize=params.normalize)
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+    return _pipeline(params, model_params, elect=False).merge(base, experts, weights, params.lambda_)
 
 
 @method(
@@ -202,6 +157,14 @@ def breadcrumbs(
     params=BreadcrumbsTiesParams,
     model_params=BreadcrumbsModelParams,
     base="required",
+    scale="lambda",
+    delta=breadcrumbs_ties_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0}, {"density": 1.0, "gamma": 0.0, "weight": 1.0}),
+        typical=({}, {"density": 0.8, "gamma": 0.05}),
+        grid=({"lambda": (1.0, 1.5, 2.0, 2.5)}, {"density": (0.7, 0.9), "gamma": (0.01,)}),
+        group="classic",
+    ),
 )
 def breadcrumbs_ties(
     base: Tensor,
@@ -211,11 +174,5 @@ def breadcrumbs_ties(
     ctx: TensorContext,
 ) -> Tensor:
     """Breadcrumbs masks, then TIES sign election and disjoint merge."""
-    if _chunkable(params, elect=True):
-        return _merge_chunked(base, experts, params, model_params, elect=True)
-    masked = _masked(base, experts, params, model_params)
     weights = [m.weight for m in model_params]
-    merged = consensus_merge(
-        masked, weights, normalize=params.normalize, on_zero=params.sign_tie
-    )
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
+    return _pipeline(params, model_params, elect=True).merge(base, experts, weights, params.lambda_)

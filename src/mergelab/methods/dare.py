@@ -12,10 +12,12 @@ Per expert and per element, drop with probability p = 1 − ``density``
 * ``dare_ties``: TIES sign election and disjoint merge on the τ̃_i (no magnitude trim), as in
   the paper's DARE + TIES-Merging combination: θ = θ0 + λ τ_m.
 
-Granularity: elementwise mask, one tensor at a time (S1). Randomness: the mask of expert i
-comes from ``ctx.generator()`` (seeded by (seed, tensor name)), drawn as
-``rand(shape) < density`` for experts in recipe order, so a merge is reproducible whatever the
-tensor order; a tensor with ``density`` 1 draws nothing.
+Granularity: elementwise mask, one tensor at a time (S1), computed chunk by chunk
+(:mod:`mergelab.methods.stages.pipeline`). Randomness: the mask of expert i comes from its own
+stream ``ctx.generator(i + 1)`` (seeded by (seed, tensor name, i + 1)): 16-bit uniforms, four
+per 64-bit draw, an entry kept iff its lane is below round(density·2¹⁶)
+(:mod:`mergelab.methods.kernels.random`), so a merge is reproducible whatever the tensor order
+and chunking; a tensor with ``density`` 1 draws nothing.
 
 Departures from mergekit 0.1.5 (same parameter names, so its recipes run):
 
@@ -39,19 +41,21 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge, scratch_view
+from mergelab.methods.base import MethodCard, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods.sparsify import (
+from mergelab.methods.stages.combine import DisjointMerge, WeightedSum
+from mergelab.methods.stages.pipeline import TaskVectorMerge
+from mergelab.methods.stages.sign_consensus import SignTie
+from mergelab.methods.stages.sparsify import (
+    RandomDrop,
     RescaleMode,
     SparseMergeParams,
     SparseModelParams,
-    apply_mask,
-    keep_indicator,
-    flat_chunks,
-    parallel_map,
-    realised_keep_prob,
+    dare_drop,
+    per_tensor_sign_tie,
 )
+
+__all__ = ["DareLinearParams", "DareModelParams", "DareTiesParams", "dare_drop", "dare_linear", "dare_ties"]
 
 Tensor = torch.Tensor
 
@@ -73,12 +77,7 @@ class DareTiesParams(DareLinearParams):
         description="disjoint mean over the agreeing models (TIES); false: disjoint sum "
         "(mergekit's default for dare_ties)",
     )
-    sign_tie: SignTie = Field(
-        "positive",
-        description="sign where the weighted sum is exactly 0: positive (mergekit; the "
-        "default for per-tensor methods, which lets them run chunk by chunk) or majority "
-        "(the tensor's majority elected sign, after the original TIES code)",
-    )
+    sign_tie: SignTie = per_tensor_sign_tie()
 
 
 class DareModelParams(SparseModelParams):
@@ -91,79 +90,45 @@ class DareModelParams(SparseModelParams):
     )
 
 
-def dare_drop(
-    delta: Tensor,
-    density: float,
-    generator: torch.Generator,
-    *,
-    rescale: bool = True,
-    mode: RescaleMode = "inverse",
-    inplace: bool = False,
-    keep_out: Tensor | None = None,
-) -> Tensor:
-    """τ̃ = m ⊙ τ (÷ density, or L1-matched), m ~ Bernoulli(density) elementwise.
-
-    ``inplace`` overwrites ``delta`` (the chunked merge passes its own scratch copy);
-    ``keep_out`` is an optional buffer for the mask. The draws are those of
-    :func:`bernoulli_mask`.
-    """
-    if density >= 1:
-        return delta
-    keep = keep_indicator(delta, density, generator, out=keep_out)
-    if rescale and mode == "l1":
-        return apply_mask(delta, keep, rescale=True, mode="l1")
-    out = delta.mul_(keep) if inplace else delta * keep
-    if rescale:
-        p = realised_keep_prob(density)
-        return out.zero_() if p <= 0 else out.div_(p)
-    return out
+def _pipeline(
+    params: DareLinearParams, model_params: Sequence[DareModelParams], ctx: TensorContext, *, elect: bool
+) -> TaskVectorMerge:
+    """DARE as stages: random drop (expert i from its own stream ``ctx.generator(i + 1)``) ×
+    elect + disjoint merge (``dare_ties``) or weighted sum (``dare_linear``), in float32."""
+    drop = RandomDrop(
+        densities=tuple(float(m.density) for m in model_params),
+        generators=tuple(ctx.generator(i + 1) for i in range(len(model_params))),
+        rescale=params.rescale,
+        mode=params.rescale_mode,
+    )
+    combine = (
+        DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
+        if elect
+        else WeightedSum(normalize=params.normalize)
+    )
+    return TaskVectorMerge(drop, combine, upcast=True)
 
 
-def _dare_merge(
+def dare_linear_delta(
     base: Tensor,
     experts: Sequence[Tensor],
     params: DareLinearParams,
     model_params: Sequence[DareModelParams],
     ctx: TensorContext,
-    *,
-    elect: bool,
 ) -> Tensor:
-    """Drop (per expert, from its own RNG stream), then sum or elect + disjoint merge.
+    """τ_m of ``dare_linear`` (unscaled): ``dare_linear == base + λ · dare_linear_delta``."""
+    return _pipeline(params, model_params, ctx, elect=False).delta(base, experts, [m.weight for m in model_params])
 
-    Runs chunk by chunk unless a step needs the whole tensor (L1 rescale, majority sign ties);
-    each expert's mask comes from its own stream ``ctx.generator(i + 1)`` drawn in order, so
-    the result does not depend on the chunking. Temporaries live in one :class:`Scratch`.
-    """
-    weights = [m.weight for m in model_params]
-    whole = (params.rescale and params.rescale_mode == "l1") or (
-        elect and getattr(params, "sign_tie", "positive") != "positive"
-    )
-    gens = [ctx.generator(i + 1) for i in range(len(experts))]
-    b_flat = base.reshape(-1).float()
-    e_flat = [e.reshape(-1).float() for e in experts]
-    out = torch.empty_like(b_flat)
-    scratch = Scratch(out)
-    for sl in [slice(0, b_flat.numel())] if whole else flat_chunks(b_flat.numel()):
-        b = b_flat[sl]
-        m = b.numel()
-        deltas = [torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m)) for i, e in enumerate(e_flat)]
 
-        def drop(i: int) -> Tensor:  # one thread per expert: each has its own generator and mask buffer
-            keep = scratch_view(scratch, f"keep{i}", deltas[i])
-            return dare_drop(
-                deltas[i], model_params[i].density, gens[i], rescale=params.rescale,
-                mode=params.rescale_mode, inplace=True, keep_out=keep,
-            )
-
-        dropped = parallel_map(drop, list(range(len(e_flat))), numel=m)
-        if elect:
-            merged = consensus_merge(
-                dropped, weights, normalize=params.normalize, on_zero=params.sign_tie, scratch=scratch
-            )
-        else:
-            merged = linear_merge(dropped, weights, normalize=params.normalize)
-        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
-    return out.reshape(base.shape).to(base.dtype)
+def dare_ties_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: DareTiesParams,
+    model_params: Sequence[DareModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """τ_m of ``dare_ties`` (unscaled): ``dare_ties == base + λ · dare_ties_delta``."""
+    return _pipeline(params, model_params, ctx, elect=True).delta(base, experts, [m.weight for m in model_params])
 
 
 @method(
@@ -172,6 +137,14 @@ def _dare_merge(
     params=DareLinearParams,
     model_params=DareModelParams,
     base="required",
+    scale="lambda",
+    delta=dare_linear_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0, "normalize": True}, {"density": 1.0, "weight": 1.0}),
+        typical=({}, {"density": 0.5}),
+        grid=({"lambda": (0.2, 0.4, 0.7, 1.0, 1.3)}, {"density": (0.1, 0.3, 0.5)}),
+        group="classic",
+    ),
 )
 def dare_linear(
     base: Tensor,
@@ -181,7 +154,8 @@ def dare_linear(
     ctx: TensorContext,
 ) -> Tensor:
     """Drop task-vector entries at random, rescale by 1/density, then task arithmetic."""
-    return _dare_merge(base, experts, params, model_params, ctx, elect=False)
+    weights = [m.weight for m in model_params]
+    return _pipeline(params, model_params, ctx, elect=False).merge(base, experts, weights, params.lambda_)
 
 
 @method(
@@ -191,6 +165,14 @@ def dare_linear(
     params=DareTiesParams,
     model_params=DareModelParams,
     base="required",
+    scale="lambda",
+    delta=dare_ties_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0}, {"density": 1.0, "weight": 1.0}),
+        typical=({}, {"density": 0.5}),
+        grid=({"lambda": (1.0, 1.5, 2.0, 2.5)}, {"density": (0.1, 0.3, 0.5)}),
+        group="classic",
+    ),
 )
 def dare_ties(
     base: Tensor,
@@ -200,4 +182,5 @@ def dare_ties(
     ctx: TensorContext,
 ) -> Tensor:
     """Drop task-vector entries at random, rescale, then TIES sign election and disjoint merge."""
-    return _dare_merge(base, experts, params, model_params, ctx, elect=True)
+    weights = [m.weight for m in model_params]
+    return _pipeline(params, model_params, ctx, elect=True).merge(base, experts, weights, params.lambda_)

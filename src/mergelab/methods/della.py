@@ -13,11 +13,14 @@ keep ~ Bernoulli(p), survivors divided by p (the paper's 1/(1 − p_drop)). Then
   θ = θ0 + λ τ_m;
 * ``della_linear``: no election, θ = θ0 + λ Σ_i w_i τ̃_i (mergekit's variant).
 
-Granularity: per row, one pass (S1). Ranks: one stable argsort per row, integer ranks
-normalised in float32 (float64 for rows over 2**24); equal magnitudes get distinct ranks in
-index order; a one-element row gets r = 0.5 (p = density). Randomness: ``ctx.generator()``
-(seeded per (seed, tensor name)), ``rand(shape) < p`` per expert in recipe order; a tensor
-with density 1 draws nothing. With ε = 0 DELLA reduces to DARE (identical masks for the same
+Granularity: per row, one pass (S1), in chunks of whole rows. Ranks: exact integer ranks per
+row (:func:`mergelab.methods.kernels.ranks.row_ranks`: on the CPU a NumPy sort of packed int64
+keys ``|τ| bits << 32 | column``, which orders entries as a stable argsort does), normalised in
+float32 (float64 for rows over 2**24); equal magnitudes get distinct ranks in index order; a
+one-element row gets r = 0.5 (p = density). Randomness: expert i draws from its own stream
+``ctx.generator(i + 1)`` (seeded per (seed, tensor name, i + 1)) the 16-bit lanes of
+:mod:`mergelab.methods.kernels.random`, an entry kept iff its lane is below round(p·2¹⁶); a
+tensor with density 1 draws nothing. With ε = 0 DELLA reduces to DARE (identical masks for the same
 seed and tensor name).
 
 Defaults: density 0.7 and ε = 0.07, the authors' reference command (drop rate 0.3, window
@@ -45,20 +48,21 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field, model_validator
 
-from mergelab.methods.base import TensorContext
-from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, linear_merge, scratch_view
+from mergelab.methods.base import MethodCard, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods.sparsify import (
+from mergelab.methods.stages.combine import DisjointMerge, WeightedSum
+from mergelab.methods.stages.pipeline import TaskVectorMerge
+from mergelab.methods.stages.sign_consensus import SignTie
+from mergelab.methods.stages.sparsify import (
+    MagPrune,
     RescaleMode,
     SparseMergeParams,
     SparseModelParams,
-    apply_mask,
-    PROB_BITS,
-    keep_indicator,
-    row_chunks,
-    realised_keep_prob,
-    rank_keep_probs,
+    magprune,
+    per_tensor_sign_tie,
 )
+
+__all__ = ["DellaLinearParams", "DellaModelParams", "DellaParams", "della", "della_linear", "magprune"]
 
 Tensor = torch.Tensor
 
@@ -78,12 +82,7 @@ class DellaParams(DellaLinearParams):
     normalize: bool = Field(
         True, description="disjoint mean over the agreeing models; false: disjoint sum"
     )
-    sign_tie: SignTie = Field(
-        "positive",
-        description="sign where the weighted sum is exactly 0: positive (mergekit; the "
-        "default for per-tensor methods, which lets them run chunk by chunk) or majority "
-        "(the tensor's majority elected sign, after the original TIES code)",
-    )
+    sign_tie: SignTie = per_tensor_sign_tie()
 
 
 class DellaModelParams(SparseModelParams):
@@ -115,78 +114,46 @@ class DellaModelParams(SparseModelParams):
         return self
 
 
-def magprune(
-    delta: Tensor,
-    density: float,
-    epsilon: float,
-    generator: torch.Generator,
-    *,
-    rescale: bool = True,
-    mode: RescaleMode = "inverse",
-    inplace: bool = False,
-    scratch: Scratch | None = None,
+def _pipeline(
+    params: DellaLinearParams, model_params: Sequence[DellaModelParams], ctx: TensorContext, *, elect: bool
+) -> TaskVectorMerge:
+    """DELLA as stages: MagPrune (rows; expert i from its own stream ``ctx.generator(i + 1)``) ×
+    elect + disjoint merge (``della``) or weighted sum (``della_linear``), in float32."""
+    prune = MagPrune(
+        densities=tuple(float(m.density) for m in model_params),
+        epsilons=tuple(float(m.epsilon) for m in model_params),
+        generators=tuple(ctx.generator(i + 1) for i in range(len(model_params))),
+        rescale=params.rescale,
+        mode=params.rescale_mode,
+    )
+    combine = (
+        DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
+        if elect
+        else WeightedSum(normalize=params.normalize)
+    )
+    return TaskVectorMerge(prune, combine, upcast=True)
+
+
+def della_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: DellaParams,
+    model_params: Sequence[DellaModelParams],
+    ctx: TensorContext,
 ) -> Tensor:
-    """DELLA's MagPrune on one task vector: rank-based Bernoulli drop per row, then rescale.
-
-    ``inplace`` overwrites ``delta``; ``scratch`` holds the mask buffer. The draws are those
-    of :func:`mergelab.methods.sparsify.bernoulli_mask` with the rank-based probabilities.
-    """
-    if density >= 1:
-        return delta
-    probs = realised_keep_prob(rank_keep_probs(delta, density, epsilon))
-    keep = keep_indicator(delta, probs, generator, out=scratch_view(scratch, "keep", delta))
-    if rescale and mode == "l1":
-        return apply_mask(delta, keep, rescale=True, mode="l1")
-    out = delta.mul_(keep) if inplace else delta * keep
-    if rescale:
-        out.div_(probs.clamp_(min=2.0**-PROB_BITS))  # kept entries have p ≥ 2⁻¹⁶; guards 0/0
-    return out
+    """τ_m of ``della`` (unscaled): ``della == base + λ · della_delta`` bit for bit."""
+    return _pipeline(params, model_params, ctx, elect=True).delta(base, experts, [m.weight for m in model_params])
 
 
-def _della_merge(
+def della_linear_delta(
     base: Tensor,
     experts: Sequence[Tensor],
     params: DellaLinearParams,
     model_params: Sequence[DellaModelParams],
     ctx: TensorContext,
-    *,
-    elect: bool,
 ) -> Tensor:
-    """MagPrune (per expert, from its own RNG stream), then sum or elect + disjoint merge.
-
-    Runs in chunks of whole rows unless a step needs the whole tensor (L1 rescale, majority
-    sign ties); ranks are per row and each expert's draws come from its own stream
-    ``ctx.generator(i + 1)`` in order, so the result does not depend on the chunking.
-    """
-    weights = [m.weight for m in model_params]
-    whole = (params.rescale and params.rescale_mode == "l1") or (
-        elect and getattr(params, "sign_tie", "positive") != "positive"
-    )
-    gens = [ctx.generator(i + 1) for i in range(len(experts))]
-    shape = base.shape
-    cols = base.numel() // shape[0] if base.dim() >= 2 and base.numel() else max(base.numel(), 1)
-    b_flat = base.reshape(-1).float()
-    e_flat = [e.reshape(-1).float() for e in experts]
-    out = torch.empty_like(b_flat)
-    scratch = Scratch(out)
-    for sl in [slice(0, b_flat.numel())] if whole else row_chunks(shape):
-        b = b_flat[sl]
-        rows = (-1, cols) if base.dim() >= 2 else (-1,)
-        pruned = [
-            magprune(
-                torch.sub(e[sl], b, out=scratch.take(f"delta{i}", b.numel())).view(rows), m.density,
-                m.epsilon, g, rescale=params.rescale, mode=params.rescale_mode, inplace=True, scratch=scratch,
-            ).reshape(-1)
-            for i, (e, m, g) in enumerate(zip(e_flat, model_params, gens))
-        ]
-        if elect:
-            merged = consensus_merge(
-                pruned, weights, normalize=params.normalize, on_zero=params.sign_tie, scratch=scratch
-            )
-        else:
-            merged = linear_merge(pruned, weights, normalize=params.normalize)
-        torch.add(b, merged, alpha=params.lambda_, out=out[sl])
-    return out.reshape(shape).to(base.dtype)
+    """τ_m of ``della_linear`` (unscaled): ``della_linear == base + λ · della_linear_delta``."""
+    return _pipeline(params, model_params, ctx, elect=False).delta(base, experts, [m.weight for m in model_params])
 
 
 @method(
@@ -196,6 +163,14 @@ def _della_merge(
     params=DellaParams,
     model_params=DellaModelParams,
     base="required",
+    scale="lambda",
+    delta=della_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0}, {"density": 1.0, "epsilon": 0.0, "weight": 1.0}),
+        typical=({}, {"density": 0.5, "epsilon": 0.1}),
+        grid=({"lambda": (1.0, 1.5, 2.0, 2.5)}, {"density": (0.3, 0.5, 0.7)}),
+        group="classic",
+    ),
 )
 def della(
     base: Tensor,
@@ -205,7 +180,8 @@ def della(
     ctx: TensorContext,
 ) -> Tensor:
     """MagPrune (rank-based random drop per row, 1/p rescale), then sign election and fuse."""
-    return _della_merge(base, experts, params, model_params, ctx, elect=True)
+    weights = [m.weight for m in model_params]
+    return _pipeline(params, model_params, ctx, elect=True).merge(base, experts, weights, params.lambda_)
 
 
 @method(
@@ -214,6 +190,14 @@ def della(
     params=DellaLinearParams,
     model_params=DellaModelParams,
     base="required",
+    scale="lambda",
+    delta=della_linear_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0, "normalize": True}, {"density": 1.0, "epsilon": 0.0, "weight": 1.0}),
+        typical=({}, {"density": 0.5, "epsilon": 0.1}),
+        grid=({"lambda": (0.2, 0.4, 0.7, 1.0, 1.3)}, {"density": (0.3, 0.5, 0.7)}),
+        group="classic",
+    ),
 )
 def della_linear(
     base: Tensor,
@@ -223,4 +207,5 @@ def della_linear(
     ctx: TensorContext,
 ) -> Tensor:
     """MagPrune each task vector, then a weighted sum (no sign election)."""
-    return _della_merge(base, experts, params, model_params, ctx, elect=False)
+    weights = [m.weight for m in model_params]
+    return _pipeline(params, model_params, ctx, elect=False).merge(base, experts, weights, params.lambda_)

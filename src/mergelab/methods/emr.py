@@ -39,11 +39,13 @@ from pydantic import Field
 
 from mergelab.methods.base import (
     Fold,
+    MethodCard,
     MethodOutput,
     MethodParams,
     NoParams,
     TensorContext,
 )
+from mergelab.methods.kernels.tensors import task_vectors, weighted_sum
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -69,9 +71,7 @@ def elect(
     deltas: Sequence[Tensor], sign_zero: str = "negative"
 ) -> tuple[Tensor, list[Tensor]]:
     """(τ_uni, [M_i]) for one tensor's task vectors (float32 in, float32 and bool out)."""
-    total = torch.zeros_like(deltas[0])
-    for d in deltas:
-        total.add_(d)
+    total = weighted_sum(deltas, from_zero=True)
     if sign_zero == "negative":
         gamma = torch.where(total > 0, 1.0, -1.0).to(total.dtype)
     else:
@@ -105,8 +105,7 @@ def _update(
 ) -> None:
     if base.numel() == 0:
         return
-    b = base.float()
-    deltas = [e.float() - b for e in experts]
+    deltas = task_vectors(base, experts)
     tau_uni, masks = elect(deltas, params.sign_zero)
     for i, (d, m) in enumerate(zip(deltas, masks)):
         state["num"][i].append(_stat(d, params.rescaler))
@@ -148,6 +147,7 @@ def emr_passes(params: EmrParams) -> tuple[Fold, ...]:
     passes=emr_passes,
     aliases=("emr_merging",),
     outputs="modulated",
+    card=MethodCard(identity=({}, {}), typical=({}, {}), grid=({}, {}), group="advanced"),
 )
 def emr(
     base: Tensor,
@@ -160,9 +160,8 @@ def emr(
     if PASS_RESCALE not in ctx.stats:
         raise RuntimeError(f"emr: rescaler pass result missing for tensor {ctx.name!r}")
     scales = [float(s) for s in ctx.stats[PASS_RESCALE]]
-    b = base.float()
-    deltas = [e.float() - b for e in experts]
+    deltas = task_vectors(base, experts)
     tau_uni, masks = elect(deltas, params.sign_zero)
     del deltas
-    merged = tau_uni.add_(b).to(base.dtype)
+    merged = tau_uni.add_(base.float()).to(base.dtype)
     return MethodOutput(merged, {"base": base, "mask": masks, "scale": scales})

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, TensorContext
+from mergelab.methods.kernels.tensors import weighted_sum
 from mergelab.methods.registry import method
 
 
@@ -32,6 +33,7 @@ class LinearModelParams(MethodParams):
     model_params=LinearModelParams,
     base="ignored",
     aliases=("average", "model_soup"),
+    card=MethodCard(identity=({}, {"weight": 1.0}), grid=({}, {}), group="classic"),
 )
 def linear(
     base: torch.Tensor | None,
@@ -42,9 +44,7 @@ def linear(
 ) -> torch.Tensor:
     """Weighted average of the models' weights (a model soup)."""
     weights = [m.weight for m in model_params]
-    out = torch.zeros_like(experts[0])
-    for expert, w in zip(experts, weights):
-        out.add_(expert, alpha=w)
+    out = weighted_sum(experts, weights, from_zero=True)
     if params.normalize:
         denom = sum(weights)
         if abs(denom) < 1e-12:

@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, NoParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, NoParams, TensorContext
+from mergelab.methods.kernels.tensors import task_vectors
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import work_dtype
 
@@ -52,6 +53,20 @@ def max_magnitude(taus: Iterable[Tensor]) -> Tensor:
     return best
 
 
+def magmax_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: MagMaxParams,
+    model_params: Sequence[NoParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """τ_MagMax (float32, float64 under a float64 compute dtype): ``magmax == base + λ · magmax_delta``
+    (cast to the base's dtype)."""
+    w = work_dtype(base)
+    b = base.to(w)
+    return max_magnitude(task_vectors(b, [e], dtype=w)[0] for e in experts)
+
+
 @method(
     "magmax",
     paper="Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning, "
@@ -59,6 +74,14 @@ def max_magnitude(taus: Iterable[Tensor]) -> Tensor:
     params=MagMaxParams,
     model_params=NoParams,
     base="required",
+    scale="lambda",
+    delta=magmax_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0}, {}),
+        typical=({}, {}),
+        grid=({"lambda": (0.3, 0.5, 0.7, 1.0, 1.3)}, {}),
+        group="advanced",
+    ),
 )
 def magmax(
     base: Tensor,
@@ -68,7 +91,5 @@ def magmax(
     ctx: TensorContext,
 ) -> Tensor:
     """Keep, per weight, the task-vector entry of largest magnitude; add λ times it to the base."""
-    w = work_dtype(base)  # float64 compute stays float64; everything else works in float32
-    b = base.to(w)
-    best = max_magnitude(e.to(w) - b for e in experts)
-    return (b + params.lambda_ * best).to(base.dtype)
+    best = magmax_delta(base, experts, params, model_params, ctx)
+    return torch.add(base.to(best.dtype), best, alpha=params.lambda_).to(base.dtype)

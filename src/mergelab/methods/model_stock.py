@@ -39,9 +39,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, NoParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, NoParams, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods import sparsify
+from mergelab.methods.kernels import chunks
 
 SINGULAR_EPS = 1e-6
 """Where |1 + (N − 1) cos| is below this, t = 0 (the base is kept)."""
@@ -90,6 +90,7 @@ def interpolation_ratio(cos: torch.Tensor, n: int, clamp_cos: bool = False) -> t
     model_params=NoParams,
     base="required",
     min_experts=2,
+    card=MethodCard(identity=({}, {}), grid=({}, {}), group="classic"),
 )
 def model_stock(
     base: torch.Tensor,
@@ -134,8 +135,8 @@ def _blocks(shape: torch.Size) -> list[tuple[slice, slice]]:
     rows when R > 1, column ranges of the single row otherwise."""
     r, c = shape
     if r == 1:
-        return [(slice(0, 1), sl) for sl in sparsify.flat_chunks(c)]
-    per = max(1, sparsify.CHUNK // max(c, 1))
+        return [(slice(0, 1), sl) for sl in chunks.flat_chunks(c)]
+    per = max(1, chunks.CHUNK // max(c, 1))
     return [(slice(i, min(r, i + per)), slice(0, c)) for i in range(0, r, per)]
 
 

@@ -63,15 +63,16 @@ import torch
 from pydantic import Field
 
 from mergelab.errors import ParameterError
-from mergelab.methods.base import Fold, MethodParams, TensorContext
-from mergelab.methods.order_stats import (
-    BINS,
-    high_histogram,
-    key_to_float,
-    locate,
-    low_histogram,
+from mergelab.methods.base import Fold, MethodCard, MethodParams, TensorContext
+from mergelab.methods.kernels.select import (
+    SIGNED_BINS,
+    locate_from_bottom,
+    signed_high_histogram,
+    signed_key_to_float,
+    signed_low_histogram,
     sorted_at,
 )
+from mergelab.methods.kernels.tensors import task_vectors, weighted_sum
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -166,9 +167,7 @@ def balancing_scores(
         del a
     intra = [torch.exp(n * nm.square()) for nm in normed]
     if inter == "summed":
-        total = torch.zeros_like(taus[0])
-        for t in taus:
-            total.add_(t)
+        total = weighted_sum(taus, from_zero=True)
         inter_terms = [torch.tanh(t * total) for t in taus]
     elif inter == "pairwise":
         signed = [torch.sign(t).mul_(nm) for t, nm in zip(taus, normed)]
@@ -210,8 +209,7 @@ def weighted_merge(
 
 
 def _flat_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
-    b = base.float().reshape(-1)
-    return [e.float().reshape(-1) - b for e in experts]
+    return task_vectors(base, experts, flat=True)
 
 
 def pcb_tensor_delta(
@@ -257,13 +255,13 @@ def _check_global(params: PcbParams, stats: dict[str, Any]) -> None:
 
 
 def _abs_high_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
-    return {"hist": [torch.zeros(BINS, dtype=torch.int64) for _ in range(n_experts)], "count": 0}
+    return {"hist": [torch.zeros(SIGNED_BINS, dtype=torch.int64) for _ in range(n_experts)], "count": 0}
 
 
 def _abs_high_update(state, base, experts, params, model_params, ctx) -> None:
     taus = _flat_task_vectors(base, experts)
     for i, t in enumerate(taus):
-        state["hist"][i] += high_histogram(t.abs())
+        state["hist"][i] += signed_high_histogram(t.abs())
     state["count"] += taus[0].numel()
 
 
@@ -275,13 +273,13 @@ def _abs_high_finish(state, params: PcbParams, n_experts: int) -> dict[str, Any]
     k_lo = clip_index_low(d, params.clip_ratio) + 1
     k_hi = clip_index_high(d, params.clip_ratio) + 1
     for hist in state["hist"]:
-        out["bins"].append((locate(hist, k_lo), locate(hist, k_hi)))
+        out["bins"].append((locate_from_bottom(hist, k_lo), locate_from_bottom(hist, k_hi)))
     return out
 
 
 def _abs_low_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
     return {
-        "hist": [[torch.zeros(BINS, dtype=torch.int64) for _ in range(2)] for _ in range(n_experts)],
+        "hist": [[torch.zeros(SIGNED_BINS, dtype=torch.int64) for _ in range(2)] for _ in range(n_experts)],
         "located": None,
     }
 
@@ -292,7 +290,7 @@ def _abs_low_update(state, base, experts, params, model_params, ctx) -> None:
     for i, t in enumerate(_flat_task_vectors(base, experts)):
         a = t.abs()
         for j, (b, _) in enumerate(located["bins"][i]):
-            state["hist"][i][j] += low_histogram(a, b)
+            state["hist"][i][j] += signed_low_histogram(a, b)
 
 
 def _abs_low_finish(state, params: PcbParams, n_experts: int) -> list[tuple[float, float]]:
@@ -301,8 +299,8 @@ def _abs_low_finish(state, params: PcbParams, n_experts: int) -> list[tuple[floa
         return []
     bounds = []
     for (lo_loc, hi_loc), (h_lo, h_hi) in zip(located["bins"], state["hist"]):
-        lo = key_to_float(lo_loc[0], locate(h_lo, lo_loc[1])[0])
-        hi = key_to_float(hi_loc[0], locate(h_hi, hi_loc[1])[0])
+        lo = signed_key_to_float(lo_loc[0], locate_from_bottom(h_lo, lo_loc[1])[0])
+        hi = signed_key_to_float(hi_loc[0], locate_from_bottom(h_hi, hi_loc[1])[0])
         bounds.append((lo, hi))
     return bounds
 
@@ -338,7 +336,7 @@ def _global_betas(base, experts, params: PcbParams, ctx) -> tuple[list[Tensor], 
 
 def _score_high_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
     return {
-        "hist": [torch.zeros(BINS, dtype=torch.int64) for _ in range(n_experts)],
+        "hist": [torch.zeros(SIGNED_BINS, dtype=torch.int64) for _ in range(n_experts)],
         "max": [float("-inf")] * n_experts,
         "count": 0,
     }
@@ -347,7 +345,7 @@ def _score_high_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
 def _score_high_update(state, base, experts, params, model_params, ctx) -> None:
     betas, _ = _global_betas(base, experts, params, ctx)
     for i, beta in enumerate(betas):
-        state["hist"][i] += high_histogram(beta)
+        state["hist"][i] += signed_high_histogram(beta)
         state["max"][i] = max(state["max"][i], float(beta.max()))
     state["count"] += betas[0].numel()
 
@@ -358,12 +356,12 @@ def _score_high_finish(state, params: PcbParams, n_experts: int) -> dict[str, An
     if d == 0:
         return out
     k = drop_index(d, params.pcb_ratio) + 1
-    out["bins"] = [locate(hist, k) for hist in state["hist"]]
+    out["bins"] = [locate_from_bottom(hist, k) for hist in state["hist"]]
     return out
 
 
 def _score_low_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
-    return {"hist": [torch.zeros(BINS, dtype=torch.int64) for _ in range(n_experts)], "located": None}
+    return {"hist": [torch.zeros(SIGNED_BINS, dtype=torch.int64) for _ in range(n_experts)], "located": None}
 
 
 def _score_low_update(state, base, experts, params, model_params, ctx) -> None:
@@ -371,7 +369,7 @@ def _score_low_update(state, base, experts, params, model_params, ctx) -> None:
     state["located"] = located
     betas, _ = _global_betas(base, experts, params, ctx)
     for i, beta in enumerate(betas):
-        state["hist"][i] += low_histogram(beta, located["bins"][i][0])
+        state["hist"][i] += signed_low_histogram(beta, located["bins"][i][0])
 
 
 def _score_low_finish(state, params: PcbParams, n_experts: int) -> dict[str, Any]:
@@ -386,7 +384,7 @@ def _score_low_finish(state, params: PcbParams, n_experts: int) -> dict[str, Any
     if located is None or not located["bins"]:
         return out
     for (b, rank), hist in zip(located["bins"], state["hist"]):
-        out["thresholds"].append(key_to_float(b, locate(hist, rank)[0]))
+        out["thresholds"].append(signed_key_to_float(b, locate_from_bottom(hist, rank)[0]))
     out["max"] = located["max"]
     return out
 
@@ -416,6 +414,22 @@ def pcb_global_delta(base, experts, weights, params: PcbParams, ctx: TensorConte
     return weighted_merge(scales, clipped, weights, params.unscored)
 
 
+def pcb_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: PcbParams,
+    model_params: Sequence[PcbModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """τ_m (float32, the base's shape): ``pcb == base + λ · pcb_delta`` (cast to the base's dtype)."""
+    weights = [m.weight for m in model_params]
+    if params.scope == "global":
+        delta = pcb_global_delta(base, experts, weights, params, ctx)
+    else:
+        delta = pcb_tensor_delta(_flat_task_vectors(base, experts), weights, params)
+    return delta.reshape(base.shape)
+
+
 @method(
     "pcb",
     paper="Du et al. 2024, Parameter Competition Balancing for Model Merging, NeurIPS, arXiv:2410.02396",
@@ -424,6 +438,14 @@ def pcb_global_delta(base, experts, weights, params: PcbParams, ctx: TensorConte
     base="required",
     passes=global_passes,
     aliases=("pcb_merging",),
+    scale="lambda",
+    delta=pcb_delta,
+    card=MethodCard(
+        identity=({"pcb_ratio": 1.0, "clip_ratio": 0.0, "unscored": "mean"}, {"weight": 1.0}),
+        typical=({"pcb_ratio": 0.2, "scope": "global"}, {}),
+        grid=({"pcb_ratio": (0.1, 0.2, 0.3), "lambda": (1.0, 1.2)}, {}),
+        group="advanced",
+    ),
 )
 def pcb(
     base: Tensor,
@@ -433,9 +455,5 @@ def pcb(
     ctx: TensorContext,
 ) -> Tensor:
     """Score entries by intra- and inter-task balancing, drop low scores, score-weighted average."""
-    weights = [m.weight for m in model_params]
-    if params.scope == "global":
-        delta = pcb_global_delta(base, experts, weights, params, ctx)
-    else:
-        delta = pcb_tensor_delta(_flat_task_vectors(base, experts), weights, params)
-    return (base.float() + params.lambda_ * delta.reshape(base.shape)).to(base.dtype)
+    delta = pcb_delta(base, experts, params, model_params, ctx)
+    return torch.add(base.float(), delta, alpha=params.lambda_).to(base.dtype)

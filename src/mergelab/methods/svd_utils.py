@@ -21,50 +21,27 @@ import torch
 from pydantic import Field, field_validator
 
 from mergelab.methods.base import MethodParams
+from mergelab.methods.kernels.linalg import polar_factor
+from mergelab.methods.kernels.tensors import mean as mean_task_vector
+from mergelab.methods.kernels.tensors import task_vectors, work_dtype
 
 Tensor = torch.Tensor
+
+__all__ = [
+    "EXCLUDE_ALL",
+    "ExcludeParams",
+    "decomposes",
+    "excluded",
+    "mean_task_vector",
+    "parse_substrings",
+    "polar_factor",
+    "task_vectors",
+    "work_dtype",
+]
 
 #: ``exclude`` entry that matches every tensor (the method then reduces to the mean of the
 #: task vectors everywhere).
 EXCLUDE_ALL = "*"
-
-
-def work_dtype(t: Tensor) -> torch.dtype:
-    """The dtype a method computes in for inputs of ``t``'s dtype: float64 stays float64 (a float64
-    compute dtype is honoured); float32, bfloat16 and float16 work in float32 (SVD, norms and
-    softmax are not supported or not accurate enough in half precision)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def task_vectors(
-    base: Tensor, experts: Sequence[Tensor], weights: Sequence[float] | None = None, dtype: torch.dtype = torch.float32
-) -> list[Tensor]:
-    """τ_i = θ_i − θ0 in ``dtype`` (float32 unless given; times w_i when ``weights`` are given)."""
-    b = base.to(dtype)
-    out = []
-    for i, e in enumerate(experts):
-        t = e.to(dtype) - b
-        if weights is not None and weights[i] != 1.0:
-            t.mul_(float(weights[i]))
-        out.append(t)
-    return out
-
-
-def mean_task_vector(taus: Sequence[Tensor]) -> Tensor:
-    """(1/T) Σ_i τ_i: what the references do for tensors they do not decompose."""
-    total = torch.zeros_like(taus[0])
-    for t in taus:
-        total.add_(t)
-    return total.div_(len(taus))
-
-
-def polar_factor(a: Tensor) -> Tensor:
-    """``P Qᵀ`` for ``a = P Σ Qᵀ`` (thin SVD): the closest matrix to ``a`` with orthonormal
-    columns (rows when ``a`` is wide). For an ``a`` that already has orthonormal columns it is
-    ``a`` itself (up to rounding). Directions in the null space of ``a`` are those the SVD
-    routine returns (arbitrary but deterministic for a given input and library)."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
 
 
 def parse_substrings(value: Any) -> tuple[str, ...]:

@@ -46,8 +46,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import GatherPass, MethodOutput, MethodParams, TensorContext
-from mergelab.methods.consensus import SignTie, consensus_merge
+from mergelab.methods.base import Fold, MethodCard, MethodOutput, MethodParams, TensorContext
+from mergelab.methods.kernels.tensors import task_vectors, weighted_sum
+from mergelab.methods.stages.sign_consensus import SignTie, consensus_merge
 from mergelab.methods.registry import method
 from mergelab.methods.ties import (
     PASS_HIGH,
@@ -127,7 +128,7 @@ def _as_ties_models(model_params: Sequence[Any]) -> list[TiesModelParams]:
     return [TiesModelParams.model_validate({"density": m.density, "weight": 1.0}) for m in model_params]
 
 
-def _wrap_pass(gp: GatherPass) -> GatherPass:
+def _wrap_pass(gp: Fold) -> Fold:
     """A TIES gather pass fed with this module's parameters (same name, so same ctx.stats key)."""
 
     def init(params: MultiTaskParams, n: int) -> Any:
@@ -139,20 +140,14 @@ def _wrap_pass(gp: GatherPass) -> GatherPass:
     def finish(state: Any, params: MultiTaskParams, n: int) -> Any:
         return gp.finish(state, _as_ties(params), n)
 
-    return GatherPass(gp.name, init, update, finish)
+    return Fold(gp.name, init, update, finish, gp.combine)
 
 
-def multitask_passes(params: MultiTaskParams) -> tuple[GatherPass, ...]:
+def multitask_passes(params: MultiTaskParams) -> tuple[Fold, ...]:
     """The TIES global-trim passes when ``multitask: ties`` with ``scope: global``; else none."""
     if params.multitask != "ties":
         return ()
     return tuple(_wrap_pass(gp) for gp in global_passes(_as_ties(params)))
-
-
-def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
-    """τ_i = θ_i − θ0 in float32 (the TIES gather passes use float32 too)."""
-    b = base.float()
-    return [e.float() - b for e in experts]
 
 
 def multitask_vector(
@@ -164,9 +159,7 @@ def multitask_vector(
     """τ_MTL from the task vectors: Σ τ_i (or the mean), or the TIES disjoint sum (or mean)."""
     n = len(deltas)
     if params.multitask == "sum":
-        total = torch.zeros_like(deltas[0])
-        for d in deltas:
-            total.add_(d)
+        total = weighted_sum(deltas, from_zero=True)
         return total.div_(n) if params.normalize else total
     tp = _as_ties(params)
     majority: float | None = None
@@ -204,6 +197,12 @@ def tall_mask(delta: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
     passes=multitask_passes,
     aliases=("tall_mask",),
     outputs="modulated",
+    card=MethodCard(
+        identity=({"normalize": True}, {}),
+        typical=({"multitask": "ties"}, {"tall_lambda": 0.4, "density": 0.3}),
+        grid=({"multitask": ("sum", "ties")}, {"tall_lambda": (0.2, 0.4, 0.6)}),
+        group="advanced",
+    ),
 )
 def tall_masks(
     base: Tensor,

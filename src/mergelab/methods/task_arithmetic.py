@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import MethodParams, TensorContext
+from mergelab.methods.base import MethodCard, MethodParams, TensorContext
+from mergelab.methods.kernels.tensors import weighted_sum
 from mergelab.methods.registry import method
 
 
@@ -39,10 +40,25 @@ def weighted_task_vector_sum(
     weights: Sequence[float],
 ) -> torch.Tensor:
     """Σ_i w_i (θ_i − θ0), computed as Σ_i w_i θ_i − (Σ_i w_i) θ0 in one buffer (no temporaries)."""
-    total = torch.mul(experts[0], weights[0])
-    for expert, w in zip(experts[1:], weights[1:]):
-        total.add_(expert, alpha=w)
-    return total.sub_(base, alpha=sum(weights))
+    return weighted_sum(experts, weights).sub_(base, alpha=sum(weights))
+
+
+def task_arithmetic_delta(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    params: TaskArithmeticParams,
+    model_params: Sequence[TaskArithmeticModelParams],
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """Σ_i w_i τ_i (÷ Σ_i w_i with ``normalize``): ``task_arithmetic == base + λ · this``."""
+    weights = [m.weight for m in model_params]
+    delta = weighted_task_vector_sum(base, experts, weights)
+    if params.normalize:
+        denom = sum(weights)
+        if abs(denom) < 1e-12:
+            raise ValueError("normalize=true needs weights that do not sum to zero")
+        delta.div_(denom)
+    return delta
 
 
 @method(
@@ -51,6 +67,13 @@ def weighted_task_vector_sum(
     params=TaskArithmeticParams,
     model_params=TaskArithmeticModelParams,
     base="required",
+    scale="lambda",
+    delta=task_arithmetic_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0, "normalize": True}, {"weight": 1.0}),
+        grid=({"lambda": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)}, {}),
+        group="classic",
+    ),
 )
 def task_arithmetic(
     base: torch.Tensor,
@@ -60,11 +83,5 @@ def task_arithmetic(
     ctx: TensorContext,
 ) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i: add (or, with negative weights, subtract) task vectors."""
-    weights = [m.weight for m in model_params]
-    delta = weighted_task_vector_sum(base, experts, weights)
-    if params.normalize:
-        denom = sum(weights)
-        if abs(denom) < 1e-12:
-            raise ValueError("normalize=true needs weights that do not sum to zero")
-        delta.div_(denom)
-    return delta.mul_(params.lambda_).add_(base)
+    delta = task_arithmetic_delta(base, experts, params, model_params, ctx)
+    return torch.add(base, delta, alpha=params.lambda_)

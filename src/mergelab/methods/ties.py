@@ -44,22 +44,25 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import GatherPass, TensorContext
-from mergelab.methods.consensus import Scratch, SignTie, consensus_merge, elect_sign, merge_chunks, sign_balance
+from mergelab.methods.base import Fold, MethodCard, TensorContext
+from mergelab.methods.kernels.select import (
+    MAGNITUDE_HIGH_BINS,
+    MAGNITUDE_LOW_BINS,
+    locate_from_top,
+    magnitude_bits_to_float,
+    magnitude_high_histogram,
+    magnitude_low_histogram,
+)
+from mergelab.methods.kernels.tensors import task_vectors
 from mergelab.methods.registry import method
-from mergelab.methods.sparsify import (
-    HIGH_BINS,
-    LOW_BINS,
+from mergelab.methods.stages.combine import DisjointMerge
+from mergelab.methods.stages.pipeline import TaskVectorMerge
+from mergelab.methods.stages.sign_consensus import SignTie, elect_sign, sign_balance
+from mergelab.methods.stages.sparsify import (
+    MagnitudeTopK,
     SparseMergeParams,
     SparseModelParams,
     apply_mask,
-    bits_to_float,
-    high_histogram,
-    locate_in_histogram,
-    low_histogram,
-    keep_count,
-    kth_largest_magnitude,
-    parallel_map,
     magnitude_mask,
 )
 
@@ -108,11 +111,24 @@ class TiesModelParams(SparseModelParams):
     )
 
 
+def trimmer(
+    params: SparseMergeParams, model_params: Sequence[SparseModelParams], thresholds: Sequence[float] | None = None
+) -> MagnitudeTopK:
+    """The TIES trim as a sparsifier stage: top-``density`` magnitudes per tensor, or
+    magnitudes ≥ the model-wide ``thresholds`` (``scope: global``), then the optional rescale."""
+    return MagnitudeTopK(
+        densities=tuple(float(m.density) for m in model_params),
+        rescale=params.rescale,
+        mode=params.rescale_mode,
+        thresholds=None if thresholds is None else tuple(float(t) for t in thresholds),
+    )
+
+
 def trim(
     delta: Tensor, density: float, params: SparseMergeParams, threshold: float | None = None
 ) -> Tensor:
-    """τ̂: ``delta`` restricted to its top-``density`` magnitudes (per tensor), or to magnitudes
-    ≥ ``threshold`` (global scope), then the optional rescale."""
+    """τ̂ of one whole task vector: ``delta`` restricted to its top-``density`` magnitudes (per
+    tensor), or to magnitudes ≥ ``threshold`` (global scope), then the optional rescale."""
     if threshold is None:
         mask = magnitude_mask(delta, density)
     elif math.isinf(threshold):
@@ -143,12 +159,12 @@ def trim(
 
 
 def _delta(base: Tensor, expert: Tensor) -> Tensor:
-    return expert.float() - base.float()
+    return task_vectors(base, [expert])[0]
 
 
 def _high_init(params: TiesParams, n_experts: int) -> dict[str, Any]:
     return {
-        "hist": [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in range(n_experts)],
+        "hist": [torch.zeros(MAGNITUDE_HIGH_BINS, dtype=torch.int64) for _ in range(n_experts)],
         "sizes": [dict() for _ in range(n_experts)],  # density -> number of entries
     }
 
@@ -163,7 +179,7 @@ def _high_update(
 ) -> None:
     for i, expert in enumerate(experts):
         delta = _delta(base, expert)
-        state["hist"][i] += high_histogram(delta)
+        state["hist"][i] += magnitude_high_histogram(delta)
         sizes = state["sizes"][i]
         d = float(model_params[i].density)
         sizes[d] = sizes.get(d, 0) + delta.numel()
@@ -181,14 +197,25 @@ def _high_finish(state: dict[str, Any], params: TiesParams, n_experts: int) -> l
         elif k >= total:
             out.append({"k": total, "n": total})
         else:
-            high, rank = locate_in_histogram(hist, k)
+            high, rank = locate_from_top(hist, k)
             out.append({"k": k, "n": total, "high": high, "rank": rank})
     return out
 
 
+def _high_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Histograms and per-density sizes of two disjoint sets of tensors, added (integers: exact)."""
+    sizes = []
+    for sa, sb in zip(a["sizes"], b["sizes"]):
+        merged = dict(sa)
+        for d, n in sb.items():
+            merged[d] = merged.get(d, 0) + n
+        sizes.append(merged)
+    return {"hist": [x + y for x, y in zip(a["hist"], b["hist"])], "sizes": sizes}
+
+
 def _low_init(params: TiesParams, n_experts: int) -> dict[str, Any]:
     return {
-        "hist": [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in range(n_experts)],
+        "hist": [torch.zeros(MAGNITUDE_LOW_BINS, dtype=torch.int64) for _ in range(n_experts)],
         "located": None,  # PASS_HIGH's result, copied in by the first update
     }
 
@@ -205,7 +232,7 @@ def _low_update(
     state["located"] = located
     for i, expert in enumerate(experts):
         if "high" in located[i]:
-            state["hist"][i] += low_histogram(_delta(base, expert), located[i]["high"])
+            state["hist"][i] += magnitude_low_histogram(_delta(base, expert), located[i]["high"])
 
 
 def _low_finish(state: dict[str, Any], params: TiesParams, n_experts: int) -> list[float]:
@@ -220,9 +247,14 @@ def _low_finish(state: dict[str, Any], params: TiesParams, n_experts: int) -> li
         elif loc["k"] >= loc["n"]:
             out.append(0.0)
         else:
-            low_bits, _ = locate_in_histogram(low, loc["rank"])
-            out.append(bits_to_float(loc["high"], low_bits))
+            low_bits, _ = locate_from_top(low, loc["rank"])
+            out.append(magnitude_bits_to_float(loc["high"], low_bits))
     return out
+
+
+def _low_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    located = a["located"] if a["located"] is not None else b["located"]  # the same PASS_HIGH result
+    return {"hist": [x + y for x, y in zip(a["hist"], b["hist"])], "located": located}
 
 
 def _sign_init(params: TiesParams, n_experts: int) -> list[int]:
@@ -260,17 +292,64 @@ def _sign_finish(state: list[int], params: TiesParams, n_experts: int) -> int:
     return (state[0] > 0) - (state[0] < 0)
 
 
-def global_passes(params: TiesParams) -> tuple[GatherPass, ...]:
+def _sign_combine(a: list[int], b: list[int]) -> list[int]:
+    return [a[0] + b[0]]
+
+
+def global_passes(params: TiesParams) -> tuple[Fold, ...]:
     """The gather passes ``scope: global`` needs (none for ``scope: tensor``)."""
     if getattr(params, "scope", "tensor") != "global":
         return ()
     passes = [
-        GatherPass(PASS_HIGH, _high_init, _high_update, _high_finish),
-        GatherPass(PASS_LOW, _low_init, _low_update, _low_finish),
+        Fold(PASS_HIGH, _high_init, _high_update, _high_finish, _high_combine),
+        Fold(PASS_LOW, _low_init, _low_update, _low_finish, _low_combine),
     ]
     if params.sign_rule == "majority":
-        passes.append(GatherPass(PASS_SIGN, _sign_init, _sign_update, _sign_finish))
+        passes.append(Fold(PASS_SIGN, _sign_init, _sign_update, _sign_finish, _sign_combine))
     return tuple(passes)
+
+
+def _pipeline(
+    params: TiesParams, model_params: Sequence[TiesModelParams], ctx: TensorContext
+) -> TaskVectorMerge:
+    """TIES as stages: trim (per tensor, or at the model-wide thresholds) × elect + disjoint merge.
+
+    Chunk by chunk unless the L1 rescale or a tensor-wide majority sign needs the whole tensor.
+    The per-tensor default (sign +1 for ties, no rescale) works in the compute dtype; the other
+    paths in float32.
+    """
+    thresholds = None
+    majority: float | None = None
+    if params.scope == "global":
+        if PASS_HIGH not in ctx.stats or PASS_LOW not in ctx.stats:
+            raise RuntimeError(
+                f"ties scope=global: gather pass results missing for tensor {ctx.name!r}"
+            )
+        thresholds = ctx.stats[PASS_LOW]
+        if params.sign_rule == "majority":
+            if PASS_SIGN not in ctx.stats:
+                raise RuntimeError(
+                    f"ties scope=global: sign pass result missing for tensor {ctx.name!r}"
+                )
+            majority = float(ctx.stats[PASS_SIGN])
+    default_path = params.scope == "tensor" and params.sign_rule == "positive" and not params.rescale
+    return TaskVectorMerge(
+        trimmer(params, model_params, thresholds),
+        DisjointMerge(normalize=params.normalize, on_zero=params.sign_rule, majority=majority),
+        upcast=not default_path,
+    )
+
+
+def ties_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: TiesParams,
+    model_params: Sequence[TiesModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """τ_m, the unscaled merged task vector: ``ties == base + λ · ties_delta`` bit for bit."""
+    weights = [m.weight for m in model_params]
+    return _pipeline(params, model_params, ctx).delta(base, experts, weights)
 
 
 @method(
@@ -281,6 +360,14 @@ def global_passes(params: TiesParams) -> tuple[GatherPass, ...]:
     model_params=TiesModelParams,
     base="required",
     passes=global_passes,
+    scale="lambda",
+    delta=ties_delta,
+    card=MethodCard(
+        identity=({"lambda": 1.0}, {"density": 1.0, "weight": 1.0}),
+        typical=({}, {"density": 0.3}),
+        grid=({"lambda": (1.0, 1.5, 2.0, 2.5, 3.0)}, {"density": (0.1, 0.2, 0.3)}),
+        group="classic",
+    ),
 )
 def ties(
     base: Tensor,
@@ -291,71 +378,4 @@ def ties(
 ) -> Tensor:
     """Trim each task vector to its top-K magnitudes, elect signs, average the agreeing deltas."""
     weights = [m.weight for m in model_params]
-    majority: float | None = None
-    if params.scope == "global":
-        if PASS_HIGH not in ctx.stats or PASS_LOW not in ctx.stats:
-            raise RuntimeError(
-                f"ties scope=global: gather pass results missing for tensor {ctx.name!r}"
-            )
-        trimmed = _global_trimmed(base, experts, params, model_params, ctx)
-        if params.sign_rule == "majority":
-            if PASS_SIGN not in ctx.stats:
-                raise RuntimeError(
-                    f"ties scope=global: sign pass result missing for tensor {ctx.name!r}"
-                )
-            majority = float(ctx.stats[PASS_SIGN])
-    elif params.sign_rule == "positive" and not params.rescale:
-        return _ties_tensor_chunked(base, experts, params, model_params)
-    else:
-        trimmed = [
-            trim(_delta(base, e), m.density, params) for e, m in zip(experts, model_params)
-        ]
-    merged = consensus_merge(
-        trimmed, weights, normalize=params.normalize, on_zero=params.sign_rule, majority=majority
-    )
-    return merged.mul_(params.lambda_).add_(base).to(base.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-tensor scope, computed chunk by chunk
-# --------------------------------------------------------------------------------------------
-#
-# Same result as trimming whole tensors (tested), but every temporary is CHUNK elements: the
-# k-th largest |τ_i| comes from radix histograms accumulated over chunks, then trim, sign
-# election and disjoint merge run chunk by chunk into one output buffer. Peak memory is the
-# inputs plus one output tensor, and small temporaries are reused by the allocator instead of
-# being page-faulted in afresh for every tensor-sized intermediate.
-
-def tensor_threshold(base: Tensor, expert: Tensor, density: float) -> float | None:
-    """The k-th largest |expert − base| with k = max(1, ⌊density·n⌋), exactly, chunk by chunk.
-
-    ``None`` keeps everything (density ≥ 1); ``inf`` keeps nothing (density 0).
-    """
-    n = base.numel()
-    if density >= 1:
-        return None
-    k = keep_count(n, density, at_least_one=True)
-    if k == 0:
-        return math.inf
-    return kth_largest_magnitude(expert, k, minus=base)
-
-
-def _ties_tensor_chunked(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    params: TiesParams,
-    model_params: Sequence[TiesModelParams],
-) -> Tensor:
-    weights = [m.weight for m in model_params]
-    thresholds = parallel_map(
-        lambda em: tensor_threshold(base, em[0], em[1].density), list(zip(experts, model_params)), numel=base.numel()
-    )
-
-    def trim_chunk(i: int, d: Tensor, scratch: Scratch) -> None:
-        if thresholds[i] is not None:
-            keep = torch.abs(d, out=scratch.take("keep", d.numel()))
-            d.mul_(torch.ge(keep, thresholds[i], out=keep))  # float-valued mask: fast on CPU
-
-    return merge_chunks(
-        base, experts, trim_chunk, weights, lambda_=params.lambda_, normalize=params.normalize, elect=True
-    )
+    return _pipeline(params, model_params, ctx).merge(base, experts, weights, params.lambda_)

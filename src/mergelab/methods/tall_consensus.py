@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergelab.methods.base import TensorContext
+from mergelab.methods.base import MethodCard, TensorContext
+from mergelab.methods.kernels.tensors import task_vectors
 from mergelab.methods.registry import method
 from mergelab.methods.tall_masks import (
     MultiTaskParams,
@@ -39,7 +40,6 @@ from mergelab.methods.tall_masks import (
     multitask_passes,
     multitask_vector,
     tall_mask,
-    task_vectors,
 )
 
 Tensor = torch.Tensor
@@ -75,6 +75,23 @@ def consensus_mask(masks: Sequence[Tensor], k: int) -> Tensor:
     return count >= k
 
 
+def consensus_delta(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    params: ConsensusParams,
+    model_params: Sequence[ConsensusModelParams],
+    ctx: TensorContext,
+) -> Tensor:
+    """m_cons ⊙ τ_MTL (float32): ``consensus == base + λ · consensus_delta`` (cast to the base's dtype)."""
+    deltas = task_vectors(base, experts)
+    tau = multitask_vector(deltas, params, model_params, ctx)
+    if params.k > 0:
+        masks = [tall_mask(d, tau, m.tall_lambda) for d, m in zip(deltas, model_params)]
+        del deltas
+        tau.masked_fill_(~consensus_mask(masks, params.k), 0.0)
+    return tau
+
+
 @method(
     "consensus",
     paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging and "
@@ -84,6 +101,14 @@ def consensus_mask(masks: Sequence[Tensor], k: int) -> Tensor:
     base="required",
     passes=multitask_passes,
     aliases=("tall_consensus", "consensus_merging"),
+    scale="lambda",
+    delta=consensus_delta,
+    card=MethodCard(
+        identity=({"normalize": True}, {}),
+        typical=({"lambda": 0.5}, {"tall_lambda": 0.3}),
+        grid=({"multitask": ("sum", "ties"), "lambda": (0.4, 0.7, 1.0), "k": (2,)}, {}),
+        group="advanced",
+    ),
 )
 def consensus(
     base: Tensor,
@@ -93,10 +118,5 @@ def consensus(
     ctx: TensorContext,
 ) -> Tensor:
     """θ0 + λ·(m_cons ⊙ τ_MTL): drop weights fewer than k tasks' TALL masks select."""
-    deltas = task_vectors(base, experts)
-    tau = multitask_vector(deltas, params, model_params, ctx)
-    if params.k > 0:
-        masks = [tall_mask(d, tau, m.tall_lambda) for d, m in zip(deltas, model_params)]
-        del deltas
-        tau.masked_fill_(~consensus_mask(masks, params.k), 0.0)
-    return tau.mul_(params.lambda_).add_(base.float()).to(base.dtype)
+    tau = consensus_delta(base, experts, params, model_params, ctx)
+    return torch.add(base.float(), tau, alpha=params.lambda_).to(base.dtype)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab.methods.consensus import (
+from mergelab.methods.stages.combine import linear_merge
+from mergelab.methods.stages.sign_consensus import (
     consensus_merge,
     disjoint_merge,
     elect_sign,
-    linear_merge,
     majority_sign,
     sign_balance,
 )

@@ -1,5 +1,5 @@
-"""Sign consensus (TIES "elect") and the disjoint merge, shared by every ``*_ties`` method
-and by DELLA.
+"""Sign consensus (TIES "elect") and the disjoint merge, shared by TIES, every ``*_ties``
+method, DELLA and the TALL multi-task vector.
 
 Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS,
 arXiv:2306.01708, steps 2 and 3:
@@ -24,10 +24,13 @@ whatever the sign.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+
+from mergelab.methods.kernels.chunks import Scratch, scratch_view
+from mergelab.methods.kernels.tensors import weighted_sum
 
 Tensor = torch.Tensor
 
@@ -35,48 +38,6 @@ OnZero = Literal["majority", "positive", "zero"]
 
 #: The user-facing choice (``sign_tie`` parameter of the ``*ties`` methods and ``della``).
 SignTie = Literal["majority", "positive"]
-
-
-class Scratch:
-    """Reusable buffers for chunk-by-chunk merges.
-
-    ``take(name, m)`` returns the first ``m`` entries of a named float buffer, allocated on
-    first use and grown when needed, so a loop over chunks allocates (and page-faults) its
-    temporaries once instead of once per chunk.
-    """
-
-    def __init__(self, like: Tensor) -> None:
-        self.device, self.dtype = like.device, like.dtype
-        self._bufs: dict[str, Tensor] = {}
-
-    def take(self, name: str, m: int) -> Tensor:
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < m:
-            buf = self._bufs[name] = torch.empty(m, device=self.device, dtype=self.dtype)
-        return buf[:m]
-
-
-def scratch_view(scratch: Scratch | None, name: str, like: Tensor) -> Tensor:
-    """A buffer shaped like ``like``: from ``scratch`` when given, else freshly allocated."""
-    if scratch is None or like.dtype != scratch.dtype or like.device != scratch.device:
-        return torch.empty_like(like)
-    return scratch.take(name, like.numel()).view(like.shape)
-
-
-def weighted_sum(
-    deltas: Sequence[Tensor], weights: Sequence[float] | None = None, *, out: Tensor | None = None
-) -> Tensor:
-    """Σ_i w_i τ_i (w_i = 1 when ``weights`` is None), accumulated in one buffer (``out``)."""
-    if not deltas:
-        raise ValueError("need at least one task vector")
-    total = torch.empty_like(deltas[0]) if out is None else out
-    for i, d in enumerate(deltas):
-        w = 1.0 if weights is None else float(weights[i])
-        if i == 0:
-            torch.mul(d, w, out=total)
-        else:
-            total.add_(d, alpha=w)
-    return total
 
 
 def elect_sign(
@@ -101,12 +62,9 @@ def elect_sign(
     n_zero = sign.numel() - int(torch.count_nonzero(sign))
     if n_zero == 0:  # the common case: no tie to resolve, skip the extra passes
         return sign
-    if on_zero == "positive":
-        fill = 1.0
-    elif on_zero == "majority":
-        fill = float(majority_sign(sign) if majority is None else majority)
-    else:
+    if on_zero != "majority":
         raise ValueError(f"unknown on_zero rule {on_zero!r}")
+    fill = float(majority_sign(sign) if majority is None else majority)
     if fill != 0.0:
         sign.masked_fill_(sign == 0, fill)
     return sign
@@ -177,50 +135,3 @@ def consensus_merge(
     return disjoint_merge(deltas, weights, sign, normalize=normalize, scratch=scratch)
 
 
-def linear_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool) -> Tensor:
-    """Σ_i w_i τ_i, divided by Σ_i w_i when ``normalize`` (task arithmetic on the deltas)."""
-    total = weighted_sum(deltas, weights)
-    if normalize:
-        denom = float(sum(weights))
-        if abs(denom) < 1e-12:
-            raise ValueError("normalize=true needs weights that do not sum to zero")
-        total.div_(denom)
-    return total
-
-
-def merge_chunks(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    sparsify: Callable[[int, Tensor, Scratch], None],
-    weights: Sequence[float],
-    *,
-    lambda_: float,
-    normalize: bool,
-    elect: bool,
-) -> Tensor:
-    """θ0 + λ · merge_i(sparsify_i(θ_i − θ0)), chunk by chunk of the flattened tensors.
-
-    ``sparsify(i, delta, scratch)`` edits expert i's task-vector chunk in place (its masks must
-    be set per tensor beforehand, e.g. magnitude thresholds); the merge is the TIES elect +
-    disjoint merge with mergekit's +1 sign-tie rule (``elect``) or the weighted sum. Every
-    temporary lives in one :class:`Scratch`, so a chunk's buffers are allocated once per tensor.
-    """
-    from mergelab.methods.sparsify import flat_chunks
-
-    b_flat = base.reshape(-1)
-    e_flat = [e.reshape(-1) for e in experts]
-    out = torch.empty_like(b_flat)
-    scratch = Scratch(out)
-    for sl in flat_chunks(b_flat.numel()):
-        b = b_flat[sl]
-        deltas = []
-        for i, e in enumerate(e_flat):
-            d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", b.numel()))
-            sparsify(i, d, scratch)
-            deltas.append(d)
-        if elect:
-            merged = consensus_merge(deltas, weights, normalize=normalize, on_zero="positive", scratch=scratch)
-        else:
-            merged = linear_merge(deltas, weights, normalize=normalize)
-        torch.add(b, merged, alpha=lambda_, out=out[sl])
-    return out.reshape(base.shape).to(base.dtype)
