@@ -164,7 +164,7 @@ def merge(
         summary = summarize(plan, opts.compute_dtype)
         if phase is not None:  # what the data phase cost, for benchmarks and leaderboards
             summary["data_phase"] = {"seconds": phase.seconds, "peak_bytes": phase.peak_bytes, **phase.summary}
-        # one sink per artifact: the checkpoint, plus the per-task parts of modulated methods (TALL masks, EMR)
+        # one sink per artifact: the checkpoint, plus the per-task parts of routed methods (TALL masks, EMR)
         sinks = open_disk_sinks(plan, dest.tmp, shard_bytes)
         try:
             stats = runner.run(plan, sinks, opts, progress)

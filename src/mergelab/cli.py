@@ -118,9 +118,9 @@ def merge(
         )
     finally:
         plan.close()
-    from mergelab.modulators import is_modulated, read_manifest
+    from mergelab.routed import is_routed, read_manifest
 
-    if is_modulated(result.path):
+    if is_routed(result.path):
         err_console.print(read_manifest(result.path)["storage"]["summary"])
     s = result.stats
     err_console.print(
@@ -234,11 +234,11 @@ def load_command_plugins(target: typer.Typer) -> None:
 
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
-    from mergelab.modulators.commands import extract_command, modulators_command
+    from mergelab.routed.commands import extract_command, routed_command
 
     load_command_plugins(app)
     app.command("extract")(user_errors(extract_command))
-    app.command("modulators")(user_errors(modulators_command))
+    app.command("routed")(user_errors(routed_command))
     app.command("analyze")(user_errors(analyze_command))
 
 

@@ -35,7 +35,7 @@ ARTIFACT_KINDS: tuple[str, ...] = ("hf_checkpoint", "peft_adapter", "masks", "st
 MODEL = "model"
 """Name of the merged checkpoint artifact (kind ``hf_checkpoint``) in graphs the planner builds."""
 MASKS = "masks"
-"""Name of the per-task parts artifact (kind ``masks``) of methods registered ``outputs="modulated"``."""
+"""Name of the per-task parts artifact (kind ``masks``) of methods registered ``outputs="routed"``."""
 
 
 @dataclass(frozen=True)

@@ -409,10 +409,10 @@ def _plan_tensors(
     expert_ids = tuple(source_id(r, f"expert{i}") for i, r in enumerate(experts))
     ref_id = source_id(reference, "reference")
     merged_ids = ([base_id] if base_id is not None else []) + list(expert_ids)
-    modulated = method.outputs == "modulated"
+    routed = method.outputs == "routed"
     artifacts = {MODEL: Artifact(MODEL, "hf_checkpoint")}
-    if modulated:
-        from mergelab.modulators.format import FOLDER
+    if routed:
+        from mergelab.routed.format import FOLDER
 
         artifacts[MASKS] = Artifact(MASKS, "masks", FOLDER)
 
@@ -479,7 +479,7 @@ def _plan_tensors(
             t = 1.0 if num_layers <= 1 else layer / (num_layers - 1)
         params, model_params = resolver.resolve(name, t)
         outputs = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
-        if modulated:
+        if routed:
             outputs += (OutRef(MASKS, name, meta.shape, torch.bool),)
         jobs.append(Job(refs, MethodCall(params, model_params, layer, rows, base=base is not None), outputs))
     graph = Graph(

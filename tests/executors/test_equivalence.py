@@ -135,8 +135,8 @@ def test_executor_matches_streaming(executor, name, family, streaming, ray_sessi
     got_model, got_parts = run(executor, recipe(family, name), workers=2)
     assert_same(want_model, got_model, f"{name} model")
     assert_same(want_parts, got_parts, f"{name} parts")
-    if get_method(name).outputs == "modulated":
-        assert want_parts, "a modulated method hands per-task parts to the masks sink"
+    if get_method(name).outputs == "routed":
+        assert want_parts, "a routed method hands per-task parts to the masks sink"
 
 
 def _folder_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +171,7 @@ def test_ray_output_folder_matches_streaming(name, params, family, tmp_path, ray
     assert a.stats.hashes == b.stats.hashes and a.stats.hashes
     assert a.stats.tensors == b.stats.tensors and a.stats.passes == b.stats.passes
     if name == "tall_masks":
-        assert (b.path / "modulators" / "manifest.json").is_file()
+        assert (b.path / "routed" / "manifest.json").is_file()
     # the executor left the module's Ray session running (it did not start it)
     assert ray_session.is_initialized()
 

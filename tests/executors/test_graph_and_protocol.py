@@ -46,7 +46,7 @@ def test_planner_builds_a_graph_of_named_inputs_and_outputs(family):
         plan.close()
 
 
-def test_a_modulated_method_writes_a_second_artifact(family):
+def test_a_routed_method_writes_a_second_artifact(family):
     plan = build_plan(_recipe(family, "tall_masks"))
     try:
         assert plan.graph.artifacts[MASKS].kind == "masks"

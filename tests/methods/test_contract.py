@@ -19,7 +19,7 @@ import mergelab
 from mergelab.methods import all_methods, get_method
 
 # Data-informed methods (those that declare `statistics=`: Fisher, RegMean, RegMean++,
-# AdaMerging) merge with per-expert statistics from a data phase (ctx.aux: Fisher diagonals, Gram
+# AdaMerging) merge with per-expert statistics from a data phase (ctx.statistics: Fisher diagonals, Gram
 # matrices, learned coefficients) that these generic contracts do not provide.
 # tests/informed/test_contracts.py checks the same contracts for them (identity, zero task
 # vectors, dtype, seeded reproducibility, streamed == in memory) with statistics.

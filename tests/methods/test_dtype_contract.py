@@ -85,7 +85,7 @@ def _n_experts(method: MergeMethod) -> int:
 def _ctx(name: str, stats: Mapping[str, Any], aux=()) -> TensorContext:
     m = re.search(r"\.layers\.(\d+)\.", name)
     return TensorContext(
-        name=name, seed=5, layer=int(m.group(1)) if m else None, num_layers=NUM_LAYERS, stats=stats, aux=aux
+        name=name, seed=5, layer=int(m.group(1)) if m else None, num_layers=NUM_LAYERS, folds=stats, statistics=aux
     )
 
 

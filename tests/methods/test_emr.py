@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.methods.emr import PASS_RESCALE, elect
 from mergelab.methods.registry import get_method
-from mergelab.modulators import reconstruct
+from mergelab.routed import reconstruct
 
 EMR = get_method("emr")
 T = torch.tensor
@@ -38,7 +38,7 @@ def gather(tensors: list[tuple[torch.Tensor, list[torch.Tensor]]], **glob) -> li
 def run(base, experts, **glob) -> MethodOutput:
     params = EMR.params.model_validate(glob)
     scales = gather([(base, experts)], **glob)
-    ctx = TensorContext(name="w", stats={PASS_RESCALE: scales})
+    ctx = TensorContext(name="w", folds={PASS_RESCALE: scales})
     return EMR(base, experts, params, [EMR.model_params()] * len(experts), ctx)
 
 
@@ -133,5 +133,5 @@ def test_parameters():
         EMR.params.model_validate({"rescaler": "mean"})
     p = EMR.params()
     assert (p.sign_zero, p.rescaler) == ("negative", "tensor_mean")
-    assert EMR.outputs == "modulated"
+    assert EMR.outputs == "routed"
     assert get_method("emr_merging") is EMR

@@ -26,7 +26,7 @@ def params(**glob):
 
 def run(base, experts, weights=None, name="w", stats=None, **glob):
     mps = [PCB.model_params.model_validate({"weight": w}) for w in (weights or [1.0] * len(experts))]
-    return PCB(base, experts, params(**glob), mps, TensorContext(name=name, stats=stats or {}))
+    return PCB(base, experts, params(**glob), mps, TensorContext(name=name, folds=stats or {}))
 
 
 # ---------------------------------------------------------------------------- hand-worked

@@ -133,5 +133,5 @@ def test_parameters_are_validated():
         TALL.params.model_validate({"multitask": "mean"})
     assert TALL.model_params().tall_lambda == 0.6
     assert TALL.params().multitask == "sum"
-    assert TALL.outputs == "modulated"
+    assert TALL.outputs == "routed"
     assert get_method("tall_mask") is TALL

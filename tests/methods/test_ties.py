@@ -183,11 +183,11 @@ def run_engine(method, tensors, glob, per_model):
     for gp in method.passes(params):
         state = gp.init(params, n)
         for name, (base, experts) in tensors.items():
-            ctx = TensorContext(name=name, stats=dict(stats))
+            ctx = TensorContext(name=name, folds=dict(stats))
             gp.update(state, base, experts, params, mps, ctx)
         stats[gp.name] = gp.finish(state, params, n)
     return {
-        name: method(base, experts, params, mps, TensorContext(name=name, stats=stats))
+        name: method(base, experts, params, mps, TensorContext(name=name, folds=stats))
         for name, (base, experts) in tensors.items()
     }
 
@@ -260,7 +260,7 @@ def test_global_threshold_is_the_exact_kth_largest_magnitude():
     for gp in TIES.passes(params):
         state = gp.init(params, 2)
         for name, (b, es) in tensors.items():
-            gp.update(state, b, es, params, mps, TensorContext(name=name, stats=dict(stats)))
+            gp.update(state, b, es, params, mps, TensorContext(name=name, folds=dict(stats)))
         stats[gp.name] = gp.finish(state, params, 2)
     for i, d in enumerate([0.3, 0.05]):
         mags = torch.cat([(es[i] - b).abs().reshape(-1) for b, es in tensors.values()])

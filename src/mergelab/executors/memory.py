@@ -206,7 +206,7 @@ class MergeSession:
 
     def _context(self, job: TensorJob, stats: Mapping[str, Any], aux: Sequence[Mapping[str, Tensor]]) -> TensorContext:
         return TensorContext(name=job.name, seed=self.seed, layer=job.layer, num_layers=self.plan.num_layers,
-                             stats=stats, device=self.device, aux=aux)
+                             folds=stats, device=self.device, statistics=aux)
 
     def _run_folds(self, global_params: MethodParams, jobs: Sequence[TensorJob], drop: str | None) -> dict[str, Any]:
         passes = self.method.passes(global_params)

@@ -2,7 +2,7 @@
 
 * ``hf_checkpoint``: :class:`mergelab.checkpoint.writer.ShardedSafetensorsWriter` (sharded
   safetensors laid out up front and written in place, + index);
-* ``masks``: :class:`mergelab.modulators.writer.PartsWriter` (the shared model's θ0 and the
+* ``masks``: :class:`mergelab.routed.writer.PartsWriter` (the shared model's θ0 and the
   bit-packed per-task masks, + manifest);
 * ``state``: :class:`MemorySink` (tensors kept in a dict: the in-memory API).
 
@@ -35,14 +35,14 @@ class MemorySink:
 
 
 def _masks_sink() -> type:
-    from mergelab.modulators.writer import PartsWriter
+    from mergelab.routed.writer import PartsWriter
 
     return PartsWriter
 
 
 SINKS: dict[str, Any] = {
     "hf_checkpoint": ShardedSafetensorsWriter,
-    "masks": _masks_sink,  # resolved lazily: the modulators package imports the checkpoint writer
+    "masks": _masks_sink,  # resolved lazily: the routed package imports the checkpoint writer
     "state": MemorySink,
 }
 """Artifact kind -> sink class (``masks``: a function returning it)."""

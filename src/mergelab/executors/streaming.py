@@ -7,7 +7,7 @@ the output's artifact, then drops every reference. Peak memory is a function of 
 job, never of model size. Each fold (model-wide statistic) costs one extra read over the
 merged tensors, before the merge. Data-informed methods also get, per merged tensor, each
 expert's statistics from the graph's ``aux`` readers (read on the same reader thread, moved to
-the compute device, dtype unchanged) as ``ctx.aux``; the data phase that writes them runs
+the compute device, dtype unchanged) as ``ctx.statistics``; the data phase that writes them runs
 before (``mergelab.informed``).
 
 :func:`fold_jobs` and :func:`merge_jobs` run one pass over any subset of the jobs; the Ray
@@ -281,8 +281,8 @@ class _Prepared:
 def _context(graph: Graph, job: Job, opts: ExecutorOptions, device: torch.device, stats: Mapping[str, Any],
              prep: _Prepared) -> TensorContext:
     return TensorContext(
-        name=job.name, seed=opts.seed, layer=job.layer, num_layers=graph.num_layers, stats=stats, device=device,
-        aux=prep.aux,
+        name=job.name, seed=opts.seed, layer=job.layer, num_layers=graph.num_layers, folds=stats, device=device,
+        statistics=prep.aux,
     )
 
 

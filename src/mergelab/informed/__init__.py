@@ -2,7 +2,7 @@
 
 The methods themselves (``mergelab.methods.fisher``, ``regmean``, ``adamerging``) are pure
 per-tensor functions like every other method; what they need from data is computed here, before
-the merge, and handed to them by the engine as ``ctx.aux`` (see :mod:`mergelab.informed.phase`).
+the merge, and handed to them by the engine as ``ctx.statistics`` (see :mod:`mergelab.informed.phase`).
 
 Building blocks usable on any ``nn.Module``:
 

@@ -5,7 +5,7 @@ The phase loads each expert with transformers (or takes the nn.Module given from
 the method's passes over that expert's calibration data on the chosen device, in eval mode, with
 gradients only where needed, and writes one statistics folder per expert (see
 :mod:`mergelab.informed.stats`). The plan then gets one reader per expert, and the engine hands
-each merged tensor's entries to the method (``ctx.aux``).
+each merged tensor's entries to the method (``ctx.statistics``).
 
 ========================= =================================== ====================================
 statistics (collector)    methods                              what runs
@@ -584,7 +584,7 @@ def _merge_tensor_fn(
 
         base = get(plan.base) if plan.base is not None else None
         experts = [get(r) for r in plan.experts]
-        ctx = TensorContext(name=name, seed=seed, layer=job.layer, num_layers=plan.num_layers, device=device, aux=aux)
+        ctx = TensorContext(name=name, seed=seed, layer=job.layer, num_layers=plan.num_layers, device=device, statistics=aux)
         params = job.params
         assert params is not None  # merge jobs always carry a method call
         with torch.no_grad():

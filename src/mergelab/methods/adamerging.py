@@ -52,7 +52,7 @@ class AdaMergingParams(MethodParams):
 )
 def adamerging(base, experts, params: AdaMergingParams, model_params, ctx: TensorContext) -> torch.Tensor:
     """θ0 + Σ λᵢ τᵢ with λ learned by minimising prediction entropy on unlabeled data (task- or layer-wise)."""
-    aux = list(ctx.aux) if ctx.aux else []
+    aux = list(ctx.statistics) if ctx.statistics else []
     if len(aux) != len(experts) or not all("lambda" in a for a in aux):
         raise ValueError("adamerging needs the learned coefficients (`lambda` statistics) of every expert")
     out = base.clone()

@@ -11,13 +11,13 @@ or other tensors of the model. The engine hands it, for one tensor name at a tim
 
 and takes back one tensor of the base's shape. Methods that need model-wide statistics
 (e.g. TIES with the paper's global top-k) declare :class:`Fold` objects; the engine runs
-each as a read over every tensor before the merge and puts the result in ``ctx.stats``.
+each as a read over every tensor before the merge and puts the result in ``ctx.folds``.
 
 Data-informed methods (Fisher, RegMean, AdaMerging) declare ``statistics``: the name of a data
 phase (:mod:`mergelab.informed`) that runs forward/backward passes on calibration data before the
 merge and stores per-expert statistics on disk, keyed ``"<tensor name>::<kind>"``. The engine
-reads the entries of the tensor in hand and passes them as ``ctx.aux[i][kind]`` (expert ``i``,
-e.g. ``ctx.aux[0]["fisher"]``); the method itself stays a pure function of tensors.
+reads the entries of the tensor in hand and passes them as ``ctx.statistics[i][kind]`` (expert ``i``,
+e.g. ``ctx.statistics[0]["fisher"]``); the method itself stays a pure function of tensors.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class TensorContext:
     """What a method may legitimately know about the tensor in hand.
 
     ``layer`` is the transformer block index parsed from the name (``None`` outside blocks),
-    ``num_layers`` the architecture's depth. ``stats`` holds the results of the method's
-    gather passes keyed by pass name (empty for one-pass methods). ``aux`` holds, per expert, the
+    ``num_layers`` the architecture's depth. ``folds`` holds the results of the method's
+    folds keyed by pass name (empty for one-pass methods). ``statistics`` holds, per expert, the
     data-phase statistics of this tensor keyed by kind (``{"fisher": F}``, ``{"gram": G, "rows":
     n}``); on the compute device in their stored dtype; empty for data-free methods.
     """
@@ -68,9 +68,9 @@ class TensorContext:
     seed: int = 0
     layer: int | None = None
     num_layers: int | None = None
-    stats: Mapping[str, Any] = field(default_factory=dict)
+    folds: Mapping[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    aux: Sequence[Mapping[str, Tensor]] = ()
+    statistics: Sequence[Mapping[str, Tensor]] = ()
 
     @property
     def depth(self) -> float | None:
@@ -98,7 +98,7 @@ class MethodOutput:
 
     ``merged`` is the shared tensor written to the output checkpoint; ``parts`` holds the
     per-task pieces (e.g. ``{"mask": [bool tensor per task]}``) that the engine hands to the
-    run's parts sink (see ``mergelab.modulators``).
+    run's parts sink (see ``mergelab.routed``).
     """
 
     merged: Tensor
@@ -117,8 +117,8 @@ class Fold:
     ``combine(a, b)`` merges two states folded over disjoint sets of tensors (so that workers
     can fold shards of the model and a driver can combine them; ``None``: the fold cannot be
     sharded); ``finish(state, params, n_experts)`` returns the statistic stored as
-    ``ctx.stats[name]``. Folds run in order; a later fold sees the earlier folds' results in
-    ``ctx.stats``. ``params`` here are the recipe's global parameters (not per-tensor resolved).
+    ``ctx.folds[name]``. Folds run in order; a later fold sees the earlier folds' results in
+    ``ctx.folds``. ``params`` here are the recipe's global parameters (not per-tensor resolved).
     """
 
     name: str
@@ -170,8 +170,8 @@ class MergeMethod:
     max_experts: int | None = None
     passes_fn: Callable[[MethodParams], Sequence[Fold]] | None = None
     aliases: tuple[str, ...] = ()
-    outputs: Literal["model", "modulated"] = "model"  # "modulated": fn returns MethodOutput
-    statistics: str | None = None  # data phase producing ctx.aux (mergelab.informed); None: data-free
+    outputs: Literal["model", "routed"] = "model"  # "routed": fn returns MethodOutput
+    statistics: str | None = None  # data phase producing ctx.statistics (mergelab.informed); None: data-free
     card: MethodCard = field(default_factory=MethodCard)
     # Scaled form, for executors that sweep the scale without recomputing the rest (the memory
     # session): ``fn(...)`` equals ``torch.add(base, delta(...), alpha=params.<scale>)`` bit for bit,

@@ -23,9 +23,9 @@ No hyperparameters (the fusion_bench config is empty). Granularity: elementwise 
 scalar per task over the whole model: the rescalers need sums over every tensor, so a gather
 pass computes them before the merge pass (S2: two reads of the inputs, O(T) memory).
 
-Output (``outputs="modulated"``): the shared checkpoint holds θ0 + τ_uni; the per-task parts
-are the masks (bit-packed), the rescalers (in the manifest) and θ0, in ``modulators/`` (see
-:mod:`mergelab.modulators`). ``mergelab extract`` rebuilds θ0 + λ_t·M_t ⊙ (shared − θ0). The
+Output (``outputs="routed"``): the shared checkpoint holds θ0 + τ_uni; the per-task parts
+are the masks (bit-packed), the rescalers (in the manifest) and θ0, in ``routed/`` (see
+:mod:`mergelab.routed`). ``mergelab extract`` rebuilds θ0 + λ_t·M_t ⊙ (shared − θ0). The
 in-memory API returns only the shared model.
 """
 
@@ -50,7 +50,7 @@ from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
 
-#: ``ctx.stats`` key of the rescaler pass.
+#: ``ctx.folds`` key of the rescaler pass.
 PASS_RESCALE = "emr.rescalers"
 
 
@@ -146,7 +146,7 @@ def emr_passes(params: EmrParams) -> tuple[Fold, ...]:
     base="required",
     passes=emr_passes,
     aliases=("emr_merging",),
-    outputs="modulated",
+    outputs="routed",
     card=MethodCard(identity=({}, {}), typical=({}, {}), grid=({}, {}), group="advanced"),
 )
 def emr(
@@ -157,9 +157,9 @@ def emr(
     ctx: TensorContext,
 ) -> MethodOutput:
     """Shared θ0 + τ_uni plus per-task masks and rescalers; extract rebuilds θ0 + λ_t M_t ⊙ τ_uni."""
-    if PASS_RESCALE not in ctx.stats:
+    if PASS_RESCALE not in ctx.folds:
         raise RuntimeError(f"emr: rescaler pass result missing for tensor {ctx.name!r}")
-    scales = [float(s) for s in ctx.stats[PASS_RESCALE]]
+    scales = [float(s) for s in ctx.folds[PASS_RESCALE]]
     deltas = task_vectors(base, experts)
     tau_uni, masks = elect(deltas, params.sign_zero)
     del deltas

@@ -62,7 +62,7 @@ def _norm_init(params: FisherParams, n_experts: int) -> list[list[float]]:
 
 
 def _norm_update(state: list[list[float]], base, experts, params, model_params, ctx: TensorContext) -> None:
-    for i, a in enumerate(ctx.aux):
+    for i, a in enumerate(ctx.statistics):
         f = a.get("fisher")
         if f is not None:
             state[i].append(float(f.double().square().sum()))
@@ -123,7 +123,7 @@ def fisher_merge(experts: Sequence[Tensor], fishers: Sequence[Tensor], coeffs: S
 def fisher(base, experts, params: FisherParams, model_params, ctx: TensorContext) -> Any:
     """Σ cᵢ Fᵢ θᵢ / Σ cᵢ Fᵢ with each expert's diagonal Fisher (floored at ε, optionally norm-scaled)."""
     coeffs = [m.weight for m in model_params]
-    aux = list(ctx.aux) if ctx.aux else [{} for _ in experts]
+    aux = list(ctx.statistics) if ctx.statistics else [{} for _ in experts]
     have = [("fisher" in a) for a in aux]
     if not any(have):
         total = sum(coeffs)
@@ -135,7 +135,7 @@ def fisher(base, experts, params: FisherParams, model_params, ctx: TensorContext
         if tuple(f.shape) != tuple(experts[0].shape):
             raise ValueError(f"Fisher of shape {list(f.shape)} for a tensor of shape {list(experts[0].shape)}")
     if params.normalize:
-        norms = ctx.stats.get(PASS_NORM)
+        norms = ctx.folds.get(PASS_NORM)
         if norms is None:
             raise RuntimeError("fisher normalize: the norm gather pass did not run")
         for i, n in enumerate(norms):

@@ -60,7 +60,7 @@ from mergelab.methods.registry import get_method, method
 
 Tensor = torch.Tensor
 
-#: ``ctx.stats`` key of the L1-norm pass.
+#: ``ctx.folds`` key of the L1-norm pass.
 PASS_L1 = "lines.l1"
 
 #: Per-model parameters forwarded to the inner method when set.
@@ -297,9 +297,9 @@ def lines(
         if params.alpha is not None:
             alpha = params.alpha
         else:
-            if PASS_L1 not in ctx.stats:
+            if PASS_L1 not in ctx.folds:
                 raise RuntimeError(f"lines: the L1-norm gather pass result is missing for tensor {ctx.name!r}")
-            alpha = ctx.stats[PASS_L1]["alpha"]
+            alpha = ctx.folds[PASS_L1]["alpha"]
         beta = 0.5 if params.beta is None else params.beta
     tau = merged_task_vector(base, experts, params, model_params, ctx)
     factor = depth_factor(alpha, beta, ctx)

@@ -77,7 +77,7 @@ from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
 
-#: ``ctx.stats`` keys of the global-scope gather passes.
+#: ``ctx.folds`` keys of the global-scope gather passes.
 PASS_ABS_HIGH = "pcb.global.abs_high"
 PASS_ABS_LOW = "pcb.global.abs_low"
 PASS_SCORE_HIGH = "pcb.global.score_high"
@@ -285,7 +285,7 @@ def _abs_low_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
 
 
 def _abs_low_update(state, base, experts, params, model_params, ctx) -> None:
-    located = ctx.stats[PASS_ABS_HIGH]
+    located = ctx.folds[PASS_ABS_HIGH]
     state["located"] = located
     for i, t in enumerate(_flat_task_vectors(base, experts)):
         a = t.abs()
@@ -331,7 +331,7 @@ def _score_low_combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _global_betas(base, experts, params: PcbParams, ctx) -> tuple[list[Tensor], list[Tensor]]:
-    return balancing_scores(_flat_task_vectors(base, experts), ctx.stats[PASS_ABS_LOW], params.inter)
+    return balancing_scores(_flat_task_vectors(base, experts), ctx.folds[PASS_ABS_LOW], params.inter)
 
 
 def _score_high_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
@@ -365,7 +365,7 @@ def _score_low_init(params: PcbParams, n_experts: int) -> dict[str, Any]:
 
 
 def _score_low_update(state, base, experts, params, model_params, ctx) -> None:
-    located = ctx.stats[PASS_SCORE_HIGH]
+    located = ctx.folds[PASS_SCORE_HIGH]
     state["located"] = located
     betas, _ = _global_betas(base, experts, params, ctx)
     for i, beta in enumerate(betas):
@@ -403,10 +403,10 @@ def global_passes(params: PcbParams) -> tuple[Fold, ...]:
 
 def pcb_global_delta(base, experts, weights, params: PcbParams, ctx: TensorContext) -> Tensor:
     """τ_m for one tensor with the model-wide statistics of the gather passes (flattened)."""
-    missing = [p for p in (PASS_ABS_LOW, PASS_SCORE_LOW) if p not in ctx.stats]
+    missing = [p for p in (PASS_ABS_LOW, PASS_SCORE_LOW) if p not in ctx.folds]
     if missing:
         raise RuntimeError(f"pcb scope=global: gather pass results missing for tensor {ctx.name!r}")
-    final = ctx.stats[PASS_SCORE_LOW]
+    final = ctx.folds[PASS_SCORE_LOW]
     _check_global(params, final)
     betas, clipped = _global_betas(base, experts, params, ctx)
     scales = [scale_scores(b, t, m) for b, t, m in zip(betas, final["thresholds"], final["max"])]

@@ -40,7 +40,7 @@ def method(
     passes: Callable[[MethodParams], Sequence[Fold]] | None = None,
     aliases: Sequence[str] = (),
     summary: str | None = None,
-    outputs: Literal["model", "modulated"] = "model",
+    outputs: Literal["model", "routed"] = "model",
     statistics: str | None = None,
     card: MethodCard | None = None,
     scale: str | None = None,
@@ -50,7 +50,7 @@ def method(
 
     ``summary`` defaults to the first line of the function's docstring. ``statistics`` names the
     data phase (``mergelab.informed.phase.COLLECTORS``) whose per-expert results the engine
-    passes as ``ctx.aux``; ``None`` for data-free methods. ``card`` declares the identity and
+    passes as ``ctx.statistics``; ``None`` for data-free methods. ``card`` declares the identity and
     typical parameters, the benchmark grid and group (:class:`MethodCard`). ``scale`` and
     ``delta`` declare the scaled form ``fn == base + params.<scale> * delta`` (bit for bit), which
     lets the memory session sweep the scale without recomputing the delta.

@@ -148,7 +148,7 @@ def _nonlinear(
 
 def regmean_tensor(base, experts, params: RegMeanParams, model_params, ctx: TensorContext) -> Tensor:
     coeffs = [m.weight for m in model_params]
-    aux = list(ctx.aux) if ctx.aux else [{} for _ in experts]
+    aux = list(ctx.statistics) if ctx.statistics else [{} for _ in experts]
     have = [("gram" in a) for a in aux]
     if not any(have) or experts[0].dim() != 2:
         return _nonlinear(base, experts, coeffs, params)

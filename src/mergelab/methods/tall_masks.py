@@ -15,10 +15,10 @@ With τ_i = θ_i − θ0:
    untrimmed τ_t even when τ_MTL comes from TIES;
 3. task t is reconstructed as θ̂_t = θ0 + m_t ⊙ τ_MTL (coefficient 1).
 
-Output (``outputs="modulated"``): the shared checkpoint holds θ0 + τ_MTL (task arithmetic with
+Output (``outputs="routed"``): the shared checkpoint holds θ0 + τ_MTL (task arithmetic with
 λ = 1, or TIES dis-sum: a usable multi-task model on its own); the per-task parts are the
-masks (bit-packed) and θ0, written to ``modulators/`` of the output folder (see
-:mod:`mergelab.modulators`). ``mergelab extract OUT TASK DEST`` rebuilds θ̂_t as
+masks (bit-packed) and θ0, written to ``routed/`` of the output folder (see
+:mod:`mergelab.routed`). ``mergelab extract OUT TASK DEST`` rebuilds θ̂_t as
 ``where(m_t, shared, θ0)``, a pure selection, so no rounding is added. The in-memory API
 returns only the shared model.
 
@@ -129,7 +129,7 @@ def _as_ties_models(model_params: Sequence[Any]) -> list[TiesModelParams]:
 
 
 def _wrap_pass(gp: Fold) -> Fold:
-    """A TIES gather pass fed with this module's parameters (same name, so same ctx.stats key)."""
+    """A TIES gather pass fed with this module's parameters (same name, so same ctx.folds key)."""
 
     def init(params: MultiTaskParams, n: int) -> Any:
         return gp.init(_as_ties(params), n)
@@ -164,14 +164,14 @@ def multitask_vector(
     tp = _as_ties(params)
     majority: float | None = None
     if params.scope == "global":
-        if PASS_HIGH not in ctx.stats or PASS_LOW not in ctx.stats:
+        if PASS_HIGH not in ctx.folds or PASS_LOW not in ctx.folds:
             raise RuntimeError(f"multitask=ties scope=global: gather pass results missing for tensor {ctx.name!r}")
-        thresholds = ctx.stats[PASS_LOW]
+        thresholds = ctx.folds[PASS_LOW]
         trimmed = [trim(d, m.density, tp, threshold=t) for d, m, t in zip(deltas, model_params, thresholds)]
         if params.sign_tie == "majority":
-            if PASS_SIGN not in ctx.stats:
+            if PASS_SIGN not in ctx.folds:
                 raise RuntimeError(f"multitask=ties scope=global: sign pass result missing for tensor {ctx.name!r}")
-            majority = float(ctx.stats[PASS_SIGN])
+            majority = float(ctx.folds[PASS_SIGN])
     else:
         trimmed = [trim(d, m.density, tp) for d, m in zip(deltas, model_params)]
     return consensus_merge(
@@ -196,7 +196,7 @@ def tall_mask(delta: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
     base="required",
     passes=multitask_passes,
     aliases=("tall_mask",),
-    outputs="modulated",
+    outputs="routed",
     card=MethodCard(
         identity=({"normalize": True}, {}),
         typical=({"multitask": "ties"}, {"tall_lambda": 0.4, "density": 0.3}),

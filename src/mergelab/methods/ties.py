@@ -68,7 +68,7 @@ from mergelab.methods.stages.sparsify import (
 
 Tensor = torch.Tensor
 
-#: ``ctx.stats`` keys of the global-scope gather passes.
+#: ``ctx.folds`` keys of the global-scope gather passes.
 PASS_HIGH = "ties.global.high"
 PASS_LOW = "ties.global.low"
 PASS_SIGN = "ties.global.sign"
@@ -228,7 +228,7 @@ def _low_update(
     model_params: Sequence[TiesModelParams],
     ctx: TensorContext,
 ) -> None:
-    located = ctx.stats[PASS_HIGH]
+    located = ctx.folds[PASS_HIGH]
     state["located"] = located
     for i, expert in enumerate(experts):
         if "high" in located[i]:
@@ -268,7 +268,7 @@ def _global_trimmed(
     model_params: Sequence[TiesModelParams],
     ctx: TensorContext,
 ) -> list[Tensor]:
-    thresholds = ctx.stats[PASS_LOW]
+    thresholds = ctx.folds[PASS_LOW]
     return [
         trim(_delta(base, e), m.density, params, threshold=t)
         for e, m, t in zip(experts, model_params, thresholds)
@@ -321,17 +321,17 @@ def _pipeline(
     thresholds = None
     majority: float | None = None
     if params.scope == "global":
-        if PASS_HIGH not in ctx.stats or PASS_LOW not in ctx.stats:
+        if PASS_HIGH not in ctx.folds or PASS_LOW not in ctx.folds:
             raise RuntimeError(
                 f"ties scope=global: gather pass results missing for tensor {ctx.name!r}"
             )
-        thresholds = ctx.stats[PASS_LOW]
+        thresholds = ctx.folds[PASS_LOW]
         if params.sign_rule == "majority":
-            if PASS_SIGN not in ctx.stats:
+            if PASS_SIGN not in ctx.folds:
                 raise RuntimeError(
                     f"ties scope=global: sign pass result missing for tensor {ctx.name!r}"
                 )
-            majority = float(ctx.stats[PASS_SIGN])
+            majority = float(ctx.folds[PASS_SIGN])
     default_path = params.scope == "tensor" and params.sign_rule == "positive" and not params.rescale
     return TaskVectorMerge(
         trimmer(params, model_params, thresholds),

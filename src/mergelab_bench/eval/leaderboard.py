@@ -364,7 +364,7 @@ def run_suite(
         for name, spec in specs.items():
             points = list((grids or {}).get(name, suite.grid_for(name)))
             reason = check_grid(name, len(experts), points)
-            if not reason and not suite.routed and spec.outputs == "modulated":
+            if not reason and not suite.routed and spec.outputs == "routed":
                 reason = suite.routed_skip
             result = (
                 MethodResult(name, status="skipped", reason=reason)
@@ -390,7 +390,7 @@ def run_suite(
     }
     if suite.normalized:
         config["normalized"] = suite.normalized
-    routed = [m for m, sp in specs.items() if sp.outputs == "modulated"]
+    routed = [m for m, sp in specs.items() if sp.outputs == "routed"]
     if routed and suite.routed:
         config["routed"] = {
             "methods": routed,
@@ -546,7 +546,7 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
 
     name = spec.name
     row = row or name
-    routed = spec.outputs == "modulated"
+    routed = spec.outputs == "routed"
     informed = spec.statistics is not None
     result = MethodResult(row, kind="routed" if routed else "merge")
     best: Any = None  # the chosen point's merge: a state dict, or a RoutedMerge folder

@@ -1,14 +1,14 @@
 """Routed (per-task) methods on the leaderboard: TALL masks, EMR.
 
-A method registered with ``outputs="modulated"`` produces a shared model plus per-task parts
+A method registered with ``outputs="routed"`` produces a shared model plus per-task parts
 (binary masks, per-task scales), and task t's model is the reconstruction
 
     θ̂_t = θ0 + s_t · m_t ⊙ (shared − θ0)
 
 (TALL masks: θ0 + m_t ⊙ τ_MTL, s_t = 1; EMR: θ0 + λ_t m_t ⊙ τ_uni). One merged state dict
 cannot represent that, and using it needs the task id at inference. The bench therefore merges
-such a method exactly as ``mergelab merge`` does (to a folder, with ``modulators/``), rebuilds
-each task's model with :func:`mergelab.modulators.task_state_dict` (the code behind
+such a method exactly as ``mergelab merge`` does (to a folder, with ``routed/``), rebuilds
+each task's model with :func:`mergelab.routed.task_state_dict` (the code behind
 ``mergelab extract``), and scores task t with task t's reconstruction only. The grid is chosen
 on validation by the average normalized accuracy of those reconstructions; the row is marked
 ``routed`` and records the storage of the shared model + parts against N separate experts
@@ -30,16 +30,9 @@ from mergelab_bench.eval.metrics import EvalReport
 from mergelab_bench.zoo.build import Zoo
 
 
-def is_routed(method: str) -> bool:
-    """True for methods whose output is a shared model plus per-task parts."""
-    from mergelab.methods import get_method
-
-    return get_method(method).outputs == "modulated"
-
-
 @dataclass
 class RoutedMerge:
-    """A modulated merge output on disk and the zoo task of each of its tasks (by index)."""
+    """A routed merge output on disk and the zoo task of each of its tasks (by index)."""
 
     folder: Path
     tasks: list[str]
@@ -51,7 +44,7 @@ class RoutedMerge:
 
     def task_state(self, task: str) -> dict[str, Any]:
         """Task ``task``'s reconstruction, rebuilt by the extract code."""
-        from mergelab.modulators import task_state_dict
+        from mergelab.routed import task_state_dict
 
         return task_state_dict(self.folder, self.tasks.index(task))
 
@@ -113,7 +106,7 @@ def routed_merge(
 ) -> RoutedMerge:
     """Merge the zoo's experts with ``method`` at ``point`` into ``out`` (as ``mergelab merge``)."""
     from mergelab.api import merge
-    from mergelab.modulators import read_manifest
+    from mergelab.routed import read_manifest
 
     result = merge(routed_recipe(method, zoo, point, seed, per_model), out, force=True, hash_inputs=False)
     return RoutedMerge(result.path, list(zoo.tasks), read_manifest(result.path))

@@ -41,7 +41,7 @@ def test_every_declared_grid_validates_and_is_small() -> None:
 
 def test_routed_method_is_scored_per_task_with_its_reconstruction(tiny_zoo: Zoo, tmp_path) -> None:
     from mergelab import merge
-    from mergelab.modulators import task_state_dict
+    from mergelab.routed import task_state_dict
     from mergelab_bench.eval.routed import routed_recipe
 
     grids = {"tall_masks": product({}, {"tall_lambda": (0.2, 0.6)}), "emr": (GridPoint(),)}

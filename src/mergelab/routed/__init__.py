@@ -1,30 +1,30 @@
 """Shared model + per-task parts: the output format of TALL masks and EMR, and ``extract``.
 
-A method registered with ``outputs="modulated"`` returns, per tensor, the shared tensor (the
+A method registered with ``outputs="routed"`` returns, per tensor, the shared tensor (the
 checkpoint the engine writes) and per-task parts. :func:`open_parts_writer` is the sink
-``mergelab.api.merge`` hands those parts to; it writes ``OUT/modulators/`` (θ0, bit-packed masks,
+``mergelab.api.merge`` hands those parts to; it writes ``OUT/routed/`` (θ0, bit-packed masks,
 a JSON manifest with the per-task scales and a storage report). :func:`extract` rebuilds one
 task's model as a plain Hugging Face checkpoint. The layout is documented in
-:mod:`mergelab.modulators.format`.
+:mod:`mergelab.routed.format`.
 """
 
-from mergelab.modulators.extract import (
+from mergelab.routed.extract import (
     ExtractResult,
     extract,
     iter_task_tensors,
     reconstruct,
     task_state_dict,
 )
-from mergelab.modulators.format import (
+from mergelab.routed.format import (
     FORMAT,
     FORMAT_VERSION,
     format_storage,
-    is_modulated,
+    is_routed,
     pack_mask,
     read_manifest,
     unpack_mask,
 )
-from mergelab.modulators.writer import PartsWriter, open_parts_writer
+from mergelab.routed.writer import PartsWriter, open_parts_writer
 
 __all__ = [
     "FORMAT",
@@ -33,7 +33,7 @@ __all__ = [
     "PartsWriter",
     "extract",
     "format_storage",
-    "is_modulated",
+    "is_routed",
     "iter_task_tensors",
     "open_parts_writer",
     "pack_mask",

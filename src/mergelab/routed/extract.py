@@ -1,4 +1,4 @@
-"""Rebuild one task's model from a modulated output: a plain Hugging Face checkpoint.
+"""Rebuild one task's model from a routed output: a plain Hugging Face checkpoint.
 
 Streams tensor by tensor: reads the shared tensor, θ0 and the task's row of the packed mask
 (only that row's bytes), computes θ̂_t = θ0 + s_t·m_t ⊙ (shared − θ0) in float32 (the exact
@@ -27,10 +27,10 @@ from mergelab.checkpoint.writer import (
     parse_size,
 )
 from mergelab.errors import CheckpointError
-from mergelab.modulators.format import (
+from mergelab.routed.format import (
     BASE_FOLDER,
     MASKS_FOLDER,
-    modulators_dir,
+    routed_dir,
     packed_size,
     read_manifest,
     resolve_task,
@@ -55,7 +55,7 @@ class _StFolder:
         self.entries: dict[str, tuple[Path, StEntry]] = {}
         for p in paths:
             if not p.is_file():
-                raise CheckpointError(f"{p}: missing; the modulated output is incomplete")
+                raise CheckpointError(f"{p}: missing; the routed output is incomplete")
             entries, _ = read_header(p)
             for name, e in entries.items():
                 self.entries[name] = (p, e)
@@ -70,7 +70,7 @@ class _StFolder:
         try:
             return self.entries[name]
         except KeyError:
-            raise CheckpointError(f"{self.folder}: no tensor {name!r}; the modulated output is corrupt") from None
+            raise CheckpointError(f"{self.folder}: no tensor {name!r}; the routed output is corrupt") from None
 
     def read(self, name: str) -> torch.Tensor:
         path, e = self.entry(name)
@@ -116,19 +116,19 @@ def iter_task_tensors(folder: str | Path, task: str | int) -> Iterator[tuple[str
     entry = resolve_task(manifest, task)
     t, scale = int(entry["index"]), float(entry["scale"])
     n_tasks = len(manifest["tasks"])
-    modulated = set(manifest["modulated_tensors"])
+    routed = set(manifest["routed_tensors"])
     shared = open_checkpoint(folder)
-    root = modulators_dir(folder)
+    root = routed_dir(folder)
     base = _StFolder(root / BASE_FOLDER)
     masks = _StFolder(root / MASKS_FOLDER)
     try:
         metas = shared.tensors()
-        absent = [n for n in modulated if n not in metas]
+        absent = [n for n in routed if n not in metas]
         if absent:
             raise CheckpointError(f"{folder}: the manifest lists tensor {absent[0]!r} that the shared model lacks")
         for name, meta in metas.items():
             value = shared.read(name)
-            if name in modulated:
+            if name in routed:
                 _, me = masks.entry(name)
                 if me.shape != (n_tasks, packed_size(meta.numel)) or me.dtype != torch.uint8:
                     raise CheckpointError(
@@ -172,7 +172,7 @@ def _card(manifest: dict[str, Any], task: dict[str, Any], source: Path) -> str:
             "",
             (
                 f"with scale {task['scale']:.6g} and a mask keeping {100 * task.get('mask_density', 0):.2f} % of the "
-                "modulated weights."
+                "routed weights."
             ),
             "",
         ]
@@ -187,7 +187,7 @@ def extract(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD,
 ) -> ExtractResult:
-    """Write task ``task`` (name, index or model reference) of the modulated output ``folder``
+    """Write task ``task`` (name, index or model reference) of the routed output ``folder``
     as a plain Hugging Face checkpoint in ``out`` (atomic; ``out`` must not exist unless
     ``force``). Config and tokenizer files are copied from ``folder``."""
     src = Path(folder).expanduser()

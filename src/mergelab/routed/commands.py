@@ -1,7 +1,7 @@
-"""CLI commands for modulated outputs (registered in ``mergelab.cli``).
+"""CLI commands for routed outputs (registered in ``mergelab.cli``).
 
-``extract_command`` is ``mergelab extract FOLDER TASK OUT [--force]``; ``modulators_command``
-is ``mergelab modulators FOLDER`` (list the tasks and the storage report). Both raise
+``extract_command`` is ``mergelab extract FOLDER TASK OUT [--force]``; ``routed_command``
+is ``mergelab routed FOLDER`` (list the tasks and the storage report). Both raise
 ``MergelabError`` for user errors; the CLI's ``user_errors`` wrapper prints them in one line.
 """
 
@@ -17,14 +17,14 @@ from rich.table import Table
 
 def extract_command(
     folder: Annotated[Path, typer.Argument(help="output folder of a tall_masks or emr merge")],
-    task: Annotated[str, typer.Argument(help="task name, index or model reference (see `mergelab modulators FOLDER`)")],
+    task: Annotated[str, typer.Argument(help="task name, index or model reference (see `mergelab routed FOLDER`)")],
     out: Annotated[Path, typer.Argument(help="where to write the task's model (must not exist unless --force)")],
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
 ) -> None:
-    """Rebuild one TASK of a modulated merge in FOLDER as a plain Hugging Face checkpoint in OUT."""
-    from mergelab.modulators.extract import extract
-    from mergelab.modulators.format import fmt_bytes, format_storage
+    """Rebuild one TASK of a routed merge in FOLDER as a plain Hugging Face checkpoint in OUT."""
+    from mergelab.routed.extract import extract
+    from mergelab.routed.format import fmt_bytes, format_storage
 
     err = Console(stderr=True)
     result = extract(folder, task, out, force=force, max_shard_size=max_shard_size)
@@ -39,11 +39,11 @@ def extract_command(
         err.print(format_storage(storage), highlight=False)
 
 
-def modulators_command(
+def routed_command(
     folder: Annotated[Path, typer.Argument(help="output folder of a tall_masks or emr merge")],
 ) -> None:
-    """List the tasks of a modulated merge in FOLDER with their scales, mask densities and storage."""
-    from mergelab.modulators.format import format_storage, read_manifest
+    """List the tasks of a routed merge in FOLDER with their scales, mask densities and storage."""
+    from mergelab.routed.format import format_storage, read_manifest
 
     manifest = read_manifest(folder)
     console = Console()

@@ -1,4 +1,4 @@
-"""The parts sink of a modulated merge: streams θ0 and the bit-packed masks as tensors arrive.
+"""The parts sink of a routed merge: streams θ0 and the bit-packed masks as tensors arrive.
 
 The engine hands :meth:`PartsWriter.add` one tensor's parts at a time (``{"base": θ0,
 "mask": [bool tensor per task], "scale": [float per task]}``). Both files are laid out in
@@ -21,7 +21,7 @@ import torch
 from mergelab.checkpoint.reader import weight_files
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, ShardedSafetensorsWriter
 from mergelab.errors import MergelabError, OutputError
-from mergelab.modulators.format import (
+from mergelab.routed.format import (
     BASE_FOLDER,
     BIT_ORDER,
     FOLDER,
@@ -47,7 +47,7 @@ def shared_checkpoint_bytes(folder: Path) -> int:
 
 
 class PartsWriter:
-    """Writes ``FOLDER/modulators/`` for one modulated merge (see :mod:`mergelab.modulators.format`)."""
+    """Writes ``FOLDER/routed/`` for one routed merge (see :mod:`mergelab.routed.format`)."""
 
     def __init__(self, folder: str | Path, plan: Any, max_shard_size: int = DEFAULT_MAX_SHARD):
         self.folder = Path(folder)
@@ -86,7 +86,7 @@ class PartsWriter:
             self._scales = scales
         elif scales != self._scales:
             raise MergelabError(
-                f"tensor {name!r}: per-task scales {scales} differ from {self._scales}; the modulators format "
+                f"tensor {name!r}: per-task scales {scales} differ from {self._scales}; the routed format "
                 "holds one scale per task"
             )
         rows = []
@@ -156,11 +156,11 @@ class PartsWriter:
                 "folder": MASKS_FOLDER,
                 "dtype": "uint8",
                 "bit_order": BIT_ORDER,
-                "layout": "one tensor per modulated tensor, shape [tasks, ceil(numel / 8)]; row t is task t's "
+                "layout": "one tensor per routed tensor, shape [tasks, ceil(numel / 8)]; row t is task t's "
                 "mask flattened in C order, 8 elements per byte",
             },
-            "modulated_tensors": list(self.jobs),
-            "parameters_modulated": self._params,
+            "routed_tensors": list(self.jobs),
+            "parameters_routed": self._params,
         }
         try:
             from mergelab import __version__
@@ -202,5 +202,5 @@ class PartsWriter:
 
 
 def open_parts_writer(folder: str | Path, plan: Any, max_shard_size: int = DEFAULT_MAX_SHARD) -> PartsWriter:
-    """The parts sink ``mergelab.api.merge`` uses for methods registered with ``outputs="modulated"``."""
+    """The parts sink ``mergelab.api.merge`` uses for methods registered with ``outputs="routed"``."""
     return PartsWriter(folder, plan, max_shard_size)

@@ -1,4 +1,4 @@
-"""The modulated output format: mask packing, the manifest and storage report, and `extract`
+"""The routed output format: mask packing, the manifest and storage report, and `extract`
 rebuilding each task's model (against independent formulas, and exactly when masks keep
 everything a task moved)."""
 
@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 
 import mergelab
 from mergelab.errors import CheckpointError, MergelabError, OutputError
-from mergelab.modulators import (
+from mergelab.routed import (
     extract,
-    is_modulated,
+    is_routed,
     pack_mask,
     read_manifest,
     task_state_dict,
     unpack_mask,
 )
-from mergelab.modulators.format import FORMAT_VERSION, format_storage, task_names
+from mergelab.routed.format import FORMAT_VERSION, format_storage, task_names
 
 
 def load_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def recipe(method: str, base: Path, experts: list[Path], **params) -> dict:
 @pytest.fixture(scope="module")
 def merged(family, tmp_path_factory):
     base, experts = family
-    root = tmp_path_factory.mktemp("modulated")
+    root = tmp_path_factory.mktemp("routed")
     outs = {}
     for method in ("tall_masks", "emr"):
         outs[method] = root / method
@@ -87,16 +87,16 @@ def test_task_names_are_short_and_unique():
 def test_manifest_and_storage_report(merged):
     base, experts, outs = merged
     out = outs["tall_masks"]
-    assert is_modulated(out) and not is_modulated(base)
+    assert is_routed(out) and not is_routed(base)
     man = read_manifest(out)
     assert man["format_version"] == FORMAT_VERSION and man["method"] == "tall_masks"
     assert [t["name"] for t in man["tasks"]] == ["expert_0", "expert_1", "expert_2"]
     assert [t["model"] for t in man["tasks"]] == [str(e) for e in experts]
     assert all(t["scale"] == 1.0 and t["parameters"]["tall_lambda"] == 0.6 for t in man["tasks"])
     shared = load_dir(out)
-    assert set(man["modulated_tensors"]) == {k for k, v in shared.items() if v.is_floating_point()}
-    n_params = sum(shared[k].numel() for k in man["modulated_tensors"])
-    assert man["parameters_modulated"] == n_params
+    assert set(man["routed_tensors"]) == {k for k, v in shared.items() if v.is_floating_point()}
+    n_params = sum(shared[k].numel() for k in man["routed_tensors"])
+    assert man["parameters_routed"] == n_params
     s = man["storage"]
     assert s["total_bytes"] == s["shared_bytes"] + s["base_bytes"] + s["masks_bytes"]
     assert s["separate_experts_bytes"] == 3 * s["shared_bytes"]
@@ -106,8 +106,8 @@ def test_manifest_and_storage_report(merged):
     assert 0.6 < s["ratio"] < 0.75  # 2 models + 3 bit masks vs 3 models
     assert s["input_experts_bytes"] > 0
     assert format_storage(s) == s["summary"] and "separate experts" in s["summary"]
-    # the shared checkpoint is a normal HF folder: the modulators folder does not leak into it
-    assert not any(k.startswith("modulators") for k in shared)
+    # the shared checkpoint is a normal HF folder: the routed folder does not leak into it
+    assert not any(k.startswith("routed") for k in shared)
     # densities recorded per task match the masks
     for t in man["tasks"]:
         assert 0 <= t["mask_density"] <= 1 and t["mask_ones"] == round(t["mask_density"] * n_params)
@@ -115,11 +115,11 @@ def test_manifest_and_storage_report(merged):
 
 def test_manifest_version_and_missing(merged, tmp_path):
     _, _, outs = merged
-    with pytest.raises(CheckpointError, match="not a modulated"):
+    with pytest.raises(CheckpointError, match="not a routed"):
         read_manifest(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(outs["emr"], copy)
-    path = copy / "modulators" / "manifest.json"
+    path = copy / "routed" / "manifest.json"
     data = json.loads(path.read_text())
     data["format_version"] = 99
     path.write_text(json.dumps(data))
@@ -242,7 +242,7 @@ def test_extract_errors_and_force(merged, tmp_path):
     with pytest.raises(MergelabError, match="unknown task"):
         extract(outs["tall_masks"], 7, tmp_path / "y")
     assert not (tmp_path / "y").exists()
-    with pytest.raises(CheckpointError, match="not a modulated"):
+    with pytest.raises(CheckpointError, match="not a routed"):
         extract(dest, 0, tmp_path / "z")
     assert not list(tmp_path.glob(".*mergelab-tmp*"))  # failed runs leave nothing behind
 
@@ -264,11 +264,11 @@ def test_tied_embeddings_and_bf16_output(tied_family, tmp_path):
     shared = load_dir(out)
     assert "lm_head.weight" not in shared  # written once, tied in the config
     man = read_manifest(out)
-    assert "lm_head.weight" not in man["modulated_tensors"]
+    assert "lm_head.weight" not in man["routed_tensors"]
     b = load_dir(base)
     got = task_state_dict(out, 0)
     assert set(got) == set(shared)
-    mask_base = load_dir(out / "modulators" / "base")
+    mask_base = load_dir(out / "routed" / "base")
     for k, v in got.items():
         assert v.dtype == torch.bfloat16
         # every entry is either the shared value or the base's (a selection, no new rounding)
@@ -279,12 +279,12 @@ def test_tied_embeddings_and_bf16_output(tied_family, tmp_path):
 def test_cli_commands(merged, tmp_path):
     import typer
 
-    from mergelab.modulators.commands import extract_command, modulators_command
+    from mergelab.routed.commands import extract_command, routed_command
 
     _, _, outs = merged
     app = typer.Typer()
     app.command("extract")(extract_command)
-    app.command("modulators")(modulators_command)
+    app.command("routed")(routed_command)
     runner = CliRunner()
     res = runner.invoke(app, ["extract", str(outs["emr"]), "expert_0", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
@@ -294,5 +294,5 @@ def test_cli_commands(merged, tmp_path):
     assert res.exit_code != 0 and isinstance(res.exception, OutputError)
     res = runner.invoke(app, ["extract", str(outs["emr"]), "expert_0", str(tmp_path / "cli"), "--force"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["modulators", str(outs["emr"])])
+    res = runner.invoke(app, ["routed", str(outs["emr"])])
     assert res.exit_code == 0 and "expert_2" in res.output

@@ -1,16 +1,16 @@
-"""The on-disk format of a modulated output: constants, mask bit packing, the manifest.
+"""The on-disk format of a routed output: constants, mask bit packing, the manifest.
 
-A modulated output folder (``mergelab merge`` with ``tall_masks`` or ``emr``)::
+A routed output folder (``mergelab merge`` with ``tall_masks`` or ``emr``)::
 
     OUT/
       config.json, tokenizer files, README.md, mergelab_recipe.yaml
       model.safetensors | model-0000k-of-0000n.safetensors + index     the shared model
-      modulators/
+      routed/
         manifest.json                                                   what follows, as JSON
         base/model.safetensors (or shards + index)                     θ0, output dtype
         masks/model.safetensors (or shards + index)                    bit-packed masks, uint8
 
-Reconstruction of task t, for every tensor listed in the manifest (``modulated_tensors``)::
+Reconstruction of task t, for every tensor listed in the manifest (``routed_tensors``)::
 
     θ̂_t = θ0 + s_t · m_t ⊙ (shared − θ0)
 
@@ -37,9 +37,9 @@ import torch
 
 from mergelab.errors import CheckpointError, MergelabError
 
-FORMAT = "mergelab-modulators"
+FORMAT = "mergelab-routed"
 FORMAT_VERSION = 1
-FOLDER = "modulators"
+FOLDER = "routed"
 MANIFEST = "manifest.json"
 BASE_FOLDER = "base"
 MASKS_FOLDER = "masks"
@@ -83,21 +83,21 @@ def task_names(labels: list[str]) -> list[str]:
     return out
 
 
-def modulators_dir(folder: str | Path) -> Path:
+def routed_dir(folder: str | Path) -> Path:
     return Path(folder).expanduser() / FOLDER
 
 
-def is_modulated(folder: str | Path) -> bool:
-    """True when ``folder`` holds a modulated output (a manifest in ``modulators/``)."""
-    return (modulators_dir(folder) / MANIFEST).is_file()
+def is_routed(folder: str | Path) -> bool:
+    """True when ``folder`` holds a routed output (a manifest in ``routed/``)."""
+    return (routed_dir(folder) / MANIFEST).is_file()
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a modulated output folder, validated (format and version)."""
-    path = modulators_dir(folder) / MANIFEST
+    """The manifest of a routed output folder, validated (format and version)."""
+    path = routed_dir(folder) / MANIFEST
     if not path.is_file():
         raise CheckpointError(
-            f"{folder}: not a modulated merge output (no {FOLDER}/{MANIFEST}); extract works on the output of "
+            f"{folder}: not a routed merge output (no {FOLDER}/{MANIFEST}); extract works on the output of "
             "a method with per-task parts (tall_masks, emr)"
         )
     try:
@@ -112,7 +112,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path}: format version {version} is not supported by this mergelab (reads version {FORMAT_VERSION}); "
             "upgrade mergelab"
         )
-    for key in ("tasks", "modulated_tensors"):
+    for key in ("tasks", "routed_tensors"):
         if not isinstance(data.get(key), list):
             raise CheckpointError(f"{path}: manifest has no {key!r} list; the output is corrupt")
     return data
