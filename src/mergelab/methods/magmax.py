@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import MethodCard, MethodParams, NoParams, TensorContext
-from mergelab.methods.kernels.tensors import task_vectors
+from mergelab.methods.kernels.tensors import scale_add, task_vectors
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import work_dtype
 
@@ -92,4 +92,4 @@ def magmax(
 ) -> Tensor:
     """Keep, per weight, the task-vector entry of largest magnitude; add λ times it to the base."""
     best = magmax_delta(base, experts, params, model_params, ctx)
-    return torch.add(base.to(best.dtype), best, alpha=params.lambda_).to(base.dtype)
+    return scale_add(base.to(best.dtype), best, params.lambda_).to(base.dtype)

@@ -72,7 +72,7 @@ from mergelab.methods.kernels.select import (
     signed_low_histogram,
     sorted_at,
 )
-from mergelab.methods.kernels.tensors import task_vectors, weighted_sum
+from mergelab.methods.kernels.tensors import scale_add, task_vectors, weighted_sum
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -456,4 +456,4 @@ def pcb(
 ) -> Tensor:
     """Score entries by intra- and inter-task balancing, drop low scores, score-weighted average."""
     delta = pcb_delta(base, experts, params, model_params, ctx)
-    return torch.add(base.float(), delta, alpha=params.lambda_).to(base.dtype)
+    return scale_add(base.float(), delta, params.lambda_).to(base.dtype)

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import MethodCard, TensorContext
-from mergelab.methods.kernels.tensors import task_vectors
+from mergelab.methods.kernels.tensors import scale_add, task_vectors
 from mergelab.methods.registry import method
 from mergelab.methods.tall_masks import (
     MultiTaskParams,
@@ -119,4 +119,4 @@ def consensus(
 ) -> Tensor:
     """θ0 + λ·(m_cons ⊙ τ_MTL): drop weights fewer than k tasks' TALL masks select."""
     tau = consensus_delta(base, experts, params, model_params, ctx)
-    return torch.add(base.float(), tau, alpha=params.lambda_).to(base.dtype)
+    return scale_add(base.float(), tau, params.lambda_).to(base.dtype)

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import MethodCard, MethodParams, TensorContext
-from mergelab.methods.kernels.tensors import weighted_sum
+from mergelab.methods.kernels.tensors import scale_add, weighted_sum
 from mergelab.methods.registry import method
 
 
@@ -84,4 +84,4 @@ def task_arithmetic(
 ) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i: add (or, with negative weights, subtract) task vectors."""
     delta = task_arithmetic_delta(base, experts, params, model_params, ctx)
-    return torch.add(base, delta, alpha=params.lambda_)
+    return scale_add(base, delta, params.lambda_)

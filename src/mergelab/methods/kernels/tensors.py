@@ -70,3 +70,12 @@ def weighted_sum(
 def mean(tensors: Sequence[Tensor]) -> Tensor:
     """(1/T) Σ_i t_i, summed onto zeros (:func:`weighted_sum` with ``from_zero``)."""
     return weighted_sum(tensors, from_zero=True).div_(len(tensors))
+
+
+def scale_add(base: Tensor, delta: Tensor, scale: float) -> Tensor:
+    """``torch.add(base, delta, alpha=scale)`` (one rounding) in the base's dtype: the last step of
+    every scaled form (``fn == base + λ · delta``). ``delta`` is consumed: the sum is written into it
+    when it can hold the result, so no tensor-sized buffer is allocated."""
+    if delta.dtype == torch.promote_types(base.dtype, delta.dtype) and delta.device == base.device:
+        return torch.add(base, delta, alpha=scale, out=delta).to(base.dtype)
+    return torch.add(base, delta, alpha=scale).to(base.dtype)

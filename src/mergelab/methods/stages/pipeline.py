@@ -86,6 +86,3 @@ class TaskVectorMerge:
         return out
 
 
-def scale_add(base: Tensor, delta: Tensor, scale: float) -> Tensor:
-    """The scaled form's last step: ``torch.add(base, delta, alpha=scale)`` in the base's dtype."""
-    return torch.add(base, delta, alpha=scale).to(base.dtype)
