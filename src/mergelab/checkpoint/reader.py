@@ -151,7 +151,9 @@ class SafetensorsReader:
             entries, _ = read_header(f)
             for name, e in entries.items():
                 if name in self._entries:
-                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {self._entries[name][0]}; the checkpoint is inconsistent")
+                    raise CheckpointError(
+                        f"{f}: tensor {name!r} also appears in {self._entries[name][0]}; the checkpoint is inconsistent"
+                    )
                 self._entries[name] = (f, e)
                 self._meta[name] = TensorMeta(name, e.shape, e.dtype, f.name)
 
@@ -165,7 +167,9 @@ class SafetensorsReader:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
-                    raise CheckpointError(f"{path}: cannot open ({exc.strerror}); check the path and permissions") from exc
+                    raise CheckpointError(
+                        f"{path}: cannot open ({exc.strerror}); check the path and permissions"
+                    ) from exc
                 self._fds[path] = fd
             return fd
 
@@ -180,7 +184,9 @@ class SafetensorsReader:
         """Reopens the same files (or the same Hub repository)."""
         if self._spec is not None:
             return self._spec
-        return SafetensorsSpec(self.label, str(self.folder) if self.folder else None, tuple(str(f) for f in self._files))
+        return SafetensorsSpec(
+            self.label, str(self.folder) if self.folder else None, tuple(str(f) for f in self._files)
+        )
 
     def config(self) -> dict | None:
         if self.folder and (self.folder / "config.json").is_file():
@@ -231,7 +237,8 @@ class TorchBinReader:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for bad/unsafe pickles
             raise CheckpointError(
-                f"{path}: cannot load as a weights-only PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                f"{path}: cannot load as a weights-only PyTorch checkpoint "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                 "mergelab never unpickles arbitrary objects: convert it to safetensors"
             ) from exc
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
@@ -282,7 +289,9 @@ class StateDictReader:
         self.label = label
         self._sd = dict(state)
         self._meta = {
-            k: TensorMeta(k, tuple(v.shape), v.dtype, "<memory>") for k, v in self._sd.items() if isinstance(v, torch.Tensor)
+            k: TensorMeta(k, tuple(v.shape), v.dtype, "<memory>")
+            for k, v in self._sd.items()
+            if isinstance(v, torch.Tensor)
         }
         first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
         self._aliases: dict[str, str] = {}
@@ -329,7 +338,9 @@ def _files_from_index(index: Path) -> list[Path]:
     files = [index.parent / n for n in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{index}: shard file(s) {', '.join(missing)} listed in the index are missing; re-download the model")
+        raise CheckpointError(
+            f"{index}: shard file(s) {', '.join(missing)} listed in the index are missing; re-download the model"
+        )
     return files
 
 

@@ -61,9 +61,7 @@ Tensor = torch.Tensor
 
 
 class DareLinearParams(SparseMergeParams):
-    rescale: bool = Field(
-        True, description="rescale the survivors (the paper's 1/(1 − p); see rescale_mode)"
-    )
+    rescale: bool = Field(True, description="rescale the survivors (the paper's 1/(1 − p); see rescale_mode)")
     rescale_mode: RescaleMode = Field(
         "inverse",
         description="inverse: divide survivors by density = 1 − p (paper); l1: match the "
