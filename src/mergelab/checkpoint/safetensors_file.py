@@ -136,7 +136,7 @@ def pread_tensor(fd: int, entry: StEntry, path: Path) -> torch.Tensor:
     """Read one tensor's bytes into a fresh buffer (no memory map)."""
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     if entry.nbytes:
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
         done = 0
         while done < entry.nbytes:
             got = os.preadv(fd, [view[done:]], entry.begin + done)

@@ -133,7 +133,7 @@ class ShardedSafetensorsWriter:
         if t.dtype != self._dtypes[name]:
             t = t.to(self._dtypes[name])
         t = t.to("cpu").contiguous()
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
         shard.write(name, data)
 
     def finish(self) -> None:
@@ -205,7 +205,7 @@ class ShardLayout:
         if t.dtype != dtype:
             t = t.to(dtype)
         t = t.to("cpu").contiguous()
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_WRONLY)

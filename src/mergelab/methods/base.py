@@ -106,6 +106,9 @@ class MethodOutput:
 
 
 MergeFn = Callable[..., "Tensor | MethodOutput"]
+# The gather passes of a method: called with an instance of the method's own ``params`` model
+# (a MethodParams subclass, so the argument is typed Any, as MergeFn's are).
+PassesFn = Callable[[Any], Sequence["Fold"]]
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ class MergeMethod:
     base: BaseUse = "required"
     min_experts: int = 1
     max_experts: int | None = None
-    passes_fn: Callable[[MethodParams], Sequence[Fold]] | None = None
+    passes_fn: PassesFn | None = None
     aliases: tuple[str, ...] = ()
     outputs: Literal["model", "routed"] = "model"  # "routed": fn returns MethodOutput
     statistics: str | None = None  # data phase producing ctx.statistics (mergelab.informed); None: data-free

@@ -15,12 +15,12 @@ from typing import Literal
 from mergelab.errors import RecipeError
 from mergelab.methods.base import (
     BaseUse,
-    Fold,
     MergeFn,
     MergeMethod,
     MethodCard,
     MethodParams,
     NoParams,
+    PassesFn,
 )
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -37,7 +37,7 @@ def method(
     base: BaseUse = "required",
     min_experts: int = 1,
     max_experts: int | None = None,
-    passes: Callable[[MethodParams], Sequence[Fold]] | None = None,
+    passes: PassesFn | None = None,
     aliases: Sequence[str] = (),
     summary: str | None = None,
     outputs: Literal["model", "routed"] = "model",

@@ -311,9 +311,12 @@ Apply = Callable[[int, Tensor, Scratch], Tensor]
 class Sparsifier(Protocol):
     """A sparsifier stage for one tensor (see the module docstring)."""
 
-    whole: bool
-    rows: bool
-    parallel: bool
+    @property
+    def whole(self) -> bool: ...
+    @property
+    def rows(self) -> bool: ...
+    @property
+    def parallel(self) -> bool: ...
 
     def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply: ...
 
@@ -401,10 +404,11 @@ class OutlierBands:
         )
 
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
-            if bounds[i] is None:
+            bounds_i = bounds[i]
+            if bounds_i is None:
                 d.zero_()
             else:
-                lower, upper = bounds[i]
+                lower, upper = bounds_i
                 if lower is not None or upper is not None:
                     mag = torch.abs(d, out=scratch.take("mag", d.numel()))
                     keep = scratch.take("keep", d.numel())
