@@ -511,7 +511,7 @@ def _plan_tensors(
         if layer is not None and num_layers:
             t = 1.0 if num_layers <= 1 else layer / (num_layers - 1)
         params, model_params = resolver.resolve(name, t)
-        outputs = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
+        outputs: tuple[OutRef, ...] = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
         if routed:
             outputs += (OutRef(MASKS, name, meta.shape, torch.bool),)
         jobs.append(Job(refs, MethodCall(params, model_params, layer, rows, base=base is not None), outputs))

@@ -27,7 +27,7 @@ import torch
 
 from mergelab.errors import InputDataError, MergelabError, RecipeError
 from mergelab.executors.base import ExecutorOptions, NoProgress, Progress, RunStats, resolve_device, thread_limit
-from mergelab.ir import MASKS, MODEL
+from mergelab.ir import MASKS, MODEL, MethodCall
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
 from mergelab.recipe import Recipe
@@ -219,9 +219,9 @@ class MergeSession:
             if job.layer is not None and n_layers:
                 t = 1.0 if n_layers <= 1 else job.layer / (n_layers - 1)
             params, model_params = resolver.resolve(job.name, t)
-            jobs.append(
-                dataclasses.replace(job, op=dataclasses.replace(job.op, params=params, model_params=model_params))
-            )
+            op = job.op
+            assert isinstance(op, MethodCall)  # job.kind == "merge"
+            jobs.append(dataclasses.replace(job, op=dataclasses.replace(op, params=params, model_params=model_params)))
         return global_params, jobs
 
     def _context(self, job: TensorJob, stats: Mapping[str, Any], aux: Sequence[Mapping[str, Tensor]]) -> TensorContext:
@@ -281,18 +281,23 @@ class MergeSession:
                 continue
             base, experts, aux = self._inputs[job.name]
             ctx = self._context(job, stats, aux)
+            merged: Tensor | MethodOutput
             try:
                 with torch.no_grad():
+                    params = job.params
+                    assert params is not None  # copies are handled above: a merge job's op is a MethodCall
                     if drop is not None:
-                        key = _key(job.params, job.model_params, drop)
+                        # drop is set only for a method with a scaled form, base + scale * delta
+                        assert m.delta is not None and base is not None
+                        key = _key(params, job.model_params, drop)
                         used.add(key)
                         per = self._deltas.setdefault(job.name, {})
                         delta = per.get(key)
                         if delta is None:
-                            delta = per[key] = m.delta(base, experts, job.params, job.model_params, ctx)
-                        merged = torch.add(base, delta, alpha=getattr(job.params, drop)).to(base.dtype)
+                            delta = per[key] = m.delta(base, experts, params, job.model_params, ctx)
+                        merged = torch.add(base, delta, alpha=getattr(params, drop)).to(base.dtype)
                     else:
-                        merged = m(base, experts, job.params, job.model_params, ctx)
+                        merged = m(base, experts, params, job.model_params, ctx)
             except MergelabError:
                 raise
             except Exception as exc:

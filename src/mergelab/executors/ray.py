@@ -149,6 +149,7 @@ class _Worker:
 
     def fold(self, k: int, job_index: Sequence[int], stats: Mapping[str, Any]) -> tuple[Any, int]:
         g = self.graph
+        assert g is not None, "load() first"
         fold = g.folds[k]
         run = RunStats()
         jobs = [g.jobs[i] for i in job_index]
@@ -160,6 +161,7 @@ class _Worker:
         self, job_index: Sequence[int], stats: Mapping[str, Any], layouts: Mapping[str, Any], collect: Sequence[str]
     ) -> dict[str, Any]:
         g = self.graph
+        assert g is not None, "load() first"
         sinks: dict[str, Any] = dict(layouts)
         collectors = {name: _Collect() for name in collect}
         sinks.update(collectors)

@@ -303,9 +303,11 @@ def _context(
 
 def _call_method(graph: Graph, job: Job, prep: _Prepared, ctx: TensorContext, parts: PartsSink | None) -> torch.Tensor:
     method = graph.method
+    params = job.params
+    assert params is not None  # only MethodCall jobs reach here (Copy and Init are handled before)
     try:
         with torch.no_grad():
-            out = method(prep.base, prep.experts, job.params, job.model_params, ctx)
+            out = method(prep.base, prep.experts, params, job.model_params, ctx)
     except MergelabError:
         raise
     except Exception as exc:

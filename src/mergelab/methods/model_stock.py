@@ -105,9 +105,9 @@ def model_stock(
     if base.numel() == 0:
         return base.clone()
     if params.filter_wise and base.dim() >= 1:
-        cols = shape[-1]
-        w0 = base.reshape(-1, cols)
-        ws = [e.reshape(-1, cols) for e in experts]
+        n_cols = shape[-1]
+        w0 = base.reshape(-1, n_cols)
+        ws = [e.reshape(-1, n_cols) for e in experts]
     else:
         w0 = base.reshape(1, -1)
         ws = [e.reshape(1, -1) for e in experts]

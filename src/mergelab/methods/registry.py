@@ -15,6 +15,7 @@ from typing import Literal
 from mergelab.errors import RecipeError
 from mergelab.methods.base import (
     BaseUse,
+    DeltaFn,
     MergeFn,
     MergeMethod,
     MethodCard,
@@ -44,7 +45,7 @@ def method(
     statistics: str | None = None,
     card: MethodCard | None = None,
     scale: str | None = None,
-    delta: MergeFn | None = None,
+    delta: DeltaFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn(base, experts, params, model_params, ctx) -> Tensor`` under ``name``.
 
