@@ -59,8 +59,12 @@ def make_inputs(n_experts: int = 4) -> tuple[dict[str, torch.Tensor], list[dict[
 
 
 def independent(base, experts) -> list[dict[str, torch.Tensor]]:
-    return [mergelab.merge_state_dicts("ties", experts, base, parameters={"lambda": lam},
-                                       model_parameters=[{"density": 0.2}] * len(experts)) for lam in LAMBDAS]
+    return [
+        mergelab.merge_state_dicts(
+            "ties", experts, base, parameters={"lambda": lam}, model_parameters=[{"density": 0.2}] * len(experts)
+        )
+        for lam in LAMBDAS
+    ]
 
 
 def session(base, experts) -> list[dict[str, torch.Tensor]]:
@@ -77,8 +81,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base, experts = make_inputs()
     n = sum(v.numel() for v in base.values())
-    print(f"all-MiniLM-L6-v2 shapes: {n / 1e6:.1f}M parameters, 4 experts + base, TIES density 0.2, "
-          f"{len(LAMBDAS)} lambdas, torch threads {torch.get_num_threads()}")
+    print(
+        f"all-MiniLM-L6-v2 shapes: {n / 1e6:.1f}M parameters, 4 experts + base, TIES density 0.2, "
+        f"{len(LAMBDAS)} lambdas, torch threads {torch.get_num_threads()}"
+    )
     times: dict[str, list[float]] = {"independent": [], "session": []}
     results = {}
     for _ in range(args.repeats):

@@ -11,9 +11,9 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+local"
 
-from mergelab.api import MergeResult, merge, merge_state_dicts, merge_tensors, plan_merge  # noqa: E402
-from mergelab.errors import MergelabError  # noqa: E402
-from mergelab.recipe import Recipe, load_recipe  # noqa: E402
+from mergelab.api import MergeResult, merge, merge_state_dicts, merge_tensors, plan_merge
+from mergelab.errors import MergelabError
+from mergelab.recipe import Recipe, load_recipe
 
 __all__ = [
     "MergeResult",

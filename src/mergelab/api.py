@@ -20,10 +20,10 @@ from mergelab import __version__
 from mergelab.checkpoint.card import model_card
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
+from mergelab.errors import MergelabError, RecipeError
 from mergelab.executors.base import ExecutorOptions, Progress, RunStats, get_executor, thread_limit
 from mergelab.executors.sinks import MemorySink, abort_sinks, finish_sinks, open_disk_sinks
 from mergelab.executors.streaming import StreamingExecutor
-from mergelab.errors import MergelabError, RecipeError
 from mergelab.ir import MODEL
 from mergelab.plan import Plan, build_plan
 from mergelab.recipe import Recipe, load_recipe, parse_dtype
@@ -79,8 +79,9 @@ def summarize(plan: Plan, compute_dtype: torch.dtype = torch.float32) -> dict[st
     }
 
 
-def _copy_side_files(source: CheckpointReader | None, dest: Path, out_dtype: torch.dtype | None,
-                     tied: Mapping[str, str]) -> None:
+def _copy_side_files(
+    source: CheckpointReader | None, dest: Path, out_dtype: torch.dtype | None, tied: Mapping[str, str]
+) -> None:
     if source is None or source.folder is None:
         return
     for name in SIDE_FILES:
@@ -157,9 +158,16 @@ def merge(
             from mergelab.informed.phase import run_data_phase
 
             with thread_limit(threads):
-                phase = run_data_phase(plan, device=device, calibration=calibration, statistics=statistics,
-                                       progress=progress, workdir=dest.tmp.parent, seed=opts.seed,
-                                       compute_dtype=opts.compute_dtype)
+                phase = run_data_phase(
+                    plan,
+                    device=device,
+                    calibration=calibration,
+                    statistics=statistics,
+                    progress=progress,
+                    workdir=dest.tmp.parent,
+                    seed=opts.seed,
+                    compute_dtype=opts.compute_dtype,
+                )
             plan.attach_aux(phase.readers)
         summary = summarize(plan, opts.compute_dtype)
         if phase is not None:  # what the data phase cost, for benchmarks and leaderboards
@@ -182,7 +190,7 @@ def merge(
                     shutil.copyfile(tok_source.folder / name, dest.tmp / name)
         if rec.chat_template not in (None, "auto"):
             (dest.tmp / "chat_template.jinja").write_text(rec.chat_template)
-        for fname, text in (phase.side_files.items() if phase is not None else ()):
+        for fname, text in phase.side_files.items() if phase is not None else ():
             (dest.tmp / fname).write_text(text)
         expert_recipe_params = list(plan.global_model_params)
         card = model_card(
@@ -268,7 +276,9 @@ def merge_state_dicts(
     if not experts:
         raise RecipeError("merge_state_dicts needs at least one expert")
     recipe = _memory_recipe(method, len(experts), base is not None, parameters, model_parameters, seed)
-    readers: dict[str, CheckpointReader] = {f"<expert {i}>": StateDictReader(e, f"<expert {i}>") for i, e in enumerate(experts)}
+    readers: dict[str, CheckpointReader] = {
+        f"<expert {i}>": StateDictReader(e, f"<expert {i}>") for i, e in enumerate(experts)
+    }
     if base is not None:
         readers["<base>"] = StateDictReader(base, "<base>")
     plan = build_plan(recipe, readers=readers, out_dtype=out_dtype)
@@ -278,8 +288,11 @@ def merge_state_dicts(
         plan.attach_aux([open_statistics(s, f"<statistics {i}>") for i, s in enumerate(statistics)])
     sink = MemorySink()
     with torch.no_grad():
-        StreamingExecutor().run(plan, {MODEL: sink}, ExecutorOptions(device=device, compute_dtype=compute_dtype, seed=seed,
-                                                                       hash_inputs=False, prefetch=False))
+        StreamingExecutor().run(
+            plan,
+            {MODEL: sink},
+            ExecutorOptions(device=device, compute_dtype=compute_dtype, seed=seed, hash_inputs=False, prefetch=False),
+        )
     out = sink.tensors
     for alias, canonical in plan.tied.items():
         out[alias] = out[canonical]
@@ -305,7 +318,9 @@ def merge_tensors(
     checkpoint merge would be seeded. Data-informed methods take ``statistics``: one dict of
     this tensor's statistics per expert, by kind (``[{"fisher": F1}, {"fisher": F2}]``).
     """
-    if not all(isinstance(e, torch.Tensor) for e in experts) or (base is not None and not isinstance(base, torch.Tensor)):
+    if not all(isinstance(e, torch.Tensor) for e in experts) or (
+        base is not None and not isinstance(base, torch.Tensor)
+    ):
         raise MergelabError("merge_tensors takes tensors; use merge_state_dicts for state dicts or modules")
     out = merge_state_dicts(
         method,

@@ -66,7 +66,9 @@ def _print_plan(summary: dict[str, Any]) -> None:
     t.add_row("base", str(summary["base"]))
     for i, e in enumerate(summary["experts"]):
         t.add_row("models" if i == 0 else "", e)
-    t.add_row("tensors", f"{summary['tensors']} ({summary['merged_tensors']} merged, {summary['copied_tensors']} copied)")
+    t.add_row(
+        "tensors", f"{summary['tensors']} ({summary['merged_tensors']} merged, {summary['copied_tensors']} copied)"
+    )
     if summary["tied"]:
         t.add_row("tied", ", ".join(f"{a} → {b}" for a, b in summary["tied"].items()))
     t.add_row("layers", str(summary["num_layers"]))
@@ -91,10 +93,16 @@ def merge(
     dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
     out_dtype: Annotated[str | None, typer.Option(help="output dtype (default: recipe dtype, else the base's)")] = None,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
-    hash_inputs: Annotated[bool, typer.Option(help="record BLAKE3 content hashes of the inputs in the model card")] = True,
+    hash_inputs: Annotated[
+        bool, typer.Option(help="record BLAKE3 content hashes of the inputs in the model card")
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
-    executor: Annotated[str, typer.Option(help="streaming (one process) or ray (jobs sharded across Ray workers)")] = "streaming",
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")] = None,
+    executor: Annotated[
+        str, typer.Option(help="streaming (one process) or ray (jobs sharded across Ray workers)")
+    ] = "streaming",
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: 2, or the cluster's CPUs)")] = None,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
@@ -111,10 +119,21 @@ def merge(
         if not quiet:
             _print_plan(summarize(plan, parse_dtype(dtype) or plan.recipe.compute_torch_dtype))
         result = run_merge(
-            plan.recipe, out, force=force, device=device, threads=threads, seed=seed, compute_dtype=dtype,
-            out_dtype=out_dtype, max_shard_size=max_shard_size, hash_inputs=hash_inputs,
-            progress=RichProgress(err_console, enabled=not quiet), plan=plan,
-            executor=executor, workers=workers, address=ray_address,
+            plan.recipe,
+            out,
+            force=force,
+            device=device,
+            threads=threads,
+            seed=seed,
+            compute_dtype=dtype,
+            out_dtype=out_dtype,
+            max_shard_size=max_shard_size,
+            hash_inputs=hash_inputs,
+            progress=RichProgress(err_console, enabled=not quiet),
+            plan=plan,
+            executor=executor,
+            workers=workers,
+            address=ray_address,
         )
     finally:
         plan.close()
@@ -125,7 +144,8 @@ def merge(
     s = result.stats
     err_console.print(
         f"[green]merged[/] {s.tensors} tensors into {result.path} in {s.seconds:.1f} s "
-        f"(read {_fmt_bytes(s.bytes_read)}, wrote {_fmt_bytes(s.bytes_written)}, peak RSS {_fmt_bytes(s.peak_rss_bytes)})"
+        f"(read {_fmt_bytes(s.bytes_read)}, wrote {_fmt_bytes(s.bytes_written)}, "
+        f"peak RSS {_fmt_bytes(s.peak_rss_bytes)})"
     )
 
 
@@ -227,9 +247,12 @@ def load_command_plugins(target: typer.Typer) -> None:
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             ep.load()(target)
-        except Exception as exc:  # noqa: BLE001 - any failure of a plugin is reported the same way
-            err_console.print(f"[yellow]warning:[/] command plugin {ep.name!r} ({ep.value}) not loaded: "
-                              f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        except Exception as exc:  # any failure of a plugin is reported the same way
+            err_console.print(
+                f"[yellow]warning:[/] command plugin {ep.name!r} ({ep.value}) not loaded: {type(exc).__name__}: {exc}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _register_subcommands() -> None:

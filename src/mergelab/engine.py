@@ -16,13 +16,27 @@ from mergelab.ir import MASKS, MODEL
 EngineOptions = ExecutorOptions
 
 __all__ = [
-    "READ_AHEAD_CONVERT_LIMIT", "EngineOptions", "MemorySink", "PartsSink", "Progress", "RunStats", "TensorSink",
-    "_BufferPool", "all_finite", "execute", "resolve_device",
+    "READ_AHEAD_CONVERT_LIMIT",
+    "EngineOptions",
+    "MemorySink",
+    "PartsSink",
+    "Progress",
+    "RunStats",
+    "TensorSink",
+    "_BufferPool",
+    "all_finite",
+    "execute",
+    "resolve_device",
 ]
 
 
-def execute(plan: Any, sink: TensorSink, options: ExecutorOptions | None = None, progress: Progress | None = None,
-            parts: PartsSink | None = None) -> RunStats:
+def execute(
+    plan: Any,
+    sink: TensorSink,
+    options: ExecutorOptions | None = None,
+    progress: Progress | None = None,
+    parts: PartsSink | None = None,
+) -> RunStats:
     """Run ``plan`` with the streaming executor: tensors into ``sink``, per-task parts into ``parts``."""
     sinks: dict[str, Any] = {MODEL: sink}
     if parts is not None:

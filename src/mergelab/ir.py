@@ -254,8 +254,12 @@ class Graph:
         return sum(self.job_input_bytes(j) for j in (self.jobs if jobs is None else jobs))
 
     def output_bytes(self, artifact: str | None = MODEL) -> int:
-        return sum(o.numel * o.dtype.itemsize for j in self.jobs for o in j.outputs
-                   if artifact is None or o.artifact == artifact)
+        return sum(
+            o.numel * o.dtype.itemsize
+            for j in self.jobs
+            for o in j.outputs
+            if artifact is None or o.artifact == artifact
+        )
 
     def outputs_of(self, artifact: str) -> list[OutRef]:
         """Every planned output of one artifact, in job order (a sink's layout)."""

@@ -33,9 +33,18 @@ _LAYER_PATTERNS = [
         r"(?:^|\.)layer\.(\d+)\.",
     )
 ]
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight", "embed_in.weight",
-                   "tok_embeddings.weight", "embeddings.weight")
-_VOCAB_NAMES = re.compile(r"(embed_tokens|wte|word_embeddings|shared|embed_in|tok_embeddings|lm_head|embed_out|output)\.weight$")
+_EMBED_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "shared.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+    "embeddings.weight",
+)
+_VOCAB_NAMES = re.compile(
+    r"(embed_tokens|wte|word_embeddings|shared|embed_in|tok_embeddings|lm_head|embed_out|output)\.weight$"
+)
 
 
 def layer_index(name: str) -> int | None:
@@ -174,8 +183,15 @@ class Plan:
         aux = 0
         if self.aux is not None:
             per_job = [self.job_aux_bytes(j) for j in self.merge_jobs]
-            biggest = max((r.tensors()[k].numel for i, r in enumerate(self.aux) for kinds in self.aux_index[i].values()
-                           for k in kinds.values()), default=0)
+            biggest = max(
+                (
+                    r.tensors()[k].numel
+                    for i, r in enumerate(self.aux)
+                    for kinds in self.aux_index[i].values()
+                    for k in kinds.values()
+                ),
+                default=0,
+            )
             aux = 2 * max(per_job, default=0) + 3 * 8 * biggest
         return (n_in + 2) * largest * compute_itemsize + raw_ahead + aux
 
@@ -258,7 +274,9 @@ class _ParamResolver:
         gkeys, mkeys = _field_keys(method.params), _field_keys(method.model_params)
         unknown = [k for k in recipe.parameters if k not in gkeys | mkeys]
         if unknown:
-            allowed = sorted(gkeys | mkeys - {n for n in method.params.model_fields if method.params.model_fields[n].alias})
+            allowed = sorted(
+                gkeys | mkeys - {n for n in method.params.model_fields if method.params.model_fields[n].alias}
+            )
             raise ParameterError(
                 f"recipe parameters: unknown parameter {unknown[0]!r} for {method.name} "
                 f"(allowed: {', '.join(a for a in allowed if not a.endswith('_')) or 'none'})"
@@ -267,8 +285,14 @@ class _ParamResolver:
             entry = recipe.models[i]
             bad = [k for k in entry.parameters if k not in mkeys]
             if bad:
-                kind = "a global parameter: set it under top-level `parameters`" if bad[0] in gkeys else (
-                    f"not a parameter of {method.name} (per-model: {', '.join(sorted(k for k in mkeys if not k.endswith('_'))) or 'none'})")
+                kind = (
+                    "a global parameter: set it under top-level `parameters`"
+                    if bad[0] in gkeys
+                    else (
+                        f"not a parameter of {method.name} "
+                        f"(per-model: {', '.join(sorted(k for k in mkeys if not k.endswith('_'))) or 'none'})"
+                    )
+                )
                 raise ParameterError(f"model {entry.model}: parameter {bad[0]!r} is {kind}")
         self._gkeys = [k for k in recipe.parameters if k in gkeys]
         self._mkeys = mkeys
@@ -305,7 +329,9 @@ class _ParamResolver:
             try:
                 models.append(self.method.model_params.model_validate(vals))
             except ValidationError as exc:
-                raise _params_error(exc, self.method, "per-model", f"{where}, model {self.recipe.models[i].model}") from None
+                raise _params_error(
+                    exc, self.method, "per-model", f"{where}, model {self.recipe.models[i].model}"
+                ) from None
         result = (g, tuple(models))
         self._cache[key] = result
         return result
@@ -334,10 +360,13 @@ def _tied_names(reference: CheckpointReader, names: Mapping[str, TensorMeta]) ->
     if tie is False or "lm_head.weight" not in names:
         return {}
     for name in names:
-        if name.endswith(_EMBED_SUFFIXES) and names[name].shape == names["lm_head.weight"].shape:
-            # tie_word_embeddings true (or unset, transformers' default): write the shared matrix once
-            if tie is True or tie is None:
-                return {"lm_head.weight": name}
+        # tie_word_embeddings true (or unset, transformers' default): write the shared matrix once
+        if (
+            name.endswith(_EMBED_SUFFIXES)
+            and names[name].shape == names["lm_head.weight"].shape
+            and (tie is True or tie is None)
+        ):
+            return {"lm_head.weight": name}
     return {}
 
 
@@ -360,7 +389,9 @@ def build_plan(
             f"merge_method {method.name} needs at least {method.min_experts} model(s) besides the base, got {n_exp}"
         )
     if method.max_experts is not None and n_exp > method.max_experts:
-        raise RecipeError(f"merge_method {method.name} takes at most {method.max_experts} model(s) besides the base, got {n_exp}")
+        raise RecipeError(
+            f"merge_method {method.name} takes at most {method.max_experts} model(s) besides the base, got {n_exp}"
+        )
     resolver = _ParamResolver(recipe, method, expert_idx)
     global_params, global_model_params = resolver.resolve("", 0.0)
 
@@ -375,7 +406,9 @@ def build_plan(
         base = get(base_ref) if base_ref is not None and method.base != "ignored" else None
         experts = [get(recipe.models[i].model) for i in expert_idx]
         reference = base if base is not None else (get(base_ref) if base_ref is not None else experts[0])
-        plan = _plan_tensors(recipe, method, resolver, base, experts, reference, out_dtype, global_params, global_model_params)
+        plan = _plan_tensors(
+            recipe, method, resolver, base, experts, reference, out_dtype, global_params, global_model_params
+        )
     except BaseException:
         for r in opened.values():
             if not readers or r not in readers.values():
@@ -478,7 +511,7 @@ def _plan_tensors(
         if layer is not None and num_layers:
             t = 1.0 if num_layers <= 1 else layer / (num_layers - 1)
         params, model_params = resolver.resolve(name, t)
-        outputs = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
+        outputs: tuple[OutRef, ...] = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
         if routed:
             outputs += (OutRef(MASKS, name, meta.shape, torch.bool),)
         jobs.append(Job(refs, MethodCall(params, model_params, layer, rows, base=base is not None), outputs))

@@ -38,8 +38,13 @@ ray_available = importlib.util.find_spec("ray") is not None
 EXECUTORS = [
     pytest.param("ray", marks=pytest.mark.skipif(not ray_available, reason="ray is not installed")),
     # ---- memory executor (helper STAGES: mergelab/executors/memory.py) ----------------------
-    pytest.param("memory", marks=pytest.mark.skipif(
-        importlib.util.find_spec("mergelab.executors.memory") is None, reason="mergelab.executors.memory not written yet")),
+    pytest.param(
+        "memory",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("mergelab.executors.memory") is None,
+            reason="mergelab.executors.memory not written yet",
+        ),
+    ),
 ]
 
 
@@ -80,8 +85,9 @@ def run(executor: str, rec: dict[str, Any], **opts: Any) -> tuple[dict[str, torc
     plan = build_plan(Recipe.model_validate(rec))
     try:
         model, parts = MemorySink(), Collect()
-        get_executor(executor).run(plan, {MODEL: model, MASKS: parts},
-                                   ExecutorOptions(seed=rec["seed"], hash_inputs=False, **opts))
+        get_executor(executor).run(
+            plan, {MODEL: model, MASKS: parts}, ExecutorOptions(seed=rec["seed"], hash_inputs=False, **opts)
+        )
     finally:
         plan.close()
     return model.tensors, parts.items
@@ -167,7 +173,9 @@ def test_ray_output_folder_matches_streaming(name, params, family, tmp_path, ray
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
-    assert (a.path / "model.safetensors.index.json").read_text() == (b.path / "model.safetensors.index.json").read_text()
+    assert (a.path / "model.safetensors.index.json").read_text() == (
+        b.path / "model.safetensors.index.json"
+    ).read_text()
     assert a.stats.hashes == b.stats.hashes and a.stats.hashes
     assert a.stats.tensors == b.stats.tensors and a.stats.passes == b.stats.passes
     if name == "tall_masks":
@@ -189,8 +197,12 @@ def test_ray_matches_streaming_for_a_data_informed_method_with_a_fold(family, ra
             stats = []
             for i in range(len(plan.experts)):
                 g = torch.Generator().manual_seed(100 + i)
-                stats.append(StateDictReader({f"{j.name}::fisher": torch.rand(j.shape, generator=g) + 0.01
-                                              for j in plan.merge_jobs}, f"<statistics {i}>"))
+                stats.append(
+                    StateDictReader(
+                        {f"{j.name}::fisher": torch.rand(j.shape, generator=g) + 0.01 for j in plan.merge_jobs},
+                        f"<statistics {i}>",
+                    )
+                )
             plan.attach_aux(stats)
             assert plan.graph.folds and all(f.combine is not None for f in plan.graph.folds)
             sink = MemorySink()
@@ -214,7 +226,7 @@ def test_ray_reports_a_worker_failure_as_the_original_error(ray_session):
     for executor in ("streaming", "ray"):
         plan = build_plan(rec, readers={"b": StateDictReader(base, "b"), "e": StateDictReader(bad, "e")})
         try:
-            with pytest.raises(InputDataError, match="model.layers.3.w.*NaN"):
+            with pytest.raises(InputDataError, match=r"model.layers.3.w.*NaN"):
                 get_executor(executor).run(plan, {MODEL: MemorySink()}, ExecutorOptions(workers=2))
         finally:
             plan.close()

@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from test_equivalence import assert_same, recipe
 
 from mergelab.executors.base import ExecutorOptions
 from mergelab.executors.streaming import fold_jobs
 from mergelab.methods import all_methods
 from mergelab.plan import build_plan
 from mergelab.recipe import Recipe
-
-from test_equivalence import assert_same, recipe
 
 CPU = torch.device("cpu")
 
@@ -80,4 +79,4 @@ def test_every_fold_of_fisher_emr_lines_pcb_combines(family):
     (norm,) = fisher_passes(FisherParams())
     assert norm.combine is not None
     assert norm.combine([[1.0], [2.0]], [[3.0], []]) == [[1.0, 3.0], [2.0]]
-    assert norm.finish([[3.0, 4.0 ** 2 - 3.0]], FisherParams(), 1) == [4.0]
+    assert norm.finish([[3.0, 4.0**2 - 3.0]], FisherParams(), 1) == [4.0]

@@ -20,10 +20,14 @@ from mergelab.recipe import Recipe
 
 def _recipe(family, method="task_arithmetic", **params):
     base, experts = family
-    return Recipe.model_validate({
-        "merge_method": method, "base_model": str(base),
-        "models": [{"model": str(e)} for e in experts[:2]], "parameters": params,
-    })
+    return Recipe.model_validate(
+        {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(e)} for e in experts[:2]],
+            "parameters": params,
+        }
+    )
 
 
 def test_planner_builds_a_graph_of_named_inputs_and_outputs(family):
@@ -82,8 +86,16 @@ def test_copy_and_init_jobs_run_in_the_streaming_executor():
         Job((), Init("random", std=0.5), (OutRef(MODEL, "router.w", (2, 3), torch.bfloat16),)),
         Job((), Init("given", value=torch.full((2,), 7.0)), (OutRef(MODEL, "router.b", (2,), torch.float32),)),
     ]
-    g = Graph(sources={"in": reader}, artifacts={MODEL: Artifact(MODEL, "hf_checkpoint")}, jobs=jobs,
-              method=method, global_params=method.params(), base=None, experts=("in",), reference="in")
+    g = Graph(
+        sources={"in": reader},
+        artifacts={MODEL: Artifact(MODEL, "hf_checkpoint")},
+        jobs=jobs,
+        method=method,
+        global_params=method.params(),
+        base=None,
+        experts=("in",),
+        reference="in",
+    )
     outs = []
     for _ in range(2):
         sink = MemorySink()
@@ -98,7 +110,7 @@ def test_copy_and_init_jobs_run_in_the_streaming_executor():
 
 
 def test_unknown_executor_is_a_clear_error():
-    with pytest.raises(MergelabError, match="unknown executor 'nosuch'.*streaming"):
+    with pytest.raises(MergelabError, match=r"unknown executor 'nosuch'.*streaming"):
         get_executor("nosuch")
 
 
@@ -108,8 +120,15 @@ def test_thread_count_is_restored_after_a_run(family, tmp_path):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     base, experts = family
-    mergelab.merge({"merge_method": "task_arithmetic", "base_model": str(base),
-                    "models": [{"model": str(e)} for e in experts[:2]]}, tmp_path / "out", threads=1)
+    mergelab.merge(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [{"model": str(e)} for e in experts[:2]],
+        },
+        tmp_path / "out",
+        threads=1,
+    )
     assert torch.get_num_threads() == before
 
 
@@ -163,8 +182,11 @@ def test_core_import_does_not_need_ray():
 def test_an_unknown_executor_fails_before_any_input_is_opened(tmp_path: Path):
     """The executor is checked first: the missing input is not even reported."""
     with pytest.raises(MergelabError, match="unknown executor"):
-        mergelab.merge({"merge_method": "linear", "models": [{"model": str(tmp_path / "nope")}]},
-                       tmp_path / "out", executor="nosuch")
+        mergelab.merge(
+            {"merge_method": "linear", "models": [{"model": str(tmp_path / "nope")}]},
+            tmp_path / "out",
+            executor="nosuch",
+        )
     assert not (tmp_path / "out").exists()
 
 

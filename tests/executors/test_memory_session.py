@@ -14,7 +14,7 @@ from mergelab.executors.memory import MergeSession, run_memory
 from mergelab.methods import all_methods, get_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
-from test_contract import TYPICAL_PARAMS  # noqa: E402
+from test_contract import TYPICAL_PARAMS
 
 DATA_FREE = [m.name for m in all_methods() if m.statistics is None]
 
@@ -65,12 +65,15 @@ def test_session_equals_merge_state_dicts(name, inputs):
     session = None
     for gp, mp in sets:
         try:
-            want = mergelab.merge_state_dicts(name, experts, b, parameters=gp, model_parameters=[mp] * len(experts), seed=5)
+            want = mergelab.merge_state_dicts(
+                name, experts, b, parameters=gp, model_parameters=[mp] * len(experts), seed=5
+            )
         except mergelab.errors.ParameterError:
             continue  # slerp's required t: covered by the typical set
         if session is None:
-            session = MergeSession.from_state_dicts(name, experts, b, parameters=gp,
-                                                    model_parameters=[mp] * len(experts), seed=5)
+            session = MergeSession.from_state_dicts(
+                name, experts, b, parameters=gp, model_parameters=[mp] * len(experts), seed=5
+            )
         _assert_same(session.merge(gp, [mp] * len(experts)), want)
 
 
@@ -89,8 +92,9 @@ def test_scale_sweep_reuses_the_delta_and_equals_independent_merges(name, inputs
     n_merged = sum(1 for j in session.plan.jobs if j.kind == "merge")
     for lam in (0.3, 0.7, 1.3):
         got = session.merge({**gp, m.scale: lam}, [mp] * 3)
-        want = mergelab.merge_state_dicts(name, experts, base, parameters={**gp, m.scale: lam},
-                                          model_parameters=[mp] * 3, seed=5)
+        want = mergelab.merge_state_dicts(
+            name, experts, base, parameters={**gp, m.scale: lam}, model_parameters=[mp] * 3, seed=5
+        )
         _assert_same(got, want)
     assert len(calls) == n_merged  # deltas computed for the first λ only
 
@@ -113,14 +117,15 @@ def test_global_scope_folds_run_over_resident_tensors(inputs):
 
 
 def test_run_memory_executor_writes_every_tensor(inputs):
-    from mergelab.engine import EngineOptions, MemorySink
     from mergelab.checkpoint.reader import StateDictReader
+    from mergelab.engine import EngineOptions, MemorySink
     from mergelab.plan import build_plan
     from mergelab.recipe import Recipe
 
     base, experts = inputs
-    recipe = Recipe.model_validate({"merge_method": "dare_ties", "base_model": "b",
-                                    "models": [{"model": f"e{i}"} for i in range(3)], "seed": 3})
+    recipe = Recipe.model_validate(
+        {"merge_method": "dare_ties", "base_model": "b", "models": [{"model": f"e{i}"} for i in range(3)], "seed": 3}
+    )
     readers = {"b": StateDictReader(base, "b"), **{f"e{i}": StateDictReader(e, f"e{i}") for i, e in enumerate(experts)}}
     plan = build_plan(recipe, readers=readers)
     sink = MemorySink()
@@ -130,19 +135,27 @@ def test_run_memory_executor_writes_every_tensor(inputs):
     _assert_same({k: sink.tensors[k] for k in want}, want)
 
 
-@pytest.mark.parametrize(("method", "gp", "mp"), [
-    ("ties", {"lambda": 0.8}, {"density": 0.3}),
-    ("dare_ties", {}, {"density": 0.5}),
-    ("ties", {"scope": "global"}, {"density": [0.1, 0.4]}),
-])
+@pytest.mark.parametrize(
+    ("method", "gp", "mp"),
+    [
+        ("ties", {"lambda": 0.8}, {"density": 0.3}),
+        ("dare_ties", {}, {"density": 0.5}),
+        ("ties", {"scope": "global"}, {"density": [0.1, 0.4]}),
+    ],
+)
 def test_session_from_a_recipe_equals_the_streamed_checkpoint(family, tmp_path, method, gp, mp):
     """A recipe over sharded checkpoints on disk: the session's merge equals what the streaming
     executor writes (mergelab.merge), bit for bit, for the recipe's parameters and after a change."""
     from safetensors.torch import load_file
 
     base, experts = family
-    recipe = {"merge_method": method, "base_model": str(base), "seed": 2, "parameters": gp,
-              "models": [{"model": str(e), "parameters": mp} for e in experts]}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "seed": 2,
+        "parameters": gp,
+        "models": [{"model": str(e), "parameters": mp} for e in experts],
+    }
     session = MergeSession(recipe, seed=2)
     for point in (gp, {**gp, "lambda": 1.3}):
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from reference.ties import elect_and_merge
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
-from reference.ties import elect_and_merge
 
 BC = get_method("breadcrumbs")
 BCT = get_method("breadcrumbs_ties")
@@ -52,9 +52,13 @@ def test_hand_cases(density, gamma, kept):
 
 def test_weights_and_lambda():
     base = torch.ones(10)
-    out = run(BC, base, [base + TAU, base - TAU], [{"weight": 2.0, "density": 0.6, "gamma": 0.1},
-                                                   {"weight": 0.5, "density": 0.6, "gamma": 0.1}],
-              **{"lambda": 0.5})
+    out = run(
+        BC,
+        base,
+        [base + TAU, base - TAU],
+        [{"weight": 2.0, "density": 0.6, "gamma": 0.1}, {"weight": 0.5, "density": 0.6, "gamma": 0.1}],
+        **{"lambda": 0.5},
+    )
     mask = torch.zeros(10, dtype=torch.bool)
     mask[[1, 2, 3, 4, 7, 8]] = True
     assert torch.allclose(out - base, 0.5 * 1.5 * TAU * mask)
@@ -74,10 +78,15 @@ def test_density_one_is_task_arithmetic_whatever_gamma():
     g = torch.Generator().manual_seed(2)
     base = torch.randn(5, 5, generator=g)
     experts = [base + torch.randn(5, 5, generator=g) for _ in range(2)]
-    out = run(BC, base, experts, [{"weight": 0.3, "density": 1.0, "gamma": 0.2},
-                                  {"weight": 0.6, "density": 1.0, "gamma": 0.2}])
-    ref = TA(base, experts, TA.params(), [TA.model_params(weight=0.3), TA.model_params(weight=0.6)],
-             TensorContext(name="x"))
+    out = run(
+        BC,
+        base,
+        experts,
+        [{"weight": 0.3, "density": 1.0, "gamma": 0.2}, {"weight": 0.6, "density": 1.0, "gamma": 0.2}],
+    )
+    ref = TA(
+        base, experts, TA.params(), [TA.model_params(weight=0.3), TA.model_params(weight=0.6)], TensorContext(name="x")
+    )
     assert torch.allclose(out, ref, atol=1e-6)
 
 
@@ -96,7 +105,9 @@ def test_ties_at_the_bounds_are_kept():
 # ------------------------------------------------------------------- naive re-implementation
 
 
-def naive_breadcrumbs(base, experts, weights, densities, gammas, *, ties, lam=1.0, normalize=False, sign_tie="positive"):
+def naive_breadcrumbs(
+    base, experts, weights, densities, gammas, *, ties, lam=1.0, normalize=False, sign_tie="positive"
+):
     masked = []
     for e, d, gm in zip(experts, densities, gammas):
         tau = (e - base).reshape(-1).double()
@@ -131,11 +142,9 @@ def test_matches_naive_reimplementation(ties, weights, densities, gammas, normal
     g = torch.Generator().manual_seed(len(weights) + int(ties))
     base = torch.randn(23, 9, generator=g)
     experts = [base + torch.randn(23, 9, generator=g) * (1 + i) for i in range(len(weights))]
-    per_model = [{"weight": w, "density": d, "gamma": gm}
-                 for w, d, gm in zip(weights, densities, gammas)]
+    per_model = [{"weight": w, "density": d, "gamma": gm} for w, d, gm in zip(weights, densities, gammas)]
     out = run(BCT if ties else BC, base, experts, per_model, normalize=normalize, **{"lambda": lam})
-    ref = naive_breadcrumbs(base, experts, weights, densities, gammas, ties=ties, lam=lam,
-                            normalize=normalize)
+    ref = naive_breadcrumbs(base, experts, weights, densities, gammas, ties=ties, lam=lam, normalize=normalize)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -166,16 +175,15 @@ def test_defaults():
     assert (m.density, m.gamma, m.weight) == (0.9, 0.01, 1.0)
 
 
-@pytest.mark.parametrize("bad", [{"gamma": 1.5}, {"gamma": -0.01}, {"density": 2.0},
-                                 {"gamma": math.nan}, {"epsilon": 0.1}])
+@pytest.mark.parametrize(
+    "bad", [{"gamma": 1.5}, {"gamma": -0.01}, {"density": 2.0}, {"gamma": math.nan}, {"epsilon": 0.1}]
+)
 def test_bad_model_params_rejected(bad):
     with pytest.raises(ValidationError):
         BC.model_params.model_validate(bad)
 
 
-@pytest.mark.parametrize(
-    "bad", [{"sign_tie": "positive"}, {"scope": "global"}, {"lambda": math.inf}]
-)
+@pytest.mark.parametrize("bad", [{"sign_tie": "positive"}, {"scope": "global"}, {"lambda": math.inf}])
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         BC.params.model_validate(bad)
@@ -187,15 +195,17 @@ def test_chunked_merge_equals_whole_tensor_masks(name, n, monkeypatch):
     """The chunked path (bounds from two selections, masks per chunk) must equal masking whole
     tensors with outlier_mask; dyadic values make the arithmetic exact and create ties."""
     import mergelab.methods.kernels.chunks as sp
-    from mergelab.methods.stages.pipeline import TaskVectorMerge
     from mergelab.methods import get_method
+    from mergelab.methods.stages.pipeline import TaskVectorMerge
 
     m = get_method(name)
     g = torch.Generator().manual_seed(11)
     base = (torch.randn(n, generator=g) * 8).round() / 8
     experts = [base + (torch.randn(n, generator=g) * 8).round() / 8 for _ in range(3)]
-    mp = [m.model_params.model_validate({"density": d, "gamma": gm, "weight": w})
-          for d, gm, w in [(0.9, 0.01, 1.0), (0.5, 0.2, 0.5), (0.3, 0.0, 2.0)]]
+    mp = [
+        m.model_params.model_validate({"density": d, "gamma": gm, "weight": w})
+        for d, gm, w in [(0.9, 0.01, 1.0), (0.5, 0.2, 0.5), (0.3, 0.0, 2.0)]
+    ]
     params = m.params.model_validate({"lambda": 0.7})
     ctx = TensorContext(name="x", seed=0)
     monkeypatch.setattr(sp, "CHUNK", 1000 if n < 10_000 else 100_000)
@@ -220,4 +230,6 @@ def test_exact_sign_ties_follow_the_methods_rule_breadcrumbs_ties(sign_tie):
     ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
     assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
     other = "majority" if (sign_tie or "positive") == "positive" else "positive"
-    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)
+    assert not torch.allclose(
+        out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
+    )

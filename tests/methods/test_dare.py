@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from reference.ties import elect_and_merge
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
-from reference.ties import elect_and_merge
 
 DARE_LINEAR = get_method("dare_linear")
 DARE_TIES = get_method("dare_ties")
@@ -37,10 +37,16 @@ def family(shape=(12, 10), n=3, seed=0):
 def test_density_one_equals_task_arithmetic(normalize):
     base, experts = family()
     w = [0.5, 1.0, -0.25]
-    out = run(DARE_LINEAR, base, experts, [{"weight": x, "density": 1.0} for x in w],
-              normalize=normalize, **{"lambda": 0.8})
-    ref = TA(base, experts, TA.params.model_validate({"lambda": 0.8, "normalize": normalize}),
-             [TA.model_params(weight=x) for x in w], TensorContext(name="layers.0.w"))
+    out = run(
+        DARE_LINEAR, base, experts, [{"weight": x, "density": 1.0} for x in w], normalize=normalize, **{"lambda": 0.8}
+    )
+    ref = TA(
+        base,
+        experts,
+        TA.params.model_validate({"lambda": 0.8, "normalize": normalize}),
+        [TA.model_params(weight=x) for x in w],
+        TensorContext(name="layers.0.w"),
+    )
     assert torch.allclose(out, ref, atol=1e-6)
 
 
@@ -64,9 +70,7 @@ def test_inverse_rescale_is_unbiased():
     # E[m ⊙ τ / density] = τ: the mean over many seeds recovers τ (no rescale: 0.4 τ)
     base = torch.zeros(64)
     tau = torch.ones(64)
-    mean = torch.stack([
-        run(DARE_LINEAR, base, [tau], [{"density": 0.4}], seed=s) for s in range(400)
-    ]).mean(0)
+    mean = torch.stack([run(DARE_LINEAR, base, [tau], [{"density": 0.4}], seed=s) for s in range(400)]).mean(0)
     assert (mean - tau).abs().max().item() < 0.3  # per-entry sd ≈ 0.061
 
 
@@ -107,8 +111,9 @@ def test_density_zero_gives_the_base():
 # -------------------------------------------------------------------- independent reference
 
 
-def naive_dare(method, base, experts, weights, densities, *, name, seed=0, lam=1.0,
-               normalize=None, sign_tie="positive"):
+def naive_dare(
+    method, base, experts, weights, densities, *, name, seed=0, lam=1.0, normalize=None, sign_tie="positive"
+):
     """From the paper: m ~ Bernoulli(d), drawn as u < round(d·2¹⁶) with u the tensor's
     per-expert generator streams' 64-bit draws split into 16-bit lanes, experts in order; τ̃ = m τ / d̂ with
     d̂ = round(d·2¹⁶)/2¹⁶ the realised keep probability; then a sum, or TIES elect + mean."""
@@ -145,10 +150,16 @@ def naive_dare(method, base, experts, weights, densities, *, name, seed=0, lam=1
 def test_matches_naive_reimplementation(method, weights, densities, normalize, lam):
     base, experts = family(shape=(7, 9), seed=4)
     m = get_method(method)
-    out = run(m, base, experts, [{"weight": w, "density": d} for w, d in zip(weights, densities)],
-              name="blk.3.mlp", normalize=normalize, **{"lambda": lam})
-    ref = naive_dare(method, base, experts, weights, densities, name="blk.3.mlp", lam=lam,
-                     normalize=normalize)
+    out = run(
+        m,
+        base,
+        experts,
+        [{"weight": w, "density": d} for w, d in zip(weights, densities)],
+        name="blk.3.mlp",
+        normalize=normalize,
+        **{"lambda": lam},
+    )
+    ref = naive_dare(method, base, experts, weights, densities, name="blk.3.mlp", lam=lam, normalize=normalize)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -165,20 +176,19 @@ def test_defaults():
 
 
 def test_mergekit_recipe_keys_accepted():
-    p = DARE_TIES.params.model_validate({"lambda": 1.1, "normalize": False, "rescale": True,
-                                         "int8_mask": True})
+    p = DARE_TIES.params.model_validate({"lambda": 1.1, "normalize": False, "rescale": True, "int8_mask": True})
     assert p.lambda_ == 1.1 and p.rescale_mode == "inverse"
 
 
-@pytest.mark.parametrize("bad", [{"density": 1.01}, {"density": -0.5}, {"weight": math.nan},
-                                 {"epsilon": 0.1}, {"drop_rate": 0.5}])
+@pytest.mark.parametrize(
+    "bad", [{"density": 1.01}, {"density": -0.5}, {"weight": math.nan}, {"epsilon": 0.1}, {"drop_rate": 0.5}]
+)
 def test_bad_model_params_rejected(bad):
     with pytest.raises(ValidationError):
         DARE_TIES.model_params.model_validate(bad)
 
 
-@pytest.mark.parametrize("bad", [{"rescale_mode": "l2"}, {"lambda": math.inf}, {"scope": "global"},
-                                 {"sign_tie": "up"}])
+@pytest.mark.parametrize("bad", [{"rescale_mode": "l2"}, {"lambda": math.inf}, {"scope": "global"}, {"sign_tie": "up"}])
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         DARE_TIES.params.model_validate(bad)
@@ -238,4 +248,6 @@ def test_exact_sign_ties_follow_the_methods_rule_dare_ties(sign_tie):
     ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
     assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
     other = "majority" if (sign_tie or "positive") == "positive" else "positive"
-    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)
+    assert not torch.allclose(
+        out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
+    )

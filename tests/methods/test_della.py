@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from reference.ties import elect_and_merge
 
 from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
-from reference.ties import elect_and_merge
 
 DELLA = get_method("della")
 DELLA_LINEAR = get_method("della_linear")
@@ -59,10 +59,9 @@ def test_survivors_divided_by_their_own_keep_probability():
 def test_inverse_rescale_is_unbiased():
     base = torch.zeros(2, 32)
     tau = torch.rand(2, 32, generator=torch.Generator().manual_seed(0)) + 0.5
-    mean = torch.stack([
-        run(DELLA_LINEAR, base, [tau], [{"density": 0.5, "epsilon": 0.3}], seed=s)
-        for s in range(400)
-    ]).mean(0)
+    mean = torch.stack(
+        [run(DELLA_LINEAR, base, [tau], [{"density": 0.5, "epsilon": 0.3}], seed=s) for s in range(400)]
+    ).mean(0)
     # per-entry sd ≤ τ·sqrt((1 − p)/p)/20 ≤ 1.5·2/20 = 0.15 (p ≥ 0.2)
     assert (mean - tau).abs().max().item() < 0.6
     assert abs((mean - tau).mean().item()) < 0.05
@@ -129,8 +128,9 @@ def test_higher_dimensional_and_one_dimensional_tensors():
 # -------------------------------------------------------------------- independent reference
 
 
-def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed=0, lam=1.0,
-                normalize=True, sign_tie="positive"):
+def naive_della(
+    base, experts, weights, densities, epsilons, *, ties, name, seed=0, lam=1.0, normalize=True, sign_tie="positive"
+):
     """From the paper: per row, rank |τ| ascending (Python sort), r = rank/(n−1),
     p = d − ε + 2ε r, keep = u < round(p·2¹⁶) with u 16-bit lanes of the tensor's generator's
     64-bit draws (experts in order), τ̃ = keep τ / p̂ with p̂ = round(p·2¹⁶)/2¹⁶."""
@@ -172,12 +172,19 @@ def naive_della(base, experts, weights, densities, epsilons, *, ties, name, seed
 )
 def test_matches_naive_reimplementation(ties, weights, densities, epsilons, normalize, lam):
     base, experts = family(shape=(6, 13), n=len(weights), seed=7)
-    per_model = [{"weight": w, "density": d, "epsilon": e}
-                 for w, d, e in zip(weights, densities, epsilons)]
-    out = run(DELLA if ties else DELLA_LINEAR, base, experts, per_model, name="blk.1.ffn",
-              normalize=normalize, **{"lambda": lam})
-    ref = naive_della(base, experts, weights, densities, epsilons, ties=ties, name="blk.1.ffn",
-                      lam=lam, normalize=normalize)
+    per_model = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)]
+    out = run(
+        DELLA if ties else DELLA_LINEAR,
+        base,
+        experts,
+        per_model,
+        name="blk.1.ffn",
+        normalize=normalize,
+        **{"lambda": lam},
+    )
+    ref = naive_della(
+        base, experts, weights, densities, epsilons, ties=ties, name="blk.1.ffn", lam=lam, normalize=normalize
+    )
     assert torch.allclose(out, ref, atol=1e-4)
 
 
@@ -194,8 +201,12 @@ def test_defaults():
 
 @pytest.mark.parametrize(
     "good",
-    [{"density": 0.85, "epsilon": 0.15}, {"density": 0.5, "epsilon": 0.0},
-     {"density": 1.0, "epsilon": 0.15}, {"density": 0.6, "epsilon": 0.4}],
+    [
+        {"density": 0.85, "epsilon": 0.15},
+        {"density": 0.5, "epsilon": 0.0},
+        {"density": 1.0, "epsilon": 0.15},
+        {"density": 0.6, "epsilon": 0.4},
+    ],
 )
 def test_window_accepted(good):
     DELLA.model_params.model_validate(good)
@@ -203,19 +214,25 @@ def test_window_accepted(good):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"density": 0.1, "epsilon": 0.15}, {"density": 0.9, "epsilon": 0.15},
-     {"density": 0.15, "epsilon": 0.15}, {"density": 0.5, "epsilon": 0.5}, {"density": 0.0},
-     {"epsilon": -0.01},
-     {"density": 1.2}, {"epsilon": math.nan}, {"gamma": 0.1}, {"window_size": 0.14}],
+    [
+        {"density": 0.1, "epsilon": 0.15},
+        {"density": 0.9, "epsilon": 0.15},
+        {"density": 0.15, "epsilon": 0.15},
+        {"density": 0.5, "epsilon": 0.5},
+        {"density": 0.0},
+        {"epsilon": -0.01},
+        {"density": 1.2},
+        {"epsilon": math.nan},
+        {"gamma": 0.1},
+        {"window_size": 0.14},
+    ],
 )
 def test_window_rejected(bad):
     with pytest.raises(ValidationError):
         DELLA.model_params.model_validate(bad)
 
 
-@pytest.mark.parametrize(
-    "bad", [{"rescale_mode": "linf"}, {"sign_tie": "negative"}, {"lambda": math.nan}]
-)
+@pytest.mark.parametrize("bad", [{"rescale_mode": "linf"}, {"sign_tie": "negative"}, {"lambda": math.nan}])
 def test_bad_global_params_rejected(bad):
     with pytest.raises(ValidationError):
         DELLA.params.model_validate(bad)
@@ -236,4 +253,6 @@ def test_exact_sign_ties_follow_the_methods_rule_della(sign_tie):
     ref = base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=sign_tie or "positive")
     assert torch.allclose(out, ref.float(), atol=1e-6, rtol=0)
     other = "majority" if (sign_tie or "positive") == "positive" else "positive"
-    assert not torch.allclose(out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3)
+    assert not torch.allclose(
+        out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
+    )

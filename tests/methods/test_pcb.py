@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 import mergelab
 from mergelab.errors import ParameterError
-from mergelab.methods.kernels import select as order_stats
 from mergelab.methods.base import TensorContext
+from mergelab.methods.kernels import select as order_stats
 from mergelab.methods.kernels.select import kth_smallest, sorted_at
 from mergelab.methods.pcb import PASS_SCORE_LOW
 from mergelab.methods.registry import get_method

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference.masks import bernoulli_mask
 
+from mergelab.methods.base import TensorContext
 from mergelab.methods.kernels import random as rnd
 from mergelab.methods.kernels import ranks, select
-from mergelab.methods.stages import sparsify as stages
-from reference.masks import bernoulli_mask
-from mergelab.methods.base import TensorContext
 from mergelab.methods.registry import get_method
+from mergelab.methods.stages import sparsify as stages
 
 # The live parity test runs mergekit 0.1.5 from this python (a venv with mergekit); unset: skipped.
 MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
@@ -119,8 +119,7 @@ def naive_outlier_mask(x: torch.Tensor, density: float, gamma: float) -> torch.T
 
 @pytest.mark.parametrize(
     ("density", "gamma"),
-    [(0.9, 0.01), (0.6, 0.1), (0.5, 0.25), (0.95, 0.1), (0.3, 0.0), (0.0, 0.1), (1.0, 0.2),
-     (0.2, 0.8)],
+    [(0.9, 0.01), (0.6, 0.1), (0.5, 0.25), (0.95, 0.1), (0.3, 0.0), (0.0, 0.1), (1.0, 0.2), (0.2, 0.8)],
 )
 def test_outlier_mask_matches_sorted_reference(density, gamma):
     x = distinct((13, 11), seed=int(density * 100 + gamma * 1000))
@@ -320,30 +319,62 @@ def _parity_cases() -> dict[str, dict]:
         base = torch.randn(shape, generator=g)
         n = len(per_model["weight"])
         experts = [base + torch.randn(shape, generator=g) * (0.5 + i) for i in range(n)]
-        return dict(method=method, base=base, experts=experts, per_model=per_model,
-                    normalize=normalize, rescale=rescale, **{"lambda": lam})
+        return dict(
+            method=method,
+            base=base,
+            experts=experts,
+            per_model=per_model,
+            normalize=normalize,
+            rescale=rescale,
+            **{"lambda": lam},
+        )
 
     w3 = [1.0, 0.5, 2.0]
     return {
-        "ties.a": case("ties", (16, 24), {"weight": w3, "density": [0.2, 0.3, 0.5]},
-                       normalize=True, rescale=False, lam=0.7),
-        "ties.b": case("ties", (257,), {"weight": [1.0] * 4, "density": [0.1] * 4},
-                       normalize=False, rescale=False),
-        "ties.c": case("ties", (8, 8, 3), {"weight": [0.3, -0.5], "density": [0.6, 0.9]},
-                       normalize=True, rescale=True),
-        "bc.a": case("breadcrumbs", (32, 17), {"weight": [0.4, 0.3, 0.3],
-                     "density": [0.8, 0.9, 0.7], "gamma": [0.01, 0.05, 0.1]},
-                     normalize=False, rescale=False),
-        "bct.a": case("breadcrumbs_ties", (32, 17), {"weight": w3, "density": [0.8, 0.9, 0.7],
-                      "gamma": [0.02, 0.0, 0.1]}, normalize=True, rescale=False),
-        "dl.a": case("dare_linear", (20, 30), {"weight": [0.5, 0.3, 0.2],
-                     "density": [0.5, 0.3, 0.9]}, normalize=False, rescale=True),
-        "dt.a": case("dare_ties", (20, 30), {"weight": [1.0] * 3, "density": [0.5, 0.3, 0.9]},
-                     normalize=False, rescale=True),
-        "de.a": case("della", (12, 40), {"weight": [1.0, 0.7, 0.5], "density": [0.5, 0.6, 0.4],
-                     "epsilon": [0.1, 0.2, 0.3]}, normalize=True, rescale=True),
-        "del.a": case("della_linear", (333,), {"weight": [0.5, 0.5], "density": [0.5, 0.6],
-                      "epsilon": [0.15, 0.05]}, normalize=False, rescale=True, lam=1.1),
+        "ties.a": case(
+            "ties", (16, 24), {"weight": w3, "density": [0.2, 0.3, 0.5]}, normalize=True, rescale=False, lam=0.7
+        ),
+        "ties.b": case("ties", (257,), {"weight": [1.0] * 4, "density": [0.1] * 4}, normalize=False, rescale=False),
+        "ties.c": case("ties", (8, 8, 3), {"weight": [0.3, -0.5], "density": [0.6, 0.9]}, normalize=True, rescale=True),
+        "bc.a": case(
+            "breadcrumbs",
+            (32, 17),
+            {"weight": [0.4, 0.3, 0.3], "density": [0.8, 0.9, 0.7], "gamma": [0.01, 0.05, 0.1]},
+            normalize=False,
+            rescale=False,
+        ),
+        "bct.a": case(
+            "breadcrumbs_ties",
+            (32, 17),
+            {"weight": w3, "density": [0.8, 0.9, 0.7], "gamma": [0.02, 0.0, 0.1]},
+            normalize=True,
+            rescale=False,
+        ),
+        "dl.a": case(
+            "dare_linear",
+            (20, 30),
+            {"weight": [0.5, 0.3, 0.2], "density": [0.5, 0.3, 0.9]},
+            normalize=False,
+            rescale=True,
+        ),
+        "dt.a": case(
+            "dare_ties", (20, 30), {"weight": [1.0] * 3, "density": [0.5, 0.3, 0.9]}, normalize=False, rescale=True
+        ),
+        "de.a": case(
+            "della",
+            (12, 40),
+            {"weight": [1.0, 0.7, 0.5], "density": [0.5, 0.6, 0.4], "epsilon": [0.1, 0.2, 0.3]},
+            normalize=True,
+            rescale=True,
+        ),
+        "del.a": case(
+            "della_linear",
+            (333,),
+            {"weight": [0.5, 0.5], "density": [0.5, 0.6], "epsilon": [0.15, 0.05]},
+            normalize=False,
+            rescale=True,
+            lam=1.1,
+        ),
     }
 
 
@@ -358,27 +389,33 @@ def test_family_matches_mergekit_with_its_options(tmp_path):
     driver.write_text(_MERGEKIT_DRIVER)
     proc = subprocess.run(
         [str(MERGEKIT_PY), str(driver), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     reference = torch.load(tmp_path / "out.pt")
     for key, c in cases.items():
         m = get_method(c["method"])
-        glob = {"lambda": c["lambda"], "normalize": c["normalize"], "rescale": c["rescale"],
-                "rescale_mode": "l1"}
+        glob = {"lambda": c["lambda"], "normalize": c["normalize"], "rescale": c["rescale"], "rescale_mode": "l1"}
         if "sign_tie" in m.params.model_fields:
             glob["sign_tie"] = "positive"
         n = len(c["experts"])
         per_model = [{k: v[i] for k, v in c["per_model"].items()} for i in range(n)]
-        out = m(c["base"], c["experts"], m.params.model_validate(glob),
-                [m.model_params.model_validate(p) for p in per_model], TensorContext(name=key))
+        out = m(
+            c["base"],
+            c["experts"],
+            m.params.model_validate(glob),
+            [m.model_params.model_validate(p) for p in per_model],
+            TensorContext(name=key),
+        )
         assert torch.allclose(out, reference[key], rtol=0, atol=2e-6), key
 
 
 def test_tensor_seed_used_by_the_parity_driver_matches_mergelab():
     from mergelab.methods.base import tensor_seed
 
-    digest = hashlib.sha256("0\x00ties.a".encode()).digest()
+    digest = hashlib.sha256(b"0\x00ties.a").digest()
     assert tensor_seed(0, "ties.a") == int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 

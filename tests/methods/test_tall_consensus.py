@@ -46,11 +46,17 @@ def test_k0_equals_task_arithmetic_and_ties():
         assert torch.allclose(cons[key], ta[key], atol=1e-6)
     for scope in ("tensor", "global"):
         cons = mergelab.merge_state_dicts(
-            "consensus", experts, base, parameters={"k": 0, "lambda": 0.4, "multitask": "ties", "scope": scope},
+            "consensus",
+            experts,
+            base,
+            parameters={"k": 0, "lambda": 0.4, "multitask": "ties", "scope": scope},
             model_parameters=[{"density": 0.3}] * 3,
         )
         ties = mergelab.merge_state_dicts(
-            "ties", experts, base, parameters={"lambda": 0.4, "normalize": False, "scope": scope},
+            "ties",
+            experts,
+            base,
+            parameters={"lambda": 0.4, "normalize": False, "scope": scope},
             model_parameters=[{"density": 0.3}] * 3,
         )
         for key in base:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
+from reference.ties import elect_and_merge_lists
 
 import mergelab
 from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.methods.registry import get_method
-from reference.ties import elect_and_merge_lists
 
 TALL = get_method("tall_masks")
 T = torch.tensor
@@ -98,7 +98,9 @@ def test_matches_naive_implementation(multitask):
     base = torch.randn(n, generator=g)
     experts = [base + torch.randn(n, generator=g) * s for s in (0.5, 1.0, 2.0)]
     lams = [0.2, 0.4, 0.6]
-    out = run(base, experts, [{"tall_lambda": lam, "density": 0.3} for lam in lams], multitask=multitask, scope="tensor")
+    out = run(
+        base, experts, [{"tall_lambda": lam, "density": 0.3} for lam in lams], multitask=multitask, scope="tensor"
+    )
     mtl, masks = naive_tall(base.tolist(), [e.tolist() for e in experts], lams, multitask, 0.3)
     assert torch.allclose(out.merged, base + T(mtl), atol=1e-5)
     for m, want in zip(out.parts["mask"], masks):

@@ -24,8 +24,19 @@ SCALED = sorted(m.name for m in all_methods() if m.scale is not None)
 
 
 def test_the_task_vector_family_declares_the_scaled_form():
-    expected = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                "della", "della_linear", "magmax", "consensus", "pcb"}
+    expected = {
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "magmax",
+        "consensus",
+        "pcb",
+    }
     assert expected <= set(SCALED)
 
 

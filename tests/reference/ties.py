@@ -42,7 +42,9 @@ def elect_and_merge(
     return num / den
 
 
-def elect_and_merge_lists(trimmed: Sequence[Sequence[float]], *, normalize: bool = False, sign_tie: str = "majority") -> list[float]:
+def elect_and_merge_lists(
+    trimmed: Sequence[Sequence[float]], *, normalize: bool = False, sign_tie: str = "majority"
+) -> list[float]:
     """:func:`elect_and_merge` with unit weights on plain lists, element by element."""
     n = len(trimmed[0])
     sums = [sum(t[p] for t in trimmed) for p in range(n)]

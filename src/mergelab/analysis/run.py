@@ -18,9 +18,9 @@ import torch
 from mergelab.analysis.stats import AnalysisOptions, TaskVectorStats
 from mergelab.errors import InputDataError, RecipeError
 from mergelab.executors.streaming import all_finite
-from mergelab.routed.format import task_names
 from mergelab.plan import Plan, build_plan
 from mergelab.recipe import Recipe, load_recipe
+from mergelab.routed.format import task_names
 
 
 def analysis_recipe(

@@ -31,7 +31,7 @@ def model_card(
     front = {
         "library_name": "transformers",
         "tags": ["merge", "mergelab", method.name],
-        "base_model": [base_label] if base_label else [l for l in expert_labels],
+        "base_model": [base_label] if base_label else list(expert_labels),
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     lines += [

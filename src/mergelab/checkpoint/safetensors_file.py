@@ -37,8 +37,13 @@ ST_TO_TORCH: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         ST_TO_TORCH[_name] = getattr(torch, _attr)
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
@@ -102,19 +107,25 @@ def read_header(path: Path) -> tuple[dict[str, StEntry], dict[str, str]]:
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}; re-download or re-save this file") from exc
+            raise CheckpointError(
+                f"{path}: corrupt header entry for tensor {name!r}; re-download or re-save this file"
+            ) from exc
         if st_dtype not in ST_TO_TORCH:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {st_dtype} that torch {torch.__version__} cannot hold")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {st_dtype} that torch {torch.__version__} cannot hold"
+            )
         dtype = ST_TO_TORCH[st_dtype]
         expected = math.prod(shape) * dtype_size(dtype)
         if end - begin != expected or begin < 0:
             raise CheckpointError(
-                f"{path}: tensor {name!r} declares {end - begin} bytes but shape {list(shape)} {st_dtype} needs {expected}; "
+                f"{path}: tensor {name!r} declares {end - begin} bytes "
+                f"but shape {list(shape)} {st_dtype} needs {expected}; "
                 "the file is corrupt"
             )
         if data_start + end > size:
             raise CheckpointError(
-                f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes; "
+                f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end} "
+                f"but the file has {size} bytes; "
                 "re-download or re-save it"
             )
         entries[name] = StEntry(name, dtype, shape, data_start + begin, data_start + end)
@@ -125,12 +136,14 @@ def pread_tensor(fd: int, entry: StEntry, path: Path) -> torch.Tensor:
     """Read one tensor's bytes into a fresh buffer (no memory map)."""
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     if entry.nbytes:
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
         done = 0
         while done < entry.nbytes:
             got = os.preadv(fd, [view[done:]], entry.begin + done)
             if got <= 0:
-                raise CheckpointError(f"{path}: unexpected end of file while reading tensor {entry.name!r}; the file is truncated")
+                raise CheckpointError(
+                    f"{path}: unexpected end of file while reading tensor {entry.name!r}; the file is truncated"
+                )
             done += got
     if entry.dtype == torch.uint8:
         return buf.reshape(entry.shape)

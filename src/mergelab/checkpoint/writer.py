@@ -33,8 +33,20 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, int):
         return value
     s = value.strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4, "KB": 1000, "MB": 1000**2,
-             "GB": 1000**3, "TB": 1000**4, "K": 1000, "M": 1000**2, "G": 1000**3, "B": 1}
+    units = {
+        "KIB": 1024,
+        "MIB": 1024**2,
+        "GIB": 1024**3,
+        "TIB": 1024**4,
+        "KB": 1000,
+        "MB": 1000**2,
+        "GB": 1000**3,
+        "TB": 1000**4,
+        "K": 1000,
+        "M": 1000**2,
+        "G": 1000**3,
+        "B": 1,
+    }
     for unit, mult in units.items():
         if s.endswith(unit):
             try:
@@ -121,7 +133,7 @@ class ShardedSafetensorsWriter:
         if t.dtype != self._dtypes[name]:
             t = t.to(self._dtypes[name])
         t = t.to("cpu").contiguous()
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
         shard.write(name, data)
 
     def finish(self) -> None:
@@ -148,8 +160,13 @@ class ShardedSafetensorsWriter:
 
     def layout(self) -> ShardLayout:
         """Where every planned tensor goes: hand it to workers that write in place (picklable)."""
-        return ShardLayout({name: (str(shard.path), shard.offsets[name], self._dtypes[name])
-                            for shard in self.shards for name in shard.names})
+        return ShardLayout(
+            {
+                name: (str(shard.path), shard.offsets[name], self._dtypes[name])
+                for shard in self.shards
+                for name in shard.names
+            }
+        )
 
     def prepare_files(self) -> None:
         """Create every shard file with its header and full size, so that workers only ``pwrite`` tensors."""
@@ -188,7 +205,7 @@ class ShardLayout:
         if t.dtype != dtype:
             t = t.to(dtype)
         t = t.to("cpu").contiguous()
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_WRONLY)

@@ -18,6 +18,14 @@ from mergelab.executors.base import (
 from mergelab.executors.sinks import SINKS, MemorySink
 
 __all__ = [
-    "SINKS", "Executor", "ExecutorOptions", "MemorySink", "NoProgress", "Progress", "RunStats", "get_executor",
-    "resolve_device", "thread_limit",
+    "SINKS",
+    "Executor",
+    "ExecutorOptions",
+    "MemorySink",
+    "NoProgress",
+    "Progress",
+    "RunStats",
+    "get_executor",
+    "resolve_device",
+    "thread_limit",
 ]

@@ -17,7 +17,7 @@ import contextlib
 import importlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -137,7 +137,7 @@ def get_executor(name: str) -> Executor:
 
 def as_graph(graph_or_plan: Graph | Plan) -> Graph:
     """The graph of a plan (or the graph itself)."""
-    return getattr(graph_or_plan, "graph", graph_or_plan)  # type: ignore[return-value]
+    return cast("Graph", getattr(graph_or_plan, "graph", graph_or_plan))
 
 
 @contextlib.contextmanager

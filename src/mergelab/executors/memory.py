@@ -27,7 +27,7 @@ import torch
 
 from mergelab.errors import InputDataError, MergelabError, RecipeError
 from mergelab.executors.base import ExecutorOptions, NoProgress, Progress, RunStats, resolve_device, thread_limit
-from mergelab.ir import MASKS, MODEL
+from mergelab.ir import MASKS, MODEL, MethodCall
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
 from mergelab.recipe import Recipe
@@ -123,14 +123,18 @@ class MergeSession:
             raise RecipeError("a merge session needs at least one expert")
         if model_parameters is not None and len(model_parameters) != len(experts):
             raise RecipeError(f"model_parameters has {len(model_parameters)} entries for {len(experts)} experts")
-        recipe = Recipe.model_validate({
-            "merge_method": method,
-            "base_model": "<base>" if base is not None else None,
-            "models": [{"model": f"<expert {i}>", "parameters": dict(model_parameters[i]) if model_parameters else {}}
-                       for i in range(len(experts))],
-            "parameters": dict(parameters or {}),
-            "seed": seed,
-        })
+        recipe = Recipe.model_validate(
+            {
+                "merge_method": method,
+                "base_model": "<base>" if base is not None else None,
+                "models": [
+                    {"model": f"<expert {i}>", "parameters": dict(model_parameters[i]) if model_parameters else {}}
+                    for i in range(len(experts))
+                ],
+                "parameters": dict(parameters or {}),
+                "seed": seed,
+            }
+        )
         readers = {f"<expert {i}>": StateDictReader(e, f"<expert {i}>") for i, e in enumerate(experts)}
         if base is not None:
             readers["<base>"] = StateDictReader(base, "<base>")
@@ -163,7 +167,12 @@ class MergeSession:
                     entry = {}
                     for kind, key in kinds.items():
                         a = r.read(key)
-                        if job.rows is not None and a.dim() == len(job.shape) and a.shape[1:] == job.shape[1:] and a.shape[0] > job.rows:
+                        if (
+                            job.rows is not None
+                            and a.dim() == len(job.shape)
+                            and a.shape[1:] == job.shape[1:]
+                            and a.shape[0] > job.rows
+                        ):
                             a = a[: job.rows]
                         entry[kind] = a.to(self.device)
                     aux.append(entry)
@@ -171,8 +180,11 @@ class MergeSession:
 
     # ------------------------------------------------------------------------------ merging
 
-    def _jobs(self, parameters: Mapping[str, Any] | None, model_parameters: Sequence[Mapping[str, Any]] | None,
-              ) -> tuple[MethodParams, list[TensorJob]]:
+    def _jobs(
+        self,
+        parameters: Mapping[str, Any] | None,
+        model_parameters: Sequence[Mapping[str, Any]] | None,
+    ) -> tuple[MethodParams, list[TensorJob]]:
         """The plan's jobs with parameters re-resolved for these overrides (the planner's resolver)."""
         if parameters is None and model_parameters is None:
             return self.plan.global_params, self.plan.jobs
@@ -182,13 +194,19 @@ class MergeSession:
             update["parameters"] = {**recipe.parameters, **dict(parameters)}
         if model_parameters is not None:
             if len(model_parameters) != len(self._expert_idx):
-                raise RecipeError(f"model_parameters has {len(model_parameters)} entries for {len(self._expert_idx)} experts")
+                raise RecipeError(
+                    f"model_parameters has {len(model_parameters)} entries for {len(self._expert_idx)} experts"
+                )
             models = list(recipe.models)
             for i, mp in zip(self._expert_idx, model_parameters):
                 models[i] = models[i].model_copy(update={"parameters": {**models[i].parameters, **dict(mp)}})
             update["models"] = models
-        recipe = Recipe.model_validate({**recipe.model_dump(), **{k: v if k != "models" else [m.model_dump() for m in v]
-                                                                for k, v in update.items()}})
+        recipe = Recipe.model_validate(
+            {
+                **recipe.model_dump(),
+                **{k: v if k != "models" else [m.model_dump() for m in v] for k, v in update.items()},
+            }
+        )
         resolver = _ParamResolver(recipe, self.method, self._expert_idx)
         global_params, _ = resolver.resolve("", 0.0)
         n_layers = self.plan.num_layers
@@ -201,12 +219,21 @@ class MergeSession:
             if job.layer is not None and n_layers:
                 t = 1.0 if n_layers <= 1 else job.layer / (n_layers - 1)
             params, model_params = resolver.resolve(job.name, t)
-            jobs.append(dataclasses.replace(job, op=dataclasses.replace(job.op, params=params, model_params=model_params)))
+            op = job.op
+            assert isinstance(op, MethodCall)  # job.kind == "merge"
+            jobs.append(dataclasses.replace(job, op=dataclasses.replace(op, params=params, model_params=model_params)))
         return global_params, jobs
 
     def _context(self, job: TensorJob, stats: Mapping[str, Any], aux: Sequence[Mapping[str, Tensor]]) -> TensorContext:
-        return TensorContext(name=job.name, seed=self.seed, layer=job.layer, num_layers=self.plan.num_layers,
-                             folds=stats, device=self.device, statistics=aux)
+        return TensorContext(
+            name=job.name,
+            seed=self.seed,
+            layer=job.layer,
+            num_layers=self.plan.num_layers,
+            folds=stats,
+            device=self.device,
+            statistics=aux,
+        )
 
     def _run_folds(self, global_params: MethodParams, jobs: Sequence[TensorJob], drop: str | None) -> dict[str, Any]:
         passes = self.method.passes(global_params)
@@ -254,18 +281,23 @@ class MergeSession:
                 continue
             base, experts, aux = self._inputs[job.name]
             ctx = self._context(job, stats, aux)
+            merged: Tensor | MethodOutput
             try:
                 with torch.no_grad():
+                    params = job.params
+                    assert params is not None  # copies are handled above: a merge job's op is a MethodCall
                     if drop is not None:
-                        key = _key(job.params, job.model_params, drop)
+                        # drop is set only for a method with a scaled form, base + scale * delta
+                        assert m.delta is not None and base is not None
+                        key = _key(params, job.model_params, drop)
                         used.add(key)
                         per = self._deltas.setdefault(job.name, {})
                         delta = per.get(key)
                         if delta is None:
-                            delta = per[key] = m.delta(base, experts, job.params, job.model_params, ctx)
-                        merged = torch.add(base, delta, alpha=getattr(job.params, drop)).to(base.dtype)
+                            delta = per[key] = m.delta(base, experts, params, job.model_params, ctx)
+                        merged = torch.add(base, delta, alpha=getattr(params, drop)).to(base.dtype)
                     else:
-                        merged = m(base, experts, job.params, job.model_params, ctx)
+                        merged = m(base, experts, params, job.model_params, ctx)
             except MergelabError:
                 raise
             except Exception as exc:
@@ -288,7 +320,7 @@ class MergeSession:
             if k in self._recent:
                 self._recent.remove(k)
             self._recent.append(k)
-        keep = set(self._recent[-self._cache_size:]) if self._cache_size else set()
+        keep = set(self._recent[-self._cache_size :]) if self._cache_size else set()
         self._recent = [k for k in self._recent if k in keep]
         for per in self._deltas.values():
             for k in [k for k in per if k not in keep]:
@@ -322,8 +354,14 @@ class MemoryExecutor:
         prog = progress or NoProgress()
         t0 = time.perf_counter()
         with thread_limit(opts.threads):
-            session = MergeSession(plan, device=resolve_device(opts.device), compute_dtype=opts.compute_dtype,
-                                   seed=opts.seed, cache=0, check_finite=opts.check_finite)
+            session = MergeSession(
+                plan,
+                device=resolve_device(opts.device),
+                compute_dtype=opts.compute_dtype,
+                seed=opts.seed,
+                cache=0,
+                check_finite=opts.check_finite,
+            )
             parts: dict[str, Any] = {}
             prog.begin("merge (in memory)", len(plan.jobs), plan.input_bytes())
             result = session.merge(parts=parts if MASKS in sinks else None)

@@ -149,6 +149,7 @@ class _Worker:
 
     def fold(self, k: int, job_index: Sequence[int], stats: Mapping[str, Any]) -> tuple[Any, int]:
         g = self.graph
+        assert g is not None, "load() first"
         fold = g.folds[k]
         run = RunStats()
         jobs = [g.jobs[i] for i in job_index]
@@ -156,9 +157,11 @@ class _Worker:
             state = fold_jobs(g, fold, jobs, stats, self.opts, self.device, None, None, run)
         return state, run.bytes_read
 
-    def merge(self, job_index: Sequence[int], stats: Mapping[str, Any], layouts: Mapping[str, Any],
-              collect: Sequence[str]) -> dict[str, Any]:
+    def merge(
+        self, job_index: Sequence[int], stats: Mapping[str, Any], layouts: Mapping[str, Any], collect: Sequence[str]
+    ) -> dict[str, Any]:
         g = self.graph
+        assert g is not None, "load() first"
         sinks: dict[str, Any] = dict(layouts)
         collectors = {name: _Collect() for name in collect}
         sinks.update(collectors)
@@ -268,8 +271,9 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def _run(ray: Any, g: Graph, sinks: Mapping[str, Any], opts: ExecutorOptions, prog: Progress, n_workers: int,
-         keep: bool) -> RunStats:
+def _run(
+    ray: Any, g: Graph, sinks: Mapping[str, Any], opts: ExecutorOptions, prog: Progress, n_workers: int, keep: bool
+) -> RunStats:
     t0 = time.perf_counter()
     run = RunStats()
     payload = ray.put(_payload(g))
@@ -292,7 +296,9 @@ def _run(ray: Any, g: Graph, sinks: Mapping[str, Any], opts: ExecutorOptions, pr
     return run
 
 
-def _folds(ray: Any, g: Graph, actors: list[Any], opts: ExecutorOptions, prog: Progress, run: RunStats) -> dict[str, Any]:
+def _folds(
+    ray: Any, g: Graph, actors: list[Any], opts: ExecutorOptions, prog: Progress, run: RunStats
+) -> dict[str, Any]:
     stats: dict[str, Any] = {}
     folds = g.folds
     merge_index = [i for i, j in enumerate(g.jobs) if j.kind == "merge"]
@@ -344,8 +350,16 @@ def _merge_ranges(g: Graph, sinks: Mapping[str, Any], n: int) -> list[range]:
     return partition(weights, n)
 
 
-def _merge(ray: Any, g: Graph, actors: list[Any], sinks: Mapping[str, Any], stats: Mapping[str, Any],
-           opts: ExecutorOptions, prog: Progress, run: RunStats) -> None:
+def _merge(
+    ray: Any,
+    g: Graph,
+    actors: list[Any],
+    sinks: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    opts: ExecutorOptions,
+    prog: Progress,
+    run: RunStats,
+) -> None:
     layouts: dict[str, Any] = {}
     collect: list[str] = []
     for name, sink in sinks.items():
@@ -356,7 +370,9 @@ def _merge(ray: Any, g: Graph, actors: list[Any], sinks: Mapping[str, Any], stat
             collect.append(name)
     jobs: list[Job] = g.jobs
     ranges = _merge_ranges(g, sinks, len(actors))
-    prog.begin("merge" if not g.folds else f"pass {len(g.folds) + 1}/{len(g.folds) + 1}: merge", len(jobs), g.input_bytes())
+    prog.begin(
+        "merge" if not g.folds else f"pass {len(g.folds) + 1}/{len(g.folds) + 1}: merge", len(jobs), g.input_bytes()
+    )
     futures = [a.merge.remote(list(r), stats, layouts, collect) for a, r in zip(actors, ranges)]
     pending = {f: i for i, f in enumerate(futures)}
     while pending:

@@ -184,7 +184,12 @@ def _read_aux(graph: Graph, job: Job) -> _Aux:
         entry = {}
         for kind, key in kinds.items():
             t = r.read(key)
-            if job.rows is not None and t.dim() == len(job.shape) and t.shape[1:] == job.shape[1:] and t.shape[0] > job.rows:
+            if (
+                job.rows is not None
+                and t.dim() == len(job.shape)
+                and t.shape[1:] == job.shape[1:]
+                and t.shape[0] > job.rows
+            ):
                 t = t[: job.rows]
             entry[kind] = t
         out.append(entry)
@@ -192,7 +197,11 @@ def _read_aux(graph: Graph, job: Job) -> _Aux:
 
 
 def _read_job(
-    graph: Graph, job: Job, hasher: _Hasher | None, opts: ExecutorOptions, convert: bool,
+    graph: Graph,
+    job: Job,
+    hasher: _Hasher | None,
+    opts: ExecutorOptions,
+    convert: bool,
     buffers: _BufferPool | None = None,
 ) -> tuple[_Raw, _Aux]:
     """Read the job's input tensors (each distinct one once); runs on the reader thread.
@@ -278,19 +287,27 @@ class _Prepared:
         self.aux = [{k: t.to(device) for k, t in entry.items()} for entry in aux] if aux is not None else []
 
 
-def _context(graph: Graph, job: Job, opts: ExecutorOptions, device: torch.device, stats: Mapping[str, Any],
-             prep: _Prepared) -> TensorContext:
+def _context(
+    graph: Graph, job: Job, opts: ExecutorOptions, device: torch.device, stats: Mapping[str, Any], prep: _Prepared
+) -> TensorContext:
     return TensorContext(
-        name=job.name, seed=opts.seed, layer=job.layer, num_layers=graph.num_layers, folds=stats, device=device,
+        name=job.name,
+        seed=opts.seed,
+        layer=job.layer,
+        num_layers=graph.num_layers,
+        folds=stats,
+        device=device,
         statistics=prep.aux,
     )
 
 
 def _call_method(graph: Graph, job: Job, prep: _Prepared, ctx: TensorContext, parts: PartsSink | None) -> torch.Tensor:
     method = graph.method
+    params = job.params
+    assert params is not None  # only MethodCall jobs reach here (Copy and Init are handled before)
     try:
         with torch.no_grad():
-            out = method(prep.base, prep.experts, job.params, job.model_params, ctx)
+            out = method(prep.base, prep.experts, params, job.model_params, ctx)
     except MergelabError:
         raise
     except Exception as exc:
@@ -341,8 +358,14 @@ def fold_jobs(
         nbytes = graph.job_input_bytes(job)
         del raw, aux
         with torch.no_grad():
-            fold.update(state, prep.base, prep.experts, job.params, job.model_params,
-                        _context(graph, job, opts, device, stats, prep))
+            fold.update(
+                state,
+                prep.base,
+                prep.experts,
+                job.params,
+                job.model_params,
+                _context(graph, job, opts, device, stats, prep),
+            )
         if run is not None:
             run.bytes_read += nbytes
         if progress is not None:

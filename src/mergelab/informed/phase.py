@@ -584,7 +584,9 @@ def _merge_tensor_fn(
 
         base = get(plan.base) if plan.base is not None else None
         experts = [get(r) for r in plan.experts]
-        ctx = TensorContext(name=name, seed=seed, layer=job.layer, num_layers=plan.num_layers, device=device, statistics=aux)
+        ctx = TensorContext(
+            name=name, seed=seed, layer=job.layer, num_layers=plan.num_layers, device=device, statistics=aux
+        )
         params = job.params
         assert params is not None  # merge jobs always carry a method call
         with torch.no_grad():

@@ -128,8 +128,7 @@ def open_statistics(
 ) -> CheckpointReader:
     """A reader over a statistics folder, an in-memory statistics dict, or an open reader."""
     if isinstance(ref, Mapping):
-        # StateDictReader declares ``folder: None`` where the protocol says ``Path | None`` (checkpoint/ typing gap)
-        return StateDictReader(dict(ref), label or "<statistics>")  # type: ignore[return-value]
+        return StateDictReader(dict(ref), label or "<statistics>")
     if isinstance(ref, (str, os.PathLike)):
         path = Path(ref)
         if not path.exists():

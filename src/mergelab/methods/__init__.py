@@ -5,8 +5,8 @@ from mergelab.methods.registry import all_methods, get_method, method
 
 __all__ = [
     "Fold",
-    "MethodCard",
     "MergeMethod",
+    "MethodCard",
     "MethodOutput",
     "MethodParams",
     "NoParams",

@@ -106,6 +106,11 @@ class MethodOutput:
 
 
 MergeFn = Callable[..., "Tensor | MethodOutput"]
+# The unscaled merged task vector of a method's scaled form (``MergeMethod.delta``): fn's signature.
+DeltaFn = Callable[..., Tensor]
+# The gather passes of a method: called with an instance of the method's own ``params`` model
+# (a MethodParams subclass, so the argument is typed Any, as MergeFn's are).
+PassesFn = Callable[[Any], Sequence["Fold"]]
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,7 @@ class MergeMethod:
     base: BaseUse = "required"
     min_experts: int = 1
     max_experts: int | None = None
-    passes_fn: Callable[[MethodParams], Sequence[Fold]] | None = None
+    passes_fn: PassesFn | None = None
     aliases: tuple[str, ...] = ()
     outputs: Literal["model", "routed"] = "model"  # "routed": fn returns MethodOutput
     statistics: str | None = None  # data phase producing ctx.statistics (mergelab.informed); None: data-free
@@ -177,7 +182,7 @@ class MergeMethod:
     # session): ``fn(...)`` equals ``torch.add(base, delta(...), alpha=params.<scale>)`` bit for bit,
     # where ``delta`` has fn's signature and returns the unscaled merged task vector.
     scale: str | None = None
-    delta: MergeFn | None = None
+    delta: DeltaFn | None = None
 
     def passes(self, params: MethodParams) -> Sequence[Fold]:
         """The gather passes needed with these global parameters (often none)."""

@@ -68,8 +68,7 @@ class BreadcrumbsModelParams(SparseModelParams):
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="fraction of entries kept after removing outliers and small entries "
-        "(mergekit's default is 1.0)",
+        description="fraction of entries kept after removing outliers and small entries (mergekit's default is 1.0)",
     )
     gamma: float = Field(
         0.01,

@@ -43,7 +43,7 @@ from pydantic import Field
 
 from mergelab.methods.base import MethodCard, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods.stages.combine import DisjointMerge, WeightedSum
+from mergelab.methods.stages.combine import Combiner, DisjointMerge, WeightedSum
 from mergelab.methods.stages.pipeline import TaskVectorMerge
 from mergelab.methods.stages.sign_consensus import SignTie
 from mergelab.methods.stages.sparsify import (
@@ -61,9 +61,7 @@ Tensor = torch.Tensor
 
 
 class DareLinearParams(SparseMergeParams):
-    rescale: bool = Field(
-        True, description="rescale the survivors (the paper's 1/(1 − p); see rescale_mode)"
-    )
+    rescale: bool = Field(True, description="rescale the survivors (the paper's 1/(1 − p); see rescale_mode)")
     rescale_mode: RescaleMode = Field(
         "inverse",
         description="inverse: divide survivors by density = 1 − p (paper); l1: match the "
@@ -101,11 +99,12 @@ def _pipeline(
         rescale=params.rescale,
         mode=params.rescale_mode,
     )
-    combine = (
-        DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
-        if elect
-        else WeightedSum(normalize=params.normalize)
-    )
+    combine: Combiner
+    if elect:
+        assert isinstance(params, DareTiesParams)  # the electing method's parameters (sign_tie)
+        combine = DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
+    else:
+        combine = WeightedSum(normalize=params.normalize)
     return TaskVectorMerge(drop, combine, upcast=True)
 
 

@@ -37,8 +37,8 @@ Departures from mergekit 0.1.5 (same parameter names):
   stay exact. mergekit ranks k-D tensors along dim 1 only; here rows are (shape[0], rest).
   mergekit requires density + ε < 1 strictly; here ≤ 1 is allowed.
 * Sign ties in ``della``: +1 by default (mergekit's rule, which lets the merge run chunk by
-  chunk); ``sign_tie: majority`` gives the tensor's majority sign (original TIES code). ε defaults to 0.07 (mergekit: 0.15) and density to
-  0.7 (mergekit: 1.0, no pruning). ``int8_mask`` is accepted and ignored.
+  chunk); ``sign_tie: majority`` gives the tensor's majority sign (original TIES code). ε defaults to
+  0.07 (mergekit: 0.15) and density to 0.7 (mergekit: 1.0, no pruning). ``int8_mask`` is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pydantic import Field, model_validator
 
 from mergelab.methods.base import MethodCard, TensorContext
 from mergelab.methods.registry import method
-from mergelab.methods.stages.combine import DisjointMerge, WeightedSum
+from mergelab.methods.stages.combine import Combiner, DisjointMerge, WeightedSum
 from mergelab.methods.stages.pipeline import TaskVectorMerge
 from mergelab.methods.stages.sign_consensus import SignTie
 from mergelab.methods.stages.sparsify import (
@@ -79,9 +79,7 @@ class DellaLinearParams(SparseMergeParams):
 
 
 class DellaParams(DellaLinearParams):
-    normalize: bool = Field(
-        True, description="disjoint mean over the agreeing models; false: disjoint sum"
-    )
+    normalize: bool = Field(True, description="disjoint mean over the agreeing models; false: disjoint sum")
     sign_tie: SignTie = per_tensor_sign_tie()
 
 
@@ -98,8 +96,7 @@ class DellaModelParams(SparseModelParams):
         ge=0.0,
         le=0.5,
         allow_inf_nan=False,
-        description="half-width of the keep-probability window [density − ε, density + ε] "
-        "(mergekit's default is 0.15)",
+        description="half-width of the keep-probability window [density − ε, density + ε] (mergekit's default is 0.15)",
     )
 
     @model_validator(mode="after")
@@ -126,11 +123,12 @@ def _pipeline(
         rescale=params.rescale,
         mode=params.rescale_mode,
     )
-    combine = (
-        DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
-        if elect
-        else WeightedSum(normalize=params.normalize)
-    )
+    combine: Combiner
+    if elect:
+        assert isinstance(params, DellaParams)  # the electing method's parameters (sign_tie)
+        combine = DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
+    else:
+        combine = WeightedSum(normalize=params.normalize)
     return TaskVectorMerge(prune, combine, upcast=True)
 
 

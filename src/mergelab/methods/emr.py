@@ -67,9 +67,7 @@ class EmrParams(MethodParams):
     )
 
 
-def elect(
-    deltas: Sequence[Tensor], sign_zero: str = "negative"
-) -> tuple[Tensor, list[Tensor]]:
+def elect(deltas: Sequence[Tensor], sign_zero: str = "negative") -> tuple[Tensor, list[Tensor]]:
     """(τ_uni, [M_i]) for one tensor's task vectors (float32 in, float32 and bool out)."""
     total = weighted_sum(deltas, from_zero=True)
     if sign_zero == "negative":
@@ -139,8 +137,7 @@ def emr_passes(params: EmrParams) -> tuple[Fold, ...]:
 
 @method(
     "emr",
-    paper="Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging, "
-    "arXiv:2405.17461",
+    paper="Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging, arXiv:2405.17461",
     params=EmrParams,
     model_params=NoParams,
     base="required",

@@ -40,8 +40,8 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import MethodCard, MethodParams, NoParams, TensorContext
-from mergelab.methods.registry import method
 from mergelab.methods.kernels import chunks
+from mergelab.methods.registry import method
 
 SINGULAR_EPS = 1e-6
 """Where |1 + (N − 1) cos| is below this, t = 0 (the base is kept)."""
@@ -51,8 +51,7 @@ class ModelStockParams(MethodParams):
     filter_wise: bool = Field(
         False,
         description=(
-            "one ratio per vector along the last dimension (per row of a 2-D weight) "
-            "instead of one per tensor"
+            "one ratio per vector along the last dimension (per row of a 2-D weight) instead of one per tensor"
         ),
     )
     norm_product_floor: float = Field(
@@ -83,8 +82,7 @@ def interpolation_ratio(cos: torch.Tensor, n: int, clamp_cos: bool = False) -> t
 @method(
     "model_stock",
     paper=(
-        "Jang, Yun & Han 2024, Model Stock: All we need is just a few fine-tuned models, "
-        "ECCV 2024, arXiv:2403.19522"
+        "Jang, Yun & Han 2024, Model Stock: All we need is just a few fine-tuned models, ECCV 2024, arXiv:2403.19522"
     ),
     params=ModelStockParams,
     model_params=NoParams,
@@ -107,9 +105,9 @@ def model_stock(
     if base.numel() == 0:
         return base.clone()
     if params.filter_wise and base.dim() >= 1:
-        cols = shape[-1]
-        w0 = base.reshape(-1, cols)
-        ws = [e.reshape(-1, cols) for e in experts]
+        n_cols = shape[-1]
+        w0 = base.reshape(-1, n_cols)
+        ws = [e.reshape(-1, n_cols) for e in experts]
     else:
         w0 = base.reshape(1, -1)
         ws = [e.reshape(1, -1) for e in experts]

@@ -94,9 +94,7 @@ class PcbParams(MethodParams):
         allow_inf_nan=False,
         description="r: fraction of each task's highest balancing scores kept (reference default 0.1)",
     )
-    lambda_: float = Field(
-        1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged task vector"
-    )
+    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the merged task vector")
     clip_ratio: float = Field(
         0.01,
         ge=0.0,
@@ -212,9 +210,7 @@ def _flat_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> list[Tensor]:
     return task_vectors(base, experts, flat=True)
 
 
-def pcb_tensor_delta(
-    taus: Sequence[Tensor], weights: Sequence[float], params: PcbParams
-) -> Tensor:
+def pcb_tensor_delta(taus: Sequence[Tensor], weights: Sequence[float], params: PcbParams) -> Tensor:
     """τ_m for one tensor with rows = this tensor (``scope: tensor``), flattened inputs."""
     d = taus[0].numel()
     q, r = params.clip_ratio, params.pcb_ratio
@@ -245,9 +241,11 @@ def pcb_tensor_delta(
 
 
 def _check_global(params: PcbParams, stats: dict[str, Any]) -> None:
-    if stats["clip_ratio"] != params.clip_ratio or stats["pcb_ratio"] != params.pcb_ratio or stats[
-        "inter"
-    ] != params.inter:
+    if (
+        stats["clip_ratio"] != params.clip_ratio
+        or stats["pcb_ratio"] != params.pcb_ratio
+        or stats["inter"] != params.inter
+    ):
         raise ParameterError(
             "pcb scope=global: pcb_ratio, clip_ratio and inter must be one value for the whole model "
             "(no filters or gradients)"

@@ -15,12 +15,13 @@ from typing import Literal
 from mergelab.errors import RecipeError
 from mergelab.methods.base import (
     BaseUse,
-    Fold,
+    DeltaFn,
     MergeFn,
     MergeMethod,
     MethodCard,
     MethodParams,
     NoParams,
+    PassesFn,
 )
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -37,14 +38,14 @@ def method(
     base: BaseUse = "required",
     min_experts: int = 1,
     max_experts: int | None = None,
-    passes: Callable[[MethodParams], Sequence[Fold]] | None = None,
+    passes: PassesFn | None = None,
     aliases: Sequence[str] = (),
     summary: str | None = None,
     outputs: Literal["model", "routed"] = "model",
     statistics: str | None = None,
     card: MethodCard | None = None,
     scale: str | None = None,
-    delta: MergeFn | None = None,
+    delta: DeltaFn | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register ``fn(base, experts, params, model_params, ctx) -> Tensor`` under ``name``.
 

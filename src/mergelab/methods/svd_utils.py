@@ -53,11 +53,11 @@ def parse_substrings(value: Any) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)):
         items = []
         for v in value:
-            if not isinstance(v, str):
-                raise ValueError(f"exclude entries must be strings, got {v!r}")  # noqa: TRY004 (pydantic reports ValueError only)
+            if not isinstance(v, str):  # ValueError, not TypeError: pydantic reports ValueError only
+                raise ValueError(f"exclude entries must be strings, got {v!r}")
             items.extend(v.split(","))
-    else:
-        raise ValueError(f"exclude must be a comma-separated string of name substrings, got {value!r}")  # noqa: TRY004 (pydantic reports ValueError only)
+    else:  # ValueError, not TypeError: pydantic reports ValueError only
+        raise ValueError(f"exclude must be a comma-separated string of name substrings, got {value!r}")
     return tuple(s.strip() for s in items if s.strip())
 
 

@@ -50,8 +50,7 @@ class ConsensusParams(MultiTaskParams):
         1.0,
         alias="lambda",
         allow_inf_nan=False,
-        description="scale α of the masked multi-task vector (reference: chosen on validation "
-        "data from 0.1…1.0)",
+        description="scale α of the masked multi-task vector (reference: chosen on validation data from 0.1…1.0)",
     )
     k: int = Field(
         2,
@@ -94,8 +93,7 @@ def consensus_delta(
 
 @method(
     "consensus",
-    paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging and "
-    "Compression, arXiv:2405.07813",
+    paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression, arXiv:2405.07813",
     params=ConsensusParams,
     model_params=ConsensusModelParams,
     base="required",

@@ -48,8 +48,8 @@ from pydantic import Field
 
 from mergelab.methods.base import Fold, MethodCard, MethodOutput, MethodParams, TensorContext
 from mergelab.methods.kernels.tensors import task_vectors, weighted_sum
-from mergelab.methods.stages.sign_consensus import SignTie, consensus_merge
 from mergelab.methods.registry import method
+from mergelab.methods.stages.sign_consensus import SignTie, consensus_merge
 from mergelab.methods.ties import (
     PASS_HIGH,
     PASS_LOW,
@@ -76,8 +76,7 @@ class MultiTaskParams(MethodParams):
     )
     normalize: bool = Field(
         False,
-        description="divide τ_MTL: mean instead of sum, TIES disjoint mean instead of disjoint sum "
-        "(not in the paper)",
+        description="divide τ_MTL: mean instead of sum, TIES disjoint mean instead of disjoint sum (not in the paper)",
     )
     scope: Literal["tensor", "global"] = Field(
         "global",
@@ -108,8 +107,7 @@ class TallModelParams(MethodParams):
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="multitask: ties only: fraction K of each task vector kept by the TIES trim "
-        "(reference: 0.2)",
+        description="multitask: ties only: fraction K of each task vector kept by the TIES trim (reference: 0.2)",
     )
 
 
@@ -174,9 +172,7 @@ def multitask_vector(
             majority = float(ctx.folds[PASS_SIGN])
     else:
         trimmed = [trim(d, m.density, tp) for d, m in zip(deltas, model_params)]
-    return consensus_merge(
-        trimmed, [1.0] * n, normalize=params.normalize, on_zero=params.sign_tie, majority=majority
-    )
+    return consensus_merge(trimmed, [1.0] * n, normalize=params.normalize, on_zero=params.sign_tie, majority=majority)
 
 
 def tall_mask(delta: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
@@ -189,8 +185,7 @@ def tall_mask(delta: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
 
 @method(
     "tall_masks",
-    paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging and "
-    "Compression, arXiv:2405.07813",
+    paper="Wang et al. 2024, Localizing Task Information for Improved Model Merging and Compression, arXiv:2405.07813",
     params=TallParams,
     model_params=TallModelParams,
     base="required",

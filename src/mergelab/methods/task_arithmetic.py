@@ -18,19 +18,19 @@ from mergelab.methods.registry import method
 
 
 class TaskArithmeticParams(MethodParams):
-    lambda_: float = Field(
-        1.0, alias="lambda", allow_inf_nan=False, description="scale of the summed task vectors"
-    )
+    lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the summed task vectors")
     normalize: bool = Field(False, description="divide the weighted sum by the sum of weights")
 
 
 class TaskArithmeticModelParams(MethodParams):
-    weight: float = Field(
-        1.0, allow_inf_nan=False, description="weight of this task vector (negative: negation)"
-    )
+    weight: float = Field(1.0, allow_inf_nan=False, description="weight of this task vector (negative: negation)")
     density: float = Field(
-        1.0, ge=1.0, le=1.0,
-        description="accepted (only as 1) so mergekit recipes run: task arithmetic does not sparsify; use ties or dare_linear",
+        1.0,
+        ge=1.0,
+        le=1.0,
+        description=(
+            "accepted (only as 1) so mergekit recipes run: task arithmetic does not sparsify; use ties or dare_linear"
+        ),
     )
 
 

@@ -77,8 +77,7 @@ PASS_SIGN = "ties.global.sign"
 class TiesParams(SparseMergeParams):
     normalize: bool = Field(
         True,
-        description="disjoint mean (divide by the summed weights of the agreeing models); "
-        "false: disjoint sum",
+        description="disjoint mean (divide by the summed weights of the agreeing models); false: disjoint sum",
     )
     scope: Literal["tensor", "global"] = Field(
         "tensor",
@@ -106,8 +105,7 @@ class TiesModelParams(SparseModelParams):
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="fraction K of this task vector's largest magnitudes kept (paper: 0.2; "
-        "mergekit's default is 1.0)",
+        description="fraction K of this task vector's largest magnitudes kept (paper: 0.2; mergekit's default is 1.0)",
     )
 
 
@@ -124,9 +122,7 @@ def trimmer(
     )
 
 
-def trim(
-    delta: Tensor, density: float, params: SparseMergeParams, threshold: float | None = None
-) -> Tensor:
+def trim(delta: Tensor, density: float, params: SparseMergeParams, threshold: float | None = None) -> Tensor:
     """τ̂ of one whole task vector: ``delta`` restricted to its top-``density`` magnitudes (per
     tensor), or to magnitudes ≥ ``threshold`` (global scope), then the optional rescale."""
     if threshold is None:
@@ -135,9 +131,7 @@ def trim(
         mask = torch.zeros_like(delta, dtype=torch.bool)
     else:
         mask = delta.abs() >= threshold
-    return apply_mask(
-        delta, mask, rescale=params.rescale, mode=params.rescale_mode, keep_prob=density
-    )
+    return apply_mask(delta, mask, rescale=params.rescale, mode=params.rescale_mode, keep_prob=density)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +159,7 @@ def _delta(base: Tensor, expert: Tensor) -> Tensor:
 def _high_init(params: TiesParams, n_experts: int) -> dict[str, Any]:
     return {
         "hist": [torch.zeros(MAGNITUDE_HIGH_BINS, dtype=torch.int64) for _ in range(n_experts)],
-        "sizes": [dict() for _ in range(n_experts)],  # density -> number of entries
+        "sizes": [{} for _ in range(n_experts)],  # density -> number of entries
     }
 
 
@@ -269,10 +263,7 @@ def _global_trimmed(
     ctx: TensorContext,
 ) -> list[Tensor]:
     thresholds = ctx.folds[PASS_LOW]
-    return [
-        trim(_delta(base, e), m.density, params, threshold=t)
-        for e, m, t in zip(experts, model_params, thresholds)
-    ]
+    return [trim(_delta(base, e), m.density, params, threshold=t) for e, m, t in zip(experts, model_params, thresholds)]
 
 
 def _sign_update(
@@ -309,9 +300,7 @@ def global_passes(params: TiesParams) -> tuple[Fold, ...]:
     return tuple(passes)
 
 
-def _pipeline(
-    params: TiesParams, model_params: Sequence[TiesModelParams], ctx: TensorContext
-) -> TaskVectorMerge:
+def _pipeline(params: TiesParams, model_params: Sequence[TiesModelParams], ctx: TensorContext) -> TaskVectorMerge:
     """TIES as stages: trim (per tensor, or at the model-wide thresholds) × elect + disjoint merge.
 
     Chunk by chunk unless the L1 rescale or a tensor-wide majority sign needs the whole tensor.
@@ -322,15 +311,11 @@ def _pipeline(
     majority: float | None = None
     if params.scope == "global":
         if PASS_HIGH not in ctx.folds or PASS_LOW not in ctx.folds:
-            raise RuntimeError(
-                f"ties scope=global: gather pass results missing for tensor {ctx.name!r}"
-            )
+            raise RuntimeError(f"ties scope=global: gather pass results missing for tensor {ctx.name!r}")
         thresholds = ctx.folds[PASS_LOW]
         if params.sign_rule == "majority":
             if PASS_SIGN not in ctx.folds:
-                raise RuntimeError(
-                    f"ties scope=global: sign pass result missing for tensor {ctx.name!r}"
-                )
+                raise RuntimeError(f"ties scope=global: sign pass result missing for tensor {ctx.name!r}")
             majority = float(ctx.folds[PASS_SIGN])
     default_path = params.scope == "tensor" and params.sign_rule == "positive" and not params.rescale
     return TaskVectorMerge(
@@ -354,8 +339,7 @@ def ties_delta(
 
 @method(
     "ties",
-    paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, "
-    "arXiv:2306.01708",
+    paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, arXiv:2306.01708",
     params=TiesParams,
     model_params=TiesModelParams,
     base="required",

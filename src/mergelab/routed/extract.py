@@ -30,10 +30,10 @@ from mergelab.errors import CheckpointError
 from mergelab.routed.format import (
     BASE_FOLDER,
     MASKS_FOLDER,
-    routed_dir,
     packed_size,
     read_manifest,
     resolve_task,
+    routed_dir,
     unpack_mask,
 )
 

@@ -92,7 +92,10 @@ class PartsWriter:
         rows = []
         for t, m in enumerate(masks):
             if m.numel() != job.numel:
-                raise MergelabError(f"internal error: mask of task {t} for tensor {name!r} has {m.numel()} elements, expected {job.numel}")
+                raise MergelabError(
+                    f"internal error: mask of task {t} for tensor {name!r} has {m.numel()} elements, "
+                    f"expected {job.numel}"
+                )
             self._ones[t] += int(m.sum())
             rows.append(pack_mask(m))
         self._masks.add(name, torch.stack(rows) if rows else torch.empty(0, packed_size(job.numel), dtype=torch.uint8))

@@ -11,6 +11,7 @@ give the same masks. The global RNG is never touched.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 
@@ -20,6 +21,10 @@ PROB_BITS = 16
 """Keep decisions use 16 random bits each: P(keep) is realised to a resolution of 2**-16."""
 
 
+@overload
+def realised_keep_prob(keep_prob: Tensor) -> Tensor: ...
+@overload
+def realised_keep_prob(keep_prob: float) -> float: ...
 def realised_keep_prob(keep_prob: float | Tensor) -> float | Tensor:
     """The probability :func:`keep_indicator` actually keeps with: round(p·2¹⁶)/2¹⁶.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import torch
 
@@ -55,5 +56,5 @@ def stable_row_order(mag: Tensor) -> Tensor:
     else:
         bounds = [n_rows * i // workers for i in range(workers + 1)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda ab: keys_np[ab[0] : ab[1]].sort(axis=1), zip(bounds, bounds[1:])))
+            list(pool.map(lambda ab: keys_np[ab[0] : ab[1]].sort(axis=1), pairwise(bounds)))
     return keys.bitwise_and_(0xFFFFFFFF)

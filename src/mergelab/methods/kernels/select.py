@@ -195,14 +195,14 @@ class _BandMasks:
                 above = int(np.count_nonzero(over))
                 np.logical_xor(band, over, out=band)
             return above, torch.from_numpy(dn[band])
-        band, over = self.band_t[:m], self.over_t[:m]
-        torch.ge(d, lo, out=band) if lo > 0.0 else torch.gt(d, 0.0, out=band)
+        band_t, over_t = self.band_t[:m], self.over_t[:m]
+        torch.ge(d, lo, out=band_t) if lo > 0.0 else torch.gt(d, 0.0, out=band_t)
         above = 0
         if finite_hi:
-            torch.gt(d, hi, out=over)
-            above = int(torch.count_nonzero(over))
-            band.logical_xor_(over)
-        return above, d[band]
+            torch.gt(d, hi, out=over_t)
+            above = int(torch.count_nonzero(over_t))
+            band_t.logical_xor_(over_t)
+        return above, d[band_t]
 
 
 def _kth_largest_chunked(xf: Tensor, mf: Tensor | None, k: int) -> float:

@@ -36,7 +36,8 @@ def linear_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, normaliz
 
 
 class Combiner(Protocol):
-    whole: bool
+    @property
+    def whole(self) -> bool: ...
 
     def __call__(self, deltas: Sequence[Tensor], weights: Sequence[float], scratch: Scratch) -> Tensor: ...
 

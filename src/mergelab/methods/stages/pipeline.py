@@ -77,7 +77,8 @@ class TaskVectorMerge:
                 d = torch.sub(e[sl], b, out=scratch.take(f"delta{i}", m))
                 deltas.append(d if parallel else apply(i, d, scratch))
             if parallel:
-                deltas = parallel_map(lambda i: apply(i, deltas[i], scratch), list(range(len(deltas))), numel=m)
+                # the lambda runs inside parallel_map, before `deltas` is rebound: binding it late is safe
+                deltas = parallel_map(lambda i: apply(i, deltas[i], scratch), list(range(len(deltas))), numel=m)  # noqa: B023
             merged = self.combiner(deltas, weights, scratch)
             if scale is None:
                 out[sl].copy_(merged)

@@ -129,9 +129,5 @@ def consensus_merge(
     With ``scratch`` the result (and every temporary) lives in its buffers: consume it before
     the next call with the same scratch.
     """
-    sign = elect_sign(
-        deltas, weights, on_zero=on_zero, majority=majority, out=scratch_view(scratch, "sign", deltas[0])
-    )
+    sign = elect_sign(deltas, weights, on_zero=on_zero, majority=majority, out=scratch_view(scratch, "sign", deltas[0]))
     return disjoint_merge(deltas, weights, sign, normalize=normalize, scratch=scratch)
-
-

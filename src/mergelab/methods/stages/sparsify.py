@@ -66,12 +66,9 @@ class SparseMergeParams(MethodParams):
     )
     normalize: bool = Field(
         False,
-        description="divide the weighted sum by the sum of the weights (of the agreeing models "
-        "when signs are elected)",
+        description="divide the weighted sum by the sum of the weights (of the agreeing models when signs are elected)",
     )
-    rescale: bool = Field(
-        False, description="rescale the kept entries of each task vector after sparsification"
-    )
+    rescale: bool = Field(False, description="rescale the kept entries of each task vector after sparsification")
     rescale_mode: RescaleMode = Field(
         "l1",
         description="inverse: divide kept entries by their keep probability (DARE/DELLA papers); "
@@ -86,12 +83,8 @@ class SparseMergeParams(MethodParams):
 class SparseModelParams(MethodParams):
     """Per-model parameters of the sparsify-then-merge family."""
 
-    weight: float = Field(
-        1.0, allow_inf_nan=False, description="weight of this task vector (negative: negation)"
-    )
-    density: float = Field(
-        1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="fraction of entries kept"
-    )
+    weight: float = Field(1.0, allow_inf_nan=False, description="weight of this task vector (negative: negation)")
+    density: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="fraction of entries kept")
 
 
 def per_tensor_sign_tie() -> Any:
@@ -102,8 +95,6 @@ def per_tensor_sign_tie() -> Any:
         "default for per-tensor methods, which lets them run chunk by chunk) or majority "
         "(the tensor's majority elected sign, after the original TIES code)",
     )
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +174,7 @@ def outlier_bounds(base: Tensor | None, expert: Tensor, density: float, gamma: f
     n_bottom = max(0, n - target - n_top)
     # the (n_bottom + 1)-th and (n_bottom + target)-th smallest magnitudes
     lower = kth_largest_magnitude(expert, n - n_bottom, minus=base) if n_bottom > 0 else None
-    upper = (
-        kth_largest_magnitude(expert, n - n_bottom - target + 1, minus=base)
-        if n_bottom + target < n
-        else None
-    )
+    upper = kth_largest_magnitude(expert, n - n_bottom - target + 1, minus=base) if n_bottom + target < n else None
     return (lower, upper)
 
 
@@ -324,9 +311,12 @@ Apply = Callable[[int, Tensor, Scratch], Tensor]
 class Sparsifier(Protocol):
     """A sparsifier stage for one tensor (see the module docstring)."""
 
-    whole: bool
-    rows: bool
-    parallel: bool
+    @property
+    def whole(self) -> bool: ...
+    @property
+    def rows(self) -> bool: ...
+    @property
+    def parallel(self) -> bool: ...
 
     def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply: ...
 
@@ -414,10 +404,11 @@ class OutlierBands:
         )
 
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
-            if bounds[i] is None:
+            bounds_i = bounds[i]
+            if bounds_i is None:
                 d.zero_()
             else:
-                lower, upper = bounds[i]
+                lower, upper = bounds_i
                 if lower is not None or upper is not None:
                     mag = torch.abs(d, out=scratch.take("mag", d.numel()))
                     keep = scratch.take("keep", d.numel())
@@ -452,8 +443,13 @@ class RandomDrop:
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
             keep = scratch_view(scratch, f"keep{i}", d)
             return dare_drop(
-                d, self.densities[i], self.generators[i], rescale=self.rescale, mode=self.mode,
-                inplace=True, keep_out=keep,
+                d,
+                self.densities[i],
+                self.generators[i],
+                rescale=self.rescale,
+                mode=self.mode,
+                inplace=True,
+                keep_out=keep,
             )
 
         return apply
@@ -482,8 +478,14 @@ class MagPrune:
 
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
             return magprune(
-                d.view(rows), self.densities[i], self.epsilons[i], self.generators[i], rescale=self.rescale,
-                mode=self.mode, inplace=True, scratch=scratch,
+                d.view(rows),
+                self.densities[i],
+                self.epsilons[i],
+                self.generators[i],
+                rescale=self.rescale,
+                mode=self.mode,
+                inplace=True,
+                scratch=scratch,
             ).reshape(-1)
 
         return apply
