@@ -85,5 +85,3 @@ class TaskVectorMerge:
             else:
                 torch.add(b, merged, alpha=scale, out=out[sl])
         return out
-
-
