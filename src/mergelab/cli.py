@@ -98,7 +98,11 @@ def merge(
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     executor: Annotated[
-        str, typer.Option(help="streaming (one process) or ray (jobs sharded across Ray workers)")
+        str,
+        typer.Option(
+            help="streaming (one process, tensor by tensor), memory (every input resident) "
+            "or ray (jobs sharded across Ray workers)"
+        ),
     ] = "streaming",
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")
