@@ -11,6 +11,7 @@ from a state dict and how to load one into it (:class:`ZooEvaluator`'s abstract 
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def load_state_dict_path(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class ZooEvaluator:
+class ZooEvaluator(ABC):
     """Scores models on a zoo's tasks (one split, the first ``limit`` rows of each)."""
 
     def __init__(self, zoo: Any, *, tasks: Sequence[str] | None, split: str, limit: int | None) -> None:
@@ -45,14 +46,14 @@ class ZooEvaluator:
         self._scratch: nn.Module | None = None
 
     # -- what a suite provides
-    def _load_dir(self, path: Path) -> nn.Module:
-        raise NotImplementedError
+    @abstractmethod
+    def _load_dir(self, path: Path) -> nn.Module: ...
 
-    def _from_state_dict(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
-        raise NotImplementedError
+    @abstractmethod
+    def _from_state_dict(self, state: Mapping[str, torch.Tensor]) -> nn.Module: ...
 
-    def _load_into(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _load_into(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None: ...
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         """A module given as is, made ready to score (e.g. moved to the zoo's device)."""
