@@ -24,6 +24,8 @@ model_stock_small_tv       1.8e-05    differs on purpose: exact cosine (paper) v
 ties_default_density       4.6e-02    differs on purpose: density defaults to the paper's 0.2
                                       (mergekit: 1.0); ``density: 1.0`` matches exactly
 karcher, sce, sce_topk     -          fixtures only, until mergelab registers the method
+nearswap                   1.2e-07    match (mergekit's |Δ| floor 1e-6 moves entries by < 1e-6;
+                                      ``diff_floor: 1e-6``: its rule, 1.2e-07)
 dare_*, della*             -          not frozen: masks come from each tool's own RNG
 =========================  =========  ==================================================
 
@@ -69,7 +71,8 @@ MATCH = [
     "karcher",
     "sce",
     "sce_topk",
-]  # the last three run once mergelab registers the method
+    "nearswap",
+]  # karcher, sce, sce_topk: run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
 
