@@ -26,6 +26,9 @@ ties_default_density       4.6e-02    differs on purpose: density defaults to th
 karcher, sce, sce_topk     -          fixtures only, until mergelab registers the method
 nearswap                   1.2e-07    match (mergekit's |Δ| floor 1e-6 moves entries by < 1e-6;
                                       ``diff_floor: 1e-6``: its rule, 1.2e-07)
+ram, ramplus_tl            1.5e-08    match (epsilon 0.01: unique and shared entries mixed);
+                                      ``ramplus`` (RAM+ counted over the whole model, the
+                                      paper's) has no mergekit counterpart
 dare_*, della*             -          not frozen: masks come from each tool's own RNG
 =========================  =========  ==================================================
 
@@ -72,6 +75,8 @@ MATCH = [
     "sce",
     "sce_topk",
     "nearswap",
+    "ram",
+    "ramplus_tl",
 ]  # karcher, sce, sce_topk: run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
