@@ -29,6 +29,7 @@ nearswap                   1.2e-07    match (mergekit's |Δ| floor 1e-6 moves en
 ram, ramplus_tl            1.5e-08    match (epsilon 0.01: unique and shared entries mixed);
                                       ``ramplus`` (RAM+ counted over the whole model, the
                                       paper's) has no mergekit counterpart
+multislerp (+ nobase)      4.8e-07    match
 dare_*, della*             -          not frozen: masks come from each tool's own RNG
 =========================  =========  ==================================================
 
@@ -77,6 +78,8 @@ MATCH = [
     "nearswap",
     "ram",
     "ramplus_tl",
+    "multislerp",
+    "multislerp_nobase",
 ]  # karcher, sce, sce_topk: run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
