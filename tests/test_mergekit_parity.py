@@ -30,6 +30,8 @@ ram, ramplus_tl            1.5e-08    match (epsilon 0.01: unique and shared ent
                                       ``ramplus`` (RAM+ counted over the whole model, the
                                       paper's) has no mergekit counterpart
 multislerp (+ nobase)      4.8e-07    match
+arcee_fusion               0          match (with normalize/int8_mask/rescale, which both
+                                      tools accept and ignore for this method)
 dare_*, della*             -          not frozen: masks come from each tool's own RNG
 =========================  =========  ==================================================
 
@@ -80,6 +82,7 @@ MATCH = [
     "ramplus_tl",
     "multislerp",
     "multislerp_nobase",
+    "arcee_fusion",
 ]  # karcher, sce, sce_topk: run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
