@@ -45,6 +45,7 @@ def _cases() -> list[Any]:
         ("lines", ({"beta": 0.5}, {})),
         ("ties", ({"scope": "global"}, {"density": 0.3})),
         ("tall_masks", ({"multitask": "ties", "scope": "global"}, {"tall_lambda": 0.4, "density": 0.3})),
+        ("ramplus", ({"epsilon": 0.01}, {})),
     ]
     names = {m.name for m in all_methods()}
     return [c for c in cases if c[0] in names]
