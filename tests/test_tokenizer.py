@@ -286,3 +286,41 @@ def test_tokenizer_larger_than_embeddings_is_refused(models, tmp_path):
     rec["models"][1] = {"model": str(bad)}
     with pytest.raises(PlanError, match="does not fit the embeddings"):
         mergelab.plan_merge(rec)
+
+
+def test_cli_validate_and_merge_fail_on_a_missing_tokenizer_source(models, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    root, _ = models
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(root, tokenizer_source=str(tmp_path / "missing"))))
+    runner = CliRunner()
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 4, res.output
+    assert "missing: no such folder" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["merge", str(path), str(tmp_path / "out")])
+    assert res.exit_code == 4 and not (tmp_path / "out").exists()
+
+
+def test_relative_paths_and_the_base_keyword_in_a_recipe_file(models, tmp_path):
+    """``tokenizer_source: ./tok_only`` is relative to the recipe; ``base`` stays the keyword even
+    beside a folder named ``base``; a tokenizer-only folder validates (it has no weights)."""
+    import yaml
+
+    root, _ = models
+    rec = {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [{"model": "a"}, {"model": "b"}],
+    }
+    (root / "r1.yaml").write_text(yaml.safe_dump({**rec, "tokenizer_source": "model:./tok_only"}))
+    plan = mergelab.plan_merge(root / "r1.yaml")
+    assert plan.tokenizer.rows == 12 and plan.recipe.tokenizer_source == str(root / "tok_only")
+    plan.close()
+    (root / "r2.yaml").write_text(yaml.safe_dump({**rec, "tokenizer_source": "base"}))
+    plan = mergelab.plan_merge(root / "r2.yaml")
+    assert plan.recipe.tokenizer_source == "base" and plan.tokenizer.rows == 10
+    plan.close()
