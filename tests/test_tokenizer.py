@@ -324,3 +324,66 @@ def test_relative_paths_and_the_base_keyword_in_a_recipe_file(models, tmp_path):
     plan = mergelab.plan_merge(root / "r2.yaml")
     assert plan.recipe.tokenizer_source == "base" and plan.tokenizer.rows == 10
     plan.close()
+
+
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+]
+RENDERED = {  # each format as its model family writes it, by hand
+    "chatml": "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    "<|im_start|>assistant\nhello<|im_end|>\n",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    "hello<|eot_id|>",
+    "mistral": "<s> [INST] be brief\n\nhi [/INST] hello</s>",
+    "alpaca": "be brief\n\n### Instruction:\nhi\n\n### Response:\nhello",
+    "exaone": "[|system|]be brief[|endofturn|]\n[|user|]hi\n[|assistant|]hello[|endofturn|]\n",
+}
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("plain")
+    make_tokenizer(d)
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_bundled_chat_templates_render_their_format(name, plain_tokenizer):
+    from mergelab.tokenizer import CHAT_TEMPLATES
+
+    text = plain_tokenizer.apply_chat_template(CONVERSATION, chat_template=CHAT_TEMPLATES[name], tokenize=False)
+    assert text == RENDERED[name]
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("MERGEKIT_PYTHON"), reason="set MERGEKIT_PYTHON to compare with mergekit's files"
+)
+@pytest.mark.parametrize("name", ["chatml", "mistral", "alpaca"])
+def test_bundled_chat_templates_render_like_mergekits(name, plain_tokenizer):
+    """chatml, mistral and alpaca (with a system message) render as mergekit 0.1.5's bundled files do.
+    Its llama3 and exaone files render extra whitespace (a newline between turns, the template's
+    indentation), which the formats do not have; mergelab's render the formats."""
+    import os
+    import subprocess
+
+    from mergelab.tokenizer import CHAT_TEMPLATES
+
+    code = (
+        "import importlib.resources as r, mergekit._data.chat_templates as c, sys;"
+        f"sys.stdout.write(r.files(c).joinpath('{name}.jinja').read_text())"
+    )
+    theirs = subprocess.run([os.environ["MERGEKIT_PYTHON"], "-c", code], capture_output=True, text=True, check=True)
+    for gen in (False, True):
+        conv = CONVERSATION[:2] if gen else CONVERSATION
+        render = [
+            plain_tokenizer.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=gen)
+            for t in (CHAT_TEMPLATES[name], theirs.stdout)
+        ]
+        if name == "alpaca" and gen:
+            continue  # mergekit's file omits the blank line before the generation prompt
+        assert render[0] == render[1]

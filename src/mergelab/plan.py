@@ -526,8 +526,9 @@ def _plan_tensors(
                 if vocab:
                     raise PlanError(
                         f"{r.label}: vocabulary size {other.shape[0]} in {name!r} differs from {meta.shape[0]} in "
-                        f"{reference.label}; merge models with the same tokenizer, set `tokenizer_source: union` (or base) "
-                        "to align the vocabularies by token, or `vocab_mismatch: truncate` to keep the base's rows"
+                        f"{reference.label}; merge models with the same tokenizer, set `tokenizer_source: union` "
+                        "(or base) to align the vocabularies by token, or `vocab_mismatch: truncate` to keep the "
+                        "base's rows"
                     )
                 raise PlanError(
                     f"{r.label}: tensor {name!r} has shape {list(other.shape)} but {reference.label} has "

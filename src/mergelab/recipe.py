@@ -277,14 +277,19 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
                     "source": (
                         e.source.model_copy(update={"model": fix(e.source.model)})
                         if isinstance(e.source, ModelTokenEmbedding)
-                        else fix(e.source) if isinstance(e.source, str) else e.source
+                        else fix(e.source)
+                        if isinstance(e.source, str)
+                        else e.source
                     )
                 }
             )
             for t, e in (recipe.tokenizer.tokens or {}).items()
         }
         update["tokenizer"] = recipe.tokenizer.model_copy(
-            update={"source": _fix_tokenizer_source(recipe.tokenizer.source, fix), "tokens": tokens if recipe.tokenizer.tokens else None}
+            update={
+                "source": _fix_tokenizer_source(recipe.tokenizer.source, fix),
+                "tokens": tokens if recipe.tokenizer.tokens else None,
+            }
         )
     if recipe.calibration is not None:
         cal = recipe.calibration

@@ -139,7 +139,8 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{{ raise_exception('roles must alternate user/assistant after an optional system message') }}"
         "{% endif %}"
         "{% if message['role'] == 'user' %}"
-        "{% if loop.first and system is not none %}{{ ' [INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
+        "{% if loop.first and system is not none %}"
+        "{{ ' [INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
         "{% else %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
         "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
         "{% else %}{{ raise_exception('only user and assistant roles, after an optional system message') }}"
@@ -148,15 +149,16 @@ CHAT_TEMPLATES: dict[str, str] = {
     ),
     "alpaca": (
         "{% set systems = messages | selectattr('role', 'equalto', 'system') | list %}"
-        "{% if systems %}{{ systems[-1]['content'] | trim }}\\n\\n{% endif %}"
+        "{% if systems %}{{ systems[-1]['content'] | trim + '\\n\\n' }}{% endif %}"
         "{% for message in messages %}"
         "{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim }}"
         "{% elif message['role'] == 'user_context' %}{{ '### Input:\\n' + message['content'] | trim }}"
         "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim }}"
         "{% endif %}"
-        "{% if message['role'] != 'system' and not loop.last %}\\n\\n{% endif %}"
+        "{% if message['role'] != 'system' and not loop.last %}{{ '\\n\\n' }}{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}\\n\\n### Response:\\n{% endif %}"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '\\n\\n### Response:\\n' }}"
+        "{% endif %}"
     ),
     "exaone": (
         "{% for message in messages %}"
@@ -445,7 +447,11 @@ def plan_chat_template_only(recipe: Any, inputs: Sequence[tuple[str, Any]], refe
     ref_tok = load_tokenizer(reference.folder, "tokenizer of")
     toks = [ref_tok]
     if recipe.chat_template == "auto":
-        toks += [load_tokenizer(r.folder, "tokenizer of") for _, r in inputs if r is not reference and has_tokenizer_files(r.folder)]
+        toks += [
+            load_tokenizer(r.folder, "tokenizer of")
+            for _, r in inputs
+            if r is not reference and has_tokenizer_files(r.folder)
+        ]
     chat = resolve_chat_template(recipe.chat_template, toks)
     if chat is None:
         return None
@@ -467,7 +473,9 @@ def _input_pos(mref: str, ref_of: Mapping[str, int], tok: str) -> int:
     )
 
 
-def _auto_sources(index: Sequence[torch.Tensor], row: int, base_pos: int | None, tok: str, warnings: list[str]) -> list[int]:
+def _auto_sources(
+    index: Sequence[torch.Tensor], row: int, base_pos: int | None, tok: str, warnings: list[str]
+) -> list[int]:
     """mergekit's default for a token some input lacks: the only holder, else the base, else all holders."""
     have = [int(ix[row]) for ix in index]
     holders = [i for i, h in enumerate(have) if h >= 0]
