@@ -159,12 +159,35 @@ def test_union_in_the_memory_session(models):
     assert torch.allclose(merged["model.embed_tokens.weight"][12], want["<b1>"], atol=1e-6)
 
 
-@pytest.mark.skipif(not ray_available, reason="ray is not installed")
-def test_union_on_ray_matches_streaming(models, tmp_path):
+@pytest.mark.parametrize(
+    "executor",
+    ["memory", pytest.param("ray", marks=pytest.mark.skipif(not ray_available, reason="ray is not installed"))],
+)
+def test_union_on_every_executor(models, tmp_path, executor):
     root, sd = models
-    out = tmp_path / "ray"
-    mergelab.merge(recipe(root, tokenizer_source="union"), out, executor="ray", workers=2)
+    out = tmp_path / executor
+    kwargs = {"workers": 2} if executor == "ray" else {}
+    mergelab.merge(recipe(root, tokenizer_source="union"), out, executor=executor, **kwargs)
     check_union(out, sd)
+
+
+def test_an_expert_without_tokenizer_files_is_taken_to_share_the_bases(models, tmp_path):
+    """mergekit's rule: an input whose tokenizer cannot be found has the base's vocabulary (a warning)."""
+    root, sd = models
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    base_sd = {k: v + 0.5 for k, v in sd["base"].items()}
+    save_file(base_sd, str(bare / "model.safetensors"))
+    (bare / "config.json").write_text(json.dumps(config(10)))
+    rec = recipe(root, tokenizer_source="union")
+    rec["models"][1] = {"model": str(bare)}
+    out = tmp_path / "out"
+    result = mergelab.merge(rec, out)
+    assert any("bare: no tokenizer files" in w for w in result.plan_summary["warnings"])
+    e = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    a = sd["a"]["model.embed_tokens.weight"]
+    torch.testing.assert_close(e[:10], a[:10] + 0.5)  # base + (a - base) + (bare - base)
+    torch.testing.assert_close(e[10:], a[10:])
 
 
 def test_model_path_tokenizer_only_folder(models, tmp_path):
