@@ -384,11 +384,13 @@ def plan_vocabulary(
     ref_of = {ref: pos for pos, (ref, _) in reversed(list(enumerate(inputs)))}
     fill_rows: list[int] = []
     fill_src: list[list[int]] = [[] for _ in views]
+    everywhere = (torch.stack(index) >= 0).all(dim=0) if index else torch.ones(n, dtype=torch.bool)
+    need = set((~everywhere).nonzero().flatten().tolist())
+    need |= {out_vocab[t] for t, c in token_cfg.items() if c.force and t in out_vocab}
     for tok, row in ordered:
-        have = [int(ix[row]) >= 0 for ix in index]
-        cfg = token_cfg.get(tok)
-        if all(have) and not (cfg is not None and cfg.force):
+        if row not in need:  # every input has the token (and no recipe forces it): its own rows
             continue
+        cfg = token_cfg.get(tok)
         src = [-1] * len(views)
         if cfg is not None and cfg.source is not None:
             s = cfg.source
