@@ -410,3 +410,28 @@ def test_bundled_chat_templates_render_like_mergekits(name, plain_tokenizer):
         if name == "alpaca" and gen:
             continue  # mergekit's file omits the blank line before the generation prompt
         assert render[0] == render[1]
+
+
+def test_union_with_tied_embeddings_loads_with_transformers(models, tmp_path):
+    """Tied models store only the input embedding: it is aligned, and the output stays tied."""
+    from transformers import AutoModelForCausalLM
+
+    _, sd = models
+    refs = {}
+    for name in ("base", "a", "b"):
+        d = tmp_path / name
+        n = make_tokenizer(d, {"base": (), "a": ("<a1>", "<a2>"), "b": ("<a2>", "<b1>")}[name])
+        save_file({k: v for k, v in sd[name].items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**config(n), "tie_word_embeddings": True}))
+        refs[name] = d
+    out = tmp_path / "out"
+    mergelab.merge(recipe(tmp_path, tokenizer_source="union"), out)
+    merged = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in merged
+    vocab = vocab_of(out)
+    for w, row in union_expected(sd, "model.embed_tokens.weight").items():
+        torch.testing.assert_close(merged["model.embed_tokens.weight"][vocab[w]], row, atol=1e-6, rtol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert (
+        model.config.vocab_size == 13 and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    )

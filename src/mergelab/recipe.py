@@ -22,6 +22,9 @@ tensors outside the blocks take the first value, as in mergekit), or a list of
 ``{filter, value}`` conditions matched as substrings of the tensor name. A per-model parameter
 set at the top level applies to every model unless the model sets its own.
 
+``tokenizer_source`` (``base`` | ``union`` | ``model:<path>``), mergekit's ``tokenizer:`` block and
+``chat_template`` pick the output tokenizer and align the vocabulary rows (:mod:`mergelab.tokenizer`).
+
 mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default float32),
 ``out_dtype`` (default: ``dtype``, else the base's dtype), ``vocab_mismatch``, and for
 data-informed methods (fisher, regmean, regmean_plusplus, adamerging) a per-model
