@@ -205,6 +205,7 @@ def test_model_path_tokenizer_only_folder(models, tmp_path):
     a = sd["a"]["model.embed_tokens.weight"]
     torch.testing.assert_close(merged[vocab["cat"]], a[4] + b[4] - base[4])
     assert any("'<z>'" in w for w in result.plan_summary["warnings"])
+    assert result.plan_summary["tokenizer"] == {"source": str(root / "tok_only"), "vocab_rows": 12}
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 12
 
 
