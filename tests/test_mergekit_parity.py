@@ -32,6 +32,8 @@ ram, ramplus_tl            1.5e-08    match (epsilon 0.01: unique and shared ent
 multislerp (+ nobase)      4.8e-07    match
 arcee_fusion               0          match (with normalize/int8_mask/rescale, which both
                                       tools accept and ignore for this method)
+tok_union / tok_base       2.4e-07    match (by token: vocabulary, config vocab_size, rows)
+tok_model / tok_block_*    1.2e-07    match (tokenizer: block tokens, padding, chatml render)
 dare_*, della*             -          not frozen: masks come from each tool's own RNG
 =========================  =========  ==================================================
 
@@ -83,7 +85,12 @@ MATCH = [
     "multislerp",
     "multislerp_nobase",
     "arcee_fusion",
-]  # karcher, sce, sce_topk: run once mergelab registers the method
+    # tokenizer_source / tokenizer: / chat_template: compared token by token
+    "tok_union",
+    "tok_base",
+    "tok_model",
+    "tok_block_chatml",
+]  # karcher, sce and sce_topk run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
 
@@ -143,9 +150,41 @@ def test_matches_mergekit(case, tmp_path):
         pytest.skip(f"mergelab has no {recipe['merge_method']!r} yet (the mergekit fixture is kept for it)")
     ours = run_mergelab(recipe, tmp_path / "out")
     theirs = mergekit_output(case)
+    if (FIXTURES / "outputs" / f"{case}.tokenizer").is_dir():
+        theirs = in_our_vocabulary(case, tmp_path / "out", theirs)
     assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{case} {k}: {m}")
+
+
+def in_our_vocabulary(case: str, out: Path, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mergekit's vocabulary tensors with rows reordered into mergelab's output vocabulary (by token).
+
+    The two tools agree on the set of tokens, config ``vocab_size`` and chat template; mergekit orders
+    a union's new tokens by its models' set order, which varies between runs, so rows are compared by
+    token string. Padding rows (past the tokenizer) stay in place.
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    mine = AutoTokenizer.from_pretrained(str(out))
+    ref = AutoTokenizer.from_pretrained(str(FIXTURES / "outputs" / f"{case}.tokenizer"))
+    v_mine, v_ref = mine.get_vocab(), ref.get_vocab()
+    assert set(v_mine) == set(v_ref), sorted(set(v_mine) ^ set(v_ref))
+    with safe_open(str(FIXTURES / "outputs" / f"{case}.safetensors"), "pt") as f:
+        vocab_size = int(f.metadata()["vocab_size"])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab_size
+    conversation = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    if ref.chat_template is not None:
+        assert mine.apply_chat_template(conversation, tokenize=False) == ref.apply_chat_template(
+            conversation, tokenize=False
+        )
+    else:
+        assert mine.chat_template is None
+    order = torch.arange(vocab_size)
+    for tok, i in v_mine.items():
+        order[i] = v_ref[tok]
+    return {k: (t[order] if t.shape[0] == vocab_size and t.dim() == 2 else t) for k, t in theirs.items()}
 
 
 def test_model_stock_departure_small_task_vectors(tmp_path):

@@ -127,7 +127,11 @@ def test_relative_paths_resolve_against_recipe_folder(family, tmp_path):
         ({"merge_method": "ties", "models": []}, "no models"),
         ({"merge_method": "ties", "models": [{"model": "a"}], "dtype": "float8"}, "unknown dtype"),
         ({"models": [{"model": "a"}]}, "merge_method"),
-        ({"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}], "tokenizer_source": "union", "tokenizer": {}},
+            "tokenizer_source or a tokenizer: block, not both",
+        ),
+        ({"merge_method": "ties", "models": [{"model": "a"}], "chat_template": "chatlm"}, "chat_template 'chatlm'"),
     ],
 )
 def test_recipe_validation_errors(data, match):
@@ -154,10 +158,9 @@ def test_global_parameter_given_per_model_is_explained(family):
         build_plan(recipe)
 
 
-def test_named_chat_template_is_refused_and_jinja_written(family, tmp_path):
+def test_named_chat_template_is_bundled_and_jinja_written(family, tmp_path):
     base, experts = family
-    with pytest.raises(RecipeError, match="named templates"):
-        load_recipe({"merge_method": "linear", "models": [{"model": str(base)}], "chat_template": "chatml"})
+    assert load_recipe({"merge_method": "linear", "models": [{"model": str(base)}], "chat_template": "chatml"})
     import mergelab
 
     jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -18,7 +18,7 @@ import torch
 
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
-from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
+from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
 from mergelab.errors import MergelabError, RecipeError
 from mergelab.executors.base import ExecutorOptions, Progress, RunStats, get_executor, thread_limit
@@ -76,6 +76,11 @@ def summarize(plan: Plan, compute_dtype: torch.dtype = torch.float32) -> dict[st
         "output_bytes": plan.output_bytes(),
         "expected_peak_bytes": plan.expected_peak_bytes(itemsize),
         "warnings": list(plan.warnings),
+        **(
+            {"tokenizer": {"source": plan.tokenizer.source, "vocab_rows": plan.tokenizer.rows}}
+            if plan.tokenizer is not None
+            else {}
+        ),
     }
 
 
@@ -95,6 +100,30 @@ def _copy_side_files(
         for key in ("torch_dtype", "dtype"):
             if key in cfg or key == "torch_dtype":
                 cfg[key] = dt
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _write_tokenizer(plan: Plan, rec: Recipe, dest: Path) -> None:
+    """The output tokenizer (``tokenizer_source`` / ``chat_template``), planned and checked by the planner.
+
+    The tokenizer is written with transformers' ``save_pretrained`` (as mergekit does) and
+    config.json gets its vocabulary size; a chat template without any tokenizer is written alone.
+    """
+    out_tok = plan.tokenizer
+    if out_tok is None:
+        if rec.chat_template not in (None, "auto"):
+            from mergelab.tokenizer import resolve_chat_template
+
+            text = resolve_chat_template(rec.chat_template, [])
+            (dest / "chat_template.jinja").write_text(text or "")
+        return
+    out_tok.save(dest)
+    cfg_path = dest / "config.json"
+    if out_tok.source != "copy" and cfg_path.is_file():
+        from mergelab.tokenizer import update_config_vocab
+
+        cfg = json.loads(cfg_path.read_text())
+        update_config_vocab(cfg, out_tok.rows)
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -179,17 +208,9 @@ def merge(
             finish_sinks(plan.graph, sinks, stats)
         finally:
             abort_sinks(sinks)
-        tok_source = plan.reference
-        if rec.tokenizer_source not in (None, "base"):
-            tok_source = open_checkpoint(rec.tokenizer_source)
         out_dt = parse_dtype(out_dtype, "out_dtype") or rec.output_dtype
         _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
-        if tok_source is not plan.reference:
-            for name in SIDE_FILES:
-                if name != "config.json" and tok_source.folder and (tok_source.folder / name).is_file():
-                    shutil.copyfile(tok_source.folder / name, dest.tmp / name)
-        if rec.chat_template not in (None, "auto"):
-            (dest.tmp / "chat_template.jinja").write_text(rec.chat_template)
+        _write_tokenizer(plan, rec, dest.tmp)
         for fname, text in phase.side_files.items() if phase is not None else ():
             (dest.tmp / fname).write_text(text)
         expert_recipe_params = list(plan.global_model_params)

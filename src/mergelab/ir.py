@@ -79,12 +79,64 @@ class Artifact:
             raise ValueError(f"unknown artifact kind {self.kind!r} (known: {', '.join(ARTIFACT_KINDS)})")
 
 
+@dataclass(frozen=True, eq=False)
+class VocabAlign:
+    """Gather each input's vocabulary rows into the output tokenizer's order (``tokenizer_source``).
+
+    An input transform of a vocabulary tensor (input embedding, output head): after it every input
+    has ``rows`` rows in the output vocabulary's order, so the method sees aligned tensors. Per job
+    input (in ``Job.inputs`` order), ``index[i][r]`` is the input's row for output row ``r < vocab``,
+    or -1 where that input lacks the token (or a recipe forces it): the row then takes the token's
+    *default embedding*. The defaults are defined for the output rows ``fill_rows``: the mean of
+    the rows ``fill_src[i]`` (-1: input ``i`` does not contribute) of the inputs that contribute, or
+    zeros when none does; a row with -1 and no default stays zero. Rows ``vocab..rows`` (padding to
+    a multiple) are the mean of the input's first ``vocab`` aligned rows.
+    """
+
+    rows: int
+    vocab: int
+    index: tuple[torch.Tensor, ...]
+    fill_rows: torch.Tensor
+    fill_src: tuple[torch.Tensor, ...]
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The inputs (one per job input, vocabulary on dim 0) aligned to the output vocabulary."""
+        if len(tensors) != len(self.index):
+            raise ValueError(f"VocabAlign has {len(self.index)} inputs, got {len(tensors)} tensors")
+        first = tensors[0]
+        rest = tuple(first.shape[1:])
+        n_fill = int(self.fill_rows.numel())
+        default = torch.zeros((n_fill, *rest), dtype=first.dtype, device=first.device)
+        count = torch.zeros(n_fill, dtype=first.dtype, device=first.device)
+        for t, src in zip(tensors, self.fill_src):
+            src = src.to(t.device)
+            have = (src >= 0).nonzero().squeeze(1)
+            if have.numel():
+                default[have] = default[have] + t[src[have]]
+                count[have] += 1
+        default = default / count.clamp(min=1).reshape((n_fill,) + (1,) * len(rest))
+        fill_rows = self.fill_rows.to(first.device)
+        out: list[torch.Tensor] = []
+        for t, idx in zip(tensors, self.index):
+            idx = idx.to(t.device)
+            new = torch.zeros((self.rows, *rest), dtype=t.dtype, device=t.device)
+            have = (idx >= 0).nonzero().squeeze(1)
+            new[have] = t[idx[have]]
+            use = (idx[fill_rows] < 0).nonzero().squeeze(1)
+            new[fill_rows[use]] = default[use]
+            if self.rows > self.vocab:
+                new[self.vocab :] = new[: self.vocab].mean(dim=0)
+            out.append(new)
+        return out
+
+
 @dataclass(frozen=True)
 class MethodCall:
     """Call the graph's method on the job's inputs (the base first when ``base``, then the experts).
 
     ``params`` / ``model_params`` are resolved for this tensor (filters, gradients); ``layer`` is
-    the block index; ``rows`` truncates every input to its first rows (vocabulary mismatch).
+    the block index; ``rows`` truncates every input to its first rows (vocabulary mismatch);
+    ``vocab`` gathers every input's rows into the output tokenizer's order first.
     """
 
     params: MethodParams
@@ -92,6 +144,7 @@ class MethodCall:
     layer: int | None = None
     rows: int | None = None
     base: bool = True
+    vocab: VocabAlign | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -163,6 +216,10 @@ class Job:
     @property
     def rows(self) -> int | None:
         return self.op.rows if isinstance(self.op, MethodCall) else None
+
+    @property
+    def vocab(self) -> VocabAlign | None:
+        return self.op.vocab if isinstance(self.op, MethodCall) else None
 
     @property
     def numel(self) -> int:

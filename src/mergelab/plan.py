@@ -18,7 +18,20 @@ from pydantic import ValidationError
 
 from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, open_checkpoint
 from mergelab.errors import ParameterError, PlanError, RecipeError
-from mergelab.ir import IDENTITY, MASKS, MODEL, Artifact, Copy, Graph, Job, MethodCall, NameMap, OutRef, TensorRef
+from mergelab.ir import (
+    IDENTITY,
+    MASKS,
+    MODEL,
+    Artifact,
+    Copy,
+    Graph,
+    Job,
+    MethodCall,
+    NameMap,
+    OutRef,
+    TensorRef,
+    VocabAlign,
+)
 from mergelab.methods.base import MergeMethod, MethodParams
 from mergelab.methods.registry import get_method
 from mergelab.recipe import Recipe, parse_dtype, resolve_setting
@@ -97,6 +110,7 @@ class Plan:
     recipe: Recipe
     graph: Graph
     global_model_params: tuple[MethodParams, ...] = ()
+    tokenizer: Any = None  # mergelab.tokenizer.OutputTokenizer when the recipe sets tokenizer_source / tokenizer
 
     @property
     def method(self) -> MergeMethod:
@@ -467,12 +481,24 @@ def _plan_tensors(
                 "compatible checkpoints"
             )
 
+    input_refs = ([recipe.base_model or ""] if base is not None else []) + [
+        recipe.models[i].model for i in resolver.expert_idx
+    ]
+    out_tok = _plan_tokenizer(recipe, method, merged_inputs, input_refs, base is not None, reference, ref_names)
+    if out_tok is not None:
+        warnings.extend(out_tok.warnings)
+
     jobs: list[Job] = []
     for name in sorted(ref_names, key=natural_order_key):
         meta = ref_names[name]
         if name in tied:
             continue
         layer = layer_index(name)
+        if out_tok is not None and not out_tok.identity and _is_vocab_tensor(name, meta) and _is_float(meta.dtype):
+            jobs.append(
+                _vocab_job(name, meta, merged_inputs, merged_ids, names, out_tok, resolver, out_dtype, routed, base)
+            )
+            continue
         if not _is_float(meta.dtype):
             jobs.append(Job((TensorRef(ref_id, name),), Copy(layer), (OutRef(MODEL, name, meta.shape, meta.dtype),)))
             continue
@@ -500,8 +526,9 @@ def _plan_tensors(
                 if vocab:
                     raise PlanError(
                         f"{r.label}: vocabulary size {other.shape[0]} in {name!r} differs from {meta.shape[0]} in "
-                        f"{reference.label}; merge models with the same tokenizer, or set `vocab_mismatch: truncate` "
-                        "to keep the base's rows"
+                        f"{reference.label}; merge models with the same tokenizer, set `tokenizer_source: union` "
+                        "(or base) to align the vocabularies by token, or `vocab_mismatch: truncate` to keep the "
+                        "base's rows"
                     )
                 raise PlanError(
                     f"{r.label}: tensor {name!r} has shape {list(other.shape)} but {reference.label} has "
@@ -529,7 +556,87 @@ def _plan_tensors(
         warnings=warnings,
         names=names,
     )
-    return Plan(recipe=recipe, graph=graph, global_model_params=global_model_params)
+    return Plan(recipe=recipe, graph=graph, global_model_params=global_model_params, tokenizer=out_tok)
+
+
+def _is_vocab_tensor(name: str, meta: TensorMeta) -> bool:
+    return bool(_VOCAB_NAMES.search(name)) and layer_index(name) is None and len(meta.shape) == 2
+
+
+def _plan_tokenizer(
+    recipe: Recipe,
+    method: MergeMethod,
+    inputs: Sequence[CheckpointReader],
+    refs: Sequence[str],
+    has_base: bool,
+    reference: CheckpointReader,
+    ref_names: Mapping[str, TensorMeta],
+) -> Any:
+    """The output tokenizer and row maps (``tokenizer_source`` / ``tokenizer:``), checked before any tensor is read."""
+    from mergelab.tokenizer import plan_chat_template_only, plan_vocabulary
+
+    if recipe.tokenizer_source is None and recipe.tokenizer is None:
+        return plan_chat_template_only(recipe, list(zip(refs, inputs)), reference)
+
+    vocab_names = [n for n, m in ref_names.items() if _is_vocab_tensor(n, m) and _is_float(m.dtype)]
+    embed_rows: dict[int, int] = {}
+    for pos, r in enumerate(inputs):
+        metas = r.tensors()
+        rows = [metas[n].shape[0] for n in vocab_names if n in metas]
+        if rows:
+            embed_rows[pos] = min(rows)
+    out = plan_vocabulary(recipe, list(zip(refs, inputs)), 0 if has_base else None, reference, embed_rows)
+    if out is not None and not out.identity and method.statistics is not None:
+        raise PlanError(
+            f"merge_method {method.name}: its statistics are computed on each expert's own vocabulary, so "
+            f"tokenizer_source {out.source} cannot reorder the embeddings; merge models with the same tokenizer"
+        )
+    return out
+
+
+def _vocab_job(
+    name: str,
+    meta: TensorMeta,
+    inputs: Sequence[CheckpointReader],
+    ids: Sequence[str],
+    names: NameMap,
+    out_tok: Any,
+    resolver: _ParamResolver,
+    out_dtype: torch.dtype | None,
+    routed: bool,
+    base: CheckpointReader | None,
+) -> Job:
+    """A vocabulary tensor whose inputs are gathered into the output tokenizer's order (:class:`VocabAlign`)."""
+    refs = tuple(names.ref(s, name) for s in ids)
+    for pos, (r, ref) in enumerate(zip(inputs, refs)):
+        other = r.tensors().get(ref.name)
+        if other is None:
+            raise PlanError(f"{r.label}: missing tensor {name!r} that the other models have")
+        if len(other.shape) != 2 or other.shape[1:] != meta.shape[1:]:
+            raise PlanError(
+                f"{r.label}: tensor {name!r} has shape {list(other.shape)} but the base has {list(meta.shape)}; "
+                "the models do not share an architecture"
+            )
+        top = int(out_tok.index[pos].max()) if out_tok.index[pos].numel() else -1
+        top = max(top, int(out_tok.fill_src[pos].max()) if out_tok.fill_src[pos].numel() else -1)
+        if top >= other.shape[0]:
+            raise PlanError(
+                f"{r.label}: its tokenizer has token id {top} but {name!r} has only {other.shape[0]} rows; "
+                "the tokenizer does not fit the embeddings: set vocab_size in its config.json or fix its tokenizer"
+            )
+    shape = (out_tok.rows, *meta.shape[1:])
+    align = VocabAlign(
+        rows=out_tok.rows,
+        vocab=len(out_tok.vocab),
+        index=tuple(out_tok.index),
+        fill_rows=out_tok.fill_rows,
+        fill_src=tuple(out_tok.fill_src),
+    )
+    params, model_params = resolver.resolve(name, 0.0)
+    outputs: tuple[OutRef, ...] = (OutRef(MODEL, name, shape, out_dtype or meta.dtype),)
+    if routed:
+        outputs += (OutRef(MASKS, name, shape, torch.bool),)
+    return Job(refs, MethodCall(params, model_params, None, None, base=base is not None, vocab=align), outputs)
 
 
 def describe_dtype(dtype: str | torch.dtype | None) -> str:

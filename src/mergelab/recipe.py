@@ -22,6 +22,9 @@ tensors outside the blocks take the first value, as in mergekit), or a list of
 ``{filter, value}`` conditions matched as substrings of the tensor name. A per-model parameter
 set at the top level applies to every model unless the model sets its own.
 
+``tokenizer_source`` (``base`` | ``union`` | ``model:<path>``), mergekit's ``tokenizer:`` block and
+``chat_template`` pick the output tokenizer and align the vocabulary rows (:mod:`mergelab.tokenizer`).
+
 mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default float32),
 ``out_dtype`` (default: ``dtype``, else the base's dtype), ``vocab_mismatch``, and for
 data-informed methods (fisher, regmean, regmean_plusplus, adamerging) a per-model
@@ -42,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.data.config import CalibrationSettings, CalibrationSource
 from mergelab.errors import RecipeError
+from mergelab.tokenizer import ModelTokenEmbedding, TokenizerSettings, check_chat_template, normalize_source
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -129,8 +133,9 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     compute_dtype: str = "float32"
-    tokenizer_source: str | None = None
-    chat_template: str | None = None
+    tokenizer_source: str | None = None  # base | union | model:<path> (mergelab.tokenizer)
+    tokenizer: TokenizerSettings | None = None  # mergekit's tokenizer: block (source, tokens, pad_to_multiple_of)
+    chat_template: str | None = None  # auto | a bundled name | Jinja text
     seed: int = 0
     vocab_mismatch: Literal["error", "truncate"] = "error"
     name: str | None = None
@@ -161,16 +166,11 @@ class Recipe(BaseModel):
             self.slices = None
         if not self.models:
             raise ValueError("the recipe lists no models: add a `models:` list")
-        if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
-            raise ValueError(
-                f"chat_template {self.chat_template!r}: named templates are not bundled; give `auto` (keep the "
-                "base's) or the Jinja template text"
-            )
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source == "union":
-            raise ValueError(
-                "tokenizer_source: union is not supported; merge models that share a vocabulary, "
-                "or set tokenizer_source: base (vocab_mismatch: truncate cuts embeddings to the base's rows)"
-            )
+        check_chat_template(self.chat_template)
+        if self.tokenizer_source is not None:
+            if self.tokenizer is not None:
+                raise ValueError("give either tokenizer_source or a tokenizer: block, not both")
+            self.tokenizer_source = normalize_source(self.tokenizer_source)
         return self
 
     # --- convenience -----------------------------------------------------------------------
@@ -271,8 +271,29 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
     update: dict[str, Any] = {
         "models": models,
         "base_model": fix(recipe.base_model),
-        "tokenizer_source": fix(recipe.tokenizer_source),
+        "tokenizer_source": _fix_tokenizer_source(recipe.tokenizer_source, fix),
     }
+    if recipe.tokenizer is not None:
+        tokens = {
+            t: e.model_copy(
+                update={
+                    "source": (
+                        e.source.model_copy(update={"model": fix(e.source.model)})
+                        if isinstance(e.source, ModelTokenEmbedding)
+                        else fix(e.source)
+                        if isinstance(e.source, str)
+                        else e.source
+                    )
+                }
+            )
+            for t, e in (recipe.tokenizer.tokens or {}).items()
+        }
+        update["tokenizer"] = recipe.tokenizer.model_copy(
+            update={
+                "source": _fix_tokenizer_source(recipe.tokenizer.source, fix),
+                "tokens": tokens if recipe.tokenizer.tokens else None,
+            }
+        )
     if recipe.calibration is not None:
         cal = recipe.calibration
         stats_dir = cal.statistics_dir
@@ -280,6 +301,11 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
             stats_dir = str(base_dir / stats_dir)  # may not exist yet: always relative to the recipe
         update["calibration"] = cal.model_copy(update={"source": fix_source(cal.source), "statistics_dir": stats_dir})
     return recipe.model_copy(update=update)
+
+
+def _fix_tokenizer_source(value: str | None, fix: Any) -> str | None:
+    """``base`` and ``union`` are keywords, never folder names; other values are paths."""
+    return value if value in (None, "base", "union") else fix(value)
 
 
 # --- per-tensor parameter resolution ------------------------------------------------------

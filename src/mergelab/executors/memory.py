@@ -161,6 +161,9 @@ class MergeSession:
                 converted[id(r)] = t.to(device=self.device, dtype=self.compute_dtype)
             base = converted[id(plan.base)] if plan.base is not None else None
             experts = [converted[id(r)] for r in plan.experts]
+            if job.vocab is not None:  # tokenizer_source: rows in the output vocabulary's order
+                aligned = job.vocab.apply(([base] if base is not None else []) + experts)
+                base, experts = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
             aux: list[dict[str, Tensor]] = []
             if plan.aux is not None:
                 for r, kinds in zip(plan.aux, plan.aux_keys(job)):

@@ -284,6 +284,11 @@ class _Prepared:
         has_base = isinstance(job.op, MethodCall) and job.op.base
         self.base = convert(refs[0]) if has_base else None
         self.experts = [convert(r) for r in (refs[1:] if has_base else refs)]
+        vocab = job.vocab
+        if vocab is not None:  # tokenizer_source: every input's rows in the output vocabulary's order
+            aligned = vocab.apply(([self.base] if self.base is not None else []) + self.experts)
+            self.base = aligned[0] if self.base is not None else None
+            self.experts = aligned[1:] if self.base is not None else aligned
         self.aux = [{k: t.to(device) for k, t in entry.items()} for entry in aux] if aux is not None else []
 
 
