@@ -6,10 +6,17 @@ The guarantees (``mergelab.merge`` and ``mergelab merge``):
   previous output byte for byte) and removes its temporary folder;
 * a complete merge is published with a single ``os.rename``/``os.replace`` of the temporary folder onto
   the destination; nothing is copied or moved into the destination file by file;
-* a process killed between two shards leaves no destination (and, under ``--force``, the old one intact).
+* a process killed between two shards leaves no destination (and, under ``--force``, the old one intact);
+* the destination is never an input, an ancestor of one or inside one (real paths compared);
+* ``--force`` replaces only a previous mergelab output (its manifest), ``--force-any`` any other folder;
+* publishing never replaces a folder that appeared during the merge (no-replace rename), so of two
+  concurrent merges into one destination exactly one succeeds;
+* SIGTERM cleans up like Ctrl-C; the temporary folder of a killed process is removed by the next run;
+* output folders and files follow the umask.
 
-These tests only use the public API and patch ``os``/``shutil``/``io`` functions globally, so they do not
-depend on how the writer or the engine are organised inside.
+These tests use the public API and patch ``os``/``shutil``/``io`` functions globally (plus the one
+publishing primitive, ``output_guard.rename_noreplace``, which calls the kernel through ctypes), so they
+do not depend on how the writer or the engine are organised inside.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import mergelab
+from mergelab.checkpoint import output_guard
 
 SHARD = "100KB"  # the tiny family's merged output is about 1 MB, so this gives several shards
 
@@ -108,7 +116,8 @@ def test_forced_merge_failing_inside_commit_keeps_previous_output(family, previo
 
     monkeypatch.setattr(os, "rename", failing(real_rename))
     monkeypatch.setattr(os, "replace", failing(real_replace))
-    with pytest.raises(OSError, match="injected"):
+    monkeypatch.setattr(output_guard, "rename_noreplace", failing(output_guard.rename_noreplace))
+    with pytest.raises(mergelab.errors.OutputError, match="injected"):
         mergelab.merge(recipe(base, experts[1:]), previous, force=True, max_shard_size=SHARD, hash_inputs=False)
     monkeypatch.undo()
     assert digest(previous) == before, "a commit that failed lost the previous output"
@@ -127,6 +136,7 @@ class Recorder:
         self.dest_at_publish: bool | None = None
         self.tmp_contents: set[str] = set()
         for mod, name in (
+            (output_guard, "rename_noreplace"),
             (os, "rename"),
             (os, "replace"),
             (shutil, "copytree"),
@@ -141,7 +151,7 @@ class Recorder:
         def fn(src, dst, *a, **k):
             src_p, dst_p = Path(src).absolute(), Path(dst).absolute()
             self.calls.append((name, src_p, dst_p))
-            if name in ("rename", "replace") and dst_p == self.dest:
+            if name in ("rename", "replace", "rename_noreplace") and dst_p == self.dest:
                 self.dest_at_publish = dst_p.exists()
                 self.tmp_contents = {p.name for p in src_p.iterdir()} if src_p.is_dir() else set()
             return real(src, dst, *a, **k)
@@ -165,14 +175,16 @@ def test_commit_is_one_rename_of_the_temp_folder(family, tmp_path, monkeypatch, 
     into = rec.into_dest()
     assert len(into) == 1, f"the destination was written by {len(into)} calls, not one rename: {into}"
     kind, src, _dst = into[0]
-    assert kind in ("rename", "replace"), f"published with shutil.{kind}, not a rename"
+    assert kind == "rename_noreplace", f"published with {kind}, not the rename that cannot replace"
     assert src.parent == out.absolute().parent and ".mergelab-tmp-" in src.name, src
     assert not src.exists()
     # At the moment of the rename the temporary folder held the whole model.
     assert {"config.json", "model.safetensors.index.json", "README.md"} <= rec.tmp_contents
     assert len([n for n in rec.tmp_contents if n.startswith("model-")]) > 1
     assert rec.dest_at_publish is False, "the destination still existed when the new folder was renamed onto it"
-    assert not [c for c in rec.calls if c[0] not in ("rename", "replace") and c[2].name.startswith(".out.")]
+    assert not [
+        c for c in rec.calls if c[0] not in ("rename", "replace", "rename_noreplace") and c[2].name.startswith(".out.")
+    ]
     assert leftovers(out) == []
     assert digest(out).keys() >= {"config.json", "model.safetensors.index.json"}
 
@@ -206,10 +218,11 @@ def test_failure_writing_second_shard_leaves_nothing(family, tmp_path, monkeypat
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(io, "open", io_open)
     monkeypatch.setattr("builtins.open", io_open)
-    with pytest.raises(OSError):
+    with pytest.raises(mergelab.errors.OutputError, match="no space left") as info:
         mergelab.merge(recipe(base, experts), out, max_shard_size=SHARD, hash_inputs=False)
     monkeypatch.undo()
     assert fired, "the injected failure never fired: the writer no longer opens shard files by path"
+    assert "\n" not in str(info.value)
     assert not out.exists(), "a failed merge left a destination"
     assert leftovers(out) == [], "temporary folder left behind"
 

@@ -46,8 +46,14 @@ def user_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mergelab.checkpoint.output_guard import Terminated, sigterm_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, for this command only
+                return fn(*args, **kwargs)
+        except Terminated as exc:
+            err_console.print(f"[bold red]terminated[/] by signal {exc.signum}: nothing was written")
+            raise typer.Exit(exc.exit_code) from None
         except MergelabError as exc:
             if os.environ.get("MERGELAB_DEBUG"):
                 raise
@@ -81,12 +87,27 @@ def _print_plan(summary: dict[str, Any]) -> None:
         err_console.print(f"[yellow]warning:[/] {w}")
 
 
+def _check_output(out: Path, inputs: list[tuple[str, str]], force: bool, force_any: bool) -> None:
+    """Refuse a bad OUT with one line, and remove (saying so) stale temporary folders beside it."""
+    from mergelab.checkpoint.output_guard import clean_stale
+    from mergelab.checkpoint.writer import check_destination
+
+    dest = check_destination(out, inputs, force=force, force_any=force_any)
+    for note in clean_stale(dest):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def merge(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML (mergekit format)")],
     out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output (and nothing else)")
+    ] = False,
+    force_any: Annotated[
+        bool, typer.Option("--force-any", help="replace OUT whatever folder it is (never an input of the recipe)")
+    ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
@@ -111,14 +132,13 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
     from mergelab.api import merge as run_merge
-    from mergelab.api import plan_merge, summarize
-    from mergelab.checkpoint.writer import AtomicOutputDir
+    from mergelab.api import plan_merge, run_inputs, summarize
     from mergelab.progress import RichProgress
-    from mergelab.recipe import parse_dtype
+    from mergelab.recipe import load_recipe, parse_dtype
 
-    if out.exists() and not force:
-        AtomicOutputDir(out, force=False)  # raises the one-line error before any work
-    plan = plan_merge(recipe, out_dtype=out_dtype)
+    rec = load_recipe(recipe)
+    _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
+    plan = plan_merge(rec, out_dtype=out_dtype)
     try:
         if not quiet:
             _print_plan(summarize(plan, parse_dtype(dtype) or plan.recipe.compute_torch_dtype))
@@ -126,6 +146,7 @@ def merge(
             plan.recipe,
             out,
             force=force,
+            force_any=force_any,
             device=device,
             threads=threads,
             seed=seed,
