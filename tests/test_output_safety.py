@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import io
 import os
 import shutil
@@ -282,3 +283,252 @@ def test_process_killed_between_shards(family, tmp_path, force):
     # A killed process cannot clean up: its temporary folder may remain, but only beside the destination
     # under the hidden temporary prefix, never as the destination itself.
     assert all(".mergelab-tmp-" in p.name for p in leftovers(out))
+
+
+def test_next_run_removes_the_killed_runs_temporary_folder(family, tmp_path):
+    """After SIGKILL the temporary folder remains; the next run into the same OUT removes it and says so."""
+    base, experts = family
+    out = tmp_path / "out"
+    r = tmp_path / "recipe.yaml"
+    r.write_text(yaml.safe_dump(recipe(base, experts)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(r), str(out), "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    stale = leftovers(out)
+    assert stale and all(f"-{proc.pid}@" in p.name for p in stale), stale  # the owner's pid is in the name
+    res = runner.invoke(app, ["merge", str(r), str(out), "-q", "--no-hash-inputs"])
+    assert res.exit_code == 0, res.output
+    said = [line for line in res.output.splitlines() if "stale temporary folder" in line]
+    assert len(said) == len(stale) and str(proc.pid) in said[0], res.output
+    assert leftovers(out) == [] and (out / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- (d) the destination is never an input
+
+from typer.testing import CliRunner  # noqa: E402
+
+from mergelab.cli import app  # noqa: E402
+from mergelab.errors import OutputError  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def inputs(tmp_path) -> tuple[Path, list[Path]]:
+    """A private copy of a tiny family under ``tmp_path/models`` (the tests try to destroy it)."""
+    from mergelab.synthetic import make_family
+
+    return make_family(tmp_path / "models", n_experts=2)
+
+
+def one_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def _where(kind: str, root: Path, base: Path, experts: list[Path]) -> tuple[Path, str]:
+    """OUT for each way of pointing at an input, and the input the message must name."""
+    models = base.parent
+    link = root / "link-to-base"
+    if kind.startswith("link") and not link.exists():
+        link.symlink_to(base)
+    return {
+        "base": (base, str(base)),
+        "expert": (experts[1], str(experts[1])),
+        "dotdot": (experts[0] / ".." / "base", str(base)),
+        "ancestor": (models, str(base)),
+        "inside": (base / "merged", str(base)),
+        "link": (link, str(base)),
+        "link-inside": (link / "sub", str(base)),
+    }[kind]
+
+
+KINDS = ["base", "expert", "dotdot", "ancestor", "inside", "link", "link-inside"]
+
+
+@pytest.mark.parametrize("flag", ["", "--force", "--force-any"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_refuses_an_output_that_is_an_input(inputs, tmp_path, kind, flag):
+    base, experts = inputs
+    out, named = _where(kind, tmp_path, base, experts)
+    before = digest(base.parent)
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe(base, experts)))
+    res = runner.invoke(app, ["merge", str(r), str(out), "-q", *([flag] if flag else [])])
+    assert res.exit_code == 6, res.output
+    line = " ".join(one_line(res.output).split())
+    assert str(out.name) in line and named in line, line
+    assert digest(base.parent) == before, "an input was changed"
+    assert not (base / "merged").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_api_refuses_an_output_that_is_an_input_before_reading_anything(inputs, tmp_path, kind, monkeypatch):
+    base, experts = inputs
+    out, named = _where(kind, tmp_path, base, experts)
+    before = digest(base.parent)
+
+    def no_reading(*a, **k):
+        raise AssertionError("an input was opened before the destination was checked")
+
+    monkeypatch.setattr("mergelab.plan.open_checkpoint", no_reading, raising=False)
+    monkeypatch.setattr("mergelab.checkpoint.reader.open_checkpoint", no_reading)
+    with pytest.raises(OutputError) as info:
+        mergelab.merge(recipe(base, experts), out, force_any=True)
+    assert named in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert digest(base.parent) == before
+
+
+def test_dot_inside_the_inputs_folder_is_refused(inputs, tmp_path, monkeypatch):
+    base, experts = inputs
+    monkeypatch.chdir(base.parent)
+    before = digest(base.parent)
+    data = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "expert_0"}]}
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(data))
+    for out in (".", "./", "expert_0/.."):
+        res = runner.invoke(app, ["merge", str(r), out, "-q", "--force-any"])
+        assert res.exit_code == 6 and "contains the base_model" in one_line(res.output), res.output
+    with pytest.raises(OutputError, match="contains the base_model"):
+        mergelab.merge(data, ".", force_any=True)
+    assert digest(base.parent) == before
+
+
+def test_tokenizer_source_calibration_data_and_recipe_are_inputs(inputs, tmp_path):
+    base, experts = inputs
+    tok = tmp_path / "tok"
+    shutil.copytree(base, tok)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "cal.jsonl").write_text('{"text": "a b c"}\n')
+    fisher = {
+        "merge_method": "fisher",
+        "models": [{"model": str(e), "calibration": str(data_dir / "cal.jsonl")} for e in experts],
+    }
+    with pytest.raises(OutputError, match="contains the calibration data"):
+        mergelab.merge(fisher, data_dir, force_any=True)
+    with pytest.raises(OutputError, match="is the calibration data"):
+        mergelab.merge(fisher, data_dir / "cal.jsonl", force_any=True)
+    assert (data_dir / "cal.jsonl").read_text() == '{"text": "a b c"}\n'
+    with_tok = {**recipe(base, experts), "tokenizer_source": str(tok)}
+    with pytest.raises(OutputError, match="is the tokenizer_source"):
+        mergelab.merge(with_tok, tok, force_any=True)
+    r = tmp_path / "recipes" / "r.yaml"
+    r.parent.mkdir()
+    r.write_text(yaml.safe_dump(recipe(base, experts)))
+    res = runner.invoke(app, ["merge", str(r), str(r.parent), "-q", "--force-any"])
+    assert res.exit_code == 6 and "contains the recipe" in one_line(res.output), res.output
+    assert r.is_file() and (tok / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- (e) --force replaces only mergelab outputs
+
+
+def test_force_refuses_a_folder_that_is_not_a_mergelab_output(family, tmp_path):
+    base, experts = family
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe(base, experts[:1])))
+    res = runner.invoke(app, ["merge", str(r), str(out), "-q", "--force"])
+    assert res.exit_code == 6, res.output
+    line = " ".join(one_line(res.output).split())
+    assert "not a mergelab output" in line and "--force-any" in line, line
+    with pytest.raises(OutputError, match="not a mergelab output"):
+        mergelab.merge(recipe(base, experts[:1]), out, force=True)
+    assert (out / "thesis.tex").read_text() == "precious" and leftovers(out) == []
+    res = runner.invoke(app, ["merge", str(r), str(out), "-q", "--force-any", "--no-hash-inputs"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "thesis.tex").exists() and (out / output_guard.MANIFEST).is_file()
+
+
+def test_force_refuses_a_mergelab_output_holding_other_files(previous, family):
+    base, experts = family
+    (previous / "notes.txt").write_text("mine")
+    before = digest(previous)
+    with pytest.raises(OutputError, match=r"files mergelab did not write \(notes.txt\).*--force-any"):
+        mergelab.merge(recipe(base, experts[1:]), previous, force=True, hash_inputs=False)
+    assert digest(previous) == before and leftovers(previous) == []
+
+
+def test_force_replaces_an_older_mergelab_output_recognised_by_its_card(previous, family):
+    base, experts = family
+    (previous / output_guard.MANIFEST).unlink()  # written by a mergelab version without the manifest
+    mergelab.merge(recipe(base, experts[1:]), previous, force=True, hash_inputs=False)
+    assert (previous / output_guard.MANIFEST).is_file()
+
+
+def test_manifest_lists_the_files_and_the_output_loads_with_transformers(previous):
+    from transformers import AutoModelForCausalLM
+
+    listed = json.loads((previous / output_guard.MANIFEST).read_text())["files"]
+    assert sorted(listed) == sorted(p for p in digest(previous) if p != output_guard.MANIFEST)
+    assert "config.json" in listed and "model.safetensors.index.json" in listed
+    model = AutoModelForCausalLM.from_pretrained(str(previous))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_extract_force_only_replaces_mergelab_outputs(family, tmp_path):
+    from mergelab.routed import extract
+
+    base, experts = family
+    routed = tmp_path / "routed"
+    mergelab.merge(
+        {"merge_method": "tall_masks", "base_model": str(base), "models": [{"model": str(e)} for e in experts[:2]]},
+        routed,
+        hash_inputs=False,
+    )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep").write_text("x")
+    with pytest.raises(OutputError, match="not a mergelab output"):
+        extract(routed, 0, mine, force=True)
+    with pytest.raises(OutputError, match="is inside the routed output"):
+        extract(routed, 0, routed / "task0", force_any=True)
+    assert (mine / "keep").read_text() == "x"
+    extract(routed, 0, mine, force_any=True)
+    extract(routed, 1, mine, force=True)  # now a mergelab output
+    assert not (mine / "keep").exists()
+
+
+@pytest.mark.parametrize("case", ["file", "dangling-link", "under-a-file", "read-only"])
+def test_unusable_destinations_are_one_line_errors(family, tmp_path, monkeypatch, case):
+    base, experts = family
+    target = tmp_path / "target"
+    if case == "file":
+        out = tmp_path / "a-file"
+        out.write_text("keep")
+    elif case == "dangling-link":
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "nowhere")
+    elif case == "under-a-file":
+        (tmp_path / "f").write_text("keep")
+        out = tmp_path / "f" / "out"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        out = ro / "out"
+
+        def mkdtemp(*a, **k):  # root ignores folder permissions, so the refusal is injected
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr("tempfile.mkdtemp", mkdtemp)
+    before = digest(tmp_path) if case != "dangling-link" else None
+    for force in (False, True):
+        with pytest.raises(OutputError) as info:
+            mergelab.merge(recipe(base, experts[:1]), out, force=force, hash_inputs=False)
+        assert "\n" not in str(info.value) and str(out.name) in str(info.value)
+    if case == "dangling-link":
+        assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+    else:
+        assert digest(tmp_path) == before
+    assert not target.exists()
