@@ -532,3 +532,322 @@ def test_unusable_destinations_are_one_line_errors(family, tmp_path, monkeypatch
     else:
         assert digest(tmp_path) == before
     assert not target.exists()
+
+
+# ---------------------------------------------------------------- (f) publishing never replaces
+
+
+@pytest.fixture(params=["kernel", "fallback"])
+def publish_mode(request, monkeypatch):
+    """Publish with renameat2/renamex_np, or with the portable lock + existence check."""
+    if request.param == "fallback":
+        monkeypatch.setattr(output_guard, "_noreplace", None)
+    elif output_guard._noreplace is None:
+        pytest.skip("no no-replace rename on this platform")
+    return request.param
+
+
+def test_rename_noreplace_never_replaces(tmp_path, publish_mode):
+    src, empty, full = tmp_path / "src", tmp_path / "empty", tmp_path / "full"
+    for d in (src, empty, full):
+        d.mkdir()
+    (src / "a").write_text("new")
+    (full / "b").write_text("old")
+    for dst in (empty, full):  # os.rename would silently replace the empty folder
+        with pytest.raises(FileExistsError):
+            output_guard.rename_noreplace(src, dst)
+    assert (full / "b").read_text() == "old" and empty.is_dir() and not list(empty.iterdir())
+    output_guard.rename_noreplace(src, tmp_path / "dst")
+    assert (tmp_path / "dst" / "a").read_text() == "new" and not src.exists()
+
+
+class CreateDestMidway:
+    """A progress receiver that creates ``dest`` (with a user file) while the merge runs."""
+
+    def __init__(self, dest: Path, as_mergelab: Path | None = None):
+        self.dest, self.as_mergelab, self.done = dest, as_mergelab, False
+
+    def begin(self, phase, total_items, total_bytes):
+        pass
+
+    def advance(self, items, nbytes):
+        if not self.done:
+            self.done = True
+            if self.as_mergelab is not None:
+                shutil.copytree(self.as_mergelab, self.dest)
+            else:
+                self.dest.mkdir()
+                (self.dest / "user.txt").write_text("mine")
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_folder_created_during_the_merge_is_kept(family, tmp_path, publish_mode, force):
+    base, experts = family
+    out = tmp_path / "out"
+    hook = CreateDestMidway(out)
+    with pytest.raises(OutputError) as info:
+        mergelab.merge(recipe(base, experts), out, force=force, progress=hook, max_shard_size=SHARD, hash_inputs=False)
+    assert hook.done and "\n" not in str(info.value)
+    assert "left untouched" in str(info.value)
+    assert digest(out) == {"user.txt": hashlib.sha256(b"mine").hexdigest()}, "the folder created meanwhile was changed"
+    assert leftovers(out) == [], "temporary or trash folder left behind"
+
+
+def test_empty_folder_created_during_the_merge_is_kept(family, tmp_path, publish_mode):
+    """os.rename would replace an empty folder; the publish must not."""
+    base, experts = family
+    out = tmp_path / "out"
+
+    class Hook(CreateDestMidway):
+        def advance(self, items, nbytes):
+            if not self.done:
+                self.done = True
+                self.dest.mkdir()
+
+    with pytest.raises(OutputError, match="appeared while the merge ran"):
+        mergelab.merge(recipe(base, experts), out, progress=Hook(out), hash_inputs=False)
+    assert out.is_dir() and not list(out.iterdir()) and leftovers(out) == []
+
+
+def test_forced_merge_replaces_a_mergelab_output_that_appeared_meanwhile(family, previous, tmp_path):
+    """--force at commit: a mergelab output found at OUT then is replaced (it is what --force allows)."""
+    base, experts = family
+    out = tmp_path / "late"
+    mergelab.merge(recipe(base, experts), out, force=True, progress=CreateDestMidway(out, previous), hash_inputs=False)
+    assert leftovers(out) == [] and (out / output_guard.MANIFEST).is_file()
+
+
+RACE_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from mergelab.checkpoint.writer import AtomicOutputDir
+    from mergelab.cli import app
+
+    recipe, out, barrier = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    real_commit = AtomicOutputDir.commit
+
+    def commit(self):  # both runs reach the commit before either publishes
+        (barrier / str(os.getpid())).touch()
+        deadline = time.time() + 120
+        while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        return real_commit(self)
+
+    AtomicOutputDir.commit = commit
+    app(["merge", recipe, out, "-q", "--no-hash-inputs", "--max-shard-size", "100KB"])
+    """
+)
+
+
+def test_two_concurrent_merges_into_one_output(family, tmp_path):
+    base, experts = family
+    out = tmp_path / "out"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    recipes, refs = [], []
+    for i, weight in enumerate((0.3, 0.7)):  # different recipes, so the winner can be told apart
+        data = {**recipe(base, experts), "models": [{"model": str(e), "parameters": {"weight": weight}} for e in experts]}
+        r = tmp_path / f"r{i}.yaml"
+        r.write_text(yaml.safe_dump(data))
+        recipes.append(r)
+        ref = tmp_path / f"ref{i}"
+        mergelab.merge(data, ref, max_shard_size=SHARD, hash_inputs=False)
+        refs.append(ref)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_CHILD, str(r), str(out), str(barrier)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in recipes
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 6], results
+    winner = next(i for i, (c, _) in enumerate(results) if c == 0)
+    loser_err = results[1 - winner][1]
+    assert "appeared while the merge ran" in " ".join(loser_err.split()), loser_err
+    assert leftovers(out) == [], "the loser left its temporary folder"
+    got, want = digest(out), digest(refs[winner])
+    shards = {k for k in want if k.endswith(".safetensors")}
+    assert len(shards) > 1 and {k: got[k] for k in shards} == {k: want[k] for k in shards}, "winner incomplete"
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_two_concurrent_merges_in_threads_with_the_portable_publish(family, tmp_path, monkeypatch):
+    """The same race in one process, without the kernel's no-replace rename (lock + check)."""
+    import threading
+
+    from mergelab.checkpoint.writer import AtomicOutputDir
+
+    monkeypatch.setattr(output_guard, "_noreplace", None)
+    base, experts = family
+    out = tmp_path / "out"
+    barrier = threading.Barrier(2, timeout=120)
+    real_commit = AtomicOutputDir.commit
+
+    def commit(self):
+        barrier.wait()
+        return real_commit(self)
+
+    monkeypatch.setattr(AtomicOutputDir, "commit", commit)
+    outcomes: list[object] = []
+
+    def run(i):
+        try:
+            mergelab.merge(recipe(base, experts[i : i + 2]), out, hash_inputs=False, threads=1)
+            outcomes.append("ok")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert outcomes.count("ok") == 1, outcomes
+    (err,) = [o for o in outcomes if o != "ok"]
+    assert isinstance(err, OutputError) and "appeared while the merge ran" in str(err)
+    assert leftovers(out) == [] and (out / output_guard.MANIFEST).is_file()
+
+
+# ---------------------------------------------------------------- (g) signals and stale temporary folders
+
+TERM_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from mergelab.checkpoint.writer import ShardedSafetensorsWriter
+    from mergelab.cli import app
+
+    recipe, out = sys.argv[1], sys.argv[2]
+    real_add = ShardedSafetensorsWriter.add
+
+    def slow_add(self, name, tensor):  # a long merge: about 0.3 s per tensor
+        real_add(self, name, tensor)
+        time.sleep(0.3)
+
+    ShardedSafetensorsWriter.add = slow_add
+    app(["merge", recipe, out, "-q", "--no-hash-inputs", "--max-shard-size", "100KB"])
+    """
+)
+
+
+def start_slow_merge(family, tmp_path) -> tuple[subprocess.Popen, Path]:
+    """A CLI merge in a child process, returned once its temporary folder holds a partial shard."""
+    import time
+
+    base, experts = family
+    out = tmp_path / "out"
+    r = tmp_path / "recipe.yaml"
+    r.write_text(yaml.safe_dump(recipe(base, experts)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TERM_CHILD, str(r), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        tmps = [p for p in leftovers(out) if ".mergelab-tmp-" in p.name]
+        if tmps and list(tmps[0].glob("model-*.safetensors")):
+            return proc, out
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the merge never started writing")
+
+
+def test_sigterm_removes_the_temporary_folder(family, tmp_path):
+    proc, out = start_slow_merge(family, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    assert "terminated" in one_line(err) and "nothing was written" in one_line(err)
+    assert not out.exists() and leftovers(out) == [], "SIGTERM left a destination or a temporary folder"
+
+
+def test_sigkill_leaves_the_folder_for_the_next_run(family, tmp_path):
+    proc, out = start_slow_merge(family, tmp_path)
+    proc.kill()
+    proc.communicate(timeout=120)
+    (stale,) = leftovers(out)
+    assert f"-{proc.pid}@{output_guard.host_tag()}-" in stale.name
+    base, experts = family
+    with pytest.warns(mergelab.api.OutputNote, match=f"stale temporary folder of process {proc.pid}"):
+        mergelab.merge(recipe(base, experts[:1]), out, hash_inputs=False)
+    assert leftovers(out) == [] and (out / "config.json").is_file()
+
+
+def test_temporary_folders_of_live_processes_and_other_hosts_are_kept(family, tmp_path):
+    base, experts = family
+    out = tmp_path / "out"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = tmp_path / f".out.mergelab-tmp-{live.pid}@{output_guard.host_tag()}-abcd1234"
+        other = tmp_path / ".out.mergelab-tmp-1@some-other-host-abcd1234"
+        for d in (mine, other):
+            d.mkdir()
+            (d / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        r = tmp_path / "r.yaml"
+        r.write_text(yaml.safe_dump(recipe(base, experts[:1])))
+        res = runner.invoke(app, ["merge", str(r), str(out), "-q", "--no-hash-inputs"])
+        assert res.exit_code == 0, res.output
+        assert mine.is_dir() and other.is_dir()
+        notes = [ln for ln in res.output.splitlines() if "some-other-host" in ln]
+        assert len(notes) == 1 and "remove it if that run is gone" in " ".join(res.output.split())
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_killed_force_run_between_move_aside_and_publish_is_repaired(previous, family):
+    """A --force run died after moving the old output aside: the next run puts it back first."""
+    base, experts = family
+    before = digest(previous)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trash = previous.parent / f".out.mergelab-old-{dead.pid}@{output_guard.host_tag()}-abcd1234"
+    trash.mkdir()
+    os.rename(previous, trash / "old")
+    with pytest.raises(OutputError, match="destination exists"):
+        with pytest.warns(mergelab.api.OutputNote, match="restored"):
+            mergelab.merge(recipe(base, experts), previous, hash_inputs=False)
+    assert digest(previous) == before and leftovers(previous) == []
+
+
+def test_signal_handlers_are_restored(family, tmp_path):
+    base, experts = family
+    before = signal.getsignal(signal.SIGTERM)
+    mergelab.merge(recipe(base, experts[:1]), tmp_path / "api", hash_inputs=False)
+    assert signal.getsignal(signal.SIGTERM) is before, "the Python API changed the SIGTERM handler"
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(recipe(base, experts[:1])))
+    assert runner.invoke(app, ["merge", str(r), str(tmp_path / "cli"), "-q"]).exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before, "the CLI left its SIGTERM handler installed"
+
+
+# ---------------------------------------------------------------- (h) modes follow the umask
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077, 0o027])
+def test_output_modes_follow_the_umask(family, tmp_path, umask):
+    base, experts = family
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "out"
+        mergelab.merge(recipe(base, experts[:2]), out, max_shard_size=SHARD, hash_inputs=False)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask, oct(out.stat().st_mode)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 4
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, (f.name, oct(f.stat().st_mode))

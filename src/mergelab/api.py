@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
-from mergelab.checkpoint.output_guard import plan_inputs, recipe_inputs
+from mergelab.checkpoint.output_guard import OutputNote, plan_inputs, recipe_inputs
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
 from mergelab.errors import MergelabError, OutputError, RecipeError
@@ -100,10 +99,6 @@ def _copy_side_files(
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-class OutputNote(UserWarning):
-    """What :func:`merge` did beside the destination (a stale temporary folder removed)."""
-
-
 def run_inputs(
     source: str | os.PathLike[str] | Mapping[str, Any] | Recipe, rec: Recipe, plan: Plan | None = None
 ) -> list[tuple[str, str]]:
@@ -160,8 +155,6 @@ def merge(
     shard_bytes = parse_size(max_shard_size)
     # fail on a bad or existing destination before any work
     dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=run_inputs(recipe, rec, plan))
-    for note in dest.notes:
-        warnings.warn(note, OutputNote, stacklevel=2)
     own_plan = plan is None
     phase = None
     try:

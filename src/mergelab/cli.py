@@ -6,10 +6,12 @@ MERGELAB_DEBUG=1 to see the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -41,6 +43,26 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+@contextlib.contextmanager
+def _notes_as_lines() -> Iterator[None]:
+    """Print output notes (a stale temporary folder removed) as one line each while a command runs."""
+    from mergelab.checkpoint.output_guard import OutputNote
+
+    previous = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, OutputNote):
+            err_console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            previous(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def user_errors(fn: F) -> F:
     """Print MergelabError as one line on stderr and exit with its code."""
 
@@ -49,7 +71,7 @@ def user_errors(fn: F) -> F:
         from mergelab.checkpoint.output_guard import Terminated, sigterm_as_interrupt
 
         try:
-            with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, for this command only
+            with sigterm_as_interrupt(), _notes_as_lines():  # SIGTERM cleans up like Ctrl-C, for this command only
                 return fn(*args, **kwargs)
         except Terminated as exc:
             err_console.print(f"[bold red]terminated[/] by signal {exc.signum}: nothing was written")
@@ -88,13 +110,10 @@ def _print_plan(summary: dict[str, Any]) -> None:
 
 
 def _check_output(out: Path, inputs: list[tuple[str, str]], force: bool, force_any: bool) -> None:
-    """Refuse a bad OUT with one line, and remove (saying so) stale temporary folders beside it."""
-    from mergelab.checkpoint.output_guard import clean_stale
+    """Refuse a bad OUT with one line before the plan is built (the merge checks it again)."""
     from mergelab.checkpoint.writer import check_destination
 
-    dest = check_destination(out, inputs, force=force, force_any=force_any)
-    for note in clean_stale(dest):
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    check_destination(out, inputs, force=force, force_any=force_any)
 
 
 @app.command()

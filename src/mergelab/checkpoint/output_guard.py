@@ -54,6 +54,10 @@ _OWNED = re.compile(r"^(?P<tag>mergelab-(?:tmp|old|work))-(?P<pid>\d+)@(?P<host>
 # ------------------------------------------------------------------------------- owners
 
 
+class OutputNote(UserWarning):
+    """What a run did or saw beside its destination (a stale temporary folder removed or left)."""
+
+
 def host_tag() -> str:
     """This machine's name as it appears in temporary folder names (safe characters only)."""
     name = socket.gethostname() or "localhost"

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -252,6 +253,8 @@ class AtomicOutputDir:
         self.kind = kind
         self._work: Path | None = None
         self.notes = guard.clean_stale(self.dest)
+        for note in self.notes:
+            warnings.warn(note, guard.OutputNote, stacklevel=2)
         if os.path.lexists(self.dest):  # a stale --force run's previous output may have been restored
             guard.check_replaceable(self.dest, force, force_any)
         parent = self.dest.parent
@@ -423,6 +426,8 @@ class AtomicOutputDir:
         self.kind = kind
         self._work: Path | None = None
         self.notes = guard.clean_stale(self.dest)
+        for note in self.notes:
+            warnings.warn(note, guard.OutputNote, stacklevel=2)
         if os.path.lexists(self.dest):  # a stale --force run's previous output may have been restored
             guard.check_replaceable(self.dest, force, force_any)
         parent = self.dest.parent
