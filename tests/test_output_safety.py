@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import io
+import json
 import os
 import shutil
 import signal
@@ -36,9 +36,14 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 import mergelab
 from mergelab.checkpoint import output_guard
+from mergelab.cli import app
+from mergelab.errors import OutputError
+
+runner = CliRunner()
 
 SHARD = "100KB"  # the tiny family's merged output is about 1 MB, so this gives several shards
 
@@ -311,13 +316,6 @@ def test_next_run_removes_the_killed_runs_temporary_folder(family, tmp_path):
 
 # ---------------------------------------------------------------- (d) the destination is never an input
 
-from typer.testing import CliRunner  # noqa: E402
-
-from mergelab.cli import app  # noqa: E402
-from mergelab.errors import OutputError  # noqa: E402
-
-runner = CliRunner()
-
 
 @pytest.fixture
 def inputs(tmp_path) -> tuple[Path, list[Path]]:
@@ -388,7 +386,7 @@ def test_api_refuses_an_output_that_is_an_input_before_reading_anything(inputs, 
 
 
 def test_dot_inside_the_inputs_folder_is_refused(inputs, tmp_path, monkeypatch):
-    base, experts = inputs
+    base, _experts = inputs
     monkeypatch.chdir(base.parent)
     before = digest(base.parent)
     data = {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "expert_0"}]}
@@ -650,7 +648,10 @@ def test_two_concurrent_merges_into_one_output(family, tmp_path):
     barrier.mkdir()
     recipes, refs = [], []
     for i, weight in enumerate((0.3, 0.7)):  # different recipes, so the winner can be told apart
-        data = {**recipe(base, experts), "models": [{"model": str(e), "parameters": {"weight": weight}} for e in experts]}
+        data = {
+            **recipe(base, experts),
+            "models": [{"model": str(e), "parameters": {"weight": weight}} for e in experts],
+        }
         r = tmp_path / f"r{i}.yaml"
         r.write_text(yaml.safe_dump(data))
         recipes.append(r)
@@ -704,7 +705,7 @@ def test_two_concurrent_merges_in_threads_with_the_portable_publish(family, tmp_
         try:
             mergelab.merge(recipe(base, experts[i : i + 2]), out, hash_inputs=False, threads=1)
             outcomes.append("ok")
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:  # collected for the assertion
             outcomes.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
@@ -781,7 +782,7 @@ def test_sigkill_leaves_the_folder_for_the_next_run(family, tmp_path):
     (stale,) = leftovers(out)
     assert f"-{proc.pid}@{output_guard.host_tag()}-" in stale.name
     base, experts = family
-    with pytest.warns(mergelab.api.OutputNote, match=f"stale temporary folder of process {proc.pid}"):
+    with pytest.warns(output_guard.OutputNote, match=f"stale temporary folder of process {proc.pid}"):
         mergelab.merge(recipe(base, experts[:1]), out, hash_inputs=False)
     assert leftovers(out) == [] and (out / "config.json").is_file()
 
@@ -817,9 +818,11 @@ def test_killed_force_run_between_move_aside_and_publish_is_repaired(previous, f
     trash = previous.parent / f".out.mergelab-old-{dead.pid}@{output_guard.host_tag()}-abcd1234"
     trash.mkdir()
     os.rename(previous, trash / "old")
-    with pytest.raises(OutputError, match="destination exists"):
-        with pytest.warns(mergelab.api.OutputNote, match="restored"):
-            mergelab.merge(recipe(base, experts), previous, hash_inputs=False)
+    with (
+        pytest.raises(OutputError, match="destination exists"),
+        pytest.warns(output_guard.OutputNote, match="restored"),
+    ):
+        mergelab.merge(recipe(base, experts), previous, hash_inputs=False)
     assert digest(previous) == before and leftovers(previous) == []
 
 

@@ -18,7 +18,7 @@ import torch
 
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
-from mergelab.checkpoint.output_guard import OutputNote, plan_inputs, recipe_inputs
+from mergelab.checkpoint.output_guard import plan_inputs, recipe_inputs
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
 from mergelab.errors import MergelabError, OutputError, RecipeError

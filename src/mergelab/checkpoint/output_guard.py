@@ -109,7 +109,9 @@ def clean_stale(dest: Path) -> list[str]:
         m = _OWNED.match(rest)
         if m is None:
             if rest.startswith((TMP_TAG + "-", OLD_TAG + "-")) and path.is_dir():
-                notes.append(f"left {path}: a temporary folder with no recorded owner; remove it if no merge is running")
+                notes.append(
+                    f"left {path}: a temporary folder with no recorded owner; remove it if no merge is running"
+                )
             continue
         pid, host, tag = int(m["pid"]), m["host"], m["tag"]
         if host != me:
@@ -222,7 +224,9 @@ def check_not_input(dest: Path, inputs: Iterable[tuple[str, str | os.PathLike[st
         if d in r.parents or any(_same(d, a) for a in r.parents):
             raise OutputError(f"{dest}: contains the {role} {raw}; write the output to a new folder outside the inputs")
         if r in d.parents or any(_same(a, r) for a in d.parents if os.path.exists(a)):
-            raise OutputError(f"{dest}: is inside the {role} {raw}; write the output to a new folder outside the inputs")
+            raise OutputError(
+                f"{dest}: is inside the {role} {raw}; write the output to a new folder outside the inputs"
+            )
 
 
 # ------------------------------------------------------------------------------- the manifest
@@ -375,10 +379,8 @@ def parent_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
         yield
     finally:
         os.close(fd)  # releases the lock
