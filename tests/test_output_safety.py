@@ -854,3 +854,18 @@ def test_output_modes_follow_the_umask(family, tmp_path, umask):
     assert len(files) > 4
     for f in files:
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, (f.name, oct(f.stat().st_mode))
+
+
+def test_statistics_dir_inside_an_input_is_refused(inputs, tmp_path):
+    base, experts = inputs
+    (tmp_path / "cal.jsonl").write_text('{"text": "a b c"}\n')
+    before = digest(base.parent)
+    for stats_dir in (experts[0], experts[0] / "stats"):
+        fisher = {
+            "merge_method": "fisher",
+            "models": [{"model": str(e), "calibration": str(tmp_path / "cal.jsonl")} for e in experts],
+            "calibration": {"statistics_dir": str(stats_dir)},
+        }
+        with pytest.raises(OutputError, match="statistics_dir is inside the model"):
+            mergelab.merge(fisher, tmp_path / "out")
+    assert digest(base.parent) == before and not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ import torch
 
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
-from mergelab.checkpoint.output_guard import plan_inputs, recipe_inputs
+from mergelab.checkpoint.output_guard import check_cache_outside_inputs, plan_inputs, recipe_inputs
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
 from mergelab.errors import MergelabError, OutputError, RecipeError
@@ -154,7 +154,10 @@ def merge(
     rec = load_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
     # fail on a bad or existing destination before any work
-    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=run_inputs(recipe, rec, plan))
+    inputs = run_inputs(recipe, rec, plan)
+    if rec.calibration is not None and rec.calibration.statistics_dir is not None:
+        check_cache_outside_inputs(rec.calibration.statistics_dir, inputs, "statistics_dir")
+    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=inputs)
     own_plan = plan is None
     phase = None
     try:

@@ -229,6 +229,21 @@ def check_not_input(dest: Path, inputs: Iterable[tuple[str, str | os.PathLike[st
             )
 
 
+def check_cache_outside_inputs(
+    cache: str | os.PathLike[str], inputs: Iterable[tuple[str, str | os.PathLike[str]]], what: str
+) -> None:
+    """Refuse a folder mergelab writes into (a statistics cache) that is an input or lies inside one;
+    one that contains inputs is fine (it only gets subfolders of its own)."""
+    c = Path(os.path.realpath(os.path.expanduser(os.fspath(cache))))
+    for role, ref in inputs:
+        if role == what:
+            continue
+        raw = Path(os.path.expanduser(os.fspath(ref)))
+        r = Path(os.path.realpath(raw))
+        if os.path.isdir(r) and (c == r or r in c.parents):
+            raise OutputError(f"{cache}: the {what} is inside the {role} {raw}; choose a folder outside the inputs")
+
+
 # ------------------------------------------------------------------------------- the manifest
 
 
