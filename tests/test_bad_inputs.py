@@ -217,9 +217,14 @@ def test_existing_destination_refused_then_forced(family, tmp_path):
     res = runner.invoke(app, ["merge", str(r), str(out)])
     assert res.exit_code != 0 and "--force" in " ".join(res.output.split())
     assert (out / "keep.txt").read_text() == "precious"
-    res = runner.invoke(app, ["merge", str(r), str(out), "--force", "-q"])
+    res = runner.invoke(app, ["merge", str(r), str(out), "--force", "-q"])  # not a mergelab output
+    assert res.exit_code == 6 and "--force-any" in " ".join(res.output.split()), res.output
+    assert (out / "keep.txt").read_text() == "precious"
+    res = runner.invoke(app, ["merge", str(r), str(out), "--force-any", "-q"])
     assert res.exit_code == 0, res.output
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    res = runner.invoke(app, ["merge", str(r), str(out), "--force", "-q"])  # now a mergelab output
+    assert res.exit_code == 0, res.output
     assert not list(tmp_path.glob(".exists.mergelab-*"))
 
 

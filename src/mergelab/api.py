@@ -18,9 +18,10 @@ import torch
 
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
+from mergelab.checkpoint.output_guard import check_cache_outside_inputs, plan_inputs, recipe_inputs
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
-from mergelab.errors import MergelabError, RecipeError
+from mergelab.errors import MergelabError, OutputError, RecipeError
 from mergelab.executors.base import ExecutorOptions, Progress, RunStats, get_executor, thread_limit
 from mergelab.executors.sinks import MemorySink, abort_sinks, finish_sinks, open_disk_sinks
 from mergelab.executors.streaming import StreamingExecutor
@@ -127,11 +128,21 @@ def _write_tokenizer(plan: Plan, rec: Recipe, dest: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def run_inputs(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Recipe, rec: Recipe, plan: Plan | None = None
+) -> list[tuple[str, str]]:
+    """(role, path) of everything a merge reads: the recipe file, its models, tokenizer, data and
+    statistics, and the folders of the plan's readers (the destination may be none of them)."""
+    found = [("recipe", os.fspath(source))] if isinstance(source, (str, os.PathLike)) else []
+    return found + recipe_inputs(rec) + (plan_inputs(plan) if plan is not None else [])
+
+
 def merge(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
     out: str | os.PathLike[str],
     *,
     force: bool = False,
+    force_any: bool = False,
     device: str = "cpu",
     threads: int | None = None,
     seed: int | None = None,
@@ -152,7 +163,11 @@ def merge(
 
     The output (sharded safetensors + index, config and tokenizer files copied from the base,
     a model card) is written to a temporary folder beside ``out`` and renamed into place when
-    complete. ``out`` must not exist unless ``force``. Inputs are only read.
+    complete. ``out`` must not exist unless ``force`` (which replaces only a previous mergelab
+    output) or ``force_any`` (any folder). ``out`` may never be an input of the recipe, contain
+    one or lie inside one. Inputs are only read. Stale temporary folders of dead runs into the
+    same ``out`` are removed, with a warning. SIGTERM handlers are left as they are (wrap the call
+    in :func:`mergelab.checkpoint.output_guard.sigterm_as_interrupt` to clean up on SIGTERM too).
 
     Data-informed methods (fisher, regmean, regmean_plusplus, adamerging) first run their data
     phase on ``device`` (:func:`mergelab.informed.run_data_phase`) from the recipe's calibration
@@ -167,7 +182,11 @@ def merge(
     """
     rec = load_recipe(recipe)
     shard_bytes = parse_size(max_shard_size)
-    dest = AtomicOutputDir(Path(out), force=force)  # fail on an existing destination before any work
+    # fail on a bad or existing destination before any work
+    inputs = run_inputs(recipe, rec, plan)
+    if rec.calibration is not None and rec.calibration.statistics_dir is not None:
+        check_cache_outside_inputs(rec.calibration.statistics_dir, inputs, "statistics_dir")
+    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=inputs)
     own_plan = plan is None
     phase = None
     try:
@@ -193,7 +212,7 @@ def merge(
                     calibration=calibration,
                     statistics=statistics,
                     progress=progress,
-                    workdir=dest.tmp.parent,
+                    workdir=dest.workdir(),
                     seed=opts.seed,
                     compute_dtype=opts.compute_dtype,
                 )
@@ -235,12 +254,15 @@ def merge(
         (dest.tmp / "README.md").write_text(card)
         (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())
         path = dest.commit()
-    except BaseException:
+    except BaseException as exc:
         dest.abort()
+        if isinstance(exc, OSError) and dest.is_write_error(exc):
+            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
         raise
     finally:
         if phase is not None:
             phase.close()
+        dest.close_workdir()
         if own_plan and plan is not None:
             plan.close()
     return MergeResult(path=path, stats=stats, plan_summary=summary)

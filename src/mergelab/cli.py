@@ -6,10 +6,12 @@ MERGELAB_DEBUG=1 to see the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -41,13 +43,39 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+@contextlib.contextmanager
+def _notes_as_lines() -> Iterator[None]:
+    """Print output notes (a stale temporary folder removed) as one line each while a command runs."""
+    from mergelab.checkpoint.output_guard import OutputNote
+
+    previous = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, OutputNote):
+            err_console.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            previous(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def user_errors(fn: F) -> F:
     """Print MergelabError as one line on stderr and exit with its code."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mergelab.checkpoint.output_guard import Terminated, sigterm_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt(), _notes_as_lines():  # SIGTERM cleans up like Ctrl-C, for this command only
+                return fn(*args, **kwargs)
+        except Terminated as exc:
+            err_console.print(f"[bold red]terminated[/] by signal {exc.signum}: nothing was written")
+            raise typer.Exit(exc.exit_code) from None
         except MergelabError as exc:
             if os.environ.get("MERGELAB_DEBUG"):
                 raise
@@ -81,12 +109,24 @@ def _print_plan(summary: dict[str, Any]) -> None:
         err_console.print(f"[yellow]warning:[/] {w}")
 
 
+def _check_output(out: Path, inputs: list[tuple[str, str]], force: bool, force_any: bool) -> None:
+    """Refuse a bad OUT with one line before the plan is built (the merge checks it again)."""
+    from mergelab.checkpoint.writer import check_destination
+
+    check_destination(out, inputs, force=force, force_any=force_any)
+
+
 @app.command()
 @user_errors
 def merge(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML (mergekit format)")],
     out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output (and nothing else)")
+    ] = False,
+    force_any: Annotated[
+        bool, typer.Option("--force-any", help="replace OUT whatever folder it is (never an input of the recipe)")
+    ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
@@ -111,14 +151,13 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
     from mergelab.api import merge as run_merge
-    from mergelab.api import plan_merge, summarize
-    from mergelab.checkpoint.writer import AtomicOutputDir
+    from mergelab.api import plan_merge, run_inputs, summarize
     from mergelab.progress import RichProgress
-    from mergelab.recipe import parse_dtype
+    from mergelab.recipe import load_recipe, parse_dtype
 
-    if out.exists() and not force:
-        AtomicOutputDir(out, force=False)  # raises the one-line error before any work
-    plan = plan_merge(recipe, out_dtype=out_dtype)
+    rec = load_recipe(recipe)
+    _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
+    plan = plan_merge(rec, out_dtype=out_dtype)
     try:
         if not quiet:
             _print_plan(summarize(plan, parse_dtype(dtype) or plan.recipe.compute_torch_dtype))
@@ -126,6 +165,7 @@ def merge(
             plan.recipe,
             out,
             force=force,
+            force_any=force_any,
             device=device,
             threads=threads,
             seed=seed,

@@ -9,19 +9,24 @@ is one tensor, whatever the shard size. Shards follow the Hugging Face naming
 
 Everything is written into a temporary folder beside the destination, which is renamed into
 place only when complete; a failure removes it, so no half-written model is ever left behind.
+The rules on what a destination may be and how it is published live in
+:mod:`mergelab.checkpoint.output_guard`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from mergelab.checkpoint import output_guard as guard
 from mergelab.checkpoint.safetensors_file import layout_header
 from mergelab.errors import OutputError
 
@@ -78,7 +83,7 @@ class _Shard:
         self.fd: int | None = None
 
     def open(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides
         os.pwrite(self.fd, self.header, 0)
         os.ftruncate(self.fd, self.size)
 
@@ -221,37 +226,142 @@ class ShardLayout:
 
 
 class AtomicOutputDir:
-    """A temporary folder beside ``dest`` that becomes ``dest`` only on :meth:`commit`."""
+    """A temporary folder beside ``dest`` that becomes ``dest`` only on :meth:`commit`.
 
-    def __init__(self, dest: Path, force: bool = False):
-        self.dest = Path(dest).expanduser().absolute()
-        self.force = force
-        if self.dest.exists() and not force:
-            raise OutputError(f"{self.dest}: destination exists; choose another folder or pass --force to replace it")
-        if self.dest.exists() and not self.dest.is_dir():
-            raise OutputError(f"{self.dest}: destination exists and is not a folder")
+    Before anything is created it checks the destination (:mod:`mergelab.checkpoint.output_guard`):
+    not a symlink or a file, not an input of the run (``inputs``: (role, path) pairs), and, when it
+    exists, replaceable under the flags (``force``: a previous mergelab output; ``force_any``: any
+    folder). Stale working folders of dead runs into the same destination are removed first;
+    ``notes`` says what was removed. The temporary folder follows the umask and names its owner
+    (pid and host). :meth:`commit` writes the manifest and publishes with a rename that never
+    replaces: a destination that appeared meanwhile is left untouched and the commit fails; under
+    ``force`` the previous output is moved aside first and put back if publishing fails.
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        force: bool = False,
+        *,
+        force_any: bool = False,
+        inputs: Iterable[tuple[str, str | os.PathLike[str]]] = (),
+        kind: str = "merge",
+    ):
+        self.dest = check_destination(dest, inputs, force=force, force_any=force_any)
+        self.force = force or force_any
+        self.force_any = force_any
+        self.kind = kind
+        self._work: Path | None = None
+        self.notes = guard.clean_stale(self.dest)
+        for note in self.notes:
+            warnings.warn(note, guard.OutputNote, stacklevel=2)
+        if os.path.lexists(self.dest):  # a stale --force run's previous output may have been restored
+            guard.check_replaceable(self.dest, force, force_any)
         parent = self.dest.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.mergelab-tmp-", dir=parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=guard.owner_prefix(self.dest, guard.TMP_TAG), dir=parent))
+            guard.follow_umask(self.tmp)
         except OSError as exc:
             raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror}); check permissions") from exc
 
+    def workdir(self) -> Path:
+        """A scratch folder beside the destination (owner recorded), removed by :meth:`close_workdir`."""
+        if self._work is None:
+            self._work = Path(
+                tempfile.mkdtemp(prefix=guard.owner_prefix(self.dest, guard.WORK_TAG), dir=self.dest.parent)
+            )
+        return self._work
+
+    def close_workdir(self) -> None:
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+
     def commit(self) -> Path:
+        """Publish the temporary folder as the destination (see the class docstring)."""
+        from mergelab import __version__
+
+        guard.write_manifest(self.tmp, self.kind, __version__)
         trash: Path | None = None
-        if self.dest.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.mergelab-old-", dir=self.dest.parent))
-            os.rename(self.dest, trash / "old")
-        try:
-            os.rename(self.tmp, self.dest)
-        except BaseException:
-            if trash is not None:  # put the previous output back before reporting the failure
-                os.rename(trash / "old", self.dest)
-                shutil.rmtree(trash, ignore_errors=True)
-            raise
+        with guard.parent_lock(self.dest.parent):
+            try:
+                if os.path.lexists(self.dest):
+                    if not self.force:
+                        raise FileExistsError(errno.EEXIST, "exists", str(self.dest))
+                    trash = Path(
+                        tempfile.mkdtemp(prefix=guard.owner_prefix(self.dest, guard.OLD_TAG), dir=self.dest.parent)
+                    )
+                    os.rename(self.dest, trash / "old")
+                    old = trash / "old"
+                    problem = "is a symbolic link" if old.is_symlink() else None
+                    if problem is None and not self.force_any:
+                        problem = guard.mergelab_output_problem(old)
+                    if problem is not None:
+                        raise OutputError(
+                            f"{self.dest}: changed while the merge ran and {problem}; "
+                            "it was left untouched and this run's output discarded"
+                        )
+                guard.rename_noreplace(self.tmp, self.dest)
+            except BaseException as exc:
+                if trash is not None:  # put the previous output back before reporting the failure
+                    self._restore(trash)
+                if isinstance(exc, FileExistsError):
+                    raise OutputError(
+                        f"{self.dest}: appeared while the merge ran (another merge or program created it); "
+                        "it was left untouched and this run's output discarded; choose another folder"
+                    ) from None
+                if isinstance(exc, OSError):
+                    kept = "the previous output is unchanged" if trash is not None else "nothing was written"
+                    raise OutputError(f"{self.dest}: cannot publish the output ({exc.strerror}); {kept}") from exc
+                raise
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.dest
 
+    def _restore(self, trash: Path) -> None:
+        """Put the previous output moved into ``trash`` back at the destination (never delete it)."""
+        old = trash / "old"
+        if os.path.lexists(old):
+            try:
+                guard.rename_noreplace(old, self.dest)
+            except OSError:
+                raise OutputError(
+                    f"{self.dest}: could not be put back after a failed replacement; the previous output is kept "
+                    f"in {old}"
+                ) from None
+        shutil.rmtree(trash, ignore_errors=True)
+
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.close_workdir()
+
+    def is_write_error(self, exc: OSError) -> bool:
+        """Whether ``exc`` came from writing this output (a file in the temporary folder, or a full disk)."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        name = exc.filename if isinstance(exc.filename, str) else None
+        return name is not None and Path(name).absolute().is_relative_to(self.tmp)
+
+
+def check_destination(
+    dest: str | os.PathLike[str],
+    inputs: Iterable[tuple[str, str | os.PathLike[str]]] = (),
+    *,
+    force: bool = False,
+    force_any: bool = False,
+) -> Path:
+    """The resolved destination, after the checks that need no folder to be created: not a symlink,
+    not a file, not an input (nor containing or inside one), and replaceable under the flags when it
+    exists. Raises a one-line :class:`OutputError`."""
+    path = guard.resolve_dest(dest)
+    guard.check_not_input(path, inputs)  # first, so that the message names the input
+    if path.is_symlink():
+        raise OutputError(
+            f"{path}: is a symbolic link (to {os.readlink(path)}); give the folder itself, or remove the link"
+        )
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder; choose a folder path for the output")
+    if path.exists():
+        guard.check_replaceable(path, force, force_any)
+    return path

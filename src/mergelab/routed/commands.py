@@ -1,6 +1,6 @@
 """CLI commands for routed outputs (registered in ``mergelab.cli``).
 
-``extract_command`` is ``mergelab extract FOLDER TASK OUT [--force]``; ``routed_command``
+``extract_command`` is ``mergelab extract FOLDER TASK OUT [--force | --force-any]``; ``routed_command``
 is ``mergelab routed FOLDER`` (list the tasks and the storage report). Both raise
 ``MergelabError`` for user errors; the CLI's ``user_errors`` wrapper prints them in one line.
 """
@@ -19,7 +19,10 @@ def extract_command(
     folder: Annotated[Path, typer.Argument(help="output folder of a tall_masks or emr merge")],
     task: Annotated[str, typer.Argument(help="task name, index or model reference (see `mergelab routed FOLDER`)")],
     out: Annotated[Path, typer.Argument(help="where to write the task's model (must not exist unless --force)")],
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output (and nothing else)")
+    ] = False,
+    force_any: Annotated[bool, typer.Option("--force-any", help="replace OUT whatever folder it is")] = False,
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
 ) -> None:
     """Rebuild one TASK of a routed merge in FOLDER as a plain Hugging Face checkpoint in OUT."""
@@ -27,7 +30,7 @@ def extract_command(
     from mergelab.routed.format import fmt_bytes, format_storage
 
     err = Console(stderr=True)
-    result = extract(folder, task, out, force=force, max_shard_size=max_shard_size)
+    result = extract(folder, task, out, force=force, force_any=force_any, max_shard_size=max_shard_size)
     t = result.task
     err.print(
         f"[green]extracted[/] task {t['index']} ({t['name']}) into {result.path}: {result.tensors} tensors, "

@@ -26,7 +26,7 @@ from mergelab.checkpoint.writer import (
     ShardedSafetensorsWriter,
     parse_size,
 )
-from mergelab.errors import CheckpointError
+from mergelab.errors import CheckpointError, OutputError
 from mergelab.routed.format import (
     BASE_FOLDER,
     MASKS_FOLDER,
@@ -185,16 +185,18 @@ def extract(
     out: str | os.PathLike[str],
     *,
     force: bool = False,
+    force_any: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD,
 ) -> ExtractResult:
     """Write task ``task`` (name, index or model reference) of the routed output ``folder``
     as a plain Hugging Face checkpoint in ``out`` (atomic; ``out`` must not exist unless
-    ``force``). Config and tokenizer files are copied from ``folder``."""
+    ``force``, which replaces a previous mergelab output, or ``force_any``; never ``folder`` itself,
+    a folder holding it or one inside it). Config and tokenizer files are copied from ``folder``."""
     src = Path(folder).expanduser()
     manifest = read_manifest(src)
     entry = resolve_task(manifest, task)
     shard_bytes = parse_size(max_shard_size)
-    dest = AtomicOutputDir(Path(out), force=force)
+    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=[("routed output", src)], kind="extract")
     try:
         reader = open_checkpoint(src)
         try:
@@ -215,7 +217,9 @@ def extract(
                 shutil.copyfile(src / side, dest.tmp / side)
         (dest.tmp / "README.md").write_text(_card(manifest, entry, src))
         path = dest.commit()
-    except BaseException:
+    except BaseException as exc:
         dest.abort()
+        if isinstance(exc, OSError) and dest.is_write_error(exc):
+            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
         raise
     return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
