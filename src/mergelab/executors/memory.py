@@ -150,14 +150,14 @@ class MergeSession:
                 self._copies[job.name] = plan.reference.read(job.name)
                 continue
             converted: dict[int, Tensor] = {}
-            for r in plan.readers_for(job):
-                if id(r) in converted or job.name not in r.tensors():
+            for r, ref in zip(plan.readers_for(job), job.inputs):  # ref.name: a tied input's stand-in
+                if id(r) in converted or ref.name not in r.tensors():
                     continue
-                t = r.read(job.name)
+                t = r.read(ref.name)
                 if job.rows is not None:
                     t = t[: job.rows]
                 if self.check_finite and not _all_finite(t):
-                    raise InputDataError(f"{r.label}: tensor {job.name!r} contains NaN or Inf values")
+                    raise InputDataError(f"{r.label}: tensor {ref.name!r} contains NaN or Inf values")
                 converted[id(r)] = t.to(device=self.device, dtype=self.compute_dtype)
             base = converted[id(plan.base)] if plan.base is not None else None
             experts = [converted[id(r)] for r in plan.experts]
