@@ -70,3 +70,100 @@ def test_boolean_density_in_a_yaml_recipe_exits_2(family, tmp_path):
     assert res.exit_code == 2, res.output
     assert "density" in res.output and "boolean" in res.output
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ float16 overflow at the output cast
+
+
+def _folder(path, tensors, config=None):
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
+    return path
+
+
+def _overflow_inputs(tmp_path, dtype):
+    """Base at 60000 and two experts at +30000 each: task arithmetic gives 120000, beyond float16."""
+    base = {
+        "model.layers.0.mlp.weight": torch.full((4, 4), 60000.0, dtype=dtype),
+        "model.norm.weight": torch.ones(4, dtype=dtype),
+    }
+    experts = [
+        {
+            "model.layers.0.mlp.weight": torch.full(
+                (4, 4), 90000.0 if dtype != torch.float16 else 65000.0, dtype=dtype
+            ),
+            "model.norm.weight": torch.ones(4, dtype=dtype),
+        }
+        for _ in range(2)
+    ]
+    return base, experts
+
+
+@pytest.mark.parametrize(
+    ("executor", "in_dtype"),
+    [
+        ("streaming", torch.float32),
+        ("streaming", torch.float16),
+        ("memory", torch.float32),
+        ("memory", torch.float16),
+        ("ray", torch.float32),  # the workers run the streaming executor's merge pass
+    ],
+)
+def test_float16_output_overflow_is_refused_and_writes_nothing(tmp_path, executor, in_dtype):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    from mergelab.errors import OutputError
+
+    base, experts = _overflow_inputs(tmp_path, in_dtype)
+    b = _folder(tmp_path / "base", base)
+    es = [_folder(tmp_path / f"e{i}", e) for i, e in enumerate(experts)]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(b),
+        "models": [{"model": str(e)} for e in es],
+        "out_dtype": "float16",
+    }
+    out = tmp_path / "out"
+    kwargs = {"workers": 1} if executor == "ray" else {}
+    with pytest.raises(OutputError) as info:
+        mergelab.merge(recipe, out, executor=executor, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg and "'model.layers.0.mlp.weight'" in msg and "float16" in msg
+    assert "bfloat16" in msg and "float32" in msg
+    peak = 60000.0 + 2 * (float(experts[0]["model.layers.0.mlp.weight"][0, 0]) - 60000.0)
+    assert f"{peak:.6g}" in msg  # the largest magnitude, named
+    assert not out.exists() and not list(tmp_path.glob(".out.mergelab-tmp-*"))
+    # the same merge in bfloat16 is written, finite
+    mergelab.merge({**recipe, "out_dtype": "bfloat16"}, tmp_path / "bf16", executor=executor, **kwargs)
+
+
+def test_float16_overflow_is_refused_in_merge_state_dicts():
+    from mergelab.errors import OutputError
+
+    base, experts = _overflow_inputs(None, torch.float16)  # float16 in, float16 out (the base's dtype)
+    with pytest.raises(OutputError, match=r"beyond float16's range"):
+        mergelab.merge_state_dicts("task_arithmetic", experts, base=base)
+    got = mergelab.merge_state_dicts("task_arithmetic", experts, base=base, out_dtype=torch.float32)
+    b, e = float(base["model.layers.0.mlp.weight"][0, 0]), float(experts[0]["model.layers.0.mlp.weight"][0, 0])
+    assert float(got["model.layers.0.mlp.weight"].max()) == b + 2 * (e - b)  # 60000 + 2 · 4992 (65000 in float16)
+
+
+def test_float16_overflow_cli_exits_6(tmp_path):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    base, experts = _overflow_inputs(tmp_path, torch.float32)
+    b = _folder(tmp_path / "base", base)
+    e = _folder(tmp_path / "e0", experts[0])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {e}\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--out-dtype", "float16"])
+    assert res.exit_code == 6, res.output
+    assert "inf" in res.output and not out.exists()

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from mergelab.errors import InputDataError, MergelabError, RecipeError
-from mergelab.executors.base import ExecutorOptions, NoProgress, Progress, RunStats, resolve_device, thread_limit
+from mergelab.executors.base import (
+    ExecutorOptions,
+    NoProgress,
+    Progress,
+    RunStats,
+    cast_output,
+    resolve_device,
+    thread_limit,
+)
 from mergelab.ir import MASKS, MODEL, MethodCall
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
@@ -308,7 +316,7 @@ class MergeSession:
                 merged = merged.merged
             if self.check_finite and not _all_finite(merged):
                 raise MergelabError(f"{m.name} produced NaN/Inf in tensor {job.name!r}; check the parameters")
-            out[job.name] = merged.to(job.out_dtype).cpu()
+            out[job.name] = cast_output(merged, job.out_dtype, job.name).cpu()
         self._forget(used)
         for alias, canonical in self.plan.tied.items():
             out[alias] = out[canonical]

@@ -36,6 +36,7 @@ from mergelab.executors.base import (
     Progress,
     RunStats,
     as_graph,
+    cast_output,
     check_statistics,
     resolve_device,
     thread_limit,
@@ -411,7 +412,7 @@ def merge_jobs(
                     f"{method_name} produced NaN/Inf in tensor {job.name!r}; check the parameters "
                     "(e.g. weights summing to zero with normalize)"
                 )
-            out = out.to(job.out_dtype)
+            out = cast_output(out, job.out_dtype, job.name)
         sink = sinks.get(job.outputs[0].artifact)
         if sink is not None:
             sink.add(job.name, out)
