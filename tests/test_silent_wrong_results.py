@@ -167,3 +167,87 @@ def test_float16_overflow_cli_exits_6(tmp_path):
     res = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--out-dtype", "float16"])
     assert res.exit_code == 6, res.output
     assert "inf" in res.output and not out.exists()
+
+
+# ------------------------------------------------------------------ integer and bool tensors
+
+
+def _with(extra: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    return {**_sd(seed), **extra}
+
+
+def test_integer_tensor_with_float_experts_is_refused_at_plan_time():
+    from mergelab.errors import PlanError
+
+    base = _with({"model.q.weight": torch.arange(16, dtype=torch.int8).reshape(4, 4)}, 0)
+    expert = _with({"model.q.weight": torch.randn(4, 4)}, 1)  # a dequantized expert
+    with pytest.raises(PlanError, match=r"'model\.q\.weight' is float32 \[4, 4\] but <base> has int8") as info:
+        mergelab.merge_state_dicts("task_arithmetic", [expert], base=base)
+    assert "\n" not in str(info.value)
+    # and the other way round (a float base, an integer expert)
+    with pytest.raises(PlanError, match=r"'model\.q\.weight' is int8 but <base> has float32"):
+        mergelab.merge_state_dicts("task_arithmetic", [base], base=expert)
+    # integers of another width are a different tensor too
+    wide = _with({"model.q.weight": torch.arange(16, dtype=torch.int64).reshape(4, 4)}, 1)
+    with pytest.raises(PlanError, match="int64"):
+        mergelab.merge_state_dicts("linear", [base, wide])
+
+
+def test_equal_integer_and_bool_tensors_are_copied():
+    ids = torch.arange(8, dtype=torch.int64)
+    mask = torch.tensor([True, False, True, True])
+    base = _with({"model.position_ids": ids, "model.mask": mask}, 0)
+    experts = [_with({"model.position_ids": ids.clone(), "model.mask": mask.clone()}, s) for s in (1, 2)]
+    got = mergelab.merge_state_dicts("task_arithmetic", experts, base=base)
+    assert torch.equal(got["model.position_ids"], ids) and got["model.position_ids"].dtype == torch.int64
+    assert torch.equal(got["model.mask"], mask)
+    # an expert that lacks the tensor is not consulted (older/newer checkpoints of one architecture)
+    got = mergelab.merge_state_dicts("task_arithmetic", [_sd(1)], base=base)
+    assert torch.equal(got["model.position_ids"], ids)
+
+
+@pytest.mark.parametrize("kind", ["int", "bool"])
+def test_differing_integer_tensors_are_refused_in_memory(kind):
+    from mergelab.errors import PlanError
+
+    a = torch.arange(8, dtype=torch.int64) if kind == "int" else torch.ones(8, dtype=torch.bool)
+    b = a.clone()
+    b[3] = 0 if kind == "bool" else 99
+    base = _with({"model.t": a}, 0)
+    expert = _with({"model.t": b}, 1)
+    with pytest.raises(PlanError, match=r"<expert 0>: tensor 'model\.t' .* differs from <base>'s in 1 of 8 entries"):
+        mergelab.merge_state_dicts("task_arithmetic", [expert], base=base)
+
+
+@pytest.mark.parametrize("executor", ["streaming", "memory", "ray"])
+def test_differing_integer_tensors_are_refused_on_disk(tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    from mergelab.errors import PlanError
+
+    q = torch.randint(-100, 100, (4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    b = _folder(tmp_path / "base", _with({"model.q.weight": q}, 0))
+    e = _folder(tmp_path / "e0", _with({"model.q.weight": q + 1}, 1))  # an expert's own quantized weights
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(b), "models": [{"model": str(e)}]}
+    out = tmp_path / "out"
+    kwargs = {"workers": 1} if executor == "ray" else {}
+    with pytest.raises(PlanError, match=r"'model\.q\.weight' \(int8\) differs .* in 16 of 16 entries"):
+        mergelab.merge(recipe, out, executor=executor, **kwargs)
+    assert not out.exists() and not list(tmp_path.glob(".out.mergelab-tmp-*"))
+
+
+def test_integer_mismatch_cli_exits_4(tmp_path):
+    from typer.testing import CliRunner
+
+    from mergelab.cli import app
+
+    b = _folder(tmp_path / "base", _with({"model.position_ids": torch.arange(8)}, 0))
+    e = _folder(tmp_path / "e0", _with({"model.position_ids": torch.arange(8).float()}, 1))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {e}\n")
+    runner = CliRunner()
+    for cmd in (["validate", str(recipe)], ["merge", str(recipe), str(tmp_path / "out")]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 4, res.output
+        assert "position_ids" in res.output and "int64" in res.output
+    assert not (tmp_path / "out").exists()

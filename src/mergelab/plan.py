@@ -366,6 +366,40 @@ def _bool_leaves(setting: Any) -> list[bool]:
     return []
 
 
+def _copy_checks(
+    reference: CheckpointReader,
+    name: str,
+    meta: TensorMeta,
+    inputs: Sequence[CheckpointReader],
+    refs: Sequence[TensorRef],
+    ref_id: str,
+) -> tuple[TensorRef, ...]:
+    """The inputs whose copy of the non-float tensor ``name`` must equal the reference's.
+
+    Integer and bool tensors (position ids, masks, quantized weights) are copied, not merged.
+    That is only right when every merged input holds the same tensor: a different dtype or
+    shape is refused here; equal values are checked when the tensors are read (an input that
+    lacks the tensor is not consulted).
+    """
+    out: list[TensorRef] = []
+    for r, ref in zip(inputs, refs):
+        other = r.tensors().get(ref.name)
+        if other is None or ref == TensorRef(ref_id, name) or ref in out:
+            continue
+        if other.dtype != meta.dtype or other.shape != meta.shape:
+            raise PlanError(
+                f"{r.label}: tensor {name!r} is {_dt(other.dtype)} {list(other.shape)} but {reference.label} has "
+                f"{_dt(meta.dtype)} {list(meta.shape)}; integer and bool tensors are copied, not merged, so every "
+                "model must hold the same one: merge checkpoints of one format (dequantize quantized models first)"
+            )
+        out.append(ref)
+    return tuple(out)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -535,7 +569,9 @@ def _plan_tensors(
             continue
         layer = layer_index(name)
         if not _is_float(meta.dtype):
-            jobs.append(Job((TensorRef(ref_id, name),), Copy(layer), (OutRef(MODEL, name, meta.shape, meta.dtype),)))
+            in_refs = [names.ref(s, name) for s in merged_ids]
+            op = Copy(layer, _copy_checks(reference, name, meta, merged_inputs, in_refs, ref_id))
+            jobs.append(Job((TensorRef(ref_id, name),), op, (OutRef(MODEL, name, meta.shape, meta.dtype),)))
             continue
         rows: int | None = None
         refs = [names.ref(s, name) for s in merged_ids]
@@ -551,7 +587,11 @@ def _plan_tensors(
                     "architecture (or the checkpoint is incomplete: re-download it)"
                 )
             if not _is_float(other.dtype):
-                raise PlanError(f"{r.label}: tensor {name!r} is {other.dtype} but {reference.label} has {meta.dtype}")
+                raise PlanError(
+                    f"{r.label}: tensor {name!r} is {_dt(other.dtype)} but {reference.label} has {_dt(meta.dtype)}; a "
+                    "tensor must be floating point in every model or in none: merge checkpoints of one format "
+                    "(dequantize quantized models first)"
+                )
             if other.shape != meta.shape:
                 vocab = (
                     _VOCAB_NAMES.search(name)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
-from mergelab.errors import MergelabError, OutputError
+from mergelab.errors import MergelabError, OutputError, PlanError
 
 if TYPE_CHECKING:
-    from mergelab.ir import Graph
+    from mergelab.ir import Copy, Graph, Job, TensorRef
     from mergelab.plan import Plan
 
 
@@ -198,3 +198,23 @@ def cast_output(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
         f"tensor {name!r}: merged values reach |x| = {peak:.6g}, beyond {kind}'s range (max {limit:.6g}), and would "
         f"be written as inf; use out_dtype bfloat16 or float32 (--out-dtype, or `out_dtype:` in the recipe)"
     )
+
+
+def check_copy(graph: Graph, job: Job, op: Copy, copied: torch.Tensor, read: Mapping[TensorRef, torch.Tensor]) -> None:
+    """Refuse a copied (integer or bool) tensor that another merged input holds with other values.
+
+    ``read`` holds the tensors of ``op.verify`` (the same tensor in the other merged inputs).
+    Copying one model's position ids is right; copying the base's quantized weights while the
+    experts hold others would silently drop the experts.
+    """
+    for ref in op.verify:
+        other = read[ref]
+        if not torch.equal(other, copied):
+            differ = int((other != copied).sum())
+            ours = graph.sources[job.inputs[0].source].label
+            raise PlanError(
+                f"{graph.sources[ref.source].label}: tensor {job.name!r} ({str(copied.dtype).removeprefix('torch.')}) "
+                f"differs from {ours}'s in {differ} of {copied.numel()} entries; integer and bool tensors are copied, "
+                "not merged, which is only right when every model holds the same values: merge models that agree "
+                "on it (dequantize quantized models first)"
+            )

@@ -32,10 +32,11 @@ from mergelab.executors.base import (
     Progress,
     RunStats,
     cast_output,
+    check_copy,
     resolve_device,
     thread_limit,
 )
-from mergelab.ir import MASKS, MODEL, MethodCall
+from mergelab.ir import MASKS, MODEL, Copy, MethodCall
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
 from mergelab.recipe import Recipe
@@ -155,7 +156,11 @@ class MergeSession:
         plan = self.plan
         for job in plan.jobs:
             if job.kind == "copy":
-                self._copies[job.name] = plan.reference.read(job.name)
+                copied = self._copies[job.name] = plan.reference.read(job.name)
+                op = job.op
+                assert isinstance(op, Copy)
+                g = plan.graph
+                check_copy(g, job, op, copied, {ref: g.sources[ref.source].read(ref.name) for ref in op.verify})
                 continue
             converted: dict[int, Tensor] = {}
             for r, ref in zip(plan.readers_for(job), job.inputs):  # ref.name: a tied input's stand-in
