@@ -54,6 +54,17 @@ def test_boolean_parameters_still_take_booleans_and_numbers_their_strings():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    "density",
+    [["0.2", "0.8"], [0.2, "0.8"], [{"filter": "mlp", "value": ["0.2", "0.8"]}]],
+)
+def test_a_gradient_of_text_is_refused(density):
+    """A gradient of quoted numbers was taken step by step instead of interpolated (a silent difference)."""
+    base, expert = _sd(0), _sd(1)
+    with pytest.raises(ParameterError, match=r"gradient .* holds text"):
+        mergelab.merge_state_dicts("ties", [expert], base=base, parameters={"density": density})
+
+
 def test_boolean_density_in_a_yaml_recipe_exits_2(family, tmp_path):
     from typer.testing import CliRunner
 

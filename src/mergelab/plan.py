@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, open_checkpoint, tie_word_embeddings
 from mergelab.errors import ParameterError, PlanError, RecipeError
 from mergelab.ir import IDENTITY, MASKS, MODEL, Artifact, Copy, Graph, Job, MethodCall, NameMap, OutRef, TensorRef
-from mergelab.methods.base import MergeMethod, MethodParams
+from mergelab.methods.base import MergeMethod, MethodParams, is_numeric_annotation
 from mergelab.methods.registry import get_method
 from mergelab.recipe import Recipe, parse_dtype, resolve_setting
 
@@ -315,6 +315,15 @@ class _ParamResolver:
                     if any("boolean" in str(e["msg"]) for e in exc.errors()):
                         scope = "global" if model is self.method.params else "per-model"
                         raise _params_error(exc, self.method, scope, where) from None
+            model = self.method.params if key in gkeys else self.method.model_params
+            field = next((f for n, f in model.model_fields.items() if key in (n, f.alias)), None)
+            for gradient in _text_gradients(setting):
+                if field is not None and is_numeric_annotation(field.annotation):
+                    raise ParameterError(
+                        f"{where}: parameter {key!r} for {self.method.name}: gradient {gradient!r} holds text; a "
+                        "gradient is interpolated between numbers only (text would be taken step by step): write "
+                        "its points unquoted, e.g. [0.2, 0.8]"
+                    )
 
     def resolve(self, tensor: str, t: float) -> tuple[MethodParams, tuple[MethodParams, ...]]:
         gvals = {k: resolve_setting(self.recipe.parameters[k], tensor, t) for k in self._gkeys}
@@ -353,6 +362,17 @@ class _ParamResolver:
         result = (g, tuple(models))
         self._cache[key] = result
         return result
+
+
+def _text_gradients(setting: Any) -> list[list[Any]]:
+    """The gradients (lists of scalars) of a setting that hold a string, conditions' values included."""
+    if isinstance(setting, dict) and "value" in setting and set(setting) <= {"filter", "value"}:
+        return _text_gradients(setting["value"])
+    if not isinstance(setting, list):
+        return []
+    if setting and all(isinstance(e, (bool, int, float, str)) for e in setting):
+        return [setting] if any(isinstance(e, str) for e in setting) else []
+    return [g for item in setting for g in _text_gradients(item)]
 
 
 def _bool_leaves(setting: Any) -> list[bool]:

@@ -57,7 +57,7 @@ class MethodParams(BaseModel):
         if name is None or not _has_bool(value):
             return value
         annotation = cls.model_fields[name].annotation
-        if _is_numeric(annotation) and not _accepts_bool(annotation):
+        if is_numeric_annotation(annotation) and not _accepts_bool(annotation):
             raise ValueError(f"got the boolean {value!r} where a number is expected; give a number (e.g. 1.0)")
         return value
 
@@ -68,11 +68,11 @@ def _has_bool(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
 
 
-def _is_numeric(annotation: Any) -> bool:
+def is_numeric_annotation(annotation: Any) -> bool:
     """Whether a field annotation admits an int or a float (directly, in a union, or as items)."""
     if annotation in (int, float):
         return True
-    return any(_is_numeric(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return any(is_numeric_annotation(a) for a in typing.get_args(annotation) if a is not Ellipsis)
 
 
 def _accepts_bool(annotation: Any) -> bool:
