@@ -262,3 +262,24 @@ def test_integer_mismatch_cli_exits_4(tmp_path):
         assert res.exit_code == 4, res.output
         assert "position_ids" in res.output and "int64" in res.output
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ tied in memory, untied expert
+
+
+def test_a_tied_base_module_does_not_drop_an_untied_experts_head():
+    """In memory, shared storage marks tied weights; an expert whose head is its own matrix was
+    silently merged through the base's alias (its lm_head ignored)."""
+    emb = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    base = {"model.embed_tokens.weight": emb, "lm_head.weight": emb}  # one storage: tied
+    expert = {
+        "model.embed_tokens.weight": torch.randn(6, 4, generator=torch.Generator().manual_seed(1)),
+        "lm_head.weight": torch.randn(6, 4, generator=torch.Generator().manual_seed(2)),
+    }
+    got = mergelab.merge_state_dicts("task_arithmetic", [expert], base=base, compute_dtype=torch.float64)
+    for name in expert:
+        assert torch.equal(got[name], expert[name]), name
+    # both tied: merged once, still one storage
+    tied_expert = {"model.embed_tokens.weight": expert["lm_head.weight"], "lm_head.weight": expert["lm_head.weight"]}
+    got = mergelab.merge_state_dicts("task_arithmetic", [tied_expert], base=base)
+    assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()

@@ -438,6 +438,18 @@ def _tied_names(reference: CheckpointReader, names: Mapping[str, TensorMeta]) ->
     return {}
 
 
+def _ties_alike(reader: CheckpointReader, alias: str, canonical: str) -> bool:
+    """Whether ``reader`` agrees that ``alias`` is ``canonical`` (it shares the storage, or lacks ``alias``).
+
+    A tied base merged with an untied expert merges both matrices: merging the alias once would
+    drop the expert's own head.
+    """
+    if alias not in reader.tensors():
+        return True
+    aliases = getattr(reader, "aliases", None)
+    return callable(aliases) and aliases().get(alias) == canonical
+
+
 def _tied_stand_in(reader: CheckpointReader, name: str, meta: TensorMeta) -> str | None:
     """The stored matrix that stands for ``name`` in a tied checkpoint that leaves ``name`` out.
 
@@ -567,6 +579,7 @@ def _plan_tensors(
     out_dtype = out_dtype or recipe.output_dtype
     merged_inputs = ([base] if base is not None else []) + experts
     tied = _tied_names(reference, ref_names)
+    tied = {a: c for a, c in tied.items() if all(_ties_alike(r, a, c) for r in merged_inputs)}
     num_layers = num_layers_from(reference.config(), list(ref_names))
     warnings: list[str] = []
     head = _missing_head_warning(reference, ref_names)
