@@ -149,9 +149,15 @@ class MethodCall:
 
 @dataclass(frozen=True)
 class Copy:
-    """Copy the job's one input unchanged (non-float tensors: position ids, masks)."""
+    """Copy the job's one input unchanged (non-float tensors: position ids, masks).
+
+    ``verify``: the same tensor in the other merged inputs, which must hold the same values (a
+    copy of integer or bool tensors is only right when the models agree; executors raise
+    :class:`~mergelab.errors.PlanError` on a difference).
+    """
 
     layer: int | None = None
+    verify: tuple[TensorRef, ...] = ()
 
 
 @dataclass(frozen=True)

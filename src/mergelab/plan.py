@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, open_checkpoint
+from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, open_checkpoint, tie_word_embeddings
 from mergelab.errors import ParameterError, PlanError, RecipeError
 from mergelab.ir import (
     IDENTITY,
@@ -32,7 +32,7 @@ from mergelab.ir import (
     TensorRef,
     VocabAlign,
 )
-from mergelab.methods.base import MergeMethod, MethodParams
+from mergelab.methods.base import MergeMethod, MethodParams, is_numeric_annotation
 from mergelab.methods.registry import get_method
 from mergelab.recipe import Recipe, parse_dtype, resolve_setting
 
@@ -311,6 +311,33 @@ class _ParamResolver:
         self._gkeys = [k for k in recipe.parameters if k in gkeys]
         self._mkeys = mkeys
         self._cache: dict[Any, Any] = {}
+        self._check_bool_leaves(gkeys)
+
+    def _check_bool_leaves(self, gkeys: set[str]) -> None:
+        """Refuse a boolean anywhere in a numeric parameter's setting (a gradient's point, a
+        condition's value), even where no tensor resolves to it: ``[0.5, true]`` is a recipe mistake."""
+        settings = [("recipe", k, v) for k, v in self.recipe.parameters.items()]
+        for i in self.expert_idx:
+            entry = self.recipe.models[i]
+            settings += [(f"model {entry.model}", k, v) for k, v in entry.parameters.items()]
+        for where, key, setting in settings:
+            for leaf in _bool_leaves(setting):
+                model = self.method.params if key in gkeys else self.method.model_params
+                try:
+                    model.model_validate({key: leaf})
+                except ValidationError as exc:
+                    if any("boolean" in str(e["msg"]) for e in exc.errors()):
+                        scope = "global" if model is self.method.params else "per-model"
+                        raise _params_error(exc, self.method, scope, where) from None
+            model = self.method.params if key in gkeys else self.method.model_params
+            field = next((f for n, f in model.model_fields.items() if key in (n, f.alias)), None)
+            for gradient in _text_gradients(setting):
+                if field is not None and is_numeric_annotation(field.annotation):
+                    raise ParameterError(
+                        f"{where}: parameter {key!r} for {self.method.name}: gradient {gradient!r} holds text; a "
+                        "gradient is interpolated between numbers only (text would be taken step by step): write "
+                        "its points unquoted, e.g. [0.2, 0.8]"
+                    )
 
     def resolve(self, tensor: str, t: float) -> tuple[MethodParams, tuple[MethodParams, ...]]:
         gvals = {k: resolve_setting(self.recipe.parameters[k], tensor, t) for k in self._gkeys}
@@ -351,6 +378,62 @@ class _ParamResolver:
         return result
 
 
+def _text_gradients(setting: Any) -> list[list[Any]]:
+    """The gradients (lists of scalars) of a setting that hold a string, conditions' values included."""
+    if isinstance(setting, dict) and "value" in setting and set(setting) <= {"filter", "value"}:
+        return _text_gradients(setting["value"])
+    if not isinstance(setting, list):
+        return []
+    if setting and all(isinstance(e, (bool, int, float, str)) for e in setting):
+        return [setting] if any(isinstance(e, str) for e in setting) else []
+    return [g for item in setting for g in _text_gradients(item)]
+
+
+def _bool_leaves(setting: Any) -> list[bool]:
+    """The booleans in a parameter setting: the scalar itself, a gradient's points, conditions' values."""
+    if isinstance(setting, bool):
+        return [setting]
+    if isinstance(setting, dict) and "value" in setting and set(setting) <= {"filter", "value"}:
+        return _bool_leaves(setting["value"])
+    if isinstance(setting, list):
+        return [b for item in setting for b in _bool_leaves(item)]
+    return []
+
+
+def _copy_checks(
+    reference: CheckpointReader,
+    name: str,
+    meta: TensorMeta,
+    inputs: Sequence[CheckpointReader],
+    refs: Sequence[TensorRef],
+    ref_id: str,
+) -> tuple[TensorRef, ...]:
+    """The inputs whose copy of the non-float tensor ``name`` must equal the reference's.
+
+    Integer and bool tensors (position ids, masks, quantized weights) are copied, not merged.
+    That is only right when every merged input holds the same tensor: a different dtype or
+    shape is refused here; equal values are checked when the tensors are read (an input that
+    lacks the tensor is not consulted).
+    """
+    out: list[TensorRef] = []
+    for r, ref in zip(inputs, refs):
+        other = r.tensors().get(ref.name)
+        if other is None or ref == TensorRef(ref_id, name) or ref in out:
+            continue
+        if other.dtype != meta.dtype or other.shape != meta.shape:
+            raise PlanError(
+                f"{r.label}: tensor {name!r} is {_dt(other.dtype)} {list(other.shape)} but {reference.label} has "
+                f"{_dt(meta.dtype)} {list(meta.shape)}; integer and bool tensors are copied, not merged, so every "
+                "model must hold the same one: merge checkpoints of one format (dequantize quantized models first)"
+            )
+        out.append(ref)
+    return tuple(out)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -358,30 +441,71 @@ def _is_float(dtype: torch.dtype) -> bool:
 def _tied_names(reference: CheckpointReader, names: Mapping[str, TensorMeta]) -> dict[str, str]:
     """Tensors that are the same matrix as another (tied weights): merged once, written once.
 
-    In-memory models report shared storage; checkpoints on disk are tied when config.json says
-    ``tie_word_embeddings`` (or leaves transformers' default, true) and both ``lm_head.weight``
-    and an input embedding of the same shape are stored.
+    Only in-memory models (state dicts, modules) report them, from shared storage. A checkpoint
+    on disk never has a stored tensor dropped: when config.json ties the embeddings but the file
+    stores ``lm_head.weight`` too, it is merged and written like any other tensor (transformers
+    only ties a matrix the checkpoint leaves out, or holds with the same values).
     """
     aliases = getattr(reference, "aliases", None)
     if callable(aliases):
-        return aliases()
-    cfg = reference.config()
-    if cfg is None:
-        return {}
-    tie = cfg.get("tie_word_embeddings")
-    if tie is None and isinstance(cfg.get("text_config"), dict):
-        tie = cfg["text_config"].get("tie_word_embeddings")
-    if tie is False or "lm_head.weight" not in names:
-        return {}
-    for name in names:
-        # tie_word_embeddings true (or unset, transformers' default): write the shared matrix once
-        if (
-            name.endswith(_EMBED_SUFFIXES)
-            and names[name].shape == names["lm_head.weight"].shape
-            and (tie is True or tie is None)
-        ):
-            return {"lm_head.weight": name}
+        return dict(aliases())
     return {}
+
+
+def _ties_alike(reader: CheckpointReader, alias: str, canonical: str) -> bool:
+    """Whether ``reader`` agrees that ``alias`` is ``canonical`` (it shares the storage, or lacks ``alias``).
+
+    A tied base merged with an untied expert merges both matrices: merging the alias once would
+    drop the expert's own head.
+    """
+    if alias not in reader.tensors():
+        return True
+    aliases = getattr(reader, "aliases", None)
+    return callable(aliases) and aliases().get(alias) == canonical
+
+
+def _tied_stand_in(reader: CheckpointReader, name: str, meta: TensorMeta) -> str | None:
+    """The stored matrix that stands for ``name`` in a tied checkpoint that leaves ``name`` out.
+
+    A tied model saved by transformers stores its input embedding only; its output head (and
+    T5's per-stack embeddings) is that matrix. Returns the embedding's name when ``name`` is a
+    vocabulary matrix, ``reader``'s config ties the embeddings (:func:`tie_word_embeddings`) and
+    exactly one stored embedding has ``name``'s shape; otherwise None.
+    """
+    if not _VOCAB_NAMES.search(name) and not name.endswith(_EMBED_SUFFIXES):
+        return None
+    stored = reader.tensors()
+    candidates = [n for n, m in stored.items() if n.endswith(_EMBED_SUFFIXES) and m.shape == meta.shape]
+    if len(candidates) != 1 or tie_word_embeddings(reader.config()) is not True:
+        return None
+    return candidates[0]
+
+
+_HEAD_NAMES = ("lm_head.weight", "cls.predictions.decoder.weight", "embed_out.weight")
+_HEAD_ARCHS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+
+
+def _missing_head_warning(reader: CheckpointReader, names: Mapping[str, TensorMeta]) -> str | None:
+    """A warning when transformers would initialise ``reader``'s output head at random.
+
+    A model class with a language-model head whose checkpoint stores no head matrix is whole only
+    when its embeddings are tied; when config.json does not say so and the architecture's default
+    is untied (Llama, Mistral, Qwen2), transformers loads the head at random, from the inputs and
+    from the merged copy alike.
+    """
+    cfg = reader.config()
+    archs = cfg.get("architectures") if cfg else None
+    if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith(_HEAD_ARCHS) for a in archs):
+        return None
+    if any(n.endswith(_HEAD_NAMES) for n in names) or not any(n.endswith(_EMBED_SUFFIXES) for n in names):
+        return None
+    if tie_word_embeddings(cfg) is not False:
+        return None
+    return (
+        f"{reader.label}: stores no output head (lm_head.weight) and its config.json does not tie the embeddings "
+        "(tie_word_embeddings unset or false), so transformers will initialise the head at random; if the model is "
+        "tied, set tie_word_embeddings: true in its config.json"
+    )
 
 
 def build_plan(
@@ -469,8 +593,12 @@ def _plan_tensors(
     out_dtype = out_dtype or recipe.output_dtype
     merged_inputs = ([base] if base is not None else []) + experts
     tied = _tied_names(reference, ref_names)
+    tied = {a: c for a, c in tied.items() if all(_ties_alike(r, a, c) for r in merged_inputs)}
     num_layers = num_layers_from(reference.config(), list(ref_names))
     warnings: list[str] = []
+    head = _missing_head_warning(reference, ref_names)
+    if head is not None:
+        warnings.append(head)
 
     for r in merged_inputs:
         extra = [n for n in r.tensors() if n not in ref_names]
@@ -500,19 +628,29 @@ def _plan_tensors(
             )
             continue
         if not _is_float(meta.dtype):
-            jobs.append(Job((TensorRef(ref_id, name),), Copy(layer), (OutRef(MODEL, name, meta.shape, meta.dtype),)))
+            in_refs = [names.ref(s, name) for s in merged_ids]
+            op = Copy(layer, _copy_checks(reference, name, meta, merged_inputs, in_refs, ref_id))
+            jobs.append(Job((TensorRef(ref_id, name),), op, (OutRef(MODEL, name, meta.shape, meta.dtype),)))
             continue
         rows: int | None = None
-        refs = tuple(names.ref(s, name) for s in merged_ids)
-        for r, ref in zip(merged_inputs, refs):
+        refs = [names.ref(s, name) for s in merged_ids]
+        for k, (r, ref) in enumerate(zip(merged_inputs, list(refs))):
             other = r.tensors().get(ref.name)
+            stand_in = _tied_stand_in(r, ref.name, meta) if other is None else None
+            if stand_in is not None:  # a tied input: its embedding is this matrix
+                refs[k] = TensorRef(ref.source, stand_in)
+                other = r.tensors()[stand_in]
             if other is None:
                 raise PlanError(
                     f"{r.label}: missing tensor {name!r} that {reference.label} has; the models do not share an "
                     "architecture (or the checkpoint is incomplete: re-download it)"
                 )
             if not _is_float(other.dtype):
-                raise PlanError(f"{r.label}: tensor {name!r} is {other.dtype} but {reference.label} has {meta.dtype}")
+                raise PlanError(
+                    f"{r.label}: tensor {name!r} is {_dt(other.dtype)} but {reference.label} has {_dt(meta.dtype)}; a "
+                    "tensor must be floating point in every model or in none: merge checkpoints of one format "
+                    "(dequantize quantized models first)"
+                )
             if other.shape != meta.shape:
                 vocab = (
                     _VOCAB_NAMES.search(name)
@@ -541,7 +679,7 @@ def _plan_tensors(
         outputs: tuple[OutRef, ...] = (OutRef(MODEL, name, meta.shape, out_dtype or meta.dtype),)
         if routed:
             outputs += (OutRef(MASKS, name, meta.shape, torch.bool),)
-        jobs.append(Job(refs, MethodCall(params, model_params, layer, rows, base=base is not None), outputs))
+        jobs.append(Job(tuple(refs), MethodCall(params, model_params, layer, rows, base=base is not None), outputs))
     graph = Graph(
         sources=sources,
         artifacts=artifacts,

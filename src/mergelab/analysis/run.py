@@ -54,9 +54,9 @@ def analysis_recipe(
 def _read(plan: Plan, job: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     cache: dict[int, torch.Tensor] = {}
 
-    def get(r: Any) -> torch.Tensor:
+    def get(r: Any, name: str) -> torch.Tensor:
         if id(r) not in cache:
-            t = r.read(job.name)
+            t = r.read(name)  # job.name, or a tied input's stand-in (its embedding)
             if job.rows is not None:
                 t = t[: job.rows]
             if not all_finite(t):
@@ -67,7 +67,8 @@ def _read(plan: Plan, job: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return cache[id(r)]
 
     assert plan.base is not None
-    return get(plan.base), [get(r) for r in plan.experts]
+    names = [ref.name for ref in job.inputs]  # base, then experts
+    return get(plan.base, names[0]), [get(r, n) for r, n in zip(plan.experts, names[1:])]
 
 
 def analyze(

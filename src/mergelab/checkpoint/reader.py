@@ -6,6 +6,7 @@ reads one tensor at a time into a fresh CPU buffer. Files are opened read-only.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import blake3
 import torch
@@ -410,6 +411,41 @@ def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | t
     if _HUB_ID.match(label) and not label.startswith((".", "/", "~")):
         return HubSpec(label).open()
     raise CheckpointError(f"{label}: no such file or folder (and not a Hugging Face Hub id); check the path")
+
+
+def tie_word_embeddings(config: Mapping[str, Any] | None) -> bool | None:
+    """Whether a model's input embedding and output head are one matrix, as transformers decides it.
+
+    ``tie_word_embeddings`` from config.json (or its ``text_config``) when set; otherwise the
+    default of transformers' config class for the config's ``model_type`` (Llama, Mistral, Qwen2:
+    untied; Gemma, GPT-2, BERT, T5: tied), since transformers writes only values that differ from
+    its defaults. ``None`` when unknown (no config, no or an unknown ``model_type``, no transformers).
+    """
+    if not config:
+        return None
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("tie_word_embeddings"), bool):
+            return bool(cfg["tie_word_embeddings"])
+    model_type = config.get("model_type")
+    return _class_default_tie(model_type) if isinstance(model_type, str) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _class_default_tie(model_type: str) -> bool | None:
+    """``tie_word_embeddings`` of transformers' default config for ``model_type`` (None: unknown)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            return None
+        default = CONFIG_MAPPING[model_type]()
+    except Exception:  # transformers missing or a config class that cannot be built without arguments
+        return None
+    value = getattr(default, "tie_word_embeddings", None)
+    if not isinstance(value, bool):
+        text = getattr(default, "text_config", None)
+        value = getattr(text, "tie_word_embeddings", None)
+    return value if isinstance(value, bool) else None
 
 
 def weight_files(reader: CheckpointReader) -> Iterable[Path]:

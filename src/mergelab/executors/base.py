@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
-from mergelab.errors import MergelabError
+from mergelab.errors import MergelabError, OutputError, PlanError
 
 if TYPE_CHECKING:
-    from mergelab.ir import Graph
+    from mergelab.ir import Copy, Graph, Job, TensorRef
     from mergelab.plan import Plan
 
 
@@ -171,3 +171,50 @@ def check_statistics(graph: Graph) -> None:
             f"merge_method {graph.method.name} needs per-expert statistics from a data phase: add a `calibration:` "
             "block to the recipe (or pass statistics=...); mergelab.merge runs the data phase before the merge"
         )
+
+
+def cast_output(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``t`` cast to its output ``dtype``, refusing values beyond that dtype's range.
+
+    A cast to a narrower float type (float16: |x| ≤ 65504) turns larger values into ``inf``, a
+    silently broken checkpoint; this raises :class:`~mergelab.errors.OutputError` naming the
+    tensor, the largest magnitude and the fix instead. Costs one min/max pass over the cast
+    result, only for casts that narrow the range.
+    """
+    out = t.to(dtype)
+    if not (dtype.is_floating_point and t.is_floating_point()) or t.numel() == 0:
+        return out
+    limit = torch.finfo(dtype).max
+    if limit >= torch.finfo(t.dtype).max:
+        return out
+    lo, hi = torch.aminmax(out)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return out
+    peak = float(t.abs().amax())
+    if peak != peak or peak == float("inf"):
+        return out  # NaN/Inf before the cast (finite checks turned off): not the cast's doing
+    kind = str(dtype).removeprefix("torch.")
+    raise OutputError(
+        f"tensor {name!r}: merged values reach |x| = {peak:.6g}, beyond {kind}'s range (max {limit:.6g}), and would "
+        f"be written as inf; use out_dtype bfloat16 or float32 (--out-dtype, or `out_dtype:` in the recipe)"
+    )
+
+
+def check_copy(graph: Graph, job: Job, op: Copy, copied: torch.Tensor, read: Mapping[TensorRef, torch.Tensor]) -> None:
+    """Refuse a copied (integer or bool) tensor that another merged input holds with other values.
+
+    ``read`` holds the tensors of ``op.verify`` (the same tensor in the other merged inputs).
+    Copying one model's position ids is right; copying the base's quantized weights while the
+    experts hold others would silently drop the experts.
+    """
+    for ref in op.verify:
+        other = read[ref]
+        if not torch.equal(other, copied):
+            differ = int((other != copied).sum())
+            ours = graph.sources[job.inputs[0].source].label
+            raise PlanError(
+                f"{graph.sources[ref.source].label}: tensor {job.name!r} ({str(copied.dtype).removeprefix('torch.')}) "
+                f"differs from {ours}'s in {differ} of {copied.numel()} entries; integer and bool tensors are copied, "
+                "not merged, which is only right when every model holds the same values: merge models that agree "
+                "on it (dequantize quantized models first)"
+            )

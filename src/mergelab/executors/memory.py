@@ -26,8 +26,17 @@ from typing import Any
 import torch
 
 from mergelab.errors import InputDataError, MergelabError, RecipeError
-from mergelab.executors.base import ExecutorOptions, NoProgress, Progress, RunStats, resolve_device, thread_limit
-from mergelab.ir import MASKS, MODEL, MethodCall
+from mergelab.executors.base import (
+    ExecutorOptions,
+    NoProgress,
+    Progress,
+    RunStats,
+    cast_output,
+    check_copy,
+    resolve_device,
+    thread_limit,
+)
+from mergelab.ir import MASKS, MODEL, Copy, MethodCall
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
 from mergelab.recipe import Recipe
@@ -147,17 +156,21 @@ class MergeSession:
         plan = self.plan
         for job in plan.jobs:
             if job.kind == "copy":
-                self._copies[job.name] = plan.reference.read(job.name)
+                copied = self._copies[job.name] = plan.reference.read(job.name)
+                op = job.op
+                assert isinstance(op, Copy)
+                g = plan.graph
+                check_copy(g, job, op, copied, {ref: g.sources[ref.source].read(ref.name) for ref in op.verify})
                 continue
             converted: dict[int, Tensor] = {}
-            for r in plan.readers_for(job):
-                if id(r) in converted or job.name not in r.tensors():
+            for r, ref in zip(plan.readers_for(job), job.inputs):  # ref.name: a tied input's stand-in
+                if id(r) in converted or ref.name not in r.tensors():
                     continue
-                t = r.read(job.name)
+                t = r.read(ref.name)
                 if job.rows is not None:
                     t = t[: job.rows]
                 if self.check_finite and not _all_finite(t):
-                    raise InputDataError(f"{r.label}: tensor {job.name!r} contains NaN or Inf values")
+                    raise InputDataError(f"{r.label}: tensor {ref.name!r} contains NaN or Inf values")
                 converted[id(r)] = t.to(device=self.device, dtype=self.compute_dtype)
             base = converted[id(plan.base)] if plan.base is not None else None
             experts = [converted[id(r)] for r in plan.experts]
@@ -311,7 +324,7 @@ class MergeSession:
                 merged = merged.merged
             if self.check_finite and not _all_finite(merged):
                 raise MergelabError(f"{m.name} produced NaN/Inf in tensor {job.name!r}; check the parameters")
-            out[job.name] = merged.to(job.out_dtype).cpu()
+            out[job.name] = cast_output(merged, job.out_dtype, job.name).cpu()
         self._forget(used)
         for alias, canonical in self.plan.tied.items():
             out[alias] = out[canonical]

@@ -36,6 +36,8 @@ from mergelab.executors.base import (
     Progress,
     RunStats,
     as_graph,
+    cast_output,
+    check_copy,
     check_statistics,
     resolve_device,
     thread_limit,
@@ -217,8 +219,10 @@ def _read_job(
         buffers.clear()  # the largest tensors set the peak: hold nothing else while they are in memory
     out: _Raw = {}
     refs: Sequence[TensorRef] = job.inputs
-    if hasher is not None and isinstance(job.op, Copy):
-        refs = (*job.inputs, *(graph.names.ref(s, job.name) for s in graph.input_sources))
+    if isinstance(job.op, Copy):
+        refs = (*job.inputs, *job.op.verify)
+        if hasher is not None:
+            refs = (*refs, *(graph.names.ref(s, job.name) for s in graph.input_sources))
     merge = isinstance(job.op, MethodCall)
     sources = graph.sources
     for ref in refs:
@@ -401,6 +405,7 @@ def merge_jobs(
         op = job.op
         if isinstance(op, Copy):
             out = raw[job.inputs[0]]
+            check_copy(graph, job, op, out, raw)
         elif isinstance(op, Init):
             out = _init_tensor(job, opts, device)
         else:
@@ -416,7 +421,7 @@ def merge_jobs(
                     f"{method_name} produced NaN/Inf in tensor {job.name!r}; check the parameters "
                     "(e.g. weights summing to zero with normalize)"
                 )
-            out = out.to(job.out_dtype)
+            out = cast_output(out, job.out_dtype, job.name)
         sink = sinks.get(job.outputs[0].artifact)
         if sink is not None:
             sink.add(job.name, out)

@@ -23,12 +23,14 @@ e.g. ``ctx.statistics[0]["fisher"]``); the method itself stays a pure function o
 from __future__ import annotations
 
 import hashlib
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 Tensor = torch.Tensor
 
@@ -41,6 +43,50 @@ class MethodParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse ``true``/``false`` where a number is expected (pydantic would read them as 1 and 0).
+
+        ``density: true`` is a recipe mistake, never a density of 1.0. Numeric strings (``"0.5"``,
+        YAML's ``1e-3``, which YAML 1.1 reads as a string) keep pydantic's conversion: they name
+        their number exactly.
+        """
+        name = info.field_name
+        if name is None or not _has_bool(value):
+            return value
+        annotation = cls.model_fields[name].annotation
+        if is_numeric_annotation(annotation) and not _accepts_bool(annotation):
+            raise ValueError(f"got the boolean {value!r} where a number is expected; give a number (e.g. 1.0)")
+        return value
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+
+
+def is_numeric_annotation(annotation: Any) -> bool:
+    """Whether a field annotation admits an int or a float (directly, in a union, or as items)."""
+    if annotation in (int, float):
+        return True
+    return any(is_numeric_annotation(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field annotation admits a boolean value (``bool``, ``Any``, a Literal of one, or a union with one)."""
+    if annotation is bool or annotation is Any or annotation is None:
+        return annotation is not None
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(annotation))
+    if origin is typing.Annotated:
+        return _accepts_bool(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, tuple, set, frozenset, dict):
+        return any(_accepts_bool(a) for a in typing.get_args(annotation) if a is not Ellipsis)
+    return False
 
 
 class NoParams(MethodParams):
