@@ -14,6 +14,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -56,6 +57,19 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:  # not a user error: one line and exit 1 (internal error), traceback on request
+            if os.environ.get("MERGELAB_DEBUG"):
+                raise
+            first = (str(exc).splitlines() or [""])[0][:300]
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {first} (a bug in mergelab or a plugin; "
+                "rerun with MERGELAB_DEBUG=1 for the traceback and report it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -87,7 +101,7 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML (mergekit format)")],
     out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
@@ -116,6 +130,10 @@ def merge(
     from mergelab.progress import RichProgress
     from mergelab.recipe import parse_dtype
 
+    from mergelab.executors.base import check_threads, resolve_device
+
+    resolve_device(device)  # an unknown or unavailable device and a bad --threads fail before any input is opened
+    check_threads(threads)
     if out.exists() and not force:
         AtomicOutputDir(out, force=False)  # raises the one-line error before any work
     plan = plan_merge(recipe, out_dtype=out_dtype)
