@@ -316,7 +316,7 @@ def _memory_recipe(
         {"model": f"<expert {i}>", "parameters": dict(model_parameters[i]) if model_parameters else {}}
         for i in range(n_experts)
     ]
-    return Recipe.model_validate(
+    return load_recipe(
         {
             "merge_method": method,
             "base_model": "<base>" if has_base else None,
@@ -362,6 +362,8 @@ def merge_state_dicts(
     _check_per_model(model_parameters, "model_parameters")
     _check_per_model(statistics, "statistics")
     _check_run_options(device=device, threads=None, seed=seed)
+    if seed is None:
+        raise OptionError("seed: expected a whole number, got None")
     recipe = _memory_recipe(method, len(experts), base is not None, parameters, model_parameters, seed)
     readers: dict[str, CheckpointReader] = {
         f"<expert {i}>": StateDictReader(e, f"<expert {i}>") for i, e in enumerate(experts)

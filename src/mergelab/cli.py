@@ -197,19 +197,79 @@ def validate(
 @user_errors
 def methods(
     markdown: Annotated[bool, typer.Option("--markdown", help="print the table as Markdown")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON list: name, aliases, kind, parameters with defaults, paper")
+    ] = False,
 ) -> None:
     """List the merge methods with their papers and parameters (defaults in parentheses)."""
     from mergelab.methods.docs import method_rows, methods_markdown
+    from mergelab.methods.registry import all_methods
 
     if markdown:
         sys.stdout.write(methods_markdown())
         return
+    if as_json:
+        sys.stdout.write(json.dumps(_methods_json(), indent=2, ensure_ascii=False) + "\n")
+        return
+    cards = list(zip(all_methods(), method_rows()))
+    if console.width < 110:  # narrow or piped: one block per method, the name alone on its first line
+        for m, row in cards:
+            aka = f"  (aliases: {', '.join(m.aliases)})" if m.aliases else ""
+            console.print(f"[bold]{m.name}[/]{aka}", highlight=False, no_wrap=True, overflow="ignore", crop=False)
+            for key, value in (("what", row["summary"]), ("paper", row["paper"]), ("global", row["params"]),
+                               ("per-model", row["model_params"]), ("base", row["base"])):
+                console.print(f"  {key}: {value}", highlight=False)
+        return
     t = Table(title="mergelab merge methods", show_lines=True)
-    for col in ("method", "paper", "global parameters", "per-model parameters", "base"):
+    # the name column never wraps or truncates: the other columns fold instead
+    names = [m.name for m, _ in cards] + [a for m, _ in cards for a in m.aliases]
+    t.add_column("method", no_wrap=True, overflow="ignore", min_width=max(map(len, names)) + 2)
+    for col in ("paper", "global parameters", "per-model parameters", "base"):
         t.add_column(col, overflow="fold")
-    for row in method_rows():
-        t.add_row(row["name"], row["paper"], row["params"], row["model_params"], row["base"])
+    for m, row in cards:
+        label = "\n".join([m.name, *(f"= {a}" for a in m.aliases)])
+        t.add_row(label, row["paper"], row["params"], row["model_params"], row["base"])
     console.print(t)
+
+
+def _methods_json() -> list[dict[str, Any]]:
+    """``mergelab methods --json``: one object per registered method (JSON-safe defaults)."""
+    from pydantic_core import PydanticUndefined
+
+    from mergelab.methods.registry import all_methods
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    def params(model: Any, scope: str) -> list[dict[str, Any]]:
+        out = []
+        for name, f in model.model_fields.items():
+            required = f.default is PydanticUndefined
+            out.append(
+                {"name": f.alias or name, "scope": scope, "required": required,
+                 "default": None if required else plain(f.default)}
+            )
+        return out
+
+    return [
+        {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "kind": "data-informed" if m.statistics is not None else "data-free",
+            "outputs": m.outputs,
+            "base": m.base,
+            "min_experts": m.min_experts,
+            "max_experts": m.max_experts,
+            "parameters": params(m.params, "global") + params(m.model_params, "per-model"),
+            "summary": m.summary,
+            "paper": m.paper,
+        }
+        for m in all_methods()
+    ]
 
 
 @app.command()
