@@ -314,14 +314,14 @@ def test_api_merge_checks_options_before_any_work(family, tmp_path):
     r = _recipe(tmp_path, base, experts[:2])
     out = tmp_path / "out"
     bad_calls = [
-        (dict(threads=-1), "--threads -1"),
-        (dict(threads=0), "--threads 0"),
-        (dict(device="tpu"), "unknown device"),
-        (dict(device=3), "device: expected a string"),
-        (dict(seed="x"), "seed: expected a whole number"),
-        (dict(max_shard_size=None), "max_shard_size"),
-        (dict(executor=None), "executor: expected"),
-        (dict(out_dtype=3), "out_dtype: expected a dtype name"),
+        ({"threads": -1}, "--threads -1"),
+        ({"threads": 0}, "--threads 0"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"device": 3}, "device: expected a string"),
+        ({"seed": "x"}, "seed: expected a whole number"),
+        ({"max_shard_size": None}, "max_shard_size"),
+        ({"executor": None}, "executor: expected"),
+        ({"out_dtype": 3}, "out_dtype: expected a dtype name"),
     ]
     for kwargs, match in bad_calls:
         with pytest.raises(mergelab.errors.RecipeError, match=match):

@@ -260,9 +260,7 @@ def _check_state(state: Any, what: str) -> None:
             "(for checkpoints on disk use mergelab.merge with a recipe)"
         )
     if not isinstance(state, (Mapping, torch.nn.Module)):
-        raise OptionError(
-            f"{what}: expected a state dict (name → tensor) or an nn.Module, got {type(state).__name__}"
-        )
+        raise OptionError(f"{what}: expected a state dict (name → tensor) or an nn.Module, got {type(state).__name__}")
     items = state.state_dict().items() if isinstance(state, torch.nn.Module) else state.items()
     for name, t in items:
         if not isinstance(name, str):

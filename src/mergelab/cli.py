@@ -127,10 +127,9 @@ def merge(
     from mergelab.api import merge as run_merge
     from mergelab.api import plan_merge, summarize
     from mergelab.checkpoint.writer import AtomicOutputDir
+    from mergelab.executors.base import check_threads, resolve_device
     from mergelab.progress import RichProgress
     from mergelab.recipe import parse_dtype
-
-    from mergelab.executors.base import check_threads, resolve_device
 
     resolve_device(device)  # an unknown or unavailable device and a bad --threads fail before any input is opened
     check_threads(threads)
@@ -216,8 +215,13 @@ def methods(
         for m, row in cards:
             aka = f"  (aliases: {', '.join(m.aliases)})" if m.aliases else ""
             console.print(f"[bold]{m.name}[/]{aka}", highlight=False, no_wrap=True, overflow="ignore", crop=False)
-            for key, value in (("what", row["summary"]), ("paper", row["paper"]), ("global", row["params"]),
-                               ("per-model", row["model_params"]), ("base", row["base"])):
+            for key, value in (
+                ("what", row["summary"]),
+                ("paper", row["paper"]),
+                ("global", row["params"]),
+                ("per-model", row["model_params"]),
+                ("base", row["base"]),
+            ):
                 console.print(f"  {key}: {value}", highlight=False)
         return
     t = Table(title="mergelab merge methods", show_lines=True)
@@ -250,8 +254,12 @@ def _methods_json() -> list[dict[str, Any]]:
         for name, f in model.model_fields.items():
             required = f.default is PydanticUndefined
             out.append(
-                {"name": f.alias or name, "scope": scope, "required": required,
-                 "default": None if required else plain(f.default)}
+                {
+                    "name": f.alias or name,
+                    "scope": scope,
+                    "required": required,
+                    "default": None if required else plain(f.default),
+                }
             )
         return out
 

@@ -250,9 +250,7 @@ def _parse_yaml(path: Path) -> Any:
     except yaml.YAMLError as exc:
         raise RecipeError(_yaml_error(path, exc)) from None
     except RecursionError:
-        raise RecipeError(
-            f"{path}: the YAML is nested too deeply to parse; a recipe needs only a few levels"
-        ) from None
+        raise RecipeError(f"{path}: the YAML is nested too deeply to parse; a recipe needs only a few levels") from None
 
 
 def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> Recipe:

@@ -346,7 +346,12 @@ def _files_from_index(index: Path) -> list[Path]:
 
 
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_FULL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _adapter_error(folder: Path) -> CheckpointError:
@@ -449,7 +454,7 @@ def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | t
         if path.suffix in (".bin", ".pt", ".pth"):
             return TorchBinReader(label, path.parent, [path])
         raise CheckpointError(f"{path}: unsupported file type; give a model folder, .safetensors or .bin file")
-    if _HUB_ID.match(label) and ".." not in label and not path.suffix == ".safetensors":
+    if _HUB_ID.match(label) and ".." not in label and path.suffix != ".safetensors":
         return HubSpec(label).open()  # neither a local file nor folder: try it as a Hub id (owner/name or name)
     raise CheckpointError(f"{label}: no such file or folder (and not a Hugging Face Hub id); check the path")
 

@@ -137,9 +137,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or n > best[0]:
                 best = (n, name, mod)
     if best is None:
-        raise PlanError(
-            f"{type(model).__name__}: no nn.ModuleList of blocks found (RegMean++ merges block by block)"
-        )
+        raise PlanError(f"{type(model).__name__}: no nn.ModuleList of blocks found (RegMean++ merges block by block)")
     return best[1], best[2]
 
 
