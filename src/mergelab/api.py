@@ -277,13 +277,14 @@ def _check_mapping(value: Any, what: str) -> None:
         raise OptionError(f"{what}: expected a dict or None, got {type(value).__name__}")
 
 
-def _check_per_model(value: Any, what: str) -> None:
+def _check_per_model(value: Any, what: str, entries: bool = True) -> None:
+    """``value`` is None or a list with one entry per expert (a dict each, when ``entries``)."""
     if value is None:
         return
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-        raise OptionError(f"{what}: expected a list with one dict per expert, got {type(value).__name__}")
+        raise OptionError(f"{what}: expected a list with one entry per expert, got {type(value).__name__}")
     for i, v in enumerate(value):
-        if not isinstance(v, Mapping):
+        if entries and not isinstance(v, Mapping):
             raise OptionError(f"{what}[{i}]: expected a dict, got {type(v).__name__}")
 
 
@@ -358,7 +359,7 @@ def merge_state_dicts(
         _check_state(base, "base")
     _check_mapping(parameters, "parameters")
     _check_per_model(model_parameters, "model_parameters")
-    _check_per_model(statistics, "statistics")
+    _check_per_model(statistics, "statistics", entries=False)  # dicts, folders or open readers
     _check_run_options(device=device, threads=None, seed=seed)
     if seed is None:
         raise OptionError("seed: expected a whole number, got None")
