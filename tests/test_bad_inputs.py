@@ -240,3 +240,204 @@ def test_method_failure_leaves_no_output(family, tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(data))
     _run_fails(tmp_path, r, [experts[0], experts[1]], "linear", "sum to zero")
+
+
+# --- issue 13, "every error one line": recipes, options, Python arguments, adapters, Hub ids ----------
+
+
+def _validate_fails(recipe: Path, *match: str, code: int) -> str:
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    text = " ".join(result.output.split())
+    for m in match:
+        assert m in text, f"{m!r} not in {text!r}"
+    return text
+
+
+def test_recipe_with_non_utf8_bytes_names_file_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"merge_method: ties\nbase_model: caf\xe9\n")  # 0xe9 at byte 19 + 15 = 34, line 2
+    _validate_fails(path, str(path), "not UTF-8", "byte offset 34", "line 2", "0xe9", code=2)
+
+
+@pytest.mark.parametrize("shape", ["flow", "block"])
+def test_recipe_yaml_nested_thousands_deep_is_one_line(tmp_path, shape):
+    path = tmp_path / "deep.yaml"
+    if shape == "flow":
+        path.write_text("merge_method: ties\nparameters: " + "[" * 5000 + "]" * 5000 + "\n")
+    else:
+        path.write_text("merge_method: ties\nparameters:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(3000)))
+    _validate_fails(path, str(path), "nested too deeply", code=2)
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    # line 4 is indented one column less than the mapping it belongs to (line 3, column 5)
+    path.write_text("merge_method: ties\nmodels:\n  - model: ./a\n   parameters: {weight: 1}\n")
+    text = _validate_fails(path, f"{path}:4:4: invalid YAML", code=2)
+    assert "line 3, column 3" in text
+    path.write_text("merge_method: ties\nparameters: {lambda: [1, 2}\n")
+    _validate_fails(path, f"{path}:2:27: invalid YAML", code=2)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--threads", "-1"], "--threads -1: give at least 1"),
+        (["--threads", "0"], "--threads 0: give at least 1"),
+        (["--device", "tpu"], "--device tpu: unknown device; use cpu, cuda, cuda:N, mps or auto"),
+        (["--device", "cuda:banana"], "unknown device"),
+    ],
+)
+def test_bad_threads_or_device_is_one_line_before_any_work(family, tmp_path, args, match):
+    base, experts = family
+    r = _recipe(tmp_path, base, experts[:2])
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["merge", str(r), str(out), "-q", *args])
+    assert result.exit_code == 2, result.output
+    assert match in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unavailable_cuda_or_mps_is_a_clear_message(family, tmp_path, monkeypatch):
+    base, experts = family
+    r = _recipe(tmp_path, base, experts[:2])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for dev, match in (("cuda", "no CUDA GPU is available"), ("mps", "MPS (Apple GPU) is not available")):
+        result = runner.invoke(app, ["merge", str(r), str(tmp_path / "out"), "-q", "--device", dev])
+        assert result.exit_code == 2, result.output
+        assert match in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_merge_checks_options_before_any_work(family, tmp_path):
+    import mergelab
+
+    base, experts = family
+    r = _recipe(tmp_path, base, experts[:2])
+    out = tmp_path / "out"
+    bad_calls = [
+        ({"threads": -1}, "--threads -1"),
+        ({"threads": 0}, "--threads 0"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"device": 3}, "device: expected a string"),
+        ({"seed": "x"}, "seed: expected a whole number"),
+        ({"max_shard_size": None}, "max_shard_size"),
+        ({"executor": None}, "executor: expected"),
+        ({"out_dtype": 3}, "out_dtype: expected a dtype name"),
+    ]
+    for kwargs, match in bad_calls:
+        with pytest.raises(mergelab.errors.RecipeError, match=match):
+            mergelab.merge(r, out, **kwargs)
+        assert not out.exists()
+    with pytest.raises(mergelab.errors.RecipeError, match="out: expected a folder path"):
+        mergelab.merge(r, None)  # type: ignore[arg-type]
+    for bad in (None, 3, 2.5, ["a"]):
+        with pytest.raises(mergelab.errors.RecipeError, match="recipe: expected a YAML file path"):
+            mergelab.merge(bad, out)  # type: ignore[arg-type]
+        with pytest.raises(mergelab.errors.RecipeError, match="recipe: expected a YAML file path"):
+            mergelab.plan_merge(bad)  # type: ignore[arg-type]
+        with pytest.raises(mergelab.errors.RecipeError, match="recipe: expected a YAML file path"):
+            mergelab.load_recipe(bad)  # type: ignore[arg-type]
+
+
+def test_merge_state_dicts_wrong_types_are_one_line_errors(tmp_path):
+    import mergelab
+    from mergelab.errors import InputDataError, OptionError
+
+    sd = {"w": torch.ones(4)}
+    cases = [
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", str(tmp_path), base=sd), "experts must be a list"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", None, base=sd), "(one entry per expert), got None"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", sd, base=sd), "experts must be a list"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [str(tmp_path)], base=sd), "experts[0]: got the path"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [tmp_path], base=sd), "experts[0]: got the path"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [sd], base="base/"), "base: got the path"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [None], base=sd), "experts[0]: expected a state dict"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [{1: torch.ones(4)}], base=sd), "names must be"),
+        (lambda: mergelab.merge_state_dicts(None, [sd], base=sd), "method: expected a method name"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [sd], base=sd, parameters=[1]), "parameters: expected"),
+        (
+            lambda: mergelab.merge_state_dicts("task_arithmetic", [sd], base=sd, model_parameters={"weight": 1}),
+            "model_parameters: expected a list",
+        ),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [sd], base=sd, device="tpu"), "unknown device"),
+        (lambda: mergelab.merge_state_dicts("task_arithmetic", [sd], base=sd, seed=None), "seed"),
+        (lambda: mergelab.merge_tensors("task_arithmetic", torch.ones(2, 4), base=torch.ones(4)), "must be a list"),
+        (lambda: mergelab.merge_tensors("task_arithmetic", None, base=torch.ones(4)), "must be a list"),
+        (lambda: mergelab.merge_tensors("task_arithmetic", [sd], base=torch.ones(4)), "takes tensors"),
+        (lambda: mergelab.merge_tensors("task_arithmetic", [torch.ones(4)], name=3), "name: expected"),
+    ]
+    for call, match in cases:
+        with pytest.raises(OptionError) as info:
+            call()
+        assert match in str(info.value) and "\n" not in str(info.value)
+    meta = {"w": torch.ones(4, device="meta")}
+    with pytest.raises(InputDataError, match="'w' is on the meta device"):
+        mergelab.merge_state_dicts("task_arithmetic", [meta], base=sd)
+    with pytest.raises(InputDataError, match="base: tensor 'w' is on the meta device"):
+        mergelab.merge_state_dicts("task_arithmetic", [sd], base=meta)
+    with pytest.raises(InputDataError, match="meta device"):
+        mergelab.merge_tensors("task_arithmetic", [torch.ones(4)], base=torch.ones(4, device="meta"))
+    with torch.device("meta"):
+        module = torch.nn.Linear(4, 4)
+    with pytest.raises(InputDataError, match="experts\\[0\\]: tensor 'weight' is on the meta device"):
+        mergelab.merge_state_dicts("task_arithmetic", [module], base=torch.nn.Linear(4, 4))
+
+
+def _peft_adapter(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "base_model_name_or_path": "some/base", "r": 4, "target_modules": ["q_proj"]}'
+    )
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    return folder
+
+
+def test_peft_adapter_given_as_a_model_says_it_is_an_adapter(family, tmp_path):
+    base, experts = family
+    adapter = _peft_adapter(tmp_path / "my-lora")
+    r = _recipe(tmp_path, base, [adapter, experts[1]])
+    text = _run_fails(tmp_path, r, [base, adapter], str(adapter), "LORA/PEFT adapter on some/base", code=3)
+    assert "not a full model" in text and "merge_and_unload" in text and "remove" not in text
+    result = runner.invoke(app, ["inspect", str(adapter / "adapter_model.safetensors")])
+    assert result.exit_code == 3 and "PEFT adapter" in result.output
+
+
+def test_single_name_hub_id_is_tried_on_the_hub(family, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    base, _ = family
+    tried: list[str] = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        tried.append(repo_id)
+        return str(base)  # as if the Hub had it in its cache
+
+    monkeypatch.chdir(tmp_path)  # no local folder named gpt2
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    result = runner.invoke(app, ["inspect", "gpt2"])
+    assert result.exit_code == 0, result.output
+    assert tried == ["gpt2"] and "LlamaForCausalLM" in result.output
+
+
+def test_single_name_hub_id_offline_is_one_line(family, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    base, _ = family
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hub cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    r = _recipe(tmp_path, base, ["gpt2"])
+    text = _run_fails(tmp_path, r, [base], "gpt2: no such local file or folder", "Hugging Face Hub id", code=3)
+    assert "offline" in text

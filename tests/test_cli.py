@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 from safetensors.torch import load_file
@@ -112,3 +113,64 @@ def test_merge_with_the_ray_executor_matches_streaming_and_stops_its_ray(family,
     for shard in set(index["weight_map"].values()):
         assert (a / shard).read_bytes() == (b / shard).read_bytes(), shard
     assert not ray.is_initialized()  # the run started a local Ray and shut it down
+
+
+def test_methods_never_wraps_the_name_column_narrow_or_piped():
+    # CliRunner output is not a terminal (as when piped); COLUMNS=40 is a narrow window
+    for env in ({"COLUMNS": "40"}, {"COLUMNS": "80"}, {"COLUMNS": "200"}, {}):
+        res = runner.invoke(app, ["methods"], env=env)
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        for m in all_methods():
+            # the name is whole on one line, delimited (not a prefix of a longer word)
+            pat = re.compile(rf"(^|[\s│]){re.escape(m.name)}($|[\s│])")
+            assert any(pat.search(line) for line in lines), (env, m.name)
+        assert "task_arithm\n" not in res.output and "arithmet\n" not in res.output
+
+
+def test_methods_json_lists_every_method_with_parameters_and_defaults():
+    res = runner.invoke(app, ["methods", "--json"], env={"COLUMNS": "40"})
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert [d["name"] for d in data] == [m.name for m in all_methods()]
+    ties = next(d for d in data if d["name"] == "ties")
+    assert ties["kind"] == "data-free" and "Yadav" in ties["paper"] and ties["aliases"] == []
+    params = {(p["scope"], p["name"]): p for p in ties["parameters"]}
+    assert params[("per-model", "density")]["default"] == 0.2  # the TIES paper's k = 20 %
+    assert params[("global", "lambda")] == {"name": "lambda", "scope": "global", "required": False, "default": 1.0}
+    slerp = next(d for d in data if d["name"] == "slerp")
+    assert {"name": "t", "scope": "global", "required": True, "default": None} in slerp["parameters"]
+    assert next(d for d in data if d["name"] == "fisher")["kind"] == "data-informed"
+    assert "fisher_merging" in next(d for d in data if d["name"] == "fisher")["aliases"]
+
+
+def test_unexpected_exception_is_one_line_internal_error(family, tmp_path, monkeypatch):
+    import mergelab.api
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(mergelab.api, "summarize", boom)
+    monkeypatch.delenv("MERGELAB_DEBUG", raising=False)
+    base, experts = family
+    res = runner.invoke(app, ["validate", str(_recipe(tmp_path, base, experts))])
+    assert res.exit_code == 1
+    assert "internal error: ZeroDivisionError: something inside broke" in res.output
+    assert "Traceback" not in res.output and "second line" not in res.output and "MERGELAB_DEBUG=1" in res.output
+
+
+def test_every_user_error_class_has_a_documented_exit_code():
+    """The README's exit-code table lists each family's code (the table, not the code, is under test)."""
+    from pathlib import Path
+
+    import mergelab.errors as E
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("<!-- exit-codes:start") : readme.index("<!-- exit-codes:end -->")]
+    classes = [c for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.MergelabError)]
+    for cls in classes:
+        if cls is E.MergelabError:
+            continue
+        row = next((line for line in table.splitlines() if f"`{cls.__name__}`" in line), None)
+        assert row is not None, f"{cls.__name__} missing from the README's exit-code table"
+        assert row.startswith(f"| {cls.exit_code} "), (cls.__name__, cls.exit_code, row)

@@ -21,8 +21,16 @@ from mergelab.checkpoint.card import model_card
 from mergelab.checkpoint.output_guard import check_cache_outside_inputs, plan_inputs, recipe_inputs
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
-from mergelab.errors import MergelabError, OutputError, RecipeError
-from mergelab.executors.base import ExecutorOptions, Progress, RunStats, get_executor, thread_limit
+from mergelab.errors import InputDataError, OptionError, OutputError, RecipeError
+from mergelab.executors.base import (
+    ExecutorOptions,
+    Progress,
+    RunStats,
+    check_threads,
+    get_executor,
+    resolve_device,
+    thread_limit,
+)
 from mergelab.executors.sinks import MemorySink, abort_sinks, finish_sinks, open_disk_sinks
 from mergelab.executors.streaming import StreamingExecutor
 from mergelab.ir import MODEL
@@ -181,6 +189,8 @@ def merge(
     both give bit-identical tensors.
     """
     rec = load_recipe(recipe)
+    _check_run_options(device=device, threads=threads, seed=seed)
+    _check_disk_options(out, max_shard_size, executor)
     shard_bytes = parse_size(max_shard_size)
     # fail on a bad or existing destination before any work
     inputs = run_inputs(recipe, rec, plan)
@@ -268,6 +278,72 @@ def merge(
     return MergeResult(path=path, stats=stats, plan_summary=summary)
 
 
+def _check_run_options(*, device: Any, threads: Any, seed: Any = None) -> None:
+    """Options every merge entry point takes, checked before any input is opened (one-line OptionError)."""
+    resolve_device(device)
+    check_threads(threads)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise OptionError(f"seed: expected a whole number or None, got {type(seed).__name__}")
+
+
+def _check_disk_options(out: Any, max_shard_size: Any, executor: Any) -> None:
+    if not isinstance(out, (str, os.PathLike)):
+        raise OptionError(f"out: expected a folder path (str or Path), got {type(out).__name__}")
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (str, int)):
+        raise OptionError(f"max_shard_size: expected a size such as '2GB' or a byte count, got {max_shard_size!r}")
+    if not isinstance(executor, str):
+        raise OptionError(f"executor: expected 'streaming', 'memory' or 'ray', got {type(executor).__name__}")
+
+
+def _check_state(state: Any, what: str) -> None:
+    """``state`` is a state dict (name → tensor) or an ``nn.Module`` whose tensors hold data (not on ``meta``)."""
+    if isinstance(state, (str, os.PathLike)):
+        raise OptionError(
+            f"{what}: got the path {str(state)!r}; merge_state_dicts takes in-memory state dicts or nn.Modules "
+            "(for checkpoints on disk use mergelab.merge with a recipe)"
+        )
+    if not isinstance(state, (Mapping, torch.nn.Module)):
+        raise OptionError(f"{what}: expected a state dict (name → tensor) or an nn.Module, got {type(state).__name__}")
+    items = state.state_dict().items() if isinstance(state, torch.nn.Module) else state.items()
+    for name, t in items:
+        if not isinstance(name, str):
+            raise OptionError(f"{what}: tensor names must be strings, got the key {name!r}")
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise InputDataError(
+                f"{what}: tensor {name!r} is on the meta device (shape only, no data); load real weights first "
+                "(e.g. from_pretrained without device_map='meta' / init_empty_weights)"
+            )
+
+
+def _check_mapping(value: Any, what: str) -> None:
+    if value is not None and not isinstance(value, Mapping):
+        raise OptionError(f"{what}: expected a dict or None, got {type(value).__name__}")
+
+
+def _check_per_model(value: Any, what: str, entries: bool = True) -> None:
+    """``value`` is None or a list with one entry per expert (a dict each, when ``entries``)."""
+    if value is None:
+        return
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise OptionError(f"{what}: expected a list with one entry per expert, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if entries and not isinstance(v, Mapping):
+            raise OptionError(f"{what}[{i}]: expected a dict, got {type(v).__name__}")
+
+
+def _check_method(method: Any) -> None:
+    if not isinstance(method, str):
+        raise OptionError(f"method: expected a method name such as 'ties', got {type(method).__name__}")
+
+
+def _check_experts(experts: Any, fn: str) -> None:
+    if experts is None or isinstance(experts, (str, bytes, os.PathLike, Mapping, torch.Tensor, torch.nn.Module)):
+        got = "None" if experts is None else type(experts).__name__
+        raise OptionError(f"{fn}: experts must be a list (one entry per expert), got {got}")
+    if not isinstance(experts, Sequence):
+        raise OptionError(f"{fn}: experts must be a list (one entry per expert), got {type(experts).__name__}")
+
+
 def _memory_recipe(
     method: str,
     n_experts: int,
@@ -282,7 +358,7 @@ def _memory_recipe(
         {"model": f"<expert {i}>", "parameters": dict(model_parameters[i]) if model_parameters else {}}
         for i in range(n_experts)
     ]
-    return Recipe.model_validate(
+    return load_recipe(
         {
             "merge_method": method,
             "base_model": "<base>" if has_base else None,
@@ -316,8 +392,20 @@ def merge_state_dicts(
     Data-informed methods take ``statistics``: one dict per expert keyed ``"<tensor>::<kind>"``
     (e.g. ``{"w::fisher": F}``; :func:`mergelab.informed.fisher_diagonal` and friends make them).
     """
+    _check_method(method)
+    _check_experts(experts, "merge_state_dicts")
     if not experts:
         raise RecipeError("merge_state_dicts needs at least one expert")
+    for i, e in enumerate(experts):
+        _check_state(e, f"experts[{i}]")
+    if base is not None:
+        _check_state(base, "base")
+    _check_mapping(parameters, "parameters")
+    _check_per_model(model_parameters, "model_parameters")
+    _check_per_model(statistics, "statistics", entries=False)  # dicts, folders or open readers
+    _check_run_options(device=device, threads=None, seed=seed)
+    if seed is None:
+        raise OptionError("seed: expected a whole number, got None")
     recipe = _memory_recipe(method, len(experts), base is not None, parameters, model_parameters, seed)
     readers: dict[str, CheckpointReader] = {
         f"<expert {i}>": StateDictReader(e, f"<expert {i}>") for i, e in enumerate(experts)
@@ -361,10 +449,15 @@ def merge_tensors(
     checkpoint merge would be seeded. Data-informed methods take ``statistics``: one dict of
     this tensor's statistics per expert, by kind (``[{"fisher": F1}, {"fisher": F2}]``).
     """
+    _check_method(method)
+    _check_experts(experts, "merge_tensors")
+    _check_per_model(statistics, "statistics")
+    if not isinstance(name, str):
+        raise OptionError(f"name: expected the tensor's name as a string, got {type(name).__name__}")
     if not all(isinstance(e, torch.Tensor) for e in experts) or (
         base is not None and not isinstance(base, torch.Tensor)
     ):
-        raise MergelabError("merge_tensors takes tensors; use merge_state_dicts for state dicts or modules")
+        raise OptionError("merge_tensors takes tensors; use merge_state_dicts for state dicts or modules")
     out = merge_state_dicts(
         method,
         [{name: e} for e in experts],

@@ -16,6 +16,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -84,6 +85,19 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:  # not a user error: one line and exit 1 (internal error), traceback on request
+            if os.environ.get("MERGELAB_DEBUG"):
+                raise
+            first = (str(exc).splitlines() or [""])[0][:300]
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {first} (a bug in mergelab or a plugin; "
+                "rerun with MERGELAB_DEBUG=1 for the traceback and report it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -127,7 +141,7 @@ def merge(
     force_any: Annotated[
         bool, typer.Option("--force-any", help="replace OUT whatever folder it is (never an input of the recipe)")
     ] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
@@ -152,9 +166,12 @@ def merge(
     """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
     from mergelab.api import merge as run_merge
     from mergelab.api import plan_merge, run_inputs, summarize
+    from mergelab.executors.base import check_threads, resolve_device
     from mergelab.progress import RichProgress
     from mergelab.recipe import load_recipe, parse_dtype
 
+    resolve_device(device)  # an unknown or unavailable device and a bad --threads fail before any input is opened
+    check_threads(threads)
     rec = load_recipe(recipe)
     _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
     plan = plan_merge(rec, out_dtype=out_dtype)
@@ -219,19 +236,88 @@ def validate(
 @user_errors
 def methods(
     markdown: Annotated[bool, typer.Option("--markdown", help="print the table as Markdown")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON list: name, aliases, kind, parameters with defaults, paper")
+    ] = False,
 ) -> None:
     """List the merge methods with their papers and parameters (defaults in parentheses)."""
     from mergelab.methods.docs import method_rows, methods_markdown
+    from mergelab.methods.registry import all_methods
 
     if markdown:
         sys.stdout.write(methods_markdown())
         return
+    if as_json:
+        sys.stdout.write(json.dumps(_methods_json(), indent=2, ensure_ascii=False) + "\n")
+        return
+    cards = list(zip(all_methods(), method_rows()))
+    if console.width < 110:  # narrow or piped: one block per method, the name alone on its first line
+        for m, row in cards:
+            aka = f"  (aliases: {', '.join(m.aliases)})" if m.aliases else ""
+            console.print(f"[bold]{m.name}[/]{aka}", highlight=False, no_wrap=True, overflow="ignore", crop=False)
+            for key, value in (
+                ("what", row["summary"]),
+                ("paper", row["paper"]),
+                ("global", row["params"]),
+                ("per-model", row["model_params"]),
+                ("base", row["base"]),
+            ):
+                console.print(f"  {key}: {value}", highlight=False)
+        return
     t = Table(title="mergelab merge methods", show_lines=True)
-    for col in ("method", "paper", "global parameters", "per-model parameters", "base"):
+    # the name column never wraps or truncates: the other columns fold instead
+    names = [m.name for m, _ in cards] + [a for m, _ in cards for a in m.aliases]
+    t.add_column("method", no_wrap=True, overflow="ignore", min_width=max(map(len, names)) + 2)
+    for col in ("paper", "global parameters", "per-model parameters", "base"):
         t.add_column(col, overflow="fold")
-    for row in method_rows():
-        t.add_row(row["name"], row["paper"], row["params"], row["model_params"], row["base"])
+    for m, row in cards:
+        label = "\n".join([m.name, *(f"= {a}" for a in m.aliases)])
+        t.add_row(label, row["paper"], row["params"], row["model_params"], row["base"])
     console.print(t)
+
+
+def _methods_json() -> list[dict[str, Any]]:
+    """``mergelab methods --json``: one object per registered method (JSON-safe defaults)."""
+    from pydantic_core import PydanticUndefined
+
+    from mergelab.methods.registry import all_methods
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    def params(model: Any, scope: str) -> list[dict[str, Any]]:
+        out = []
+        for name, f in model.model_fields.items():
+            required = f.default is PydanticUndefined
+            out.append(
+                {
+                    "name": f.alias or name,
+                    "scope": scope,
+                    "required": required,
+                    "default": None if required else plain(f.default),
+                }
+            )
+        return out
+
+    return [
+        {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "kind": "data-informed" if m.statistics is not None else "data-free",
+            "outputs": m.outputs,
+            "base": m.base,
+            "min_experts": m.min_experts,
+            "max_experts": m.max_experts,
+            "parameters": params(m.params, "global") + params(m.model_params, "per-model"),
+            "summary": m.summary,
+            "paper": m.paper,
+        }
+        for m in all_methods()
+    ]
 
 
 @app.command()

@@ -46,3 +46,15 @@ class OutputError(MergelabError):
     """The destination cannot be written (exists without --force, not writable)."""
 
     exit_code = 6
+
+
+class OptionError(RecipeError):
+    """A command-line option or Python argument is invalid: an unknown device or executor, a thread
+    count below 1, an argument of the wrong type."""
+
+
+class InternalError(MergelabError):
+    """Not the user's fault: a method raised unexpectedly or an internal invariant broke (exit 1; a bug
+    to report, with the traceback that ``MERGELAB_DEBUG=1`` shows)."""
+
+    exit_code = 1

@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.data.config import CalibrationSettings, CalibrationSource
-from mergelab.errors import RecipeError
+from mergelab.errors import OptionError, RecipeError
 from mergelab.tokenizer import ModelTokenEmbedding, TokenizerSettings, check_chat_template, normalize_source
 
 DTYPES: dict[str, torch.dtype] = {
@@ -65,6 +65,8 @@ def parse_dtype(value: str | torch.dtype | None, what: str = "dtype") -> torch.d
     """A torch dtype from a recipe or CLI string; None passes through."""
     if value is None or isinstance(value, torch.dtype):
         return value
+    if not isinstance(value, str):
+        raise RecipeError(f"{what}: expected a dtype name such as 'bfloat16', got {type(value).__name__}")
     key = value.lower().removeprefix("torch.")
     if key not in DTYPES:
         raise RecipeError(f"{what}: unknown dtype {value!r}; use one of float32, bfloat16, float16, float64")
@@ -215,6 +217,42 @@ def _format_validation(exc: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """``recipe.yaml:12:5: <problem> (<context> at line L, column C)`` from a PyYAML error (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    context = getattr(exc, "context", None)
+    cmark = getattr(exc, "context_mark", None)
+    if context and cmark is not None and mark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+        problem += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    return f"{where}: invalid YAML: {problem}; fix the syntax or indentation there"
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The YAML document of ``path``; every way the file can be unreadable is a one-line RecipeError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} (line {line}); "
+            "save the recipe as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(_yaml_error(path, exc)) from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML is nested too deeply to parse; a recipe needs only a few levels") from None
+
+
 def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> Recipe:
     """A Recipe from a YAML file path, a dict, or a Recipe; relative model paths are
     resolved against the YAML file's folder when they exist there."""
@@ -227,19 +265,23 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> 
         where = str(path)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+        data = _parse_yaml(path)
         base_dir = path.resolve().parent
-    else:
+    elif isinstance(source, Mapping):
         data = dict(source)
+    else:
+        raise OptionError(
+            f"recipe: expected a YAML file path, a dict or a Recipe, got {type(source).__name__}; "
+            "pass the path of the recipe file"
+        )
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe must be a mapping with merge_method, base_model and models")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_validation(exc, where)) from None
+    except RecursionError:
+        raise RecipeError(f"{where}: the recipe is nested too deeply; a recipe needs only a few levels") from None
     if base_dir is not None:
         recipe = _resolve_relative(recipe, base_dir)
     return recipe

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mergelab.errors import MergelabError, OutputError
+from mergelab.errors import OptionError, OutputError
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -33,7 +33,7 @@ def _mpl():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MergelabError("the HTML report needs matplotlib: pip install matplotlib") from exc
+        raise OptionError("the HTML report needs matplotlib: pip install matplotlib") from exc
     return Figure, FigureCanvasAgg
 
 

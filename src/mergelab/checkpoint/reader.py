@@ -346,7 +346,46 @@ def _files_from_index(index: Path) -> list[Path]:
     return files
 
 
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_FULL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _adapter_error(folder: Path) -> CheckpointError:
+    """The one-line refusal of a PEFT (LoRA) adapter folder given where a full model is expected."""
+    base = None
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+        kind = cfg.get("peft_type", "LoRA") if isinstance(cfg, dict) else "LoRA"
+    except (OSError, ValueError):
+        kind = "LoRA"
+    on = f" on {base}" if base else ""
+    return CheckpointError(
+        f"{folder}: this is a {kind}/PEFT adapter{on} (adapter_config.json + adapter weights), not a full model; "
+        "adapter inputs are not supported yet (planned): merge it into its base first with peft "
+        "(PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and give that folder"
+    )
+
+
+def _is_adapter_folder(folder: Path) -> bool:
+    """A PEFT adapter folder: adapter_config.json and adapter weights, no full-model weights beside them."""
+    if not (folder / "adapter_config.json").is_file():
+        return False
+    if not any((folder / n).is_file() for n in _ADAPTER_WEIGHTS):
+        return False
+    if any((folder / n).is_file() for n in _FULL_WEIGHTS):
+        return False
+    return all(f.name.startswith("adapter_model") for f in folder.glob("*.safetensors"))
+
+
 def _reader_for_folder(label: str, folder: Path) -> SafetensorsReader | TorchBinReader:
+    if _is_adapter_folder(folder):
+        raise _adapter_error(folder)
     st_index = folder / "model.safetensors.index.json"
     if st_index.is_file():
         return SafetensorsReader(label, folder, _files_from_index(st_index))
@@ -369,7 +408,8 @@ def _reader_for_folder(label: str, folder: Path) -> SafetensorsReader | TorchBin
     )
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+"""A Hub repository id: ``owner/name`` or a single name (``gpt2``, the Hub's canonical models)."""
 
 
 def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
@@ -383,9 +423,14 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
             allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"],
         )
     except Exception as exc:  # network, auth or missing-repo errors of several types
+        from huggingface_hub import constants
+
+        why = type(exc).__name__
+        if getattr(constants, "HF_HUB_OFFLINE", False):
+            why += ": offline mode (HF_HUB_OFFLINE) and not in the local Hub cache"
         raise CheckpointError(
-            f"{repo_id}: not a local path and could not be fetched from the Hugging Face Hub "
-            f"({type(exc).__name__}); give a local folder or check the id and your network"
+            f"{repo_id}: no such local file or folder, and tried as a Hugging Face Hub id it could not be fetched "
+            f"({why}); give a local folder, or check the id, your network and Hub access"
         ) from exc
     return Path(path)
 
@@ -403,13 +448,15 @@ def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | t
             files = _files_from_index(path)
             cls = SafetensorsReader if files[0].suffix == ".safetensors" else TorchBinReader
             return cls(label, path.parent, files)
+        if path.name in _ADAPTER_WEIGHTS and _is_adapter_folder(path.parent):
+            raise _adapter_error(path.parent)
         if path.suffix == ".safetensors":
             return SafetensorsReader(label, path.parent, [path])
         if path.suffix in (".bin", ".pt", ".pth"):
             return TorchBinReader(label, path.parent, [path])
         raise CheckpointError(f"{path}: unsupported file type; give a model folder, .safetensors or .bin file")
-    if _HUB_ID.match(label) and not label.startswith((".", "/", "~")):
-        return HubSpec(label).open()
+    if _HUB_ID.match(label) and ".." not in label and path.suffix != ".safetensors":
+        return HubSpec(label).open()  # neither a local file nor folder: try it as a Hub id (owner/name or name)
     raise CheckpointError(f"{label}: no such file or folder (and not a Hugging Face Hub id); check the path")
 
 

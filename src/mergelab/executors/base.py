@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
-from mergelab.errors import MergelabError, OutputError, PlanError
+from mergelab.errors import OptionError, OutputError, PlanError, RecipeError
 
 if TYPE_CHECKING:
     from mergelab.ir import Copy, Graph, Job, TensorRef
@@ -125,13 +125,13 @@ def get_executor(name: str) -> Executor:
     """A fresh executor by name (``streaming``, ``memory``, ``ray``)."""
     target = EXECUTORS.get(name)
     if target is None:
-        raise MergelabError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})")
+        raise OptionError(f"unknown executor {name!r} (known: {', '.join(EXECUTORS)})")
     module, cls = target.split(":")
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
         hint = " (pip install 'mergelab[ray]')" if name == "ray" else ""
-        raise MergelabError(f"executor {name!r} is not available: {exc}{hint}") from exc
+        raise OptionError(f"executor {name!r} is not available: {exc}{hint}") from exc
     return getattr(mod, cls)()
 
 
@@ -156,18 +156,47 @@ def thread_limit(threads: int | None) -> Iterator[None]:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise OptionError(f"device: expected a string such as 'cpu', 'cuda' or 'auto', got {type(device).__name__}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"--device {device}: unknown device; use cpu, cuda, cuda:N, mps or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergelabError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+        raise OptionError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(
+            "--device mps was requested but MPS (Apple GPU) is not available in this torch build or machine; "
+            "use --device cpu or auto"
+        )
     return dev
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` is None (torch's default) or a whole number ≥ 1."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise OptionError(f"threads: expected a whole number ≥ 1 or None, got {type(threads).__name__}")
+    if threads < 1:
+        raise OptionError(f"--threads {threads}: give at least 1 (or leave it out for torch's default)")
 
 
 def check_statistics(graph: Graph) -> None:
     """Data-informed methods need their statistics attached before any executor runs."""
     if graph.method.statistics is not None and graph.aux is None:
-        raise MergelabError(
+        raise RecipeError(
             f"merge_method {graph.method.name} needs per-expert statistics from a data phase: add a `calibration:` "
             "block to the recipe (or pass statistics=...); mergelab.merge runs the data phase before the merge"
         )

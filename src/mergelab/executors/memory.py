@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import InputDataError, MergelabError, RecipeError
+from mergelab.errors import InputDataError, InternalError, MergelabError, OptionError, ParameterError, RecipeError
 from mergelab.executors.base import (
     ExecutorOptions,
     NoProgress,
@@ -58,7 +58,7 @@ def _scale_field(params_model: type[MethodParams], key: str) -> str:
     for name, f in params_model.model_fields.items():
         if key in (name, f.alias):
             return name
-    raise MergelabError(f"scaled form: {params_model.__name__} has no parameter {key!r}")
+    raise RecipeError(f"scaled form: {params_model.__name__} has no parameter {key!r}")
 
 
 def _key(params: MethodParams | None, model_params: Sequence[MethodParams], drop: str | None = None) -> str:
@@ -285,7 +285,7 @@ class MergeSession:
         included; ``parts`` collects per-task parts of routed methods."""
         m = self.method
         if m.statistics is not None and self.plan.aux is None:
-            raise MergelabError(f"merge_method {m.name} needs per-expert statistics (plan.attach_aux)")
+            raise RecipeError(f"merge_method {m.name} needs per-expert statistics (plan.attach_aux)")
         global_params, jobs = self._jobs(parameters, model_parameters)
         drop = _scale_field(m.params, m.scale) if m.scale is not None and m.delta is not None else None
         stats = self._run_folds(global_params, jobs, drop)
@@ -317,13 +317,13 @@ class MergeSession:
             except MergelabError:
                 raise
             except Exception as exc:
-                raise MergelabError(f"{m.name} failed on tensor {job.name!r}: {type(exc).__name__}: {exc}") from exc
+                raise InternalError(f"{m.name} failed on tensor {job.name!r}: {type(exc).__name__}: {exc}") from exc
             if isinstance(merged, MethodOutput):
                 if parts is not None:
                     parts[job.name] = merged.parts
                 merged = merged.merged
             if self.check_finite and not _all_finite(merged):
-                raise MergelabError(f"{m.name} produced NaN/Inf in tensor {job.name!r}; check the parameters")
+                raise ParameterError(f"{m.name} produced NaN/Inf in tensor {job.name!r}; check the parameters")
             out[job.name] = cast_output(merged, job.out_dtype, job.name).cpu()
         self._forget(used)
         for alias, canonical in self.plan.tied.items():
@@ -364,7 +364,7 @@ class MemoryExecutor:
         progress: Progress | None = None,
     ) -> RunStats:
         if not isinstance(graph, Plan):
-            raise MergelabError("the memory executor runs a Plan (mergelab.plan_merge / build_plan), not a bare Graph")
+            raise OptionError("the memory executor runs a Plan (mergelab.plan_merge / build_plan), not a bare Graph")
         plan = graph
         opts = options or ExecutorOptions()
         prog = progress or NoProgress()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.writer import ShardedSafetensorsWriter
-from mergelab.errors import MergelabError
+from mergelab.errors import MergelabError, OptionError
 from mergelab.executors.base import (
     ExecutorOptions,
     NoProgress,
@@ -64,7 +64,7 @@ def _import_ray(local: bool = False) -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise MergelabError("the ray executor needs Ray: pip install 'mergelab[ray]'") from exc
+        raise OptionError("the ray executor needs Ray: pip install 'mergelab[ray]'") from exc
     return ray
 
 
@@ -239,7 +239,7 @@ class RayExecutor:
         ray = _import_ray(local=opts.address is None)
         n_workers = opts.workers or DEFAULT_WORKERS
         if n_workers < 1:
-            raise MergelabError(f"--workers must be at least 1, got {n_workers}")
+            raise OptionError(f"--workers must be at least 1, got {n_workers}")
         started = False
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -250,13 +250,13 @@ class RayExecutor:
                 ray.init(address=opts.address, **kwargs)
             except Exception as exc:  # connection and start-up errors of several types
                 where = f"the Ray cluster at {opts.address}" if opts.address else "a local Ray"
-                raise MergelabError(f"cannot start or reach {where} ({type(exc).__name__}: {exc})") from exc
+                raise OptionError(f"cannot start or reach {where} ({type(exc).__name__}: {exc})") from exc
             started = True
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < n_workers:
             if started:
                 ray.shutdown()
-            raise MergelabError(f"--workers {n_workers}: the Ray cluster has {cpus:g} CPUs; use at most that many")
+            raise OptionError(f"--workers {n_workers}: the Ray cluster has {cpus:g} CPUs; use at most that many")
         try:
             # workers compute with the driver's thread count, so reductions split the same way
             wopts = dataclasses.replace(opts, threads=opts.threads or torch.get_num_threads())

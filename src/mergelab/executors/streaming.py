@@ -28,7 +28,7 @@ import blake3
 import torch
 
 from mergelab.checkpoint.reader import tensor_digest
-from mergelab.errors import InputDataError, MergelabError
+from mergelab.errors import InputDataError, InternalError, MergelabError, ParameterError
 from mergelab.executors.base import (
     ExecutorOptions,
     NoProgress,
@@ -320,14 +320,14 @@ def _call_method(graph: Graph, job: Job, prep: _Prepared, ctx: TensorContext, pa
     except MergelabError:
         raise
     except Exception as exc:
-        raise MergelabError(f"{method.name} failed on tensor {job.name!r}: {type(exc).__name__}: {exc}") from exc
+        raise InternalError(f"{method.name} failed on tensor {job.name!r}: {type(exc).__name__}: {exc}") from exc
     if isinstance(out, MethodOutput):
         if parts is not None:
             parts.add(job.name, out.parts)
         out = out.merged
     want = job.shape if job.rows is None else (job.rows, *job.shape[1:])
     if tuple(out.shape) != tuple(want):
-        raise MergelabError(
+        raise InternalError(
             f"{method.name} returned shape {list(out.shape)} for tensor {job.name!r}, expected {list(want)} "
             "(a method bug: please report it)"
         )
@@ -342,7 +342,7 @@ def _init_tensor(job: Job, opts: ExecutorOptions, device: torch.device) -> torch
         return torch.zeros(job.shape, dtype=job.out_dtype)
     if op.fill == "given":
         if op.value is None or tuple(op.value.shape) != tuple(job.shape):
-            raise MergelabError(f"internal error: Init job {job.name!r} has no value of shape {list(job.shape)}")
+            raise InternalError(f"internal error: Init job {job.name!r} has no value of shape {list(job.shape)}")
         return op.value.to(job.out_dtype)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(tensor_seed(opts.seed, job.name))
@@ -417,7 +417,7 @@ def merge_jobs(
                 buffers.give_back([prep.base, *prep.experts], out)
             del prep
             if opts.check_finite and not all_finite(out):
-                raise MergelabError(
+                raise ParameterError(
                     f"{method_name} produced NaN/Inf in tensor {job.name!r}; check the parameters "
                     "(e.g. weights summing to zero with normalize)"
                 )

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mergelab.data.sources import batch_rows, take_examples
-from mergelab.errors import MergelabError, RecipeError
+from mergelab.errors import MergelabError, PlanError, RecipeError
 from mergelab.informed.modeling import LogitsFn, model_inputs, to_device
 
 Label = Literal["auto", "expected", "sampled", "empirical"]
@@ -97,7 +97,7 @@ def _kind_of(logits: torch.Tensor, kind: str | None) -> TaskKind:
         return "classification"
     if logits.dim() == 3:
         return "causal_lm"
-    raise MergelabError(f"logits of shape {list(logits.shape)}: expected [batch, classes] or [batch, positions, vocab]")
+    raise PlanError(f"logits of shape {list(logits.shape)}: expected [batch, classes] or [batch, positions, vocab]")
 
 
 def _labels_of(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -241,7 +241,7 @@ def fisher_diagonal(
     names = list(names) if names is not None else list(all_params)
     missing = [n for n in names if n not in all_params]
     if missing:
-        raise MergelabError(f"fisher: {missing[0]!r} is not a parameter of the model")
+        raise PlanError(f"fisher: {missing[0]!r} is not a parameter of the model")
     params = [all_params[n] for n in names]
     was_training = model.training
     flags = {n: p.requires_grad for n, p in all_params.items()}

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mergelab.errors import MergelabError, RecipeError
+from mergelab.errors import CheckpointError, PlanError, RecipeError
 
 Kind = Literal["causal_lm", "sequence_classification", "encoder"]
 LogitsFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -61,7 +61,7 @@ def load_model(folder: str | os.PathLike[str], kind: Kind, device: torch.device,
     try:
         model = auto_class(kind).from_pretrained(str(folder), local_files_only=True, dtype=dtype)
     except Exception as exc:  # transformers raises many types here
-        raise MergelabError(
+        raise CheckpointError(
             f"{folder}: cannot load the model with transformers as {kind} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from None
@@ -137,9 +137,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or n > best[0]:
                 best = (n, name, mod)
     if best is None:
-        raise MergelabError(
-            f"{type(model).__name__}: no nn.ModuleList of blocks found (RegMean++ merges block by block)"
-        )
+        raise PlanError(f"{type(model).__name__}: no nn.ModuleList of blocks found (RegMean++ merges block by block)")
     return best[1], best[2]
 
 

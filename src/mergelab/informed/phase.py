@@ -52,7 +52,7 @@ from mergelab.data.sources import (
     tokenize_batches,
     zoo_head_path,
 )
-from mergelab.errors import MergelabError, RecipeError
+from mergelab.errors import InternalError, PlanError, RecipeError
 from mergelab.informed import stats as st
 from mergelab.informed.modeling import (
     Kind,
@@ -402,7 +402,7 @@ def _collect_fisher(
         batches = _batches(e, s, "fisher", _tok_folder(e, plan), head, read_config(e.folder))
         mapping = {m: c for m, c in checkpoint_names(model, e.reader.tensors()).items() if c in merge_names}
         if not mapping:
-            raise MergelabError(f"{e.label}: none of the model's parameters are merged tensors of the checkpoint")
+            raise PlanError(f"{e.label}: none of the model's parameters are merged tensors of the checkpoint")
         params = dict(model.named_parameters())
         sizes = [(m, params[m].numel() * 4) for m in mapping]
         total = sum(b for _, b in sizes)
@@ -805,7 +805,7 @@ def run_data_phase(
 
     collector = plan.method.statistics
     if collector is None:
-        raise MergelabError(f"{plan.method.name} is data-free: there is no data phase to run")
+        raise RecipeError(f"{plan.method.name} is data-free: there is no data phase to run")
     check_calibration(plan, calibration, statistics)
     dev = resolve_device(str(device))
     experts = _experts(plan, calibration, statistics)
@@ -845,7 +845,7 @@ def run_data_phase(
         elif collector == "adamerging":
             folders, side, summary = _collect_adamerging(plan, todo, s, root, dev, dp, seed)
         else:  # pragma: no cover - registry bug
-            raise MergelabError(f"unknown statistics {collector!r} of {plan.method.name}")
+            raise InternalError(f"unknown statistics {collector!r} of {plan.method.name}")
         computed = iter(folders)
         for e in experts:
             result.readers.append(

@@ -34,7 +34,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from mergelab.errors import MergelabError
+from mergelab.errors import PlanError
 from mergelab.informed.gram import GramCollector
 from mergelab.informed.modeling import (
     find_blocks,
@@ -85,7 +85,7 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, Any], 
     def pre(idx: int):
         def hook(module, args, kwargs):
             if calls[idx] is not None:
-                raise MergelabError("RegMean++: a block ran twice in one forward (shared blocks are not supported)")
+                raise PlanError("RegMean++: a block ran twice in one forward (shared blocks are not supported)")
             calls[idx] = _Call(tuple(args), dict(kwargs))
 
         return hook
@@ -107,13 +107,13 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, Any], 
         for h in handles:
             h.remove()
     if any(c is None for c in calls):
-        raise MergelabError("RegMean++: not every block ran in the model's forward pass")
+        raise PlanError("RegMean++: not every block ran in the model's forward pass")
     if check:
         for i in range(len(blocks) - 1):
             nxt = _hidden_of(calls[i + 1])  # type: ignore[arg-type]
             out_i = outs[i]
             if out_i is None or nxt.shape != out_i.shape or not torch.equal(nxt, out_i):
-                raise MergelabError(
+                raise PlanError(
                     f"RegMean++: block {i + 1}'s input is not block {i}'s output; the blocks of this architecture "
                     "are not applied in sequence (use regmean)"
                 )

@@ -35,7 +35,7 @@ from mergelab.checkpoint.reader import (
     open_checkpoint,
 )
 from mergelab.checkpoint.writer import ShardedSafetensorsWriter
-from mergelab.errors import MergelabError
+from mergelab.errors import CheckpointError, OptionError
 
 SEP = "::"
 META_FILE = "statistics.json"
@@ -57,7 +57,7 @@ def nested(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
     for k, t in flat.items():
         name, sep, kind = k.rpartition(SEP)
         if not sep:
-            raise MergelabError(f"statistics key {k!r} is not of the form '<tensor name>::<kind>'")
+            raise OptionError(f"statistics key {k!r} is not of the form '<tensor name>::<kind>'")
         out.setdefault(name, {})[kind] = t
     return out
 
@@ -132,6 +132,6 @@ def open_statistics(
     if isinstance(ref, (str, os.PathLike)):
         path = Path(ref)
         if not path.exists():
-            raise MergelabError(f"{path}: statistics folder not found")
+            raise CheckpointError(f"{path}: statistics folder not found")
         return open_checkpoint(path)
     return ref

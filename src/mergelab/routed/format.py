@@ -35,7 +35,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from mergelab.errors import CheckpointError, MergelabError
+from mergelab.errors import CheckpointError, OptionError
 
 FORMAT = "mergelab-routed"
 FORMAT_VERSION = 1
@@ -131,7 +131,7 @@ def resolve_task(manifest: dict[str, Any], task: str | int) -> dict[str, Any]:
             if len(hits) == 1:
                 return hits[0]
     listing = ", ".join(f"{t['index']}={t['name']}" for t in tasks)
-    raise MergelabError(f"unknown task {task!r}; this output has: {listing}")
+    raise OptionError(f"unknown task {task!r}; this output has: {listing}")
 
 
 def fmt_bytes(n: float) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from mergelab.checkpoint.reader import weight_files
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, ShardedSafetensorsWriter
-from mergelab.errors import MergelabError, OutputError
+from mergelab.errors import InternalError, OutputError
 from mergelab.routed.format import (
     BASE_FOLDER,
     BIT_ORDER,
@@ -74,25 +74,25 @@ class PartsWriter:
         """Write one tensor's θ0 and packed masks; record the per-task scales."""
         job = self.jobs.get(name)
         if job is None:
-            raise MergelabError(f"internal error: parts for tensor {name!r} that the plan does not merge")
+            raise InternalError(f"internal error: parts for tensor {name!r} that the plan does not merge")
         missing = {"base", "mask"} - set(parts)
         if missing:
-            raise MergelabError(f"internal error: parts of tensor {name!r} lack {sorted(missing)}")
+            raise InternalError(f"internal error: parts of tensor {name!r} lack {sorted(missing)}")
         masks: Sequence[torch.Tensor] = parts["mask"]
         if len(masks) != self.n_tasks:
-            raise MergelabError(f"internal error: {len(masks)} masks for {self.n_tasks} tasks in tensor {name!r}")
+            raise InternalError(f"internal error: {len(masks)} masks for {self.n_tasks} tasks in tensor {name!r}")
         scales = [float(s) for s in parts.get("scale", [1.0] * self.n_tasks)]
         if self._scales is None:
             self._scales = scales
         elif scales != self._scales:
-            raise MergelabError(
+            raise InternalError(
                 f"tensor {name!r}: per-task scales {scales} differ from {self._scales}; the routed format "
                 "holds one scale per task"
             )
         rows = []
         for t, m in enumerate(masks):
             if m.numel() != job.numel:
-                raise MergelabError(
+                raise InternalError(
                     f"internal error: mask of task {t} for tensor {name!r} has {m.numel()} elements, "
                     f"expected {job.numel}"
                 )
