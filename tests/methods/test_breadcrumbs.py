@@ -102,6 +102,27 @@ def test_ties_at_the_bounds_are_kept():
     assert out2.nonzero().flatten().tolist() == [6, 7, 8]
 
 
+def test_bound_ties_sort_keeps_exact_counts():
+    """``bound_ties: sort``: exactly ⌊density n⌋ kept and ⌊γ n⌋ outliers removed, tied
+    magnitudes in the order of torch.sort (as mergekit 0.1.5's magnitude_outliers; issue 13).
+    x: the same magnitudes as above, with the 3s at indices 6, 7, 8."""
+    x = T([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 9.0])
+    out = run(BC, torch.zeros(10), [x], [{"density": 0.2, "gamma": 0.1}], bound_ties="sort")
+    kept = out.nonzero().flatten().tolist()
+    assert len(kept) == 2 and set(kept) <= {6, 7, 8}  # two of the three tied 3s, never the 9
+    order = torch.sort(x.abs(), descending=False).indices  # the order mergekit takes the ties in
+    assert sorted(kept) == sorted(order[7:9].tolist())
+    # a tied top: two 9s, n_top = 1 removes exactly one of them (keep removes none)
+    y = T([9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    out = run(BC, torch.zeros(10), [y], [{"density": 0.5, "gamma": 0.1}], bound_ties="sort")
+    assert int((out == 9.0).sum()) == 1 and int((out != 0).sum()) == 5
+    keep = run(BC, torch.zeros(10), [y], [{"density": 0.5, "gamma": 0.1}])
+    assert int((keep == 9.0).sum()) == 2
+    # without ties the two rules agree
+    z = run(BC, torch.zeros(10), [TAU], [{"density": 0.6, "gamma": 0.1}], bound_ties="sort")
+    assert torch.equal(z, run(BC, torch.zeros(10), [TAU], [{"density": 0.6, "gamma": 0.1}]))
+
+
 # ------------------------------------------------------------------- naive re-implementation
 
 

@@ -157,6 +157,25 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return mask
 
 
+def outlier_mask_sorted(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """The Model Breadcrumbs mask with exact counts (``bound_ties: sort``): the ascending
+    magnitude positions ``n_bottom … n_bottom + target − 1`` of ``torch.sort`` (float32, not
+    stable), so exactly ``target`` entries are kept and exactly ``n − target − n_bottom``
+    outliers removed whatever the ties; tied magnitudes are ordered as ``torch.sort`` orders
+    them, which is how mergekit 0.1.5 counts (the authors' code also keeps exact counts, per row,
+    with ``torch.topk``). Needs a full sort of the tensor."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    target = keep_count(n, density)
+    n_top = min(n, int(gamma * n))
+    n_bottom = max(0, n - target - n_top)
+    order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bottom : n_bottom + target]] = True
+    return mask.reshape(delta.shape)
+
+
 Bounds = tuple[float | None, float | None] | None
 """Magnitude bounds (lower, upper) of the kept entries (None: unbounded); None: keep nothing."""
 
@@ -384,16 +403,18 @@ class OutlierBands:
     mode: RescaleMode = "l1"
     rows: bool = False
     parallel: bool = False
+    exact: bool = False  # bound_ties: sort (exact counts, whole tensors)
 
     @property
     def whole(self) -> bool:
-        return self.rescale and self.mode == "l1"
+        return (self.rescale and self.mode == "l1") or self.exact
 
     def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply:
         if whole:  # masks on the whole task vector (as mergekit builds them)
+            mask_fn = outlier_mask_sorted if self.exact else outlier_mask
 
             def apply_whole(i: int, d: Tensor, scratch: Scratch) -> Tensor:
-                mask = outlier_mask(d, self.densities[i], self.gammas[i])
+                mask = mask_fn(d, self.densities[i], self.gammas[i])
                 return apply_mask(d, mask, rescale=self.rescale, mode=self.mode, keep_prob=self.densities[i])
 
             return apply_whole
