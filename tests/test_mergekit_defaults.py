@@ -62,9 +62,7 @@ def test_warning_shows_in_validate_and_quiet_merge(tmp_path):
         assert "'density' not set" in " ".join(res.output.split()), args
 
 
-@pytest.mark.parametrize(
-    "case", ["ties_default_density", "model_stock_small_tv", "breadcrumbs_ties_bound_ties"]
-)
+@pytest.mark.parametrize("case", ["ties_default_density", "model_stock_small_tv", "breadcrumbs_ties_bound_ties"])
 def test_defaults_mergekit_gives_mergekit_tensors(case, tmp_path):
     """The three documented departures vanish with ``defaults: mergekit`` alone."""
     theirs = mergekit_output(case)
@@ -114,7 +112,9 @@ print(json.dumps({m.spec.name: {p.name: (None if p.required else p.default) for 
 def test_mergekit_values_are_mergekits_own_defaults():
     """Each row's mergekit value is the default in mergekit's parameter spec; every other shared
     parameter's default agrees between the tools (so the table is complete)."""
-    specs = json.loads(subprocess.run([MERGEKIT_PYTHON, "-c", _SPECS], capture_output=True, text=True, check=True).stdout)
+    specs = json.loads(
+        subprocess.run([MERGEKIT_PYTHON, "-c", _SPECS], capture_output=True, text=True, check=True).stdout
+    )
     listed = {(d.method, d.parameter) for d in DIFFERENCES}
     for d in DIFFERENCES:
         if d.mergekit_key:
@@ -123,9 +123,12 @@ def test_mergekit_values_are_mergekits_own_defaults():
 
     for m in all_methods():
         for name in {m.name, *m.aliases} & set(specs):
-            ours = {(f.alias or n): f.default for model in (m.params, m.model_params) for n, f in model.model_fields.items()}
+            ours = {
+                (f.alias or n): f.default for model in (m.params, m.model_params) for n, f in model.model_fields.items()
+            }
             for p, theirs in specs[name].items():
                 if theirs is None or (m.name, p) in listed or p not in ours:
                     continue  # required in mergekit, listed, or accepted elsewhere
-                assert ours[p] == theirs or (isinstance(theirs, float) and torch.isclose(
-                    torch.tensor(float(ours[p])), torch.tensor(theirs))), (name, p, ours[p], theirs)
+                assert ours[p] == theirs or (
+                    isinstance(theirs, float) and torch.isclose(torch.tensor(float(ours[p])), torch.tensor(theirs))
+                ), (name, p, ours[p], theirs)

@@ -56,7 +56,9 @@ DIFFERENCES: tuple[DefaultDifference, ...] = (
         "streamed bounds keep every tied entry; mergekit counts exactly, ties in torch.sort's order",
         mergekit_key=False,
     ),
-    DefaultDifference("breadcrumbs_ties", "density", "model", 0.9, 1.0, "mergelab's choice: the paper tunes it per setting"),
+    DefaultDifference(
+        "breadcrumbs_ties", "density", "model", 0.9, 1.0, "mergelab's choice: the paper tunes it per setting"
+    ),
     DefaultDifference("breadcrumbs_ties", "normalize", "global", True, False, "TIES disjoint mean"),
     DefaultDifference(
         "breadcrumbs_ties",
@@ -181,7 +183,11 @@ def parameter_warnings(
         else:
             unset = d.parameter not in gkeys and any(d.parameter not in k for k in mkeys)
         if unset:
-            mk = f"mergekit 0.1.5 uses {_fmt(d.mergekit)}" if d.mergekit_key else f"mergekit 0.1.5 behaves as {_fmt(d.mergekit)}"
+            mk = (
+                f"mergekit 0.1.5 uses {_fmt(d.mergekit)}"
+                if d.mergekit_key
+                else f"mergekit 0.1.5 behaves as {_fmt(d.mergekit)}"
+            )
             out.append(
                 f"{method}: {d.parameter!r} not set: mergelab uses {_fmt(d.ours)} ({d.source}), {mk}; "
                 f"set it, or add `defaults: mergekit` (mergekit's defaults) or `defaults: paper` to the recipe"
