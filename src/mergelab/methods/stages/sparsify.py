@@ -117,16 +117,19 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     return delta.abs() >= kth_largest_magnitude(delta, k)
 
 
-def topk_threshold(base: Tensor, expert: Tensor, density: float) -> float | None:
+def topk_threshold(base: Tensor, expert: Tensor, density: float, *, plus_one: bool = False) -> float | None:
     """The k-th largest |expert − base| with k = max(1, ⌊density·n⌋), exactly, chunk by chunk
     (the threshold of :func:`magnitude_mask` without materialising the task vector).
+    ``plus_one``: k = ⌊density·n⌋ + 1 (the original TIES code's count).
 
     ``None`` keeps everything (density ≥ 1); ``inf`` keeps nothing (density 0).
     """
     n = base.numel()
     if density >= 1:
         return None
-    k = keep_count(n, density, at_least_one=True)
+    k = keep_count(n, density) + 1 if plus_one else keep_count(n, density, at_least_one=True)
+    if plus_one and k >= n:
+        return None
     if k == 0:
         return math.inf
     return kth_largest_magnitude(expert, k, minus=base)
@@ -364,6 +367,7 @@ class MagnitudeTopK:
     thresholds: tuple[float, ...] | None = None
     rows: bool = False
     parallel: bool = False
+    plus_one: bool = False  # keep ⌊density·n⌋ + 1 per tensor (TIES trim_count: original)
 
     @property
     def whole(self) -> bool:
@@ -374,7 +378,9 @@ class MagnitudeTopK:
             cuts: list[float | None] = list(self.thresholds)
         else:
             cuts = parallel_map(
-                lambda ed: topk_threshold(base, ed[0], ed[1]), list(zip(experts, self.densities)), numel=base.numel()
+                lambda ed: topk_threshold(base, ed[0], ed[1], plus_one=self.plus_one),
+                list(zip(experts, self.densities)),
+                numel=base.numel(),
             )
 
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
