@@ -254,3 +254,34 @@ def test_exact_sign_ties_follow_the_methods_rule_breadcrumbs_ties(sign_tie):
     assert not torch.allclose(
         out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
     )
+
+
+def _authors_rows(tau: torch.Tensor, keep: float, remove: float) -> torch.Tensor:
+    """Independent restatement of the authors' per-row rule (remove first, then keep the top)."""
+    c = tau.shape[-1]
+    out = tau.clone()
+    if int(c * remove):
+        idx = torch.topk(out.abs(), int(c * remove), dim=-1).indices
+        out.scatter_(-1, idx, 0.0)
+    mask = torch.zeros_like(out)
+    if int(c * keep):
+        mask.scatter_(-1, torch.topk(out.abs(), int(c * keep), dim=-1).indices, 1.0)
+    return out * mask
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.8, 0.05), (0.5, 0.2), (0.9, 0.2)])
+@pytest.mark.parametrize("shape", [(6, 40), (50,), (3, 4, 10)])
+def test_scope_row_matches_the_authors_rows(shape, density, gamma):
+    """Issue 13: the authors' code masks per row (last dimension); ``scope: row`` does too."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g)
+    tau = torch.randn(shape, generator=g)
+    out = run(BC, base, [base + tau], [{"density": density, "gamma": gamma}], scope="row")
+    expected = _authors_rows(tau, density, gamma)
+    assert torch.allclose(out - base, expected, atol=1e-6)
+    c = shape[-1]
+    per_row = ((out - base) != 0).reshape(-1, c).sum(dim=1)
+    assert per_row.tolist() == [min(int(density * c), c - int(gamma * c))] * per_row.numel()
+    tensor = run(BC, base, [base + tau], [{"density": density, "gamma": gamma}])
+    if len(shape) > 1:
+        assert not torch.equal(tensor, out)  # per tensor, rows keep unequal counts

@@ -18,6 +18,11 @@ kept entries being the ascending-magnitude positions n_bottom … n_bottom + tar
 density + γ > 1 fewer outliers are removed so the density is met). The two magnitude bounds
 come from selections, not a sort; entries tied with a bound are kept (``bound_ties: keep``).
 
+Granularity ``scope: row`` follows the authors' code (``TaskVectorMiddleKeep``: per row along
+the last dimension, remove the top ⌊γ c⌋ with ``torch.topk``, then keep the top ⌊density c⌋ of
+the rest): exact counts per row, and when density + γ > 1 it keeps c − ⌊γ c⌋ (all but the
+outliers) where the tensor rule removes fewer outliers to reach the density. Whole tensors.
+
 Ties at a bound (issue 13: 3 % of one 32-entry tensor differed from mergekit, weights 1/1,
 density 0.8, gamma 0.05, float32, on task vectors so small that float32 rounding makes
 magnitudes repeat): here the departure is mergelab's. mergekit 0.1.5 (a ``torch.sort`` of
@@ -62,6 +67,11 @@ Tensor = torch.Tensor
 
 
 class BreadcrumbsParams(SparseMergeParams):
+    scope: Literal["tensor", "row"] = Field(
+        "tensor",
+        description="tensor: one band per tensor (the paper's per layer; mergekit); row: per row along the "
+        "last dimension, ⌊γ·c⌋ removed then ⌊density·c⌋ kept per row (the authors' code)",
+    )
     bound_ties: Literal["keep", "sort"] = Field(
         "keep",
         description="entries whose magnitude equals a band bound: keep (all kept, so the kept count "
@@ -108,6 +118,7 @@ def _pipeline(
         rescale=params.rescale,
         mode=params.rescale_mode,
         exact=params.bound_ties == "sort",
+        per_row=params.scope == "row",
     )
     if elect:
         assert isinstance(params, BreadcrumbsTiesParams)

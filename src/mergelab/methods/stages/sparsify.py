@@ -179,6 +179,25 @@ def outlier_mask_sorted(delta: Tensor, density: float, gamma: float) -> Tensor:
     return mask.reshape(delta.shape)
 
 
+def outlier_mask_rows(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """The Model Breadcrumbs mask per row, as the authors' code builds it (``scope: row``): along
+    the last dimension (the whole vector for 1-D tensors; a 0-d tensor is kept), remove the
+    ⌊γ c⌋ largest magnitudes of each row of length c, then keep the ⌊density · c⌋ largest of
+    what remains (all of it when fewer remain). Exact counts (``torch.topk``; ties arbitrary)."""
+    if delta.dim() == 0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    c = delta.shape[-1]
+    mag = delta.abs().reshape(-1, c).float()
+    n_out = min(c, int(gamma * c))
+    n_keep = min(c - n_out, int(density * c)) if density < 1 else c - n_out
+    mask = torch.zeros_like(mag, dtype=torch.bool)
+    if n_out:
+        mag.scatter_(1, mag.topk(n_out, dim=1).indices, -1.0)  # outliers never selected below
+    if n_keep:
+        mask.scatter_(1, mag.topk(n_keep, dim=1).indices, True)
+    return mask.reshape(delta.shape)
+
+
 Bounds = tuple[float | None, float | None] | None
 """Magnitude bounds (lower, upper) of the kept entries (None: unbounded); None: keep nothing."""
 
@@ -410,12 +429,21 @@ class OutlierBands:
     rows: bool = False
     parallel: bool = False
     exact: bool = False  # bound_ties: sort (exact counts, whole tensors)
+    per_row: bool = False  # scope: row (the authors' code; whole tensors)
 
     @property
     def whole(self) -> bool:
-        return (self.rescale and self.mode == "l1") or self.exact
+        return (self.rescale and self.mode == "l1") or self.exact or self.per_row
 
     def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply:
+        if self.per_row:
+            shape = tuple(base.shape)
+
+            def apply_rows(i: int, d: Tensor, scratch: Scratch) -> Tensor:
+                mask = outlier_mask_rows(d.reshape(shape), self.densities[i], self.gammas[i]).reshape(-1)
+                return apply_mask(d, mask, rescale=self.rescale, mode=self.mode, keep_prob=self.densities[i])
+
+            return apply_rows
         if whole:  # masks on the whole task vector (as mergekit builds them)
             mask_fn = outlier_mask_sorted if self.exact else outlier_mask
 
