@@ -544,3 +544,25 @@ class MagPrune:
             ).reshape(-1)
 
         return apply
+
+
+@dataclass(frozen=True)
+class DropThenTrim:
+    """DARE, then the TIES trim of each dropped-and-rescaled task vector to its top ``density``
+    magnitudes (per tensor), as the DARE authors combine DARE with TIES-Merging. Whole tensors
+    (the trim's threshold needs the dropped tensor)."""
+
+    drop: RandomDrop
+    density: float
+    rows: bool = False
+    parallel: bool = False
+    whole: bool = True
+
+    def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply:
+        dropped = self.drop.prepare(base, experts, whole)
+
+        def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
+            d = dropped(i, d, scratch)
+            return d.mul_(magnitude_mask(d, self.density))
+
+        return apply
