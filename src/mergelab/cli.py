@@ -178,6 +178,9 @@ def merge(
     try:
         if not quiet:
             _print_plan(summarize(plan, parse_dtype(dtype) or plan.recipe.compute_torch_dtype))
+        else:  # warnings are never silenced (-q drops the plan table and the progress bar)
+            for w in plan.warnings:
+                err_console.print(f"[yellow]warning:[/] {w}")
         result = run_merge(
             plan.recipe,
             out,

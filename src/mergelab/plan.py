@@ -33,6 +33,7 @@ from mergelab.ir import (
     VocabAlign,
 )
 from mergelab.methods.base import MergeMethod, MethodParams, is_numeric_annotation
+from mergelab.methods.mergekit_defaults import mergekit_fill, parameter_warnings
 from mergelab.methods.registry import get_method
 from mergelab.recipe import Recipe, parse_dtype, resolve_setting
 
@@ -278,6 +279,15 @@ def _field_keys(model: type[MethodParams]) -> set[str]:
     return keys
 
 
+def _mergekit_fill(recipe: Recipe, method: MergeMethod) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Values ``defaults: mergekit`` gives parameters the recipe leaves unset (none otherwise)."""
+    if recipe.defaults != "mergekit":
+        return {}, {}
+    g, m = mergekit_fill(method.name)
+    gkeys, mkeys = _field_keys(method.params), _field_keys(method.model_params)
+    return {k: v for k, v in g.items() if k in gkeys}, {k: v for k, v in m.items() if k in mkeys}
+
+
 class _ParamResolver:
     """Resolves and validates the method's parameters for every tensor, with caching."""
 
@@ -311,6 +321,13 @@ class _ParamResolver:
         self._gkeys = [k for k in recipe.parameters if k in gkeys]
         self._mkeys = mkeys
         self._cache: dict[Any, Any] = {}
+        self._fill_global, self._fill_model = _mergekit_fill(recipe, method)
+        self.warnings = parameter_warnings(
+            method.name,
+            recipe.defaults,
+            recipe.parameters,
+            [recipe.models[i].parameters for i in expert_idx],
+        )
         self._check_bool_leaves(gkeys)
 
     def _check_bool_leaves(self, gkeys: set[str]) -> None:
@@ -342,6 +359,8 @@ class _ParamResolver:
     def resolve(self, tensor: str, t: float) -> tuple[MethodParams, tuple[MethodParams, ...]]:
         gvals = {k: resolve_setting(self.recipe.parameters[k], tensor, t) for k in self._gkeys}
         gvals = {k: v for k, v in gvals.items() if v is not None}
+        for k, v in self._fill_global.items():  # `defaults: mergekit`
+            gvals.setdefault(k, v)
         per_model = []
         for i in self.expert_idx:
             entry = self.recipe.models[i]
@@ -355,6 +374,8 @@ class _ParamResolver:
                     v = None
                 if v is not None:
                     vals[k] = v
+            for k, v in self._fill_model.items():  # `defaults: mergekit`
+                vals.setdefault(k, v)
             per_model.append(vals)
         key = (repr(sorted(gvals.items())), repr([sorted(d.items()) for d in per_model]))
         hit = self._cache.get(key)
@@ -547,6 +568,7 @@ def build_plan(
         plan = _plan_tensors(
             recipe, method, resolver, base, experts, reference, out_dtype, global_params, global_model_params
         )
+        plan.graph.warnings[:0] = resolver.warnings  # parameter warnings first
     except BaseException:
         for r in opened.values():
             if not readers or r not in readers.values():

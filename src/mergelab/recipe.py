@@ -142,6 +142,11 @@ class Recipe(BaseModel):
     vocab_mismatch: Literal["error", "truncate"] = "error"
     name: str | None = None
     calibration: CalibrationSettings | None = None
+    defaults: Literal["paper", "mergekit"] | None = Field(
+        None,
+        description="defaults of parameters the recipe leaves unset: paper (mergelab's) or mergekit "
+        "(mergekit 0.1.5's, methods/mergekit_defaults.py); unset: paper, with a warning per difference",
+    )
 
     @field_validator("base_model", mode="before")
     @classmethod

@@ -102,6 +102,27 @@ def test_ties_at_the_bounds_are_kept():
     assert out2.nonzero().flatten().tolist() == [6, 7, 8]
 
 
+def test_bound_ties_sort_keeps_exact_counts():
+    """``bound_ties: sort``: exactly ⌊density n⌋ kept and ⌊γ n⌋ outliers removed, tied
+    magnitudes in the order of torch.sort (as mergekit 0.1.5's magnitude_outliers; issue 13).
+    x: the same magnitudes as above, with the 3s at indices 6, 7, 8."""
+    x = T([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 9.0])
+    out = run(BC, torch.zeros(10), [x], [{"density": 0.2, "gamma": 0.1}], bound_ties="sort")
+    kept = out.nonzero().flatten().tolist()
+    assert len(kept) == 2 and set(kept) <= {6, 7, 8}  # two of the three tied 3s, never the 9
+    order = torch.sort(x.abs(), descending=False).indices  # the order mergekit takes the ties in
+    assert sorted(kept) == sorted(order[7:9].tolist())
+    # a tied top: two 9s, n_top = 1 removes exactly one of them (keep removes none)
+    y = T([9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    out = run(BC, torch.zeros(10), [y], [{"density": 0.5, "gamma": 0.1}], bound_ties="sort")
+    assert int((out == 9.0).sum()) == 1 and int((out != 0).sum()) == 5
+    keep = run(BC, torch.zeros(10), [y], [{"density": 0.5, "gamma": 0.1}])
+    assert int((keep == 9.0).sum()) == 2
+    # without ties the two rules agree
+    z = run(BC, torch.zeros(10), [TAU], [{"density": 0.6, "gamma": 0.1}], bound_ties="sort")
+    assert torch.equal(z, run(BC, torch.zeros(10), [TAU], [{"density": 0.6, "gamma": 0.1}]))
+
+
 # ------------------------------------------------------------------- naive re-implementation
 
 
@@ -233,3 +254,34 @@ def test_exact_sign_ties_follow_the_methods_rule_breadcrumbs_ties(sign_tie):
     assert not torch.allclose(
         out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
     )
+
+
+def _authors_rows(tau: torch.Tensor, keep: float, remove: float) -> torch.Tensor:
+    """Independent restatement of the authors' per-row rule (remove first, then keep the top)."""
+    c = tau.shape[-1]
+    out = tau.clone()
+    if int(c * remove):
+        idx = torch.topk(out.abs(), int(c * remove), dim=-1).indices
+        out.scatter_(-1, idx, 0.0)
+    mask = torch.zeros_like(out)
+    if int(c * keep):
+        mask.scatter_(-1, torch.topk(out.abs(), int(c * keep), dim=-1).indices, 1.0)
+    return out * mask
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.8, 0.05), (0.5, 0.2), (0.9, 0.2)])
+@pytest.mark.parametrize("shape", [(6, 40), (50,), (3, 4, 10)])
+def test_scope_row_matches_the_authors_rows(shape, density, gamma):
+    """Issue 13: the authors' code masks per row (last dimension); ``scope: row`` does too."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g)
+    tau = torch.randn(shape, generator=g)
+    out = run(BC, base, [base + tau], [{"density": density, "gamma": gamma}], scope="row")
+    expected = _authors_rows(tau, density, gamma)
+    assert torch.allclose(out - base, expected, atol=1e-6)
+    c = shape[-1]
+    per_row = ((out - base) != 0).reshape(-1, c).sum(dim=1)
+    assert per_row.tolist() == [min(int(density * c), c - int(gamma * c))] * per_row.numel()
+    tensor = run(BC, base, [base + tau], [{"density": density, "gamma": gamma}])
+    if len(shape) > 1:
+        assert not torch.equal(tensor, out)  # per tensor, rows keep unequal counts

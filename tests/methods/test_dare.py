@@ -251,3 +251,28 @@ def test_exact_sign_ties_follow_the_methods_rule_dare_ties(sign_tie):
     assert not torch.allclose(
         out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
     )
+
+
+def test_dare_ties_trim_density_is_dare_then_the_ties_trim():
+    """Issue 13: ``trim_density`` runs the TIES trim on the dropped, rescaled task vectors (the
+    DARE authors' DARE + TIES); independent restatement with the same masks (density 1: no drop)."""
+    from mergelab.methods.base import TensorContext
+    from mergelab.methods.registry import get_method
+
+    m = get_method("dare_ties")
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 20, generator=g)
+    experts = [base + torch.randn(30, 20, generator=g) for _ in range(2)]
+    ctx = TensorContext(name="x")
+    mps = [m.model_params(density=1.0), m.model_params(density=1.0)]
+    out = m(base, experts, m.params(trim_density=0.3, normalize=True), mps, ctx)
+    ties = get_method("ties")
+    ref = ties(base, experts, ties.params(), [ties.model_params(density=0.3)] * 2, ctx)
+    assert torch.allclose(out, ref, atol=1e-6)
+    # with drops: each expert's surviving entries are at most ⌊0.3·n⌋ (+ ties), all from its drop mask
+    mps = [m.model_params(density=0.5), m.model_params(density=0.5)]
+    trimmed = m(base, experts[:1], m.params(trim_density=0.3), mps[:1], ctx)
+    dropped = m(base, experts[:1], m.params(), mps[:1], ctx)
+    moved = trimmed != base
+    assert int(moved.sum()) == int(0.3 * 600)
+    assert bool((dropped[moved] == trimmed[moved]).all())

@@ -177,4 +177,4 @@ def test_single_expert_without_alpha_fails_clearly():
 def test_bad_forwarded_model_parameter_fails_clearly():
     base, experts = toy(2)
     with pytest.raises(MergelabError, match="per-model parameters for merge_method task_arithmetic"):
-        mergelab.merge_state_dicts("lines", experts, base, model_parameters=[{"density": 0.5}] * 2)
+        mergelab.merge_state_dicts("lines", experts, base, model_parameters=[{"density": 1.5}] * 2)

@@ -21,6 +21,7 @@ T = torch.tensor
 
 
 def params(**glob):
+    glob.setdefault("scope", "tensor")  # direct per-tensor calls (the default, global, needs the folds)
     return PCB.params.model_validate(glob)
 
 
@@ -131,9 +132,22 @@ def test_global_scope_matches_reference_on_flattened_model(inter):
     got = torch.cat([(out[k] - base[k]).reshape(-1) for k in names])
     assert torch.allclose(got, expected, atol=1e-5)
     per_tensor = mergelab.merge_state_dicts(
-        "pcb", experts, base, parameters={"pcb_ratio": 0.15, "clip_ratio": 0.02, "inter": inter}
+        "pcb", experts, base, parameters={"scope": "tensor", "pcb_ratio": 0.15, "clip_ratio": 0.02, "inter": inter}
     )
     assert not all(torch.allclose(per_tensor[k], out[k]) for k in names)
+
+
+def test_default_scope_is_the_papers_whole_model_rows():
+    """Issue 13: the reference ranks each expert's whole task vector; per tensor, a 10-entry bias
+    at pcb_ratio 0.1 keeps nothing (stays at the base). The default now merges it."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(40, 30, generator=g), "bias": torch.randn(10, generator=g)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    assert PCB.params().scope == "global"
+    default = mergelab.merge_state_dicts("pcb", experts, base, parameters={"pcb_ratio": 0.1})
+    per_tensor = mergelab.merge_state_dicts("pcb", experts, base, parameters={"pcb_ratio": 0.1, "scope": "tensor"})
+    assert torch.equal(per_tensor["bias"], base["bias"])  # d·r = 1: nothing kept
+    assert not torch.equal(default["bias"], base["bias"])
 
 
 def test_global_scope_refuses_per_tensor_ratios():

@@ -67,6 +67,8 @@ def test_fn_equals_base_plus_scale_times_delta_bit_for_bit(name, lam, dtype):
         base = torch.randn(shape, generator=g).to(dtype)
         experts = [(base.float() + 0.05 * (i + 1) * torch.randn(shape, generator=g)).to(dtype) for i in range(3)]
         for gp, mp in _param_sets(m):
+            if "scope" in m.params.model_fields:  # direct per-tensor calls: no folds (pcb defaults to global)
+                gp = {**gp, "scope": "tensor"}
             try:
                 params = m.params.model_validate({**gp, m.scale: lam})
                 mps = [m.model_params.model_validate(mp)] * 3

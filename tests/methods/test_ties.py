@@ -374,3 +374,41 @@ def test_exact_sign_ties_follow_the_methods_rule_ties(sign_tie):
     assert not torch.allclose(
         out, (base.double() + elect_and_merge(taus, [1.0] * 3, normalize=True, sign_tie=other)).float(), atol=1e-3
     )
+
+
+def _original_code_trim(flat: torch.Tensor, density: float) -> torch.Tensor:
+    """Independent restatement of the original TIES code's trim on one flattened task vector:
+    threshold at the (n − ⌊K·n⌋)-th smallest magnitude, keep magnitudes ≥ it."""
+    n = flat.numel()
+    kth = flat.abs().kthvalue(n - int(n * density)).values
+    return flat * (flat.abs() >= kth)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_trim_count_original_keeps_one_more(scope):
+    """Issue 13: the original code keeps ⌊K·N⌋ + 1 entries; ``trim_count: original`` does too
+    (global: over the flattened model, exact parity; tensor: per tensor)."""
+    import mergelab
+
+    g = torch.Generator().manual_seed(11)
+    base = {"a": torch.randn(7, 9, generator=g), "b": torch.randn(13, generator=g)}
+    ex = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    params = {"scope": scope, "trim_count": "original"}
+    out = mergelab.merge_state_dicts("ties", [ex], base, parameters=params, model_parameters=[{"density": 0.3}])
+    floor = mergelab.merge_state_dicts(
+        "ties", [ex], base, parameters={"scope": scope}, model_parameters=[{"density": 0.3}]
+    )
+    names = ["a", "b"]
+    if scope == "global":
+        flat = torch.cat([(ex[k] - base[k]).reshape(-1) for k in names])
+        expected = _original_code_trim(flat, 0.3)
+        got = torch.cat([(out[k] - base[k]).reshape(-1) for k in names])
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert int((got != 0).sum()) == int(0.3 * 76) + 1
+        kept_floor = sum(int((floor[k] != base[k]).sum()) for k in names)
+        assert kept_floor == int(0.3 * 76)
+    else:
+        for k in names:
+            n = base[k].numel()
+            assert int((out[k] != base[k]).sum()) == int(0.3 * n) + 1
+            assert int((floor[k] != base[k]).sum()) == max(1, int(0.3 * n))

@@ -16,8 +16,24 @@ Granularity: per tensor ("per layer" in the paper), deterministic, one pass (S1)
 mergekit's: n_top = ⌊γ n⌋, target = ⌊density n⌋, n_bottom = max(0, n − target − n_top), the
 kept entries being the ascending-magnitude positions n_bottom … n_bottom + target − 1 (when
 density + γ > 1 fewer outliers are removed so the density is met). The two magnitude bounds
-come from selections, not a sort; entries tied with a bound are kept (mergekit keeps exactly
-``target``, breaking ties arbitrarily).
+come from selections, not a sort; entries tied with a bound are kept (``bound_ties: keep``).
+
+Granularity ``scope: row`` follows the authors' code (``TaskVectorMiddleKeep``: per row along
+the last dimension, remove the top ⌊γ c⌋ with ``torch.topk``, then keep the top ⌊density c⌋ of
+the rest): exact counts per row, and when density + γ > 1 it keeps c − ⌊γ c⌋ (all but the
+outliers) where the tensor rule removes fewer outliers to reach the density. Whole tensors.
+
+Ties at a bound (issue 13: 3 % of one 32-entry tensor differed from mergekit, weights 1/1,
+density 0.8, gamma 0.05, float32, on task vectors so small that float32 rounding makes
+magnitudes repeat): here the departure is mergelab's. mergekit 0.1.5 (a ``torch.sort`` of
+|τ|) and the authors' code (``TaskVectorMiddleKeep``: ``torch.topk`` per row) both keep exactly
+the count, tied entries ordered arbitrarily; ``keep`` keeps every entry tied with a bound, so
+it can keep more than ⌊density n⌋ and remove fewer than ⌊γ n⌋ outliers. The paper defines the
+band by percentiles, which does not say how ties fall. ``bound_ties: sort`` counts exactly,
+with ties in the order of the same float32 ``torch.sort`` mergekit runs (its result bit for
+bit on the same torch build; it needs the whole tensor and a sort). ``keep`` stays the default
+so existing merges keep their bits and the merge streams chunk by chunk; with continuous
+task vectors ties at a bound do not occur and the two agree.
 
 Defaults: density 0.9 and gamma 0.01 (mergekit's gamma; the paper tunes the two percentiles per
 setting); λ = 1; no rescale (the paper has none; ``rescale: true`` applies mergekit's L1-norm
@@ -30,6 +46,7 @@ mergekit's ``density`` default is 1.0 (no masking), ours the 0.9 above. ``int8_m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -50,7 +67,17 @@ Tensor = torch.Tensor
 
 
 class BreadcrumbsParams(SparseMergeParams):
-    pass
+    scope: Literal["tensor", "row"] = Field(
+        "tensor",
+        description="tensor: one band per tensor (the paper's per layer; mergekit); row: per row along the "
+        "last dimension, ⌊γ·c⌋ removed then ⌊density·c⌋ kept per row (the authors' code)",
+    )
+    bound_ties: Literal["keep", "sort"] = Field(
+        "keep",
+        description="entries whose magnitude equals a band bound: keep (all kept, so the kept count "
+        "can exceed density·n; streams chunk by chunk) or sort (exact counts, ties in torch.sort's "
+        "order: mergekit's result; a full sort of each tensor)",
+    )
 
 
 class BreadcrumbsTiesParams(BreadcrumbsParams):
@@ -90,6 +117,8 @@ def _pipeline(
         gammas=tuple(float(m.gamma) for m in model_params),
         rescale=params.rescale,
         mode=params.rescale_mode,
+        exact=params.bound_ties == "sort",
+        per_row=params.scope == "row",
     )
     if elect:
         assert isinstance(params, BreadcrumbsTiesParams)

@@ -26,6 +26,11 @@ Departures from mergekit 0.1.5 (same parameter names, so its recipes run):
   by default (``rescale_mode: inverse``); ``rescale_mode: l1`` gives mergekit's rule.
 * ``dare_ties`` uses the TIES disjoint *mean* by default (``normalize: true``); mergekit
   defaults to ``normalize: false`` (disjoint sum): set it to reproduce mergekit.
+* Trim: the DARE authors' DARE + TIES-Merging runs the full TIES merge on the DARE'd models,
+  trim included (MergeLM: ``param_value_mask_rate``, keep 20 %, over the flattened model);
+  ``dare_ties`` here follows mergekit (drop, then elect, no trim). ``trim_density: K`` adds the
+  trim: each dropped and rescaled task vector keeps its top K magnitudes, per tensor (the
+  authors trim over the whole flattened model; per tensor keeps the merge one pass).
 * Sign ties in ``dare_ties``: +1 by default (mergekit's rule, which lets the merge run chunk
   by chunk); ``sign_tie: majority`` gives the tensor's majority sign (original TIES code).
 * ``density`` defaults to 0.5 (the paper sweeps p ∈ [0.1, 0.9]; p = 0.5 is the authors'
@@ -47,6 +52,7 @@ from mergelab.methods.stages.combine import Combiner, DisjointMerge, WeightedSum
 from mergelab.methods.stages.pipeline import TaskVectorMerge
 from mergelab.methods.stages.sign_consensus import SignTie
 from mergelab.methods.stages.sparsify import (
+    DropThenTrim,
     RandomDrop,
     RescaleMode,
     SparseMergeParams,
@@ -76,6 +82,14 @@ class DareTiesParams(DareLinearParams):
         "(mergekit's default for dare_ties)",
     )
     sign_tie: SignTie = per_tensor_sign_tie()
+    trim_density: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="after the drop, keep each rescaled task vector's top trim_density magnitudes per tensor "
+        "(the TIES trim the DARE authors run after DARE); none: no trim (mergekit)",
+    )
 
 
 class DareModelParams(SparseModelParams):
@@ -99,13 +113,17 @@ def _pipeline(
         rescale=params.rescale,
         mode=params.rescale_mode,
     )
+    sparsify: RandomDrop | DropThenTrim = drop
+    trim = getattr(params, "trim_density", None)
+    if elect and trim is not None and trim < 1:
+        sparsify = DropThenTrim(drop, float(trim))
     combine: Combiner
     if elect:
         assert isinstance(params, DareTiesParams)  # the electing method's parameters (sign_tie)
         combine = DisjointMerge(normalize=params.normalize, on_zero=params.sign_tie)
     else:
         combine = WeightedSum(normalize=params.normalize)
-    return TaskVectorMerge(drop, combine, upcast=True)
+    return TaskVectorMerge(sparsify, combine, upcast=True)
 
 
 def dare_linear_delta(

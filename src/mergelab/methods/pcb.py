@@ -21,13 +21,12 @@ On a *row* (one expert's task vector τ_i flattened; T experts):
 
 Granularity (``scope``):
 
-* ``tensor`` (default): a row is one expert's tensor, so every statistic is per tensor and the
-  merge is one streaming pass (the reference's whole-model rows would otherwise need every
-  tensor of every expert in memory, or extra read passes). A tensor keeps about
-  d − ⌊d(1 − r)⌋ − 1 entries per expert, so a small one (d · r ≤ 1, e.g. an 8-entry norm at
-  r = 0.1) keeps none and stays at the base; use ``scope: global`` or a larger r (a filter on
-  ``pcb_ratio``) where that matters.
-* ``global``: the reference's rows — each expert's whole task vector, flattened. The quantiles
+* ``tensor``: a row is one expert's tensor, so every statistic is per tensor and the merge is
+  one streaming pass. A tensor keeps about d − ⌊d(1 − r)⌋ − 1 entries per expert, so a small
+  one (d · r ≤ 1, e.g. a 10-entry bias or an 8-entry norm at r = 0.1) keeps none and stays at
+  the base: every norm and bias of a model is left unmerged.
+* ``global`` (default since issue 13, the paper's granularity; the default was ``tensor``
+  before): the reference's rows — each expert's whole task vector, flattened. The quantiles
   (clip bounds, drop threshold) and the row maximum of β are exact model-wide order statistics,
   gathered in four read passes before the merge with bounded memory (two 65536-bin histograms
   per expert per statistic, see ``order_stats``); the min–max normalisations then need no more,
@@ -108,9 +107,9 @@ class PcbParams(MethodParams):
         "tanh(τ_i Σ_j τ_j) (pcb-merging.py, NLP code)",
     )
     scope: Literal["tensor", "global"] = Field(
-        "tensor",
-        description="tensor: rows are single tensors (one pass); global: rows are whole task vectors, "
-        "as the reference (four extra read passes)",
+        "global",
+        description="global: rows are whole task vectors, as the reference (four extra read passes); "
+        "tensor: rows are single tensors (one pass; a tensor with d·r ≤ 1 keeps nothing)",
     )
     unscored: Literal["zero", "mean"] = Field(
         "zero",

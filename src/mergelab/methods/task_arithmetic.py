@@ -2,7 +2,9 @@
 
 Ilharco et al. 2023, "Editing Models with Task Arithmetic", ICLR, arXiv:2212.04089.
 θ = θ0 + λ · Σ_i w_i τ_i with τ_i = θ_i − θ0 (divided by Σ_i w_i when ``normalize``).
-Granularity: per tensor (elementwise), one pass.
+Granularity: per tensor (elementwise), one pass. mergekit 0.1.5 accepts ``density``,
+``rescale`` and ``int8_mask`` for this method and ignores them; so does mergelab, with a warning
+for the first two (:data:`mergelab.methods.mergekit_defaults.IGNORED`).
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from mergelab.methods.registry import method
 class TaskArithmeticParams(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="scale of the summed task vectors")
     normalize: bool = Field(False, description="divide the weighted sum by the sum of weights")
+    rescale: bool = Field(False, description="accepted so mergekit recipes run; no effect (nothing is sparsified)")
+    int8_mask: bool = Field(False, description="accepted so mergekit recipes run; no effect")
 
 
 class TaskArithmeticModelParams(MethodParams):
     weight: float = Field(1.0, allow_inf_nan=False, description="weight of this task vector (negative: negation)")
     density: float = Field(
         1.0,
-        ge=1.0,
+        ge=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description=(
-            "accepted (only as 1) so mergekit recipes run: task arithmetic does not sparsify; use ties or dare_linear"
+            "accepted so mergekit recipes run; no effect (a warning says so): task arithmetic does not "
+            "sparsify; use ties or dare_linear"
         ),
     )
 

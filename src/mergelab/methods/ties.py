@@ -18,7 +18,9 @@ Departures and choices, each stated against the paper, the original code
 (prateeky2806/ties-merging ``src/utils/merge_utils.py``) and mergekit 0.1.5:
 
 * Trim count: exactly k = max(1, ⌊K·n⌋) magnitudes, the paper's "top-k%" and mergekit's count.
-  The original code thresholds at the (n − ⌊K·n⌋)-th smallest value, which keeps ⌊K·n⌋ + 1.
+  The original code thresholds at the (n − ⌊K·n⌋)-th smallest value, which keeps ⌊K·n⌋ + 1;
+  ``trim_count: original`` keeps that many (with ``scope: global``: exact parity with the
+  original code on the flattened model; per tensor, one more entry per tensor).
   Entries tied with the k-th largest magnitude are all kept (as the original code does;
   mergekit keeps exactly k, breaking ties arbitrarily). K is a fraction in [0, 1]; the
   original also accepted percentages (K > 1 → K/100), here rejected.
@@ -84,6 +86,11 @@ class TiesParams(SparseMergeParams):
         description="tensor: top-k per tensor (mergekit); global: top-k over the whole model "
         "per expert (the paper; two or three extra read passes)",
     )
+    trim_count: Literal["floor", "original"] = Field(
+        "floor",
+        description="entries kept per trim: floor keeps k = max(1, ⌊K·n⌋) (paper, mergekit); original "
+        "keeps ⌊K·n⌋ + 1, as the authors' code (its k-th-smallest threshold), for exact parity with it",
+    )
     sign_tie: SignTie | None = Field(
         None,
         description="sign where the weighted sum is exactly 0: majority (original code: the "
@@ -119,6 +126,7 @@ def trimmer(
         rescale=params.rescale,
         mode=params.rescale_mode,
         thresholds=None if thresholds is None else tuple(float(t) for t in thresholds),
+        plus_one=getattr(params, "trim_count", "floor") == "original",
     )
 
 
@@ -184,7 +192,9 @@ def _high_finish(state: dict[str, Any], params: TiesParams, n_experts: int) -> l
     for hist, sizes in zip(state["hist"], state["sizes"]):
         total = int(hist.sum())
         k = sum(min(n, int(d * n)) if d < 1 else n for d, n in sizes.items())
-        if k == 0 and total > 0 and any(d > 0 for d in sizes):
+        if params.trim_count == "original" and any(d < 1 for d in sizes):
+            k += 1  # the authors' threshold: the (N − ⌊K·N⌋)-th smallest, so ⌊K·N⌋ + 1 kept
+        elif k == 0 and total > 0 and any(d > 0 for d in sizes):
             k = 1
         if k <= 0 or total == 0:
             out.append({"k": 0, "n": total})

@@ -117,16 +117,19 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     return delta.abs() >= kth_largest_magnitude(delta, k)
 
 
-def topk_threshold(base: Tensor, expert: Tensor, density: float) -> float | None:
+def topk_threshold(base: Tensor, expert: Tensor, density: float, *, plus_one: bool = False) -> float | None:
     """The k-th largest |expert − base| with k = max(1, ⌊density·n⌋), exactly, chunk by chunk
     (the threshold of :func:`magnitude_mask` without materialising the task vector).
+    ``plus_one``: k = ⌊density·n⌋ + 1 (the original TIES code's count).
 
     ``None`` keeps everything (density ≥ 1); ``inf`` keeps nothing (density 0).
     """
     n = base.numel()
     if density >= 1:
         return None
-    k = keep_count(n, density, at_least_one=True)
+    k = keep_count(n, density) + 1 if plus_one else keep_count(n, density, at_least_one=True)
+    if plus_one and k >= n:
+        return None
     if k == 0:
         return math.inf
     return kth_largest_magnitude(expert, k, minus=base)
@@ -155,6 +158,44 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     if upper is not None:
         mask &= mag <= upper
     return mask
+
+
+def outlier_mask_sorted(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """The Model Breadcrumbs mask with exact counts (``bound_ties: sort``): the ascending
+    magnitude positions ``n_bottom … n_bottom + target − 1`` of ``torch.sort`` (float32, not
+    stable), so exactly ``target`` entries are kept and exactly ``n − target − n_bottom``
+    outliers removed whatever the ties; tied magnitudes are ordered as ``torch.sort`` orders
+    them, which is how mergekit 0.1.5 counts (the authors' code also keeps exact counts, per row,
+    with ``torch.topk``). Needs a full sort of the tensor."""
+    n = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    target = keep_count(n, density)
+    n_top = min(n, int(gamma * n))
+    n_bottom = max(0, n - target - n_top)
+    order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bottom : n_bottom + target]] = True
+    return mask.reshape(delta.shape)
+
+
+def outlier_mask_rows(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """The Model Breadcrumbs mask per row, as the authors' code builds it (``scope: row``): along
+    the last dimension (the whole vector for 1-D tensors; a 0-d tensor is kept), remove the
+    ⌊γ c⌋ largest magnitudes of each row of length c, then keep the ⌊density · c⌋ largest of
+    what remains (all of it when fewer remain). Exact counts (``torch.topk``; ties arbitrary)."""
+    if delta.dim() == 0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    c = delta.shape[-1]
+    mag = delta.abs().reshape(-1, c).float()
+    n_out = min(c, int(gamma * c))
+    n_keep = min(c - n_out, int(density * c)) if density < 1 else c - n_out
+    mask = torch.zeros_like(mag, dtype=torch.bool)
+    if n_out:
+        mag.scatter_(1, mag.topk(n_out, dim=1).indices, -1.0)  # outliers never selected below
+    if n_keep:
+        mask.scatter_(1, mag.topk(n_keep, dim=1).indices, True)
+    return mask.reshape(delta.shape)
 
 
 Bounds = tuple[float | None, float | None] | None
@@ -345,6 +386,7 @@ class MagnitudeTopK:
     thresholds: tuple[float, ...] | None = None
     rows: bool = False
     parallel: bool = False
+    plus_one: bool = False  # keep ⌊density·n⌋ + 1 per tensor (TIES trim_count: original)
 
     @property
     def whole(self) -> bool:
@@ -355,7 +397,9 @@ class MagnitudeTopK:
             cuts: list[float | None] = list(self.thresholds)
         else:
             cuts = parallel_map(
-                lambda ed: topk_threshold(base, ed[0], ed[1]), list(zip(experts, self.densities)), numel=base.numel()
+                lambda ed: topk_threshold(base, ed[0], ed[1], plus_one=self.plus_one),
+                list(zip(experts, self.densities)),
+                numel=base.numel(),
             )
 
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
@@ -384,16 +428,27 @@ class OutlierBands:
     mode: RescaleMode = "l1"
     rows: bool = False
     parallel: bool = False
+    exact: bool = False  # bound_ties: sort (exact counts, whole tensors)
+    per_row: bool = False  # scope: row (the authors' code; whole tensors)
 
     @property
     def whole(self) -> bool:
-        return self.rescale and self.mode == "l1"
+        return (self.rescale and self.mode == "l1") or self.exact or self.per_row
 
     def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply:
+        if self.per_row:
+            shape = tuple(base.shape)
+
+            def apply_rows(i: int, d: Tensor, scratch: Scratch) -> Tensor:
+                mask = outlier_mask_rows(d.reshape(shape), self.densities[i], self.gammas[i]).reshape(-1)
+                return apply_mask(d, mask, rescale=self.rescale, mode=self.mode, keep_prob=self.densities[i])
+
+            return apply_rows
         if whole:  # masks on the whole task vector (as mergekit builds them)
+            mask_fn = outlier_mask_sorted if self.exact else outlier_mask
 
             def apply_whole(i: int, d: Tensor, scratch: Scratch) -> Tensor:
-                mask = outlier_mask(d, self.densities[i], self.gammas[i])
+                mask = mask_fn(d, self.densities[i], self.gammas[i])
                 return apply_mask(d, mask, rescale=self.rescale, mode=self.mode, keep_prob=self.densities[i])
 
             return apply_whole
@@ -487,5 +542,27 @@ class MagPrune:
                 inplace=True,
                 scratch=scratch,
             ).reshape(-1)
+
+        return apply
+
+
+@dataclass(frozen=True)
+class DropThenTrim:
+    """DARE, then the TIES trim of each dropped-and-rescaled task vector to its top ``density``
+    magnitudes (per tensor), as the DARE authors combine DARE with TIES-Merging. Whole tensors
+    (the trim's threshold needs the dropped tensor)."""
+
+    drop: RandomDrop
+    density: float
+    rows: bool = False
+    parallel: bool = False
+    whole: bool = True
+
+    def prepare(self, base: Tensor, experts: Sequence[Tensor], whole: bool) -> Apply:
+        dropped = self.drop.prepare(base, experts, whole)
+
+        def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
+            d = dropped(i, d, scratch)
+            return d.mul_(magnitude_mask(d, self.density))
 
         return apply
