@@ -98,6 +98,21 @@ def _copy_side_files(
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _apply_config_updates(cfg_path: Path, updates: Mapping[str, Any]) -> None:
+    """Set the plan's config keys (dotted for nested, ``text_config.num_hidden_layers``) in the
+    output's config.json, e.g. the layer count of a layer-stacked model."""
+    if not updates or not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    for key, value in updates.items():
+        holder = cfg
+        *path, last = key.split(".")
+        for part in path:
+            holder = holder.setdefault(part, {})
+        holder[last] = value
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def merge(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
     out: str | os.PathLike[str],
@@ -184,6 +199,7 @@ def merge(
             tok_source = open_checkpoint(rec.tokenizer_source)
         out_dt = parse_dtype(out_dtype, "out_dtype") or rec.output_dtype
         _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
+        _apply_config_updates(dest.tmp / "config.json", plan.graph.config_updates)
         if tok_source is not plan.reference:
             for name in SIDE_FILES:
                 if name != "config.json" and tok_source.folder and (tok_source.folder / name).is_file():

@@ -17,6 +17,11 @@ The format is mergekit's for everything both tools share, so a mergekit recipe r
         - value: 0.2
     dtype: bfloat16
 
+``slices:`` (mergekit's form; instead of ``models``) stacks layer ranges: each slice lists
+``sources`` (``model``, ``layer_range: [start, end)``, per-source ``parameters``) of one length,
+an optional ``base_model`` and ``parameters``; the method merges each slice's sources layer by
+layer, and the output's layers are numbered on across slices (:mod:`mergelab.plan`).
+
 A parameter value is a scalar, a gradient (a list of numbers interpolated over the layer index;
 tensors outside the blocks take the first value, as in mergekit), or a list of
 ``{filter, value}`` conditions matched as substrings of the tensor name. A per-model parameter
@@ -104,16 +109,61 @@ class ModelEntry(BaseModel):
 
 
 class SliceSource(BaseModel):
+    """One source of a slice: layers ``layer_range`` = [start, end) of ``model`` (mergekit's form)."""
+
     model_config = ConfigDict(extra="forbid")
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamSetting] | None = None
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_ref(cls, v: Any) -> Any:
+        return ModelEntry._model_ref(v)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        start, end = v
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range [{start}, {end}] must be [start, end) with 0 <= start < end")
+        return v
+
 
 class SliceDef(BaseModel):
+    """One output slice: its sources (same number of layers each), an optional ``base_model``
+    (default: the recipe's) and ``parameters`` that override the recipe's for this slice.
+    ``residual_weight`` is accepted and ignored, as by mergekit 0.1.5."""
+
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
+    base_model: str | None = None
+    residual_weight: float | None = None
     parameters: dict[str, ParamSetting] | None = None
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_ref(cls, v: Any) -> Any:
+        return ModelEntry._model_ref(v)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> SliceDef:
+        if not self.sources:
+            raise ValueError("a slice needs at least one source (model + layer_range)")
+        lengths = [s.layer_range[1] - s.layer_range[0] for s in self.sources]
+        if len(set(lengths)) != 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
+            raise ValueError(f"the sources of a slice must have the same number of layers, got {ranges}")
+        models = [s.model for s in self.sources]
+        dup = next((m for m in models if models.count(m) > 1), None)
+        if dup is not None:
+            raise ValueError(f"model {dup} is listed twice in one slice: give each model once per slice")
+        return self
+
+    @property
+    def length(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
 
 
 class Recipe(BaseModel):
@@ -157,9 +207,9 @@ class Recipe(BaseModel):
         if self.slices is not None:
             if self.models:
                 raise ValueError("give either `models` or `slices`, not both")
-            self.models = _models_from_slices(self.slices, self.parameters)
-            self.slices = None
-        if not self.models:
+            if not self.slices:
+                raise ValueError("`slices` is empty: list at least one slice, or give a `models:` list")
+        elif not self.models:
             raise ValueError("the recipe lists no models: add a `models:` list")
         if self.chat_template not in (None, "auto") and "{" not in self.chat_template:
             raise ValueError(
@@ -190,21 +240,22 @@ class Recipe(BaseModel):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _models_from_slices(slices: list[SliceDef], global_params: dict[str, Any]) -> list[ModelEntry]:
-    """Accept the common mergekit form: one slice whose sources each cover a whole model."""
-    if len(slices) != 1:
-        raise ValueError(
-            "recipes with several slices (frankenmerges / layer stacking) are not supported; "
-            "use one slice covering every layer, or a `models:` list"
-        )
-    (sl,) = slices
-    ranges = {tuple(s.layer_range) for s in sl.sources}
-    if len(ranges) != 1 or next(iter(ranges))[0] != 0:
-        raise ValueError("slice sources must all cover the same layer range starting at 0 (whole models)")
-    if sl.parameters:
-        for k, v in sl.parameters.items():
-            global_params.setdefault(k, v)
-    return [ModelEntry(model=s.model, parameters=s.parameters or {}) for s in sl.sources]
+def models_from_slices(recipe: Recipe) -> Recipe | None:
+    """The ``models:`` form of a recipe with one slice (and no slice ``base_model`` of its own),
+    else None. The planner uses it when every source's ``layer_range`` covers the whole model
+    (the common mergekit form); a partial range is planned as a slice (only those layers).
+
+    The slice's parameters override the recipe's (mergekit's precedence: source, slice, recipe).
+    """
+    if recipe.slices is None or len(recipe.slices) != 1:
+        return None
+    (sl,) = recipe.slices
+    if sl.base_model not in (None, recipe.base_model):
+        return None
+    models = [ModelEntry(model=s.model, parameters=s.parameters or {}) for s in sl.sources]
+    return recipe.model_copy(
+        update={"models": models, "slices": None, "parameters": {**recipe.parameters, **(sl.parameters or {})}}
+    )
 
 
 def _format_validation(exc: ValidationError, where: str) -> str:
@@ -273,6 +324,16 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
         "base_model": fix(recipe.base_model),
         "tokenizer_source": fix(recipe.tokenizer_source),
     }
+    if recipe.slices is not None:
+        update["slices"] = [
+            sl.model_copy(
+                update={
+                    "base_model": fix(sl.base_model),
+                    "sources": [s.model_copy(update={"model": fix(s.model)}) for s in sl.sources],
+                }
+            )
+            for sl in recipe.slices
+        ]
     if recipe.calibration is not None:
         cal = recipe.calibration
         stats_dir = cal.statistics_dir

@@ -27,7 +27,7 @@ import torch
 
 from mergelab.errors import InputDataError, MergelabError, RecipeError
 from mergelab.executors.base import ExecutorOptions, NoProgress, Progress, RunStats, resolve_device, thread_limit
-from mergelab.ir import MASKS, MODEL, MethodCall
+from mergelab.ir import MASKS, MODEL, MethodCall, TensorRef
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
 from mergelab.recipe import Recipe
@@ -90,7 +90,9 @@ class MergeSession:
         self.seed = seed
         self.check_finite = check_finite
         self._cache_size = max(0, cache)
-        self._base_ref, self._expert_idx = _split_inputs(plan.recipe, plan.method)
+        # a slices plan's models are per slice (its jobs carry their parameters): no per-expert overrides
+        self._slices = plan.recipe.slices is not None
+        self._base_ref, self._expert_idx = (None, []) if self._slices else _split_inputs(plan.recipe, plan.method)
         self._inputs: dict[str, tuple[Tensor | None, list[Tensor], list[dict[str, Tensor]]]] = {}
         self._copies: dict[str, Tensor] = {}
         self._deltas: dict[str, dict[str, Tensor]] = {}  # tensor -> parameter key -> unscaled delta
@@ -145,22 +147,27 @@ class MergeSession:
 
     def _read_all(self) -> None:
         plan = self.plan
+        sources = plan.graph.sources
         for job in plan.jobs:
             if job.kind == "copy":
-                self._copies[job.name] = plan.reference.read(job.name)
+                ref = job.inputs[0]
+                self._copies[job.name] = sources[ref.source].read(ref.name)
                 continue
-            converted: dict[int, Tensor] = {}
-            for r in plan.readers_for(job):
-                if id(r) in converted or job.name not in r.tensors():
+            converted: dict[TensorRef, Tensor] = {}
+            for ref in job.inputs:  # the job's inputs by (source, name in that source): base first when it has one
+                if ref in converted:
                     continue
-                t = r.read(job.name)
+                r = sources[ref.source]
+                t = r.read(ref.name)
                 if job.rows is not None:
                     t = t[: job.rows]
                 if self.check_finite and not _all_finite(t):
-                    raise InputDataError(f"{r.label}: tensor {job.name!r} contains NaN or Inf values")
-                converted[id(r)] = t.to(device=self.device, dtype=self.compute_dtype)
-            base = converted[id(plan.base)] if plan.base is not None else None
-            experts = [converted[id(r)] for r in plan.experts]
+                    raise InputDataError(f"{r.label}: tensor {ref.name!r} contains NaN or Inf values")
+                converted[ref] = t.to(device=self.device, dtype=self.compute_dtype)
+            op = job.op
+            has_base = isinstance(op, MethodCall) and op.base
+            base = converted[job.inputs[0]] if has_base else None
+            experts = [converted[ref] for ref in (job.inputs[1:] if has_base else job.inputs)]
             aux: list[dict[str, Tensor]] = []
             if plan.aux is not None:
                 for r, kinds in zip(plan.aux, plan.aux_keys(job)):
@@ -188,6 +195,11 @@ class MergeSession:
         """The plan's jobs with parameters re-resolved for these overrides (the planner's resolver)."""
         if parameters is None and model_parameters is None:
             return self.plan.global_params, self.plan.jobs
+        if self._slices:
+            raise RecipeError(
+                "a merge session over a `slices:` recipe merges with the recipe's parameters only: "
+                "change them in the recipe's slices"
+            )
         recipe = self.plan.recipe
         update: dict[str, Any] = {}
         if parameters is not None:
@@ -312,7 +324,9 @@ class MergeSession:
         self._forget(used)
         for alias, canonical in self.plan.tied.items():
             out[alias] = out[canonical]
-        return {k: out[k] for k in self.plan.reference.tensors() if k in out}
+        ordered = {k: out[k] for k in self.plan.reference.tensors() if k in out}
+        ordered.update((k, v) for k, v in out.items() if k not in ordered)  # renamed outputs (slices)
+        return ordered
 
     def _forget(self, used: set[str]) -> None:
         """Keep the stage outputs of the ``cache`` most recent parameter sets."""
