@@ -23,6 +23,10 @@ model_stock_small_tv       1.8e-05    differs on purpose: exact cosine (paper) v
                                       matches (1.2e-07)
 ties_default_density       4.6e-02    differs on purpose: density defaults to the paper's 0.2
                                       (mergekit: 1.0); ``density: 1.0`` matches exactly
+passthrough_frankenmerge   0          match (slices: ft1 layers 0-1 + ft2 layer 1)
+passthrough_partial_scale  0          match (one partial slice, per-source scale filter)
+slerp_slices               1.2e-07    match (a method and parameters per slice)
+ties_partial_slice         1.5e-08    match (one partial slice, per-source ranges)
 karcher, sce, sce_topk     -          fixtures only, until mergelab registers the method
 dare_*, della*             -          not frozen: masks come from each tool's own RNG
 =========================  =========  ==================================================
@@ -69,7 +73,11 @@ MATCH = [
     "karcher",
     "sce",
     "sce_topk",
-]  # the last three run once mergelab registers the method
+    "passthrough_frankenmerge",
+    "passthrough_partial_scale",
+    "slerp_slices",
+    "ties_partial_slice",
+]  # karcher, sce, sce_topk run once mergelab registers the method
 DEPARTURES = ["model_stock_small_tv", "ties_default_density"]
 REGISTERED = {m.name for m in all_methods()} | {a for m in all_methods() for a in m.aliases}
 
