@@ -9,7 +9,7 @@ oddities. A user learns about a typo in a second, not after an hour.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -702,7 +702,9 @@ def _resolve_slice(recipe: Recipe, method: MergeMethod, k: int, sl: SliceDef) ->
     return order, base_pos is not None, _ParamResolver(sub, method, experts)
 
 
-def _plan_slices(recipe: Recipe, method: MergeMethod, get: Any, out_dtype: torch.dtype | None) -> Plan:
+def _plan_slices(
+    recipe: Recipe, method: MergeMethod, get: Callable[[str], CheckpointReader], out_dtype: torch.dtype | None
+) -> Plan:
     """One job per output tensor of a layer-stacked model.
 
     Output layer j of slice k is layer ``start + j`` of each of the slice's sources, merged with
@@ -725,7 +727,7 @@ def _plan_slices(recipe: Recipe, method: MergeMethod, get: Any, out_dtype: torch
 
     base_reader = get(recipe.base_model) if recipe.base_model is not None else None
     resolved = [_resolve_slice(recipe, method, k, sl) for k, sl in enumerate(recipe.slices)]
-    if any(
+    if base_reader is not None and any(
         has_base and get(sl.sources[order[0]].model) is base_reader
         for sl, (order, has_base, _) in zip(recipe.slices, resolved)
     ):
@@ -841,7 +843,7 @@ def _plan_slices(recipe: Recipe, method: MergeMethod, get: Any, out_dtype: torch
     config_updates: dict[str, Any] = {}
     cfg = reference.config()
     key = layer_count_key(cfg)
-    if key is not None:
+    if key is not None and cfg is not None:
         config_updates[key] = out_layer
         holder = cfg.get("text_config") if key.startswith("text_config.") else cfg
         types = holder.get("layer_types") if isinstance(holder, dict) else None

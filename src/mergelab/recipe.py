@@ -234,6 +234,12 @@ class Recipe(BaseModel):
         assert dt is not None
         return dt
 
+    @property
+    def model_refs(self) -> list[str]:
+        """Every model the recipe names under ``models`` or in its slices' sources, once each, in order."""
+        refs = [m.model for m in self.models] + [s.model for sl in self.slices or () for s in sl.sources]
+        return list(dict.fromkeys(refs))
+
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_defaults=True, by_alias=True)
         data.setdefault("merge_method", self.merge_method)
