@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from mergelab import __version__
 from mergelab.checkpoint.card import model_card
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
-from mergelab.errors import MergelabError, RecipeError
+from mergelab.errors import MergelabError, OutputError, RecipeError
 from mergelab.executors.base import ExecutorOptions, Progress, RunStats, get_executor, thread_limit
 from mergelab.executors.sinks import MemorySink, abort_sinks, finish_sinks, open_disk_sinks
 from mergelab.executors.streaming import StreamingExecutor
@@ -239,6 +240,89 @@ def merge(
         if own_plan and plan is not None:
             plan.close()
     return MergeResult(path=path, stats=stats, plan_summary=summary)
+
+
+@dataclass
+class StageResult:
+    """One stage of a multi-stage merge: its name (None: the final merge), where it went, and the
+    run's result (None when a kept stage output made from the same recipe was reused)."""
+
+    name: str | None
+    path: Path
+    result: MergeResult | None
+
+
+def merge_stages(
+    recipe: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    stages_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    **options: Any,
+) -> list[StageResult]:
+    """Run a multi-stage recipe (several YAML documents, mergekit-multi's form) stage by stage.
+
+    Stages run in dependency order (:func:`mergelab.recipe.load_stages`), each one a
+    :func:`merge` with ``options``. The final (unnamed) stage goes to ``out``; named stages go to
+    ``stages_dir/<name>`` when given (kept, and reused on the next run when made from the same
+    recipe and no stage they read was rebuilt), else to a temporary folder beside ``out`` that is
+    removed at the end. Without an unnamed stage, every stage is written to ``out/<name>`` and
+    ``out`` appears only when all are done.
+    """
+    from mergelab.recipe import load_stages
+
+    dest_path = Path(out).expanduser().absolute()
+    probe = load_stages(recipe, stages_dir or dest_path)  # every document checked before any work
+    has_final = any(st.name is None for st in probe)
+    keep = stages_dir is not None and has_final
+    dest: AtomicOutputDir | None = None
+    if has_final:
+        if dest_path.exists() and not force:
+            AtomicOutputDir(dest_path, force=False)  # the one-line "destination exists" error, before any work
+        if keep:
+            assert stages_dir is not None
+            work = Path(stages_dir).expanduser().absolute()
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            dest_path.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.mergelab-stages-", dir=dest_path.parent))
+    else:
+        dest = AtomicOutputDir(dest_path, force=force)
+        work = dest.tmp
+    results: list[StageResult] = []
+    try:
+        rebuilt: set[str] = set()
+        for st in load_stages(recipe, work):
+            if st.name is None:
+                results.append(StageResult(None, dest_path, merge(st.recipe, dest_path, force=force, **options)))
+                continue
+            target = work / st.name
+            replace = False
+            if keep and target.exists():
+                made = target / "mergelab_recipe.yaml"
+                same = made.is_file() and made.read_text() == st.recipe.to_yaml()
+                if not same:
+                    raise OutputError(
+                        f"{target}: holds a stage output made from another recipe (or not by mergelab); remove it "
+                        "or choose another --stages-dir"
+                    )
+                if not rebuilt & set(st.needs):
+                    results.append(StageResult(st.name, target, None))
+                    continue
+                replace = True  # a stage it reads was rebuilt: rebuild it too
+            results.append(StageResult(st.name, target, merge(st.recipe, target, force=replace, **options)))
+            rebuilt.add(st.name)
+        if dest is not None:
+            final = dest.commit()
+            results = [StageResult(r.name, final / r.path.name, r.result) for r in results]
+    except BaseException:
+        if dest is not None:
+            dest.abort()
+        raise
+    finally:
+        if has_final and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
 
 
 def _memory_recipe(

@@ -108,13 +108,45 @@ def merge(
         str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: 2, or the cluster's CPUs)")] = None,
+    stages_dir: Annotated[
+        Path | None,
+        typer.Option(help="multi-stage recipes: keep the named stages here (default: a temporary folder)"),
+    ] = None,
 ) -> None:
-    """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
+    """Merge the models of RECIPE into the folder OUT (streamed, atomic).
+
+    A RECIPE with several YAML documents is a multi-stage recipe (mergekit-multi's form): the named
+    stages run first, in dependency order, and the unnamed final one is written to OUT."""
     from mergelab.api import merge as run_merge
     from mergelab.api import plan_merge, summarize
     from mergelab.checkpoint.writer import AtomicOutputDir
     from mergelab.progress import RichProgress
-    from mergelab.recipe import parse_dtype
+    from mergelab.recipe import is_multi_stage, parse_dtype
+
+    if is_multi_stage(recipe):
+        from mergelab.api import merge_stages
+
+        done = merge_stages(
+            recipe,
+            out,
+            stages_dir=stages_dir,
+            force=force,
+            device=device,
+            threads=threads,
+            seed=seed,
+            compute_dtype=dtype,
+            out_dtype=out_dtype,
+            max_shard_size=max_shard_size,
+            hash_inputs=hash_inputs,
+            progress=RichProgress(err_console, enabled=not quiet),
+            executor=executor,
+            workers=workers,
+            address=ray_address,
+        )
+        for st in done:
+            what = "reused" if st.result is None else f"merged {st.result.stats.tensors} tensors"
+            err_console.print(f"[green]stage {st.name or 'final'}[/]: {what} into {st.path}")
+        return
 
     if out.exists() and not force:
         AtomicOutputDir(out, force=False)  # raises the one-line error before any work

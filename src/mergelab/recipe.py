@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,6 +288,11 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> 
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
+            if is_multi_stage(path):
+                raise RecipeError(
+                    f"{path}: several YAML documents (a multi-stage recipe): run it with `mergelab merge` "
+                    "or mergelab.merge_stages"
+                ) from exc
             raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
         base_dir = path.resolve().parent
     else:
@@ -347,6 +353,107 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
             stats_dir = str(base_dir / stats_dir)  # may not exist yet: always relative to the recipe
         update["calibration"] = cal.model_copy(update={"source": fix_source(cal.source), "statistics_dir": stats_dir})
     return recipe.model_copy(update=update)
+
+
+# --- multi-stage recipes (mergekit-multi's form) -----------------------------------------
+
+_MODEL_KEYS = ("model", "base_model", "tokenizer_source", "path")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One merge of a multi-stage recipe: its ``name`` (None: the final merge, written to OUT),
+    its recipe (stage names already replaced by their output folders) and the stages it reads."""
+
+    name: str | None
+    recipe: Recipe
+    needs: tuple[str, ...]
+
+
+def _yaml_documents(path: Path) -> list[Any]:
+    try:
+        return list(yaml.safe_load_all(path.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+
+
+def is_multi_stage(source: object) -> bool:
+    """True for a YAML file holding several documents (mergekit-multi's multi-stage recipes)."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
+        return False
+    try:
+        docs = [d for d in _yaml_documents(Path(source)) if d is not None]
+    except RecipeError:
+        return False  # load_recipe reports the syntax error
+    return len(docs) > 1
+
+
+def load_stages(source: str | os.PathLike[str], stages_dir: str | os.PathLike[str]) -> list[Stage]:
+    """The stages of a multi-document recipe, in an order that runs every stage after those it reads.
+
+    Each document is a recipe; one with a ``name`` is an intermediate merge written to
+    ``stages_dir/<name>``, and any model reference (``model``, ``base_model``, slice sources,
+    ``tokenizer_source``) equal to a stage name reads that output; at most one document has no
+    name: the final merge. As mergekit-multi; names must be unique and references acyclic.
+    """
+    path = Path(source)
+    where = str(path)
+    docs = [d for d in _yaml_documents(path) if d is not None]
+    if not all(isinstance(d, dict) for d in docs):
+        raise RecipeError(f"{where}: every document of a multi-stage recipe must be a mapping (a recipe)")
+    names: list[str | None] = []
+    for i, d in enumerate(docs):
+        name = d.get("name")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+            raise RecipeError(f"{where}: document {i + 1}: stage name {name!r} must be a plain folder name")
+        if name in names:
+            what = f"two stages are named {name!r}" if name else "two documents have no name"
+            raise RecipeError(f"{where}: {what}; give each stage a unique `name` (only the final merge has none)")
+        names.append(name)
+    stage_names = {n for n in names if n is not None}
+    out_dir = Path(stages_dir).expanduser().absolute()
+
+    def patch(value: Any, used: set[str], key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: patch(v, used, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [patch(v, used, key) for v in value]
+        if key in _MODEL_KEYS and isinstance(value, str) and value in stage_names:
+            used.add(value)
+            return str(out_dir / value)
+        return value
+
+    stages: dict[str | None, Stage] = {}
+    for d, name in zip(docs, names):
+        used: set[str] = set()
+        body = patch({k: v for k, v in d.items() if k != "name"}, used)
+        label = f"{where} (stage {name or 'final'})"
+        try:
+            rec = Recipe.model_validate(body)
+        except ValidationError as exc:
+            raise RecipeError(_format_validation(exc, label)) from None
+        if name is not None:
+            rec = rec.model_copy(update={"name": name})
+        stages[name] = Stage(name, _resolve_relative(rec, path.resolve().parent), tuple(sorted(used)))
+
+    order: list[Stage] = []
+    state: dict[str | None, str] = {}
+
+    def visit(name: str | None, chain: tuple[str | None, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "active":
+            cycle = " -> ".join(str(n or "final") for n in (*chain, name))
+            raise RecipeError(f"{where}: the stages read each other in a cycle ({cycle}); break it")
+        state[name] = "active"
+        for dep in stages[name].needs:
+            visit(dep, (*chain, name))
+        state[name] = "done"
+        order.append(stages[name])
+
+    for name in names:
+        visit(name, ())
+    return order
 
 
 # --- per-tensor parameter resolution ------------------------------------------------------
