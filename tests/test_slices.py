@@ -421,3 +421,37 @@ def test_analysis_of_a_slices_recipe_reads_its_sources(family):
         _slices([(base, [0, 2]), (experts[0], [0, 2])], method="slerp", base_model=str(base), parameters={"t": 0.5})
     )
     assert rec.base_model == str(base) and [m.model for m in rec.models] == [str(experts[0])]
+
+
+def test_bert_encoder_layers_are_stacked(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    BertForMaskedLM(cfg).save_pretrained(str(tmp_path / "b"))
+    src = str(tmp_path / "b")
+    mergelab.merge(_slices([(src, [0, 2])], [(src, [1, 3])]), tmp_path / "out")
+    sd, got = load_dir(tmp_path / "b"), load_dir(tmp_path / "out")
+    for j, i in enumerate([0, 1, 1, 2]):
+        for k, v in sd.items():
+            if f".layer.{i}." in k:
+                assert torch.equal(got[k.replace(f".layer.{i}.", f".layer.{j}.", 1)], v), k
+    assert torch.equal(got["bert.embeddings.word_embeddings.weight"], sd["bert.embeddings.word_embeddings.weight"])
+    model = BertForMaskedLM.from_pretrained(str(tmp_path / "out"))
+    assert len(model.bert.encoder.layer) == 4
+
+
+def test_tied_embeddings_stay_tied(tied_family, tmp_path):
+    base, experts = tied_family
+    mergelab.merge(_slices([(base, [0, 2])], [(experts[0], [1, 2])]), tmp_path / "out")
+    got = load_dir(tmp_path / "out")
+    assert "lm_head.weight" not in got
+    assert torch.equal(got["model.embed_tokens.weight"], load_dir(base)["model.embed_tokens.weight"])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.config.num_hidden_layers == 3
