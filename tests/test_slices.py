@@ -455,3 +455,15 @@ def test_tied_embeddings_stay_tied(tied_family, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.config.num_hidden_layers == 3
+
+
+def test_a_layer_the_config_counts_but_the_checkpoint_lacks_is_a_plan_error(deep, tmp_path):
+    import shutil
+
+    a, _ = deep
+    shutil.copytree(a, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
+    with pytest.raises(PlanError) as exc:
+        build_plan(load_recipe(_slices([(tmp_path / "a", [3, 5])])))
+    assert "layer 4" in _one_line(exc)

@@ -777,6 +777,11 @@ def _plan_slices(
         for off in range(length):
             t = off / (length - 1) if length > 1 else 1.0
             lead = table(sp.readers[0]).layers.get(sp.starts[0] + off, {})
+            if not lead:
+                raise PlanError(
+                    f"{sp.readers[0].label}: no tensor of layer {sp.starts[0] + off} ({prefix}{sp.starts[0] + off}.*) "
+                    "although its config counts it; the checkpoint is incomplete: re-download it"
+                )
             for r, start in zip(sp.readers, sp.starts):
                 have = table(r).layers.get(start + off, {})
                 if set(have) != set(lead):
