@@ -104,7 +104,7 @@ def recipe_parameters(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def recipe_text(method: str, set_root: Path) -> str:
     """The recipe given to both tools: the 3 fine-tunes on the base (the base listed among the
     models too for methods that merge a fixed number of models, as mergekit's SLERP wants; all 4
-    models for a method that ignores the base)."""
+    models for a method that ignores the base, or as many as it takes)."""
     from mergelab.methods import get_method
 
     spec = get_method(method)
@@ -114,7 +114,7 @@ def recipe_text(method: str, set_root: Path) -> str:
     flow = "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in mp.items()) + "}"
     lines = []
     if spec.base == "ignored":
-        models = [(p, True) for p in (base, *fts)]
+        models = [(p, True) for p in (base, *fts)][: spec.max_experts]  # passthrough: one model
     else:
         lines.append(f"base_model: {base}")
         experts = fts[: spec.max_experts] if spec.max_experts is not None else fts

@@ -26,6 +26,10 @@ ties_default_density       4.6e-02    differs on purpose: density defaults to th
 breadcrumbs_ties_bound_    2.5e-05    tied magnitudes at a band bound (tiny task vectors):
 ties                                  mergelab keeps all tied entries, mergekit exactly
                                       ⌊density n⌋; ``bound_ties: sort`` matches (0)
+passthrough_frankenmerge   0          match (slices: ft1 layers 0-1 + ft2 layer 1)
+passthrough_partial_scale  0          match (one partial slice, per-source scale filter)
+slerp_slices               1.2e-07    match (a method and parameters per slice)
+ties_partial_slice         1.5e-08    match (one partial slice, per-source ranges)
 karcher, sce, sce_topk     -          fixtures only, until mergelab registers the method
 nearswap                   1.2e-07    match (mergekit's |Δ| floor 1e-6 moves entries by < 1e-6;
                                       ``diff_floor: 1e-6``: its rule, 1.2e-07)
@@ -102,6 +106,11 @@ MATCH = [
     "tok_base",
     "tok_model",
     "tok_block_chatml",
+    # slices: layer stacking, per-slice methods, partial layer ranges
+    "passthrough_frankenmerge",
+    "passthrough_partial_scale",
+    "slerp_slices",
+    "ties_partial_slice",
 ]
 DEPARTURES = ["model_stock_small_tv", "ties_default_density", "breadcrumbs_ties_bound_ties"]
 DARE_DENSITY1 = ["dare_linear_density1", "dare_ties_density1", "della_density1", "della_linear_density1"]

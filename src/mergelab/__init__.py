@@ -11,7 +11,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+local"
 
-from mergelab.api import MergeResult, merge, merge_state_dicts, merge_tensors, plan_merge
+from mergelab.api import MergeResult, merge, merge_stages, merge_state_dicts, merge_tensors, plan_merge
 from mergelab.errors import MergelabError
 from mergelab.recipe import Recipe, load_recipe
 
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "load_recipe",
     "merge",
+    "merge_stages",
     "merge_state_dicts",
     "merge_tensors",
     "plan_merge",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,21 @@ def run_inputs(
     return found + recipe_inputs(rec) + (plan_inputs(plan) if plan is not None else [])
 
 
+def _apply_config_updates(cfg_path: Path, updates: Mapping[str, Any]) -> None:
+    """Set the plan's config keys (dotted for nested, ``text_config.num_hidden_layers``) in the
+    output's config.json, e.g. the layer count of a layer-stacked model."""
+    if not updates or not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    for key, value in updates.items():
+        holder = cfg
+        *path, last = key.split(".")
+        for part in path:
+            holder = holder.setdefault(part, {})
+        holder[last] = value
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def merge(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
     out: str | os.PathLike[str],
@@ -239,6 +255,7 @@ def merge(
             abort_sinks(sinks)
         out_dt = parse_dtype(out_dtype, "out_dtype") or rec.output_dtype
         _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
+        _apply_config_updates(dest.tmp / "config.json", plan.graph.config_updates)
         _write_tokenizer(plan, rec, dest.tmp)
         for fname, text in phase.side_files.items() if phase is not None else ():
             (dest.tmp / fname).write_text(text)
@@ -342,6 +359,92 @@ def _check_experts(experts: Any, fn: str) -> None:
         raise OptionError(f"{fn}: experts must be a list (one entry per expert), got {got}")
     if not isinstance(experts, Sequence):
         raise OptionError(f"{fn}: experts must be a list (one entry per expert), got {type(experts).__name__}")
+
+
+@dataclass
+class StageResult:
+    """One stage of a multi-stage merge: its name (None: the final merge), where it went, and the
+    run's result (None when a kept stage output made from the same recipe was reused)."""
+
+    name: str | None
+    path: Path
+    result: MergeResult | None
+
+
+def merge_stages(
+    recipe: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    stages_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    force_any: bool = False,
+    **options: Any,
+) -> list[StageResult]:
+    """Run a multi-stage recipe (several YAML documents, mergekit-multi's form) stage by stage.
+
+    Stages run in dependency order (:func:`mergelab.recipe.load_stages`), each one a
+    :func:`merge` with ``options``. The final (unnamed) stage goes to ``out``; named stages go to
+    ``stages_dir/<name>`` when given (kept, and reused on the next run when made from the same
+    recipe and no stage they read was rebuilt), else to a temporary folder beside ``out`` that is
+    removed at the end. Without an unnamed stage, every stage is written to ``out/<name>`` and
+    ``out`` appears only when all are done.
+    """
+    from mergelab.recipe import load_stages
+
+    dest_path = Path(out).expanduser().absolute()
+    probe = load_stages(recipe, stages_dir or dest_path)  # every document checked before any work
+    has_final = any(st.name is None for st in probe)
+    keep = stages_dir is not None and has_final
+    dest: AtomicOutputDir | None = None
+    if has_final:
+        if dest_path.exists() and not force:
+            AtomicOutputDir(dest_path, force=False)  # the one-line "destination exists" error, before any work
+        if keep:
+            assert stages_dir is not None
+            work = Path(stages_dir).expanduser().absolute()
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            dest_path.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.mergelab-stages-", dir=dest_path.parent))
+    else:
+        inputs = [("recipe", os.fspath(recipe))] + [i for st in probe for i in recipe_inputs(st.recipe)]
+        dest = AtomicOutputDir(dest_path, force=force, force_any=force_any, inputs=inputs)
+        work = dest.tmp
+    results: list[StageResult] = []
+    try:
+        rebuilt: set[str] = set()
+        for st in load_stages(recipe, work):
+            if st.name is None:
+                final_result = merge(st.recipe, dest_path, force=force, force_any=force_any, **options)
+                results.append(StageResult(None, dest_path, final_result))
+                continue
+            target = work / st.name
+            replace = False
+            if keep and target.exists():
+                made = target / "mergelab_recipe.yaml"
+                same = made.is_file() and made.read_text() == st.recipe.to_yaml()
+                if not same:
+                    raise OutputError(
+                        f"{target}: holds a stage output made from another recipe (or not by mergelab); remove it "
+                        "or choose another --stages-dir"
+                    )
+                if not rebuilt & set(st.needs):
+                    results.append(StageResult(st.name, target, None))
+                    continue
+                replace = True  # a stage it reads was rebuilt: rebuild it too
+            results.append(StageResult(st.name, target, merge(st.recipe, target, force=replace, **options)))
+            rebuilt.add(st.name)
+        if dest is not None:
+            final = dest.commit()
+            results = [StageResult(r.name, final / r.path.name, r.result) for r in results]
+    except BaseException:
+        if dest is not None:
+            dest.abort()
+        raise
+    finally:
+        if has_final and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
 
 
 def _memory_recipe(

@@ -162,16 +162,49 @@ def merge(
         str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: 2, or the cluster's CPUs)")] = None,
+    stages_dir: Annotated[
+        Path | None,
+        typer.Option(help="multi-stage recipes: keep the named stages here (default: a temporary folder)"),
+    ] = None,
 ) -> None:
-    """Merge the models of RECIPE into the folder OUT (streamed, atomic)."""
+    """Merge the models of RECIPE into the folder OUT (streamed, atomic).
+
+    A RECIPE with several YAML documents is a multi-stage recipe (mergekit-multi's form): the named
+    stages run first, in dependency order, and the unnamed final one is written to OUT."""
     from mergelab.api import merge as run_merge
     from mergelab.api import plan_merge, run_inputs, summarize
     from mergelab.executors.base import check_threads, resolve_device
     from mergelab.progress import RichProgress
-    from mergelab.recipe import load_recipe, parse_dtype
+    from mergelab.recipe import is_multi_stage, load_recipe, parse_dtype
 
     resolve_device(device)  # an unknown or unavailable device and a bad --threads fail before any input is opened
     check_threads(threads)
+    if is_multi_stage(recipe):
+        from mergelab.api import merge_stages
+
+        done = merge_stages(
+            recipe,
+            out,
+            stages_dir=stages_dir,
+            force=force,
+            force_any=force_any,
+            device=device,
+            threads=threads,
+            seed=seed,
+            compute_dtype=dtype,
+            out_dtype=out_dtype,
+            max_shard_size=max_shard_size,
+            hash_inputs=hash_inputs,
+            progress=RichProgress(err_console, enabled=not quiet),
+            executor=executor,
+            workers=workers,
+            address=ray_address,
+        )
+        for st in done:
+            what = "reused" if st.result is None else f"merged {st.result.stats.tensors} tensors"
+            err_console.print(f"[green]stage {st.name or 'final'}[/]: {what} into {st.path}")
+        return
+
     rec = load_recipe(recipe)
     _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
     plan = plan_merge(rec, out_dtype=out_dtype)

@@ -13,8 +13,11 @@ headers, and what every executor (:mod:`mergelab.executors`) runs:
 * the method, its global parameters and folds (model-wide statistics), the depth, tied names,
   warnings and, for data-informed methods, the per-expert statistics readers.
 
-Name mappings between an output and the inputs are data (:class:`NameMap`; the identity today),
-so renaming schemes (MoE upcycling, PEFT keys) add a map, not a code path.
+Name mappings between an output and the inputs are data (:class:`NameMap`), so renaming
+schemes add a map, not a code path: layer stacking (``slices:`` recipes) maps each output layer
+to a layer of each source (``model.layers.5.*`` <- ``model.layers.2.*`` of one model); MoE
+upcycling and PEFT keys would be maps too. Every job's inputs are already resolved
+:class:`TensorRef` objects, so executors read ``job.inputs`` and never rename.
 """
 
 from __future__ import annotations
@@ -240,8 +243,9 @@ class Job:
 class NameMap:
     """Output tensor name -> the name it has in each source (identity where not listed).
 
-    ``maps[source][output name] = input name``. Today every graph uses the identity; MoE
-    upcycling (one input tensor -> several experts' outputs) and PEFT keys are maps.
+    ``maps[source][output name] = input name``. Plans of ``models:`` recipes use the identity;
+    plans of ``slices:`` recipes map each output layer's tensors to the source layers they are
+    merged from (:func:`mergelab.plan.build_plan`).
     """
 
     maps: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -279,6 +283,9 @@ class Graph:
     tied: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     names: NameMap = IDENTITY
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    """Keys to set in the output's config.json (dotted for nested: ``text_config.num_hidden_layers``),
+    e.g. the depth of a layer-stacked model."""
     aux: list[CheckpointReader] | None = None
     aux_index: list[dict[str, dict[str, str]]] = field(default_factory=list)
 

@@ -9,7 +9,7 @@ oddities. A user learns about a typo in a second, not after an hour.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from mergelab.ir import (
 from mergelab.methods.base import MergeMethod, MethodParams, is_numeric_annotation
 from mergelab.methods.mergekit_defaults import mergekit_fill, parameter_warnings
 from mergelab.methods.registry import get_method
-from mergelab.recipe import Recipe, parse_dtype, resolve_setting
+from mergelab.recipe import ModelEntry, Recipe, SliceDef, models_from_slices, parse_dtype, resolve_setting
 
 _LAYER_PATTERNS = [
     re.compile(p)
@@ -67,6 +67,34 @@ def layer_index(name: str) -> int | None:
         m = pat.search(name)
         if m:
             return int(m.group(1))
+    return None
+
+
+def layer_split(name: str) -> tuple[str, int, str] | None:
+    """A layer tensor's name as (prefix, block index, suffix): ``model.layers.3.mlp.w`` ->
+    (``model.layers.``, 3, ``.mlp.w``); None outside the blocks. Same patterns as :func:`layer_index`."""
+    for pat in _LAYER_PATTERNS:
+        m = pat.search(name)
+        if m:
+            return name[: m.start(1)], int(m.group(1)), name[m.end(1) :]
+    return None
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+"""config.json keys that hold the number of blocks (Llama/Mistral/Qwen/BERT, GPT-2, T5/ChatGLM, ...)."""
+
+
+def layer_count_key(config: Mapping[str, Any] | None) -> str | None:
+    """The config key holding the depth (``text_config.<key>`` for multimodal configs), or None."""
+    if not config:
+        return None
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return key
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        inner = layer_count_key(text)
+        return f"text_config.{inner}" if inner else None
     return None
 
 
@@ -541,6 +569,8 @@ def build_plan(
     other references are opened with :func:`open_checkpoint`.
     """
     method = get_method(recipe.merge_method)
+    if recipe.slices is not None:
+        return _build_slices(recipe, method, readers, out_dtype)
     base_ref, expert_idx = _split_inputs(recipe, method)
     n_exp = len(expert_idx)
     if n_exp < method.min_experts:
@@ -797,6 +827,335 @@ def _vocab_job(
     if routed:
         outputs += (OutRef(MASKS, name, shape, torch.bool),)
     return Job(refs, MethodCall(params, model_params, None, None, base=base is not None, vocab=align), outputs)
+
+
+# --- slices: layer stacking ---------------------------------------------------------------
+
+
+@dataclass
+class _LayerTable:
+    """One checkpoint's tensors split into its blocks (index -> suffix -> name) and the rest."""
+
+    prefix: str | None
+    layers: dict[int, dict[str, str]]
+    other: list[str]
+
+
+def _layer_table(r: CheckpointReader) -> _LayerTable:
+    prefixes: set[str] = set()
+    layers: dict[int, dict[str, str]] = {}
+    other: list[str] = []
+    for name in r.tensors():
+        split = layer_split(name)
+        if split is None:
+            other.append(name)
+            continue
+        prefix, idx, suffix = split
+        prefixes.add(prefix)
+        layers.setdefault(idx, {})[suffix] = name
+    if len(prefixes) > 1:
+        shown = ", ".join(sorted(prefixes)[:3])
+        raise PlanError(
+            f"{r.label}: numbered layers under several prefixes ({shown}); slices stack one sequence of "
+            "layers: merge this model with a `models:` list"
+        )
+    return _LayerTable(next(iter(prefixes)) if prefixes else None, layers, other)
+
+
+@dataclass
+class _SlicePlan:
+    """One slice resolved: its readers (base first, then the others), their source ids, its resolver."""
+
+    definition: SliceDef
+    readers: list[CheckpointReader]
+    ids: list[str]
+    starts: list[int]
+    has_base: bool
+    resolver: _ParamResolver
+    global_params: MethodParams
+    model_params: tuple[MethodParams, ...]
+
+
+def _build_slices(
+    recipe: Recipe,
+    method: MergeMethod,
+    readers: Mapping[str, CheckpointReader] | None,
+    out_dtype: torch.dtype | None,
+) -> Plan:
+    """Plan a ``slices:`` recipe: a single slice taking every model whole is the ``models:`` form;
+    anything else (several slices, partial ranges) is planned layer by layer (:func:`_plan_slices`)."""
+    assert recipe.slices is not None
+    if method.statistics is not None or method.outputs == "routed":
+        what = "collects per-model statistics" if method.statistics is not None else "writes per-model parts"
+        raise RecipeError(
+            f"merge_method {method.name} {what}, which slices of different models cannot give: use a `models:` list"
+        )
+    given = dict(readers or {})
+    opened: dict[str, CheckpointReader] = dict(given)
+
+    def get(ref: str) -> CheckpointReader:
+        if ref not in opened:
+            opened[ref] = open_checkpoint(ref)
+        return opened[ref]
+
+    try:
+        depths: dict[str, int] = {}
+        for k, sl in enumerate(recipe.slices):
+            for src in sl.sources:
+                r = get(src.model)
+                if src.model not in depths:
+                    n = num_layers_from(r.config(), list(r.tensors()))
+                    if not n:
+                        raise PlanError(
+                            f"{r.label}: no numbered layers (config.json has no layer count and no tensor is in "
+                            "a block): slices need a layered model; use a `models:` list"
+                        )
+                    depths[src.model] = n
+                start, end = src.layer_range
+                if end > depths[src.model]:
+                    raise PlanError(
+                        f"slices[{k}]: layer_range [{start}, {end}] of {r.label} is out of range: the model has "
+                        f"{depths[src.model]} layers (use an end <= {depths[src.model]})"
+                    )
+        whole = models_from_slices(recipe)
+        if whole is not None and all(tuple(s.layer_range) == (0, depths[s.model]) for s in recipe.slices[0].sources):
+            return build_plan(whole, readers=opened, out_dtype=out_dtype)
+        return _plan_slices(recipe, method, get, out_dtype)
+    except BaseException:
+        for ref, r in opened.items():
+            if ref not in given:
+                r.close()
+        raise
+
+
+def _resolve_slice(recipe: Recipe, method: MergeMethod, k: int, sl: SliceDef) -> tuple[list[int], bool, _ParamResolver]:
+    """Order (base first) and resolver of slice ``k``; the slice's rules are mergekit's: its base is
+    its own ``base_model`` or the recipe's and must be one of its sources (unless the method ignores it)."""
+    models = [s.model for s in sl.sources]
+    base_ref = None if method.base == "ignored" else (sl.base_model or recipe.base_model)
+    if base_ref is not None and base_ref not in models:
+        raise RecipeError(
+            f"slices[{k}]: base_model {base_ref} is not one of the slice's sources; add it to `sources` with a "
+            "layer_range of the same length, or set the slice's own base_model"
+        )
+    if method.base == "required" and base_ref is None:
+        raise RecipeError(
+            f"slices[{k}]: merge_method {method.name} needs a base_model (set it for the recipe or the slice, "
+            "and list it among the slice's sources)"
+        )
+    base_pos = models.index(base_ref) if base_ref is not None else None
+    experts = [i for i in range(len(models)) if i != base_pos]
+    n_exp = len(experts)
+    if n_exp < method.min_experts or (method.max_experts is not None and n_exp > method.max_experts):
+        want = (
+            f"exactly {method.min_experts}"
+            if method.max_experts == method.min_experts
+            else f"at least {method.min_experts}"
+            if n_exp < method.min_experts
+            else f"at most {method.max_experts}"
+        )
+        raise RecipeError(
+            f"slices[{k}]: merge_method {method.name} takes {want} model(s) per slice besides the base, got {n_exp}"
+        )
+    sub = recipe.model_copy(
+        update={
+            "models": [ModelEntry(model=s.model, parameters=s.parameters or {}) for s in sl.sources],
+            "slices": None,
+            "base_model": base_ref,
+            "parameters": {**recipe.parameters, **(sl.parameters or {})},
+        }
+    )
+    order = ([base_pos] if base_pos is not None else []) + experts
+    return order, base_pos is not None, _ParamResolver(sub, method, experts)
+
+
+def _plan_slices(
+    recipe: Recipe, method: MergeMethod, get: Callable[[str], CheckpointReader], out_dtype: torch.dtype | None
+) -> Plan:
+    """One job per output tensor of a layer-stacked model.
+
+    Output layer j of slice k is layer ``start + j`` of each of the slice's sources, merged with
+    the slice's parameters at depth t = j / (length - 1) (1 for a one-layer slice), and numbered
+    on from the previous slices' layers. Tensors outside the blocks come from the first slice's
+    sources (embeddings and everything module order puts before the blocks) or the last slice's
+    (final norm, heads), at depth 0, as mergekit 0.1.5 does. The output config's layer count is
+    set to the total.
+    """
+    assert recipe.slices is not None
+    out_dtype = out_dtype or recipe.output_dtype
+    sources: dict[str, CheckpointReader] = {}
+
+    def source_id(r: CheckpointReader, want: str) -> str:
+        for sid, v in sources.items():
+            if v is r:
+                return sid
+        sources[want] = r
+        return want
+
+    base_reader = get(recipe.base_model) if recipe.base_model is not None else None
+    resolved = [_resolve_slice(recipe, method, k, sl) for k, sl in enumerate(recipe.slices)]
+    if base_reader is not None and any(
+        has_base and get(sl.sources[order[0]].model) is base_reader
+        for sl, (order, has_base, _) in zip(recipe.slices, resolved)
+    ):
+        source_id(base_reader, "base")  # the recipe's base is a base of some slice: source "base"
+    slices: list[_SlicePlan] = []
+    for k, (sl, (order, has_base, resolver)) in enumerate(zip(recipe.slices, resolved)):
+        g, mp = resolver.resolve("", 0.0)
+        if method.passes(g):
+            raise RecipeError(
+                f"slices[{k}]: merge_method {method.name} with these parameters gathers statistics over the whole "
+                "model (e.g. scope: global), which is not defined across slices of different models; use per-tensor "
+                "settings or a `models:` list"
+            )
+        rs = [get(sl.sources[i].model) for i in order]
+        ids = [source_id(r, f"expert{len(sources)}") for r in rs]
+        starts = [sl.sources[i].layer_range[0] for i in order]
+        slices.append(_SlicePlan(sl, rs, ids, starts, has_base, resolver, g, mp))
+    reference = base_reader if base_reader is not None else slices[0].readers[0]
+    ref_id = source_id(reference, "reference")
+    tables: dict[int, _LayerTable] = {}
+
+    def table(r: CheckpointReader) -> _LayerTable:
+        if id(r) not in tables:
+            tables[id(r)] = _layer_table(r)
+        return tables[id(r)]
+
+    ref_table = table(reference)
+    prefix = ref_table.prefix
+    for sp in slices:
+        for r in sp.readers:
+            if table(r).prefix != prefix:
+                raise PlanError(
+                    f"{r.label}: its layers are named {table(r).prefix}N but {reference.label}'s {prefix}N; "
+                    "slices stack models of one architecture"
+                )
+    assert prefix is not None  # every source has layers (checked with the depths)
+    ref_names = reference.tensors()
+    tied = _tied_names(reference, ref_names)
+    maps: dict[str, dict[str, str]] = {}
+    planned: list[tuple[str, _SlicePlan, int | None, float]] = []  # output name, slice, layer, depth t
+    copies: list[Job] = []
+
+    out_layer = 0
+    layer_sources: list[int] = []  # per output layer: the block of its slice's first source
+    for sp in slices:
+        length = sp.definition.length
+        for off in range(length):
+            t = off / (length - 1) if length > 1 else 1.0
+            lead = table(sp.readers[0]).layers.get(sp.starts[0] + off, {})
+            if not lead:
+                raise PlanError(
+                    f"{sp.readers[0].label}: no tensor of layer {sp.starts[0] + off} ({prefix}{sp.starts[0] + off}.*) "
+                    "although its config counts it; the checkpoint is incomplete: re-download it"
+                )
+            for r, start in zip(sp.readers, sp.starts):
+                have = table(r).layers.get(start + off, {})
+                if set(have) != set(lead):
+                    odd = sorted(set(have) ^ set(lead))[0]
+                    raise PlanError(
+                        f"{r.label}: layer {start + off} {'has' if odd in have else 'lacks'} tensor {prefix}N{odd} "
+                        f"unlike layer {sp.starts[0] + off} of {sp.readers[0].label}; the models do not share an "
+                        "architecture"
+                    )
+            for suffix in sorted(lead):
+                out_name = f"{prefix}{out_layer}{suffix}"
+                for r, sid, start in zip(sp.readers, sp.ids, sp.starts):
+                    maps.setdefault(sid, {})[out_name] = table(r).layers[start + off][suffix]
+                planned.append((out_name, sp, out_layer, t))
+            layer_sources.append(sp.starts[0] + off)
+            out_layer += 1
+    for name in ref_table.other:
+        meta = ref_names[name]
+        if name in tied:
+            continue
+        if not _is_float(meta.dtype):  # buffers (position ids): copied from the reference, as for `models:`
+            copies.append(Job((TensorRef(ref_id, name),), Copy(None), (OutRef(MODEL, name, meta.shape, meta.dtype),)))
+            continue
+        sp = slices[0] if natural_order_key(name)[0] == 0 else slices[-1]
+        for r, sid in zip(sp.readers, sp.ids):
+            if name not in r.tensors():
+                raise PlanError(
+                    f"{r.label}: missing tensor {name!r} that {reference.label} has; the models do not share an "
+                    "architecture (or the checkpoint is incomplete: re-download it)"
+                )
+            maps.setdefault(sid, {})[name] = name
+        planned.append((name, sp, None, 0.0))
+    names = NameMap({sid: dict(m) for sid, m in maps.items()})
+
+    jobs: list[Job] = list(copies)
+    for out_name, sp, layer, t in planned:
+        refs = tuple(names.ref(sid, out_name) for sid in sp.ids)
+        metas = [r.tensors()[ref.name] for r, ref in zip(sp.readers, refs)]
+        meta = metas[0]
+        for r, ref, other in zip(sp.readers, refs, metas):
+            if _is_float(other.dtype) != _is_float(meta.dtype):
+                raise PlanError(f"{r.label}: tensor {ref.name!r} is {other.dtype} but {refs[0].name!r} is {meta.dtype}")
+            if other.shape != meta.shape:
+                raise PlanError(
+                    f"{r.label}: tensor {ref.name!r} has shape {list(other.shape)} but {sp.readers[0].label}'s "
+                    f"{refs[0].name!r} has {list(meta.shape)}; the models do not share an architecture"
+                )
+        if not _is_float(meta.dtype):
+            jobs.append(Job(refs[:1], Copy(layer), (OutRef(MODEL, out_name, meta.shape, meta.dtype),)))
+            continue
+        params, model_params = sp.resolver.resolve(out_name, t)
+        jobs.append(
+            Job(
+                refs,
+                MethodCall(params, model_params, layer, None, base=sp.has_base),
+                (OutRef(MODEL, out_name, meta.shape, out_dtype or meta.dtype),),
+            )
+        )
+    jobs.sort(key=lambda j: natural_order_key(j.name))
+
+    warnings: list[str] = []
+    if any(sl.residual_weight is not None for sl in recipe.slices):
+        warnings.append("slices: residual_weight is ignored (as by mergekit 0.1.5)")
+    config_updates: dict[str, Any] = {}
+    cfg = reference.config()
+    key = layer_count_key(cfg)
+    if key is not None and cfg is not None:
+        config_updates[key] = out_layer
+        holder = cfg.get("text_config") if key.startswith("text_config.") else cfg
+        types = holder.get("layer_types") if isinstance(holder, dict) else None
+        if isinstance(types, list) and all(0 <= i < len(types) for i in layer_sources):
+            # per-layer attention kinds (sliding / full) must list every layer: each output layer
+            # keeps its source layer's (read in the reference, whose layout the sources share)
+            types_key = "text_config.layer_types" if key.startswith("text_config.") else "layer_types"
+            config_updates[types_key] = [types[i] for i in layer_sources]
+    elif cfg is not None:
+        warnings.append(
+            f"{reference.label}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}); set it to "
+            f"{out_layer} in the output's config.json"
+        )
+
+    base_id = "base" if "base" in sources else None
+    expert_ids: list[str] = []
+    expert_params: dict[str, MethodParams] = {}
+    for sp in slices:
+        for n, sid in enumerate(sp.ids):
+            if sid == base_id or sid in expert_ids:
+                continue
+            expert_ids.append(sid)
+            pos = n - (1 if sp.has_base else 0)
+            expert_params[sid] = sp.model_params[pos] if pos >= 0 else method.model_params.model_construct()
+    graph = Graph(
+        sources=sources,
+        artifacts={MODEL: Artifact(MODEL, "hf_checkpoint")},
+        jobs=jobs,
+        method=method,
+        global_params=slices[0].global_params,
+        base=base_id,
+        experts=tuple(expert_ids),
+        reference=ref_id,
+        num_layers=out_layer,
+        tied=tied,
+        warnings=warnings,
+        names=names,
+        config_updates=config_updates,
+    )
+    return Plan(recipe=recipe, graph=graph, global_model_params=tuple(expert_params[s] for s in expert_ids))
 
 
 def describe_dtype(dtype: str | torch.dtype | None) -> str:

@@ -17,6 +17,11 @@ The format is mergekit's for everything both tools share, so a mergekit recipe r
         - value: 0.2
     dtype: bfloat16
 
+``slices:`` (mergekit's form; instead of ``models``) stacks layer ranges: each slice lists
+``sources`` (``model``, ``layer_range: [start, end)``, per-source ``parameters``) of one length,
+an optional ``base_model`` and ``parameters``; the method merges each slice's sources layer by
+layer, and the output's layers are numbered on across slices (:mod:`mergelab.plan`).
+
 A parameter value is a scalar, a gradient (a list of numbers interpolated over the layer index;
 tensors outside the blocks take the first value, as in mergekit), or a list of
 ``{filter, value}`` conditions matched as substrings of the tensor name. A per-model parameter
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,16 +116,61 @@ class ModelEntry(BaseModel):
 
 
 class SliceSource(BaseModel):
+    """One source of a slice: layers ``layer_range`` = [start, end) of ``model`` (mergekit's form)."""
+
     model_config = ConfigDict(extra="forbid")
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamSetting] | None = None
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_ref(cls, v: Any) -> Any:
+        return ModelEntry._model_ref(v)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        start, end = v
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range [{start}, {end}] must be [start, end) with 0 <= start < end")
+        return v
+
 
 class SliceDef(BaseModel):
+    """One output slice: its sources (same number of layers each), an optional ``base_model``
+    (default: the recipe's) and ``parameters`` that override the recipe's for this slice.
+    ``residual_weight`` is accepted and ignored, as by mergekit 0.1.5."""
+
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
+    base_model: str | None = None
+    residual_weight: float | None = None
     parameters: dict[str, ParamSetting] | None = None
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_ref(cls, v: Any) -> Any:
+        return ModelEntry._model_ref(v)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> SliceDef:
+        if not self.sources:
+            raise ValueError("a slice needs at least one source (model + layer_range)")
+        lengths = [s.layer_range[1] - s.layer_range[0] for s in self.sources]
+        if len(set(lengths)) != 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
+            raise ValueError(f"the sources of a slice must have the same number of layers, got {ranges}")
+        models = [s.model for s in self.sources]
+        dup = next((m for m in models if models.count(m) > 1), None)
+        if dup is not None:
+            raise ValueError(f"model {dup} is listed twice in one slice: give each model once per slice")
+        return self
+
+    @property
+    def length(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
 
 
 class Recipe(BaseModel):
@@ -169,9 +220,9 @@ class Recipe(BaseModel):
         if self.slices is not None:
             if self.models:
                 raise ValueError("give either `models` or `slices`, not both")
-            self.models = _models_from_slices(self.slices, self.parameters)
-            self.slices = None
-        if not self.models:
+            if not self.slices:
+                raise ValueError("`slices` is empty: list at least one slice, or give a `models:` list")
+        elif not self.models:
             raise ValueError("the recipe lists no models: add a `models:` list")
         check_chat_template(self.chat_template)
         if self.tokenizer_source is not None:
@@ -191,27 +242,34 @@ class Recipe(BaseModel):
         assert dt is not None
         return dt
 
+    @property
+    def model_refs(self) -> list[str]:
+        """Every model the recipe names under ``models`` or in its slices' sources, once each, in order."""
+        refs = [m.model for m in self.models] + [s.model for sl in self.slices or () for s in sl.sources]
+        return list(dict.fromkeys(refs))
+
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_defaults=True, by_alias=True)
         data.setdefault("merge_method", self.merge_method)
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _models_from_slices(slices: list[SliceDef], global_params: dict[str, Any]) -> list[ModelEntry]:
-    """Accept the common mergekit form: one slice whose sources each cover a whole model."""
-    if len(slices) != 1:
-        raise ValueError(
-            "recipes with several slices (frankenmerges / layer stacking) are not supported; "
-            "use one slice covering every layer, or a `models:` list"
-        )
-    (sl,) = slices
-    ranges = {tuple(s.layer_range) for s in sl.sources}
-    if len(ranges) != 1 or next(iter(ranges))[0] != 0:
-        raise ValueError("slice sources must all cover the same layer range starting at 0 (whole models)")
-    if sl.parameters:
-        for k, v in sl.parameters.items():
-            global_params.setdefault(k, v)
-    return [ModelEntry(model=s.model, parameters=s.parameters or {}) for s in sl.sources]
+def models_from_slices(recipe: Recipe) -> Recipe | None:
+    """The ``models:`` form of a recipe with one slice (and no slice ``base_model`` of its own),
+    else None. The planner uses it when every source's ``layer_range`` covers the whole model
+    (the common mergekit form); a partial range is planned as a slice (only those layers).
+
+    The slice's parameters override the recipe's (mergekit's precedence: source, slice, recipe).
+    """
+    if recipe.slices is None or len(recipe.slices) != 1:
+        return None
+    (sl,) = recipe.slices
+    if sl.base_model not in (None, recipe.base_model):
+        return None
+    models = [ModelEntry(model=s.model, parameters=s.parameters or {}) for s in sl.sources]
+    return recipe.model_copy(
+        update={"models": models, "slices": None, "parameters": {**recipe.parameters, **(sl.parameters or {})}}
+    )
 
 
 def _format_validation(exc: ValidationError, where: str) -> str:
@@ -270,7 +328,15 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> 
         where = str(path)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
-        data = _parse_yaml(path)
+        try:
+            data = _parse_yaml(path)
+        except RecipeError:
+            if is_multi_stage(path):
+                raise RecipeError(
+                    f"{path}: several YAML documents (a multi-stage recipe): run it with `mergelab merge` "
+                    "or mergelab.merge_stages"
+                ) from None
+            raise
         base_dir = path.resolve().parent
     elif isinstance(source, Mapping):
         data = dict(source)
@@ -341,6 +407,16 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
                 "tokens": tokens if recipe.tokenizer.tokens else None,
             }
         )
+    if recipe.slices is not None:
+        update["slices"] = [
+            sl.model_copy(
+                update={
+                    "base_model": fix(sl.base_model),
+                    "sources": [s.model_copy(update={"model": fix(s.model)}) for s in sl.sources],
+                }
+            )
+            for sl in recipe.slices
+        ]
     if recipe.calibration is not None:
         cal = recipe.calibration
         stats_dir = cal.statistics_dir
@@ -353,6 +429,107 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
 def _fix_tokenizer_source(value: str | None, fix: Any) -> str | None:
     """``base`` and ``union`` are keywords, never folder names; other values are paths."""
     return value if value in (None, "base", "union") else fix(value)
+
+
+# --- multi-stage recipes (mergekit-multi's form) -----------------------------------------
+
+_MODEL_KEYS = ("model", "base_model", "tokenizer_source", "path")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One merge of a multi-stage recipe: its ``name`` (None: the final merge, written to OUT),
+    its recipe (stage names already replaced by their output folders) and the stages it reads."""
+
+    name: str | None
+    recipe: Recipe
+    needs: tuple[str, ...]
+
+
+def _yaml_documents(path: Path) -> list[Any]:
+    try:
+        return list(yaml.safe_load_all(path.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+
+
+def is_multi_stage(source: object) -> bool:
+    """True for a YAML file holding several documents (mergekit-multi's multi-stage recipes)."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
+        return False
+    try:
+        docs = [d for d in _yaml_documents(Path(source)) if d is not None]
+    except RecipeError:
+        return False  # load_recipe reports the syntax error
+    return len(docs) > 1
+
+
+def load_stages(source: str | os.PathLike[str], stages_dir: str | os.PathLike[str]) -> list[Stage]:
+    """The stages of a multi-document recipe, in an order that runs every stage after those it reads.
+
+    Each document is a recipe; one with a ``name`` is an intermediate merge written to
+    ``stages_dir/<name>``, and any model reference (``model``, ``base_model``, slice sources,
+    ``tokenizer_source``) equal to a stage name reads that output; at most one document has no
+    name: the final merge. As mergekit-multi; names must be unique and references acyclic.
+    """
+    path = Path(source)
+    where = str(path)
+    docs = [d for d in _yaml_documents(path) if d is not None]
+    if not all(isinstance(d, dict) for d in docs):
+        raise RecipeError(f"{where}: every document of a multi-stage recipe must be a mapping (a recipe)")
+    names: list[str | None] = []
+    for i, d in enumerate(docs):
+        name = d.get("name")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+            raise RecipeError(f"{where}: document {i + 1}: stage name {name!r} must be a plain folder name")
+        if name in names:
+            what = f"two stages are named {name!r}" if name else "two documents have no name"
+            raise RecipeError(f"{where}: {what}; give each stage a unique `name` (only the final merge has none)")
+        names.append(name)
+    stage_names = {n for n in names if n is not None}
+    out_dir = Path(stages_dir).expanduser().absolute()
+
+    def patch(value: Any, used: set[str], key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: patch(v, used, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [patch(v, used, key) for v in value]
+        if key in _MODEL_KEYS and isinstance(value, str) and value in stage_names:
+            used.add(value)
+            return str(out_dir / value)
+        return value
+
+    stages: dict[str | None, Stage] = {}
+    for d, name in zip(docs, names):
+        used: set[str] = set()
+        body = patch({k: v for k, v in d.items() if k != "name"}, used)
+        label = f"{where} (stage {name or 'final'})"
+        try:
+            rec = Recipe.model_validate(body)
+        except ValidationError as exc:
+            raise RecipeError(_format_validation(exc, label)) from None
+        if name is not None:
+            rec = rec.model_copy(update={"name": name})
+        stages[name] = Stage(name, _resolve_relative(rec, path.resolve().parent), tuple(sorted(used)))
+
+    order: list[Stage] = []
+    state: dict[str | None, str] = {}
+
+    def visit(name: str | None, chain: tuple[str | None, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "active":
+            cycle = " -> ".join(str(n or "final") for n in (*chain, name))
+            raise RecipeError(f"{where}: the stages read each other in a cycle ({cycle}); break it")
+        state[name] = "active"
+        for dep in stages[name].needs:
+            visit(dep, (*chain, name))
+        state[name] = "done"
+        order.append(stages[name])
+
+    for name in names:
+        visit(name, ())
+    return order
 
 
 # --- per-tensor parameter resolution ------------------------------------------------------

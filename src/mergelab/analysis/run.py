@@ -33,7 +33,7 @@ def analysis_recipe(
     if recipe is not None:
         rec = load_recipe(recipe)
         base_ref = base or rec.base_model
-        refs = [m.model for m in rec.models if m.model != base_ref]
+        refs = [m for m in rec.model_refs if m != base_ref]  # a slices recipe: its sources' whole models
         vocab = rec.vocab_mismatch
     else:
         base_ref, refs, vocab = base, list(models or []), "error"

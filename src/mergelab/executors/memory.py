@@ -36,7 +36,7 @@ from mergelab.executors.base import (
     resolve_device,
     thread_limit,
 )
-from mergelab.ir import MASKS, MODEL, Copy, MethodCall
+from mergelab.ir import MASKS, MODEL, Copy, MethodCall, TensorRef
 from mergelab.methods.base import MethodOutput, MethodParams, TensorContext
 from mergelab.plan import Plan, TensorJob, _ParamResolver, _split_inputs, build_plan
 from mergelab.recipe import Recipe
@@ -99,7 +99,9 @@ class MergeSession:
         self.seed = seed
         self.check_finite = check_finite
         self._cache_size = max(0, cache)
-        self._base_ref, self._expert_idx = _split_inputs(plan.recipe, plan.method)
+        # a slices plan's models are per slice (its jobs carry their parameters): no per-expert overrides
+        self._slices = plan.recipe.slices is not None
+        self._base_ref, self._expert_idx = (None, []) if self._slices else _split_inputs(plan.recipe, plan.method)
         self._inputs: dict[str, tuple[Tensor | None, list[Tensor], list[dict[str, Tensor]]]] = {}
         self._copies: dict[str, Tensor] = {}
         self._deltas: dict[str, dict[str, Tensor]] = {}  # tensor -> parameter key -> unscaled delta
@@ -154,26 +156,30 @@ class MergeSession:
 
     def _read_all(self) -> None:
         plan = self.plan
+        sources = plan.graph.sources
         for job in plan.jobs:
             if job.kind == "copy":
-                copied = self._copies[job.name] = plan.reference.read(job.name)
+                ref = job.inputs[0]
+                copied = self._copies[job.name] = sources[ref.source].read(ref.name)
                 op = job.op
                 assert isinstance(op, Copy)
-                g = plan.graph
-                check_copy(g, job, op, copied, {ref: g.sources[ref.source].read(ref.name) for ref in op.verify})
+                check_copy(plan.graph, job, op, copied, {v: sources[v.source].read(v.name) for v in op.verify})
                 continue
-            converted: dict[int, Tensor] = {}
-            for r, ref in zip(plan.readers_for(job), job.inputs):  # ref.name: a tied input's stand-in
-                if id(r) in converted or ref.name not in r.tensors():
+            converted: dict[TensorRef, Tensor] = {}
+            for ref in job.inputs:  # the job's inputs by (source, name in that source): base first when it has one
+                if ref in converted:
                     continue
+                r = sources[ref.source]
                 t = r.read(ref.name)
                 if job.rows is not None:
                     t = t[: job.rows]
                 if self.check_finite and not _all_finite(t):
                     raise InputDataError(f"{r.label}: tensor {ref.name!r} contains NaN or Inf values")
-                converted[id(r)] = t.to(device=self.device, dtype=self.compute_dtype)
-            base = converted[id(plan.base)] if plan.base is not None else None
-            experts = [converted[id(r)] for r in plan.experts]
+                converted[ref] = t.to(device=self.device, dtype=self.compute_dtype)
+            op = job.op
+            has_base = isinstance(op, MethodCall) and op.base
+            base = converted[job.inputs[0]] if has_base else None
+            experts = [converted[ref] for ref in (job.inputs[1:] if has_base else job.inputs)]
             if job.vocab is not None:  # tokenizer_source: rows in the output vocabulary's order
                 aligned = job.vocab.apply(([base] if base is not None else []) + experts)
                 base, experts = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
@@ -204,6 +210,11 @@ class MergeSession:
         """The plan's jobs with parameters re-resolved for these overrides (the planner's resolver)."""
         if parameters is None and model_parameters is None:
             return self.plan.global_params, self.plan.jobs
+        if self._slices:
+            raise RecipeError(
+                "a merge session over a `slices:` recipe merges with the recipe's parameters only: "
+                "change them in the recipe's slices"
+            )
         recipe = self.plan.recipe
         update: dict[str, Any] = {}
         if parameters is not None:
@@ -328,7 +339,9 @@ class MergeSession:
         self._forget(used)
         for alias, canonical in self.plan.tied.items():
             out[alias] = out[canonical]
-        return {k: out[k] for k in self.plan.reference.tensors() if k in out}
+        ordered = {k: out[k] for k in self.plan.reference.tensors() if k in out}
+        ordered.update((k, v) for k, v in out.items() if k not in ordered)  # renamed outputs (slices)
+        return ordered
 
     def _forget(self, used: set[str]) -> None:
         """Keep the stage outputs of the ``cache`` most recent parameter sets."""
