@@ -294,8 +294,9 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return f"{where}: invalid YAML: {problem}; fix the syntax or indentation there"
 
 
-def _parse_yaml(path: Path) -> Any:
-    """The YAML document of ``path``; every way the file can be unreadable is a one-line RecipeError."""
+def _parse_yaml(path: Path, all_documents: bool = False) -> Any:
+    """The YAML document of ``path`` (a list of all its documents with ``all_documents``); every way
+    the file can be unreadable is a one-line RecipeError."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -309,7 +310,7 @@ def _parse_yaml(path: Path) -> Any:
             "save the recipe as UTF-8"
         ) from None
     try:
-        return yaml.safe_load(text)
+        return list(yaml.safe_load_all(text)) if all_documents else yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(_yaml_error(path, exc)) from None
     except RecursionError:
@@ -447,10 +448,7 @@ class Stage:
 
 
 def _yaml_documents(path: Path) -> list[Any]:
-    try:
-        return list(yaml.safe_load_all(path.read_text()))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    return list(_parse_yaml(path, all_documents=True))
 
 
 def is_multi_stage(source: object) -> bool:
