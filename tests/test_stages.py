@@ -95,7 +95,8 @@ slices:
     runner = CliRunner()
     res = runner.invoke(app, ["merge", str(p), str(tmp_path / "out"), "--quiet", "--no-hash-inputs"])
     assert res.exit_code == 0, res.output
-    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["one", "two"]
+    # the stages, and the manifest that marks OUT as a mergelab output (so --force may replace it)
+    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["mergelab_output.json", "one", "two"]
     e0, e1, two = load_dir(experts[0]), load_dir(experts[1]), load_dir(tmp_path / "out" / "two")
     assert torch.equal(two["model.layers.0.mlp.up_proj.weight"], e0["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(two["model.layers.1.mlp.up_proj.weight"], e1["model.layers.1.mlp.up_proj.weight"])
@@ -131,3 +132,20 @@ def test_load_recipe_names_a_multi_stage_file(tmp_path):
     )
     with pytest.raises(RecipeError, match="multi-stage"):
         load_recipe(p)
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_multi_stage_output_may_not_be_an_input(family, tmp_path, final):
+    """OUT equal to (or holding) a model a stage reads is refused, --force or not, and the model survives."""
+    base, experts = family
+    p = tmp_path / "multi.yaml"
+    text = two_stages(base, experts[0], experts[1])
+    if not final:  # every stage named: OUT holds them all
+        text = "name: last\n" + text
+    p.write_text(text)
+    before = {f.name: f.read_bytes() for f in Path(experts[0]).iterdir() if f.is_file()}
+    for out in (Path(experts[0]), Path(experts[0]).parent):
+        res = CliRunner().invoke(app, ["merge", str(p), str(out), "--quiet", "--force-any", "--no-hash-inputs"])
+        assert res.exit_code == 6, res.output
+        assert "input" in res.output
+    assert {f.name: f.read_bytes() for f in Path(experts[0]).iterdir() if f.is_file()} == before

@@ -21,7 +21,7 @@ from mergelab import __version__
 from mergelab.checkpoint.card import model_card
 from mergelab.checkpoint.output_guard import check_cache_outside_inputs, plan_inputs, recipe_inputs
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, parse_size
+from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, check_destination, parse_size
 from mergelab.errors import InputDataError, OptionError, OutputError, RecipeError
 from mergelab.executors.base import (
     ExecutorOptions,
@@ -396,9 +396,12 @@ def merge_stages(
     has_final = any(st.name is None for st in probe)
     keep = stages_dir is not None and has_final
     dest: AtomicOutputDir | None = None
+    inputs = [("recipe", os.fspath(recipe))] + [i for st in probe for i in recipe_inputs(st.recipe)]
+    if stages_dir is not None:
+        check_cache_outside_inputs(stages_dir, inputs, "stages_dir")
     if has_final:
-        if dest_path.exists() and not force:
-            AtomicOutputDir(dest_path, force=False)  # the one-line "destination exists" error, before any work
+        # the one-line errors (an input, exists without --force, not a mergelab output), before any work
+        check_destination(dest_path, inputs, force=force, force_any=force_any)
         if keep:
             assert stages_dir is not None
             work = Path(stages_dir).expanduser().absolute()
@@ -407,7 +410,6 @@ def merge_stages(
             dest_path.parent.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=f".{dest_path.name}.mergelab-stages-", dir=dest_path.parent))
     else:
-        inputs = [("recipe", os.fspath(recipe))] + [i for st in probe for i in recipe_inputs(st.recipe)]
         dest = AtomicOutputDir(dest_path, force=force, force_any=force_any, inputs=inputs)
         work = dest.tmp
     results: list[StageResult] = []
