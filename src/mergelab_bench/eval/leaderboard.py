@@ -968,6 +968,17 @@ def reproduce_command(lb: Leaderboard) -> str:
         )
         if "adamerging_split" in cal:
             cmd += f" --adamerging-split {cal['adamerging_split']}"
+    st = c.get("statistics")
+    if st:
+        defaults = StatsConfig()
+        if st.get("bootstrap", defaults.bootstrap) != defaults.bootstrap:
+            cmd += f" --bootstrap {st['bootstrap']}"
+        if st.get("bootstrap_seed", defaults.bootstrap_seed) != defaults.bootstrap_seed:
+            cmd += f" --bootstrap-seed {st['bootstrap_seed']}"
+        if st.get("merge_seeds", defaults.merge_seeds) != defaults.merge_seeds:
+            cmd += f" --merge-seeds {st['merge_seeds']}"
+        if not st.get("extend_edges", True):
+            cmd += " --no-extend-grid"
     if lb.info.get("updates"):
         cmd += "  (the rows were computed in several runs with --update; this one command gives them all)"
     return cmd

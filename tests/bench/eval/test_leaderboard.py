@@ -305,6 +305,7 @@ def test_bench_statistics_seeds_and_edges_on_tiny_zoo(tiny_zoo: Zoo, tmp_path) -
     assert "± " in dare_line and "(3 seeds)" in dare_line
     assert any(sym in dare_line for sym in VERDICT_SYMBOLS.values())
     assert "95 % intervals per task" in md
+    assert "--seed 5 --bootstrap 200" in md and "--merge-seeds" not in md  # non-default settings reproduce
 
     # --update with a new row: the kept rows' statistics are recomputed on the same resamples
     again = run_bench(
