@@ -178,9 +178,7 @@ class Bootstrap:
     ``expert_rows``: each task's expert on the same rows (the normalizer, resampled with the row).
     """
 
-    def __init__(
-        self, tasks: Sequence[str], expert_rows: Mapping[str, TaskRows], *, resamples: int, seed: int
-    ) -> None:
+    def __init__(self, tasks: Sequence[str], expert_rows: Mapping[str, TaskRows], *, resamples: int, seed: int) -> None:
         self.tasks = list(tasks)
         self.expert_rows = dict(expert_rows)
         self.resamples = resamples
@@ -242,9 +240,7 @@ def summarize(
     return out
 
 
-def paired(
-    reps: Mapping[str, Any], reference: Mapping[str, Any], confidence: float = CONFIDENCE
-) -> dict[str, Any]:
+def paired(reps: Mapping[str, Any], reference: Mapping[str, Any], confidence: float = CONFIDENCE) -> dict[str, Any]:
     """The paired bootstrap of a row against the reference row on the same resamples.
 
     The difference of average normalized scores per resample; its interval above 0: ``better``,

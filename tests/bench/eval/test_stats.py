@@ -221,7 +221,7 @@ def test_extension_down_halves_toward_an_open_bound_and_other_axes_follow() -> N
 
     best, ext, seen = _search(grid, f)
     densities = [p.model_parameters["density"] for p in seen if p.parameters["lambda"] == 2.0]
-    assert all(0 < d for d in densities) and 0.025 in densities
+    assert all(d > 0 for d in densities) and 0.025 in densities
     assert best.model_parameters["density"] == 0.025
     outcomes = {(e.axis, e.direction): e.outcome for e in ext}
     assert outcomes == {("lambda", "up"): "interior", ("density", "down"): "interior"}

@@ -166,9 +166,7 @@ def perplexity(
             on_batch()
     model.train(was_training)
     order = sorted(per_row)
-    return Perplexity(
-        total, tokens, n, tuple(per_row[i][0] for i in order), tuple(per_row[i][1] for i in order)
-    )
+    return Perplexity(total, tokens, n, tuple(per_row[i][0] for i in order), tuple(per_row[i][1] for i in order))
 
 
 # --------------------------------------------------------------------------------------------
