@@ -629,7 +629,8 @@ def announce(result: MethodResult, say: Callable[[str], None]) -> None:
     if result.status == "ok" and result.test is not None:
         say(
             f"{result.display_name()}: {result.chosen.label() if result.chosen else ''} -> "
-            f"test normalized {fmt_pct(result.test.average_normalized)} %"
+            f"test normalized {fmt_pct(result.score)} %"
+            + (f" (mean of {len(result.test_runs)} merge seeds)" if len(result.test_runs) > 1 else "")
         )
     else:
         say(f"{result.method}: {result.status} ({result.reason})")
@@ -1143,9 +1144,17 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
     y = list(range(len(rows)))[::-1]
     colors = {"merge": "#3b6ea8", "reference": "#b0b0b0"}
-    ax.barh(
-        y, [100 * (r.average_normalized or 0) for _, r, _ in rows], color=[colors[k] for *_, k in rows], height=0.65
-    )
+    merges = [m for m in lb.ranked() if m.test is not None]
+    ref_stats = lb.statistics.get("references", {})
+    heights = [100 * (m.score or 0) for m in merges] + [100 * (r.average_normalized or 0) for r in lb.references]
+    intervals = [(m.stats or {}).get("average_normalized") for m in merges] + [
+        ref_stats.get(r.model, {}).get("average_normalized") for r in lb.references
+    ]
+    err = [
+        [max(0.0, h - 100 * e["low"]) if e and e.get("low") is not None else 0.0 for h, e in zip(heights, intervals)],
+        [max(0.0, 100 * e["high"] - h) if e and e.get("high") is not None else 0.0 for h, e in zip(heights, intervals)],
+    ]
+    ax.barh(y, heights, color=[colors[k] for *_, k in rows], height=0.65, xerr=err, ecolor="#333333", capsize=2)
     markers = "o^sDvP*Xh<>"
     cmap = plt.get_cmap("tab10")
     for j, task in enumerate(lb.tasks):
@@ -1160,7 +1169,9 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     ax.set_yticklabels([name for name, *_ in rows], fontsize=8)
     ax.axvline(100, color="black", lw=0.8, ls="--")
     ax.set_xlabel(f"{_score_word(lb)} (% of the expert), test split")
-    ax.set_title(f"mergelab {_zoo_title(lb).replace('`', chr(39))}: bars = average, markers = tasks", fontsize=9)
+    ax.set_title(
+        f"mergelab {_zoo_title(lb).replace('`', chr(39))}: bars = average (95 % CI), markers = tasks", fontsize=9
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=7)
     lowest = min(
         [100 * (r.average_normalized or 0) for _, r, _ in rows]
