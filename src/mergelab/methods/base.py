@@ -193,7 +193,8 @@ class MethodCard:
     values, searched as their product; ``group``: the benchmark group (``classic``,
     ``advanced``, ``informed``) or ``None`` when the method is not benchmarked on its own;
     ``variants``: benchmark rows that are this method with fixed global parameters (row name ->
-    parameters), benchmarked instead of the plain method.
+    parameters), benchmarked instead of the plain method; ``random``: the output depends on the
+    merge seed (random drops, sampling), so the benchmark scores it with several seeds.
     """
 
     identity: Scoped | None = None
@@ -201,6 +202,7 @@ class MethodCard:
     grid: tuple[Mapping[str, Sequence[Any]], Mapping[str, Sequence[Any]]] | None = None
     group: str | None = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    random: bool = False
 
 
 BaseUse = Literal["required", "optional", "ignored"]

@@ -161,6 +161,7 @@ def dare_ties_delta(
         typical=({}, {"density": 0.5}),
         grid=({"lambda": (0.2, 0.4, 0.7, 1.0, 1.3)}, {"density": (0.1, 0.3, 0.5)}),
         group="classic",
+        random=True,
     ),
 )
 def dare_linear(
@@ -189,6 +190,7 @@ def dare_linear(
         typical=({}, {"density": 0.5}),
         grid=({"lambda": (1.0, 1.5, 2.0, 2.5)}, {"density": (0.1, 0.3, 0.5)}),
         group="classic",
+        random=True,
     ),
 )
 def dare_ties(

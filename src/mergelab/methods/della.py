@@ -168,6 +168,7 @@ def della_linear_delta(
         typical=({}, {"density": 0.5, "epsilon": 0.1}),
         grid=({"lambda": (1.0, 1.5, 2.0, 2.5)}, {"density": (0.3, 0.5, 0.7)}),
         group="classic",
+        random=True,
     ),
 )
 def della(
@@ -195,6 +196,7 @@ def della(
         typical=({}, {"density": 0.5, "epsilon": 0.1}),
         grid=({"lambda": (0.2, 0.4, 0.7, 1.0, 1.3)}, {"density": (0.3, 0.5, 0.7)}),
         group="classic",
+        random=True,
     ),
 )
 def della_linear(

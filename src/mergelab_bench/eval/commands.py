@@ -420,6 +420,20 @@ def bench_command(
             "methods run now",
         ),
     ] = False,
+    bootstrap: Annotated[
+        int, typer.Option(help="bootstrap resamples of the test rows for the 95 % intervals and paired comparisons")
+    ] = 1000,
+    bootstrap_seed: Annotated[int, typer.Option(help="seed of the bootstrap resamples")] = 0,
+    merge_seeds: Annotated[
+        int, typer.Option(help="merge seeds of each random method's row (DARE, DELLA, ...: MethodCard.random)")
+    ] = 3,
+    extend_grid: Annotated[
+        bool,
+        typer.Option(
+            "--extend-grid/--no-extend-grid",
+            help="extend a grid past a chosen point on its edge (up to each parameter's declared bound)",
+        ),
+    ] = True,
 ) -> None:
     """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
     from mergelab_bench.eval.data_informed import BenchCalibration
@@ -434,8 +448,9 @@ def bench_command(
         examples=calibration_examples, fisher_examples=fisher_examples, adamerging_examples=adamerging_examples,
         adamerging_split=adamerging_split, device=calibration_device,
     )  # fmt: skip
+    stats = _stats_config(bootstrap, bootstrap_seed, merge_seeds, extend_grid)
     if suite == "lm":
-        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update)
+        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update, stats)
         return
     from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
 
@@ -470,9 +485,21 @@ def bench_command(
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
-            calibration=calibration, work_dir=out_dir,
+            calibration=calibration, work_dir=out_dir, stats=stats,
         )  # fmt: skip
     _write_bench(lb, previous, out_dir)
+
+
+def _stats_config(bootstrap: int, bootstrap_seed: int, merge_seeds: int, extend_grid: bool) -> Any:
+    """The bench's statistics settings from its options (a bad value: one-line usage error)."""
+    from mergelab_bench.eval.stats import StatsConfig
+
+    try:
+        return StatsConfig(
+            bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, merge_seeds=merge_seeds, extend_edges=extend_grid
+        )
+    except ValueError as exc:
+        raise UsageError(f"--bootstrap/--merge-seeds: {exc}") from None
 
 
 def _lm_bench(
@@ -485,6 +512,7 @@ def _lm_bench(
     cache: Path | None,
     calibration: Any,
     update: bool,
+    stats: Any = None,
 ) -> None:
     """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`)."""
     from mergelab_bench.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench
@@ -502,6 +530,7 @@ def _lm_bench(
             z, methods=method_names, seed=seed, progress=progress, validation_limit=val_limit,
             test_limit="zoo" if test_limit is None else _limit(test_limit),
             echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
+            stats=stats,
         )  # fmt: skip
     _write_bench(lb, previous, out_dir)
 
@@ -569,6 +598,7 @@ def demo_bench(
     DARE-TIES on small grids, score, print the leaderboard; returns the Leaderboard."""
     from mergelab_bench.eval.grids import DEMO_GRIDS, DEMO_METHODS
     from mergelab_bench.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
+    from mergelab_bench.eval.stats import StatsConfig
     from mergelab_bench.zoo import ZooConfig, build_zoo
     from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT
 
@@ -578,7 +608,7 @@ def demo_bench(
         z = build_zoo(ZooConfig.quick(), cache=cache, progress=progress, threads=threads)
         lb = run_bench(
             z, methods=DEMO_METHODS, grids=DEMO_GRIDS, validation_limit=200, test_limit=QUICK_EVAL_LIMIT,
-            progress=progress,
+            progress=progress, stats=StatsConfig(max_extensions=2),  # the demo stays short: edges still marked
         )  # fmt: skip
     if out is not None:
         write_leaderboard(lb, out)

@@ -68,7 +68,7 @@ listed above; the cards hold them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,15 +225,7 @@ def edge_axes(point: GridPoint, points: Sequence[GridPoint]) -> list[str]:
 
     A choice on the edge means the best value may lie outside the grid: widen it.
     """
-    out = []
-    for scope in ("parameters", "model_parameters"):
-        mine = getattr(point, scope)
-        for key, value in mine.items():
-            values = {getattr(p, scope).get(key) for p in points} - {None}
-            numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if len(numeric) > 1 and isinstance(value, (int, float)) and value in (min(numeric), max(numeric)):
-                out.append(key)
-    return out
+    return [key for scope in ("parameters", "model_parameters") for key in edge_axes_scoped(point, points, scope)]
 
 
 def check_grid(method: str, n_experts: int, points: Sequence[GridPoint] | None = None) -> str | None:
@@ -256,3 +248,201 @@ def check_grid(method: str, n_experts: int, points: Sequence[GridPoint] | None =
         except Exception as exc:  # pydantic.ValidationError
             raise ValueError(f"grid point {point.label()} of {method} is invalid: {exc}") from exc
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Grid edges: declared hard bounds per parameter and the extension of a grid past its edge
+
+
+@dataclass(frozen=True)
+class AxisBound:
+    """The values a grid axis may take when the bench extends it: ``[low, high]``, either end open.
+
+    Toward an open end the extension halves the distance to it and stops closer than ``resolution``;
+    a closed end is proposed itself once, then the search stops there (``hard bound``).
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    resolution: float = 1e-3
+    integer: bool = False
+
+    def describe(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def propose(self, value: float, step: float, direction: str) -> float | None:
+        """The next value past ``value`` in ``direction`` (``up``/``down``), ``step`` away unless that
+        crosses the bound; ``None`` when the bound is reached."""
+        sign = 1.0 if direction == "up" else -1.0
+        end, open_end = (self.high, self.high_open) if direction == "up" else (self.low, self.low_open)
+        candidate = value + sign * step
+        crosses = sign * (candidate - end) > 0 or (open_end and candidate == end)
+        if crosses:
+            if open_end:
+                if abs(end - value) < 2 * self.resolution:
+                    return None
+                candidate = (value + end) / 2  # halve the distance to an open bound
+            else:
+                if value == end:
+                    return None
+                candidate = end
+        if self.integer:
+            candidate = float(round(candidate))
+        candidate = round(candidate, 9)
+        return None if candidate == value else candidate
+
+
+LAMBDA_MAX = 8.0
+"""The largest λ (and α-like scale) the bench tries: far past every paper's range for merged task vectors."""
+
+AXIS_BOUNDS: dict[str, AxisBound] = {
+    "lambda": AxisBound(0.0, LAMBDA_MAX),
+    "alpha": AxisBound(0.0, LAMBDA_MAX),
+    "beta": AxisBound(0.0, 2.0),
+    "density": AxisBound(0.0, 1.0, low_open=True),
+    "tall_lambda": AxisBound(0.0, 2.0, low_open=True),
+    "pcb_ratio": AxisBound(0.0, 1.0, low_open=True),
+    "r": AxisBound(0.0, 1.0, low_open=True),
+    "select_topk": AxisBound(0.0, 1.0, low_open=True),
+    "reduce_non_diagonal_ratio": AxisBound(0.0, 1.0),
+    "above_average_value_ratio": AxisBound(0.0, 4.0, low_open=True),
+    "score_calibration_value": AxisBound(0.0, 2.0),
+    "epsilon": AxisBound(0.0, 1.0, low_open=True, resolution=1e-8),
+    "gamma": AxisBound(0.0, 0.5),
+    "k": AxisBound(1.0, 8.0, integer=True),
+}
+"""Hard bounds of every numeric grid axis of the cards' and suites' grids (densities and keep
+fractions in (0, 1], scales λ, α ≥ 0 up to :data:`LAMBDA_MAX`, ...): the edge extension never
+proposes a value outside them. An axis without an entry is not extended (its row says so)."""
+
+
+@dataclass
+class Extension:
+    """One extension of a grid axis past the chosen point's edge, and how it ended.
+
+    ``outcome``: ``interior`` (a worse point past the chosen one was found), ``hard bound`` (the
+    declared bound was reached), ``extension limit`` (still improving after ``max_extensions``
+    points) or ``no declared bound`` (the axis has no :data:`AXIS_BOUNDS` entry: not extended).
+    """
+
+    axis: str
+    direction: str
+    start: float
+    added: list[float]
+    outcome: str
+    bound: str | None
+
+    @property
+    def at_edge(self) -> bool:
+        return self.outcome != "interior"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "axis": self.axis,
+            "direction": self.direction,
+            "start": self.start,
+            "added": list(self.added),
+            "outcome": self.outcome,
+            "bound": self.bound,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Extension:
+        return cls(d["axis"], d["direction"], d["start"], list(d["added"]), d["outcome"], d.get("bound"))
+
+    def label(self) -> str:
+        arrow = "↑" if self.direction == "up" else "↓"
+        added = "/".join(f"{v:g}" for v in self.added)
+        text = f"{self.axis} {arrow} {added}" if added else f"{self.axis} {arrow}"
+        return f"{text}: {self.outcome}" + (f" {self.bound}" if self.outcome == "hard bound" and self.bound else "")
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _with(point: GridPoint, scope: str, key: str, value: Any) -> GridPoint:
+    if scope == "parameters":
+        return GridPoint({**point.parameters, key: value}, point.model_parameters)
+    return GridPoint(point.parameters, {**point.model_parameters, key: value})
+
+
+def extend_grid(
+    chosen: GridPoint,
+    best_score: float,
+    evaluated: Sequence[GridPoint],
+    score: Callable[[GridPoint], float | None],
+    *,
+    bounds: Mapping[str, AxisBound] | None = None,
+    max_extensions: int = 6,
+) -> tuple[GridPoint, list[Extension]]:
+    """Extend the grid past ``chosen`` wherever it sits on an edge, until it is interior or a bound stops it.
+
+    For each axis on which ``chosen`` has the smallest or largest value of the ``evaluated`` points
+    (:func:`edge_axes`), new points are proposed in that direction with every other parameter as
+    chosen: the first one grid step away (the distance to the nearest other value of the axis),
+    each next one with the step doubled, halved toward an open bound and clamped to a closed one
+    (:class:`AxisBound`). ``score`` evaluates a point (on validation); a point better than the best
+    so far (strictly, as in the grid search) becomes the chosen one and the search goes on, a point
+    not better ends that direction (the chosen point is now interior). Every axis and direction is
+    extended once, so the search ends. Returns the chosen point and the extensions made.
+    """
+    bounds = AXIS_BOUNDS if bounds is None else bounds
+    points = list(evaluated)
+    done: set[tuple[str, str]] = set()
+    extensions: list[Extension] = []
+    while True:
+        todo = None
+        for scope in ("parameters", "model_parameters"):
+            for key in edge_axes_scoped(chosen, points, scope):
+                value = getattr(chosen, scope)[key]
+                others = sorted({getattr(p, scope).get(key) for p in points} - {None, value}, key=float)
+                others = [v for v in others if _numeric(v)]
+                direction = "up" if value > others[-1] else "down"
+                if (key, direction) not in done:
+                    todo = (scope, key, direction, others)
+                    break
+            if todo:
+                break
+        if todo is None:
+            return chosen, extensions
+        scope, key, direction, others = todo
+        done.add((key, direction))
+        start = getattr(chosen, scope)[key]
+        bound = bounds.get(key)
+        if bound is None:
+            extensions.append(Extension(key, direction, start, [], "no declared bound", None))
+            continue
+        step = abs(start - (others[-1] if direction == "up" else others[0]))
+        added: list[float] = []
+        outcome = "extension limit"
+        for _ in range(max_extensions):
+            current = getattr(chosen, scope)[key]
+            candidate = bound.propose(float(current), step, direction)
+            if candidate is None:
+                outcome = "hard bound"
+                break
+            point = _with(chosen, scope, key, candidate)
+            value = score(point)
+            points.append(point)
+            added.append(candidate)
+            if value is not None and value > best_score:
+                chosen, best_score = point, value
+                step *= 2
+            else:
+                outcome = "interior"
+                break
+        extensions.append(Extension(key, direction, start, added, outcome, bound.describe()))
+
+
+def edge_axes_scoped(point: GridPoint, points: Sequence[GridPoint], scope: str) -> list[str]:
+    """:func:`edge_axes` of one scope (``parameters`` or ``model_parameters``)."""
+    out = []
+    for key, value in getattr(point, scope).items():
+        values = {getattr(p, scope).get(key) for p in points} - {None}
+        numeric = [v for v in values if _numeric(v)]
+        if len(numeric) > 1 and _numeric(value) and value in (min(numeric), max(numeric)):
+            out.append(key)
+    return out

@@ -24,6 +24,7 @@ from torch import nn
 from mergelab_bench.eval.ensembles import majority_vote, probability_average
 from mergelab_bench.eval.evaluator import ZooEvaluator, load_state_dict_path  # noqa: F401 - re-exported
 from mergelab_bench.eval.metrics import EvalReport, TaskScore, accuracy, fmt_pct
+from mergelab_bench.eval.stats import TaskRows
 from mergelab_bench.zoo.backbone import embed_batches, encoder_from_state_dict, load_encoder, load_weights
 from mergelab_bench.zoo.build import Zoo, load_zoo
 
@@ -73,8 +74,14 @@ class Evaluator(ZooEvaluator):
         feats = embed_batches(encoder, self.zoo.batches(task, self.split, self.limit))
         return self.zoo.head(task, head)(feats)
 
+    def expert_rows(self, task: str) -> TaskRows:
+        """The task expert's per-row correct flags on these examples (the bootstrap's normalizer)."""
+        correct = self.zoo_logits(task, task).argmax(-1) == self.labels[task]
+        return TaskRows.flags("accuracy", correct.numpy())
+
     def report(self, name: str, predictions: Mapping[str, torch.Tensor], info: dict | None = None) -> EvalReport:
-        """A report from predicted class ids per task."""
+        """A report from predicted class ids per task; ``info["per_row"]`` keeps each row's correct flag
+        (:class:`mergelab_bench.eval.stats.TaskRows`, for the leaderboard's bootstrap)."""
         scores = [
             TaskScore(
                 task=t,
@@ -84,7 +91,11 @@ class Evaluator(ZooEvaluator):
             )
             for t in self.tasks
         ]
-        return EvalReport(name, self.split, scores, dict(info or {}))
+        per_row = {
+            t: TaskRows.flags("accuracy", (torch.as_tensor(predictions[t]) == self.labels[t]).numpy()).to_dict()
+            for t in self.tasks
+        }
+        return EvalReport(name, self.split, scores, {**(info or {}), "per_row": per_row})
 
     def evaluate(
         self,

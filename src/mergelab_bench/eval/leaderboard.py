@@ -44,10 +44,31 @@ from typing import Any
 import torch
 
 from mergelab_bench.eval.data_informed import PER_POINT_COLLECTORS, BenchCalibration, compute_statistics
-from mergelab_bench.eval.grids import LEADERBOARD_METHODS, GridPoint, check_grid, edge_axes, grid_for, method_of
+from mergelab_bench.eval.grids import (
+    LEADERBOARD_METHODS,
+    Extension,
+    GridPoint,
+    check_grid,
+    edge_axes,
+    extend_grid,
+    grid_for,
+    method_of,
+)
 from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
 from mergelab_bench.eval.measure import measure
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.stats import (
+    SAME,
+    VERDICT_SYMBOLS,
+    Bootstrap,
+    StatsConfig,
+    TaskRows,
+    estimates_of,
+    paired,
+    rows_of,
+    seed_summary,
+    summarize,
+)
 from mergelab_bench.zoo.build import Zoo
 
 MergeFn = Callable[..., dict[str, torch.Tensor]]
@@ -95,6 +116,27 @@ class MethodResult:
     """Routed rows: reconstruction, storage (shared + parts vs N experts), the shared model's score."""
     statistics: dict[str, Any] | None = None
     """Data-informed rows: the data phase (collector, seconds per grid point, cache folder)."""
+    extensions: list[Extension] = field(default_factory=list)
+    """How the grid was extended past the chosen point's edges (:func:`mergelab_bench.eval.grids.extend_grid`)."""
+    seeds: list[int] = field(default_factory=list)
+    """Random methods: the merge seeds of the test reports (``test`` is the first, ``seed_tests`` the others)."""
+    seed_tests: list[EvalReport] = field(default_factory=list)
+    stats: dict[str, Any] | None = None
+    """Bootstrap intervals, the paired comparison with the reference row and the seeds' spread
+    (:func:`leaderboard_statistics`)."""
+
+    @property
+    def test_runs(self) -> list[EvalReport]:
+        """The test reports of the row: one per merge seed (one for a deterministic method)."""
+        return [] if self.test is None else [self.test, *self.seed_tests]
+
+    @property
+    def score(self) -> float | None:
+        """The row's headline: average normalized test score (random methods: the mean over seeds)."""
+        runs = self.test_runs
+        if not runs:
+            return None
+        return runs[0].average_normalized if len(runs) == 1 else estimates_of(runs)["average_normalized"]
 
     @property
     def routed(self) -> bool:
@@ -119,10 +161,17 @@ class MethodResult:
         return out
 
     def chosen_label(self) -> str:
+        """The chosen point, with every extension of the grid and every axis still on its edge."""
         if self.chosen is None:
             return "–"
+        notes = []
+        extended = [e for e in self.extensions if e.added or e.at_edge]
+        if extended:
+            notes.append("grid extended: " + "; ".join(e.label() for e in extended))
         edge = self.chosen_at_edge
-        return self.chosen.label() + (f" (grid edge: {', '.join(edge)})" if edge else "")
+        if edge:
+            notes.append(f"grid edge: {', '.join(edge)}")
+        return self.chosen.label() + (f" ({'; '.join(notes)})" if notes else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +189,10 @@ class MethodResult:
             "kind": self.kind,
             "routing": self.routing,
             "statistics": self.statistics,
+            "grid_extensions": [e.to_dict() for e in self.extensions],
+            "seeds": list(self.seeds),
+            "seed_tests": [r.to_dict() for r in self.seed_tests],
+            "stats": self.stats,
         }
 
     @classmethod
@@ -170,6 +223,10 @@ class MethodResult:
             kind=d.get("kind", "merge"),
             routing=d.get("routing"),
             statistics=d.get("statistics"),
+            extensions=[Extension.from_dict(e) for e in d.get("grid_extensions", [])],
+            seeds=list(d.get("seeds", [])),
+            seed_tests=[EvalReport.from_dict(r) for r in d.get("seed_tests", [])],
+            stats=d.get("stats"),
         )
 
 
@@ -182,11 +239,14 @@ class Leaderboard:
     references: list[EvalReport]
     expert_test: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    """The bootstrap's settings, the experts' per-row test results and the reference rows' intervals
+    (:func:`leaderboard_statistics`; each method's own are in its ``stats``)."""
 
     def ranked(self) -> list[MethodResult]:
-        """Methods that ran, best average normalized test accuracy first."""
+        """Methods that ran, best average normalized test score first (random methods: mean over seeds)."""
         ok = [m for m in self.methods if m.status == "ok" and m.test is not None]
-        return sorted(ok, key=lambda m: -(m.test.average_normalized or 0.0))  # type: ignore[union-attr]
+        return sorted(ok, key=lambda m: -(m.score or 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +258,7 @@ class Leaderboard:
             "methods": [m.to_dict() for m in self.methods],
             "references": [r.to_dict() for r in self.references],
             "info": self.info,
+            "statistics": self.statistics,
         }
 
     @classmethod
@@ -210,6 +271,7 @@ class Leaderboard:
             references=[EvalReport.from_dict(r) for r in d["references"]],
             expert_test=dict(d["expert_test_accuracy"]),
             info=dict(d.get("info", {})),
+            statistics=dict(d.get("statistics", {})),
         )
 
 
@@ -250,6 +312,7 @@ def run_bench(
     echo: Callable[[str], None] | None = None,
     calibration: BenchCalibration | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    stats: StatsConfig | None = None,
 ) -> Leaderboard:
     """Tune every method on validation, score it on test, add the reference rows.
 
@@ -259,7 +322,8 @@ def run_bench(
     ``calibration`` sets the data of the data-informed methods; their statistics are kept in
     ``work_dir/statistics`` (reused by later grid points and later runs) and routed merges are
     written under ``work_dir`` while they are scored; without ``work_dir`` a temporary folder
-    is used and removed.
+    is used and removed. ``stats`` sets the bootstrap, the merge seeds of random methods and the
+    grid-edge extension (:class:`mergelab_bench.eval.stats.StatsConfig`; default: its defaults).
     """
     if merge_fn is None:
         from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
@@ -284,7 +348,7 @@ def run_bench(
         CLASSIFICATION, zoo, val=val, test=test, base=base, experts=experts, references=references,
         expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
         steps=steps, say=say, calibration=cal, work_dir=work_dir, t_start=t_start,
-        limits={"validation_limit": validation_limit, "test_limit": test_limit},
+        limits={"validation_limit": validation_limit, "test_limit": test_limit}, stats=stats,
     )  # fmt: skip
 
 
@@ -341,12 +405,15 @@ def run_suite(
     t_start: float,
     limits: Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
+    stats: StatsConfig | None = None,
 ) -> Leaderboard:
     """Run every method of ``methods`` through the grid search and assemble the leaderboard.
 
     ``val``/``test`` are the suite's evaluators, ``references`` and ``expert_test`` its reference
     rows and the experts' test scores; ``limits`` the validation and test limits as the
-    leaderboard's config records them.
+    leaderboard's config records them. Both evaluators give per-row results (``info["per_row"]``
+    of each report, ``test.expert_rows(task)``), from which :func:`leaderboard_statistics` adds the
+    intervals and the paired comparisons.
     """
     from mergelab.methods import get_method
 
@@ -356,9 +423,11 @@ def run_suite(
     work.mkdir(parents=True, exist_ok=True)
     stats_root = work / "statistics"
     routed_root = work / ".routed-merges" if suite.routed else None
+    stats = stats or StatsConfig()
     ctx = _BenchContext(
-        zoo, base, experts, val, test, merge_fn, seed, progress, steps, calibration, stats_root, routed_root, temporary
-    )
+        zoo, base, experts, val, test, merge_fn, seed, progress, steps, calibration, stats_root, routed_root, temporary,
+        stats,
+    )  # fmt: skip
     results: list[MethodResult] = []
     try:
         for name, spec in specs.items():
@@ -387,6 +456,7 @@ def run_suite(
         "seed": seed,
         "selection": suite.selection,
         "grids": {m: [p.to_dict() for p in (grids or {}).get(m, suite.grid_for(m))] for m in methods},
+        "statistics": stats.to_dict(),
     }
     if suite.normalized:
         config["normalized"] = suite.normalized
@@ -412,9 +482,53 @@ def run_suite(
         "config": zoo.manifest.get("config", {}),
         "base_source": zoo.manifest.get(suite.base_source_key, {}),
     }
-    return Leaderboard(
+    lb = Leaderboard(
         config, zoo_info, list(zoo.tasks), results, references, expert_test, run_info(t_start, **(info or {}))
     )
+    expert_rows = {t: test.expert_rows(t) for t in zoo.tasks}
+    lb.statistics = {"expert_rows": {t: r.to_dict() for t, r in expert_rows.items()}}
+    leaderboard_statistics(lb, stats)
+    return lb
+
+
+def leaderboard_statistics(lb: Leaderboard, stats: StatsConfig | None = None) -> Leaderboard:
+    """Add the bootstrap intervals, the paired comparison with the reference row and the seeds' spread.
+
+    Reads the experts' per-row test results (``lb.statistics["expert_rows"]``) and each report's
+    (``info["per_row"]``); writes each method's ``stats`` and, in ``lb.statistics``, the settings
+    and the reference rows' intervals. A row without per-row results (a leaderboard from an older
+    version) gets no statistics. Returns ``lb``.
+    """
+    stats = stats or StatsConfig.from_dict(lb.config.get("statistics", {}))
+    expert_rows = {t: TaskRows.from_dict(d) for t, d in lb.statistics.get("expert_rows", {}).items()}
+    boot = Bootstrap(lb.tasks, expert_rows, resamples=stats.bootstrap, seed=stats.bootstrap_seed)
+    replicates: dict[str, Any] = {}
+    for m in lb.methods:
+        m.stats = None
+        runs = m.test_runs
+        if m.status != "ok" or not runs:
+            continue
+        reps = boot.replicates([rows_of(r.info) for r in runs])
+        if reps is None:
+            continue
+        replicates[m.method] = reps
+        m.stats = summarize(reps, estimates_of(runs), stats.confidence)
+        if len(runs) > 1:
+            m.stats["seeds"] = seed_summary(m.seeds, [r.average_normalized for r in runs])
+    reference = replicates.get(stats.reference)
+    if reference is not None:
+        for m in lb.methods:
+            if m.stats is not None and m.method != stats.reference:
+                m.stats["vs_reference"] = {"reference": stats.reference, **paired(replicates[m.method], reference)}
+    refs: dict[str, Any] = {}
+    for r in lb.references:
+        reps = boot.replicates([rows_of(r.info)])
+        if reps is not None:
+            refs[r.model] = summarize(reps, estimates_of([r]), stats.confidence)
+            if reference is not None:
+                refs[r.model]["vs_reference"] = {"reference": stats.reference, **paired(reps, reference)}
+    lb.statistics = {**lb.statistics, "config": stats.to_dict(), "references": refs}
+    return lb
 
 
 _PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed")
@@ -491,7 +605,12 @@ def update_leaderboard(previous: Leaderboard, new: Leaderboard) -> Leaderboard:
         "bench_seconds": round(sum(h.get("bench_seconds") or 0.0 for h in history), 1),
         "updates": history,
     }
-    return Leaderboard(config, new.zoo, new.tasks, methods, new.references, new.expert_test, info)
+    merged = Leaderboard(
+        config, new.zoo, new.tasks, methods, new.references, new.expert_test, info, dict(new.statistics)
+    )
+    if new.statistics.get("expert_rows"):  # same protocol: the new run's resamples serve every row
+        leaderboard_statistics(merged, StatsConfig.from_dict(new.config.get("statistics", {})))
+    return merged
 
 
 def run_info(t_start: float, **extra: Any) -> dict[str, Any]:
@@ -510,7 +629,8 @@ def announce(result: MethodResult, say: Callable[[str], None]) -> None:
     if result.status == "ok" and result.test is not None:
         say(
             f"{result.display_name()}: {result.chosen.label() if result.chosen else ''} -> "
-            f"test normalized {fmt_pct(result.test.average_normalized)} %"
+            f"test normalized {fmt_pct(result.score)} %"
+            + (f" (mean of {len(result.test_runs)} merge seeds)" if len(result.test_runs) > 1 else "")
         )
     else:
         say(f"{result.method}: {result.status} ({result.reason})")
@@ -535,10 +655,12 @@ class _BenchContext:
     stats_root: Path | None = None
     routed_root: Path | None = None
     temporary: bool = True
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
 
 def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row: str | None = None) -> MethodResult:
-    """Merge and score every grid point on validation, then the chosen one on test.
+    """Merge and score every grid point on validation, extend the grid past an edge, then score the
+    chosen point on test (random methods: once per merge seed).
 
     ``row`` names the leaderboard row (a variant of ``spec``'s method; default: the method's name).
     """
@@ -548,9 +670,9 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
     row = row or name
     routed = spec.outputs == "routed"
     informed = spec.statistics is not None
+    stats_config = ctx.stats
     result = MethodResult(row, kind="routed" if routed else "merge")
-    best: Any = None  # the chosen point's merge: a state dict, or a RoutedMerge folder
-    best_score = -float("inf")
+    state: dict[str, Any] = {"best": None, "best_score": -float("inf")}  # the chosen point's merge and score
     stats_seconds: list[float] = []
     stats_summary: dict[str, str] = {}
     stats_peak = 0
@@ -558,63 +680,77 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
     reports: list[tuple[GridPoint, EvalReport]] = []  # routed rows: every point's validation report
     per_task: dict[str, Any] | None = None
     t_search = time.perf_counter()
+
+    def merge_point(point: GridPoint, seed: int, folder: str) -> Any:
+        """The merge at ``point`` (a state dict, or a RoutedMerge folder) with its measure."""
+        nonlocal stats_summary, stats_peak
+        statistics = None
+        if informed:
+            statistics = compute_statistics(
+                name, ctx.zoo, point, ctx.calibration, ctx.stats_root, seed=ctx.seed, progress=ctx.progress
+            )
+            if not stats_seconds or statistics.seconds > max(stats_seconds):
+                stats_summary = statistics.summary  # the point that computed (later points reuse)
+            stats_seconds.append(statistics.seconds)
+            stats_peak = max(stats_peak, statistics.peak_bytes)
+            compute_seconds.append(statistics.compute_seconds)
+        try:
+            with measure() as m:
+                if routed:
+                    merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / folder, seed=seed)
+                else:
+                    extra = {"statistics": statistics.readers} if statistics is not None else {}
+                    merged = ctx.merge_fn(
+                        name,
+                        ctx.experts,
+                        None if spec.base == "ignored" else ctx.base,
+                        parameters=dict(point.parameters),
+                        model_parameters=[dict(point.model_parameters) for _ in ctx.experts],
+                        seed=seed,
+                        **extra,
+                    )
+        finally:
+            if statistics is not None:
+                statistics.close()
+        return merged, m.result, statistics.seconds if statistics is not None else None
+
+    def evaluate_point(point: GridPoint) -> float | None:
+        """Merge ``point``, score it on validation, keep it when it beats the best so far (strictly)."""
+        merged, measured, data_seconds = merge_point(point, ctx.seed, f"{row}-{len(result.grid)}")
+        if isinstance(merged, RoutedMerge):
+            report = merged.evaluate(ctx.val, row)
+            reports.append((point, report))
+        else:
+            report = ctx.val.evaluate(merged, name=row)
+        score = report.average_normalized
+        result.grid.append(
+            GridResult(point, score, report.average, measured.seconds, measured.peak_bytes, data_seconds)
+        )
+        if score is not None and score > state["best_score"]:
+            if isinstance(state["best"], RoutedMerge):
+                state["best"].remove()
+            state["best_score"], state["best"] = score, merged
+            result.chosen, result.validation = point, report
+            result.merge_seconds, result.merge_peak_bytes = measured.seconds, measured.peak_bytes
+        elif isinstance(merged, RoutedMerge):
+            merged.remove()
+        del merged
+        return score
+
     try:
         with ctx.steps.phase(f"{row}: {len(points)} grid point(s) on validation", len(points)) as tick:
-            for k, point in enumerate(points):
-                statistics = None
-                if informed:
-                    statistics = compute_statistics(
-                        name, ctx.zoo, point, ctx.calibration, ctx.stats_root, seed=ctx.seed, progress=ctx.progress
-                    )
-                    if not stats_seconds or statistics.seconds > max(stats_seconds):
-                        stats_summary = statistics.summary  # the point that computed (later points reuse)
-                    stats_seconds.append(statistics.seconds)
-                    stats_peak = max(stats_peak, statistics.peak_bytes)
-                    compute_seconds.append(statistics.compute_seconds)
-                try:
-                    with measure() as m:
-                        if routed:
-                            merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / f"{row}-{k}", seed=ctx.seed)
-                        else:
-                            extra = {"statistics": statistics.readers} if statistics is not None else {}
-                            merged = ctx.merge_fn(
-                                name,
-                                ctx.experts,
-                                None if spec.base == "ignored" else ctx.base,
-                                parameters=dict(point.parameters),
-                                model_parameters=[dict(point.model_parameters) for _ in ctx.experts],
-                                seed=ctx.seed,
-                                **extra,
-                            )
-                finally:
-                    if statistics is not None:
-                        statistics.close()
-                if isinstance(merged, RoutedMerge):
-                    report = merged.evaluate(ctx.val, row)
-                    reports.append((point, report))
-                else:
-                    report = ctx.val.evaluate(merged, name=row)
-                score = report.average_normalized
-                result.grid.append(
-                    GridResult(
-                        point,
-                        score,
-                        report.average,
-                        m.result.seconds,
-                        m.result.peak_bytes,
-                        statistics.seconds if statistics is not None else None,
-                    )
-                )
-                if score is not None and score > best_score:
-                    if isinstance(best, RoutedMerge):
-                        best.remove()
-                    best_score, best = score, merged
-                    result.chosen, result.validation = point, report
-                    result.merge_seconds, result.merge_peak_bytes = m.result.seconds, m.result.peak_bytes
-                elif isinstance(merged, RoutedMerge):
-                    merged.remove()
-                del merged
+            for point in points:
+                evaluate_point(point)
                 tick()
+        if stats_config.extend_edges and result.chosen is not None:
+            _, result.extensions = extend_grid(
+                result.chosen,
+                state["best_score"],
+                [g.point for g in result.grid],
+                evaluate_point,
+                max_extensions=stats_config.max_extensions,
+            )
+        best = state["best"]
         axis = PER_TASK_AXES.get(name)
         if isinstance(best, RoutedMerge) and axis and result.chosen and axis in result.chosen.model_parameters:
             choice = per_task_choice(axis, result.chosen, reports, ctx.zoo.tasks)
@@ -629,9 +765,10 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
                         per_model=[{axis: choice[t]} for t in ctx.zoo.tasks],
                     )
                 report = tuned.evaluate(ctx.val, row)
-                if report.average_normalized is not None and report.average_normalized >= best_score:
+                if report.average_normalized is not None and report.average_normalized >= state["best_score"]:
                     best.remove()
-                    best, best_score, per_task = tuned, report.average_normalized, {axis: choice}
+                    best, per_task = tuned, {axis: choice}
+                    state["best"], state["best_score"] = tuned, report.average_normalized
                     result.validation = report
                     result.chosen = GridPoint(
                         result.chosen.parameters, {**result.chosen.model_parameters, axis: "per task"}
@@ -668,12 +805,46 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
                 result.routing["per_task_parameters"] = per_task
         else:
             result.test = ctx.test.evaluate(best, name=row)
+        state["best"] = best
+        if result.test is not None and is_random(spec) and result.chosen is not None:
+            _other_seeds(ctx, result, merge_point, routed, per_task)
     except Exception as exc:  # one method failing must not lose the others' rows
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
     finally:
-        if isinstance(best, RoutedMerge):
-            best.remove()
+        if isinstance(state["best"], RoutedMerge):
+            state["best"].remove()
     return result
+
+
+def is_random(spec: Any) -> bool:
+    """Whether a method's output depends on its merge seed (``MethodCard.random``)."""
+    return bool(getattr(spec.card, "random", False))
+
+
+def _other_seeds(
+    ctx: _BenchContext, result: MethodResult, merge_point: Callable[..., Any], routed: bool, per_task: Any
+) -> None:
+    """A random method's chosen point merged again with seeds ``seed + 1, ...`` and scored on test."""
+    from mergelab_bench.eval.routed import RoutedMerge
+
+    if routed and per_task is not None:
+        raise ValueError("extra merge seeds of a routed method with per-task parameters are not supported")
+    assert result.chosen is not None and result.test is not None
+    result.seeds = [ctx.seed]
+    for k in range(1, ctx.stats.merge_seeds):
+        seed = ctx.seed + k
+        merged, _, _ = merge_point(result.chosen, seed, f"{result.method}-seed{seed}")
+        try:
+            if isinstance(merged, RoutedMerge):
+                report = merged.evaluate(ctx.test, result.method)
+            else:
+                report = ctx.test.evaluate(merged, name=result.method)
+        finally:
+            if isinstance(merged, RoutedMerge):
+                merged.remove()
+        report.info["seed"] = seed
+        result.seed_tests.append(report)
+        result.seeds.append(seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,6 +856,87 @@ def _row_cells(report: EvalReport, tasks: Sequence[str]) -> list[str]:
     return [fmt_pct(report.average_normalized), fmt_pct(report.average)] + [
         fmt_pct(by_task[t].normalized) if t in by_task else "–" for t in tasks
     ]
+
+
+def _ci(entry: Mapping[str, Any] | None) -> str:
+    """``[low, high]`` of a bootstrap entry in %, ``–`` without one."""
+    if not entry or entry.get("low") is None or entry.get("high") is None:
+        return "–"
+    return f"[{fmt_pct(entry['low'])}, {fmt_pct(entry['high'])}]"
+
+
+def _verdict(stats: Mapping[str, Any] | None, is_reference: bool) -> str:
+    """The paired comparison's symbol (:data:`VERDICT_SYMBOLS`), ``ref`` on the reference row itself."""
+    if is_reference:
+        return "ref"
+    vs = (stats or {}).get("vs_reference")
+    return VERDICT_SYMBOLS[vs["verdict"]] if vs else "–"
+
+
+def _method_cells(m: MethodResult, tasks: Sequence[str], reference: str) -> list[str]:
+    """avg normalized (random methods: mean ± std over seeds), its interval, vs reference, avg score, tasks."""
+    assert m.test is not None
+    runs = m.test_runs
+    if len(runs) == 1:
+        cells = _row_cells(m.test, tasks)
+        head = cells[0]
+    else:
+        est = estimates_of(runs)
+        seeds = (m.stats or {}).get("seeds") or seed_summary(m.seeds, [r.average_normalized for r in runs])
+        std = seeds.get("std")
+        head = f"{fmt_pct(est['average_normalized'])} ± {fmt_pct(std) if std is not None else '–'} ({len(runs)} seeds)"
+        averages = [r.average for r in runs]
+        avg = None if any(a is None for a in averages) else sum(a for a in averages if a is not None) / len(averages)
+        cells = [head, fmt_pct(avg)] + [fmt_pct(est["tasks"].get(t, {}).get("normalized")) for t in tasks]
+    ci = _ci((m.stats or {}).get("average_normalized"))
+    return [head, ci, _verdict(m.stats, m.method == reference), *cells[1:]]
+
+
+def _reference_cells(lb: Leaderboard, r: EvalReport, tasks: Sequence[str]) -> list[str]:
+    st = lb.statistics.get("references", {}).get(r.model)
+    cells = _row_cells(r, tasks)
+    return [cells[0], _ci((st or {}).get("average_normalized")), _verdict(st, False), *cells[1:]]
+
+
+def _statistics_text(lb: Leaderboard) -> list[str]:
+    """The legend of the interval and comparison columns."""
+    cfg = lb.statistics.get("config") or lb.config.get("statistics")
+    if not cfg:
+        return []
+    ref = cfg.get("reference", "task_arithmetic")
+    conf = round(100 * cfg.get("confidence", 0.95))
+    return [
+        "",
+        f"`{conf} % CI`: percentile bootstrap interval of the average normalized score over the test rows "
+        f"({cfg.get('bootstrap')} resamples, seed {cfg.get('bootstrap_seed')}; the rows of each task are resampled "
+        "within the task, each task's metric and its expert's are recomputed on the resample, then averaged). "
+        f"`vs {ref}`: paired bootstrap on the same resamples against the `{ref}` row: "
+        f"{VERDICT_SYMBOLS['better']} significantly better, {VERDICT_SYMBOLS['worse']} significantly worse, "
+        f"{VERDICT_SYMBOLS[SAME]} not distinguishable (the {conf} % interval of the difference contains 0). "
+        f"Random methods (their card says so: DARE, DELLA, ...) are merged with {cfg.get('merge_seeds')} seeds: "
+        "mean ± standard deviation over the seeds; their interval and comparison use the mean over seeds. "
+        "A chosen point on the edge of its grid was extended past it (the step doubled outward, halved toward "
+        "an open bound) until it was interior or a declared hard bound stopped it: `grid extended` lists the "
+        "added values and how the search ended, `grid edge` marks a row still reported from an edge.",
+    ]
+
+
+def _task_interval_table(lb: Leaderboard, tasks: Sequence[str]) -> list[str]:
+    rows = [m for m in lb.ranked() if m.stats]
+    if not rows:
+        return []
+    out = [
+        "",
+        "### 95 % intervals per task (normalized, %)",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
+    for m in rows:
+        task_stats = (m.stats or {}).get("tasks", {})
+        cells = [_ci(task_stats.get(t, {}).get("normalized")) for t in tasks]
+        out.append("| " + " | ".join([m.display_name(), *cells]) + " |")
+    return out
 
 
 def _is_lm(lb: Leaderboard) -> bool:
@@ -717,6 +969,17 @@ def reproduce_command(lb: Leaderboard) -> str:
         )
         if "adamerging_split" in cal:
             cmd += f" --adamerging-split {cal['adamerging_split']}"
+    st = c.get("statistics")
+    if st:
+        defaults = StatsConfig()
+        if st.get("bootstrap", defaults.bootstrap) != defaults.bootstrap:
+            cmd += f" --bootstrap {st['bootstrap']}"
+        if st.get("bootstrap_seed", defaults.bootstrap_seed) != defaults.bootstrap_seed:
+            cmd += f" --bootstrap-seed {st['bootstrap_seed']}"
+        if st.get("merge_seeds", defaults.merge_seeds) != defaults.merge_seeds:
+            cmd += f" --merge-seeds {st['merge_seeds']}"
+        if not st.get("extend_edges", True):
+            cmd += " --no-extend-grid"
     if lb.info.get("updates"):
         cmd += "  (the rows were computed in several runs with --update; this one command gives them all)"
     return cmd
@@ -726,7 +989,10 @@ def markdown(lb: Leaderboard) -> str:
     """The leaderboard as a markdown document."""
     tasks = lb.tasks
     lm = _is_lm(lb)
-    head = ["model", "avg normalized", "avg score" if lm else "avg accuracy", *tasks]
+    reference = (lb.statistics.get("config") or lb.config.get("statistics") or {}).get("reference", "task_arithmetic")
+    head = [
+        "model", "avg normalized", "95 % CI", f"vs {reference}", "avg score" if lm else "avg accuracy", *tasks
+    ]  # fmt: skip
     measure_text = (
         "Normalized score (%: expert perplexity / merged perplexity; merged exact match / expert exact match for "
         "answers that are exact; 100 = as good as the domain's expert, higher is better)"
@@ -747,7 +1013,7 @@ def markdown(lb: Leaderboard) -> str:
     ]
     for m in lb.ranked():
         assert m.test is not None
-        cells = [m.display_name(), *_row_cells(m.test, tasks)]
+        cells = [m.display_name(), *_method_cells(m, tasks, reference)]
         cells += [
             f"{m.merge_seconds:.1f}" if m.merge_seconds is not None else "–",
             f"{m.merge_peak_bytes / 2**20:.0f}" if m.merge_peak_bytes is not None else "–",
@@ -758,10 +1024,12 @@ def markdown(lb: Leaderboard) -> str:
     for m in lb.methods:
         if m.status != "ok":
             lines.append(f"| {m.method} | {m.status}: {m.reason} |" + " |" * (len(head) + 2))
+    lines += _statistics_text(lb)
+    lines += _task_interval_table(lb, tasks)
     lines += _notes(lb)
     lines += ["", "## Reference rows (no merge)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in lb.references:
-        lines.append("| " + " | ".join([r.model, *_row_cells(r, tasks)]) + " |")
+        lines.append("| " + " | ".join([r.model, *_reference_cells(lb, r, tasks)]) + " |")
     if lm:
         metrics = lb.info.get("metrics", {})
         lines += [
@@ -876,9 +1144,17 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
     y = list(range(len(rows)))[::-1]
     colors = {"merge": "#3b6ea8", "reference": "#b0b0b0"}
-    ax.barh(
-        y, [100 * (r.average_normalized or 0) for _, r, _ in rows], color=[colors[k] for *_, k in rows], height=0.65
-    )
+    merges = [m for m in lb.ranked() if m.test is not None]
+    ref_stats = lb.statistics.get("references", {})
+    heights = [100 * (m.score or 0) for m in merges] + [100 * (r.average_normalized or 0) for r in lb.references]
+    intervals = [(m.stats or {}).get("average_normalized") for m in merges] + [
+        ref_stats.get(r.model, {}).get("average_normalized") for r in lb.references
+    ]
+    err = [
+        [max(0.0, h - 100 * e["low"]) if e and e.get("low") is not None else 0.0 for h, e in zip(heights, intervals)],
+        [max(0.0, 100 * e["high"] - h) if e and e.get("high") is not None else 0.0 for h, e in zip(heights, intervals)],
+    ]
+    ax.barh(y, heights, color=[colors[k] for *_, k in rows], height=0.65, xerr=err, ecolor="#333333", capsize=2)
     markers = "o^sDvP*Xh<>"
     cmap = plt.get_cmap("tab10")
     for j, task in enumerate(lb.tasks):
@@ -893,7 +1169,9 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     ax.set_yticklabels([name for name, *_ in rows], fontsize=8)
     ax.axvline(100, color="black", lw=0.8, ls="--")
     ax.set_xlabel(f"{_score_word(lb)} (% of the expert), test split")
-    ax.set_title(f"mergelab {_zoo_title(lb).replace('`', chr(39))}: bars = average, markers = tasks", fontsize=9)
+    ax.set_title(
+        f"mergelab {_zoo_title(lb).replace('`', chr(39))}: bars = average (95 % CI), markers = tasks", fontsize=9
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=7)
     lowest = min(
         [100 * (r.average_normalized or 0) for _, r, _ in rows]
@@ -934,15 +1212,18 @@ def leaderboard_table(lb: Leaderboard):
     )
     table.add_column("model", no_wrap=True, max_width=22, overflow="ellipsis")
     table.add_column("avg", justify="right", no_wrap=True, min_width=5)
+    table.add_column("95 % CI", justify="right", no_wrap=True)
+    table.add_column("vs TA", justify="center", no_wrap=True)
     for t in lb.tasks:
         table.add_column(t, justify="right", no_wrap=True, min_width=5)
     table.add_column("merge s", justify="right", no_wrap=True, min_width=5)
+    reference = (lb.statistics.get("config") or {}).get("reference", "task_arithmetic")
     for m in lb.ranked():
         assert m.test is not None
-        cells = _row_cells(m.test, lb.tasks)
-        table.add_row(m.display_name(), cells[0], *cells[2:], f"{m.merge_seconds or 0:.1f}")
+        cells = _method_cells(m, lb.tasks, reference)
+        table.add_row(m.display_name(), *cells[:3], *cells[4:], f"{m.merge_seconds or 0:.1f}")
     table.add_section()
     for r in lb.references:
-        cells = _row_cells(r, lb.tasks)
-        table.add_row(f"[dim]{r.model}[/]", cells[0], *cells[2:], "")
+        cells = _reference_cells(lb, r, lb.tasks)
+        table.add_row(f"[dim]{r.model}[/]", *cells[:3], *cells[4:], "")
     return table

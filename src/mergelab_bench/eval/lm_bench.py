@@ -37,6 +37,7 @@ from mergelab_bench.eval.harness import load_state_dict_path
 from mergelab_bench.eval.leaderboard import Leaderboard, MergeFn, Suite, _Steps, run_suite
 from mergelab_bench.eval.lm_harness import Limit, LMEvaluator
 from mergelab_bench.eval.metrics import EvalReport
+from mergelab_bench.eval.stats import StatsConfig
 from mergelab_bench.zoo.lm.build import LMZoo
 
 LM_METHODS: tuple[str, ...] = (
@@ -100,12 +101,14 @@ def run_lm_bench(
     echo: Callable[[str], None] | None = None,
     calibration: BenchCalibration | None = None,
     work_dir: str | os.PathLike[str] | None = None,
+    stats: StatsConfig | None = None,
 ) -> Leaderboard:
     """Tune every method on validation, score it on test, add the base and expert rows.
 
     ``calibration`` and ``work_dir`` serve the data-informed methods as in
     :func:`mergelab_bench.eval.leaderboard.run_bench` (statistics in ``work_dir/statistics``; without
-    ``work_dir`` a temporary folder, removed at the end).
+    ``work_dir`` a temporary folder, removed at the end); ``stats`` the bootstrap, merge seeds and
+    grid-edge extension, as there.
     """
     if merge_fn is None:
         from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
@@ -135,5 +138,5 @@ def run_lm_bench(
         expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
         steps=steps, say=say, calibration=calibration or BenchCalibration(), work_dir=work_dir, t_start=t_start,
         limits={"validation_limit": validation_limit, "test_limit": test.limit},
-        info={"metrics": {t: zoo.metrics(t)[0] for t in zoo.tasks}},
+        info={"metrics": {t: zoo.metrics(t)[0] for t in zoo.tasks}}, stats=stats,
     )  # fmt: skip

@@ -27,6 +27,7 @@ from torch import nn
 
 from mergelab_bench.eval.evaluator import ZooEvaluator
 from mergelab_bench.eval.metrics import EvalReport, TaskScore, fmt_pct
+from mergelab_bench.eval.stats import TaskRows
 from mergelab_bench.zoo.lm.base import causal_lm_from_state_dict, load_causal_lm, load_lm_weights
 from mergelab_bench.zoo.lm.build import LMZoo, load_lm_zoo
 from mergelab_bench.zoo.lm.scorer import Scores
@@ -38,6 +39,16 @@ Limit = int | None | Literal["zoo"]
 
 def _value(x: float | None) -> float:
     return math.nan if x is None else float(x)
+
+
+def _task_rows(metric: str, score: Mapping[str, Any], who: str) -> TaskRows:
+    """A metric's per-row results (``score["rows"]``, from :class:`DomainScorer`) as :class:`TaskRows`."""
+    rows = score.get("rows")
+    if rows is None:
+        raise ValueError(f"{who}: the {metric} scores have no per-row results (a cache from an older version)")
+    if metric == "perplexity":
+        return TaskRows.perplexity(rows["nll"], rows["tokens"])
+    return TaskRows.flags(metric, [c == "1" for c in rows["correct"]])
 
 
 class LMEvaluator(ZooEvaluator):
@@ -87,6 +98,11 @@ class LMEvaluator(ZooEvaluator):
         """The domain expert's own scores on these rows (disk-cached)."""
         return self.zoo.zoo_scores(task, task, self.split, self.limit)
 
+    def expert_rows(self, task: str) -> TaskRows:
+        """The domain expert's per-row results on its headline metric (the bootstrap's normalizer)."""
+        metric = self.zoo.metrics(task)[0]
+        return _task_rows(metric, self.expert_scores(task)[metric], f"expert {task}")
+
     def scores(self, model: LMModelLike, task: str) -> Scores:
         """Every metric of ``task`` for ``model`` (the zoo's own models: from the cache)."""
         if isinstance(model, (str, os.PathLike)):
@@ -96,10 +112,12 @@ class LMEvaluator(ZooEvaluator):
         return self.zoo.scorer.score(self.model(model), self.zoo.data(task), self.split, self.limit)
 
     def report(self, name: str, scores: Mapping[str, Scores], info: dict | None = None) -> EvalReport:
-        """A report from each task's scores (headline metric in ``scores``, the others in ``info``)."""
+        """A report from each task's scores (headline metric in ``scores``, the others in ``info``;
+        ``info["per_row"]``: the headline metric's per-row results, for the leaderboard's bootstrap)."""
         rows: list[TaskScore] = []
         secondary: dict[str, dict[str, Any]] = {}
         tokens: dict[str, int] = {}
+        per_row: dict[str, dict[str, Any]] = {}
         for t in self.tasks:
             expert = self.expert_scores(t)
             metrics = self.zoo.metrics(t)
@@ -114,11 +132,16 @@ class LMEvaluator(ZooEvaluator):
                 for m in metrics
             }
             rows.append(made[metrics[0]])
+            if "rows" in scores[t][metrics[0]]:
+                per_row[t] = _task_rows(metrics[0], scores[t][metrics[0]], name).to_dict()
             if len(metrics) > 1:
                 secondary[t] = {m: made[m].to_dict() for m in metrics[1:]}
             if "perplexity" in scores[t]:
                 tokens[t] = int(scores[t]["perplexity"].get("tokens", 0))
-        return EvalReport(name, self.split, rows, {**(info or {}), "secondary": secondary, "tokens": tokens})
+        extra: dict[str, Any] = {"secondary": secondary, "tokens": tokens}
+        if per_row:
+            extra["per_row"] = per_row
+        return EvalReport(name, self.split, rows, {**(info or {}), **extra})
 
     def evaluate(
         self, model: LMModelLike, *, name: str | None = None, on_task: Callable[[str], None] | None = None

@@ -128,8 +128,9 @@ def test_data_informed_statistics_are_computed_once_and_reused(tiny_zoo: Zoo, tm
     regmean, ada = lb.methods
     assert regmean.status == "ok" and ada.status == "ok", (regmean.reason, ada.reason)
     assert ada.method == "adamerging_task" and ada.chosen.parameters["granularity"] == "task"
-    assert len(gram_calls) == len(tiny_zoo.tasks)  # one Gram pass per expert for both grid points
-    assert len(regmean.grid) == 2 and all(g.statistics_seconds is not None for g in regmean.grid)
+    assert len(gram_calls) == len(tiny_zoo.tasks)  # one Gram pass per expert for every grid point
+    extended = sum(len(e.added) for e in regmean.extensions)  # points past a grid edge reuse them too
+    assert len(regmean.grid) == 2 + extended and all(g.statistics_seconds is not None for g in regmean.grid)
     assert regmean.statistics["collector"] == "gram" and regmean.statistics["split"] == "train"
     assert (tmp_path / "work" / "statistics" / "regmean" / "gram").is_dir()
     # RegMean reads each task's train rows; AdaMerging the unlabeled test inputs (its paper's protocol);
@@ -364,7 +365,13 @@ def test_bench_update_adds_rows_and_refuses_a_different_protocol(tiny_zoo_manife
     after = json.loads((out / "leaderboard.json").read_text())
     rows = {m["method"]: m for m in after["methods"]}
     assert list(rows) == ["regmean", "linear", "task_arithmetic"]
-    assert rows["regmean"] == rows_before["regmean"]  # kept as it was
+    # kept as it was; its statistics are recomputed on the same resamples: same intervals, and now a
+    # paired comparison with the task_arithmetic row added beside it
+    assert {k: v for k, v in rows["regmean"].items() if k != "stats"} == {
+        k: v for k, v in rows_before["regmean"].items() if k != "stats"
+    }
+    assert rows["regmean"]["stats"]["average_normalized"] == rows_before["regmean"]["stats"]["average_normalized"]
+    assert "vs_reference" not in rows_before["regmean"]["stats"] and rows["regmean"]["stats"]["vs_reference"]
     assert after["config"]["methods"] == ["regmean", "linear", "task_arithmetic"]
     assert set(after["config"]["grids"]) == set(rows) and after["config"]["calibration"]["methods"] == ["regmean"]
     assert [u["methods"] for u in after["info"]["updates"]] == [["regmean", "linear"], ["task_arithmetic", "linear"]]

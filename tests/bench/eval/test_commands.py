@@ -56,3 +56,17 @@ def test_bench_command_writes_the_leaderboard(tiny_zoo_manifest: Path, tmp_path:
     assert [m["method"] for m in data["methods"]] == ["linear", "model_stock"]
     assert data["config"]["validation_limit"] is None
     assert "--methods linear,model_stock --validation-limit 0 --test-limit 0" in (out / "leaderboard.md").read_text()
+
+
+def test_bench_statistics_options(tiny_zoo_manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lb"
+    args = ["bench", "--zoo", str(tiny_zoo_manifest.parent), "--methods", "linear", "--out", str(out)]
+    res = runner.invoke(
+        app, [*args, "--validation-limit", "0", "--test-limit", "0", "--bootstrap", "50", "--merge-seeds", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert data["config"]["statistics"]["bootstrap"] == 50 and data["config"]["statistics"]["merge_seeds"] == 4
+    assert "--bootstrap 50 --merge-seeds 4" in (out / "leaderboard.md").read_text()
+    bad = runner.invoke(app, [*args, "--merge-seeds", "0"])
+    assert isinstance(bad.exception, commands.UsageError) and "merge seeds must be at least 1" in str(bad.exception)

@@ -138,12 +138,13 @@ def test_markdown_ranks_methods_and_lists_references() -> None:
     ties_line = next(i for i, ln in enumerate(lines) if ln.startswith("| ties "))
     ta_line = next(i for i, ln in enumerate(lines) if ln.startswith("| task_arithmetic "))
     assert ties_line < ta_line  # 90.0 before 80.0
-    assert "| ties | 90.0 | 76.5 | 90.0 | 90.0 | 1.5 | 300 | lambda=1.0, density=0.2 | 88.2 |" in md
+    # no per-row results in this fake: no interval, no comparison (dashes)
+    assert "| ties | 90.0 | – | – | 76.5 | 90.0 | 90.0 | 1.5 | 300 | lambda=1.0, density=0.2 | 88.2 |" in md
     skipped = next(ln for ln in lines if ln.startswith("| slerp "))
     assert skipped.startswith("| slerp | skipped: merges at most 1") and skipped.count("|") == lines[ties_line].count(
         "|"
     )
-    assert "| ensemble: majority vote | 98.3 | 83.5 | 97.8 | 98.8 |" in md
+    assert "| ensemble: majority vote | 98.3 | – | – | 83.5 | 97.8 | 98.8 |" in md
     assert "--validation-limit 300 --test-limit 1000 --seed 0" in md
 
 
@@ -220,3 +221,99 @@ def test_thread_line_names_each_row_once_with_its_latest_run() -> None:
     lb.info["updates"] = [{"torch_threads": 2, "methods": ["ties"]}, {"torch_threads": 2, "methods": ["slerp"]}]
     lb.info["torch_threads"] = 2
     assert "in-memory merge of 2 experts, 2 threads" in markdown(lb)
+
+
+def test_bench_statistics_seeds_and_edges_on_tiny_zoo(tiny_zoo: Zoo, tmp_path) -> None:
+    """End to end on the tiny zoo: intervals per task and for the average, the paired comparison with
+    task arithmetic, a random method merged with 3 seeds, every edge either extended or marked, all
+    of it in leaderboard.json and leaderboard.md."""
+    import statistics as pystats
+
+    from mergelab import merge_state_dicts
+    from mergelab_bench.eval.harness import Evaluator
+    from mergelab_bench.eval.stats import VERDICT_SYMBOLS, StatsConfig
+
+    seeds_seen: list[tuple[str, int]] = []
+
+    def recording_merge(method, experts, base, **kw):
+        seeds_seen.append((method, kw["seed"]))
+        return merge_state_dicts(method, experts, base, **kw)
+
+    grids = {
+        "task_arithmetic": product({"lambda": (0.5, 1.0)}),
+        "dare_ties": product({"lambda": (1.0,)}, {"density": (0.5,)}),
+        "linear": (GridPoint(),),
+    }
+    stats = StatsConfig(bootstrap=200, merge_seeds=3, max_extensions=2)
+    lb = run_bench(
+        tiny_zoo, methods=["task_arithmetic", "dare_ties", "linear"], grids=grids, validation_limit=None,
+        test_limit=None, merge_fn=recording_merge, stats=stats, seed=5,
+    )  # fmt: skip
+    rows = {m.method: m for m in lb.methods}
+    assert all(m.status == "ok" for m in rows.values()), [m.reason for m in rows.values()]
+
+    # per-row results reproduce the scores exactly (accuracy = mean of the flags)
+    test = Evaluator(tiny_zoo, split="test", limit=None)
+    for m in rows.values():
+        for s in m.test.scores:
+            flags = m.test.info["per_row"][s.task]["correct"]
+            assert len(flags) == s.n and flags.count("1") / len(flags) == s.value
+    for t in tiny_zoo.tasks:
+        assert test.expert_rows(t).value() == test.expert_score(t)
+
+    # the random method: the chosen point merged with seeds 5, 6, 7, each scored on test
+    dare = rows["dare_ties"]
+    assert dare.seeds == [5, 6, 7] and len(dare.seed_tests) == 2 and len(dare.test_runs) == 3
+    assert [s for m, s in seeds_seen if m == "dare_ties"][-2:] == [6, 7]
+    per_seed = [r.average_normalized for r in dare.test_runs]
+    assert dare.stats["seeds"]["mean"] == pytest.approx(sum(per_seed) / 3)
+    assert dare.stats["seeds"]["std"] == pytest.approx(pystats.stdev(per_seed))
+    assert dare.score == pytest.approx(sum(per_seed) / 3)
+    assert rows["task_arithmetic"].seeds == [] and {s for m, s in seeds_seen if m == "task_arithmetic"} == {5}
+
+    for m in rows.values():
+        avg = m.stats["average_normalized"]
+        assert avg["low"] <= avg["estimate"] <= avg["high"]
+        assert set(m.stats["tasks"]) == set(tiny_zoo.tasks)
+        for t in tiny_zoo.tasks:
+            task = m.stats["tasks"][t]["normalized"]
+            assert task["low"] <= task["estimate"] <= task["high"]
+        # no row from an edge without its mark: every edge was extended and the rest is labelled
+        if m.chosen_at_edge:
+            assert "grid edge" in m.chosen_label()
+        for e in m.extensions:
+            assert e.outcome in ("interior", "hard bound", "extension limit", "no declared bound")
+    assert rows["task_arithmetic"].extensions  # lambda 0.5 or 1.0 is on an edge of a 2-point grid
+    assert "vs_reference" not in rows["task_arithmetic"].stats
+    assert rows["linear"].stats["vs_reference"]["verdict"] in VERDICT_SYMBOLS
+    assert set(lb.statistics["references"]) == {r.model for r in lb.references}
+
+    paths = write_leaderboard(lb, tmp_path / "lb")
+    data = json.loads(paths["json"].read_text())
+    assert data["config"]["statistics"]["bootstrap"] == 200 and data["config"]["statistics"]["merge_seeds"] == 3
+    assert data["statistics"]["config"]["bootstrap_seed"] == 0
+    jd = {m["method"]: m for m in data["methods"]}
+    assert jd["dare_ties"]["seeds"] == [5, 6, 7] and len(jd["dare_ties"]["seed_tests"]) == 2
+    assert jd["task_arithmetic"]["grid_extensions"] and "low" in jd["linear"]["stats"]["average_normalized"]
+    back = Leaderboard.from_dict(data)
+    assert back.to_dict() == lb.to_dict()
+    md = paths["markdown"].read_text()
+    assert "| 95 % CI | vs task_arithmetic |" in md and "significantly better" in md
+    ta_line = next(ln for ln in md.splitlines() if ln.startswith("| task_arithmetic "))
+    assert " ref " in ta_line and "grid extended" in ta_line and "[" in ta_line
+    dare_line = next(ln for ln in md.splitlines() if ln.startswith("| dare_ties "))
+    assert "± " in dare_line and "(3 seeds)" in dare_line
+    assert any(sym in dare_line for sym in VERDICT_SYMBOLS.values())
+    assert "95 % intervals per task" in md
+    assert "--seed 5 --bootstrap 200" in md and "--merge-seeds" not in md  # non-default settings reproduce
+
+    # --update with a new row: the kept rows' statistics are recomputed on the same resamples
+    again = run_bench(
+        tiny_zoo, methods=["linear"], grids=grids, validation_limit=None, test_limit=None, stats=stats, seed=5
+    )
+    from mergelab_bench.eval.leaderboard import update_leaderboard
+
+    merged = update_leaderboard(back, again)
+    kept = {m.method: m for m in merged.methods}
+    assert kept["dare_ties"].stats == rows["dare_ties"].stats
+    assert kept["linear"].stats == rows["linear"].stats  # same merge, same rows, same resamples

@@ -188,8 +188,12 @@ def test_lm_bench_picks_the_best_validation_point_and_scores_it_on_test(built, t
     scores = [val.evaluate(merged(lam)).average_normalized for lam in lambdas]
     assert len(set(scores)) == len(scores)  # the choice is not a tie-break
     ta = next(m for m in lb.methods if m.method == "task_arithmetic")
-    assert [g.validation_average_normalized for g in ta.grid] == pytest.approx(scores)
-    assert ta.chosen.parameters["lambda"] == lambdas[scores.index(max(scores))]
+    assert [g.validation_average_normalized for g in ta.grid[: len(lambdas)]] == pytest.approx(scores)
+    # points past an edge of the grid are searched too (grid extension): the choice is the best of all
+    searched = [g.validation_average_normalized for g in ta.grid]
+    assert ta.chosen == ta.grid[searched.index(max(searched))].point
+    if ta.chosen.parameters["lambda"] in (min(lambdas), max(lambdas)):
+        assert ta.extensions
     expected = LMEvaluator(zoo, split="test").evaluate(merged(ta.chosen.parameters["lambda"]))
     assert ta.test.average_normalized == pytest.approx(expected.average_normalized)
     assert next(m for m in lb.methods if m.method == "tall_masks").status == "skipped"  # routed
@@ -264,3 +268,43 @@ def test_cli_bench_suite_lm(built, tmp_path: Path) -> None:
     data = json.loads((out / "leaderboard.json").read_text())
     assert data["config"]["validation_limit"] == 2 and data["config"]["test_limit"] == 4
     assert data["methods"][0]["status"] == "ok" and (out / "leaderboard.png").is_file()
+
+
+def test_lm_bench_statistics_per_row_and_seeds(built, tmp_path: Path) -> None:
+    """The LM suite's rows get the same statistics: per-row NLL sums and token counts that give back the
+    perplexity, per-row exact-match flags, bootstrap intervals, the paired comparison and merge seeds."""
+    import math
+    import statistics as pystats
+
+    from mergelab_bench.eval.grids import product
+    from mergelab_bench.eval.leaderboard import write_leaderboard
+    from mergelab_bench.eval.lm_bench import run_lm_bench
+    from mergelab_bench.eval.stats import StatsConfig
+
+    zoo, _, _ = built
+    grids = {
+        "task_arithmetic": product({"lambda": (1.0, 2.0)}),
+        "dare_ties": product({"lambda": (1.0,)}, {"density": (0.5,)}),
+    }
+    stats = StatsConfig(bootstrap=100, merge_seeds=3, max_extensions=1)
+    lb = run_lm_bench(zoo, methods=["task_arithmetic", "dare_ties"], grids=grids, validation_limit=4, stats=stats)
+    rows = {m.method: m for m in lb.methods}
+    assert all(m.status == "ok" for m in rows.values()), [m.reason for m in rows.values()]
+    for m in rows.values():
+        for s in m.test.scores:
+            per_row = m.test.info["per_row"][s.task]
+            if s.metric == "perplexity":
+                assert len(per_row["nll"]) == len(per_row["tokens"]) == s.n
+                assert sum(per_row["tokens"]) == m.test.info["tokens"][s.task]
+                assert math.exp(sum(per_row["nll"]) / sum(per_row["tokens"])) == pytest.approx(s.value, rel=1e-9)
+            else:
+                assert per_row["correct"].count("1") / s.n == s.value and len(per_row["correct"]) == s.n
+        avg = m.stats["average_normalized"]
+        assert avg["low"] <= avg["estimate"] <= avg["high"]
+    dare = rows["dare_ties"]
+    assert dare.seeds == [0, 1, 2]
+    per_seed = [r.average_normalized for r in dare.test_runs]
+    assert dare.stats["seeds"]["std"] == pytest.approx(pystats.stdev(per_seed))
+    assert dare.stats["vs_reference"]["reference"] == "task_arithmetic"
+    md = write_leaderboard(lb, tmp_path / "lb")["markdown"].read_text()
+    assert "(3 seeds)" in md and "| 95 % CI |" in md

@@ -20,6 +20,7 @@ from torch import nn
 from mergelab_bench.zoo.cache import config_key, read_json, write_json
 from mergelab_bench.zoo.lm.scoring import (
     LMBatch,
+    answer_from_generation,
     doc_token_id,
     encode_texts,
     exact_match,
@@ -95,6 +96,7 @@ class DomainScorer:
                     "n": ppl.n,
                     "tokens": ppl.tokens,
                     "mean_nll": _finite(ppl.mean_nll),
+                    "rows": {"nll": list(ppl.row_nll), "tokens": list(ppl.row_tokens)},
                 }
             elif metric == "exact_match":
                 rows = data.rows(split, limit)
@@ -105,7 +107,16 @@ class DomainScorer:
                 )  # fmt: skip
                 answers = [r["answer"] for r in rows]
                 value = exact_match(preds, answers)
-                out[metric] = {"value": _finite(value), "n": len(rows), "examples": _examples(rows, preds)}
+                correct = "".join(
+                    "1" if answer_from_generation(p) == r["answer"].strip() else "0"
+                    for p, r in zip(preds, rows, strict=True)
+                )
+                out[metric] = {
+                    "value": _finite(value),
+                    "n": len(rows),
+                    "examples": _examples(rows, preds),
+                    "rows": {"correct": correct},
+                }
             else:
                 raise ValueError(f"unknown LM metric {metric!r}")
         return out
@@ -136,7 +147,9 @@ class DomainScorer:
         """Scores of the model stored in ``owner`` (``load()`` gives it), from ``owner/scores`` when there."""
         path = self.cache_file(owner, data, split, limit)
         if path.is_file():
-            return read_json(path)["scores"]
+            cached = read_json(path)["scores"]
+            if all("rows" in v for v in cached.values()):  # older caches lack per-row results: rescore
+                return cached
         scores = self.score(load(), data, split, limit, on_step=on_step)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"task": data.name, "split": split, "limit": limit, **self.settings, "scores": scores})

@@ -111,11 +111,17 @@ def lm_loss(model: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, int]:
 
 @dataclass(frozen=True)
 class Perplexity:
-    """Summed NLL (nats) over ``tokens`` predicted tokens of ``n`` texts."""
+    """Summed NLL (nats) over ``tokens`` predicted tokens of ``n`` texts.
+
+    ``row_nll`` / ``row_tokens``: each text's summed NLL and predicted-token count, in the order the
+    texts were given (what a bootstrap over texts resamples); empty when not recorded.
+    """
 
     nll_sum: float
     tokens: int
     n: int
+    row_nll: tuple[float, ...] = ()
+    row_tokens: tuple[int, ...] = ()
 
     @property
     def mean_nll(self) -> float:
@@ -144,6 +150,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     total, tokens, n = 0.0, 0, 0
+    per_row: dict[int, tuple[float, int]] = {}
     for b in batches:
         b = b.to(device)
         labels = b.labels
@@ -151,10 +158,15 @@ def perplexity(
         total += float(nll.double().sum())
         tokens += int((labels[:, 1:] != -100).sum())
         n += len(b.index)
+        row_sums = nll.double().sum(-1).tolist()
+        row_counts = (labels[:, 1:] != -100).sum(-1).tolist()
+        for i, s, c in zip(b.index.tolist(), row_sums, row_counts, strict=True):
+            per_row[int(i)] = (float(s), int(c))
         if on_batch:
             on_batch()
     model.train(was_training)
-    return Perplexity(total, tokens, n)
+    order = sorted(per_row)
+    return Perplexity(total, tokens, n, tuple(per_row[i][0] for i in order), tuple(per_row[i][1] for i in order))
 
 
 # --------------------------------------------------------------------------------------------
