@@ -186,3 +186,24 @@ def test_pattern_rule_matches_at_a_dot_boundary_first_key_wins():
     assert cfg.scaling_for("model.layers.0.self_attn.o_proj") == 2.0
     rs = AdapterConfig(r=16, lora_alpha=8, use_rslora=True, rank_pattern={"o_proj": 4})
     assert rs.scaling_for("a.o_proj") == 8 / math.sqrt(4) and rs.scaling_for("a.q_proj") == 8 / 4
+
+
+def test_base_match_rules(tmp_path):
+    from mergelab.checkpoint.reader import StateDictReader
+    from mergelab.lora.reader import base_matches
+
+    class Named(StateDictReader):
+        def __init__(self, label: str, folder: Path | None, cfg: dict | None = None):
+            super().__init__({}, label)
+            self.folder, self._cfg = folder, cfg  # type: ignore[misc]
+
+        def config(self) -> dict | None:
+            return self._cfg
+
+    local = Named("./models/Tiny-Llama", tmp_path / "models" / "Tiny-Llama")
+    assert base_matches("org/tiny-llama", local)  # a Hub id and a local copy named after it
+    assert base_matches(str(tmp_path / "models" / "Tiny-Llama") + "/", local)
+    assert not base_matches("org/other-llama", local)
+    cached = Named("org/x", tmp_path / "hub" / "models--org--x" / "snapshots" / "abc")
+    assert base_matches("org/x", cached)
+    assert base_matches("team/base-v2", Named("./b", tmp_path / "b", {"_name_or_path": "team/base-v2"}))
