@@ -35,6 +35,10 @@ mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default floa
 data-informed methods (fisher, regmean, regmean_plusplus, adamerging) a per-model
 ``calibration`` source or precomputed ``statistics`` folder plus a top-level ``calibration:``
 block (see :mod:`mergelab.data.config`).
+
+A model may be a PEFT LoRA adapter (folder, Hub id, or mergekit's ``base+adapter`` string), read
+over ``base_model`` (:mod:`mergelab.lora.reader`); ``allow_adapter_base_mismatch: true`` reads one
+whose recorded base does not name ``base_model``.
 """
 
 from __future__ import annotations

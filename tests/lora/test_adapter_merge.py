@@ -249,3 +249,24 @@ def test_validation_reads_no_tensor_data(llama, adapters, tmp_path, monkeypatch)
     monkeypatch.setattr(ckpt, "pread_tensor", no_reads)
     res = runner.invoke(app, ["validate", str(_recipe(tmp_path, llama, [la, lb]))])
     assert res.exit_code == 0, res.output
+
+
+def test_relative_base_plus_adapter_in_a_recipe_file(llama, adapters, tmp_path):
+    (la, _), dense = adapters
+    shutil.copytree(llama, tmp_path / "base")
+    shutil.copytree(la, tmp_path / "lora-a")
+    r = tmp_path / "rel.yaml"
+    r.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": "base",
+                "models": [{"model": "base+lora-a"}, {"model": str(dense[1])}],
+            }
+        )
+    )
+    from mergelab.recipe import load_recipe
+
+    assert load_recipe(r).models[0].model == f"{tmp_path / 'base'}+{tmp_path / 'lora-a'}"
+    res = runner.invoke(app, ["validate", str(r)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
