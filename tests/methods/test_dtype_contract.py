@@ -147,10 +147,6 @@ def test_method_returns_the_compute_dtype(name, dtype):
 # Methods that return float64 for float64 inputs but compute in float32 inside (``.float()`` on their
 # inputs). Known and reported; they are in other modules' hands. Remove a name once it is fixed.
 COMPUTES_IN_FLOAT32 = {
-    "dare_linear": "dare._dare_merge flattens with .float()",
-    "dare_ties": "dare._dare_merge flattens with .float()",
-    "della": "della._della_merge flattens with .float()",
-    "della_linear": "della._della_merge flattens with .float()",
     "consensus": "consensus_merging uses svd_utils.task_vectors (float32) and base.float()",
     "emr": "emr takes .float() task vectors",
     "lines": "lines takes .float() task vectors",
