@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import save_tiny
 
 import mergelab
 from mergelab.errors import CheckpointError, MergelabError, PlanError, RecipeError
@@ -289,17 +290,9 @@ def test_gpt2_blocks_are_renumbered_and_n_layer_written(tmp_path):
 def test_per_layer_types_follow_their_layers(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        num_hidden_layers=4,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
+    save_tiny(
+        Qwen2ForCausalLM, Qwen2Config, tmp_path / "q", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
     )
-    Qwen2ForCausalLM(cfg).save_pretrained(str(tmp_path / "q"))
     path = tmp_path / "q" / "config.json"
     raw = json.loads(path.read_text())
     raw["layer_types"] = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
@@ -426,12 +419,10 @@ def test_analysis_of_a_slices_recipe_reads_its_sources(family):
 def test_bert_encoder_layers_are_stacked(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50,
+    save_tiny(
+        BertForMaskedLM, BertConfig, tmp_path / "b", num_hidden_layers=3, num_attention_heads=4, vocab_size=50,
         max_position_embeddings=32,
     )  # fmt: skip
-    BertForMaskedLM(cfg).save_pretrained(str(tmp_path / "b"))
     src = str(tmp_path / "b")
     mergelab.merge(_slices([(src, [0, 2])], [(src, [1, 3])]), tmp_path / "out")
     sd, got = load_dir(tmp_path / "b"), load_dir(tmp_path / "out")

@@ -186,27 +186,26 @@ def merge(
 
     resolve_device(device)  # an unknown or unavailable device and a bad --threads fail before any input is opened
     check_threads(threads)
+    # one set of run options for both paths (a single recipe and a multi-stage one)
+    options: dict[str, Any] = {
+        "force": force,
+        "force_any": force_any,
+        "device": device,
+        "threads": threads,
+        "seed": seed,
+        "compute_dtype": dtype,
+        "out_dtype": out_dtype,
+        "max_shard_size": max_shard_size,
+        "hash_inputs": hash_inputs,
+        "progress": RichProgress(err_console, enabled=not quiet),
+        "executor": executor,
+        "workers": workers,
+        "address": ray_address,
+    }
     if is_multi_stage(recipe):
         from mergelab.api import merge_stages
 
-        done = merge_stages(
-            recipe,
-            out,
-            stages_dir=stages_dir,
-            force=force,
-            force_any=force_any,
-            device=device,
-            threads=threads,
-            seed=seed,
-            compute_dtype=dtype,
-            out_dtype=out_dtype,
-            max_shard_size=max_shard_size,
-            hash_inputs=hash_inputs,
-            progress=RichProgress(err_console, enabled=not quiet),
-            executor=executor,
-            workers=workers,
-            address=ray_address,
-        )
+        done = merge_stages(recipe, out, stages_dir=stages_dir, **options)
         for st in done:
             what = "reused" if st.result is None else f"merged {st.result.stats.tensors} tensors"
             err_console.print(f"[green]stage {st.name or 'final'}[/]: {what} into {st.path}")
@@ -223,24 +222,7 @@ def merge(
         else:  # warnings are never silenced (-q drops the plan table and the progress bar)
             for w in plan.warnings:
                 err_console.print(f"[yellow]warning:[/] {w}")
-        result = run_merge(
-            plan.recipe,
-            out,
-            force=force,
-            force_any=force_any,
-            device=device,
-            threads=threads,
-            seed=seed,
-            compute_dtype=dtype,
-            out_dtype=out_dtype,
-            max_shard_size=max_shard_size,
-            hash_inputs=hash_inputs,
-            progress=RichProgress(err_console, enabled=not quiet),
-            plan=plan,
-            executor=executor,
-            workers=workers,
-            address=ray_address,
-        )
+        result = run_merge(plan.recipe, out, plan=plan, **options)
     finally:
         plan.close()
     from mergelab.routed import is_routed, read_manifest

@@ -214,10 +214,6 @@ def load_tokenizer(folder: Path | str, what: str) -> Any:
         raise PlanError(f"{what} {folder}: transformers cannot load its tokenizer ({first})") from None
 
 
-def _sorted_vocab(tok: Any) -> list[tuple[str, int]]:
-    return sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-
-
 def _vocab_size(reader: Any, embed_rows: int | None) -> int | None:
     cfg = reader.config() or {}
     for c in (cfg, cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None):

@@ -5,7 +5,8 @@ refactor that moves code but changes a single bit of any method's output fails. 
 (method, parameter set, input dtype); the inputs are seeded random Llama-like state dicts with
 one tensor larger than the sparsifiers' 2**19-entry chunk, so chunked paths are exercised.
 
-    python tests/golden/method_outputs.py --write    # re-record (only when a change is intended)
+    python tests/golden/method_outputs.py --write               # record the cases not yet recorded (a new method)
+    python tests/golden/method_outputs.py --rerecord ties       # re-record one method (only when a change is intended)
 
 The fingerprint of a tensor is sha256 over its dtype, shape and raw bytes. Results depend on
 the torch build and the CPU's kernel set (SVD, reductions), so the file records both and the
@@ -19,6 +20,7 @@ import hashlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +125,18 @@ def _merge_to_disk(name: str, base_sd, experts, gp, mp, tmp: Path) -> dict[str, 
     return tensors
 
 
-def compute() -> dict[str, dict[str, str]]:
+def compute(methods: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+    """Fingerprints of every case of every registered method (or only of the named ``methods``)."""
     import mergelab
     from mergelab.errors import ParameterError
     from mergelab.methods import all_methods
 
     torch.set_num_threads(THREADS)
+    wanted = None if methods is None else set(methods)
     results: dict[str, dict[str, str]] = {}
     for m in sorted(all_methods(), key=lambda m: m.name):
+        if wanted is not None and m.name not in wanted:
+            continue
         for dtype in (torch.float32, torch.bfloat16):
             base = _state(0, dtype)
             experts = _experts(base, _n_experts(m))
@@ -161,16 +167,58 @@ def compute() -> dict[str, dict[str, str]]:
     return results
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--write", action="store_true", help="re-record the fingerprints")
-    args = ap.parse_args()
-    results = compute()
-    if args.write:
-        RECORD.write_text(json.dumps({"environment": environment(), "cases": results}, indent=1, sort_keys=True) + "\n")
-        print(f"wrote {len(results)} cases to {RECORD}")
-    else:
-        print(json.dumps(results, indent=1))
+def case_method(case: str) -> str:
+    """The method of a case key ``method/parameter set/dtype``."""
+    return case.split("/", 1)[0]
+
+
+def updated_record(
+    record: dict[str, Any] | None, current: dict[str, dict[str, str]], rerecord: Iterable[str] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """The record with the cases of ``current`` it lacks added, and every case of the methods named in
+    ``rerecord`` replaced (their cases no longer computed are dropped); every other recorded case is
+    kept as it is. Returns the new record and the keys written. A record made on another environment
+    (torch build, CPU kernels) is refused: its fingerprints and the new ones would not be comparable."""
+    names = set(rerecord)
+    if record is None:
+        record = {"environment": environment(), "cases": {}}
+    if record["environment"] != environment():
+        raise SystemExit(
+            f"{RECORD.name} was recorded on {record['environment']}, this is {environment()}: "
+            "record on the same environment (or re-record every method deliberately by deleting the file)"
+        )
+    cases = {k: v for k, v in record["cases"].items() if case_method(k) not in names}
+    written = sorted(k for k in current if k not in cases)
+    for k in written:
+        cases[k] = current[k]
+    return {"environment": record["environment"], "cases": dict(sorted(cases.items()))}, written
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="fingerprints of every method's output (printed unless told to record)")
+    ap.add_argument("--write", action="store_true", help="add the cases not yet recorded (recorded ones are kept)")
+    ap.add_argument(
+        "--rerecord",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="re-record every case of METHOD (repeatable; only when a change of its output is intended)",
+    )
+    args = ap.parse_args(argv)
+    if not (args.write or args.rerecord):
+        print(json.dumps(compute(), indent=1))
+        return
+    from mergelab.methods import all_methods
+
+    known = {m.name for m in all_methods()}
+    unknown = sorted(set(args.rerecord) - known)
+    if unknown:
+        raise SystemExit(f"--rerecord: no registered method {', '.join(unknown)}")
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else None
+    # --write looks for missing cases in every method; --rerecord alone computes only the named ones
+    new, written = updated_record(record, compute(None if args.write else args.rerecord), args.rerecord)
+    RECORD.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(written)} cases to {RECORD}: {', '.join(written) or 'none'}")
 
 
 if __name__ == "__main__":

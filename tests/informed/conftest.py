@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny
 
 from mergelab.synthetic import make_expert, make_tokenizer
 
@@ -47,17 +48,7 @@ def bert_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Pa
     from transformers import BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=64,
-        max_position_embeddings=64,
-        pad_token_id=2,
-    )
-    BertModel(cfg).save_pretrained(str(root / "base"))
+    save_tiny(BertModel, BertConfig, root / "base", num_hidden_layers=2, pad_token_id=2)
     make_tokenizer(root / "base")
     experts = [make_expert(root / "base", root / f"expert_{i}", seed=i + 1, scale=0.05) for i in range(2)]
     heads = []

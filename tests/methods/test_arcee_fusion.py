@@ -4,17 +4,13 @@ runs mergekit 0.1.5's ``arcee_fusion`` where MERGEKIT_PYTHON is set."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mergekit_live import load_dir, needs_mergekit, run_mergekit
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
 import mergelab
 from mergelab.methods.arcee_fusion import ArceeFusionParams, fusion_importance, fusion_mask
@@ -23,7 +19,6 @@ from mergelab.methods.registry import get_method
 
 FUSION = get_method("arcee_fusion")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
 
 def run(base, other, ctx=CTX, **params) -> torch.Tensor:
@@ -133,13 +128,6 @@ def test_parameters_and_model_count():
 # ---------------------------------------------------------------- a real checkpoint
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -151,8 +139,8 @@ def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path)
         "parameters": {"normalize": True, "int8_mask": True, "rescale": False},  # as recipes in use set them
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False)
-    merged = _load_dir(tmp_path / "out")
-    sd0, sd1 = _load_dir(base), _load_dir(experts[0])
+    merged = load_dir(tmp_path / "out")
+    sd0, sd1 = load_dir(base), load_dir(experts[0])
     assert set(merged) == set(sd0)
     for name, t in merged.items():
         assert t.dtype == sd0[name].dtype, name
@@ -178,20 +166,13 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
-    reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
-)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(17)
     cases = []
     for shape, scale in [((40,), 0.05), ((16, 12), 0.02), ((2, 6, 8), 0.1), ((1,), 0.1)]:
         base = torch.randn(shape, generator=gen)
         cases.append({"base": base, "other": base + scale * torch.randn(shape, generator=gen)})
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected, strict=True):
         torch.testing.assert_close(run(case["base"], case["other"]), torch.tensor(exp), rtol=0, atol=0)

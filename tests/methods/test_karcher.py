@@ -8,17 +8,13 @@ test runs mergekit 0.1.5's ``karcher`` where its venv exists.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mergekit_live import load_dir, needs_mergekit, run_mergekit
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
 import mergelab
 from mergelab.methods.base import TensorContext
@@ -27,7 +23,6 @@ from mergelab.methods.registry import get_method
 
 KARCHER = get_method("karcher")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
 
 def run(tensors, weights=None, **params) -> torch.Tensor:
@@ -191,13 +186,6 @@ def test_parameters_are_validated():
 # ---------------------------------------------------------------- a real checkpoint
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_checkpoint_round_trip_matches_the_reference(family, tmp_path):
     _base, experts = family
     recipe = {
@@ -209,8 +197,8 @@ def test_checkpoint_round_trip_matches_the_reference(family, tmp_path):
     }
     out = tmp_path / "out"
     mergelab.merge(recipe, out, max_shard_size="120KB", hash_inputs=False)
-    merged = _load_dir(out)
-    inputs = [_load_dir(e) for e in experts]
+    merged = load_dir(out)
+    inputs = [load_dir(e) for e in experts]
     assert set(merged) == set(inputs[0])
     for name, t in merged.items():
         assert t.dtype == inputs[0][name].dtype, name
@@ -233,10 +221,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
-    reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
-)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(3)
     cases = []
@@ -255,11 +240,7 @@ def test_parity_with_mergekit(tmp_path):
             }
         )
     cases.append({"tensors": [torch.randn(6, generator=gen), torch.zeros(6)], "max_iter": 10, "tol": 1e-5})
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected, strict=True):
         out = run(case["tensors"], max_iter=case["max_iter"], tol=case["tol"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

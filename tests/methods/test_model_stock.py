@@ -4,16 +4,13 @@ float64 re-implementation written from the paper's formula, edge cases and param
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mergekit_live import needs_mergekit, run_mergekit
 from pydantic import ValidationError
 
 from mergelab.methods.base import NoParams, TensorContext
@@ -23,8 +20,6 @@ from mergelab.methods.registry import get_method
 MODEL_STOCK = get_method("model_stock")
 CTX = TensorContext(name="model.layers.0.self_attn.o_proj.weight")
 # The live parity test runs mergekit 0.1.5 from this python (a venv with mergekit); unset: skipped.
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
-NO_MERGEKIT = "set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit parity test"
 
 
 def run(base, experts, **params) -> torch.Tensor:
@@ -282,7 +277,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(MERGEKIT_PY is None, reason=NO_MERGEKIT)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(3)
     cases = []
@@ -297,11 +292,7 @@ def test_parity_with_mergekit(tmp_path):
     base = torch.randn(16, generator=gen)
     small = [base + 1e-4 * torch.randn(16, generator=gen) for _ in range(2)]
     cases.append({"base": base, "experts": small, "filter_wise": False, "floor": 1e-6})
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for c, exp in zip(cases, expected):
         out = run(c["base"], c["experts"], filter_wise=c["filter_wise"], norm_product_floor=c["floor"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

@@ -5,17 +5,13 @@ where MERGEKIT_PYTHON is set."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mergekit_live import load_dir, needs_mergekit, run_mergekit
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
 import mergelab
 from mergelab.errors import InputDataError
@@ -25,7 +21,6 @@ from mergelab.methods.registry import get_method
 
 MULTISLERP = get_method("multislerp")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
 
 def run(experts, weights=None, base=None, **params) -> torch.Tensor:
@@ -161,13 +156,6 @@ def test_dtype_and_parameters():
 # ---------------------------------------------------------------- a real checkpoint
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.parametrize("with_base", [False, True])
 def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path, with_base):
     from transformers import AutoModelForCausalLM
@@ -181,9 +169,9 @@ def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path,
     if with_base:
         recipe["base_model"] = str(base)
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False)
-    merged = _load_dir(tmp_path / "out")
-    sd0 = _load_dir(base)
-    sds = [_load_dir(e) for e in experts]
+    merged = load_dir(tmp_path / "out")
+    sd0 = load_dir(base)
+    sds = [load_dir(e) for e in experts]
     assert set(merged) == set(sd0)
     for name, t in merged.items():
         assert t.dtype == sds[0][name].dtype, name
@@ -217,10 +205,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
-    reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
-)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(13)
     cases = []
@@ -242,11 +227,7 @@ def test_parity_with_mergekit(tmp_path):
         )
     a = torch.randn(6, generator=gen)
     cases.append({"base": None, "experts": [a, -a], "weights": [1.0, 1.0], "normalize": True})
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected, strict=True):
         out = run(case["experts"], case["weights"], case["base"], normalize_weights=case["normalize"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

@@ -4,16 +4,11 @@ parity test runs mergekit 0.1.5's ``nearswap`` where MERGEKIT_PYTHON is set."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from mergekit_live import load_dir, needs_mergekit, run_mergekit
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
 import mergelab
 from mergelab.errors import MergelabError
@@ -23,7 +18,6 @@ from mergelab.methods.registry import get_method
 
 NEARSWAP = get_method("nearswap")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
 
 def run(base, other, **params) -> torch.Tensor:
@@ -105,13 +99,6 @@ def test_parameters_and_model_count_are_validated(tmp_path):
 # ---------------------------------------------------------------- a real checkpoint
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -123,8 +110,8 @@ def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path)
         "parameters": {"t": 0.003},
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False)
-    merged = _load_dir(tmp_path / "out")
-    sd0, sd1 = _load_dir(base), _load_dir(experts[0])
+    merged = load_dir(tmp_path / "out")
+    sd0, sd1 = load_dir(base), load_dir(experts[0])
     assert set(merged) == set(sd0)
     for name, t in merged.items():
         assert t.dtype == sd0[name].dtype, name
@@ -148,21 +135,14 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
-    reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
-)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(11)
     cases = []
     for shape, scale, t in [((32,), 0.05, 0.01), ((6, 8), 1e-3, 1e-4), ((3, 4, 5), 1e-7, 1e-8), ((16,), 0.1, 0.0)]:
         base = torch.randn(shape, generator=gen)
         cases.append({"base": base, "other": base + scale * torch.randn(shape, generator=gen), "t": t})
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected, strict=True):
         out = run(case["base"], case["other"], t=case["t"], diff_floor=1e-6)
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-6, atol=1e-7)

@@ -4,15 +4,12 @@ float64 re-implementation written from the description, edge cases and parameter
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mergekit_live import needs_mergekit, run_mergekit
 from pydantic import ValidationError
 
 from mergelab.methods.base import TensorContext
@@ -22,8 +19,6 @@ from mergelab.methods.registry import get_method
 NUSLERP = get_method("nuslerp")
 CTX = TensorContext(name="model.layers.1.self_attn.q_proj.weight")
 # The live parity test runs mergekit 0.1.5 from this python (a venv with mergekit); unset: skipped.
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
-NO_MERGEKIT = "set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit parity test"
 S = math.sin
 
 
@@ -272,7 +267,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(MERGEKIT_PY is None, reason=NO_MERGEKIT)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(2)
     cases = []
@@ -289,11 +284,7 @@ def test_parity_with_mergekit(tmp_path):
                         "row_wise": row_wise,
                     }
                 )
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for c, exp in zip(cases, expected):
         out = run(c["base"], c["a"], c["b"], w=c["w"], nuslerp_flatten=c["flatten"], nuslerp_row_wise=c["row_wise"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

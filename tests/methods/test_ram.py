@@ -5,16 +5,11 @@ MERGEKIT_PYTHON is set."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from mergekit_live import load_dir, needs_mergekit, run_mergekit
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
 import mergelab
 from mergelab.methods.base import NoParams, TensorContext
@@ -24,7 +19,6 @@ from mergelab.methods.registry import get_method
 RAM = get_method("ram")
 RAMPLUS_TL = get_method("ramplus_tl")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
 
 def run_ram(base, experts, **params) -> torch.Tensor:
@@ -209,13 +203,6 @@ def test_parameters_are_validated():
 # ---------------------------------------------------------------- a real checkpoint
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl", "ramplus"])
 def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path, method):
     from transformers import AutoModelForCausalLM
@@ -229,9 +216,9 @@ def test_checkpoint_round_trip_matches_the_reference_and_loads(family, tmp_path,
         "parameters": params,
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False)
-    merged = _load_dir(tmp_path / "out")
-    sd0 = _load_dir(base)
-    sds = [_load_dir(e) for e in experts]
+    merged = load_dir(tmp_path / "out")
+    sd0 = load_dir(base)
+    sds = [load_dir(e) for e in experts]
     assert set(merged) == set(sd0)
     names = sorted(sd0)
     as64 = lambda sd: {k: sd[k].double().numpy() for k in names}
@@ -270,10 +257,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
-    reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
-)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(21)
     cases = []
@@ -295,11 +279,7 @@ def test_parity_with_mergekit(tmp_path):
                 "epsilon": eps,
             }
         )
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected, strict=True):
         if case["plus"]:
             out = run_tl(case["base"], case["experts"], r=case["r"], alpha=case["alpha"], epsilon=case["epsilon"])

@@ -4,16 +4,11 @@ exists (with ``uniform_below: 1e-6``, mergekit's equal-weight fallback)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from mergekit_live import load_dir, needs_mergekit, run_mergekit
 from pydantic import ValidationError
-from safetensors.torch import load_file
 
 import mergelab
 from mergelab.methods.base import NoParams, TensorContext
@@ -22,7 +17,6 @@ from mergelab.methods.sce import SceParams
 
 SCE = get_method("sce")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
 
 def run(base, experts, **params) -> torch.Tensor:
@@ -144,13 +138,6 @@ def test_parameters_are_validated_and_mergekit_keys_accepted():
 # ---------------------------------------------------------------- a real checkpoint
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_checkpoint_round_trip_matches_the_reference(family, tmp_path):
     base, experts = family
     recipe = {
@@ -160,9 +147,9 @@ def test_checkpoint_round_trip_matches_the_reference(family, tmp_path):
         "parameters": {"select_topk": 0.4},
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False)
-    merged = _load_dir(tmp_path / "out")
-    sd0 = _load_dir(base)
-    sds = [_load_dir(e) for e in experts]
+    merged = load_dir(tmp_path / "out")
+    sd0 = load_dir(base)
+    sds = [load_dir(e) for e in experts]
     assert set(merged) == set(sd0)
     for name, t in merged.items():
         assert t.dtype == sd0[name].dtype, name
@@ -185,10 +172,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
-    reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
-)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(8)
     cases = []
@@ -206,11 +190,7 @@ def test_parity_with_mergekit(tmp_path):
                 "topk": topk,
             }
         )
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected, strict=True):
         out = run(case["base"], case["experts"], select_topk=case["topk"], uniform_below=1e-6)
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

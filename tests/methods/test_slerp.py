@@ -7,15 +7,12 @@ the code under test. The optional parity test runs mergekit 0.1.5 where its venv
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mergekit_live import needs_mergekit, run_mergekit
 from pydantic import ValidationError
 
 from mergelab.methods.base import NoParams, TensorContext
@@ -25,8 +22,6 @@ from mergelab.methods.slerp import DOT_THRESHOLD, SlerpParams
 SLERP = get_method("slerp")
 CTX = TensorContext(name="model.layers.0.mlp.up_proj.weight")
 # The live parity test runs mergekit 0.1.5 from this python (a venv with mergekit); unset: skipped.
-MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
-NO_MERGEKIT = "set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit parity test"
 
 
 def run(base, other, t: float) -> torch.Tensor:
@@ -215,7 +210,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(MERGEKIT_PY is None, reason=NO_MERGEKIT)
+@needs_mergekit
 def test_parity_with_mergekit(tmp_path):
     gen = torch.Generator().manual_seed(1)
     cases = []
@@ -226,11 +221,7 @@ def test_parity_with_mergekit(tmp_path):
     near = torch.randn(32, generator=gen)
     cases.append({"base": near, "other": near * 1.5 + 1e-3 * torch.randn(32, generator=gen), "t": 0.4})
     cases.append({"base": torch.zeros(5), "other": torch.randn(5, generator=gen), "t": 0.6})
-    path = tmp_path / "cases.pt"
-    torch.save(cases, path)
-    proc = subprocess.run([str(MERGEKIT_PY), "-c", _MK_SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = run_mergekit(_MK_SCRIPT, cases, tmp_path)
     for case, exp in zip(cases, expected):
         out = run(case["base"], case["other"], case["t"])
         torch.testing.assert_close(out, torch.tensor(exp), rtol=1e-5, atol=1e-6)

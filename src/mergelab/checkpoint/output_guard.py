@@ -199,11 +199,6 @@ def plan_inputs(plan: Any) -> list[tuple[str, str]]:
     return found
 
 
-def _ancestors(p: Path) -> Iterator[Path]:
-    yield p
-    yield from p.parents
-
-
 def _same(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -77,8 +77,10 @@ def is_numeric_annotation(annotation: Any) -> bool:
 
 def _accepts_bool(annotation: Any) -> bool:
     """Whether a field annotation admits a boolean value (``bool``, ``Any``, a Literal of one, or a union with one)."""
-    if annotation is bool or annotation is Any or annotation is None:
-        return annotation is not None
+    if annotation is None:
+        return False
+    if annotation is bool or annotation is Any:
+        return True
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return any(isinstance(a, bool) for a in typing.get_args(annotation))

@@ -110,7 +110,7 @@ def _pipeline(
     params: BreadcrumbsParams, model_params: Sequence[BreadcrumbsModelParams], *, elect: bool
 ) -> TaskVectorMerge:
     """Breadcrumbs as stages: outlier bands × weighted sum (``breadcrumbs``) or elect + disjoint
-    merge (``breadcrumbs_ties``). Chunked in the compute dtype; whole tensors in float32 when
+    merge (``breadcrumbs_ties``). Chunked in the compute dtype; whole tensors in float32 (float64 stays float64) when
     the L1 rescale or the tensor's majority sign needs them."""
     bands = OutlierBands(
         densities=tuple(float(m.density) for m in model_params),

@@ -106,7 +106,8 @@ def _pipeline(
     params: DareLinearParams, model_params: Sequence[DareModelParams], ctx: TensorContext, *, elect: bool
 ) -> TaskVectorMerge:
     """DARE as stages: random drop (expert i from its own stream ``ctx.generator(i + 1)``) ×
-    elect + disjoint merge (``dare_ties``) or weighted sum (``dare_linear``), in float32."""
+    elect + disjoint merge (``dare_ties``) or weighted sum (``dare_linear``), in float32 (float64 for a float64
+    compute dtype)."""
     drop = RandomDrop(
         densities=tuple(float(m.density) for m in model_params),
         generators=tuple(ctx.generator(i + 1) for i in range(len(model_params))),

@@ -115,7 +115,8 @@ def _pipeline(
     params: DellaLinearParams, model_params: Sequence[DellaModelParams], ctx: TensorContext, *, elect: bool
 ) -> TaskVectorMerge:
     """DELLA as stages: MagPrune (rows; expert i from its own stream ``ctx.generator(i + 1)``) ×
-    elect + disjoint merge (``della``) or weighted sum (``della_linear``), in float32."""
+    elect + disjoint merge (``della``) or weighted sum (``della_linear``), in float32 (float64 for a float64
+    compute dtype)."""
     prune = MagPrune(
         densities=tuple(float(m.density) for m in model_params),
         epsilons=tuple(float(m.epsilon) for m in model_params),

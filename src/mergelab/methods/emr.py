@@ -45,7 +45,7 @@ from mergelab.methods.base import (
     NoParams,
     TensorContext,
 )
-from mergelab.methods.kernels.tensors import task_vectors, weighted_sum
+from mergelab.methods.kernels.tensors import task_vectors, weighted_sum, work_dtype
 from mergelab.methods.registry import method
 
 Tensor = torch.Tensor
@@ -68,7 +68,7 @@ class EmrParams(MethodParams):
 
 
 def elect(deltas: Sequence[Tensor], sign_zero: str = "negative") -> tuple[Tensor, list[Tensor]]:
-    """(τ_uni, [M_i]) for one tensor's task vectors (float32 in, float32 and bool out)."""
+    """(τ_uni, [M_i]) for one tensor's task vectors (in their dtype: float32, or float64; masks bool)."""
     total = weighted_sum(deltas, from_zero=True)
     if sign_zero == "negative":
         gamma = torch.where(total > 0, 1.0, -1.0).to(total.dtype)
@@ -103,7 +103,7 @@ def _update(
 ) -> None:
     if base.numel() == 0:
         return
-    deltas = task_vectors(base, experts)
+    deltas = task_vectors(base, experts, dtype=work_dtype(base))
     tau_uni, masks = elect(deltas, params.sign_zero)
     for i, (d, m) in enumerate(zip(deltas, masks)):
         state["num"][i].append(_stat(d, params.rescaler))
@@ -157,8 +157,8 @@ def emr(
     if PASS_RESCALE not in ctx.folds:
         raise RuntimeError(f"emr: rescaler pass result missing for tensor {ctx.name!r}")
     scales = [float(s) for s in ctx.folds[PASS_RESCALE]]
-    deltas = task_vectors(base, experts)
+    deltas = task_vectors(base, experts, dtype=work_dtype(base))
     tau_uni, masks = elect(deltas, params.sign_zero)
     del deltas
-    merged = tau_uni.add_(base.float()).to(base.dtype)
+    merged = tau_uni.add_(base.to(tau_uni.dtype)).to(base.dtype)
     return MethodOutput(merged, {"base": base, "mask": masks, "scale": scales})

@@ -56,6 +56,7 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from mergelab.errors import ParameterError
 from mergelab.methods.base import Fold, MergeMethod, MethodCard, MethodParams, TensorContext
+from mergelab.methods.kernels.tensors import work_dtype
 from mergelab.methods.registry import get_method, method
 
 Tensor = torch.Tensor
@@ -180,7 +181,7 @@ def merged_task_vector(
     model_params: Sequence[LinesModelParams],
     ctx: TensorContext,
 ) -> Tensor:
-    """τ = inner merge − θ0 for this tensor (float32)."""
+    """τ = inner merge − θ0 for this tensor (float32; float64 under a float64 compute dtype)."""
     inner = params.inner
     n = len(experts)
     if n < inner.min_experts or (inner.max_experts is not None and n > inner.max_experts):
@@ -196,7 +197,8 @@ def merged_task_vector(
             ctx,
         ),
     )
-    return merged.float() - base.float()
+    w = work_dtype(base)
+    return merged.to(w) - base.to(w)
 
 
 def _single(params: LinesParams, n_experts: int) -> bool:
@@ -228,10 +230,11 @@ def _l1_init(params: LinesParams, n_experts: int) -> dict[str, Any]:
 def _l1_update(state, base, experts, params: LinesParams, model_params, ctx) -> None:
     if _single(params, len(experts)) or params.alpha is not None:
         return
-    b = base.float()
+    w = work_dtype(base)
+    b = base.to(w)
     total = torch.zeros_like(b)
     for e in experts:
-        total.add_(e.float()).sub_(b)
+        total.add_(e.to(w)).sub_(b)
     sum_l1 = float(total.abs().sum(dtype=torch.float64))
     del total
     merged = merged_task_vector(base, experts, params, model_params, ctx)
@@ -303,4 +306,4 @@ def lines(
         beta = 0.5 if params.beta is None else params.beta
     tau = merged_task_vector(base, experts, params, model_params, ctx)
     factor = depth_factor(alpha, beta, ctx)
-    return (base.float() + factor * tau).to(base.dtype)
+    return (base.to(tau.dtype) + factor * tau).to(base.dtype)

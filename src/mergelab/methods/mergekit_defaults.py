@@ -44,93 +44,71 @@ class DefaultDifference:
     mergekit_key: bool = True  # False: a mergelab parameter standing for a mergekit behaviour
 
 
-DIFFERENCES: tuple[DefaultDifference, ...] = (
-    DefaultDifference("ties", "density", "model", 0.2, 1.0, "TIES paper: keep the top 20 %"),
-    DefaultDifference("breadcrumbs", "density", "model", 0.9, 1.0, "mergelab's choice: the paper tunes it per setting"),
-    DefaultDifference(
-        "breadcrumbs",
-        "bound_ties",
-        "global",
-        "keep",
-        "sort",
-        "streamed bounds keep every tied entry; mergekit counts exactly, ties in torch.sort's order",
-        mergekit_key=False,
-    ),
-    DefaultDifference(
-        "breadcrumbs_ties", "density", "model", 0.9, 1.0, "mergelab's choice: the paper tunes it per setting"
-    ),
-    DefaultDifference("breadcrumbs_ties", "normalize", "global", True, False, "TIES disjoint mean"),
-    DefaultDifference(
-        "breadcrumbs_ties",
-        "bound_ties",
-        "global",
-        "keep",
-        "sort",
-        "streamed bounds keep every tied entry; mergekit counts exactly, ties in torch.sort's order",
-        mergekit_key=False,
-    ),
-    DefaultDifference("dare_linear", "density", "model", 0.5, 1.0, "DARE authors' example (drop rate 0.5)"),
-    DefaultDifference(
-        "dare_linear",
+_BOUND_TIES = "streamed bounds keep every tied entry; mergekit counts exactly, ties in torch.sort's order"
+
+#: The differences, one row each: (parameter, scope, mergelab's default, mergekit's, source of
+#: mergelab's, whether mergekit has the key). Several methods share a row (below).
+_ROWS: dict[str, tuple[str, Scope, Any, Any, str, bool]] = {
+    "ties_density": ("density", "model", 0.2, 1.0, "TIES paper: keep the top 20 %", True),
+    "ties_normalize": ("normalize", "global", True, False, "TIES disjoint mean", True),
+    "breadcrumbs_density": ("density", "model", 0.9, 1.0, "mergelab's choice: the paper tunes it per setting", True),
+    "bound_ties": ("bound_ties", "global", "keep", "sort", _BOUND_TIES, False),
+    "dare_density": ("density", "model", 0.5, 1.0, "DARE authors' example (drop rate 0.5)", True),
+    "dare_rescale": (
         "rescale_mode",
         "global",
         "inverse",
         "l1",
         "DARE paper: divide by 1 − p; mergekit matches the L1 norm",
-        mergekit_key=False,
+        False,
     ),
-    DefaultDifference("dare_ties", "density", "model", 0.5, 1.0, "DARE authors' example (drop rate 0.5)"),
-    DefaultDifference("dare_ties", "normalize", "global", True, False, "TIES disjoint mean"),
-    DefaultDifference(
-        "dare_ties",
-        "rescale_mode",
-        "global",
-        "inverse",
-        "l1",
-        "DARE paper: divide by 1 − p; mergekit matches the L1 norm",
-        mergekit_key=False,
-    ),
-    DefaultDifference("della", "density", "model", 0.7, 1.0, "DELLA authors' reference command (drop 0.3)"),
-    DefaultDifference("della", "epsilon", "model", 0.07, 0.15, "DELLA authors' reference command"),
-    DefaultDifference(
-        "della",
+    "della_density": ("density", "model", 0.7, 1.0, "DELLA authors' reference command (drop 0.3)", True),
+    "della_epsilon": ("epsilon", "model", 0.07, 0.15, "DELLA authors' reference command", True),
+    "della_rescale": (
         "rescale_mode",
         "global",
         "inverse",
         "l1",
         "DELLA paper: divide by each keep probability; mergekit matches the L1 norm",
-        mergekit_key=False,
+        False,
     ),
-    DefaultDifference("della_linear", "density", "model", 0.7, 1.0, "DELLA authors' reference command"),
-    DefaultDifference("della_linear", "epsilon", "model", 0.07, 0.15, "DELLA authors' reference command"),
-    DefaultDifference(
-        "della_linear",
-        "rescale_mode",
-        "global",
-        "inverse",
-        "l1",
-        "DELLA paper: divide by each keep probability; mergekit matches the L1 norm",
-        mergekit_key=False,
-    ),
-    DefaultDifference(
-        "model_stock",
+    "model_stock_floor": (
         "norm_product_floor",
         "global",
         0.0,
         1e-6,
         "Model Stock paper: the exact cosine; mergekit divides by max(‖τi‖‖τj‖, 1e-6)",
-        mergekit_key=False,
+        False,
     ),
-    DefaultDifference(
-        "sce",
+    "sce_uniform": (
         "uniform_below",
         "global",
         0.0,
         1e-6,
         "FuseChat: variance-ratio weights; mergekit uses equal weights below a 1e-6 sum",
-        mergekit_key=False,
+        False,
     ),
+}
+
+#: Per method, its rows of :data:`_ROWS`, in the order they are listed and warned about.
+_METHOD_ROWS: dict[str, tuple[str, ...]] = {
+    "ties": ("ties_density",),
+    "breadcrumbs": ("breadcrumbs_density", "bound_ties"),
+    "breadcrumbs_ties": ("breadcrumbs_density", "ties_normalize", "bound_ties"),
+    "dare_linear": ("dare_density", "dare_rescale"),
+    "dare_ties": ("dare_density", "ties_normalize", "dare_rescale"),
+    "della": ("della_density", "della_epsilon", "della_rescale"),
+    "della_linear": ("della_density", "della_epsilon", "della_rescale"),
+    "model_stock": ("model_stock_floor",),
+    "sce": ("sce_uniform",),
+}
+
+DIFFERENCES: tuple[DefaultDifference, ...] = tuple(
+    DefaultDifference(method, *_ROWS[row][:5], mergekit_key=_ROWS[row][5])
+    for method, rows in _METHOD_ROWS.items()
+    for row in rows
 )
+"""Every (method, parameter) whose default differs, method by method."""
 
 IGNORED: dict[str, dict[str, str]] = {
     "task_arithmetic": {

@@ -154,7 +154,7 @@ def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
 def balancing_scores(
     taus: Sequence[Tensor], bounds: Sequence[tuple[float, float]], inter: str
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """(β_i, τ̄_i) for flattened float32 task vectors with clip bounds (lo_i, hi_i): steps 1–4."""
+    """(β_i, τ̄_i) for flattened float32 (or float64) task vectors with clip bounds (lo_i, hi_i): steps 1–4."""
     n = len(taus)
     clipped, normed = [], []
     for t, (lo, hi) in zip(taus, bounds):
@@ -183,8 +183,14 @@ def balancing_scores(
 
 
 def scale_scores(beta: Tensor, threshold: float, top: float) -> Tensor:
-    """Step 5: raise β below ``threshold`` to it, min–max normalise with the row max ``top``."""
-    return _minmax(beta.clamp(min=threshold), threshold, top)
+    """Step 5: raise β below ``threshold`` to it, min–max normalise with the row max ``top``.
+
+    Thresholds are float32 values (the exact selections rank float32 keys), so a float64 β whose
+    float32 rounding is at or below the threshold scores 0, as it does in a float32 run."""
+    scaled = _minmax(beta.clamp(min=threshold), threshold, top)
+    if beta.dtype == torch.float64:
+        scaled.masked_fill_(beta.float() <= threshold, 0.0)
+    return scaled
 
 
 def weighted_merge(
@@ -418,7 +424,8 @@ def pcb_delta(
     model_params: Sequence[PcbModelParams],
     ctx: TensorContext,
 ) -> Tensor:
-    """τ_m (float32, the base's shape): ``pcb == base + λ · pcb_delta`` (cast to the base's dtype)."""
+    """τ_m (float32; float64 under a float64 compute dtype; the base's shape): ``pcb == base + λ · pcb_delta``
+    (cast to the base's dtype)."""
     weights = [m.weight for m in model_params]
     if params.scope == "global":
         delta = pcb_global_delta(base, experts, weights, params, ctx)
@@ -453,4 +460,4 @@ def pcb(
 ) -> Tensor:
     """Score entries by intra- and inter-task balancing, drop low scores, score-weighted average."""
     delta = pcb_delta(base, experts, params, model_params, ctx)
-    return scale_add(base.float(), delta, params.lambda_).to(base.dtype)
+    return scale_add(base.to(delta.dtype), delta, params.lambda_).to(base.dtype)

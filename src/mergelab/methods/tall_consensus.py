@@ -81,7 +81,8 @@ def consensus_delta(
     model_params: Sequence[ConsensusModelParams],
     ctx: TensorContext,
 ) -> Tensor:
-    """m_cons ⊙ τ_MTL (float32): ``consensus == base + λ · consensus_delta`` (cast to the base's dtype)."""
+    """m_cons ⊙ τ_MTL (float32; float64 under a float64 compute dtype): ``consensus == base + λ ·
+    consensus_delta`` (cast to the base's dtype)."""
     deltas = task_vectors(base, experts)
     tau = multitask_vector(deltas, params, model_params, ctx)
     if params.k > 0:
@@ -117,4 +118,4 @@ def consensus(
 ) -> Tensor:
     """θ0 + λ·(m_cons ⊙ τ_MTL): drop weights fewer than k tasks' TALL masks select."""
     tau = consensus_delta(base, experts, params, model_params, ctx)
-    return scale_add(base.float(), tau, params.lambda_).to(base.dtype)
+    return scale_add(base.to(tau.dtype), tau, params.lambda_).to(base.dtype)

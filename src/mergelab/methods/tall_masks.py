@@ -211,5 +211,5 @@ def tall_masks(
     tau = multitask_vector(deltas, params, model_params, ctx)
     masks = [tall_mask(d, tau, m.tall_lambda) for d, m in zip(deltas, model_params)]
     del deltas
-    merged = tau.add_(base.float()).to(base.dtype)
+    merged = tau.add_(base.to(tau.dtype)).to(base.dtype)
     return MethodOutput(merged, {"base": base, "mask": masks, "scale": [1.0] * len(masks)})

@@ -315,7 +315,7 @@ def _pipeline(params: TiesParams, model_params: Sequence[TiesModelParams], ctx: 
 
     Chunk by chunk unless the L1 rescale or a tensor-wide majority sign needs the whole tensor.
     The per-tensor default (sign +1 for ties, no rescale) works in the compute dtype; the other
-    paths in float32.
+    paths in float32 (float64 stays float64).
     """
     thresholds = None
     majority: float | None = None

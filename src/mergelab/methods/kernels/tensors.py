@@ -22,18 +22,19 @@ def task_vectors(
     weights: Sequence[float] | None = None,
     *,
     flat: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
-    """τ_i = θ_i − θ0 in ``dtype`` (float32 unless given; times w_i where ``weights`` gives one other than 1).
+    """τ_i = θ_i − θ0 in ``dtype`` (default :func:`work_dtype` of the base: float64 for float64, else
+    float32; times w_i where ``weights`` gives one other than 1).
 
     ``flat``: flattened to 1-D. Inputs already in ``dtype`` are not copied before the subtraction.
     """
-    b = base.to(dtype)
+    b = base.to(work_dtype(base) if dtype is None else dtype)
     if flat:
         b = b.reshape(-1)
     out = []
     for i, e in enumerate(experts):
-        ef = e.to(dtype)
+        ef = e.to(b.dtype)
         t = (ef.reshape(-1) if flat else ef) - b
         if weights is not None and weights[i] != 1.0:
             t.mul_(float(weights[i]))

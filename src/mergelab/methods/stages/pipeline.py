@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from mergelab.methods.kernels.chunks import Scratch, flat_chunks, parallel_map, row_chunks
+from mergelab.methods.kernels.tensors import work_dtype
 from mergelab.methods.stages.combine import Combiner
 from mergelab.methods.stages.sparsify import Sparsifier
 
@@ -34,8 +35,9 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class TaskVectorMerge:
-    """A sparsifier × combiner for one tensor. ``upcast``: work in float32 (``.float()`` of the
-    inputs) rather than the compute dtype the tensors arrive in."""
+    """A sparsifier × combiner for one tensor. ``upcast``: work in float32 rather than the compute
+    dtype the tensors arrive in (bfloat16 and float16 inputs; a float64 compute dtype stays float64,
+    :func:`~mergelab.methods.kernels.tensors.work_dtype`)."""
 
     sparsifier: Sparsifier
     combiner: Combiner
@@ -51,13 +53,15 @@ class TaskVectorMerge:
         return self._run(base, experts, weights, scale).reshape(base.shape).to(base.dtype)
 
     def delta(self, base: Tensor, experts: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-        """τ_m, unscaled, in the working dtype (float32 with ``upcast``, else the base's)."""
+        """τ_m, unscaled, in the working dtype (:func:`~mergelab.methods.kernels.tensors.work_dtype` of
+        the base with ``upcast``, else the base's)."""
         return self._run(base, experts, weights, None).reshape(base.shape)
 
     def _run(self, base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], scale: float | None) -> Tensor:
         whole = self.whole
         if self.upcast:
-            base, experts = base.float(), [e.float() for e in experts]
+            w = work_dtype(base)
+            base, experts = base.to(w), [e.to(w) for e in experts]
         apply = self.sparsifier.prepare(base, experts, whole)
         b_flat = base.reshape(-1)
         e_flat = [e.reshape(-1) for e in experts]

@@ -402,12 +402,21 @@ class MagnitudeTopK:
                 numel=base.numel(),
             )
 
+        # model-wide thresholds are float32 values (the gather passes rank float32 bit patterns of
+        # |τ|): wider data is compared as float32, so the kept set is the one the passes counted
+        narrow = self.thresholds is not None and base.dtype == torch.float64
+
         def apply(i: int, d: Tensor, scratch: Scratch) -> Tensor:
             t = cuts[i]
-            if self.rescale and self.mode == "l1":
+            if narrow and t is not None:
+                keep = torch.ge(d.abs().float(), t).to(d.dtype)
+                if self.rescale and self.mode == "l1":
+                    return apply_mask(d, keep, rescale=True, mode="l1")
+                d.mul_(keep)
+            elif self.rescale and self.mode == "l1":
                 keep = torch.ones_like(d) if t is None else torch.ge(d.abs(), t).to(d.dtype)
                 return apply_mask(d, keep, rescale=True, mode="l1")
-            if t is not None:
+            elif t is not None:
                 keep = torch.abs(d, out=scratch.take("keep", d.numel()))
                 d.mul_(torch.ge(keep, t, out=keep))  # float-valued mask: fast on CPU
             if self.rescale:

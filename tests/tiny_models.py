@@ -1,0 +1,25 @@
+"""Tiny random transformers checkpoints shared by the tests: one set of sizes, saved where asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The sizes of every tiny model here (a test overrides what it needs: layers, heads, vocabulary).
+TINY_SIZES: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
+def save_tiny(model_cls: Any, config_cls: Any, path: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """Save a randomly initialised ``model_cls(config_cls(**TINY_SIZES, **overrides))`` (torch seeded with
+    ``seed`` first) to ``path``; returns ``path``."""
+    torch.manual_seed(seed)
+    model_cls(config_cls(**{**TINY_SIZES, **overrides})).save_pretrained(str(path))
+    return path
