@@ -396,3 +396,30 @@ def test_method_failures_are_internal_errors_not_tracebacks(two_modules, monkeyp
     monkeypatch.setattr(type(spec), "__call__", lambda self, *a, **k: boom())
     with pytest.raises(InternalError, match=r"combine core_space: task_arithmetic failed: ValueError: broken"):
         combine_adapters("core_space", two_modules, parameters={"method": "task_arithmetic"})
+
+
+def test_knots_steps_run_as_a_streamed_executor_would(two_modules):
+    """Every pass recomputes each module's blocks (nothing cached): the folds and the merge see the
+    same DARE draws and give what the in-memory rule gives."""
+    from mergelab.lora.combine_base import validate_params
+    from mergelab.lora.knots import KnotsDareTiesParams, knots_factors, knots_module, knots_selection
+    from mergelab.methods.registry import get_method
+
+    params = KnotsDareTiesParams(density=0.4, dare_density=0.8)
+    name, parameters, model_parameters = knots_selection(params, 3)
+    spec = get_method(name)
+    gp = validate_params(spec.params, parameters, "test")
+    mp = [validate_params(spec.model_params, m, "test") for m in model_parameters]
+    folds: dict = {}
+    for fold in spec.passes(gp):
+        state = fold.init(gp, 3)
+        for module, entries in two_modules.items():
+            _, blocks = knots_module(module, entries, params, seed=3)
+            fold.update(state, torch.zeros_like(blocks[0]), blocks, gp, mp, TensorContext(module, 3, folds=dict(folds)))
+        folds[fold.name] = fold.finish(state, gp, 3)
+    assert len(folds) == 3  # high and low histograms, majority sign
+    want = combine_adapters("knots_dare_ties", two_modules, parameters={"density": 0.4, "dare_density": 0.8}, seed=3)
+    for module, entries in two_modules.items():
+        mod, blocks = knots_module(module, entries, params, seed=3)
+        merged = spec(torch.zeros_like(blocks[0]), blocks, gp, mp, TensorContext(module, 3, folds=dict(folds)))
+        assert torch.equal(knots_factors(mod, merged).A, want[module].A)

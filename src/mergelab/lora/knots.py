@@ -17,11 +17,12 @@ Per LoRA module with updates ΔWₜ (out × in), t = 1..T:
 4. One scaling coefficient λ for all tasks (the reference code uses only ``weights[0]``):
    ΔW = λ·U·merged_sV, returned as the factors B = U, A = λ·merged_sV (rank k ≤ Σ rₜ), scaling 1.
 
-The model-wide selection is built as two steps so a streamed executor can run it: a per-module
-statistic (:func:`knots_decompose`, then the folds of the registered ``ties`` method with
-``scope: global``, which find each task's exact model-wide threshold and majority sign from
-histograms) and a per-module merge with those results (:func:`mergelab.lora.combine_base.merge_groups`
-runs both over the modules of an adapter in memory).
+The model-wide selection is built in steps a streamed executor can run module by module:
+:func:`knots_module` (the per-module decomposition and sV blocks), :func:`knots_selection` (the
+registered ``ties`` method with ``scope: global``, whose folds find each task's exact model-wide
+threshold and majority sign from histograms, then merge each module with them) and
+:func:`knots_factors` (back to LoRA factors); :func:`mergelab.lora.combine_base.merge_groups`
+runs the folds and the merge over an adapter's modules in memory.
 
 Choices and departures, each against the reference code:
 
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -193,39 +194,66 @@ def _dare(groups: Mapping[str, Sequence[Tensor]], density: float, seed: int) -> 
     return out
 
 
+def knots_module(
+    name: str, entries: Sequence[LoraFactors | None], params: KnotsTiesParams, seed: int = 0
+) -> tuple[KnotsModule, list[Tensor]]:
+    """Step 1 for one module, as a streamed executor calls it in each pass: the decomposition and the
+    per-task sV blocks the TIES step sees (float32, DARE'd for ``knots_dare_ties``; seeded per
+    (seed, module, task), so every pass draws the same drops)."""
+    mod = knots_decompose(
+        entries, lora_scaling=params.lora_scaling, dtype=torch_dtype(params.svd_dtype), rank_tol=params.rank_tol
+    )
+    # the masking and merge run in float32, as the reference code (and the radix thresholds) do
+    blocks = [v.float() for v in mod.sv]
+    if isinstance(params, KnotsDareTiesParams):
+        blocks = _dare({name: blocks}, params.dare_density, seed)[name]
+    return mod, blocks
+
+
+def knots_selection(params: KnotsTiesParams, n_adapters: int) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """Step 2, the model-wide selection: the registered method and parameters run on the sV blocks.
+
+    TIES with ``scope: global`` (per-task thresholds over every module's blocks, exact, from two
+    histogram folds; exact-zero sign sums take the model-wide majority sign, a third fold), the
+    disjoint mean, λ = ``scale``, unit weights. A streamed executor runs this method's folds
+    (``get_method(name).passes(...)``) over the blocks of :func:`knots_module` module by module,
+    then the method per module; :func:`mergelab.lora.combine_base.merge_groups` does it in memory.
+    """
+    parameters = {
+        "lambda": params.scale,
+        "normalize": True,
+        "scope": "global",
+        "trim_count": params.trim_count,
+        "sign_tie": "majority",
+    }
+    return "ties", parameters, [{"weight": 1.0, "density": params.density} for _ in range(n_adapters)]
+
+
+def knots_factors(mod: KnotsModule, merged_sv: Tensor) -> LoraFactors:
+    """Step 3: ΔW = U · merged_sV as factors (B = U, A = merged_sV with λ inside), scaling 1."""
+    return LoraFactors(A=merged_sv.to(mod.U.dtype), B=mod.U, scaling=1.0, transposed=mod.transposed)
+
+
 def _knots(
     modules: AdapterModules, weights: Sequence[float], params: KnotsTiesParams, seed: int, rule: str
 ) -> dict[str, LoraFactors]:
     _check_unit_weights(weights, rule)
-    dtype = torch_dtype(params.svd_dtype)
-    decomposed = {
-        name: knots_decompose(entries, lora_scaling=params.lora_scaling, dtype=dtype, rank_tol=params.rank_tol)
+    steps = {
+        name: knots_module(name, entries, params, seed)
         for name, entries in modules.items()
         if any(e is not None for e in entries)
     }
     n = len(next(iter(modules.values())))
-    # the masking and merge run in float32, as the reference code (and the radix thresholds) do
-    groups: dict[str, list[Tensor]] = {name: [v.float() for v in mod.sv] for name, mod in decomposed.items()}
-    if isinstance(params, KnotsDareTiesParams):
-        groups = _dare(groups, params.dare_density, seed)
+    method, parameters, model_parameters = knots_selection(params, n)
     merged = merge_groups(
-        "ties",
-        groups,
-        {
-            "lambda": params.scale,
-            "normalize": True,
-            "scope": "global",
-            "trim_count": params.trim_count,
-            "sign_tie": "majority",
-        },
-        [{"weight": 1.0, "density": params.density}] * n,
+        method,
+        {name: blocks for name, (_, blocks) in steps.items()},
+        parameters,
+        model_parameters,
         seed=seed,
         where=f"combine {rule}",
     )
-    return {
-        name: LoraFactors(A=merged[name].to(dtype), B=mod.U, scaling=1.0, transposed=mod.transposed)
-        for name, mod in decomposed.items()
-    }
+    return {name: knots_factors(mod, merged[name]) for name, (mod, _) in steps.items()}
 
 
 def knots_ties(
