@@ -557,6 +557,14 @@ def _missing_head_warning(reader: CheckpointReader, names: Mapping[str, TensorMe
     )
 
 
+def _open_input(ref: str, recipe: Recipe, get: Callable[[str], CheckpointReader]) -> CheckpointReader:
+    """Open a model reference of ``recipe``; a PEFT adapter is read over the recipe's base (``get``
+    opens it once), its recorded base checked unless ``allow_adapter_base_mismatch``."""
+    base_ref = recipe.base_model
+    base = (lambda: get(base_ref)) if base_ref is not None and base_ref != ref else None
+    return open_checkpoint(ref, base=base, allow_base_mismatch=recipe.allow_adapter_base_mismatch)
+
+
 def build_plan(
     recipe: Recipe,
     *,
@@ -588,7 +596,7 @@ def build_plan(
 
     def get(ref: str) -> CheckpointReader:
         if ref not in opened:
-            opened[ref] = open_checkpoint(ref)
+            opened[ref] = _open_input(ref, recipe, get)
         return opened[ref]
 
     try:
@@ -895,7 +903,7 @@ def _build_slices(
 
     def get(ref: str) -> CheckpointReader:
         if ref not in opened:
-            opened[ref] = open_checkpoint(ref)
+            opened[ref] = _open_input(ref, recipe, get)
         return opened[ref]
 
     try:

@@ -193,6 +193,10 @@ class Recipe(BaseModel):
     vocab_mismatch: Literal["error", "truncate"] = "error"
     name: str | None = None
     calibration: CalibrationSettings | None = None
+    allow_adapter_base_mismatch: bool = Field(
+        False,
+        description="read PEFT adapters whose base_model_name_or_path does not name base_model (mergelab.lora)",
+    )
     defaults: Literal["paper", "mergekit"] | None = Field(
         None,
         description="defaults of parameters the recipe leaves unset: paper (mergelab's) or mergekit "
@@ -363,6 +367,10 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
     def fix(ref: str | None) -> str | None:
         if ref is None or Path(ref).is_absolute() or Path(ref).exists():
             return ref
+        if "+" in ref:  # mergekit's base+adapter form: each part relative to the recipe
+            head, _, tail = ref.rpartition("+")
+            if head and tail:
+                return f"{fix(head)}+{fix(tail)}"
         candidate = base_dir / ref
         return str(candidate) if candidate.exists() else ref
 

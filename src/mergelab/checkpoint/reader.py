@@ -11,7 +11,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -356,7 +356,7 @@ _FULL_WEIGHTS = (
 
 
 def _adapter_error(folder: Path) -> CheckpointError:
-    """The one-line refusal of a PEFT (LoRA) adapter folder given where a full model is expected."""
+    """The one-line refusal of a PEFT adapter folder opened without a base to apply it to."""
     base = None
     try:
         cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -367,25 +367,75 @@ def _adapter_error(folder: Path) -> CheckpointError:
     on = f" on {base}" if base else ""
     return CheckpointError(
         f"{folder}: this is a {kind}/PEFT adapter{on} (adapter_config.json + adapter weights), not a full model; "
-        "adapter inputs are not supported yet (planned): merge it into its base first with peft "
-        "(PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and give that folder"
+        "an adapter is read over its base: list it under `models:` of a recipe whose base_model is that base, "
+        "or write base+adapter"
     )
 
 
 def _is_adapter_folder(folder: Path) -> bool:
     """A PEFT adapter folder: adapter_config.json and adapter weights, no full-model weights beside them."""
-    if not (folder / "adapter_config.json").is_file():
-        return False
-    if not any((folder / n).is_file() for n in _ADAPTER_WEIGHTS):
-        return False
-    if any((folder / n).is_file() for n in _FULL_WEIGHTS):
-        return False
-    return all(f.name.startswith("adapter_model") for f in folder.glob("*.safetensors"))
+    from mergelab.lora.reader import is_adapter_folder
+
+    return is_adapter_folder(folder)
+
+
+def _open_adapter(
+    label: str,
+    folder: Path,
+    base: CheckpointReader | Callable[[], CheckpointReader] | None,
+    allow_base_mismatch: bool,
+    hub_id: str | None = None,
+) -> CheckpointReader:
+    """An adapter folder read over ``base`` (a reader, or a function opening it); refused without one."""
+    if base is None:
+        raise _adapter_error(folder)
+    from mergelab.lora.reader import open_adapter
+
+    reader = base() if callable(base) else base
+    return open_adapter(label, folder, reader, allow_base_mismatch=allow_base_mismatch, hub_id=hub_id)
+
+
+def _open_base_plus_adapter(label: str, base_ref: str, adapter_ref: str, allow_base_mismatch: bool) -> CheckpointReader:
+    """mergekit's ``base+adapter`` form: the adapter (folder, weights file or Hub id) over that base."""
+    from mergelab.lora.reader import open_adapter
+
+    path = Path(adapter_ref).expanduser()
+    hub_id = None
+    if path.is_file() and path.name.startswith("adapter_model"):
+        path = path.parent
+    if not path.exists():
+        if not (_HUB_ID.match(adapter_ref) and ".." not in adapter_ref):
+            raise CheckpointError(
+                f"{label}: adapter {adapter_ref} not found (no such folder, not a Hub id); check the path"
+            )
+        path, hub_id = resolve_hub(adapter_ref), adapter_ref
+    if not _is_adapter_folder(path):
+        _missing_adapter_weights(path)
+        raise CheckpointError(
+            f"{label}: {adapter_ref} is not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors); "
+            "the base+adapter form needs an adapter after the +"
+        )
+    base = open_checkpoint(base_ref)
+    return open_adapter(label, path, base, allow_base_mismatch=allow_base_mismatch, owns_base=True, hub_id=hub_id)
+
+
+def _missing_adapter_weights(folder: Path) -> None:
+    """Refuse a folder with adapter_config.json but neither adapter nor model weights (one line)."""
+    if (
+        (folder / "adapter_config.json").is_file()
+        and not any((folder / n).is_file() for n in _FULL_WEIGHTS)
+        and not any((folder / n).is_file() for n in _ADAPTER_WEIGHTS)
+    ):
+        raise CheckpointError(
+            f"{folder}: adapter_config.json but no adapter_model.safetensors (or adapter_model.bin): "
+            "the adapter's weights are missing; copy or re-download them"
+        )
 
 
 def _reader_for_folder(label: str, folder: Path) -> SafetensorsReader | TorchBinReader:
     if _is_adapter_folder(folder):
         raise _adapter_error(folder)
+    _missing_adapter_weights(folder)
     st_index = folder / "model.safetensors.index.json"
     if st_index.is_file():
         return SafetensorsReader(label, folder, _files_from_index(st_index))
@@ -420,7 +470,15 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
         path = snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"],
+            allow_patterns=[
+                "*.safetensors",
+                "*.safetensors.index.json",
+                "*.json",
+                "*.model",
+                "*.txt",
+                "*.jinja",
+                "adapter_model.bin",
+            ],
         )
     except Exception as exc:  # network, auth or missing-repo errors of several types
         from huggingface_hub import constants
@@ -435,13 +493,27 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
     return Path(path)
 
 
-def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module) -> CheckpointReader:
-    """Open a model given as a local folder, a weights file, a Hub id, or an in-memory state dict."""
+def open_checkpoint(
+    ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | torch.nn.Module,
+    *,
+    base: CheckpointReader | Callable[[], CheckpointReader] | None = None,
+    allow_base_mismatch: bool = False,
+) -> CheckpointReader:
+    """Open a model given as a local folder, a weights file, a Hub id, or an in-memory state dict.
+
+    A PEFT LoRA adapter (its folder, its ``adapter_model.*`` file, a Hub adapter id) is read over
+    ``base`` (a reader, or a function that opens it: the recipe's base) as the model
+    ``merge_and_unload`` would give (:class:`mergelab.lora.reader.AdapterReader`); mergekit's
+    ``base+adapter`` form names its own base. The adapter's recorded base is checked against it
+    unless ``allow_base_mismatch``.
+    """
     if isinstance(ref, (Mapping, torch.nn.Module)):
         return StateDictReader(ref)
     label = str(ref)
     path = Path(label).expanduser()
     if path.is_dir():
+        if _is_adapter_folder(path):
+            return _open_adapter(label, path, base, allow_base_mismatch)
         return _reader_for_folder(label, path)
     if path.is_file():
         if path.name.endswith(".index.json"):
@@ -449,14 +521,25 @@ def open_checkpoint(ref: str | os.PathLike[str] | Mapping[str, torch.Tensor] | t
             cls = SafetensorsReader if files[0].suffix == ".safetensors" else TorchBinReader
             return cls(label, path.parent, files)
         if path.name in _ADAPTER_WEIGHTS and _is_adapter_folder(path.parent):
-            raise _adapter_error(path.parent)
+            return _open_adapter(label, path.parent, base, allow_base_mismatch)
         if path.suffix == ".safetensors":
             return SafetensorsReader(label, path.parent, [path])
         if path.suffix in (".bin", ".pt", ".pth"):
             return TorchBinReader(label, path.parent, [path])
         raise CheckpointError(f"{path}: unsupported file type; give a model folder, .safetensors or .bin file")
+    from mergelab.lora.reader import split_base_plus_adapter
+
+    parts = split_base_plus_adapter(label)
+    if parts is not None:
+        return _open_base_plus_adapter(label, parts[0], parts[1], allow_base_mismatch)
     if _HUB_ID.match(label) and ".." not in label and path.suffix != ".safetensors":
-        return HubSpec(label).open()  # neither a local file nor folder: try it as a Hub id (owner/name or name)
+        # neither a local file nor folder: try it as a Hub id (owner/name or name)
+        folder = resolve_hub(label)
+        if _is_adapter_folder(folder):
+            return _open_adapter(label, folder, base, allow_base_mismatch, hub_id=label)
+        reader = _reader_for_folder(label, folder)
+        reader._spec = HubSpec(label)
+        return reader
     raise CheckpointError(f"{label}: no such file or folder (and not a Hugging Face Hub id); check the path")
 
 
@@ -497,6 +580,9 @@ def _class_default_tie(model_type: str) -> bool | None:
 
 def weight_files(reader: CheckpointReader) -> Iterable[Path]:
     """The files holding the reader's weights (for provenance)."""
+    paths = getattr(reader, "weight_paths", None)
+    if callable(paths):  # an adapter over its base: both sets of files
+        return list(paths())
     if reader.folder is None:
         return []
     return sorted({reader.folder / m.file for m in reader.tensors().values()})

@@ -306,11 +306,16 @@ def _model(
         if not cfg_dict.get("architectures"):
             cfg_dict["architectures"] = [type(m).__name__]
         return m, detect_kind(cfg_dict, s.model_type)
+    own = folder is None
     folder = folder or e.folder
     if folder is None:
         raise RecipeError(f"model {e.label} was given in memory: pass Calibration(model=...) with its nn.Module")
     kind = detect_kind(read_config(folder), s.model_type)
-    return load_model(folder, kind, device, dtype), kind
+    model = load_model(folder, kind, device, dtype)
+    apply = getattr(e.reader, "apply_to_module", None)
+    if own and callable(apply):  # a LoRA adapter: e.folder is its base's; write the adapted tensors in
+        apply(model)
+    return model, kind
 
 
 def _merge_names(plan: Plan) -> set[str]:
