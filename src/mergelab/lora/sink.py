@@ -100,6 +100,7 @@ class AdapterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     combine: str = "svd"
+    combine_parameters: dict[str, Any] | None = None  # a factor-space rule's parameters (mergelab.lora.combine_plan)
     rank: int | None = None
     energy: float | None = None
     svd_dtype: Literal["float32", "float64"] = "float32"
@@ -298,6 +299,8 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
                 f"tensor {j.name!r}: the merged tensor has no counterpart of the same shape in the base "
                 f"{base.label}; output: adapter needs the base's exact layout"
             )
+    import mergelab.lora.combine_plan  # noqa: F401  (registers the factor-space rules)
+
     rule = ADAPTER_RULES.get(settings.combine)
     if rule is None:
         raise RecipeError(
@@ -533,6 +536,9 @@ class PeftAdapterSink:
         if self._pending:  # groups whose tensors did not all arrive (an executor bug)
             missing = ", ".join(sorted(self._pending))
             raise OutputError(f"the adapter sink did not receive every tensor of {missing} (an internal error)")
+        combine = getattr(self.plan, "combine_factors", None)
+        if combine is not None:  # a factor-space rule (mergelab.lora.combine_plan) adds its LoRA modules now
+            combine(self)
         if not self.modules:
             raise OutputError(
                 "the merge changes none of the adapter's target modules (every ΔW is zero); nothing to write as LoRA"
