@@ -390,7 +390,7 @@ def test_merge_state_dicts_wrong_types_are_one_line_errors(tmp_path):
 def _peft_adapter(folder: Path) -> Path:
     folder.mkdir()
     (folder / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "base_model_name_or_path": "some/base", "r": 4, "target_modules": ["q_proj"]}'
+        '{"peft_type": "LORA", "base_model_name_or_path": "some/other-model", "r": 4, "target_modules": ["q_proj"]}'
     )
     save_file(
         {
@@ -402,14 +402,15 @@ def _peft_adapter(folder: Path) -> Path:
     return folder
 
 
-def test_peft_adapter_given_as_a_model_says_it_is_an_adapter(family, tmp_path):
+def test_peft_adapter_of_another_base_is_refused_and_without_a_base_says_it_is_an_adapter(family, tmp_path):
+    # adapters are merge inputs now (tests/lora); one recorded on another base is refused in one line
     base, experts = family
     adapter = _peft_adapter(tmp_path / "my-lora")
     r = _recipe(tmp_path, base, [adapter, experts[1]])
-    text = _run_fails(tmp_path, r, [base, adapter], str(adapter), "LORA/PEFT adapter on some/base", code=3)
-    assert "not a full model" in text and "merge_and_unload" in text and "remove" not in text
+    text = _run_fails(tmp_path, r, [base, adapter], str(adapter), "trained on 'some/other-model'", code=3)
+    assert "allow_adapter_base_mismatch" in text
     result = runner.invoke(app, ["inspect", str(adapter / "adapter_model.safetensors")])
-    assert result.exit_code == 3 and "PEFT adapter" in result.output
+    assert result.exit_code == 3 and "PEFT adapter on some/other-model" in result.output
 
 
 def test_single_name_hub_id_is_tried_on_the_hub(family, tmp_path, monkeypatch):

@@ -166,6 +166,13 @@ def merge(
         Path | None,
         typer.Option(help="multi-stage recipes: keep the named stages here (default: a temporary folder)"),
     ] = None,
+    allow_adapter_base_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-adapter-base-mismatch",
+            help="read LoRA adapters whose recorded base is not base_model (recipe: allow_adapter_base_mismatch)",
+        ),
+    ] = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic).
 
@@ -206,6 +213,8 @@ def merge(
         return
 
     rec = load_recipe(recipe)
+    if allow_adapter_base_mismatch:
+        rec = rec.model_copy(update={"allow_adapter_base_mismatch": True})
     _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
     plan = plan_merge(rec, out_dtype=out_dtype)
     try:

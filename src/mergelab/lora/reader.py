@@ -184,6 +184,7 @@ class _LoraModule:
     scaling: float = 1.0
     transposed: bool = False
     keys: list[str] = field(default_factory=list)
+    kind_known: bool = True  # False while only a DoRA magnitude has been seen
 
 
 @dataclass(frozen=True)
@@ -280,10 +281,15 @@ class AdapterReader:
         modules: dict[str, _LoraModule] = {}
         full: dict[str, str] = {}  # adapter name (no prefix) -> key
 
-        def module(mod: str, embedding: bool, key: str) -> _LoraModule:
+        def module(mod: str, embedding: bool | None, key: str) -> _LoraModule:
             m = modules.get(mod)
             if m is None:
-                m = modules[mod] = _LoraModule(mod, "", embedding)
+                m = modules[mod] = _LoraModule(mod, "", bool(embedding))
+                m.kind_known = embedding is not None
+            elif embedding is None:
+                pass
+            elif not m.kind_known:
+                m.embedding, m.kind_known = embedding, True
             elif m.embedding != embedding:
                 raise CheckpointError(f"{self._where(key)}: module {mod!r} has both Linear and embedding LoRA keys")
             m.keys.append(key)
@@ -315,7 +321,7 @@ class AdapterReader:
                 else:
                     m.b_key = key
             elif mm := _MAG_KEY.match(name):
-                module(mm["mod"], False, key).magnitude_key = key
+                module(mm["mod"], None, key).magnitude_key = key
             elif (mm := _BASE_LAYER_KEY.match(name)) or (mm := _SAVED_KEY.match(name)):
                 full[f"{mm['mod']}.{mm['p']}"] = key
             elif ".lora_" in name or name.startswith("lora_"):
