@@ -275,6 +275,11 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
     or an output tensor whose shape differs from the base's.
     """
     if graph.base is None:
+        if getattr(graph.method, "base", None) == "ignored":
+            raise RecipeError(
+                f"output: adapter needs a method that merges over the base_model; {graph.method.name} ignores it "
+                "(use e.g. task_arithmetic, which with normalize: true is the same weighted average)"
+            )
         raise RecipeError(
             "output: adapter needs a base_model (the adapter is an update of it); add base_model: to the recipe"
         )
