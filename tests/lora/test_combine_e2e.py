@@ -159,3 +159,49 @@ def test_factor_rules_need_adapters_not_full_models(adapters, tmp_path):
     assert res.exit_code == 4, res.output
     assert "is not a PEFT adapter" in res.output
     assert not out.exists()
+
+
+def _merge(tmp: Path, base: Path, ads: list[Path], weights: list[float], adapter: dict) -> Path:
+    out = tmp / "out"
+    res = runner.invoke(app, ["merge", str(_recipe(tmp, base, ads, weights, adapter)), str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _peft_logits(base: Path, adapter: Path) -> torch.Tensor:
+    return _logits(peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter))
+
+
+def test_cat_on_gpt2_conv1d_and_llama_embeddings(llama, gpt2, tmp_path):
+    from lora_helpers import make_adapter
+
+    cases = [
+        (gpt2, {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}, {"r": 2}),
+        (llama, {"target_modules": ["q_proj", "embed_tokens"]}, {"r": 3, "lora_alpha": 5}),
+    ]
+    for k, (base, common, second) in enumerate(cases):
+        d = tmp_path / str(k)
+        d.mkdir()
+        ads = [
+            make_adapter(base, d / "a0", seed=1, **common),
+            make_adapter(base, d / "a1", seed=2, **{**common, **second}),
+        ]
+        weights = [0.6, 0.9]
+        out = _merge(d, base, ads, weights, {"combine": "cat"})
+        torch.testing.assert_close(_peft_logits(base, out), _expected_sum(base, ads, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("combination", "rule", "extra"), [("linear", "linear_legacy", {}), ("ties", "ties_legacy", {"density": 0.5})]
+)
+def test_legacy_rules_give_what_peft_add_weighted_adapter_gives(llama, tmp_path, combination, rule, extra):
+    from lora_helpers import make_adapter
+
+    ads = [make_adapter(llama, tmp_path / f"a{i}", seed=i + 1, target_modules=["q_proj", "v_proj"]) for i in range(2)]
+    weights = [0.8, 0.5]
+    out = _merge(tmp_path, llama, ads, weights, {"combine": rule, "combine_parameters": extra})
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama), ads[0], "a0")
+    model.load_adapter(ads[1], "a1")
+    model.add_weighted_adapter(["a0", "a1"], weights, "m", combination_type=combination, **extra)
+    model.set_adapter("m")
+    torch.testing.assert_close(_peft_logits(llama, out), _logits(model), rtol=1e-5, atol=1e-5)

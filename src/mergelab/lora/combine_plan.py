@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mergelab.errors import PlanError, RecipeError
+from mergelab.errors import CheckpointError, PlanError, RecipeError
 from mergelab.ir import ADAPTER, Artifact, Job, OutRef
 from mergelab.lora.combine import combine_adapters, get_rule
 from mergelab.lora.combine_base import validate_params
@@ -97,7 +97,7 @@ def _factor_planner(rule: str) -> Any:
                         f"{r.label}: tensor {name!r} is a DoRA module, not a low-rank update; combine: {rule} cannot "
                         "combine it (use output: model)"
                     )
-                if name in r.replaced():
+                if name in r.replaced() and name not in r.lora_targets():
                     raise PlanError(
                         f"{r.label}: tensor {name!r} is stored whole by this adapter and LoRA'd by another; "
                         f"combine: {rule} cannot mix them (use combine: svd)"
@@ -151,6 +151,13 @@ def _combine_into(plan: FactorAdapterPlan, sink: Any) -> None:
             f"adapter.combine: {plan.rule} combines every module at once and needs one weight per adapter, but the "
             "models' weights vary between modules (filters or gradients); give plain weights"
         )
+    for r in plan.adapters:  # a LoRA'd tensor the adapter also stores (PEFT's base_layer copy) must be W0
+        for n in sorted(r.replaced() & set(plan.targets) & set(r.lora_targets())):
+            if not torch.equal(r.read_base(n), r.base.read(n)):
+                raise CheckpointError(
+                    f"{r.label}: tensor {n!r}: the adapter's stored base layer differs from the base model's; "
+                    f"combine: {plan.rule} writes updates of the base: use combine: svd"
+                )
     for w, names in by_weights.items():
         modules = {n: [r.factors(n) for r in plan.adapters] for n in names}
         merged = combine_adapters(plan.rule, modules, weights=w, parameters=plan.rule_parameters, seed=plan.seed)
