@@ -113,6 +113,16 @@ def _copy_side_files(
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _copy_tokenizer_files(source: CheckpointReader | None, dest: Path) -> None:
+    """The base's tokenizer files (not config.json: an adapter folder is not a model folder)."""
+    if source is None or source.folder is None:
+        return
+    for name in SIDE_FILES:
+        src = source.folder / name
+        if name not in ("config.json", "generation_config.json") and src.is_file():
+            shutil.copyfile(src, dest / name)
+
+
 def _write_tokenizer(plan: Plan, rec: Recipe, dest: Path) -> None:
     """The output tokenizer (``tokenizer_source`` / ``chat_template``), planned and checked by the planner.
 
@@ -182,6 +192,9 @@ def merge(
     executor: str = "streaming",
     workers: int | None = None,
     address: str | None = None,
+    adapter_out: bool = False,
+    rank: int | None = None,
+    energy: float | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into a Hugging Face folder at ``out``.
 
@@ -203,16 +216,32 @@ def merge(
     ``executor`` runs the merge: ``streaming`` (default, one process) or ``ray`` (``workers``
     Ray worker processes on a local Ray, or the cluster at ``address``; needs ``mergelab[ray]``);
     both give bit-identical tensors.
+
+    ``adapter_out`` (or the recipe's ``output: adapter``) writes a PEFT LoRA adapter of the base
+    instead (:mod:`mergelab.lora.sink`): ``rank`` / ``energy`` override the recipe's ``adapter:``
+    block; ``result.plan_summary["adapter"]`` holds the per-module ranks and errors.
     """
     rec = load_recipe(recipe)
     _check_run_options(device=device, threads=threads, seed=seed)
     _check_disk_options(out, max_shard_size, executor)
+    if adapter_out or rank is not None or energy is not None or rec.output == "adapter":
+        from mergelab.lora.sink import with_adapter_output
+
+        rec = with_adapter_output(rec, adapter_out=adapter_out, rank=rank, energy=energy)
+        if executor != "streaming":
+            raise OptionError(
+                f"executor {executor!r}: adapter outputs (output: adapter / --adapter-out) run on the streaming "
+                "executor only; leave out --executor"
+            )
     shard_bytes = parse_size(max_shard_size)
     # fail on a bad or existing destination before any work
     inputs = run_inputs(recipe, rec, plan)
     if rec.calibration is not None and rec.calibration.statistics_dir is not None:
         check_cache_outside_inputs(rec.calibration.statistics_dir, inputs, "statistics_dir")
-    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=inputs)
+    is_adapter = rec.output == "adapter"
+    dest = AtomicOutputDir(
+        out, force=force, force_any=force_any, inputs=inputs, kind="adapter" if is_adapter else "merge"
+    )
     own_plan = plan is None
     phase = None
     try:
@@ -248,15 +277,23 @@ def merge(
             summary["data_phase"] = {"seconds": phase.seconds, "peak_bytes": phase.peak_bytes, **phase.summary}
         # one sink per artifact: the checkpoint, plus the per-task parts of routed methods (TALL masks, EMR)
         sinks = open_disk_sinks(plan, dest.tmp, shard_bytes)
+        adapter_lines: list[str] | None = None
         try:
             stats = runner.run(plan, sinks, opts, progress)
             finish_sinks(plan.graph, sinks, stats)
+            if is_adapter:
+                from mergelab.lora.sink import adapter_result
+
+                summary["adapter"], adapter_lines = adapter_result(plan.graph, sinks)
         finally:
             abort_sinks(sinks)
         out_dt = parse_dtype(out_dtype, "out_dtype") or rec.output_dtype
-        _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
-        _apply_config_updates(dest.tmp / "config.json", plan.graph.config_updates)
-        _write_tokenizer(plan, rec, dest.tmp)
+        if is_adapter:  # an adapter folder carries the tokenizer, not the base's config.json
+            _copy_tokenizer_files(plan.reference, dest.tmp)
+        else:
+            _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
+            _apply_config_updates(dest.tmp / "config.json", plan.graph.config_updates)
+            _write_tokenizer(plan, rec, dest.tmp)
         for fname, text in phase.side_files.items() if phase is not None else ():
             (dest.tmp / fname).write_text(text)
         expert_recipe_params = list(plan.global_model_params)
@@ -277,6 +314,7 @@ def merge(
                 "seed": str(opts.seed),
                 **(phase.summary if phase is not None else {}),
             },
+            adapter=adapter_lines,
         )
         (dest.tmp / "README.md").write_text(card)
         (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())

@@ -173,6 +173,16 @@ def merge(
             help="read LoRA adapters whose recorded base is not base_model (recipe: allow_adapter_base_mismatch)",
         ),
     ] = False,
+    adapter_out: Annotated[
+        bool,
+        typer.Option(
+            "--adapter-out", help="write a PEFT LoRA adapter of the base (truncated SVD of merged − base) to OUT"
+        ),
+    ] = False,
+    rank: Annotated[int | None, typer.Option(help="adapter rank (with --adapter-out)")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="per-module adapter rank keeping this fraction of ‖ΔW‖² (e.g. 0.9)")
+    ] = None,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (streamed, atomic).
 
@@ -205,6 +215,13 @@ def merge(
     if is_multi_stage(recipe):
         from mergelab.api import merge_stages
 
+        if adapter_out or rank is not None or energy is not None:
+            from mergelab.errors import OptionError
+
+            raise OptionError(
+                "--adapter-out/--rank/--energy: multi-stage recipes set output: adapter in their last stage"
+            )
+
         done = merge_stages(recipe, out, stages_dir=stages_dir, **options)
         for st in done:
             what = "reused" if st.result is None else f"merged {st.result.stats.tensors} tensors"
@@ -214,6 +231,10 @@ def merge(
     rec = load_recipe(recipe)
     if allow_adapter_base_mismatch:
         rec = rec.model_copy(update={"allow_adapter_base_mismatch": True})
+    if adapter_out or rank is not None or energy is not None:
+        from mergelab.lora.sink import with_adapter_output
+
+        rec = with_adapter_output(rec, adapter_out=adapter_out, rank=rank, energy=energy)
     _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
     plan = plan_merge(rec, out_dtype=out_dtype)
     try:
@@ -229,11 +250,81 @@ def merge(
 
     if is_routed(result.path):
         err_console.print(read_manifest(result.path)["storage"]["summary"])
+    if "adapter" in result.plan_summary:
+        _print_adapter(result.plan_summary["adapter"])
     s = result.stats
     err_console.print(
         f"[green]merged[/] {s.tensors} tensors into {result.path} in {s.seconds:.1f} s "
         f"(read {_fmt_bytes(s.bytes_read)}, wrote {_fmt_bytes(s.bytes_written)}, "
         f"peak RSS {_fmt_bytes(s.peak_rss_bytes)})"
+    )
+
+
+def _print_adapter(report: dict[str, Any]) -> None:
+    from mergelab.lora.sink import summary_lines
+
+    for line in summary_lines(report):
+        err_console.print(f"adapter: {line}", highlight=False, soft_wrap=True)
+
+
+@app.command("extract-lora")
+@user_errors
+def extract_lora(
+    expert: Annotated[str, typer.Argument(help="the full fine-tune (folder or Hub id)")],
+    out: Annotated[Path, typer.Argument(help="output adapter folder (must not exist unless --force)")],
+    base: Annotated[str, typer.Option("--base", help="the base model EXPERT was fine-tuned from")],
+    rank: Annotated[int | None, typer.Option(help="LoRA rank of every module (capped at min(out, in))")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="per module, the smallest rank keeping this fraction of ‖τ‖² (e.g. 0.9)")
+    ] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="also extract the embedding matrices")] = False,
+    keep_non_lora: Annotated[
+        bool,
+        typer.Option(
+            "--keep-non-lora", help="keep changed norms/biases (modules_to_save, lora_bias) instead of dropping"
+        ),
+    ] = False,
+    svd_dtype: Annotated[str, typer.Option(help="float32 or float64")] = "float32",
+    out_dtype: Annotated[str | None, typer.Option(help="the factors' dtype (default: the expert's)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the report (per-module ranks and errors) as JSON")
+    ] = False,
+) -> None:
+    """Extract a PEFT LoRA adapter of BASE from the fine-tune EXPERT (truncated SVD of τ per module) into OUT."""
+    from mergelab.lora.extract import extract_lora as run_extract
+    from mergelab.progress import RichProgress
+
+    res = run_extract(
+        expert,
+        base,
+        out,
+        rank=rank,
+        energy=energy,
+        embeddings=embeddings,
+        keep_non_lora=keep_non_lora,
+        svd_dtype=svd_dtype,
+        dtype=out_dtype,
+        force=force,
+        device=device,
+        threads=threads,
+        progress=RichProgress(err_console, enabled=not quiet),
+    )
+    if as_json:
+        console.print_json(json.dumps(res.report))
+    elif not quiet:
+        t = Table("module", "rank", "of", "rel. error", box=None, pad_edge=False)
+        for name, m in res.report.get("modules", {}).items():
+            t.add_row(name, str(m["rank"]), str(m["full_rank"]), f"{m['rel_error']:.3g}")
+        err_console.print(t)
+    _print_adapter(res.report)
+    err_console.print(
+        f"[green]extracted[/] {res.report.get('lora_modules', 0)} LoRA modules into {res.path} in "
+        f"{res.stats.seconds:.1f} s ({_fmt_bytes(res.report.get('adapter_bytes', 0))}, "
+        f"{100 * res.size_ratio:.2f}% of the dense expert's {_fmt_bytes(res.expert_bytes)})"
     )
 
 

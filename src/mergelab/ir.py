@@ -39,6 +39,9 @@ MODEL = "model"
 """Name of the merged checkpoint artifact (kind ``hf_checkpoint``) in graphs the planner builds."""
 MASKS = "masks"
 """Name of the per-task parts artifact (kind ``masks``) of methods registered ``outputs="routed"``."""
+ADAPTER = "adapter"
+"""Name of the PEFT adapter artifact (kind ``peft_adapter``) of ``output: adapter`` plans
+(:func:`mergelab.lora.sink.adapter_graph`)."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,14 @@ class Artifact:
     """One output of a run: a name, a kind (which picks the sink class) and its folder.
 
     ``folder`` is relative to the run's output folder (``""``: the output folder itself).
+    ``settings``: what the kind's sink needs that the jobs do not say (``peft_adapter``: the
+    :class:`mergelab.lora.sink.AdapterPlan`: LoRA targets, rank or energy, non-LoRA handling).
     """
 
     name: str
     kind: ArtifactKind
     folder: str = ""
+    settings: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ARTIFACT_KINDS:

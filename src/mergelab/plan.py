@@ -578,7 +578,7 @@ def build_plan(
     """
     method = get_method(recipe.merge_method)
     if recipe.slices is not None:
-        return _build_slices(recipe, method, readers, out_dtype)
+        return _as_adapter(_build_slices(recipe, method, readers, out_dtype), recipe, readers)
     base_ref, expert_idx = _split_inputs(recipe, method)
     n_exp = len(expert_idx)
     if n_exp < method.min_experts:
@@ -609,6 +609,22 @@ def build_plan(
         plan.graph.warnings[:0] = resolver.warnings  # parameter warnings first
     except BaseException:
         for r in opened.values():
+            if not readers or r not in readers.values():
+                r.close()
+        raise
+    return _as_adapter(plan, recipe, readers)
+
+
+def _as_adapter(plan: Plan, recipe: Recipe, readers: Mapping[str, CheckpointReader] | None) -> Plan:
+    """``output: adapter``: the graph re-targeted to a PEFT adapter (:func:`mergelab.lora.sink.adapter_graph`)."""
+    if recipe.output != "adapter":
+        return plan
+    from mergelab.lora.sink import AdapterSettings, adapter_graph
+
+    try:
+        plan.graph = adapter_graph(plan.graph, recipe.adapter or AdapterSettings(), base_label=recipe.base_model)
+    except BaseException:
+        for r in plan.graph.sources.values():
             if not readers or r not in readers.values():
                 r.close()
         raise

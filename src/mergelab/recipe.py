@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.data.config import CalibrationSettings, CalibrationSource
 from mergelab.errors import OptionError, RecipeError
+from mergelab.lora.sink import AdapterSettings
 from mergelab.tokenizer import ModelTokenEmbedding, TokenizerSettings, check_chat_template, normalize_source
 
 DTYPES: dict[str, torch.dtype] = {
@@ -201,6 +202,11 @@ class Recipe(BaseModel):
         False,
         description="read PEFT adapters whose base_model_name_or_path does not name base_model (mergelab.lora)",
     )
+    output: Literal["model", "adapter"] = Field(
+        "model",
+        description="model: a dense checkpoint; adapter: a PEFT LoRA adapter of base_model (settings in adapter:)",
+    )
+    adapter: AdapterSettings | None = None
     defaults: Literal["paper", "mergekit"] | None = Field(
         None,
         description="defaults of parameters the recipe leaves unset: paper (mergelab's) or mergekit "
@@ -233,6 +239,8 @@ class Recipe(BaseModel):
         elif not self.models:
             raise ValueError("the recipe lists no models: add a `models:` list")
         check_chat_template(self.chat_template)
+        if self.adapter is not None and self.output != "adapter":
+            raise ValueError("an adapter: block needs output: adapter (or leave the block out)")
         if self.tokenizer_source is not None:
             if self.tokenizer is not None:
                 raise ValueError("give either tokenizer_source or a tokenizer: block, not both")

@@ -4,10 +4,12 @@
   safetensors laid out up front and written in place, + index);
 * ``masks``: :class:`mergelab.routed.writer.PartsWriter` (the shared model's θ0 and the
   bit-packed per-task masks, + manifest);
+* ``peft_adapter``: :class:`mergelab.lora.sink.PeftAdapterSink` (``output: adapter``: merged
+  tensors factored per LoRA module into ``adapter_model.safetensors`` + ``adapter_config.json``);
 * ``state``: :class:`MemorySink` (tensors kept in a dict: the in-memory API).
 
-``peft_adapter`` and ``router`` artifacts have no sink yet (the capabilities that emit them add
-theirs here). Disk sinks write inside the run's temporary output folder
+``router`` artifacts have no sink yet (the capability that emits them adds its own here). Disk
+sinks write inside the run's temporary output folder
 (:class:`mergelab.checkpoint.writer.AtomicOutputDir`), which publishes every artifact with one
 rename.
 """
@@ -40,12 +42,19 @@ def _masks_sink() -> type:
     return PartsWriter
 
 
+def _adapter_sink() -> type:
+    from mergelab.lora.sink import PeftAdapterSink
+
+    return PeftAdapterSink
+
+
 SINKS: dict[str, Any] = {
     "hf_checkpoint": ShardedSafetensorsWriter,
     "masks": _masks_sink,  # resolved lazily: the routed package imports the checkpoint writer
+    "peft_adapter": _adapter_sink,
     "state": MemorySink,
 }
-"""Artifact kind -> sink class (``masks``: a function returning it)."""
+"""Artifact kind -> sink class (``masks``, ``peft_adapter``: a function returning it)."""
 
 
 def open_disk_sinks(plan: Any, folder: Path, max_shard_size: int = DEFAULT_MAX_SHARD) -> dict[str, Any]:
@@ -63,6 +72,8 @@ def open_disk_sinks(plan: Any, folder: Path, max_shard_size: int = DEFAULT_MAX_S
                 sinks[name] = ShardedSafetensorsWriter(folder / art.folder, items, max_shard_size)
             elif art.kind == "masks":
                 sinks[name] = _masks_sink()(folder, plan, max_shard_size)
+            elif art.kind == "peft_adapter":
+                sinks[name] = _adapter_sink()(folder, graph, name)
             else:
                 raise NotImplementedError(f"artifact {name!r}: no disk sink for kind {art.kind!r} yet")
     except BaseException:
