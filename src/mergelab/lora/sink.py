@@ -33,7 +33,11 @@ set: attention and MLP projections), GPT-2 ``Conv1D`` weights included (``fan_in
 or names modules (an entry matches a module named exactly so or ending in ``.entry``). Every other
 tensor that the merge changes (norms, biases, an untargeted head) is either kept (``non_lora:
 modules_to_save``: full tensors of that module; biases of LoRA modules as PEFT ``lora_bias``
-updates) or dropped (``non_lora: drop``, the default) and listed in the report.
+updates, which PEFT allows only when every adapted module is a linear layer with a bias: with
+embedding LoRA those bias updates are dropped and reported) or dropped (``non_lora: drop``, the
+default) and listed in the report. A tied input embedding (GPT-2's ``wte``) is never made an
+embedding LoRA module (PEFT would leave the head unchanged, and ``merge_and_unload`` of a tied
+pair applies an update twice): it is a non-LoRA tensor, kept whole together with the head.
 """
 
 from __future__ import annotations
@@ -310,6 +314,15 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
         )
     cfg = base.config()
     targets = select_targets(graph, settings, cfg)
+    tied_head = _tied_heads(graph, cfg)
+    for name in [n for n, t in targets.items() if t.kind == "embedding" and n in tied_head]:
+        # PEFT applies embedding LoRA to the embedding only, and merge_and_unload of a tied pair applies a head
+        # LoRA twice: a tied input embedding is handled as a non-LoRA tensor instead (non_lora)
+        del targets[name]
+        graph.warnings.append(
+            f"adapter: {name} is tied to the output head, so it is not made an embedding LoRA module; as a changed "
+            "non-LoRA tensor it is kept whole (non_lora: modules_to_save, with the head) or dropped"
+        )
     modules = {t.module for t in targets.values()}
     bias_of = {f"{m}.bias": m for m in modules if f"{m}.bias" in base_meta}
     non_target = [j.name for j in graph.jobs if j.name not in targets and j.name not in bias_of]
@@ -323,9 +336,11 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
         base_config=cfg,
         bias_of=bias_of,
         groups=groups,
-        tied_head=_tied_heads(graph, cfg),
+        tied_head=tied_head,
+        # PEFT's lora_bias is one switch for every LoRA module, refused for embeddings and useless without a
+        # base bias: usable only when every adapted module is a linear layer with a bias
         lora_bias_ok=bool(modules)
-        and all(f"{t.module}.bias" in base_meta for t in targets.values() if t.kind != "embedding"),
+        and all(t.kind != "embedding" and f"{t.module}.bias" in base_meta for t in targets.values()),
     )
     return rule(graph, plan)
 
@@ -432,10 +447,6 @@ class PeftAdapterSink:
                 self.zero_modules.append(target.module)
                 return
             self.writer.add_lora(target.module, res.factors, embedding=target.kind == "embedding")
-            head = plan.tied_head.get(name)
-            if head is not None:  # the tied head (a Linear, weight = the embedding) gets the same update
-                f = res.factors
-                self.writer.add_lora(head, LoraFactors(f.B.T.contiguous(), f.A.T.contiguous(), 1.0, False))
             self.modules.append(
                 ModuleReport(
                     target.module,
