@@ -176,3 +176,32 @@ def test_cli_extract_lora(pair, tmp_path):
         app, ["extract-lora", str(expert), str(tmp_path / "j"), "--base", str(base), "--energy", "0.9", "--json", "-q"]
     )
     assert as_json.exit_code == 0, as_json.output
+
+
+def test_headless_checkpoint_gets_the_head_models_module_names(tmp_path):
+    """The original gpt2 layout: tensors ``h.0.*`` stored without ``transformer.``, config naming GPT2LMHeadModel.
+
+    transformers loads it into GPT2LMHeadModel (modules ``transformer.h.0.*``); the adapter's keys
+    must carry the prefix, or PEFT would silently leave every factor at its initial value.
+    """
+    torch.manual_seed(3)
+    cfg = _config("gpt2")
+    models = {}
+    for name in ("base", "expert"):
+        m = transformers.GPT2LMHeadModel(cfg)
+        if name == "expert":
+            m.load_state_dict(models["base"].state_dict())
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.03)
+        models[name] = m
+        m.transformer.save_pretrained(tmp_path / name)
+        conf = json.loads((tmp_path / name / "config.json").read_text())
+        conf["architectures"] = ["GPT2LMHeadModel"]
+        (tmp_path / name / "config.json").write_text(json.dumps(conf))
+    assert "h.0.attn.c_attn.weight" in load_file(tmp_path / "base" / "model.safetensors")
+    res = extract_lora(tmp_path / "expert", tmp_path / "base", tmp_path / "a", rank=64, keep_non_lora=True)
+    assert "transformer.h.0.attn.c_attn" in res.report["modules"]
+    got = _logits(_load("gpt2", tmp_path / "base", res.path))
+    want = _logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "expert").eval())
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()

@@ -180,6 +180,7 @@ class AdapterPlan:
     groups: dict[str, list[str]] = field(default_factory=dict)
     lora_bias_ok: bool = False
     tied_head: dict[str, str] = field(default_factory=dict)
+    module_prefix: str = ""
     out_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
@@ -337,12 +338,39 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
         bias_of=bias_of,
         groups=groups,
         tied_head=tied_head,
+        module_prefix=_module_prefix(cfg, [j.name for j in graph.jobs]),
         # PEFT's lora_bias is one switch for every LoRA module, refused for embeddings and useless without a
         # base bias: usable only when every adapted module is a linear layer with a bias
         lora_bias_ok=bool(modules)
         and all(t.kind != "embedding" and f"{t.module}.bias" in base_meta for t in targets.values()),
     )
     return rule(graph, plan)
+
+
+def _module_prefix(cfg: Mapping[str, Any] | None, names: list[str]) -> str:
+    """The prefix module names need in the model PEFT will wrap, when the checkpoint stores them without it.
+
+    A headless checkpoint whose config names a head class (the original ``gpt2``: tensors ``h.0.*``,
+    ``architectures: [GPT2LMHeadModel]``) is loaded by transformers into the head model, whose
+    modules are ``transformer.h.0.*``: the adapter's keys must carry that prefix or PEFT would leave
+    every factor at its initial value. Found from transformers' ``base_model_prefix`` (empty when
+    transformers or the class is not available).
+    """
+    archs = (cfg or {}).get("architectures") or []
+    if not isinstance(archs, list) or not archs:
+        return ""
+    arch = str(archs[0])
+    if arch.endswith("Model") and not arch.endswith("LMHeadModel"):
+        return ""  # the base model class itself: its modules are named as stored
+    try:
+        import transformers
+
+        prefix = str(getattr(getattr(transformers, arch), "base_model_prefix", "") or "")
+    except Exception:
+        return ""
+    if not prefix or any(n.startswith(prefix + ".") for n in names):
+        return ""
+    return prefix + "."
 
 
 def _tied_heads(graph: Any, cfg: Mapping[str, Any] | None) -> dict[str, str]:
@@ -415,6 +443,7 @@ class PeftAdapterSink:
         self.dropped: list[str] = []
         self.saved: list[str] = []
         self.bias_updates: list[str] = []
+        self.prefix = plan.module_prefix
         self._group_of = {n: m for m, names in plan.groups.items() for n in names}
         self._pending: dict[str, dict[str, tuple[torch.Tensor, bool]]] = {}
         self._dense_bytes = 0
@@ -431,7 +460,7 @@ class PeftAdapterSink:
         self._dense_bytes += tensor.numel() * plan.out_dtypes.get(name, tensor.dtype).itemsize
         if target is not None:
             s = plan.settings
-            delta = tensor.to(s.svd_torch_dtype) - self._base_tensor(name).to(s.svd_torch_dtype)
+            delta = tensor.to(s.svd_torch_dtype) - self._base_tensor(name).to(tensor.device, s.svd_torch_dtype)
             if target.transposed:
                 delta = delta.T
             out_dtype = self.writer.dtype or plan.out_dtypes.get(name, tensor.dtype)
@@ -444,12 +473,12 @@ class PeftAdapterSink:
                 transposed=target.transposed,
             )
             if res.factors is None:
-                self.zero_modules.append(target.module)
+                self.zero_modules.append(self.prefix + target.module)
                 return
-            self.writer.add_lora(target.module, res.factors, embedding=target.kind == "embedding")
+            self.writer.add_lora(self.prefix + target.module, res.factors, embedding=target.kind == "embedding")
             self.modules.append(
                 ModuleReport(
-                    target.module,
+                    self.prefix + target.module,
                     res.rank,
                     res.full_rank,
                     res.rel_error,
@@ -460,13 +489,14 @@ class PeftAdapterSink:
             return
         out_dt = plan.out_dtypes.get(name, tensor.dtype)
         value = tensor.to(out_dt)
-        base = self._base_tensor(name)
+        base = self._base_tensor(name).to(tensor.device)
         changed = not torch.equal(value, base.to(out_dt))
         if name in plan.bias_of:
             if not changed:
                 return
             if plan.settings.non_lora == "modules_to_save" and plan.lora_bias_ok:
-                self.writer.add_lora_bias(plan.bias_of[name], (value.to(torch.float32) - base.to(torch.float32)))
+                update = value.to(torch.float32) - base.to(torch.float32)
+                self.writer.add_lora_bias(self.prefix + plan.bias_of[name], update)
                 self.bias_updates.append(name)
             else:
                 self.dropped.append(name)
@@ -499,7 +529,7 @@ class PeftAdapterSink:
             return
         if self.plan.settings.non_lora == "modules_to_save":
             for n, (t, _) in pend.items():
-                self.writer.add_saved(n, t)
+                self.writer.add_saved(self.prefix + n, t)
                 self.saved.append(n)
                 head = self.plan.tied_head.get(n)
                 if head is not None:  # the tied head is a copy of the embedding in PEFT: save it too
