@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergelab.errors import OptionError, OutputError, PlanError, RecipeError
 from mergelab.ir import ADAPTER, MASKS, Artifact, Job, OutRef
@@ -98,7 +98,8 @@ class AdapterSettings(BaseModel):
     names or name endings to adapt (default: every 2-D weight of the layers); ``embeddings``: adapt
     the embedding matrices too. ``non_lora``: what happens to other tensors the merge changes
     (``drop``, reported, or ``modules_to_save``). ``dtype``: the factors' stored dtype (default: the
-    merge's output dtype).
+    merge's output dtype). ``parameters``: the rule's own parameters (e.g. a factor-space rule's
+    weights or density), checked by that rule's planner.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -111,6 +112,8 @@ class AdapterSettings(BaseModel):
     embeddings: bool = False
     non_lora: Literal["drop", "modules_to_save"] = "drop"
     dtype: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Parameters of the combination rule itself (factor-space rules; ``svd`` takes none)."""
 
     @field_validator("rank")
     @classmethod
@@ -254,6 +257,11 @@ def _svd_rule(graph: Any, plan: AdapterPlan) -> Any:
     other tensors keep the dense merge's output dtype (what ``modules_to_save`` would store).
     """
     s = plan.settings
+    if s.parameters:
+        raise RecipeError(
+            f"adapter.parameters: combine: svd takes no parameters of its own (got {', '.join(s.parameters)}); "
+            "the method's parameters go under parameters: / models: as for a dense merge"
+        )
     if s.rank is None and s.energy is None:
         raise RecipeError("output: adapter with combine: svd needs adapter.rank (e.g. 16) or adapter.energy (e.g. 0.9)")
     jobs = []
