@@ -86,6 +86,7 @@ def summarize(plan: Plan, compute_dtype: torch.dtype = torch.float32) -> dict[st
         "output_bytes": plan.output_bytes(),
         "expected_peak_bytes": plan.expected_peak_bytes(itemsize),
         "warnings": list(plan.warnings),
+        **({"output": "adapter"} if any(a.kind == "peft_adapter" for a in plan.graph.artifacts.values()) else {}),
         **(
             {"tokenizer": {"source": plan.tokenizer.source, "vocab_rows": plan.tokenizer.rows}}
             if plan.tokenizer is not None

@@ -116,7 +116,10 @@ def _print_plan(summary: dict[str, Any]) -> None:
     t.add_row("layers", str(summary["num_layers"]))
     t.add_row("passes over the inputs", str(summary["passes"]))
     t.add_row("input read per pass", _fmt_bytes(summary["input_bytes"]))
-    t.add_row("output size", _fmt_bytes(summary["output_bytes"]))
+    if summary.get("output") == "adapter":
+        t.add_row("output", "PEFT LoRA adapter (size set by the ranks the SVD keeps)")
+    else:
+        t.add_row("output size", _fmt_bytes(summary["output_bytes"]))
     t.add_row("expected peak working memory", _fmt_bytes(summary["expected_peak_bytes"]))
     err_console.print(t)
     for w in summary["warnings"]:

@@ -34,7 +34,8 @@ mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default floa
 ``out_dtype`` (default: ``dtype``, else the base's dtype), ``vocab_mismatch``, and for
 data-informed methods (fisher, regmean, regmean_plusplus, adamerging) a per-model
 ``calibration`` source or precomputed ``statistics`` folder plus a top-level ``calibration:``
-block (see :mod:`mergelab.data.config`).
+block (see :mod:`mergelab.data.config`); ``output: adapter`` with an ``adapter:`` block writes the
+merge as a PEFT LoRA adapter of the base (:mod:`mergelab.lora.sink`).
 
 A model may be a PEFT LoRA adapter (folder, Hub id, or mergekit's ``base+adapter`` string), read
 over ``base_model`` (:mod:`mergelab.lora.reader`); ``allow_adapter_base_mismatch: true`` reads one

@@ -33,7 +33,11 @@ set: attention and MLP projections), GPT-2 ``Conv1D`` weights included (``fan_in
 or names modules (an entry matches a module named exactly so or ending in ``.entry``). Every other
 tensor that the merge changes (norms, biases, an untargeted head) is either kept (``non_lora:
 modules_to_save``: full tensors of that module; biases of LoRA modules as PEFT ``lora_bias``
-updates) or dropped (``non_lora: drop``, the default) and listed in the report.
+updates, which PEFT allows only when every adapted module is a linear layer with a bias: with
+embedding LoRA those bias updates are dropped and reported) or dropped (``non_lora: drop``, the
+default) and listed in the report. A tied input embedding (GPT-2's ``wte``) is never made an
+embedding LoRA module (PEFT would leave the head unchanged, and ``merge_and_unload`` of a tied
+pair applies an update twice): it is a non-LoRA tensor, kept whole together with the head.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergelab.errors import OptionError, OutputError, PlanError, RecipeError
 from mergelab.ir import ADAPTER, MASKS, Artifact, Job, OutRef
@@ -94,7 +98,8 @@ class AdapterSettings(BaseModel):
     names or name endings to adapt (default: every 2-D weight of the layers); ``embeddings``: adapt
     the embedding matrices too. ``non_lora``: what happens to other tensors the merge changes
     (``drop``, reported, or ``modules_to_save``). ``dtype``: the factors' stored dtype (default: the
-    merge's output dtype).
+    merge's output dtype). ``parameters``: the rule's own parameters (e.g. a factor-space rule's
+    weights or density), checked by that rule's planner.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -108,6 +113,8 @@ class AdapterSettings(BaseModel):
     embeddings: bool = False
     non_lora: Literal["drop", "modules_to_save"] = "drop"
     dtype: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Parameters of the combination rule itself (factor-space rules; ``svd`` takes none)."""
 
     @field_validator("rank")
     @classmethod
@@ -177,6 +184,7 @@ class AdapterPlan:
     groups: dict[str, list[str]] = field(default_factory=dict)
     lora_bias_ok: bool = False
     tied_head: dict[str, str] = field(default_factory=dict)
+    module_prefix: str = ""
     out_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
@@ -250,6 +258,11 @@ def _svd_rule(graph: Any, plan: AdapterPlan) -> Any:
     other tensors keep the dense merge's output dtype (what ``modules_to_save`` would store).
     """
     s = plan.settings
+    if s.parameters:
+        raise RecipeError(
+            f"adapter.parameters: combine: svd takes no parameters of its own (got {', '.join(s.parameters)}); "
+            "the method's parameters go under parameters: / models: as for a dense merge"
+        )
     if s.rank is None and s.energy is None:
         raise RecipeError("output: adapter with combine: svd needs adapter.rank (e.g. 16) or adapter.energy (e.g. 0.9)")
     jobs = []
@@ -313,6 +326,15 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
         )
     cfg = base.config()
     targets = select_targets(graph, settings, cfg)
+    tied_head = _tied_heads(graph, cfg)
+    for name in [n for n, t in targets.items() if t.kind == "embedding" and n in tied_head]:
+        # PEFT applies embedding LoRA to the embedding only, and merge_and_unload of a tied pair applies a head
+        # LoRA twice: a tied input embedding is handled as a non-LoRA tensor instead (non_lora)
+        del targets[name]
+        graph.warnings.append(
+            f"adapter: {name} is tied to the output head, so it is not made an embedding LoRA module; as a changed "
+            "non-LoRA tensor it is kept whole (non_lora: modules_to_save, with the head) or dropped"
+        )
     modules = {t.module for t in targets.values()}
     bias_of = {f"{m}.bias": m for m in modules if f"{m}.bias" in base_meta}
     non_target = [j.name for j in graph.jobs if j.name not in targets and j.name not in bias_of]
@@ -326,11 +348,40 @@ def adapter_graph(graph: Any, settings: AdapterSettings, base_label: str | None 
         base_config=cfg,
         bias_of=bias_of,
         groups=groups,
-        tied_head=_tied_heads(graph, cfg),
+        tied_head=tied_head,
+        module_prefix=_module_prefix(cfg, [j.name for j in graph.jobs]),
+        # PEFT's lora_bias is one switch for every LoRA module, refused for embeddings and useless without a
+        # base bias: usable only when every adapted module is a linear layer with a bias
         lora_bias_ok=bool(modules)
-        and all(f"{t.module}.bias" in base_meta for t in targets.values() if t.kind != "embedding"),
+        and all(t.kind != "embedding" and f"{t.module}.bias" in base_meta for t in targets.values()),
     )
     return rule(graph, plan)
+
+
+def _module_prefix(cfg: Mapping[str, Any] | None, names: list[str]) -> str:
+    """The prefix module names need in the model PEFT will wrap, when the checkpoint stores them without it.
+
+    A headless checkpoint whose config names a head class (the original ``gpt2``: tensors ``h.0.*``,
+    ``architectures: [GPT2LMHeadModel]``) is loaded by transformers into the head model, whose
+    modules are ``transformer.h.0.*``: the adapter's keys must carry that prefix or PEFT would leave
+    every factor at its initial value. Found from transformers' ``base_model_prefix`` (empty when
+    transformers or the class is not available).
+    """
+    archs = (cfg or {}).get("architectures") or []
+    if not isinstance(archs, list) or not archs:
+        return ""
+    arch = str(archs[0])
+    if arch.endswith("Model") and not arch.endswith("LMHeadModel"):
+        return ""  # the base model class itself: its modules are named as stored
+    try:
+        import transformers
+
+        prefix = str(getattr(getattr(transformers, arch), "base_model_prefix", "") or "")
+    except Exception:
+        return ""
+    if not prefix or any(n.startswith(prefix + ".") for n in names):
+        return ""
+    return prefix + "."
 
 
 def _tied_heads(graph: Any, cfg: Mapping[str, Any] | None) -> dict[str, str]:
@@ -403,6 +454,7 @@ class PeftAdapterSink:
         self.dropped: list[str] = []
         self.saved: list[str] = []
         self.bias_updates: list[str] = []
+        self.prefix = plan.module_prefix
         self._group_of = {n: m for m, names in plan.groups.items() for n in names}
         self._pending: dict[str, dict[str, tuple[torch.Tensor, bool]]] = {}
         self._dense_bytes = 0
@@ -419,7 +471,7 @@ class PeftAdapterSink:
         self._dense_bytes += tensor.numel() * plan.out_dtypes.get(name, tensor.dtype).itemsize
         if target is not None:
             s = plan.settings
-            delta = tensor.to(s.svd_torch_dtype) - self._base_tensor(name).to(s.svd_torch_dtype)
+            delta = tensor.to(s.svd_torch_dtype) - self._base_tensor(name).to(tensor.device, s.svd_torch_dtype)
             if target.transposed:
                 delta = delta.T
             out_dtype = self.writer.dtype or plan.out_dtypes.get(name, tensor.dtype)
@@ -432,16 +484,12 @@ class PeftAdapterSink:
                 transposed=target.transposed,
             )
             if res.factors is None:
-                self.zero_modules.append(target.module)
+                self.zero_modules.append(self.prefix + target.module)
                 return
-            self.writer.add_lora(target.module, res.factors, embedding=target.kind == "embedding")
-            head = plan.tied_head.get(name)
-            if head is not None:  # the tied head (a Linear, weight = the embedding) gets the same update
-                f = res.factors
-                self.writer.add_lora(head, LoraFactors(f.B.T.contiguous(), f.A.T.contiguous(), 1.0, False))
+            self.writer.add_lora(self.prefix + target.module, res.factors, embedding=target.kind == "embedding")
             self.modules.append(
                 ModuleReport(
-                    target.module,
+                    self.prefix + target.module,
                     res.rank,
                     res.full_rank,
                     res.rel_error,
@@ -452,13 +500,14 @@ class PeftAdapterSink:
             return
         out_dt = plan.out_dtypes.get(name, tensor.dtype)
         value = tensor.to(out_dt)
-        base = self._base_tensor(name)
+        base = self._base_tensor(name).to(tensor.device)
         changed = not torch.equal(value, base.to(out_dt))
         if name in plan.bias_of:
             if not changed:
                 return
             if plan.settings.non_lora == "modules_to_save" and plan.lora_bias_ok:
-                self.writer.add_lora_bias(plan.bias_of[name], (value.to(torch.float32) - base.to(torch.float32)))
+                update = value.to(torch.float32) - base.to(torch.float32)
+                self.writer.add_lora_bias(self.prefix + plan.bias_of[name], update)
                 self.bias_updates.append(name)
             else:
                 self.dropped.append(name)
@@ -491,7 +540,7 @@ class PeftAdapterSink:
             return
         if self.plan.settings.non_lora == "modules_to_save":
             for n, (t, _) in pend.items():
-                self.writer.add_saved(n, t)
+                self.writer.add_saved(self.prefix + n, t)
                 self.saved.append(n)
                 head = self.plan.tied_head.get(n)
                 if head is not None:  # the tied head is a copy of the embedding in PEFT: save it too
