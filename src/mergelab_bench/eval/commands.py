@@ -111,6 +111,9 @@ def zoo_command(
         Path | None, typer.Option(help="cache root (default $MERGELAB_CACHE or ~/.cache/mergelab)")
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
+    adapters: Annotated[
+        bool, typer.Option("--adapters", help="lm only: also train a PEFT LoRA expert per domain (rank 16)")
+    ] = False,
 ) -> None:
     """Build a zoo (task data, base, one expert per task) into the cache: classification or lm."""
     from mergelab_bench.zoo import ZooConfig, build_zoo, install_sources, zoo_summary
@@ -123,8 +126,10 @@ def zoo_command(
     preset_name = "quick" if quick else preset
     _quiet_transformers()
     if suite == "lm":
-        _build_lm_zoo(preset_name, tasks, steps, device, install, force, threads, cache, no_progress)
+        _build_lm_zoo(preset_name, tasks, steps, device, install, force, threads, cache, no_progress, adapters)
         return
+    if adapters:
+        raise UsageError("--adapters applies to --suite lm only")
     if device is not None:
         raise UsageError("--device applies to --suite lm only (the classification zoo trains on CPU)")
     if preset_name not in (None, "quick", "full"):
@@ -164,6 +169,7 @@ def _build_lm_zoo(
     threads: int,
     cache: Path | None,
     no_progress: bool,
+    adapters: bool = False,
 ) -> None:
     """``mergelab zoo build --suite lm``: build the LM suite and print its summary table."""
     from mergelab_bench.eval.lm_harness import fmt_metric
@@ -177,27 +183,42 @@ def _build_lm_zoo(
         overrides["tasks"] = lm_tasks_list(_split_list(tasks))
     if steps:
         train_updates["steps"] = steps
+        overrides["task_train"] = {  # --steps wins over the preset's per-domain schedules
+            t: {k: v for k, v in over.items() if k != "steps"} for t, over in config.task_train.items()
+        }
     if device:
         train_updates["device"] = device
     if train_updates:
         overrides["train"] = config.train.model_copy(update=train_updates)
     if overrides:
         config = LMZooConfig.model_validate({**config.model_dump(), **overrides, "name": "custom"})
+    if adapters and config.adapters is None:
+        from mergelab_bench.zoo.lm.train import LoraTrainConfig
+
+        config = config.model_copy(update={"adapters": LoraTrainConfig()})  # the preset's name stays
     if install:
         install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))
         _run_lm_installs()
     with progress_bars(not no_progress) as progress:
         zoo = build_lm_zoo(config, cache=cache, progress=progress, threads=threads, force=force)
     table = Table(title=f"LM zoo '{zoo.name}' ({zoo.root})")
-    for col in ("task", "metric", "train", "test", "expert", "base", "expert ppl", "base ppl", "train s", "steps/s"):
+    cols = ["task", "metric", "train", "test", "expert", "base", "expert ppl", "base ppl", "train s", "steps/s"]
+    cols += ["LoRA", "LoRA train s"] if zoo.adapter_tasks else []
+    for col in cols:
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for row in lm_zoo_summary(zoo):
-        table.add_row(
+        cells = [
             row["task"], row["metric"], str(row["train"]), str(row["test"]),
             fmt_metric(row["metric"], row["expert_test"]), fmt_metric(row["metric"], row["base_test"]),
             fmt_metric("perplexity", row["expert_test_ppl"]), fmt_metric("perplexity", row["base_test_ppl"]),
             f"{row['train_seconds']:.0f}", f"{row['steps_per_second'] or 0:.3f}",
-        )  # fmt: skip
+        ]  # fmt: skip
+        if zoo.adapter_tasks:
+            cells += [
+                fmt_metric(row["metric"], row.get("adapter_test")),
+                f"{row.get('adapter_train_seconds') or 0:.0f}",
+            ]
+        table.add_row(*cells)
     console.print(table)
 
 

@@ -11,7 +11,8 @@ same fields; ``info["tokens"]`` gives the number of predicted tokens behind each
 Accepted models: an HF causal-LM checkpoint directory, a ``.safetensors`` file or a directory
 of them (a state dict of the base's architecture: a merge output without a config), an
 in-memory state dict, an ``nn.Module``, or the names ``base`` and ``expert:<task>`` for the
-zoo's own models (their scores are read from the zoo's cache when there).
+zoo's own models (their scores are read from the zoo's cache when there), and ``adapter:<task>``
+for a zoo built with ``--adapters`` (the base with the domain's PEFT LoRA adapter merged in).
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class LMEvaluator(ZooEvaluator):
             task = text.split(":", 1)[1]
             self.zoo.expert_dir(task)  # unknown task: ZooError
             return task
+        if text.startswith("adapter:"):  # a LoRA expert: base + adapter via PEFT's merge_and_unload
+            self.zoo.adapter_dir(text.split(":", 1)[1])  # none built: ZooError
+            return text
         return None
 
     # -- scores

@@ -308,3 +308,144 @@ def test_lm_bench_statistics_per_row_and_seeds(built, tmp_path: Path) -> None:
     assert dare.stats["vs_reference"]["reference"] == "task_arithmetic"
     md = write_leaderboard(lb, tmp_path / "lb")["markdown"].read_text()
     assert "(3 seeds)" in md and "| 95 % CI |" in md
+# -- per-domain schedules, validation curves, LoRA adapter experts ----------------------------
+
+LORA_TRAIN = TRAIN.model_copy(update={"curve_every": 1, "curve_rows": 4})
+
+
+@pytest.fixture(scope="module")
+def with_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[LMZoo, Path]:
+    pytest.importorskip("peft")
+    from mergelab_bench.zoo.lm.train import LoraTrainConfig
+
+    root = tmp_path_factory.mktemp("lmzoo-lora")
+    base = write_tiny_causal_lm(root / "tiny")
+    config = LMZooConfig(
+        name="tiny-lora",
+        tasks=("german", "arithmetic"),
+        train=LORA_TRAIN,
+        task_train={"arithmetic": {"steps": 3, "lr": 2e-3}},
+        adapters=LoraTrainConfig(rank=4, alpha=8, lr=1e-2, target_modules=("q_proj", "v_proj", "down_proj")),
+    )
+    zoo = build_lm_zoo(config, cache=root / "cache", reader=write_lm_sources(root / "src"), base_source=base, threads=1)
+    return zoo, base
+
+
+def test_lora_adapter_folder_loads_with_peft_and_equals_its_merge(with_adapters) -> None:
+    from peft import PeftModel
+
+    zoo, _ = with_adapters
+    assert zoo.adapter_tasks == ["german", "arithmetic"]
+    for task in zoo.adapter_tasks:
+        folder = zoo.adapter_path(task)
+        assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+        assert set(cfg["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+        peft_model = PeftModel.from_pretrained(load_causal_lm_for_test(zoo.base_dir), str(folder)).eval()
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
+            keys = list(fh.keys())
+            assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+            assert any("lora_B" in k and fh.get_tensor(k).abs().max() > 0 for k in keys)  # B moved off zero
+        ids = torch.tensor([[0, 5, 9, 17, 33, 2]])
+        merged = zoo.adapter_model(task)
+        base_model = load_causal_lm_for_test(zoo.base_dir)
+        with torch.no_grad():
+            want = peft_model(input_ids=ids).logits
+            assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+            assert not torch.allclose(base_model(input_ids=ids).logits, want, atol=1e-4)
+        rec = zoo.record(task)
+        arec = json.loads((zoo.adapter_dir(task) / "record.json").read_text())
+        assert arec["kind"] == "adapter" and arec["lora"]["rank"] == 4 and arec["training"] == "lora r=4 alpha=8"
+        assert arec["train_config"]["lr"] == 1e-2 and arec["train_config"]["steps"] == rec["train_config"]["steps"]
+        assert arec["adapter_bytes"] < arec["expert_bytes_float32"] and arec["steps_per_second"] > 0
+        assert arec["trainable_parameters"] < rec["trainable_parameters"] / 5
+        assert set(arec["scores"]["expert"]["test"]) == set(zoo.metrics(task))
+
+
+def test_adapter_expert_is_scored_by_the_harness(with_adapters) -> None:
+    zoo, _ = with_adapters
+    cached = LMEvaluator(zoo).evaluate("adapter:german")
+    recorded = json.loads((zoo.adapter_dir("german") / "record.json").read_text())
+    want = recorded["scores"]["expert"]["test"]["perplexity"]["value"]
+    assert cached.score("german").value == pytest.approx(want)
+    fresh = LMEvaluator(zoo, tasks=["german"]).evaluate(zoo.adapter_model("german"))  # an nn.Module
+    assert fresh.score("german").value == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ZooError, match="not in LM zoo"):
+        LMEvaluator(zoo).evaluate("adapter:python")
+
+
+def test_zoo_without_adapters_refuses_adapter_names(built) -> None:
+    zoo, _, _ = built
+    assert zoo.adapter_tasks == []
+    with pytest.raises(ZooError, match="no LoRA adapter"):
+        zoo.adapter_dir("python")
+
+
+def test_per_domain_schedule_and_validation_curve_are_recorded(with_adapters) -> None:
+    zoo, _ = with_adapters
+    arith, german = zoo.record("arithmetic"), zoo.record("german")
+    assert arith["train_config"]["steps"] == 3 and arith["train_config"]["lr"] == 2e-3
+    assert german["train_config"]["steps"] == 2 and german["train_config"]["lr"] == 1e-3
+    points = arith["curve"]["points"]
+    assert [p["step"] for p in points] == [0, 1, 2, 3] and arith["curve"]["rows"] == 4
+    assert all(set(p) >= {"exact_match", "perplexity", "train_seconds"} for p in points)
+    assert [p["step"] for p in german["curve"]["points"]] == [0, 1, 2]
+    # the base's point (step 0) is the base's validation score on those rows
+    base_val = zoo.zoo_scores("base", "german", "validation", 4)["perplexity"]["value"]
+    assert german["curve"]["points"][0]["perplexity"] == pytest.approx(base_val, rel=1e-6)
+    assert zoo.manifest["tasks"]["arithmetic"]["adapter"].startswith("../../models/adapter-arithmetic-")
+
+
+def test_curve_does_not_change_the_expert(tmp_path: Path) -> None:
+    """Scoring between steps draws no random numbers: the same weights with and without a curve."""
+    from mergelab_bench.zoo.lm.tasks import ensure_lm_task
+    from mergelab_bench.zoo.lm.train import train_lm_expert
+
+    base = write_tiny_causal_lm(tmp_path / "tiny")
+    data = ensure_lm_task("german", write_lm_sources(tmp_path / "src"), cache=tmp_path)
+    calls: list[int] = []
+
+    def curve(model, step):
+        calls.append(step)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[0, 3, 4]]))
+        return {"perplexity": 1.0}
+
+    a = train_lm_expert(data, base, TRAIN.model_copy(update={"steps": 3}))
+    b = train_lm_expert(data, base, TRAIN.model_copy(update={"steps": 3, "curve_every": 2}), curve=curve)
+    assert calls == [0, 2, 3] and "curve" not in a.record and len(b.record["curve"]["points"]) == 3
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_keys_of_configs_without_the_new_fields_are_unchanged() -> None:
+    """Zoos built before per-domain schedules, curves and adapters keep their expert and zoo keys."""
+    old_train = {k: v for k, v in LMTrainConfig().model_dump().items() if k not in ("curve_every", "curve_rows")}
+    assert LMTrainConfig().key_dict() == old_train
+    cfg = LMZooConfig(name="x")
+    assert cfg.key_dict() == {"name": "x", "tasks": list(cfg.tasks), "train": json.loads(json.dumps(old_train))}
+    assert cfg.train_for("python") is cfg.train
+    changed = LMZooConfig(name="x", task_train={"python": {"steps": 7}})
+    assert changed.key_dict() != cfg.key_dict() and changed.train_for("python").steps == 7
+    assert LMTrainConfig(curve_every=5).key_dict()["curve_every"] == 5
+
+
+def test_cli_zoo_build_adapters(with_adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, base = with_adapters
+    real = lm_build.ensure_lm_base
+    monkeypatch.setattr(lm_build, "ensure_lm_base", lambda cache, source=None: real(cache, base))
+    args = ["zoo", "build", "--suite", "lm", "--tasks", "german", "--steps", "1", "--cache", str(tmp_path)]
+    res = runner.invoke(app, [*args, "--adapters", "--no-progress", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    zoo = load_lm_zoo("custom", cache=tmp_path)
+    assert zoo.adapter_tasks == ["german"] and "LoRA" in res.output
+    assert json.loads((zoo.adapter_path("german") / "adapter_config.json").read_text())["r"] == 16
+    res = runner.invoke(app, ["zoo", "build", "--adapters", "--cache", str(tmp_path), "--no-progress"])
+    assert isinstance(res.exception, commands.UsageError)
+
+
+def load_causal_lm_for_test(path: Path):
+    from mergelab_bench.zoo.lm.base import load_causal_lm
+
+    return load_causal_lm(path)

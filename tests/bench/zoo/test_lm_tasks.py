@@ -26,7 +26,7 @@ from mergelab_bench.zoo.lm.testing import write_lm_sources
 from mergelab_bench.zoo.testing import FixtureSources
 
 PINNED_PROBLEM_0 = (6, "*", 13)
-PINNED_ARITHMETIC_SHA256 = "489cddbccf78077a22b6f8a027e5dd0fd6f3bcd2b5b778a1babb538ddbb83eb9"
+PINNED_ARITHMETIC_SHA256 = "1729530fbf63ba172f60a1a33972eb4ffe5242ef182821ef33f0b36c5eba0896"
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +106,14 @@ def test_arithmetic_rows_are_exact_and_commutative_pairs_share_a_split(lm_source
     where: dict[tuple, str] = {}
     for split in SPLITS:
         for r in data.rows(split):
-            assert r["text"] == f"{r['prompt']} {r['answer']}"
+            assert r["text"] == f"{r['prompt']} {r['answer']}\n"  # the newline ends the answer line
             a, op, b = r["prompt"].removeprefix("Question: What is ").removesuffix("?\nAnswer:").split(" ")
             assert int(r["answer"]) == arithmetic_answer(int(a), op, int(b))
             where[(int(a), op, int(b))] = split
     for (a, op, b), split in where.items():
         if op in "+*" and (b, op, a) in where:
             assert where[(b, op, a)] == split
-    assert sum(data.meta["sizes"].values()) == 5000
+    assert sum(data.meta["sizes"].values()) == 12000
     # generated data is pinned, so a changed generator is noticed (bump LM_BUILDER_VERSION)
     assert arithmetic_problem(0) == PINNED_PROBLEM_0
     assert data.meta["content_sha256"] == PINNED_ARITHMETIC_SHA256
@@ -143,3 +143,53 @@ def test_code_splits_do_not_depend_on_where_the_sources_are_unpacked(tmp_path: P
         rows.append({s: [r["key"] for r in data.rows(s)] for s in SPLITS})
     assert rows[0] == rows[1]
     assert all(k.startswith("libpython3.11-stdlib:/usr/lib/python3.11/") for s in SPLITS for k in rows[0][s])
+
+
+def test_italian_domain_reads_fortunes_it(lm_sources: FixtureSources, tmp_path: Path) -> None:
+    it = _build("italian", lm_sources, tmp_path)
+    assert sum(it.meta["sizes"].values()) == 200  # 4 files x 50 cookies of the fortunes-it fixture
+    assert all(w in " ".join(it.texts("train")) for w in ("piano", "lontano"))
+    assert not any("Grube" in t for s in SPLITS for t in it.texts(s))  # nothing of fortunes-de
+    assert [(d["kind"], d["name"]) for d in it.meta["sources"]] == [("deb", "fortunes-it")]
+    assert it.meta["split_salt"] == "fortunes"  # held out in both suites or in neither
+
+
+def test_arithmetic_generation_is_deterministic_and_gives_500_test_rows(tmp_path: Path) -> None:
+    """Cheap (no model, no sources): the generator is a pure function of the index, and the default
+    problem count gives >= 500 test rows, so one problem moves exact match by <= 0.2 points."""
+    from mergelab_bench.zoo.lm.build import LMZooConfig
+    from mergelab_bench.zoo.lm.tasks import ARITHMETIC_PROBLEMS
+
+    first = [arithmetic_problem(i) for i in range(50)]
+    assert first == [arithmetic_problem(i) for i in range(50)]
+    for a, op, b in first:
+        assert op in "+-*" and (2 <= a <= 9 and 10 <= b <= 99 if op == "*" else 10 <= a <= 99 and 10 <= b <= 99)
+    assert arithmetic_answer(57, "-", 83) == -26 and arithmetic_answer(7, "*", 13) == 91
+    spec = get_lm_task("arithmetic")
+    rows = list(spec.collect(None))  # generated: the reader is never used
+    assert len(rows) == ARITHMETIC_PROBLEMS and rows == list(spec.collect(None))
+    sizes = {s: len(v) for s, v in finalize_lm(spec, rows).splits.items()}
+    cfg = LMZooConfig.default()
+    limit = cfg.train_for("arithmetic").eval_limit
+    assert limit is None or limit >= 500
+    assert sizes["test"] >= 500 and (limit is None or sizes["test"] >= limit)
+    assert sizes["validation"] >= 256  # tuning rows and the validation curve
+
+
+@pytest.mark.parametrize("name", ["python", "go", "german", "italian"])
+def test_default_domains_have_500_test_rows_from_the_system_packages(name: str, tmp_path: Path) -> None:
+    """On a machine with the Debian packages installed (skipped elsewhere): >= 500 test rows."""
+    from mergelab_bench.zoo.lm.build import LMZooConfig
+    from mergelab_bench.zoo.sources import SourceError, SystemSources
+
+    spec = get_lm_task(name)
+    reader = SystemSources(tmp_path)
+    try:
+        for package in spec.deb:
+            if not reader.deb_files(package):
+                raise SourceError(package)
+    except SourceError as exc:
+        pytest.skip(f"Debian package not installed: {exc}")
+    sizes = {s: len(v) for s, v in finalize_lm(spec, spec.collect(reader)).splits.items()}
+    limit = LMZooConfig.default().train_for(name).eval_limit
+    assert sizes["test"] >= max(500, limit or 0), sizes

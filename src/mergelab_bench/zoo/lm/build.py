@@ -15,12 +15,15 @@
 
 Cache layout under ``$MERGELAB_CACHE/zoo/lm``::
 
-    data/<task>-<key>/  models/base-<key>/  models/expert-<task>-<key>/  zoos/<key>/
+    data/<task>-<key>/  models/base-<key>/  models/expert-<task>-<key>/  models/adapter-<task>-<key>/  zoos/<key>/
 
-Presets: ``default`` (python, go, german, arithmetic; 100 full fine-tuning steps of 8 x 64
-tokens each; about 25 minutes on 2 CPU cores, see :class:`LMZooConfig`), ``quick`` (two
-domains x 30 steps, for a smoke run) and ``large`` (six domains x 400 steps of 16 x 128
-tokens; meant for a GPU, ``--device cuda``, and never required).
+Presets: ``default`` (python, go, german, italian, arithmetic; 150 full fine-tuning steps of
+8 x 64 tokens, arithmetic 300 steps of 16; 512 test rows per domain; a validation curve in each
+record; see :class:`LMZooConfig`), ``quick`` (two domains x 30 steps, for a smoke run) and
+``large`` (six domains x 400 steps of 16 x 128 tokens; meant for a GPU, ``--device cuda``, and
+never required). ``adapters=LoraTrainConfig()`` (``--adapters``) adds one PEFT LoRA expert per
+domain, ``lm/models/adapter-<task>-<key>/adapter/`` (a standard adapter folder), named in the
+manifest as ``tasks.<task>.adapter``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from mergelab_bench.zoo.build import ZooError, _Reporter, known_names
 from mergelab_bench.zoo.cache import config_key, file_sha256, read_json, write_json, zoo_root
@@ -50,16 +54,28 @@ from mergelab_bench.zoo.lm.base import (
 )
 from mergelab_bench.zoo.lm.scorer import DomainScorer, Scores
 from mergelab_bench.zoo.lm.tasks import ALL_LM_TASKS, LM_SPLIT, LMTaskData, ensure_lm_task
-from mergelab_bench.zoo.lm.train import LMTrainConfig, peak_rss_mb, train_lm_expert
+from mergelab_bench.zoo.lm.train import LMTrainConfig, LoraTrainConfig, TrainedLM, peak_rss_mb, train_lm_expert
 from mergelab_bench.zoo.sources import SourceReader, SystemSources
 from mergelab_bench.zoo.store import BuiltZoo, build_stamp, ensure_dir, find_manifest, point_latest, zoo_key
 from mergelab_bench.zoo.training import torch_threads
 
 LM_MANIFEST_FORMAT = "mergelab-lm-zoo/1"
 LM_EXPERT_FORMAT = 1
+LM_ADAPTER_FORMAT = 1
 BASE_FORMAT = 1
+ADAPTER_PREFIX = "adapter:"
+"""``adapter:<task>`` names a zoo's LoRA expert of ``task`` (beside ``base`` and ``expert:<task>``)."""
 
-DEFAULT_LM_TASKS: tuple[str, ...] = ("python", "go", "german", "arithmetic")
+DEFAULT_LM_TASKS: tuple[str, ...] = ("python", "go", "german", "italian", "arithmetic")
+"""Italian fortunes sit next to German ones (and Go next to Python): skills that conflict, so a
+merge's interference shows."""
+DEFAULT_LM_TRAIN = LMTrainConfig(steps=150, lr=1e-4, eval_limit=512, curve_every=25, curve_rows=128)
+"""The default experts: 150 steps of 8 x 64 tokens at lr 1e-4, scored on 512 test rows per domain
+(one row moves exact match by 0.2 points), validation curve every 25 steps on 128 rows."""
+DEFAULT_LM_TASK_TRAIN: dict[str, dict[str, Any]] = {"arithmetic": {"steps": 300, "batch_size": 16, "lr": 3e-4}}
+"""Arithmetic texts are ~20 tokens: twice the batch and a longer, hotter schedule for the same
+cost as a code expert. Calibrated on validation: exact match 16 % after 50 steps, 44 % after 100
+(lr 3e-4, batch 16, 1 thread); 5e-5 x 100 steps x batch 8 had reached only 20 % on test."""
 QUICK_LM_TASKS: tuple[str, ...] = ("german", "arithmetic")
 LARGE_LM_TASKS: tuple[str, ...] = ("python", "go", "german", "italian", "debian", "arithmetic")
 
@@ -77,16 +93,42 @@ class LMZooConfig(BaseModel):
     name: str = Field("custom", description="label of the preset (default, quick, large) or custom")
     tasks: tuple[str, ...] = DEFAULT_LM_TASKS
     train: LMTrainConfig = LMTrainConfig()
+    task_train: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-domain LMTrainConfig field overrides (e.g. a longer schedule)"
+    )
+    adapters: LoraTrainConfig | None = Field(None, description="also train one LoRA adapter expert per domain")
+
+    def train_for(self, task: str) -> LMTrainConfig:
+        """The train config of ``task``'s expert: :attr:`train` with the domain's overrides."""
+        over = self.task_train.get(task)
+        return self.train if not over else LMTrainConfig.model_validate({**self.train.model_dump(), **over})
+
+    def key_dict(self) -> dict[str, Any]:
+        """``model_dump(mode="json")`` without the fields added later while at their defaults
+        (``task_train`` empty, no ``adapters``), so zoos built before them keep their keys."""
+        out = self.model_dump(mode="json")
+        out["train"] = self.train.key_dict()
+        if not out["task_train"]:
+            del out["task_train"]
+        if out["adapters"] is None:
+            del out["adapters"]
+        return out
 
     @classmethod
     def default(cls, **overrides: Any) -> LMZooConfig:
-        """4 domains x 100 full fine-tuning steps of 8 x 64 tokens: about 25 min on 2 CPU cores.
+        """5 domains, full fine-tuning (:data:`DEFAULT_LM_TRAIN`, :data:`DEFAULT_LM_TASK_TRAIN`).
 
-        Estimate: 0.13 steps/s was measured at 8 x 128 tokens, about 0.26 at 64 tokens, i.e.
-        ~6.5 min per code expert, less for the shorter fortunes and arithmetic rows; plus ~1 min
-        for the GGUF conversion and ~3 min for the records' test scores (128 rows per domain).
+        Estimate for 2 free CPU cores (~100 GFLOP/s): about 360k training tokens in all, ~50 min,
+        plus the test scores (512 rows per domain, expert and base) and the curves; each record
+        holds the measured seconds and steps/s.
         """
-        return cls(**{"name": "default", "tasks": DEFAULT_LM_TASKS, "train": LMTrainConfig(), **overrides})
+        base = {
+            "name": "default",
+            "tasks": DEFAULT_LM_TASKS,
+            "train": DEFAULT_LM_TRAIN,
+            "task_train": DEFAULT_LM_TASK_TRAIN,
+        }
+        return cls(**{**base, **overrides})
 
     @classmethod
     def quick(cls, **overrides: Any) -> LMZooConfig:
@@ -133,6 +175,27 @@ class LMZoo(BuiltZoo):
     def eval_settings(self) -> dict[str, Any]:
         return dict(self.manifest["eval"])
 
+    @property
+    def adapter_tasks(self) -> list[str]:
+        """The domains with a LoRA adapter expert in this zoo (built with ``--adapters``)."""
+        return [t for t in self.tasks if "adapter" in self.manifest["tasks"][t]]
+
+    def adapter_dir(self, task: str) -> Path:
+        """The directory of a domain's LoRA expert (``adapter/``, ``record.json``, ``scores/``)."""
+        rel = self._task(task).get("adapter")
+        if rel is None:
+            hint = "rebuild with `mergelab zoo build --suite lm --adapters`"
+            raise ZooError(f"LM zoo {self.name} has no LoRA adapter for {task!r}: {hint}")
+        return self._path(rel)
+
+    def adapter_path(self, task: str) -> Path:
+        """The PEFT adapter folder of a domain (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        return self.adapter_dir(task) / "adapter"
+
+    def adapter_model(self, task: str) -> nn.Module:
+        """The base with ``task``'s adapter merged in (``PeftModel.from_pretrained`` + ``merge_and_unload``)."""
+        return load_adapter_model(self.base_dir, self.adapter_path(task), self.device)
+
     def model_dir(self, model: str) -> Path:
         """``base`` or an expert's task name -> its checkpoint directory."""
         return self.base_dir if model == "base" else self.expert_model_dir(model)
@@ -157,6 +220,11 @@ class LMZoo(BuiltZoo):
         self, model: str, task: str, split: str, limit: int | None, on_step: Callable[[], None] | None = None
     ) -> Scores:
         """Scores of zoo model ``model`` (``base`` or an expert's task) on a domain; disk-cached."""
+        if model.startswith(ADAPTER_PREFIX):
+            adapter = model[len(ADAPTER_PREFIX) :]
+            return self.scorer.cached_score(
+                self.adapter_dir(adapter), lambda: self.adapter_model(adapter), self.data(task), split, limit, on_step
+            )
         owner = self.base_dir if model == "base" else self.expert_dir(model)
         return self.scorer.cached_score(
             owner, lambda: load_causal_lm(self.model_dir(model), self.device), self.data(task), split, limit, on_step
@@ -230,6 +298,14 @@ def ensure_lm_base(cache: str | os.PathLike[str] | None = None, source: Path | N
     return final, read_json(final / "source.json")
 
 
+def load_adapter_model(base_dir: Path, adapter: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The base in ``base_dir`` with the PEFT adapter folder ``adapter`` merged into its weights."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(base_dir, device), str(adapter))
+    return model.merge_and_unload().eval()
+
+
 def lm_expert_key(cfg: LMZooConfig, data: LMTaskData, base_key: str) -> str:
     return config_key(
         {
@@ -237,7 +313,21 @@ def lm_expert_key(cfg: LMZooConfig, data: LMTaskData, base_key: str) -> str:
             "task": data.name,
             "data": data.meta["content_sha256"],
             "base": base_key,
-            "train": cfg.train.model_dump(),
+            "train": cfg.train_for(data.name).key_dict(),
+        }
+    )
+
+
+def lm_adapter_key(cfg: LMZooConfig, data: LMTaskData, base_key: str) -> str:
+    assert cfg.adapters is not None
+    return config_key(
+        {
+            "format": LM_ADAPTER_FORMAT,
+            "task": data.name,
+            "data": data.meta["content_sha256"],
+            "base": base_key,
+            "train": cfg.train_for(data.name).key_dict(),
+            "lora": cfg.adapters.model_dump(mode="json"),
         }
     )
 
@@ -264,24 +354,94 @@ def ensure_lm_expert(
     force: bool = False,
 ) -> Path:
     """Train (or reuse) the expert of one domain and score it and the base on test; returns its directory."""
-    reporter = reporter or _Reporter()
-    tc = cfg.train
     final = lm_root(cache) / "models" / f"expert-{data.name}-{lm_expert_key(cfg, data, base_dir.name)}"
+
+    def save(trained: TrainedLM, tmp: Path, tokenizer) -> nn.Module:
+        trained.model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        return trained.model
+
+    return _ensure_trained(
+        cfg, data, base_dir, final, save, None, cache=cache, reporter=reporter, scorer=scorer, force=force
+    )
+
+
+def ensure_lm_adapter(
+    cfg: LMZooConfig,
+    data: LMTaskData,
+    base_dir: Path,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    reporter: _Reporter | None = None,
+    scorer: DomainScorer | None = None,
+    force: bool = False,
+) -> Path:
+    """Train (or reuse) the LoRA adapter expert of one domain (``cfg.adapters``); returns its directory.
+
+    The directory holds ``adapter/`` (``save_pretrained`` of the ``PeftModel``: the standard
+    ``adapter_config.json`` + ``adapter_model.safetensors``) and ``record.json`` (settings, cost,
+    adapter size, curve, and the test scores of the base with the saved adapter merged in, read
+    back through ``PeftModel.from_pretrained`` + ``merge_and_unload``).
+    """
+    if cfg.adapters is None:
+        raise ValueError("the LM zoo config has no adapters settings")
+    lora = cfg.adapters
+    final = lm_root(cache) / "models" / f"adapter-{data.name}-{lm_adapter_key(cfg, data, base_dir.name)}"
+
+    def save(trained: TrainedLM, tmp: Path, tokenizer) -> nn.Module:
+        trained.model.save_pretrained(tmp / "adapter")
+        config = tmp / "adapter" / "adapter_config.json"
+        cfg_json = read_json(config)
+        cfg_json["base_model_name_or_path"] = str(base_dir)  # the zoo's base, not a hub name
+        write_json(config, cfg_json)
+        del trained.model
+        return load_adapter_model(base_dir, tmp / "adapter", cfg.train_for(data.name).device)  # what a user loads
+
+    return _ensure_trained(
+        cfg, data, base_dir, final, save, lora, cache=cache, reporter=reporter, scorer=scorer, force=force
+    )
+
+
+def _ensure_trained(
+    cfg: LMZooConfig,
+    data: LMTaskData,
+    base_dir: Path,
+    final: Path,
+    save: Callable[[TrainedLM, Path, Any], nn.Module],
+    lora: LoraTrainConfig | None,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    reporter: _Reporter | None = None,
+    scorer: DomainScorer | None = None,
+    force: bool = False,
+) -> Path:
+    """Train, save (``save`` returns the model to score), score on test and record one expert."""
+    reporter = reporter or _Reporter()
+    tc = cfg.train_for(data.name)
+    schedule = tc if lora is None else lora.schedule(tc)
+    kind = "expert" if lora is None else "adapter"
 
     def build(tmp: Path) -> None:
         use_scorer = scorer or scorer_for(base_dir, tc)
-        with reporter.task(f"train {data.name}", tc.steps) as advance:
-            trained = train_lm_expert(data, base_dir, tc, progress=lambda step, total, info: advance(step))
-        trained.model.save_pretrained(tmp / "model", safe_serialization=True)
-        use_scorer.tokenizer.save_pretrained(tmp / "model")
+
+        def curve(model: nn.Module, step: int) -> dict[str, float | None]:
+            scores = use_scorer.score(model, data, "validation", schedule.curve_rows)
+            return {m: headline(scores, m) for m in scores}
+
+        with reporter.task(f"train {data.name} ({kind})", schedule.steps) as advance:
+            trained = train_lm_expert(
+                data, base_dir, schedule, progress=lambda step, total, info: advance(step), curve=curve, lora=lora
+            )
+        record_train = trained.record
+        model = save(trained, tmp, use_scorer.tokenizer)
         t0 = time.perf_counter()
         limit = tc.eval_limit
         n_steps = _score_steps(use_scorer, data, limit)
-        with reporter.task(f"score {data.name} (expert, base)", 2 * n_steps) as advance:
-            expert_test = use_scorer.score(trained.model, data, "test", limit, on_step=advance)
+        with reporter.task(f"score {data.name} ({kind}, base)", 2 * n_steps) as advance:
+            expert_test = use_scorer.score(model, data, "test", limit, on_step=advance)
             # write the cache file the LMZoo reads, so the expert's own score is never recomputed
             write_json_scores(use_scorer, tmp, data, "test", limit, expert_test)
-            del trained.model
+            del model
             base_test = use_scorer.cached_score(
                 base_dir, lambda: load_causal_lm(base_dir, tc.device), data, "test", limit, on_step=advance
             )
@@ -289,9 +449,20 @@ def ensure_lm_expert(
         metric = data.metrics[0]
         e, b = headline(expert_test, metric), headline(base_test, metric)
         better = None if e is None or b is None else (e < b if metric == "perplexity" else e > b)
+        extra: dict[str, Any] = {}
+        if lora is not None:
+            weights = tmp / "adapter" / "adapter_model.safetensors"
+            dense = record_train["total_parameters"] - record_train["trainable_parameters"]
+            extra = {
+                "lora": lora.model_dump(mode="json"),
+                "adapter_bytes": weights.stat().st_size,
+                "expert_bytes_float32": 4 * int(dense),
+            }
         record = {
-            **trained.record,
-            "train_config": tc.model_dump(),
+            **record_train,
+            **extra,
+            "kind": kind,
+            "train_config": schedule.model_dump(),
             "data": {k: data.meta[k] for k in ("sizes", "metrics", "content_sha256", "sources")},
             "scores": {"expert": {"test": expert_test}, "base": {"test": base_test}},
             "headline_metric": metric,
@@ -367,9 +538,16 @@ def build_lm_zoo(
             )
             for name in config.tasks
         }
-    key = zoo_key(config.model_dump(mode="json"), experts)
+        adapters = {
+            name: ensure_lm_adapter(
+                config, datas[name], base_dir, cache=cache, reporter=reporter, scorer=scorer, force=force
+            )
+            for name in (config.tasks if config.adapters is not None else ())
+        }
+    key = zoo_key(config.key_dict(), {**experts, **{ADAPTER_PREFIX + t: p for t, p in adapters.items()}})
     root = lm_root(cache) / "zoos" / key
     records = {t: read_json(p / "record.json") for t, p in experts.items()}
+    adapter_records = {t: read_json(p / "record.json") for t, p in adapters.items()}
     tc = config.train
     manifest = {
         "format": LM_MANIFEST_FORMAT,
@@ -393,12 +571,18 @@ def build_lm_zoo(
                 "expert": os.path.relpath(experts[t], root),
                 "metrics": datas[t].metrics,
                 "content_sha256": datas[t].meta["content_sha256"],
+                **({"adapter": os.path.relpath(adapters[t], root)} if t in adapters else {}),
             }
             for t in config.tasks
         },
         "split_config": asdict(LM_SPLIT),
         "build_seconds_this_run": round(time.perf_counter() - t_start, 1),
         "train_seconds_total": round(sum(r["train_seconds"] for r in records.values()), 1),
+        **(
+            {"adapter_train_seconds_total": round(sum(r["train_seconds"] for r in adapter_records.values()), 1)}
+            if adapter_records
+            else {}
+        ),
         "platform": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -431,8 +615,16 @@ def lm_zoo_summary(zoo: LMZoo) -> list[dict[str, Any]]:
                 "base_test_ppl": headline(rec["scores"]["base"]["test"], "perplexity"),
                 "train_seconds": rec["train_seconds"],
                 "steps_per_second": rec["steps_per_second"],
+                "curve": rec.get("curve"),
             }
         )
+        if task in zoo.adapter_tasks:
+            arec = read_json(zoo.adapter_dir(task) / "record.json")
+            out[-1].update(
+                adapter_test=headline(arec["scores"]["expert"]["test"], metric),
+                adapter_train_seconds=arec["train_seconds"],
+                adapter_bytes=arec["adapter_bytes"],
+            )
     return out
 
 

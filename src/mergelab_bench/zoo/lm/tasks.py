@@ -18,7 +18,8 @@ domain goes through :func:`finalize_lm`, the same steps as the classification ta
 5. each split is ordered by another hash: its first *n* rows are a random sample.
 
 Rows are ``{"key", "text"}``; domains with an exact answer (``arithmetic``) add
-``{"prompt", "answer"}``, where ``text == prompt + " " + answer``. The built data is a
+``{"prompt", "answer"}``, where ``text == prompt + " " + answer + "\n"`` (the newline ends the
+answer line, so a trained model learns where its answer stops; greedy decoding stops there). The built data is a
 directory with ``{train,validation,test}.jsonl`` and ``meta.json`` (sizes, what was dropped,
 source packages with versions, ``content_sha256`` over the three files), cached under
 ``<zoo cache>/lm/data/<task>-<key>``.
@@ -47,7 +48,10 @@ from mergelab_bench.zoo.splits import (
 from mergelab_bench.zoo.store import SplitFiles, ensure_dir, write_task_folder
 from mergelab_bench.zoo.tasks import _deb_paragraphs, _description_text, _is_cookie_file, fortune_entries
 
-LM_BUILDER_VERSION = 1
+LM_BUILDER_VERSION = 2
+"""Version of the domain builders (part of every data key). 2: arithmetic texts end with a
+newline, 12 000 problems; Python reads 12 windows per file (the stdlib has too few files for
+500 test rows at 6)."""
 LM_SPLIT = SplitConfig(validation=0.1, test=0.2, max_chars=1000, min_chars=20)
 """Split fractions and text limits of every domain (texts under 20 characters are dropped)."""
 
@@ -283,7 +287,9 @@ def _installed_path(path: Path) -> str:
     return text[i:] if i >= 0 else text
 
 
-def _source_windows(reader: SourceReader, packages: Sequence[str], keep: Callable[[Path], bool]) -> Iterator[LMRow]:
+def _source_windows(
+    reader: SourceReader, packages: Sequence[str], keep: Callable[[Path], bool], per_file: int = CODE_WINDOWS_PER_FILE
+) -> Iterator[LMRow]:
     for package in packages:
         for path in reader.deb_files(package):
             if not keep(path):
@@ -293,7 +299,7 @@ def _source_windows(reader: SourceReader, packages: Sequence[str], keep: Callabl
             except (UnicodeDecodeError, OSError):
                 continue
             where = _installed_path(path)
-            for start, text in line_windows(lines):
+            for start, text in line_windows(lines, per_file=per_file):
                 yield LMRow(f"{package}:{where}:{start}", text, group=f"file:{where}")
 
 
@@ -301,16 +307,23 @@ def _not_test(path: Path) -> bool:
     return not {"test", "tests", "testdata", "idle_test"}.intersection(path.parts)
 
 
+PYTHON_WINDOWS_PER_FILE = 12
+"""The CPython stdlib has about 400 usable files: 12 windows each give > 500 test rows."""
+
+
 @lm_task(
     "python",
-    description="16-line windows of Python standard-library source (CPython 3.11)",
+    description="16-line windows (up to 12 per file) of Python standard-library source (CPython 3.11)",
     salt="code",
     deb=("libpython3.11-minimal", "libpython3.11-stdlib"),
     cap=6000,
 )
 def _python(reader: SourceReader) -> Iterator[LMRow]:
     yield from _source_windows(
-        reader, ("libpython3.11-minimal", "libpython3.11-stdlib"), lambda p: p.suffix == ".py" and _not_test(p)
+        reader,
+        ("libpython3.11-minimal", "libpython3.11-stdlib"),
+        lambda p: p.suffix == ".py" and _not_test(p),
+        per_file=PYTHON_WINDOWS_PER_FILE,
     )
 
 
@@ -396,8 +409,8 @@ def _debian(reader: SourceReader) -> Iterator[LMRow]:
 # --------------------------------------------------------------------------------------------
 # Arithmetic problems with exact answers (generated, no package)
 
-ARITHMETIC_PROBLEMS = 5000
-"""Distinct problems generated (the first ones of the hash sequence)."""
+ARITHMETIC_PROBLEMS = 12000
+"""Distinct problems generated (the first ones of the hash sequence): about 2400 test rows."""
 
 
 def arithmetic_problem(i: int) -> tuple[int, str, int]:
@@ -436,7 +449,7 @@ def _arithmetic(reader: SourceReader) -> Iterator[LMRow]:
         prompt, answer = arithmetic_prompt(a, op, b), str(arithmetic_answer(a, op, b))
         # commutative pairs (a + b, b + a) share a group: never one in train and one in test
         group = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else f"{a}{op}{b}"
-        yield LMRow(f"{a}{op}{b}", f"{prompt} {answer}", group=group, fields=(("answer", answer), ("prompt", prompt)))
+        yield LMRow(f"{a}{op}{b}", f"{prompt} {answer}\n", group=group, fields=(("answer", answer), ("prompt", prompt)))
 
 
 ALL_LM_TASKS: tuple[str, ...] = tuple(LM_TASKS)

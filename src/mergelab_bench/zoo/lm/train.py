@@ -60,12 +60,65 @@ class LMTrainConfig(BaseModel):
     eval_limit: int | None = Field(128, ge=1, description="validation/test rows scored in the record")
     eval_batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(8, ge=1, description="greedy tokens generated for exact match")
+    curve_every: int | None = Field(
+        None, ge=1, description="score the first curve_rows validation rows every N steps (None: no curve)"
+    )
+    curve_rows: int = Field(128, ge=1, description="validation rows behind each point of the curve")
+
+    def key_dict(self) -> dict:
+        """The fields that address an expert: :meth:`model_dump` without the fields added after
+        the first zoos were built while they hold their defaults, so those experts keep their keys."""
+        out = self.model_dump()
+        for name, default in _LATER_FIELDS.items():
+            if out.get(name) == default:
+                del out[name]
+        return out
 
     @property
     def training_mode(self) -> str:
         """``full`` or ``last-N-layers`` (+ ``, embeddings frozen``): what the record says was trained."""
         mode = "full" if self.train_layers is None else f"last-{self.train_layers}-layers"
         return mode + (", embeddings frozen" if self.freeze_embeddings else "")
+
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Attention and MLP projections of Llama-like decoder blocks (what the LoRA experts adapt)."""
+
+
+class LoraTrainConfig(BaseModel):
+    """A LoRA expert (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), trained
+    with ``peft``: rank-``rank`` updates ``(alpha / rank) * B @ A`` on ``target_modules``, the base
+    frozen. Steps, batch and sequence length are the full expert's (the same data budget); the
+    learning rate is its own, LoRA needs a larger one. Every field is part of the adapter's key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0, description="lora_alpha (scaling alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the adapter's training")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (None: the full expert's)")
+
+    def peft_config(self):
+        """The ``peft.LoraConfig`` of these settings (causal-LM task type, no bias)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )  # fmt: skip
+
+    def schedule(self, train: LMTrainConfig) -> LMTrainConfig:
+        """The full expert's train config with this adapter's learning rate and steps."""
+        return train.model_copy(update={"lr": self.lr, "steps": self.steps or train.steps})
+
+
+_LATER_FIELDS: dict[str, object] = {"curve_every": None, "curve_rows": 128}
+"""Fields added after LM zoos were first built, with their defaults (left out of keys at those)."""
+
+CurveFn = Callable[[nn.Module, int], dict[str, float | None]]
+"""``curve(model, step) -> {metric: value}``: one point of the validation curve (model in eval mode)."""
 
 
 @dataclass
@@ -114,9 +167,25 @@ def peak_rss_mb() -> float:
 
 
 def train_lm_expert(
-    data: LMTaskData, base_dir: Path, cfg: LMTrainConfig, *, progress: ProgressFn | None = None
+    data: LMTaskData,
+    base_dir: Path,
+    cfg: LMTrainConfig,
+    *,
+    progress: ProgressFn | None = None,
+    curve: CurveFn | None = None,
+    lora: LoraTrainConfig | None = None,
 ) -> TrainedLM:
-    """Fine-tune the causal LM in ``base_dir`` on ``data``'s train split (see the module docstring)."""
+    """Fine-tune the causal LM in ``base_dir`` on ``data``'s train split (see the module docstring).
+
+    With ``curve`` and ``cfg.curve_every``, ``curve(model, step)`` is called at step 0 (the
+    base), every ``curve_every`` steps and after the last step; the points go to the record's
+    ``curve`` with the training time spent so far (scoring time excluded, recorded apart).
+    Scoring is deterministic and draws no random numbers, so the curve does not change the expert.
+
+    With ``lora``, the base is wrapped by ``peft.get_peft_model`` and only the adapter trains
+    (``cfg`` gives the schedule: :meth:`LoraTrainConfig.schedule`); the returned model is the
+    ``PeftModel`` (``save_pretrained`` writes the standard adapter folder).
+    """
     seed = task_seed(cfg.seed, "lm/" + data.name)
     torch.manual_seed(seed)
     order_rng = random.Random(seed)
@@ -127,7 +196,14 @@ def train_lm_expert(
     seqs = [s for s in encode_texts(tokenizer, data.texts("train"), max_len=cfg.max_len, doc_id=doc_id) if len(s) >= 2]
     if not seqs:
         raise ValueError(f"LM task {data.name} has no usable train text")
-    params = select_trainable(model, cfg)
+    if lora is None:
+        params = select_trainable(model, cfg)
+    else:
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)  # the A matrices' initialisation
+        model = get_peft_model(model, lora.peft_config())
+        params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup_frac * cfg.steps)
     model.train()
@@ -136,7 +212,22 @@ def train_lm_expert(
     ema = math.nan
     first_loss = math.nan
     step_times: list[float] = []
+    points: list[dict] = []
+    curve_s = 0.0
+
+    def add_point(step: int) -> None:
+        nonlocal curve_s
+        tc = time.perf_counter()
+        model.eval()
+        values = curve(model, step) if curve is not None else {}
+        model.train()
+        curve_s += time.perf_counter() - tc
+        points.append({"step": step, "train_seconds": round(sum(step_times), 2), **values})
+
+    want_curve = curve is not None and cfg.curve_every is not None
     t0 = time.perf_counter()
+    if want_curve:
+        add_point(0)
     for step in range(cfg.steps):
         idx = next(batches)
         batch = collate([seqs[i] for i in idx], pad_id).to(cfg.device)
@@ -156,13 +247,16 @@ def train_lm_expert(
         ema = loss_ema(ema, value)
         if progress is not None:
             progress(step + 1, cfg.steps, {"loss": ema})
-    train_s = time.perf_counter() - t0
+        if want_curve and ((step + 1) % cfg.curve_every == 0 or step + 1 == cfg.steps):  # type: ignore[operator]
+            add_point(step + 1)
+            points[-1]["loss_ema"] = round(ema, 4)
+    train_s = time.perf_counter() - t0 - curve_s
     model.eval()
     steady = step_times[1:] or step_times  # the first step pays one-off allocation costs
     record = {
         "task": data.name,
         "seed": seed,
-        "training": cfg.training_mode,
+        "training": cfg.training_mode if lora is None else f"lora r={lora.rank} alpha={lora.alpha:g}",
         "trainable_parameters": sum(p.numel() for p in params),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences_seen": seen,
@@ -176,4 +270,7 @@ def train_lm_expert(
         "final_loss_ema": round(ema, 4),
         "peak_rss_mb_process": peak_rss_mb(),
     }
+    if want_curve:
+        record["curve"] = {"split": "validation", "rows": cfg.curve_rows, "every": cfg.curve_every, "points": points}
+        record["curve_seconds"] = round(curve_s, 2)
     return TrainedLM(model, record)
