@@ -143,6 +143,16 @@ ZS_FULL_TRAIN: dict[str, Any] = {"steps": 500, "eval_limit": 1000, "eval_every":
 """The full zeroshot variant's training setting (see the calibration notes in README)."""
 
 
+PRESET_ZOOS: dict[str, tuple[str, str]] = {
+    "zeroshot-full": ("zeroshot", "full"),
+    "zeroshot-quick": ("zeroshot", "quick"),
+    "full": ("lpft", "full"),
+    "quick": ("lpft", "quick"),
+}
+"""Zoo preset names -> (variant, preset)."""
+LPFT_ALIASES = {"lpft-quick": "quick", "lpft-full": "full"}
+
+
 def zoo_config(variant: str, preset: str) -> ZooConfig:
     """The ``quick`` or ``full`` preset of a variant (``zeroshot`` or ``lpft``)."""
     if variant not in VARIANTS:
@@ -312,12 +322,16 @@ def write_manifest(
 
 
 def load_zoo(spec: str | os.PathLike[str] = "quick", *, cache: str | os.PathLike[str] | None = None) -> Zoo:
-    """A built zoo by preset name (``quick``, ``full``: the last build of it), directory or manifest."""
+    """A built zoo by preset name (``zeroshot-quick``, ``zeroshot-full``, and the ``lpft`` variant's
+    ``quick``, ``full``, also spelt ``lpft-quick``, ``lpft-full``: the last build of it), directory or manifest."""
+    spec = LPFT_ALIASES.get(str(spec), spec)
     manifest = find_manifest(spec, zoo_root(cache) / "zoos")
     if manifest is not None:
         return Zoo(manifest)
-    command = "mergelab zoo build --quick" if str(spec) == "quick" else "mergelab zoo build"
-    raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `{command}`")
+    variant, preset = PRESET_ZOOS.get(str(spec), ("zeroshot", "full"))
+    command = "mergelab zoo build" + (" --quick" if preset == "quick" else "")
+    also = " with `--variant lpft`" if variant == "lpft" else ""
+    raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `{command}`{also}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +520,9 @@ def ensure_task_head(
 
     def build(tmp: Path) -> None:
         tokenizer, base = load_tokenizer(base_dir), load_encoder(base_dir)
-        head = zero_shot_head(base, tokenizer, prompts, data.labels, data.name, max_len=tc.max_len, temperature=cfg.temperature)
+        head = zero_shot_head(
+            base, tokenizer, prompts, data.labels, data.name, max_len=tc.max_len, temperature=cfg.temperature
+        )
         head.save(tmp / "head.safetensors", {"template": spec.template})
         scores: dict[str, Any] = {}
         for split in ("validation", "test"):
@@ -666,7 +682,9 @@ def build_zoo(
                     config, datas[name], base_dir, heads[name], cache=cache, reporter=reporter, force=force
                 )
             else:
-                experts[name] = ensure_expert(config, datas[name], base_dir, cache=cache, reporter=reporter, force=force)
+                experts[name] = ensure_expert(
+                    config, datas[name], base_dir, cache=cache, reporter=reporter, force=force
+                )
     key = zoo_key(config.model_dump(mode="json"), experts)
     root = zoo_root(cache) / "zoos" / key
     records = {t: read_json(p / "record.json") for t, p in experts.items()}
@@ -714,7 +732,7 @@ def _add_task_heads(root: Path, heads: dict[str, Path]) -> None:
 
 
 def zoo_summary(zoo: Zoo) -> list[dict[str, Any]]:
-    """Per task: labels, split sizes, expert and probe accuracy (from the records)."""
+    """Per task: labels, split sizes, expert, probe (and, zeroshot variant, zero-shot) accuracy (from the records)."""
     out = []
     for task in zoo.tasks:
         rec = zoo.record(task)
@@ -730,6 +748,10 @@ def zoo_summary(zoo: Zoo) -> list[dict[str, Any]]:
                 "expert_val": rec["accuracy"]["expert"]["validation"],
                 "probe_val": rec["accuracy"]["probe"]["validation"],
                 "train_seconds": rec["train_seconds"],
+                # zeroshot variant: the pretrained encoder with the task's fixed head, and the curve
+                "zero_shot_test": rec["accuracy"].get("zero_shot", {}).get("test"),
+                "zero_shot_val": rec["accuracy"].get("zero_shot", {}).get("validation"),
+                "plateaued": rec.get("plateaued"),
             }
         )
     return out

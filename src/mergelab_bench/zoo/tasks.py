@@ -402,9 +402,17 @@ def _is_cookie_file(path: Path) -> bool:
     deb=("fortunes",),
     template="a quotation about {}",
     label_names=(
-        "art", "computers", "definitions", "men and women", "people", "politics", "science",
-        "songs and poems", "wisdom", "work",
-    ),  # fmt: skip
+        "art",
+        "computers",
+        "definitions",
+        "men and women",
+        "people",
+        "politics",
+        "science",
+        "songs and poems",
+        "wisdom",
+        "work",
+    ),
 )
 def _fortune_topic(reader: SourceReader) -> Iterator[Row]:
     for path in reader.deb_files("fortunes"):
@@ -485,9 +493,19 @@ def _description_text(value: str) -> str:
     cap=1000,
     template="a software package in the {} category",
     label_names=(
-        "system administration", "editors", "games", "graphics", "mail", "mathematics", "networking",
-        "science", "sound", "text processing", "video", "web",
-    ),  # fmt: skip
+        "system administration",
+        "editors",
+        "games",
+        "graphics",
+        "mail",
+        "mathematics",
+        "networking",
+        "science",
+        "sound",
+        "text processing",
+        "video",
+        "web",
+    ),
 )
 def _deb_section(reader: SourceReader) -> Iterator[Row]:
     index = reader.apt_index()

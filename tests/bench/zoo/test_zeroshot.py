@@ -14,7 +14,9 @@ from mergelab_bench.zoo.tasks import TASKS, TaskData
 from mergelab_bench.zoo.testing import FixtureSources, synthetic_rows, write_task, write_tiny_backbone
 from mergelab_bench.zoo.train import ZeroShotTrainConfig, plateaued, train_against_head
 
-TINY = ZeroShotTrainConfig(steps=4, batch_size=4, max_len=16, eval_limit=20, probe_epochs=30, eval_every=2, curve_limit=10)
+TINY = ZeroShotTrainConfig(
+    steps=4, batch_size=4, max_len=16, eval_limit=20, probe_epochs=30, eval_every=2, curve_limit=10
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,24 @@ def test_tiny_zeroshot_zoo_end_to_end(tmp_path: Path, backbone: Path, fixture_so
         assert math.isclose(s.value, zoo.record(s.task)["accuracy"]["zero_shot"]["test"], abs_tol=1e-6)
     base = ev.evaluate("base")
     assert [s.value for s in base.scores] == [s.value for s in refs[0].scores]
+
+
+def test_core_head_loader_reads_a_cosine_head(tmp_path: Path) -> None:
+    """Data-informed methods (Fisher, AdaMerging) score with the core's LinearHead: a zero-shot head
+    must give the same cosine logits there as in the zoo."""
+    from mergelab.informed.modeling import LinearHead, default_logits_fn
+
+    head = cosine_head(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), ["a", "b"], "t", temperature=10.0)
+    head.save(tmp_path / "h.safetensors")
+    core = LinearHead.load(tmp_path / "h.safetensors")
+    assert core.normalize
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, **_):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(last_hidden_state=torch.tensor([[[0.0, 2.0], [0.0, 6.0]]]))
+
+    fn = default_logits_fn("encoder", core)
+    got = fn(Fixed(), {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2)})
+    assert torch.allclose(got, torch.tensor([[8.0, 0.0]]))
