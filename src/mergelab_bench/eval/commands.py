@@ -579,17 +579,17 @@ def demo_bench(
     threads: int = 2,
     progress_enabled: bool = True,
 ):
-    """The demo's evaluation part: build the quick zoo if needed, merge with TA, TIES and
+    """The demo's evaluation part: build the quick zeroshot zoo if needed, merge with TA, TIES and
     DARE-TIES on small grids, score, print the leaderboard; returns the Leaderboard."""
     from mergelab_bench.eval.grids import DEMO_GRIDS, DEMO_METHODS
     from mergelab_bench.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
-    from mergelab_bench.zoo import ZooConfig, build_zoo
-    from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT
+    from mergelab_bench.zoo import build_zoo
+    from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT, ZeroShotZooConfig
 
     _quiet_transformers()
     _set_threads(threads)
     with progress_bars(progress_enabled) as progress:
-        z = build_zoo(ZooConfig.quick(), cache=cache, progress=progress, threads=threads)
+        z = build_zoo(ZeroShotZooConfig.quick(), cache=cache, progress=progress, threads=threads)
         lb = run_bench(
             z, methods=DEMO_METHODS, grids=DEMO_GRIDS, validation_limit=200, test_limit=QUICK_EVAL_LIMIT,
             progress=progress,

@@ -319,7 +319,9 @@ def train_against_head(
         t = time.perf_counter()
         acc = accuracy(head(embed_batches(encoder, validation[0])), validation[1])
         eval_s += time.perf_counter() - t
-        curve.append({"step": step, "accuracy": round(acc, 6), "loss_ema": round(loss, 4)})
+        curve.append(
+            {"step": step, "accuracy": round(acc, 6), "loss_ema": None if math.isnan(loss) else round(loss, 4)}
+        )
 
     batches = epoch_batches(len(texts), cfg.batch_size, order_rng)
     seen = 0

@@ -165,3 +165,23 @@ def test_core_head_loader_reads_a_cosine_head(tmp_path: Path) -> None:
     fn = default_logits_fn("encoder", core)
     got = fn(Fixed(), {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2)})
     assert torch.allclose(got, torch.tensor([[8.0, 0.0]]))
+
+
+@pytest.mark.slow
+def test_quick_zeroshot_zoo_end_to_end() -> None:
+    """The real zeroshot-quick zoo (minutes on 2 cores; reuses the cache): experts beat their
+    zero-shot start, and task arithmetic beats the pretrained encoder with the zero-shot heads."""
+    from mergelab_bench.eval.grids import DEMO_GRIDS
+    from mergelab_bench.eval.leaderboard import run_bench
+    from mergelab_bench.zoo import SourceError, zoo_summary
+
+    try:
+        zoo = build_zoo(ZeroShotZooConfig.quick(), threads=2)
+    except SourceError as exc:
+        pytest.skip(f"zoo sources not installed: {exc}")
+    for row in zoo_summary(zoo):
+        assert row["expert_test"] > row["zero_shot_test"] + 0.02, row
+    lb = run_bench(zoo, methods=["task_arithmetic"], grids=DEMO_GRIDS, validation_limit=100, test_limit=200)
+    ta, pretrained = lb.methods[0], lb.references[0]
+    assert pretrained.model == "pretrained + zero-shot heads"
+    assert ta.test is not None and ta.test.average_normalized > pretrained.average_normalized
