@@ -140,7 +140,9 @@ class ZeroShotZooConfig(ZooConfig):
 
 
 ZS_FULL_TRAIN: dict[str, Any] = {"steps": 500, "eval_limit": 1000, "eval_every": 50}
-"""The full zeroshot variant's training setting (see the calibration notes in README)."""
+"""The full zeroshot variant's first training setting (batch 32, lr 5e-5, whole encoder): 5x the
+lpft zoo's examples per expert, since the quick variant's curves (100 steps of 16) were still
+rising on 3 of 4 tasks. Each expert's curve and ``plateaued`` flag say whether it sufficed."""
 
 
 PRESET_ZOOS: dict[str, tuple[str, str]] = {
