@@ -166,11 +166,13 @@ class LinearHead:
     linear: nn.Linear
     labels: list[str] | None
     pooling: str = "mean"
+    normalize: bool = False  # cosine heads (metadata feature_norm=l2): features are L2-normalised first
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], pooling: str = "mean") -> LinearHead:
         """A ``.safetensors`` file with ``weight`` [C, d] and ``bias`` [C] (label names in the
-        metadata ``labels``, as the zoo stores its heads)."""
+        metadata ``labels``, as the zoo stores its heads; ``feature_norm: l2`` in the metadata marks a
+        cosine head, whose input features are L2-normalised, as the zoo's zero-shot heads)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -186,7 +188,7 @@ class LinearHead:
             if "bias" in t:
                 lin.bias.copy_(t["bias"].float())
         labels = json.loads(meta["labels"]) if "labels" in meta else None
-        return cls(lin.eval().requires_grad_(False), labels, pooling)
+        return cls(lin.eval().requires_grad_(False), labels, pooling, meta.get("feature_norm") == "l2")
 
 
 def default_logits_fn(kind: Kind, head: LinearHead | None = None) -> LogitsFn:
@@ -202,12 +204,14 @@ def default_logits_fn(kind: Kind, head: LinearHead | None = None) -> LogitsFn:
             "this encoder has no task head: give the calibration source a `head:` (.safetensors with weight/bias, "
             "or `zoo`), load it as sequence_classification, or pass logits_fn from Python"
         )
-    lin, how = head.linear, head.pooling
+    lin, how, normalize = head.linear, head.pooling, head.normalize
 
     def head_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         out = model(**model_inputs(batch))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         feats = pool(hidden, batch.get("attention_mask"), how)
+        if normalize:
+            feats = nn.functional.normalize(feats, dim=-1)
         lin.to(device=feats.device, dtype=feats.dtype)
         return lin(feats)
 

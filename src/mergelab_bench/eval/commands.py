@@ -99,6 +99,13 @@ def zoo_command(
     preset: Annotated[
         str | None, typer.Option(help="classification: quick or full; lm: default, quick or large (GPU)")
     ] = None,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="classification: zeroshot (fixed zero-shot task heads, zoos zeroshot-quick/-full) or lpft "
+            "(a head trained with each expert, zoos quick/full)"
+        ),
+    ] = "zeroshot",
     device: Annotated[str | None, typer.Option(help="lm only: torch device for training (default cpu)")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default: the preset's)")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps per expert (default: the preset's)")] = None,
@@ -116,9 +123,8 @@ def zoo_command(
     ] = False,
 ) -> None:
     """Build a zoo (task data, base, one expert per task) into the cache: classification or lm."""
-    from mergelab_bench.zoo import ZooConfig, build_zoo, install_sources, zoo_summary
-    from mergelab_bench.zoo.build import tasks_list
-    from mergelab_bench.zoo.train import TrainConfig
+    from mergelab_bench.zoo import build_zoo, install_sources, zoo_summary
+    from mergelab_bench.zoo.build import tasks_list, zoo_config
 
     _check_suite(suite)
     if quick and preset not in (None, "quick"):
@@ -134,27 +140,31 @@ def zoo_command(
         raise UsageError("--device applies to --suite lm only (the classification zoo trains on CPU)")
     if preset_name not in (None, "quick", "full"):
         raise UsageError(f"unknown classification preset {preset_name!r}: use quick or full")
-    start = ZooConfig.quick() if preset_name == "quick" else ZooConfig.full()
+    start = zoo_config(variant, preset_name or "full")
     overrides: dict = {}
     if tasks:
         overrides["tasks"] = tasks_list(_split_list(tasks))
         overrides["name"] = "custom"
     if steps:
-        overrides["train"] = TrainConfig(**{**start.train.model_dump(), "steps": steps})
+        overrides["train"] = type(start.train)(**{**start.train.model_dump(), "steps": steps})
         overrides["name"] = "custom"
     config = start.model_copy(update=overrides) if overrides else start
-    config = ZooConfig.model_validate(config.model_dump())
+    config = type(start).model_validate(config.model_dump())
     if install:
         install_sources(cache, echo=lambda m: err_console.print(m, highlight=False))
     with progress_bars(not no_progress) as progress:
         zoo = build_zoo(config, cache=cache, progress=progress, threads=threads, force=force)
     table = Table(title=f"zoo '{zoo.name}' ({zoo.root})")
+    zs = zoo.variant == "zeroshot"
     for col in ("task", "labels", "train", "val", "test", "expert test %", "probe test %", "train s"):
         table.add_column(col, justify="left" if col == "task" else "right")
+    if zs:
+        table.add_column("zero-shot test %", justify="right")
     for row in zoo_summary(zoo):
         table.add_row(
             row["task"], str(row["labels"]), str(row["train"]), str(row["validation"]), str(row["test"]),
             f"{100 * row['expert_test']:.1f}", f"{100 * row['probe_test']:.1f}", f"{row['train_seconds']:.0f}",
+            *([f"{100 * row['zero_shot_test']:.1f}"] if zs else []),
         )  # fmt: skip
     console.print(table)
 
@@ -275,7 +285,9 @@ zoo_app.command("sources")(zoo_sources_command)
 def eval_command(
     model: Annotated[str, typer.Argument(help="merged checkpoint dir, .safetensors file, 'base' or 'expert:<task>'")],
     suite: Annotated[str, typer.Option(help="classification or lm (the language-model suite)")] = "classification",
-    zoo: Annotated[str | None, typer.Option(help="zoo preset or directory (default: quick; lm: default)")] = None,
+    zoo: Annotated[
+        str | None, typer.Option(help="zoo preset or directory (default: zeroshot-quick; lm: default)")
+    ] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all of the zoo's)")] = None,
     split: Annotated[str, typer.Option(help="test or validation")] = "test",
     limit: Annotated[
@@ -330,7 +342,7 @@ def eval_command(
     if device is not None:
         raise UsageError("--device applies to --suite lm only")
     limit = 1000 if limit is None else limit
-    z = load_zoo(zoo or "quick", cache=cache)
+    z = load_zoo(zoo or "zeroshot-quick", cache=cache)
     task_names = _split_list(tasks) or z.tasks
     with progress_bars() as progress:
         tid = progress.add_task(f"evaluating on {len(task_names)} tasks", total=len(task_names)) if progress else None
@@ -391,7 +403,8 @@ def bench_command(
     zoo: Annotated[
         str | None,
         typer.Option(
-            help="zoo preset (quick, full; lm: default, quick, large) or zoo directory [default: full; lm: default]"
+            help="zoo preset (zeroshot-full, zeroshot-quick, lpft: full, quick; lm: default, quick, large) or zoo "
+            "directory [default: zeroshot-full; lm: default]"
         ),
     ] = None,
     methods: Annotated[
@@ -460,7 +473,8 @@ def bench_command(
     from mergelab_bench.eval.data_informed import BenchCalibration
     from mergelab_bench.eval.grids import LEADERBOARD_METHODS
     from mergelab_bench.eval.leaderboard import run_bench
-    from mergelab_bench.zoo import ZooConfig, ZooError, build_zoo, load_zoo
+    from mergelab_bench.zoo import ZooError, build_zoo, load_zoo
+    from mergelab_bench.zoo.build import PRESET_ZOOS, zoo_config
 
     _check_suite(suite)
     _quiet_transformers()
@@ -475,7 +489,7 @@ def bench_command(
         return
     from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
 
-    zoo = zoo or "full"
+    zoo = zoo or "zeroshot-full"
     validation_limit = DEFAULT_VALIDATION_LIMIT if validation_limit is None else validation_limit
     test_limit = DEFAULT_TEST_LIMIT if test_limit is None else test_limit
     method_names = _method_names(methods, LEADERBOARD_METHODS)
@@ -483,10 +497,10 @@ def bench_command(
         try:
             z = load_zoo(zoo, cache=cache)
         except ZooError:
-            if not build or zoo not in ("quick", "full"):
+            if not build or zoo not in PRESET_ZOOS:
                 raise
             z = build_zoo(
-                ZooConfig.quick() if zoo == "quick" else ZooConfig.full(),
+                zoo_config(*PRESET_ZOOS[zoo]),
                 cache=cache,
                 progress=progress,
                 threads=threads,
@@ -615,18 +629,18 @@ def demo_bench(
     threads: int = 2,
     progress_enabled: bool = True,
 ):
-    """The demo's evaluation part: build the quick zoo if needed, merge with TA, TIES and
+    """The demo's evaluation part: build the quick zeroshot zoo if needed, merge with TA, TIES and
     DARE-TIES on small grids, score, print the leaderboard; returns the Leaderboard."""
     from mergelab_bench.eval.grids import DEMO_GRIDS, DEMO_METHODS
     from mergelab_bench.eval.leaderboard import leaderboard_table, run_bench, write_leaderboard
     from mergelab_bench.eval.stats import StatsConfig
-    from mergelab_bench.zoo import ZooConfig, build_zoo
-    from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT
+    from mergelab_bench.zoo import build_zoo
+    from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT, ZeroShotZooConfig
 
     _quiet_transformers()
     _set_threads(threads)
     with progress_bars(progress_enabled) as progress:
-        z = build_zoo(ZooConfig.quick(), cache=cache, progress=progress, threads=threads)
+        z = build_zoo(ZeroShotZooConfig.quick(), cache=cache, progress=progress, threads=threads)
         lb = run_bench(
             z, methods=DEMO_METHODS, grids=DEMO_GRIDS, validation_limit=200, test_limit=QUICK_EVAL_LIMIT,
             progress=progress, stats=StatsConfig(max_extensions=2),  # the demo stays short: edges still marked

@@ -1,6 +1,8 @@
 """Evaluating an encoder (a merge, an expert, the base) on every task of a zoo.
 
-A merged encoder is scored on task *t* with task *t*'s head (heads are never merged): the
+A merged encoder is scored on task *t* with task *t*'s head (heads are never merged; in the
+``zeroshot`` zoo variant that is the task's fixed zero-shot head, see
+:mod:`mergelab_bench.zoo.heads`): the
 accuracy, the number of examples, the expert's own accuracy on the same examples and the
 normalized score (merged / expert). :class:`Evaluator` keeps the tokenized batches and the
 experts' scores, so scoring many merges (a hyperparameter grid) only pays for the forward
@@ -121,11 +123,16 @@ class Evaluator(ZooEvaluator):
         return self.zoo.head(task, head)(self.zoo.features(model, task, self.split, self.limit))
 
     def reference_reports(self, on_step: Callable[[str], None] | None = None) -> list[EvalReport]:
-        """Pretrained (+ expert heads, + probe heads), each expert, and the two ensembles."""
+        """Pretrained (+ the task heads, + probe heads), each expert, and the two ensembles.
+
+        Every row scores task *t* with task *t*'s head: in the ``zeroshot`` variant that is the
+        task's fixed zero-shot head (so the first row is the zero-shot classifier), in ``lpft``
+        the head trained with task *t*'s expert."""
         tick = on_step or (lambda _: None)
         experts = self.zoo.tasks
         reports = []
-        for head, label in (("expert", "pretrained + expert heads"), ("probe", "pretrained + linear probe")):
+        task_heads = "zero-shot heads" if getattr(self.zoo, "variant", "lpft") == "zeroshot" else "expert heads"
+        for head, label in (("expert", f"pretrained + {task_heads}"), ("probe", "pretrained + linear probe")):
             reports.append(
                 self.report(
                     label,

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,10 +41,18 @@ from mergelab_bench.zoo.backbone import (
     make_batches,
 )
 from mergelab_bench.zoo.cache import config_key, file_sha256, read_json, write_json, zoo_root
+from mergelab_bench.zoo.heads import TEMPERATURE, CosineHead, load_head, zero_shot_head
 from mergelab_bench.zoo.sources import BACKBONE_PACKAGE, SourceReader, SystemSources
 from mergelab_bench.zoo.store import BuiltZoo, ZooError, build_stamp, ensure_dir, find_manifest, point_latest, zoo_key
-from mergelab_bench.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task
-from mergelab_bench.zoo.train import TrainConfig, accuracy, select_probe, train_expert
+from mergelab_bench.zoo.tasks import ALL_TASKS, SplitConfig, TaskData, ensure_task, get_task
+from mergelab_bench.zoo.train import (
+    TrainConfig,
+    ZeroShotTrainConfig,
+    accuracy,
+    select_probe,
+    train_against_head,
+    train_expert,
+)
 from mergelab_bench.zoo.training import torch_threads
 
 MANIFEST_FORMAT = "mergelab-zoo/1"
@@ -92,6 +100,69 @@ class ZooConfig(BaseModel):
         return SplitConfig(validation=self.validation_frac, test=self.test_frac)
 
 
+ZS_QUICK_TASKS: tuple[str, ...] = QUICK_TASKS
+VARIANTS: tuple[str, ...] = ("zeroshot", "lpft")
+"""Classification zoo variants: ``zeroshot`` (fixed zero-shot task heads, the leaderboard's
+default) and ``lpft`` (a head trained with each expert from its linear probe)."""
+
+
+class ZeroShotZooConfig(ZooConfig):
+    """The ``zeroshot`` variant: each task's head is fixed (:mod:`mergelab_bench.zoo.heads`) and each
+    expert fine-tunes the whole encoder against it (task-arithmetic protocol, Ilharco et al. 2023).
+
+    Presets are named ``zeroshot-quick`` and ``zeroshot-full``; the ``lpft`` presets keep the
+    names ``quick`` and ``full`` (and their cache keys)."""
+
+    variant: Literal["zeroshot"] = "zeroshot"
+    name: str = Field("custom", description="label of the preset (zeroshot-quick, zeroshot-full) or custom")
+    train: ZeroShotTrainConfig = ZeroShotTrainConfig()
+    temperature: float = Field(TEMPERATURE, gt=0, description="fixed logit scale of the cosine heads")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ZeroShotZooConfig:
+        """4 tasks x 100 steps at batch 16, 300 scored rows: the demo's zoo (a few minutes on 2 cores)."""
+        base = {
+            "name": "zeroshot-quick",
+            "tasks": ZS_QUICK_TASKS,
+            "train": ZeroShotTrainConfig(steps=100, batch_size=16, eval_limit=QUICK_EVAL_LIMIT, eval_every=25),
+        }
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def full(cls, **overrides: Any) -> ZeroShotZooConfig:
+        """8 tasks, the whole encoder against the fixed heads: the leaderboard's zoo."""
+        base = {
+            "name": "zeroshot-full",
+            "tasks": FULL_TASKS,
+            "train": ZeroShotTrainConfig(**ZS_FULL_TRAIN),
+        }
+        return cls(**{**base, **overrides})
+
+
+ZS_FULL_TRAIN: dict[str, Any] = {"steps": 500, "eval_limit": 1000, "eval_every": 50}
+"""The full zeroshot variant's first training setting (batch 32, lr 5e-5, whole encoder): 5x the
+lpft zoo's examples per expert, since the quick variant's curves (100 steps of 16) were still
+rising on 3 of 4 tasks. Each expert's curve and ``plateaued`` flag say whether it sufficed."""
+
+
+PRESET_ZOOS: dict[str, tuple[str, str]] = {
+    "zeroshot-full": ("zeroshot", "full"),
+    "zeroshot-quick": ("zeroshot", "quick"),
+    "full": ("lpft", "full"),
+    "quick": ("lpft", "quick"),
+}
+"""Zoo preset names -> (variant, preset)."""
+LPFT_ALIASES = {"lpft-quick": "quick", "lpft-full": "full"}
+
+
+def zoo_config(variant: str, preset: str) -> ZooConfig:
+    """The ``quick`` or ``full`` preset of a variant (``zeroshot`` or ``lpft``)."""
+    if variant not in VARIANTS:
+        raise ZooError(f"unknown zoo variant {variant!r}: use {' or '.join(VARIANTS)}")
+    cls = ZeroShotZooConfig if variant == "zeroshot" else ZooConfig
+    return cls.quick() if preset == "quick" else cls.full()
+
+
 # --------------------------------------------------------------------------------------------
 # Reading a built zoo
 
@@ -122,13 +193,23 @@ class Zoo(BuiltZoo):
     def data(self, task: str) -> TaskData:
         return super().data(task)
 
+    @property
+    def variant(self) -> str:
+        """``lpft`` (a head trained with each expert) or ``zeroshot`` (each task's fixed zero-shot head)."""
+        return str(self.manifest.get("variant", "lpft"))
+
     def head(self, task: str, kind: str = "expert") -> Head:
-        """The task's head: ``expert`` (trained with the expert) or ``probe`` (on pretrained features)."""
+        """The task's head: ``expert`` (the head every encoder is scored with on the task: the expert's
+        own in ``lpft``, the task's fixed zero-shot head in ``zeroshot``) or ``probe`` (on pretrained features)."""
         if kind not in ("expert", "probe"):
             raise ValueError("head kind must be 'expert' or 'probe'")
         if (task, kind) not in self._heads:
             name = "head.safetensors" if kind == "expert" else "probe.safetensors"
-            self._heads[task, kind] = Head.load(self.expert_dir(task) / name)
+            entry = self.manifest["tasks"][task]
+            if kind == "expert" and "head" in entry:  # zeroshot: the head belongs to the task
+                self._heads[task, kind] = load_head(self._path(entry["head"]))
+            else:
+                self._heads[task, kind] = load_head(self.expert_dir(task) / name)
         return self._heads[task, kind]
 
     @property
@@ -243,12 +324,16 @@ def write_manifest(
 
 
 def load_zoo(spec: str | os.PathLike[str] = "quick", *, cache: str | os.PathLike[str] | None = None) -> Zoo:
-    """A built zoo by preset name (``quick``, ``full``: the last build of it), directory or manifest."""
+    """A built zoo by preset name (``zeroshot-quick``, ``zeroshot-full``, and the ``lpft`` variant's
+    ``quick``, ``full``, also spelt ``lpft-quick``, ``lpft-full``: the last build of it), directory or manifest."""
+    spec = LPFT_ALIASES.get(str(spec), spec)
     manifest = find_manifest(spec, zoo_root(cache) / "zoos")
     if manifest is not None:
         return Zoo(manifest)
-    command = "mergelab zoo build --quick" if str(spec) == "quick" else "mergelab zoo build"
-    raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `{command}`")
+    variant, preset = PRESET_ZOOS.get(str(spec), ("zeroshot", "full"))
+    command = "mergelab zoo build" + (" --quick" if preset == "quick" else "")
+    also = " with `--variant lpft`" if variant == "lpft" else ""
+    raise ZooError(f"no built zoo {str(spec)!r} under {zoo_root(cache)}: run `{command}`{also}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +492,161 @@ def ensure_expert(
     return ensure_dir(final, build, done="record.json", force=force)
 
 
+def ensure_task_head(
+    cfg: ZeroShotZooConfig,
+    data: TaskData,
+    base_dir: Path,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """The task's fixed zero-shot head, built once from the pretrained base (``models/head-<task>-<key>``).
+
+    The folder holds ``head.safetensors`` (a :class:`~mergelab_bench.zoo.heads.CosineHead`) and
+    ``record.json`` (template, prompts, temperature, and the pretrained encoder's zero-shot
+    accuracy with it on the first ``eval_limit`` validation and test rows).
+    """
+    spec = get_task(data.name)
+    prompts = spec.prompts()
+    tc = cfg.train
+    identity = {
+        "task": data.name,
+        "labels": data.labels,
+        "template": spec.template,
+        "prompts": prompts,
+        "temperature": cfg.temperature,
+        "base": base_dir.name,
+        "max_len": tc.max_len,
+    }
+    final = zoo_root(cache) / "models" / f"head-{data.name}-{config_key(identity)}"
+
+    def build(tmp: Path) -> None:
+        tokenizer, base = load_tokenizer(base_dir), load_encoder(base_dir)
+        head = zero_shot_head(
+            base, tokenizer, prompts, data.labels, data.name, max_len=tc.max_len, temperature=cfg.temperature
+        )
+        head.save(tmp / "head.safetensors", {"template": spec.template})
+        scores: dict[str, Any] = {}
+        for split in ("validation", "test"):
+            texts, labels = data.examples(split, tc.eval_limit)
+            batches = make_batches(tokenizer, texts, max_len=tc.max_len, batch_size=tc.eval_batch_size)
+            feats = embed_batches(base, batches)
+            save_features(feature_file(base_dir, data, split, tc.eval_limit, tc.max_len), feats)
+            scores[split] = _score(feats, head, labels)
+            scores[f"n_{split}"] = len(labels)
+        write_json(
+            tmp / "record.json",
+            {
+                **identity,
+                "content_sha256": data.meta["content_sha256"],
+                "zero_shot_accuracy": scores,
+                "chance": round(1 / len(data.labels), 6),
+                "head_sha256": file_sha256(tmp / "head.safetensors"),
+            },
+        )
+
+    return ensure_dir(final, build, done="record.json", force=force)
+
+
+def ensure_zeroshot_expert(
+    cfg: ZeroShotZooConfig,
+    data: TaskData,
+    base_dir: Path,
+    head_dir: Path,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    reporter: _Reporter | None = None,
+    force: bool = False,
+) -> Path:
+    """Fine-tune (or reuse) the encoder of one task against its frozen zero-shot head.
+
+    The expert folder has the same files as an ``lpft`` expert (``model/``, ``head.safetensors``:
+    a byte copy of the task's head, ``probe.safetensors``, ``record.json`` with the validation
+    curve), so every reader of a zoo works on either variant.
+    """
+    reporter = reporter or _Reporter()
+    head_record = read_json(head_dir / "record.json")
+    key = config_key(
+        {
+            "format": EXPERT_FORMAT,
+            "variant": "zeroshot",
+            "task": data.name,
+            "data": data.meta["content_sha256"],
+            "base": base_dir.name,
+            "head": head_record["head_sha256"],
+            "train": cfg.train.model_dump(),
+        }
+    )
+    final = zoo_root(cache) / "models" / f"expert-zs-{data.name}-{key}"
+    tc = cfg.train
+
+    def build(tmp: Path) -> None:
+        tokenizer = load_tokenizer(base_dir)
+        base = load_encoder(base_dir)
+        head = load_head(head_dir / "head.safetensors")
+        assert isinstance(head, CosineHead)
+
+        def batches(split: str, limit: int | None):
+            texts, labels = data.examples(split, limit)
+            return make_batches(tokenizer, texts, max_len=tc.max_len, batch_size=tc.eval_batch_size), labels
+
+        t0 = time.perf_counter()
+        with reporter.task(f"probe {data.name}", 1) as advance:
+            train_b, train_y = batches("train", tc.steps * tc.batch_size)
+            val_b, val_y = batches("validation", tc.eval_limit)
+            base_val = embed_batches(base, val_b)
+            probe, probe_l2, probe_scores = select_probe(
+                (embed_batches(base, train_b), train_y), (base_val, val_y), data.labels, data.name, tc
+            )
+            advance(1)
+        probe_s = time.perf_counter() - t0
+        probe.save(tmp / "probe.safetensors")
+
+        curve_b, curve_y = batches("validation", tc.curve_limit)
+        with reporter.task(f"train {data.name}", tc.steps) as advance:
+            trained = train_against_head(
+                data, base_dir, tc, head, validation=(curve_b, curve_y),
+                progress=lambda step, total, info: advance(step),
+            )  # fmt: skip
+        trained.encoder.save_pretrained(tmp / "model", safe_serialization=True)
+        (tmp / "head.safetensors").write_bytes((head_dir / "head.safetensors").read_bytes())
+
+        test_b, test_y = batches("test", tc.eval_limit)
+        base_test = embed_batches(base, test_b)
+        expert_val = embed_batches(trained.encoder, val_b)
+        expert_test = embed_batches(trained.encoder, test_b)
+        for split, owner, feats in (
+            ("validation", tmp, expert_val), ("test", tmp, expert_test),
+            ("validation", base_dir, base_val), ("test", base_dir, base_test),
+        ):  # fmt: skip
+            save_features(feature_file(owner, data, split, tc.eval_limit, tc.max_len), feats)
+        scores = {
+            "expert": {"validation": _score(expert_val, head, val_y), "test": _score(expert_test, head, test_y)},
+            "zero_shot": {"validation": _score(base_val, head, val_y), "test": _score(base_test, head, test_y)},
+            "probe": {"validation": _score(base_val, probe, val_y), "test": _score(base_test, probe, test_y)},
+            "n": {"validation": len(val_y), "test": len(test_y)},
+        }
+        record = {
+            **trained.record,
+            "variant": "zeroshot",
+            "train_config": tc.model_dump(),
+            "head": {k: head_record[k] for k in ("template", "prompts", "temperature", "head_sha256")},
+            "data": {k: data.meta[k] for k in ("sizes", "labels", "content_sha256", "sources")},
+            "probe_seconds": round(probe_s, 2),
+            "probe_train_examples": len(train_y),
+            "probe_l2": probe_l2,
+            "probe_validation_by_l2": probe_scores,
+            "accuracy": scores,
+            "eval_limit": tc.eval_limit,
+            "beats_zero_shot": {s: _beats(scores["expert"][s], scores["zero_shot"][s]) for s in ("validation", "test")},
+            "beats_probe": {s: _beats(scores["expert"][s], scores["probe"][s]) for s in ("validation", "test")},
+            **build_stamp(),
+        }
+        write_json(tmp / "record.json", record)
+
+    return ensure_dir(final, build, done="record.json", force=force)
+
+
 def build_zoo(
     config: ZooConfig | None = None,
     *,
@@ -436,8 +676,17 @@ def build_zoo(
                 advance()
         base_dir, base_source = ensure_base(cache, backbone)
         experts: dict[str, Path] = {}
+        heads: dict[str, Path] = {}
         for name in config.tasks:
-            experts[name] = ensure_expert(config, datas[name], base_dir, cache=cache, reporter=reporter, force=force)
+            if isinstance(config, ZeroShotZooConfig):
+                heads[name] = ensure_task_head(config, datas[name], base_dir, cache=cache, force=force)
+                experts[name] = ensure_zeroshot_expert(
+                    config, datas[name], base_dir, heads[name], cache=cache, reporter=reporter, force=force
+                )
+            else:
+                experts[name] = ensure_expert(
+                    config, datas[name], base_dir, cache=cache, reporter=reporter, force=force
+                )
     key = zoo_key(config.model_dump(mode="json"), experts)
     root = zoo_root(cache) / "zoos" / key
     records = {t: read_json(p / "record.json") for t, p in experts.items()}
@@ -461,12 +710,31 @@ def build_zoo(
             },
         },
     )
+    if heads:
+        _add_task_heads(root, heads)
     point_latest(root, config.name)
     return Zoo(root / "manifest.json")
 
 
+def _add_task_heads(root: Path, heads: dict[str, Path]) -> None:
+    """Record the zeroshot variant's task heads (path, template, prompts, temperature) in the manifest."""
+    manifest = read_json(root / "manifest.json")
+    manifest["variant"] = "zeroshot"
+    for task, head_dir in heads.items():
+        rec = read_json(head_dir / "record.json")
+        manifest["tasks"][task].update(
+            head=_relative(head_dir / "head.safetensors", root),
+            template=rec["template"],
+            prompts=rec["prompts"],
+            temperature=rec["temperature"],
+            head_sha256=rec["head_sha256"],
+            zero_shot_accuracy=rec["zero_shot_accuracy"],
+        )
+    write_json(root / "manifest.json", manifest)
+
+
 def zoo_summary(zoo: Zoo) -> list[dict[str, Any]]:
-    """Per task: labels, split sizes, expert and probe accuracy (from the records)."""
+    """Per task: labels, split sizes, expert, probe (and, zeroshot variant, zero-shot) accuracy (from the records)."""
     out = []
     for task in zoo.tasks:
         rec = zoo.record(task)
@@ -482,6 +750,10 @@ def zoo_summary(zoo: Zoo) -> list[dict[str, Any]]:
                 "expert_val": rec["accuracy"]["expert"]["validation"],
                 "probe_val": rec["accuracy"]["probe"]["validation"],
                 "train_seconds": rec["train_seconds"],
+                # zeroshot variant: the pretrained encoder with the task's fixed head, and the curve
+                "zero_shot_test": rec["accuracy"].get("zero_shot", {}).get("test"),
+                "zero_shot_val": rec["accuracy"].get("zero_shot", {}).get("validation"),
+                "plateaued": rec.get("plateaued"),
             }
         )
     return out

@@ -83,6 +83,22 @@ class TaskSpec:
     archives: tuple[str, ...] = ()
     apt: bool = False
     cap: int | None = None
+    template: str = ""
+    label_names: tuple[str, ...] = ()
+
+    def prompts(self) -> list[str]:
+        """One sentence per label: :attr:`template` with the label's name (the zero-shot head's inputs).
+
+        ``label_names`` spell out coded labels (``de`` -> ``German``) in label order; without
+        them the label itself is the name. Templates are written once and never tuned (see
+        :mod:`mergelab_bench.zoo.heads`); they are not part of the task data's key.
+        """
+        if not self.template:
+            raise ValueError(f"task {self.name} has no zero-shot template")
+        names = self.label_names or self.labels
+        if len(names) != len(self.labels):
+            raise ValueError(f"task {self.name}: {len(names)} label names for {len(self.labels)} labels")
+        return [self.template.format(name) for name in names]
 
     def sources(self, reader: SourceReader) -> list[dict[str, str]]:
         """Source packages with versions (and digests for archives / the apt index)."""
@@ -109,8 +125,10 @@ def task(
     archives: Sequence[str] = (),
     apt: bool = False,
     cap: int | None = None,
+    template: str = "",
+    label_names: Sequence[str] = (),
 ) -> Callable[[Callable[[SourceReader], Iterable[Row]]], Callable[[SourceReader], Iterable[Row]]]:
-    """Register a task whose rows ``fn(reader)`` collects."""
+    """Register a task whose rows ``fn(reader)`` collects (``template``: its zero-shot prompt)."""
 
     def decorate(fn: Callable[[SourceReader], Iterable[Row]]) -> Callable[[SourceReader], Iterable[Row]]:
         TASKS.add(
@@ -124,6 +142,8 @@ def task(
                 archives=tuple(archives),
                 apt=apt,
                 cap=cap,
+                template=template,
+                label_names=tuple(label_names),
             )
         )
         return fn
@@ -302,6 +322,7 @@ def vader_ratings(sdist: Path) -> Iterator[tuple[str, str, float, str]]:
     labels=("negative", "positive"),
     salt="vader",
     archives=("vaderSentiment",),
+    template="a text with a {} sentiment",
 )
 def _sentiment(reader: SourceReader) -> Iterator[Row]:
     for key, text, score, _ in vader_ratings(reader.archive("vaderSentiment")):
@@ -316,6 +337,8 @@ def _sentiment(reader: SourceReader) -> Iterator[Row]:
     salt="vader",
     archives=("vaderSentiment",),
     cap=3700,
+    template="a snippet from {}",
+    label_names=("an Amazon product review", "a movie review", "a New York Times editorial", "a tweet"),
 )
 def _text_source(reader: SourceReader) -> Iterator[Row]:
     for key, text, _, source in vader_ratings(reader.archive("vaderSentiment")):
@@ -377,6 +400,19 @@ def _is_cookie_file(path: Path) -> bool:
     labels=FORTUNE_TOPICS,
     salt="fortunes",
     deb=("fortunes",),
+    template="a quotation about {}",
+    label_names=(
+        "art",
+        "computers",
+        "definitions",
+        "men and women",
+        "people",
+        "politics",
+        "science",
+        "songs and poems",
+        "wisdom",
+        "work",
+    ),
 )
 def _fortune_topic(reader: SourceReader) -> Iterator[Row]:
     for path in reader.deb_files("fortunes"):
@@ -392,6 +428,8 @@ def _fortune_topic(reader: SourceReader) -> Iterator[Row]:
     salt="fortunes",
     deb=tuple(p for p, _ in FORTUNE_LANGS.values()),
     cap=1500,
+    template="a text written in {}",
+    label_names=("Czech", "German", "English", "Spanish", "Italian", "Polish", "Portuguese", "Russian"),
 )
 def _lang_id(reader: SourceReader) -> Iterator[Row]:
     for lang, (package, subdir) in sorted(FORTUNE_LANGS.items()):
@@ -453,6 +491,21 @@ def _description_text(value: str) -> str:
     labels=DEB_SECTIONS,
     apt=True,
     cap=1000,
+    template="a software package in the {} category",
+    label_names=(
+        "system administration",
+        "editors",
+        "games",
+        "graphics",
+        "mail",
+        "mathematics",
+        "networking",
+        "science",
+        "sound",
+        "text processing",
+        "video",
+        "web",
+    ),
 )
 def _deb_section(reader: SourceReader) -> Iterator[Row]:
     index = reader.apt_index()
@@ -523,6 +576,7 @@ def _wordnet_file(reader: SourceReader, pos: str) -> Path:
     salt="wordnet",
     deb=("wordnet-base",),
     cap=1000,
+    template="a dictionary definition of a noun about {}",
 )
 def _wordnet_supersense(reader: SourceReader) -> Iterator[Row]:
     for offset, lexname, words, gloss in wordnet_synsets(_wordnet_file(reader, "noun")):
@@ -538,6 +592,8 @@ def _wordnet_supersense(reader: SourceReader) -> Iterator[Row]:
     salt="wordnet",
     deb=("wordnet-base",),
     cap=2500,
+    template="a dictionary definition of {}",
+    label_names=("an adjective", "an adverb", "a noun", "a verb"),
 )
 def _wordnet_pos(reader: SourceReader) -> Iterator[Row]:
     for pos in WORDNET_POS:
@@ -581,6 +637,8 @@ def code_windows(lines: Sequence[str], n: int = WINDOW_LINES) -> Iterator[tuple[
     deb=tuple(p for pkgs, _ in CODE_LANGS.values() for p in pkgs),
     archives=("three",),
     cap=1200,
+    template="a {} source file",
+    label_names=("C", "Go", "JavaScript", "Perl", "Python", "Ruby"),
 )
 def _code_lang(reader: SourceReader) -> Iterator[Row]:
     for lang, (packages, suffix) in CODE_LANGS.items():

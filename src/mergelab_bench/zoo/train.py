@@ -242,3 +242,126 @@ def probe_features(data: TaskData, base_dir: Path, cfg: TrainConfig, encoder: nn
     texts, labels = data.examples("train", limit=cfg.steps * cfg.batch_size)
     feats = embed(encoder, tokenizer, texts, max_len=cfg.max_len, batch_size=cfg.eval_batch_size)
     return feats, labels
+
+
+# --------------------------------------------------------------------------------------------
+# The zeroshot variant: the encoder is fine-tuned against its task's fixed zero-shot head
+
+
+class ZeroShotTrainConfig(TrainConfig):
+    """An expert of the ``zeroshot`` variant: the whole encoder (embeddings included) against the
+    task's frozen zero-shot head (``head_lr`` and ``head_init`` do not apply); the probe fields
+    still fit the linear-probe reference row. A validation curve is recorded every ``eval_every`` steps."""
+
+    freeze_embeddings: bool = Field(False, description="keep the embedding layer at its pretrained values")
+    eval_every: int = Field(50, ge=1, description="steps between two points of the validation curve")
+    curve_limit: int = Field(300, ge=1, description="validation rows each curve point is scored on")
+    plateau_tolerance: float = Field(
+        0.01, ge=0, description="a curve has plateaued when its last third gains at most this much accuracy"
+    )
+
+
+def plateaued(curve: list[dict[str, float]], tolerance: float) -> bool | None:
+    """Whether the last third of a validation curve gains at most ``tolerance`` (None: < 3 points)."""
+    if len(curve) < 3:
+        return None
+    tail = curve[-max(2, len(curve) // 3 + 1) :]
+    return max(p["accuracy"] for p in tail) - tail[0]["accuracy"] <= tolerance
+
+
+def train_against_head(
+    data: TaskData,
+    base_dir: Path,
+    cfg: ZeroShotTrainConfig,
+    head: Head,
+    *,
+    validation: tuple[list, list[int]] | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainedExpert:
+    """Fine-tune the encoder in ``base_dir`` on ``data`` with ``head`` frozen (never in the optimizer).
+
+    ``head`` needs a differentiable ``logits(features)`` (a :class:`~mergelab_bench.zoo.heads.CosineHead`)
+    or is applied as its ``linear``. ``validation`` is ``(batches, labels)`` (pre-made
+    :class:`~mergelab_bench.zoo.backbone.Batch` list); when given, its accuracy is recorded at
+    step 0, every ``eval_every`` steps and at the end (``record["curve"]``).
+    """
+    from mergelab_bench.zoo.backbone import embed_batches
+
+    seed = task_seed(cfg.seed, data.name)
+    torch.manual_seed(seed)  # dropout draws from the global generator
+    order_rng = random.Random(seed)
+    if head.labels != data.labels:
+        raise ValueError(f"head labels {head.labels} differ from the task's {data.labels}")
+    head.linear.requires_grad_(False)
+    head.linear.eval()
+    logits_of = getattr(head, "logits", head.linear)
+
+    tokenizer = load_tokenizer(base_dir)
+    encoder = load_encoder(base_dir)
+    if cfg.freeze_embeddings:
+        for p in encoder.embeddings.parameters():
+            p.requires_grad_(False)
+    enc_params = [p for p in encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": enc_params, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    warmup = round(cfg.warmup_frac * cfg.steps)
+
+    texts, labels = data.examples("train")
+    if not texts:
+        raise ValueError(f"task {data.name} has an empty train split")
+    curve: list[dict[str, float]] = []
+    eval_s = 0.0
+
+    def evaluate(step: int, loss: float) -> None:
+        nonlocal eval_s
+        if validation is None or not validation[1]:
+            return
+        t = time.perf_counter()
+        acc = accuracy(head(embed_batches(encoder, validation[0])), validation[1])
+        eval_s += time.perf_counter() - t
+        curve.append(
+            {"step": step, "accuracy": round(acc, 6), "loss_ema": None if math.isnan(loss) else round(loss, 4)}
+        )
+
+    batches = epoch_batches(len(texts), cfg.batch_size, order_rng)
+    seen = 0
+    encoder.train()
+    t0 = time.perf_counter()
+    ema = math.nan
+    evaluate(0, ema)
+    for step in range(cfg.steps):
+        idx = next(batches)
+        seen += len(idx)
+        enc = tokenizer(
+            [texts[i] for i in idx], truncation=True, max_length=cfg.max_len, padding=True, return_tensors="pt"
+        )
+        y = torch.tensor([labels[i] for i in idx])
+        set_scheduled_lr(opt, base_lrs, step, cfg.steps, warmup)
+        logits = logits_of(pooled(encoder, enc["input_ids"], enc["attention_mask"]))
+        loss = nn.functional.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema = loss_ema(ema, loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            evaluate(step + 1, ema)
+        if progress is not None:
+            progress(step + 1, cfg.steps, {"loss": ema})
+    train_s = time.perf_counter() - t0 - eval_s
+    encoder.eval()
+    record = {
+        "task": data.name,
+        "seed": seed,
+        "train_examples_seen": seen,
+        "train_split_size": len(texts),
+        "trainable_parameters": sum(p.numel() for p in enc_params),
+        "head_trainable_parameters": sum(p.numel() for p in head.linear.parameters() if p.requires_grad),
+        "train_seconds": round(train_s, 2),
+        "curve_seconds": round(eval_s, 2),
+        "steps_per_second": round(cfg.steps / max(train_s, 1e-9), 3),
+        "final_loss_ema": round(ema, 4),
+        "curve": curve,
+        "curve_rows": len(validation[1]) if validation is not None else 0,
+        "plateaued": plateaued(curve, cfg.plateau_tolerance),
+    }
+    return TrainedExpert(encoder, head, record)
