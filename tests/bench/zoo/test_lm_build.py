@@ -308,6 +308,8 @@ def test_lm_bench_statistics_per_row_and_seeds(built, tmp_path: Path) -> None:
     assert dare.stats["vs_reference"]["reference"] == "task_arithmetic"
     md = write_leaderboard(lb, tmp_path / "lb")["markdown"].read_text()
     assert "(3 seeds)" in md and "| 95 % CI |" in md
+
+
 # -- per-domain schedules, validation curves, LoRA adapter experts ----------------------------
 
 LORA_TRAIN = TRAIN.model_copy(update={"curve_every": 1, "curve_rows": 4})
