@@ -237,21 +237,27 @@ def check_adapter_zoo(zoo: LMZoo) -> None:
         )
 
 
-def materialise_adapter(zoo: LMZoo, task: str) -> dict[str, torch.Tensor]:
-    """The full state dict of base + ``task``'s LoRA expert, ``W0 + s·B·A`` per LoRA'd tensor (float32),
-    read by mergelab's adapter reader (:class:`mergelab.lora.reader.AdapterReader`, equal to PEFT's
-    ``merge_and_unload``); every other tensor is the base's."""
+def materialise(base_dir: str | os.PathLike[str], adapter: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The full state dict of the base in ``base_dir`` + the PEFT adapter folder ``adapter``:
+    ``W0 + s·B·A`` per LoRA'd tensor (float32), the adapter's whole tensors and bias updates, the
+    base's everywhere else, read by mergelab's adapter reader (:class:`mergelab.lora.reader.AdapterReader`,
+    equal to PEFT's ``merge_and_unload``)."""
     from mergelab.checkpoint.reader import open_checkpoint
 
-    base = open_checkpoint(str(zoo.base_dir))
+    base = open_checkpoint(os.fspath(base_dir))
     try:
-        reader = open_checkpoint(str(zoo.adapter_path(task)), base=base)
+        reader = open_checkpoint(os.fspath(adapter), base=base)
         try:
             return {name: reader.read(name) for name in reader.tensors()}
         finally:
             reader.close()
     finally:
         base.close()
+
+
+def materialise_adapter(zoo: LMZoo, task: str) -> dict[str, torch.Tensor]:
+    """Base + ``task``'s LoRA expert as a full state dict (:func:`materialise`)."""
+    return materialise(zoo.base_dir, zoo.adapter_path(task))
 
 
 def dense_bytes(zoo: LMZoo) -> int:
@@ -519,6 +525,7 @@ __all__ = [
     "adapter_method_for",
     "check_adapter_zoo",
     "check_rows",
+    "materialise",
     "materialise_adapter",
     "parse_row",
     "run_adapter_bench",
