@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     json_path = args.out / "extraction.json"
     if args.replot:
-        config, points = read_extraction(json_path)
-        paths = write_extraction(points, args.out, config)
+        saved, points = read_extraction(json_path)
+        paths = write_extraction(points, args.out, saved)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     try:

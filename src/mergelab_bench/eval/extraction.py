@@ -122,7 +122,7 @@ class _Suite:
         self.zoo = zoo
         self.lm = isinstance(zoo, LMZoo)
         self.name = "lm" if self.lm else "classification"
-        self.limit = limit if limit is not None else "zoo" if self.lm else DEFAULT_TEST_LIMIT
+        self.limit: Any = limit if limit is not None else "zoo" if self.lm else DEFAULT_TEST_LIMIT
 
     def evaluator(self, task: str) -> Any:
         if self.lm:
@@ -189,7 +189,7 @@ def extraction_fidelity(
     bootstrap_seed: int = 0,
     work_dir: str | os.PathLike[str] | None = None,
     done: Mapping[tuple[str, str, str], Mapping[str, Any]] | None = None,
-    on_point: Callable[[dict[str, Any]], None] | None = None,
+    on_point: Callable[[dict[str, Any]], object] | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Extract, load and score an adapter of every expert of ``zoo`` at every cut (module docstring).

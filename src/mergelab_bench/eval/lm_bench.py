@@ -23,6 +23,9 @@ with one label sampled from the model per position (the exact expectation over a
 vocabulary is out of reach), RegMean the Grams of every linear layer's inputs at the real
 positions. Their statistics are kept under ``<work_dir>/statistics``. Routed methods are
 not on this leaderboard (a per-domain reconstruction of a causal LM is not scored yet).
+
+:func:`run_lm_suite` is the leaderboard over any set of experts; with the zoo's LoRA experts
+(``--experts adapters``) it runs :mod:`mergelab_bench.eval.adapter_bench`.
 """
 
 from __future__ import annotations
