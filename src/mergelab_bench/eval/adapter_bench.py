@@ -99,7 +99,7 @@ times the model-wide TIES density (reference 0.2) or DARE's keep probability (re
 
 _ROW = re.compile(
     r"^adapter:(?:(?P<simple>cat|knots_ties|knots_dare_ties)|core_space:(?P<core>[\w.]+)"
-    r"|svd:(?P<svd>[\w.]+):(?:r(?P<rank>\d+)|e(?P<energy>[0-9.]+)))$"
+    r"|svd:(?P<svd>[\w.]+):(?:r(?P<rank>\d+)|e(?P<energy>\d*\.?\d+)))$"
 )
 ROW_FORMS = (
     "adapter:svd:<method>:r<rank>, adapter:svd:<method>:e<energy>, adapter:cat, adapter:knots_ties, "
