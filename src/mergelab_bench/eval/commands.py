@@ -468,6 +468,14 @@ def bench_command(
             help="extend a grid past a chosen point on its edge (up to each parameter's declared bound)",
         ),
     ] = True,
+    experts: Annotated[
+        str,
+        typer.Option(
+            help="lm only: full (the full fine-tunes) or adapters (the zoo's LoRA experts, zoo build --adapters; "
+            "--methods may then name adapter-output rows adapter:cat, adapter:svd:ties:r16, adapter:knots_ties, "
+            "adapter:core_space:ties, ...)"
+        ),
+    ] = "full",
 ) -> None:
     """Tune every method on validation, score on test, write a leaderboard (md, JSON, PNG)."""
     from mergelab_bench.eval.data_informed import BenchCalibration
@@ -477,6 +485,10 @@ def bench_command(
     from mergelab_bench.zoo.build import PRESET_ZOOS, zoo_config
 
     _check_suite(suite)
+    if experts not in ("full", "adapters"):
+        raise UsageError(f"unknown --experts {experts!r}: use full or adapters")
+    if experts != "full" and suite != "lm":
+        raise UsageError("--experts adapters applies to --suite lm only (the classification zoo has no LoRA experts)")
     _quiet_transformers()
     _set_threads(threads)
     calibration = BenchCalibration(
@@ -485,7 +497,7 @@ def bench_command(
     )  # fmt: skip
     stats = _stats_config(bootstrap, bootstrap_seed, merge_seeds, extend_grid)
     if suite == "lm":
-        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update, stats)
+        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update, stats, experts)
         return
     from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
 
@@ -548,26 +560,48 @@ def _lm_bench(
     calibration: Any,
     update: bool,
     stats: Any = None,
+    experts: str = "full",
 ) -> None:
-    """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`)."""
+    """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`; with
+    ``--experts adapters`` its LoRA experts, :mod:`mergelab_bench.eval.adapter_bench`)."""
+    from mergelab_bench.eval import adapter_bench
     from mergelab_bench.eval.lm_bench import DEFAULT_LM_VALIDATION_LIMIT, LM_METHODS, run_lm_bench
     from mergelab_bench.zoo.lm.build import load_lm_zoo
 
-    method_names = _method_names(methods, LM_METHODS)
+    adapters = experts == "adapters"
+    if adapters:
+        method_names = _adapter_rows(methods)
+    else:
+        method_names = _method_names(methods, LM_METHODS)
     z = load_lm_zoo(zoo or "default", cache=cache)
-    out_dir = out or Path("benchmarks") / "results" / f"lm-{z.name}"
+    if adapters:
+        adapter_bench.check_adapter_zoo(z)
+    out_dir = out or Path("benchmarks") / "results" / (f"lm-{z.name}-lora" if adapters else f"lm-{z.name}")
     val_limit = DEFAULT_LM_VALIDATION_LIMIT if validation_limit is None else _limit(validation_limit)
     previous = _previous_leaderboard(out_dir) if update else None
     if previous is not None:  # the test limit is resolved by the evaluator: checked after the run
-        _check_update(previous, z.key, suite="lm", zoo=z.name, seed=seed, validation_limit=val_limit)
+        _check_update(previous, z.key, suite="lm", zoo=z.name, seed=seed, validation_limit=val_limit, experts=experts)
+    run = adapter_bench.run_adapter_bench if adapters else run_lm_bench
     with progress_bars() as progress:
-        lb = run_lm_bench(
+        lb = run(
             z, methods=method_names, seed=seed, progress=progress, validation_limit=val_limit,
             test_limit="zoo" if test_limit is None else _limit(test_limit),
             echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
             stats=stats,
         )  # fmt: skip
     _write_bench(lb, previous, out_dir)
+
+
+def _adapter_rows(methods: str | None) -> list[str]:
+    """``--methods`` of ``--experts adapters`` (groups expanded; default: the adapter bench's rows),
+    each checked before any work (a one-line usage error)."""
+    from mergelab_bench.eval.adapter_bench import ADAPTER_BENCH_METHODS, check_rows
+    from mergelab_bench.eval.grids import expand_methods
+
+    try:
+        return check_rows(expand_methods(_split_list(methods) or list(ADAPTER_BENCH_METHODS)))
+    except ValueError as exc:
+        raise UsageError(f"--methods: {exc}") from None
 
 
 def _method_names(methods: str | None, default: Sequence[str]) -> list[str]:

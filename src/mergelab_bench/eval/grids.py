@@ -228,15 +228,19 @@ def edge_axes(point: GridPoint, points: Sequence[GridPoint]) -> list[str]:
     return [key for scope in ("parameters", "model_parameters") for key in edge_axes_scoped(point, points, scope)]
 
 
-def check_grid(method: str, n_experts: int, points: Sequence[GridPoint] | None = None) -> str | None:
+def check_grid(
+    method: str, n_experts: int, points: Sequence[GridPoint] | None = None, *, spec: Any = None
+) -> str | None:
     """Why ``method`` cannot run its grid on ``n_experts`` experts, or ``None`` if it can.
 
     Validates every point against the method's parameter models, so a typo in a grid fails
-    before any merge is computed.
+    before any merge is computed. ``spec`` is the method spec the row runs (default: the
+    registered method behind the row, :func:`method_of`).
     """
-    from mergelab.methods import get_method
+    if spec is None:
+        from mergelab.methods import get_method
 
-    spec = get_method(method_of(method))
+        spec = get_method(method_of(method))
     if n_experts < spec.min_experts:
         return f"needs at least {spec.min_experts} experts"
     if spec.max_experts is not None and n_experts > spec.max_experts:
@@ -312,9 +316,11 @@ AXIS_BOUNDS: dict[str, AxisBound] = {
     "epsilon": AxisBound(0.0, 1.0, low_open=True, resolution=1e-8),
     "gamma": AxisBound(0.0, 0.5),
     "k": AxisBound(1.0, 8.0, integer=True),
+    "scale": AxisBound(0.0, LAMBDA_MAX),
+    "dare_density": AxisBound(0.0, 1.0, low_open=True),
 }
 """Hard bounds of every numeric grid axis of the cards' and suites' grids (densities and keep
-fractions in (0, 1], scales λ, α ≥ 0 up to :data:`LAMBDA_MAX`, ...): the edge extension never
+fractions in (0, 1], scales λ, α and KnOTS's ``scale`` ≥ 0 up to :data:`LAMBDA_MAX`, ...): the edge extension never
 proposes a value outside them. An axis without an entry is not extended (its row says so)."""
 
 

@@ -124,6 +124,10 @@ class MethodResult:
     stats: dict[str, Any] | None = None
     """Bootstrap intervals, the paired comparison with the reference row and the seeds' spread
     (:func:`leaderboard_statistics`)."""
+    info: dict[str, Any] | None = None
+    """What a suite records about a row beyond the grid search (``label``: the name shown in the
+    markdown and the chart; ``note``: a line under the table; e.g. an adapter row's rank and size,
+    :mod:`mergelab_bench.eval.adapter_bench`). Written to JSON only when set."""
 
     @property
     def test_runs(self) -> list[EvalReport]:
@@ -143,7 +147,8 @@ class MethodResult:
         return self.kind == "routed"
 
     def display_name(self) -> str:
-        return f"{self.method} (routed)" if self.routed else self.method
+        label = (self.info or {}).get("label") or self.method
+        return f"{label} (routed)" if self.routed else label
 
     @property
     def chosen_at_edge(self) -> list[str]:
@@ -174,6 +179,7 @@ class MethodResult:
         return self.chosen.label() + (f" ({'; '.join(notes)})" if notes else "")
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"info": self.info} if self.info is not None else {}
         return {
             "method": self.method,
             "status": self.status,
@@ -193,6 +199,7 @@ class MethodResult:
             "seeds": list(self.seeds),
             "seed_tests": [r.to_dict() for r in self.seed_tests],
             "stats": self.stats,
+            **extra,
         }
 
     @classmethod
@@ -227,6 +234,7 @@ class MethodResult:
             seeds=list(d.get("seeds", [])),
             seed_tests=[EvalReport.from_dict(r) for r in d.get("seed_tests", [])],
             stats=d.get("stats"),
+            info=d.get("info"),
         )
 
 
@@ -356,12 +364,22 @@ def run_bench(
 # The suite-agnostic part of a bench run
 
 
+def registered_method(row: str) -> Any:
+    """The registered method behind a leaderboard row (:func:`mergelab_bench.eval.grids.method_of`)."""
+    from mergelab.methods import get_method
+
+    return get_method(method_of(row))
+
+
 @dataclass(frozen=True)
 class Suite:
     """What a bench suite declares; :func:`run_suite` does the rest (the grid search, the config,
     zoo and calibration blocks of the leaderboard, the working folder).
 
-    ``grid_for`` gives a row's default grid; ``routed``: routed methods are merged to disk and
+    ``grid_for`` gives a row's default grid; ``method_for`` the method spec a row runs (default:
+    the registered method behind the row; a suite with rows of its own, such as the adapter
+    bench's adapter-output rows, resolves them to specs whose ``name`` is the row, which is what
+    its ``merge_fn`` is then called with); ``routed``: routed methods are merged to disk and
     scored per task (else skipped with ``routed_skip``); ``base_source_key`` is the manifest entry
     the leaderboard's ``zoo.base_source`` comes from.
     """
@@ -374,6 +392,7 @@ class Suite:
     routed_skip: str = ""
     base_source_key: str = "base_source"
     work_prefix: str = "mergelab-bench-"
+    method_for: Callable[[str], Any] = registered_method
 
 
 CLASSIFICATION = Suite(
@@ -415,9 +434,7 @@ def run_suite(
     of each report, ``test.expert_rows(task)``), from which :func:`leaderboard_statistics` adds the
     intervals and the paired comparisons.
     """
-    from mergelab.methods import get_method
-
-    specs = {m: get_method(method_of(m)) for m in methods}
+    specs = {m: suite.method_for(m) for m in methods}
     temporary = work_dir is None
     work = Path(tempfile.mkdtemp(prefix=suite.work_prefix)) if work_dir is None else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -432,7 +449,7 @@ def run_suite(
     try:
         for name, spec in specs.items():
             points = list((grids or {}).get(name, suite.grid_for(name)))
-            reason = check_grid(name, len(experts), points)
+            reason = check_grid(name, len(experts), points, spec=spec)
             if not reason and not suite.routed and spec.outputs == "routed":
                 reason = suite.routed_skip
             result = (
@@ -531,14 +548,20 @@ def leaderboard_statistics(lb: Leaderboard, stats: StatsConfig | None = None) ->
     return lb
 
 
-_PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed")
+_PROTOCOL = ("suite", "zoo", "validation_limit", "test_limit", "seed", "experts")
+_PROTOCOL_DEFAULTS: dict[str, Any] = {"suite": "classification", "experts": "full"}
+"""Values of protocol keys a leaderboard's config leaves out (written before the key existed, or at
+its default: a full-expert leaderboard has no ``experts`` entry)."""
 
 
 def update_conflict(previous: Leaderboard, zoo_key: str | None, **protocol: Any) -> str | None:
-    """Why a run with ``protocol`` (any of suite, zoo, validation_limit, test_limit, seed) on the zoo
-    ``zoo_key`` cannot update ``previous``, or ``None``. The CLI asks before running, with what it knows."""
+    """Why a run with ``protocol`` (any of suite, zoo, validation_limit, test_limit, seed, experts) on
+    the zoo ``zoo_key`` cannot update ``previous``, or ``None``. The CLI asks before running, with what
+    it knows."""
     for key, value in protocol.items():
-        old = previous.config.get(key, "classification" if key == "suite" else None)
+        old = previous.config.get(key, _PROTOCOL_DEFAULTS.get(key))
+        if value is None and key in _PROTOCOL_DEFAULTS:
+            value = _PROTOCOL_DEFAULTS[key]
         if value != old:
             return (
                 f"the existing leaderboard has {key}={old!r}, this run {value!r}: run with the same setting, "
@@ -958,7 +981,8 @@ def reproduce_command(lb: Leaderboard) -> str:
     tl = c["test_limit"] if c["test_limit"] is not None else 0
     cmd = (
         f"mergelab bench --suite {c.get('suite', 'classification')} --zoo {c['zoo']} "
-        f"--methods {','.join(c['methods'])} "
+        + (f"--experts {c['experts']} " if c.get("experts", "full") != "full" else "")
+        + f"--methods {','.join(c['methods'])} "
         f"--validation-limit {vl} --test-limit {tl} --seed {c['seed']}"
     )
     cal = c.get("calibration")
@@ -1034,7 +1058,11 @@ def markdown(lb: Leaderboard) -> str:
         metrics = lb.info.get("metrics", {})
         lines += [
             "",
-            "Experts' own test scores: "
+            (
+                "LoRA experts' own test scores: "
+                if lb.config.get("experts") == "adapters"
+                else "Experts' own test scores: "
+            )
             + ", ".join(f"{t} {metrics.get(t, '')} {lb.expert_test[t]:.4g}" for t in tasks)
             + ".",
         ]
@@ -1062,7 +1090,8 @@ def markdown(lb: Leaderboard) -> str:
 
 
 def _notes(lb: Leaderboard) -> list[str]:
-    """Markdown paragraphs about routed and data-informed rows (none when there are none)."""
+    """Markdown paragraphs about routed and data-informed rows (none when there are none), then the
+    suite's own: the paragraphs of ``lb.info["notes"]`` and one line per row with an ``info["note"]``."""
     out: list[str] = []
     routed = [m for m in lb.ranked() if m.routed]
     if routed:
@@ -1108,6 +1137,12 @@ def _notes(lb: Leaderboard) -> list[str]:
                 f"data phase {st.get('compute_seconds', st.get('seconds_total', 0)):.1f} s for "
                 f"{len(st.get('seconds_per_point', []))} grid point(s){peak}" + (f"; {learned}" if learned else "")
             )
+    for paragraph in lb.info.get("notes") or []:
+        out += ["", paragraph]
+    noted = [m for m in lb.methods if (m.info or {}).get("note")]
+    if noted:
+        out.append("")
+        out += [f"- {m.display_name()}: {(m.info or {})['note']}" for m in noted]
     return out
 
 

@@ -23,6 +23,9 @@ with one label sampled from the model per position (the exact expectation over a
 vocabulary is out of reach), RegMean the Grams of every linear layer's inputs at the real
 positions. Their statistics are kept under ``<work_dir>/statistics``. Routed methods are
 not on this leaderboard (a per-domain reconstruction of a causal LM is not scored yet).
+
+:func:`run_lm_suite` is the leaderboard over any set of experts; with the zoo's LoRA experts
+(``--experts adapters``) it runs :mod:`mergelab_bench.eval.adapter_bench`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
 
 from mergelab_bench.eval.data_informed import BenchCalibration
 from mergelab_bench.eval.grids import GridPoint, grid_for, product
@@ -108,23 +114,61 @@ def run_lm_bench(
     ``calibration`` and ``work_dir`` serve the data-informed methods as in
     :func:`mergelab_bench.eval.leaderboard.run_bench` (statistics in ``work_dir/statistics``; without
     ``work_dir`` a temporary folder, removed at the end); ``stats`` the bootstrap, merge seeds and
-    grid-edge extension, as there.
+    grid-edge extension, as there. The zoo's LoRA experts instead of its full fine-tunes:
+    :func:`mergelab_bench.eval.adapter_bench.run_adapter_bench` (``--experts adapters``).
+    """
+    t_start = time.perf_counter()
+    references = [("base", "base", "pretrained"), *((f"expert:{t}", f"expert: {t}", "expert") for t in zoo.tasks)]
+    return run_lm_suite(
+        LM_SUITE,
+        zoo,
+        val=LMEvaluator(zoo, split="validation", limit=validation_limit),
+        test=LMEvaluator(zoo, split="test", limit=test_limit),
+        reference_models=references,
+        load_experts=lambda: [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks],
+        methods=list(methods or LM_METHODS), validation_limit=validation_limit, seed=seed, grids=grids,
+        merge_fn=merge_fn, progress=progress, echo=echo, calibration=calibration, work_dir=work_dir, stats=stats,
+        t_start=t_start,
+    )  # fmt: skip
+
+
+def run_lm_suite(
+    suite: Suite,
+    zoo: LMZoo,
+    *,
+    val: LMEvaluator,
+    test: LMEvaluator,
+    reference_models: Sequence[tuple[str, str, str]],
+    load_experts: Callable[[], list[dict[str, torch.Tensor]]],
+    methods: Sequence[str],
+    validation_limit: int | None,
+    seed: int,
+    grids: Mapping[str, Sequence[GridPoint]] | None,
+    merge_fn: MergeFn | None,
+    progress: Any,
+    echo: Callable[[str], None] | None,
+    calibration: BenchCalibration | None,
+    work_dir: str | os.PathLike[str] | None,
+    stats: StatsConfig | None,
+    t_start: float,
+) -> Leaderboard:
+    """The LM leaderboard over some set of experts: score the reference rows on test, then
+    :func:`mergelab_bench.eval.leaderboard.run_suite`.
+
+    ``val`` / ``test`` normalize by the experts' own scores (``expert_scores``); ``reference_models``
+    lists ``(model, row name, kind)`` in row order (models as ``LMEvaluator.evaluate`` takes them);
+    ``load_experts`` gives the state dicts ``merge_fn`` (default :func:`mergelab.merge_state_dicts`)
+    merges, one per domain in the zoo's order, loaded after the reference rows are scored.
     """
     if merge_fn is None:
         from mergelab import merge_state_dicts as merge_fn  # type: ignore[no-redef]
     say = echo or (lambda _: None)
     steps = _Steps(progress)
-    methods = list(methods or LM_METHODS)
-    t_start = time.perf_counter()
-    val = LMEvaluator(zoo, split="validation", limit=validation_limit)
-    test = LMEvaluator(zoo, split="test", limit=test_limit)
-
     references: list[EvalReport] = []
-    with steps.phase("reference rows", len(zoo.tasks) + 1) as tick:
-        for name in ["base", *zoo.tasks]:
-            model = name if name == "base" else f"expert:{name}"
-            report = test.evaluate(model, name=name if name == "base" else f"expert: {name}")
-            report.info["kind"] = "pretrained" if name == "base" else "expert"
+    with steps.phase("reference rows", len(reference_models)) as tick:
+        for model, name, kind in reference_models:
+            report = test.evaluate(model, name=name)
+            report.info["kind"] = kind
             references.append(report)
             tick()
     expert_test = {t: test.expert_scores(t)[zoo.metrics(t)[0]]["value"] for t in zoo.tasks}
@@ -132,9 +176,9 @@ def run_lm_bench(
         val.expert_scores(t)
 
     base = load_state_dict_path(zoo.base_dir)
-    experts = [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks]
+    experts = load_experts()
     return run_suite(
-        LM_SUITE, zoo, val=val, test=test, base=base, experts=experts, references=references,
+        suite, zoo, val=val, test=test, base=base, experts=experts, references=references,
         expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
         steps=steps, say=say, calibration=calibration or BenchCalibration(), work_dir=work_dir, t_start=t_start,
         limits={"validation_limit": validation_limit, "test_limit": test.limit},
