@@ -205,3 +205,62 @@ def test_headless_checkpoint_gets_the_head_models_module_names(tmp_path):
     got = _logits(_load("gpt2", tmp_path / "base", res.path))
     want = _logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "expert").eval())
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_keep_non_lora_adapter_of_a_tied_model_reads_back_in_mergelab(arch, tmp_path):
+    """A tied LM's --keep-non-lora adapter stores lm_head beside the embedding (as PEFT does): mergelab's
+    own adapter reader accepts it and materialises the expert, as PEFT's merge_and_unload does."""
+    from mergelab.checkpoint.reader import open_checkpoint
+
+    cfg = _config(arch)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(11)
+    base = _cls(arch)(cfg)
+    base.save_pretrained(tmp_path / "base")
+    expert = _cls(arch)(cfg)
+    expert.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(torch.randn_like(p) * 0.03)
+    expert.save_pretrained(tmp_path / "expert")
+    res = extract_lora(tmp_path / "expert", tmp_path / "base", tmp_path / "a", rank=64, keep_non_lora=True)
+    assert any(k.endswith("lm_head.weight") for k in load_file(res.path / "adapter_model.safetensors"))
+    want = load_file(tmp_path / "expert" / "model.safetensors")
+    reader = open_checkpoint(str(res.path), base=open_checkpoint(str(tmp_path / "base")))
+    try:
+        assert set(reader.tensors()) == set(want)
+        for name, w in want.items():
+            assert torch.allclose(reader.read(name).float(), w.float(), atol=1e-5, rtol=0), name
+    finally:
+        reader.close()
+
+
+def test_tied_head_copy_that_differs_from_the_embedding_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.checkpoint.reader import open_checkpoint
+    from mergelab.errors import CheckpointError
+
+    cfg = _config("llama")
+    cfg.tie_word_embeddings = True
+    base = _cls("llama")(cfg)
+    base.save_pretrained(tmp_path / "base")
+    expert = _cls("llama")(cfg)
+    expert.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        expert.model.embed_tokens.weight.add_(0.1)
+        expert.model.layers[0].mlp.up_proj.weight.add_(0.1)
+    expert.save_pretrained(tmp_path / "expert")
+    res = extract_lora(tmp_path / "expert", tmp_path / "base", tmp_path / "a", rank=4, keep_non_lora=True)
+    path = res.path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    head = next(k for k in tensors if k.endswith("lm_head.weight"))
+    tensors[head] = tensors[head] + 1.0
+    save_file(tensors, path)
+    reader = open_checkpoint(str(res.path), base=open_checkpoint(str(tmp_path / "base")))
+    try:
+        with pytest.raises(CheckpointError, match="differs from its input embedding"):
+            reader.read("model.embed_tokens.weight")
+    finally:
+        reader.close()

@@ -252,6 +252,7 @@ class AdapterReader:
         self._lora: dict[str, _LoraModule] = {}  # base tensor name -> module
         self._bias: dict[str, _LoraModule] = {}  # base bias name -> module (lora_bias)
         self._replace: dict[str, str] = {}  # base tensor name -> adapter key (full tensors)
+        self._tied_copy: dict[str, str] = {}  # base embedding name -> adapter key of its tied head's copy
         self._plan()
 
     # --- validation (headers only) -------------------------------------------------------
@@ -334,7 +335,10 @@ class AdapterReader:
         if not modules and not full:
             raise CheckpointError(f"{self.weights_path}: the adapter holds no tensors")
         base_metas = self.base.tensors()
+        heads = self._tied_head_copies(full, base_metas)
         for name, key in full.items():
+            if name in heads:
+                continue
             target = self._base_name(name, key, "tensor")
             want, have = base_metas[target].shape, metas[key].shape
             if want != have:
@@ -349,6 +353,34 @@ class AdapterReader:
             self._lora[m.target] = m
             if m.bias_target is not None:
                 self._bias[m.bias_target] = m
+
+    def _tied_head_copies(self, full: Mapping[str, str], base_metas: Mapping[str, TensorMeta]) -> dict[str, str]:
+        """Full tensors that are a tied output head's copy of the input embedding: adapter name -> key.
+
+        PEFT saves ``lm_head`` beside ``embed_tokens`` in ``modules_to_save`` when the base ties them
+        (mergelab's own ``extract-lora --keep-non-lora`` does too); the base stores no ``lm_head``. Such a
+        copy is accepted when the adapter also stores the embedding itself, and :meth:`read_base`
+        checks that both are equal (else the adapted model is untied, which this base cannot hold).
+        """
+        from mergelab.checkpoint.reader import tie_word_embeddings
+
+        if tie_word_embeddings(self.base.config()) is not True:
+            return {}
+        out: dict[str, str] = {}
+        embeds = {
+            n: k
+            for n, k in full.items()
+            if n.endswith(".weight") and n.rsplit(".", 2)[-2] in ("embed_tokens", "wte", "word_embeddings", "embed_in")
+        }
+        for name, key in full.items():
+            if name in base_metas or not name.endswith("lm_head.weight") or len(embeds) != 1:
+                continue
+            ((emb_name, emb_key),) = embeds.items()
+            target = self._base_name(emb_name, emb_key, "tensor")
+            if tuple(base_metas[target].shape) == tuple(self._weights.tensors()[key].shape):
+                out[name] = key
+                self._tied_copy[target] = key
+        return out
 
     def _check_module(
         self,
@@ -455,7 +487,17 @@ class AdapterReader:
         """``W0`` of ``name``: the adapter's own full copy when it stores one (modules_to_save,
         ``base_layer``), else the base's tensor."""
         key = self._replace.get(name)
-        return self._weights.read(key) if key is not None else self.base.read(name)
+        if key is None:
+            return self.base.read(name)
+        t = self._weights.read(key)
+        head = self._tied_copy.get(name)
+        if head is not None and not torch.equal(t, self._weights.read(head)):
+            raise CheckpointError(
+                f"{self._where(head)}: the adapter's output head differs from its input embedding {name!r}, but the "
+                "base ties them (PEFT's merge_and_unload would untie them, which a checkpoint of this base cannot "
+                "hold); save the adapter with equal copies, or without lm_head in modules_to_save"
+            )
+        return t
 
     def read(self, name: str) -> torch.Tensor:
         """``name`` as ``merge_and_unload`` gives it (float32 for a LoRA'd tensor; see the module docstring)."""
