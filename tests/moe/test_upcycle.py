@@ -84,17 +84,23 @@ def _ids(tok, prompt: str) -> list[int]:
 
 def _reference_gates(base: Path, experts: list[dict], mode: str) -> torch.Tensor:
     """[L, N, H] by direct computation: one unpadded prompt per forward pass; the input of layer l is
-    hidden_states[l]; last token or mean over the prompt's tokens; positives minus negatives; L2 norm."""
+    what a forward pre-hook on decoder layer l receives; last token or mean over the prompt's tokens;
+    positives minus negatives; L2 norm."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    seen: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0] if args else kwargs["hidden_states"])[0]),
+            with_kwargs=True,
+        )
 
     def per_prompt(p: str) -> torch.Tensor:
         with torch.no_grad():
-            hs = model(input_ids=torch.tensor([_ids(tok, p)]), output_hidden_states=True).hidden_states
-        layers = hs[:-1]
-        return torch.stack([h[0, -1] if mode == "hidden" else h[0].mean(dim=0) for h in layers])
+            model(input_ids=torch.tensor([_ids(tok, p)]))
+        return torch.stack([seen[i][-1] if mode == "hidden" else seen[i].mean(dim=0) for i in sorted(seen)])
 
     gates = []
     for e in experts:
@@ -145,7 +151,9 @@ def test_cheap_embed_gates_are_normalised_embedding_sums(llama_family, tmp_path)
         v = total(g["positive_prompts"]) - (total(g["negative_prompts"]) if g.get("negative_prompts") else 0)
         v = v / v.norm()
         for layer in range(2):
-            torch.testing.assert_close(out[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], v, atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                out[f"model.layers.{layer}.block_sparse_moe.gate.weight"][e], v, atol=1e-6, rtol=0
+            )
 
 
 def test_experts_mlps_are_routed_experts_and_the_rest_is_the_base(llama_family, tmp_path):
@@ -192,7 +200,9 @@ def test_output_dtype_and_side_files(llama_family, tmp_path):
     bound = (1 / 32) ** 0.5
     assert float(out["model.layers.0.block_sparse_moe.gate.weight"].float().abs().max()) <= bound
     cfg = json.loads((res.path / "config.json").read_text())
-    assert cfg["dtype"] == "bfloat16" and cfg["num_local_experts"] == 2 and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert (
+        cfg["dtype"] == "bfloat16" and cfg["num_local_experts"] == 2 and cfg["architectures"] == ["MixtralForCausalLM"]
+    )
     for f in ("tokenizer.json", "mergelab_output.json", "mergelab_moe.yaml", "moe_report.json", "README.md"):
         assert (res.path / f).is_file(), f
     assert res.warnings == []  # 2 experts: a power of two
@@ -209,7 +219,9 @@ def test_lora_adapter_expert_is_merged_over_the_base(tmp_path):
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(str(base)),
-            LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False),
+            LoraConfig(
+                r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False
+            ),
         )
         peft_model.save_pretrained(str(tmp_path / "adapter"))
         merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "adapter"))
@@ -295,26 +307,47 @@ def test_bad_inputs_are_one_line_errors(llama_family, tmp_path):
     narrow_mlp = dense_base(tmp_path / "narrow", "llama", intermediate_size=32)
     cases = [
         # different base (other sizes)
-        ({"base_model": str(base), "experts": [*ok[:2], {"source_model": str(wide), "positive_prompts": ["x"]}]},
-         4, ["wide", "hidden_size", "fine-tune of base_model"]),
+        (
+            {"base_model": str(base), "experts": [*ok[:2], {"source_model": str(wide), "positive_prompts": ["x"]}]},
+            4,
+            ["wide", "hidden_size", "fine-tune of base_model"],
+        ),
         # mismatched MLP shapes
-        ({"base_model": str(base), "experts": [*ok[:2], {"source_model": str(narrow_mlp), "positive_prompts": ["x"]}]},
-         4, ["narrow", "intermediate_size"]),
+        (
+            {
+                "base_model": str(base),
+                "experts": [*ok[:2], {"source_model": str(narrow_mlp), "positive_prompts": ["x"]}],
+            },
+            4,
+            ["narrow", "intermediate_size"],
+        ),
         # missing prompts for a mode that needs them
-        ({"base_model": str(base), "experts": [ok[0], {"source_model": str(experts[1])}]},
-         2, ["experts[1]", "positive_prompts", "hidden"]),
+        (
+            {"base_model": str(base), "experts": [ok[0], {"source_model": str(experts[1])}]},
+            2,
+            ["experts[1]", "positive_prompts", "hidden"],
+        ),
         # identical prompts for every expert
-        ({"base_model": str(base), "experts": [{**e, "positive_prompts": ["the"]} for e in ok]},
-         2, ["same positive and negative prompts"]),
+        (
+            {"base_model": str(base), "experts": [{**e, "positive_prompts": ["the"]} for e in ok]},
+            2,
+            ["same positive and negative prompts"],
+        ),
         # the same model for every expert
-        ({"base_model": str(base), "gate_mode": "random", "experts": [{"source_model": str(base)}] * 2},
-         2, ["--i-understand-this-is-not-useful-without-training"]),
+        (
+            {"base_model": str(base), "gate_mode": "random", "experts": [{"source_model": str(base)}] * 2},
+            2,
+            ["--i-understand-this-is-not-useful-without-training"],
+        ),
         ({"base_model": str(base), "experts": ok, "experts_per_token": 4}, 2, ["experts_per_token is 4", "1 to 3"]),
         ({"base_model": str(base), "experts": ok, "gate_mode": "hiden"}, 2, ["unknown gate_mode 'hiden'"]),
         ({"base_model": str(base), "experts": ok, "gate_mod": "hidden"}, 2, ["gate_mod"]),
         ({"base_model": str(base), "experts": ok, "architecture": "qwen3_moe"}, 2, ["qwen3_moe", "'llama'"]),
-        ({"base_model": str(base), "experts": ok, "shared_experts": ok[:1], "architecture": "mixtral"},
-         2, ["no MoE output fits", "mixtral has no shared expert"]),
+        (
+            {"base_model": str(base), "experts": ok, "shared_experts": ok[:1], "architecture": "mixtral"},
+            2,
+            ["no MoE output fits", "mixtral has no shared expert"],
+        ),
         ({"base_model": str(tmp_path / "nope"), "experts": ok}, 3, ["nope"]),
     ]
     for i, (data, code, needles) in enumerate(cases):
@@ -331,6 +364,10 @@ def test_python_api_raises_the_error_families(llama_family, tmp_path):
     wide = dense_base(tmp_path / "wide", "qwen2")
     with pytest.raises(PlanError, match="model_type 'qwen2'"):
         upcycle(
-            {"base_model": str(base), "gate_mode": "random", "experts": [{"source_model": str(wide)}, {"source_model": str(base)}]},
+            {
+                "base_model": str(base),
+                "gate_mode": "random",
+                "experts": [{"source_model": str(wide)}, {"source_model": str(base)}],
+            },
             tmp_path / "o",
         )
