@@ -331,3 +331,26 @@ def test_bad_inputs_are_one_line_errors(mixtral, calibration_file, tmp_path):
         for n in needles:
             assert n in errors[0], (n, errors[0])
         assert not out.exists()
+
+
+def test_output_is_atomic_and_force_replaces_only_mergelab_outputs(mixtral, tmp_path, monkeypatch):
+    from mergelab.errors import OutputError
+    from mergelab.moe import msmoe
+
+    out = tmp_path / "out"
+    compress(mixtral, out, to=2, statistics=hand_statistics())
+    with pytest.raises(OutputError, match="exists"):
+        compress(mixtral, out, to=3, statistics=hand_statistics())
+    res = compress(mixtral, out, to=3, statistics=hand_statistics(), force=True)
+    assert res.report["experts_per_layer"] == {"0": 3, "1": 3}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(msmoe, "frequency_weighted_merge", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        compress(mixtral, tmp_path / "new", to=2, statistics=hand_statistics())
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    with pytest.raises(OutputError, match="is the MoE"):
+        compress(mixtral, mixtral, to=2, statistics=hand_statistics(), force=True)

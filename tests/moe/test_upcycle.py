@@ -8,6 +8,7 @@ PEFT's own ``merge_and_unload``.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -130,6 +131,32 @@ def test_hidden_gates_equal_a_direct_computation(llama_family, tmp_path, mode):
     for layer in range(2):
         got = out[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
         torch.testing.assert_close(got, want[layer], atol=1e-5, rtol=0)
+
+
+def test_qwen2_moe_shared_expert_gate_comes_from_its_prompts(tmp_path):
+    """Qwen2-MoE from a Qwen2 base: routed gates and the shared expert's sigmoid gate are the hidden-mode
+    vectors of their prompts; the shared expert is the given model's MLP; the model loads."""
+    base = dense_base(tmp_path / "base", "qwen2")
+    shared = {"positive_prompts": ["the a of and", "is it"], "negative_prompts": ["was"]}
+    spec = [{"source_model": str(base), **g} for g in GATE_EXPERTS[:2]]
+    recipe = {"base_model": str(base), "experts": spec, "shared_experts": [{"source_model": str(base), **shared}]}
+    res = upcycle(recipe, tmp_path / "moe", allow_all_same=True)
+    assert res.architecture == "qwen2_moe"
+    out = _state(tmp_path / "moe")
+    want = _reference_gates(base, [*GATE_EXPERTS[:2], shared], "hidden")
+    src = _state(base)
+    for layer in range(2):
+        torch.testing.assert_close(out[f"model.layers.{layer}.mlp.gate.weight"], want[layer, :2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out[f"model.layers.{layer}.mlp.shared_expert_gate.weight"], want[layer, 2:], atol=1e-5, rtol=0
+        )
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            mlp = src[f"model.layers.{layer}.mlp.{proj}.weight"]
+            assert torch.equal(out[f"model.layers.{layer}.mlp.shared_expert.{proj}.weight"], mlp)
+            assert torch.equal(out[f"model.layers.{layer}.mlp.experts.1.{proj}.weight"], mlp)
+    cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert cfg["shared_expert_intermediate_size"] == cfg["moe_intermediate_size"] == 48 and cfg["norm_topk_prob"]
+    _load(tmp_path / "moe")
 
 
 def test_cheap_embed_gates_are_normalised_embedding_sums(llama_family, tmp_path):
@@ -283,13 +310,18 @@ def _one_line_error(res, code: int, *needles: str) -> str:
 
 
 def test_cli_builds_a_loadable_moe(llama_family, tmp_path):
+    """A mergekit-moe recipe with paths relative to the recipe's folder."""
     base, experts = llama_family
+
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, tmp_path)
+
     recipe = _recipe_file(
         tmp_path,
         {
-            "base_model": str(base),
+            "base_model": rel(base),
             "experts_per_token": 1,
-            "experts": [{"source_model": str(e), **g} for e, g in zip(experts, GATE_EXPERTS)],
+            "experts": [{"source_model": rel(e), **g} for e, g in zip(experts, GATE_EXPERTS)],
         },
     )
     res = runner.invoke(app, ["moe", str(recipe), str(tmp_path / "out"), "-q"])

@@ -19,7 +19,10 @@ divides by ``Σ f_i`` exactly (the code adds 1e-6, so an unused group becomes a 
 group no calibration token used is averaged with equal weights); counts skip padding tokens (the
 Mixtral script's 512-token blocks have none); the per-layer grouping gives each core its own label
 (the T5 code indexes cores by loop position, which can leave experts unassigned; its Mixtral
-grouper does it right); the knowledge-distillation recovery of the paper's T5 results is not run.
+grouper does it right); ``--align`` matches each member to its group's core (the official
+``permute-model`` script aligns every expert of a layer to expert 0 before grouping; a permutation
+changes only the basis the merged expert is written in, and the core is the member the group is
+built around); the knowledge-distillation recovery of the paper's T5 results is not run.
 """
 
 from __future__ import annotations
