@@ -403,3 +403,16 @@ def test_python_api_raises_the_error_families(llama_family, tmp_path):
             },
             tmp_path / "o",
         )
+
+
+def test_sharded_inputs_and_outputs(family, tmp_path):
+    """A base in 4 shards, experts likewise; the MoE written in several shards with an index loads."""
+    base, experts = family
+    spec = [{"source_model": str(e)} for e in experts[:2]]
+    res = upcycle(
+        {"base_model": str(base), "gate_mode": "random", "experts": spec}, tmp_path / "m", max_shard_size="100KB"
+    )
+    index = json.loads((res.path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "model.layers.1.block_sparse_moe.experts.1.w2.weight" in index["weight_map"]
+    _load(res.path)
