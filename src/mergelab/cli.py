@@ -508,12 +508,15 @@ def load_command_plugins(target: typer.Typer) -> None:
 
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
+    from mergelab.moe.commands import moe_command, moe_compress_command
     from mergelab.routed.commands import extract_command, routed_command
 
     load_command_plugins(app)
     app.command("extract")(user_errors(extract_command))
     app.command("routed")(user_errors(routed_command))
     app.command("analyze")(user_errors(analyze_command))
+    app.command("moe")(user_errors(moe_command))
+    app.command("moe-compress")(user_errors(moe_compress_command))
 
 
 _register_subcommands()

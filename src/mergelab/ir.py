@@ -15,9 +15,10 @@ headers, and what every executor (:mod:`mergelab.executors`) runs:
 
 Name mappings between an output and the inputs are data (:class:`NameMap`), so renaming
 schemes add a map, not a code path: layer stacking (``slices:`` recipes) maps each output layer
-to a layer of each source (``model.layers.5.*`` <- ``model.layers.2.*`` of one model); MoE
-upcycling and PEFT keys would be maps too. Every job's inputs are already resolved
-:class:`TensorRef` objects, so executors read ``job.inputs`` and never rename.
+to a layer of each source (``model.layers.5.*`` <- ``model.layers.2.*`` of one model). Every
+job's inputs are already resolved :class:`TensorRef` objects, so executors read ``job.inputs`` and
+never rename. (MoE upcycling and compression, :mod:`mergelab.moe`, write other models' tensors
+under new names and compute routers, so they plan :class:`mergelab.moe.output.Unit` lists instead.)
 """
 
 from __future__ import annotations
