@@ -508,12 +508,14 @@ def load_command_plugins(target: typer.Typer) -> None:
 
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
+    from mergelab.continual.commands import register as register_continual
     from mergelab.routed.commands import extract_command, routed_command
 
     load_command_plugins(app)
     app.command("extract")(user_errors(extract_command))
     app.command("routed")(user_errors(routed_command))
     app.command("analyze")(user_errors(analyze_command))
+    register_continual(app, user_errors)
 
 
 _register_subcommands()
