@@ -246,6 +246,45 @@ def test_a_step_killed_between_its_two_renames_is_rolled_back(two_step_state):
     assert len(cm.experts) == 2
 
 
+def test_two_adds_at_once_are_serialised(family, tmp_path):
+    """Two processes add different experts to one state at the same time: both steps land, one after the other."""
+    base, experts = family
+    state = tmp_path / "state"
+    ContinualMerge.init(base, state, method="average").add(experts[0])
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from mergelab.checkpoint.writer import ShardedSafetensorsWriter
+        from mergelab.continual import ContinualMerge
+
+        real = ShardedSafetensorsWriter.finish
+
+        def slow_finish(self):  # hold the state's lock long enough for the other process to wait on it
+            time.sleep(1.5)
+            real(self)
+
+        ShardedSafetensorsWriter.finish = slow_finish
+        ContinualMerge.open(sys.argv[1]).add(sys.argv[2])
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(state), str(e)], stderr=subprocess.PIPE, text=True, env=env)
+        for e in experts[1:]
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    cm = ContinualMerge.open(state)
+    assert [e.index for e in cm.experts] == [1, 2, 3]
+    assert {e.path for e in cm.experts} == {str(e) for e in experts}
+    want = ContinualMerge.init(base, method="average")
+    for e in experts:
+        want.add(e)
+    got, ref = cm.state_dict(), want.state_dict()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6)
+
+
 def test_a_folder_that_is_not_a_state_is_refused(tmp_path, family):
     base, _ = family
     with pytest.raises(CheckpointError, match="no such continual state folder"):

@@ -28,6 +28,7 @@ import datetime as _dt
 import errno
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -219,6 +220,19 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+PUBLISH_WAIT = 10.0
+"""Seconds a step waits for a state that another step is publishing (moved aside, not yet renamed in)."""
+
+
+def _publishing(folder: Path) -> bool:
+    """Whether a previous state of ``folder`` sits moved aside beside it (a step publishing, or killed doing so)."""
+    prefix = f".{folder.name}.{guard.OLD_TAG}-"
+    try:
+        return any(name.startswith(prefix) for name in os.listdir(folder.parent))
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def state_lock(folder: Path) -> Iterator[None]:
     """An exclusive ``flock`` on the state folder for one step (waits for a step in progress).
@@ -232,10 +246,14 @@ def state_lock(folder: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: steps are not serialised
         yield
         return
+    deadline = time.monotonic() + PUBLISH_WAIT
     while True:
         try:
             fd = os.open(folder, os.O_RDONLY)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and _publishing(folder) and time.monotonic() < deadline:
+                time.sleep(0.05)  # another step is between its two renames
+                continue
             if exc.errno == errno.ENOENT:
                 raise CheckpointError(
                     f"{folder}: no such continual state folder; create one with `mergelab continual init BASE {folder}`"
