@@ -40,10 +40,13 @@ Computed here as the reference does, except:
   keeps its gradient unnormalised: the reference divides 0 by 0 and writes NaN;
 * ``exclude`` takes name substrings (the reference: module names) of tensors averaged instead.
 
-The class default of ``ema_beta`` in the reference is 0.99; its shipped configuration (what its
-runs use) sets 0.999, the default here. Cost: ``num_steps`` × 8 products of an m×n matrix with its
-k columns of singular vectors per linear layer and expert: seconds per 768×768 layer on a CPU,
-minutes for a vocabulary-sized head (``exclude: lm_head`` averages it instead; ``--device cuda``).
+The class default of ``ema_beta`` in the reference is 0.99 (and of ``svd_epsilon`` 1.0); its shipped
+configuration (what its runs use) sets 0.999 and 0.99999, the defaults here. FusionBench's page for
+DOP writes the losses with S^{1/2}; its code weights by S, as here.
+
+Cost: ``num_steps`` × 8 products of an m×n matrix with its k columns of singular vectors per linear
+layer and expert: seconds per 768×768 layer on a CPU, minutes for a vocabulary-sized head
+(``exclude: lm_head`` averages it instead; ``--device cuda``).
 """
 
 from __future__ import annotations
