@@ -95,9 +95,11 @@ def summarize(plan: Plan, compute_dtype: torch.dtype = torch.float32) -> dict[st
     }
 
 
-def _copy_side_files(
+def copy_side_files(
     source: CheckpointReader | None, dest: Path, out_dtype: torch.dtype | None, tied: Mapping[str, str]
 ) -> None:
+    """The reference model's config and tokenizer files into ``dest`` (config.json's dtype set to
+    ``out_dtype`` when given)."""
     if source is None or source.folder is None:
         return
     for name in SIDE_FILES:
@@ -292,7 +294,7 @@ def merge(
         if is_adapter:  # an adapter folder carries the tokenizer, not the base's config.json
             _copy_tokenizer_files(plan.reference, dest.tmp)
         else:
-            _copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
+            copy_side_files(plan.reference, dest.tmp, out_dt, plan.tied)
             _apply_config_updates(dest.tmp / "config.json", plan.graph.config_updates)
             _write_tokenizer(plan, rec, dest.tmp)
         for fname, text in phase.side_files.items() if phase is not None else ():

@@ -509,6 +509,7 @@ def load_command_plugins(target: typer.Typer) -> None:
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
     from mergelab.moe.commands import moe_command, moe_compress_command
+    from mergelab.continual.commands import register as register_continual
     from mergelab.routed.commands import extract_command, routed_command
 
     load_command_plugins(app)
@@ -517,6 +518,7 @@ def _register_subcommands() -> None:
     app.command("analyze")(user_errors(analyze_command))
     app.command("moe")(user_errors(moe_command))
     app.command("moe-compress")(user_errors(moe_compress_command))
+    register_continual(app, user_errors)
 
 
 _register_subcommands()

@@ -592,3 +592,14 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     """BLAKE3 of a tensor's raw bytes (about 2.5x faster than SHA-256 here: 4.7 vs 1.8 GB/s)."""
     data = t.reshape(-1).contiguous().view(torch.uint8).numpy() if t.numel() else b""
     return blake3.blake3(data, max_threads=1).digest()  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
+
+
+def content_hash(digests: Mapping[str, tuple[str, tuple[int, ...], bytes]]) -> str:
+    """A model's content hash from its tensors' (dtype, shape, :func:`tensor_digest`) by name: the BLAKE3
+    over the sorted (name, dtype, shape, digest), so it does not depend on sharding or file order."""
+    h = blake3.blake3()
+    for name in sorted(digests):
+        dtype, shape, digest = digests[name]
+        h.update(f"{name}\x00{dtype}\x00{shape}\x00".encode())
+        h.update(digest)
+    return h.hexdigest()

@@ -46,7 +46,7 @@ from mergelab.executors.base import (
     resolve_device,
     thread_limit,
 )
-from mergelab.executors.streaming import _Hasher, fold_jobs, input_hashes, merge_jobs
+from mergelab.executors.streaming import InputHasher, fold_jobs, input_hashes, merge_jobs
 from mergelab.ir import MODEL, Graph, Job
 
 DEFAULT_WORKERS = 2
@@ -165,7 +165,7 @@ class _Worker:
         sinks: dict[str, Any] = dict(layouts)
         collectors = {name: _Collect() for name in collect}
         sinks.update(collectors)
-        hasher = _Hasher() if self.opts.hash_inputs else None
+        hasher = InputHasher() if self.opts.hash_inputs else None
         run = RunStats()
         jobs = [g.jobs[i] for i in job_index]
         try:

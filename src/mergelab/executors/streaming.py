@@ -24,10 +24,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import blake3
 import torch
 
-from mergelab.checkpoint.reader import tensor_digest
+from mergelab.checkpoint.reader import content_hash, tensor_digest
 from mergelab.errors import InputDataError, InternalError, MergelabError, ParameterError
 from mergelab.executors.base import (
     ExecutorOptions,
@@ -48,15 +47,18 @@ from mergelab.methods.base import Fold, MethodOutput, TensorContext, tensor_seed
 Digests = dict[str, dict[str, tuple[str, tuple[int, ...], bytes]]]  # source id -> tensor -> (dtype, shape, digest)
 
 
-class _Hasher:
+class InputHasher:
     """Content hashes of every input, computed on a thread of their own as tensors are read.
 
     Hashing (BLAKE3, which releases the GIL) overlaps both reading and merging; at most
-    ``max_pending`` tensors wait to be hashed, so it cannot hold more than that in memory.
+    ``max_pending`` tensors wait to be hashed, so it cannot hold more than that in memory. A tensor
+    is hashed after it is handed on, so methods never modify their inputs in place; tensors of the
+    sources in ``skip`` are not hashed (a caller that owns them may).
     """
 
-    def __init__(self, max_pending: int = 8) -> None:
+    def __init__(self, max_pending: int = 8, skip: tuple[str, ...] = ()) -> None:
         self.digests: Digests = {}
+        self._skip = frozenset(skip)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-hash")
         self._pending: deque[Future[None]] = deque()
         self._max_pending = max_pending
@@ -67,7 +69,7 @@ class _Hasher:
 
     def add(self, source: str, name: str, t: torch.Tensor) -> None:
         """Queue one input tensor (a tensor already hashed in an earlier pass is skipped)."""
-        if (source, name) in self._seen:
+        if (source, name) in self._seen or source in self._skip:
             return
         self._seen.add((source, name))
         while len(self._pending) >= self._max_pending:
@@ -94,16 +96,7 @@ class _Hasher:
 
 def input_hashes(graph: Graph, digests: Digests) -> dict[str, str]:
     """One BLAKE3 per merged input (by label) from its tensors' digests, in name order."""
-    out = {}
-    for s in graph.input_sources:
-        entries = digests.get(s, {})
-        h = blake3.blake3()
-        for name in sorted(entries):
-            dtype, shape, digest = entries[name]
-            h.update(f"{name}\x00{dtype}\x00{shape}\x00".encode())
-            h.update(digest)
-        out[graph.sources[s].label] = h.hexdigest()
-    return out
+    return {graph.sources[s].label: content_hash(digests.get(s, {})) for s in graph.input_sources}
 
 
 class _BufferPool:
@@ -201,7 +194,7 @@ def _read_aux(graph: Graph, job: Job) -> _Aux:
 def _read_job(
     graph: Graph,
     job: Job,
-    hasher: _Hasher | None,
+    hasher: InputHasher | None,
     opts: ExecutorOptions,
     convert: bool,
     buffers: _BufferPool | None = None,
@@ -251,7 +244,7 @@ def _read_job(
 def _stream(
     graph: Graph,
     jobs: Sequence[Job],
-    hasher: _Hasher | None,
+    hasher: InputHasher | None,
     opts: ExecutorOptions,
     device: torch.device,
     buffers: _BufferPool | None = None,
@@ -356,7 +349,7 @@ def fold_jobs(
     stats: Mapping[str, Any],
     opts: ExecutorOptions,
     device: torch.device,
-    hasher: _Hasher | None = None,
+    hasher: InputHasher | None = None,
     progress: Progress | None = None,
     run: RunStats | None = None,
 ) -> Any:
@@ -390,7 +383,7 @@ def merge_jobs(
     opts: ExecutorOptions,
     device: torch.device,
     run: RunStats,
-    hasher: _Hasher | None = None,
+    hasher: InputHasher | None = None,
     progress: Progress | None = None,
 ) -> None:
     """Run ``jobs`` (the merge pass) into ``sinks``: artifact name -> sink; updates ``run``."""
@@ -450,7 +443,7 @@ class StreamingExecutor:
         prog = progress or NoProgress()
         device = resolve_device(opts.device)
         check_statistics(g)
-        hasher = _Hasher() if opts.hash_inputs else None
+        hasher = InputHasher() if opts.hash_inputs else None
         try:
             with thread_limit(opts.threads):
                 return _execute(g, sinks, opts, prog, device, hasher)
@@ -466,7 +459,7 @@ def _execute(
     opts: ExecutorOptions,
     prog: Progress,
     device: torch.device,
-    hasher: _Hasher | None,
+    hasher: InputHasher | None,
 ) -> RunStats:
     t0 = time.perf_counter()
     run = RunStats()
