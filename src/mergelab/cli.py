@@ -508,8 +508,8 @@ def load_command_plugins(target: typer.Typer) -> None:
 
 def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
-    from mergelab.moe.commands import moe_command, moe_compress_command
     from mergelab.continual.commands import register as register_continual
+    from mergelab.moe.commands import moe_command, moe_compress_command
     from mergelab.routed.commands import extract_command, routed_command
 
     load_command_plugins(app)
