@@ -239,6 +239,21 @@ def merge(
 
         rec = with_adapter_output(rec, adapter_out=adapter_out, rank=rank, energy=energy)
     _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
+    from mergelab.routed.build import is_routed_method
+
+    if is_routed_method(rec.merge_method):  # twin_merging, split_merge, smile, wemoe: a routed-model folder
+        routed = run_merge(rec if not isinstance(recipe, Path) else recipe, out, **options)
+        manifest = routed.plan_summary["routed"]
+        router = manifest.get("router") or {}
+        acc = router.get("validation_accuracy")
+        err_console.print(manifest["storage"]["summary"], highlight=False)
+        err_console.print(
+            f"[green]built[/] {manifest['method']} ({len(manifest['experts'])} experts, {router.get('kind')} router"
+            + (f", validation accuracy {100 * acc:.1f} %" if isinstance(acc, (int, float)) else "")
+            + f") into {routed.path} in {routed.stats.seconds:.1f} s",
+            highlight=False,
+        )
+        return
     plan = plan_merge(rec, out_dtype=out_dtype)
     try:
         if not quiet:
