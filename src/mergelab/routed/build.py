@@ -75,7 +75,7 @@ class RoutedMethod:
     mixing: str
     granularity: str
     experimental: bool = False
-    min_experts: int = 2
+    min_experts: int = 1
 
 
 ROUTED_METHODS: dict[str, RoutedMethod] = {

@@ -213,7 +213,7 @@ class RoutedModel(nn.Module):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         st = self.state
-        decoding = _cache_len(kwargs.get("past_key_values")) > 0
+        decoding = _cache_len(_cache_of(kwargs)) > 0
         batch = ids.shape[0] if isinstance(ids, torch.Tensor) else None
         if not decoding:
             st.token_mask = mask
@@ -294,6 +294,12 @@ class RoutedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _cache_of(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache of a forward call (``past_key_values``; transformers 5 generate passes ``cache``)."""
+    past = kwargs.get("past_key_values")
+    return past if past is not None else kwargs.get("cache")
 
 
 def _cache_len(past: Any) -> int:
