@@ -38,6 +38,7 @@ _LAZY = {
     "ROUTED_METHODS": "mergelab.routed.build",
     "RouterData": "mergelab.routed.data",
     "is_bundle": "mergelab.routed.bundle",
+    "expert_state_dict": "mergelab.routed.extract",
     "read_bundle_manifest": "mergelab.routed.bundle",
 }
 
@@ -60,6 +61,7 @@ __all__ = [
     "RoutedModel",
     "RouterData",
     "build_routed",
+    "expert_state_dict",
     "extract",
     "format_storage",
     "is_bundle",

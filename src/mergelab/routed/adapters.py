@@ -210,7 +210,8 @@ def read_expert(
                     f"{list(shared.shape)}"
                 )
             module, pname = module_of_param[param]
-            delta = value.to(torch.float32) - shared.detach().to("cpu", torch.float32)
+            wd = torch.promote_types(shared.dtype, torch.float32)
+            delta = value.to(wd) - shared.detach().to("cpu", wd)
             out.setdefault(module, ExpertDelta()).dense[pname] = delta
     for module, f in factors.items():
         emb = "eA" in f or "eB" in f

@@ -154,7 +154,9 @@ def _torch_dtype(name: str) -> torch.dtype:
     return torch.float64 if name == "float64" else torch.float32
 
 
-def check_routed_recipe(rec: Recipe, router_data: Sequence[Any] | None = None) -> tuple[RoutedMethod, Any]:
+def check_routed_recipe(
+    rec: Recipe, router_data: Sequence[Any] | None = None, calibration: Sequence[Any] | None = None
+) -> tuple[RoutedMethod, Any]:
     """Everything that can be checked before any model is read: method, parameters, base, data sources."""
     spec = ROUTED_METHODS.get(rec.merge_method)
     if spec is None:
@@ -180,8 +182,8 @@ def check_routed_recipe(rec: Recipe, router_data: Sequence[Any] | None = None) -
     elif rec.router is not None:
         raise RecipeError(f"{spec.name} has no trained sequence router: leave out the `router:` block")
     if spec.name == "wemoe" and params.steps > 0:
-        for m in rec.models:
-            if m.calibration is None and router_data is None:
+        for i, m in enumerate(rec.models):
+            if m.calibration is None and (calibration is None or calibration[i] is None):
                 raise RecipeError(
                     f"model {m.model}: wemoe learns its gates from unlabeled inputs: give the model a `calibration:` "
                     "source (with `head:` for encoders without a task head), or set steps: 0"
@@ -222,7 +224,7 @@ def build_routed(
     rec = load_recipe(recipe)
     _check_run_options(device=device, threads=threads, seed=seed)
     _check_disk_options(out, max_shard_size, "streaming")
-    spec, params = check_routed_recipe(rec, router_data)
+    spec, params = check_routed_recipe(rec, router_data, calibration)
     run_seed = rec.seed if seed is None else seed
     dev = resolve_device(device)
     shard_bytes = parse_size(max_shard_size)

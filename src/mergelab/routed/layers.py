@@ -195,8 +195,13 @@ class _Routed(nn.Module):
         return self.base.weight  # type: ignore[return-value]
 
 
-def _stack(tensors: Sequence[Tensor | None], shape: tuple[int, ...]) -> Tensor:
-    return torch.stack([t if t is not None else torch.zeros(shape) for t in tensors])
+def _stack(tensors: Sequence[Tensor | None], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    return torch.stack([t.to(dtype) if t is not None else torch.zeros(shape, dtype=dtype) for t in tensors])
+
+
+def _work(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the stacks are built in: float64 stays float64, anything narrower builds in float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class RoutedLinear(_Routed):
@@ -224,6 +229,7 @@ class RoutedLinear(_Routed):
         out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         self.transposed = transposed
         self.experts = len(deltas)
+        wd = _work(w.dtype)
         lora: list[tuple[Tensor, Tensor] | None] = []
         dense: list[Tensor | None] = []
         bias: list[Tensor | None] = []
@@ -233,22 +239,22 @@ class RoutedLinear(_Routed):
             if d is not None and d.lora is not None:
                 f = d.lora
                 if f.rank >= dense_rank_ratio * min(out_f, in_f):
-                    dw = f.delta(torch.float32)  # as cheap dense as factored: one product
+                    dw = f.delta(wd)  # as cheap dense as factored: one product
                 else:
-                    a_b = (f.A.float(), f.B.float() * f.scaling)
+                    a_b = (f.A.to(wd), f.B.to(wd) * f.scaling)
             if d is not None and "weight" in d.dense:
-                extra = d.dense["weight"].float()
+                extra = d.dense["weight"].to(wd)
                 extra = extra.T if transposed else extra
                 dw = extra if dw is None else dw + extra
             lora.append(a_b)
             dense.append(dw)
             db = d.dense.get("bias") if d is not None else None
-            bias.append(db.float() if db is not None else None)
+            bias.append(db.to(wd) if db is not None else None)
         ranks = [ab[0].shape[0] for ab in lora if ab is not None]
         r = max(ranks, default=0)
         if r:
-            a = torch.zeros(len(deltas), r, in_f)
-            b = torch.zeros(len(deltas), out_f, r)
+            a = torch.zeros(len(deltas), r, in_f, dtype=wd)
+            b = torch.zeros(len(deltas), out_f, r, dtype=wd)
             for t, ab in enumerate(lora):
                 if ab is not None:
                     a[t, : ab[0].shape[0]] = ab[0]
@@ -259,10 +265,10 @@ class RoutedLinear(_Routed):
             self.register_buffer("lora_a", None)
             self.register_buffer("lora_b", None)
         self.register_buffer(
-            "dense", _stack(dense, (out_f, in_f)).to(w.dtype) if any(x is not None for x in dense) else None
+            "dense", _stack(dense, (out_f, in_f), wd).to(w.dtype) if any(x is not None for x in dense) else None
         )
         self.register_buffer(
-            "bias_delta", _stack(bias, (out_f,)).to(w.dtype) if any(x is not None for x in bias) else None
+            "bias_delta", _stack(bias, (out_f,), wd).to(w.dtype) if any(x is not None for x in bias) else None
         )
 
     @property
@@ -296,15 +302,16 @@ class RoutedEmbedding(_Routed):
     def __init__(self, base: nn.Embedding, deltas: Sequence[ExpertDelta | None], state: RouteState) -> None:
         super().__init__(base, state, None, None)
         num, dim = base.weight.shape
+        wd = _work(base.weight.dtype)
         lora: list[tuple[Tensor, Tensor] | None] = []
         dense: list[Tensor | None] = []
         for d in deltas:
-            lora.append((d.lora.A.float(), d.lora.B.float() * d.lora.scaling) if d and d.lora else None)
-            dense.append(d.dense["weight"].float() if d and "weight" in d.dense else None)
+            lora.append((d.lora.A.to(wd), d.lora.B.to(wd) * d.lora.scaling) if d and d.lora else None)
+            dense.append(d.dense["weight"].to(wd) if d and "weight" in d.dense else None)
         r = max((ab[0].shape[0] for ab in lora if ab is not None), default=0)
         if r:
-            a = torch.zeros(len(deltas), num, r)  # Aᵀ per expert: a lookup table of rank-r codes
-            b = torch.zeros(len(deltas), dim, r)
+            a = torch.zeros(len(deltas), num, r, dtype=wd)  # Aᵀ per expert: a lookup table of rank-r codes
+            b = torch.zeros(len(deltas), dim, r, dtype=wd)
             for t, ab in enumerate(lora):
                 if ab is not None:
                     a[t, :, : ab[0].shape[0]] = ab[0].T
@@ -315,7 +322,7 @@ class RoutedEmbedding(_Routed):
             self.register_buffer("lora_a", None)
             self.register_buffer("lora_b", None)
         self.register_buffer(
-            "dense", _stack(dense, (num, dim)).to(base.weight.dtype) if any(x is not None for x in dense) else None
+            "dense", _stack(dense, (num, dim), wd).to(base.weight.dtype) if any(x is not None for x in dense) else None
         )
 
     @property
@@ -355,10 +362,10 @@ class RoutedAffine(_Routed):
         self.param_names = sorted(params)
         self.active_experts = [t for t, d in enumerate(deltas) if d is not None and d.dense]
         for n, p in params.items():
-            stacked = torch.zeros((len(deltas), *p.shape))
+            stacked = torch.zeros((len(deltas), *p.shape), dtype=_work(p.dtype))
             for t, d in enumerate(deltas):
                 if d is not None and n in d.dense:
-                    stacked[t] = d.dense[n].float()
+                    stacked[t] = d.dense[n]
             self.register_buffer(f"delta_{n}", stacked.to(p.dtype))
 
     def _delta(self, name: str) -> Tensor:

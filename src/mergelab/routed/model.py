@@ -146,7 +146,9 @@ class RoutedModel(nn.Module):
             if not 0 <= weights < t:
                 raise OptionError(f"expert index {weights} out of range for {t} experts")
             return torch.nn.functional.one_hot(torch.tensor(weights), t).float()
-        w = torch.as_tensor(weights, dtype=torch.float32)
+        w = torch.as_tensor(weights)
+        if not w.is_floating_point():
+            w = w.float()
         if w.shape[-1] != t or w.dim() not in (1, 2):
             raise OptionError(f"routing weights of shape {list(w.shape)}: expected [{t}] or [batch, {t}]")
         return w

@@ -55,7 +55,7 @@ def topk_mask(t: torch.Tensor, fraction: float) -> torch.Tensor:
     k = min(n, max(0, int(torch.ceil(torch.tensor(fraction * n)).item())))
     mask = torch.zeros(n, dtype=torch.bool)
     if k:
-        idx = torch.topk(t.abs().reshape(-1).float(), k, sorted=False).indices
+        idx = torch.sort(t.abs().reshape(-1), descending=True, stable=True).indices[:k]
         mask[idx] = True
     return mask.reshape(t.shape)
 
@@ -64,7 +64,8 @@ def split(
     base: torch.Tensor, experts: Sequence[torch.Tensor], topk: float
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(common update θc − θ0, task vectors τₜ, complementary parts τₜ ⊙ 1_{Mₜ \\ C}) of one tensor."""
-    taus = [e.float() - base.float() for e in experts]
+    wd = torch.promote_types(base.dtype, torch.float32)
+    taus = [e.to(wd) - base.to(wd) for e in experts]
     masks = [topk_mask(t, topk) for t in taus]
     count = torch.stack(masks).sum(0)
     pos = torch.stack([m & (t > 0) for m, t in zip(masks, taus)]).sum(0)
@@ -88,4 +89,4 @@ def compress_complement(
     p = b @ a
     denom = float((p * p).sum())
     alpha = float((target.to(p.dtype) * p).sum()) / denom if denom > 0 else 0.0
-    return LoraFactors(a.float().contiguous(), (b * alpha).float().contiguous(), 1.0), alpha
+    return LoraFactors(a.contiguous(), (b * alpha).contiguous(), 1.0), alpha
