@@ -109,6 +109,7 @@ class ModelEntry(BaseModel):
     calibration: CalibrationSource | None = None  # data-informed methods: this expert's examples; routers: train rows
     statistics: str | None = None  # data-informed methods: a precomputed statistics folder
     validation: CalibrationSource | None = None  # routers: this expert's model-selection rows (mergelab.routed)
+    name: str | None = None  # routed outputs: the expert's (route's) name; default: its folder's name
 
     @field_validator("model", mode="before")
     @classmethod

@@ -403,3 +403,13 @@ def test_recipe_file_through_the_cli(bert_family, tmp_path):
     assert is_bundle(tmp_path / "out") and "storage" in res.output
     v = CliRunner().invoke(app, ["validate", str(path)])
     assert v.exit_code == 0, v.output
+
+
+def test_twin_shared_model_is_any_registered_merge(bert_family, tmp_path):
+    base, experts = bert_family
+    params = {"density": 0.5, "shared_method": "ties", "shared_parameters": {"lambda": 1.0}}
+    folder = build("twin_merging", base, experts, tmp_path / "twin", params)
+    ties = mergelab.merge(recipe("ties", base, experts, {"lambda": 1.0}), tmp_path / "ties", hash_inputs=False).path
+    got, want = _state(folder / "shared"), _state(ties)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert read_bundle_manifest(folder)["shared"]["method"] == "ties"

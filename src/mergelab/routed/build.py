@@ -289,7 +289,7 @@ class _Builder:
         self.root, self.device, self.seed = root, device, seed
         self.shard_bytes, self.hash_inputs = shard_bytes, hash_inputs
         self.labels = [m.model for m in rec.models]
-        self.names = task_names(self.labels)
+        self.names = task_names(self.labels, [m.name for m in rec.models])
         assert rec.base_model is not None
         self.base = open_checkpoint(rec.base_model)
         self.experts_r: list[CheckpointReader] = []

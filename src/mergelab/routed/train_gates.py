@@ -22,7 +22,7 @@ from mergelab.routed.wemoe import WemoeParams, entropy
 
 
 def _task_data(
-    root: Path, rec: Recipe, p: WemoeParams, kind: str, calibration: Sequence[Any] | None
+    root: Path, rec: Recipe, p: WemoeParams, kind: str, calibration: Sequence[Any] | None, seed: int = 0
 ) -> list[tuple[list[dict[str, Any]], Any]]:
     from mergelab.data.sources import load_examples, load_tokenizer, take_examples, tokenize_batches, zoo_head_path
     from mergelab.informed.modeling import LinearHead, default_logits_fn
@@ -49,7 +49,9 @@ def _task_data(
             ex = load_examples(src, p.examples)
             if tok is None:
                 tok = load_tokenizer(root / SHARED)
-            batches = tokenize_batches(tok, ex.texts, batch_size=p.batch_size, max_length=p.max_length)
+            order = torch.randperm(len(ex.texts), generator=torch.Generator().manual_seed(seed + i)).tolist()
+            texts = [ex.texts[j] for j in order]  # shuffled once, as the reference's data loader draws rows
+            batches = tokenize_batches(tok, texts, batch_size=p.batch_size, max_length=p.max_length)
         batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]  # never labels
         if not batches:
             raise RecipeError(f"model {m.model}: no inputs for wemoe's gates")
@@ -64,7 +66,7 @@ def train_wemoe(
     from mergelab.routed.model import RoutedModel, _key
 
     model = RoutedModel.from_pretrained(root, device=device)
-    tasks = _task_data(root, rec, p, model.kind, calibration)
+    tasks = _task_data(root, rec, p, model.kind, calibration, seed)
     assert model.gates is not None
     model.requires_grad_(False)
     model.gates.requires_grad_(True)

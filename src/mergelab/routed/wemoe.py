@@ -10,8 +10,10 @@ of Experts", ICML, arXiv:2402.00433 (reference code tanganke/fusion_bench ``mode
   that block, and λ(x) a gate on the block's input: Linear(d, d) → ReLU → Linear(d, T)
   (``depth`` 2; 1: one Linear; 0: a learned vector), weights N(0, 0.01), the last bias
   ``init_lambda``, **no softmax**: the coefficients are the raw outputs, averaged over the
-  sequence's tokens (one λ per input; ``batch_reduce`` averages over the batch too, as the
-  reference's option, which task-homogeneous evaluation batches flatter).
+  sequence's tokens (one λ per input). ``batch_reduce: true`` averages them over the batch too:
+  the reference's CLIP configuration sets it, and since its evaluation batches hold one task each,
+  one λ per batch then carries the batch's task (a task id by the back door); mergelab defaults to
+  one λ per input (the reference class's own default) and offers ``batch_reduce`` as an option.
 * The gates are trained by test-time adaptation: Adam (lr 1e-4, ``steps`` 1000, batch 16 per
   task), each step one batch of unlabeled inputs from every task, minimising the mean entropy of
   the task's predictions (its head's logits for encoders with task heads, the next-token
