@@ -355,12 +355,17 @@ def validate(
 ) -> None:
     """Check RECIPE and its inputs (names, shapes, vocabularies, parameters) without reading tensor data."""
     from mergelab.api import plan_merge, summarize
+    from mergelab.recipe import load_recipe
+    from mergelab.routed.build import is_routed_method
 
+    routed = load_recipe(recipe).merge_method
     plan = plan_merge(recipe, out_dtype=out_dtype)
     try:
         summary = summarize(plan)
     finally:
         plan.close()
+    if is_routed_method(routed):  # the plan checked the inputs against the base; the method is the routed one
+        summary["method"] = routed
     if as_json:
         console.print_json(json.dumps(summary))
     else:

@@ -413,3 +413,49 @@ def test_twin_shared_model_is_any_registered_merge(bert_family, tmp_path):
     got, want = _state(folder / "shared"), _state(ties)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert read_bundle_manifest(folder)["shared"]["method"] == "ties"
+
+
+@pytest.fixture(scope="module")
+def gpt2_family(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mergelab.synthetic import make_expert, make_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        str(root / "base")
+    )
+    make_tokenizer(root / "base", vocab_size=32)
+    return root / "base", [make_expert(root / "base", root / f"expert_{i}", seed=i + 1) for i in range(2)]
+
+
+@pytest.mark.parametrize("method", ["twin_merging", "smile"])
+def test_gpt2_conv1d_and_tied_head(gpt2_family, tmp_path, method):
+    base, experts = gpt2_family
+    params = {"density": 0.5} if method == "twin_merging" else {"k": 4}
+    folder = build(method, base, experts, tmp_path / method, params, words=LLAMA_WORDS)
+    cfg = json.loads((folder / "experts" / "expert_0" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    model = RoutedModel.from_pretrained(folder)
+    ids = torch.tensor([[1, 3, 4, 5], [2, 6, 7, 8]])
+    for name in model.experts:
+        ref = _peft(folder, name, causal=True)
+        with model.fixed_route(name):
+            got = model(input_ids=ids).logits
+            gen = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        assert torch.allclose(got, ref(input_ids=ids).logits, atol=1e-5), name
+        assert torch.equal(gen, ref.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
+
+
+def test_tied_embedding_expert_merges_with_peft_and_extracts_the_same(llama_outputs):
+    """A tied embedding is stored whole with its head's copy: PEFT's forward, PEFT's merge_and_unload
+    and mergelab extract agree (an embedding LoRA would be applied twice by merge_and_unload)."""
+    folder = llama_outputs["twin_merging"]
+    cfg = json.loads((folder / "experts" / "expert_0" / "adapter_config.json").read_text())
+    assert "model.embed_tokens" in (cfg["modules_to_save"] or []) and "lm_head" in cfg["modules_to_save"]
+    want = _peft(folder, "expert_0", causal=True)(input_ids=LM_IDS).logits
+    merged = _peft(folder, "expert_0", causal=True).merge_and_unload()
+    assert torch.allclose(merged(input_ids=LM_IDS).logits, want, atol=1e-5)
+    sd = expert_state_dict(folder, "expert_0")
+    assert torch.allclose(sd["model.embed_tokens.weight"], merged.model.embed_tokens.weight, atol=1e-6)

@@ -7,8 +7,10 @@ Writing (:class:`ExpertAdapterWriter`, over :class:`mergelab.lora.peft_format.Pe
   ``<module>.base_layer.bias`` when the module is a LoRA target, ``<module>.bias`` otherwise;
   :func:`peft.PeftModel.from_pretrained` loads them into the model);
 * normalisation layers and dense matrices as ``modules_to_save`` (every tensor of the module);
-* a tied input embedding (``tie_word_embeddings``) as embedding LoRA with PEFT's
-  ``ensure_weight_tying``: the output head gets the transposed factors, as PEFT writes them.
+  a tied input embedding (``tie_word_embeddings``) is stored whole with its head's copy, as PEFT
+  saves a tied pair: PEFT ties an embedding LoRA to the head only for modules named
+  ``embed_tokens`` (``ensure_weight_tying``; GPT-2's ``wte`` keeps an unchanged head), and its
+  ``merge_and_unload`` then adds the update twice to the one shared tensor.
 
 Reading (:func:`read_expert`): every module an adapter changes becomes an :class:`ExpertDelta`
 relative to the shared model's tensors: LoRA factors (scaling folded into B) and dense deltas
@@ -33,7 +35,6 @@ from mergelab.lora.peft_format import (
     ADAPTER_WEIGHTS,
     PREFIX,
     PeftAdapterWriter,
-    lora_keys,
 )
 
 
@@ -60,15 +61,10 @@ class ExpertAdapterWriter:
             self.folder, base_model_name_or_path=base_name, base_config=base_config, dtype=dtype
         )
         self._biases: dict[str, torch.Tensor] = {}
-        self._tied: dict[str, str] = {}  # output head module -> tied embedding module
         self.dtype = dtype
 
     def add_lora(self, module: str, factors: LoraFactors, *, embedding: bool = False) -> None:
         self._w.add_lora(module, factors, embedding=embedding)
-
-    def add_tied_head(self, head: str, embedding: str) -> None:
-        """``head`` shares its weight with the LoRA'd ``embedding`` (PEFT's ``ensure_weight_tying``)."""
-        self._tied[head] = embedding
 
     def add_bias(self, module: str, value: torch.Tensor) -> None:
         """The full bias of linear module ``module`` (PEFT ``bias: all``)."""
@@ -93,10 +89,6 @@ class ExpertAdapterWriter:
                 f"{PREFIX}{module}.base_layer.bias" if module in self._w.modules else saved_tensor_key(f"{module}.bias")
             )
             self._w._put(key, bias)
-        tied_keys: list[tuple[str, str]] = []
-        for head, emb in self._tied.items():
-            if emb in self._w.modules and self._w.modules[emb].embedding:
-                tied_keys.append((head, emb))
         if not self._w.modules:
             raise CheckpointError(
                 f"{self.folder}: the expert has no low-rank part (PEFT needs at least one LoRA module); "
@@ -105,11 +97,7 @@ class ExpertAdapterWriter:
         cfg = self._w.config()
         if self._biases:
             cfg["bias"] = "all"
-        if tied_keys:
-            cfg["ensure_weight_tying"] = True
         self._w.finish()
-        if tied_keys:
-            _add_tied_head_keys(self.folder, tied_keys)
         (self.folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         return cfg
 
@@ -119,20 +107,6 @@ class ExpertAdapterWriter:
     @property
     def nbytes(self) -> int:
         return self._w.nbytes + sum(b.numel() * b.element_size() for b in self._biases.values())
-
-
-def _add_tied_head_keys(folder: Path, pairs: list[tuple[str, str]]) -> None:
-    """Add ``<head>.lora_A/B.weight`` = the embedding's ``lora_embedding_B/A`` transposed (as PEFT saves them)."""
-    from safetensors.torch import load_file, save_file
-
-    path = folder / ADAPTER_WEIGHTS
-    tensors = load_file(str(path))
-    for head, emb in pairs:
-        ea, eb = lora_keys(emb, embedding=True)
-        ha, hb = lora_keys(head)
-        tensors[ha] = tensors[eb].T.contiguous()
-        tensors[hb] = tensors[ea].T.contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------

@@ -466,7 +466,10 @@ class _Builder:
                         continue
                     w = writers[t]
                     if part.lora is not None:
-                        w.add_lora(info.name, part.lora, embedding=info.kind == "embedding")
+                        lora = part.lora
+                        if info.kind == "conv1d":  # GPT-2 Conv1D: PEFT's fan_in_fan_out
+                            lora = LoraFactors(lora.A, lora.B, lora.scaling, transposed=True)
+                        w.add_lora(info.name, lora, embedding=info.kind == "embedding")
                         counts[t].lora += 1
                         counts[t].ranks.append(part.lora.rank)
                     if part.bias is not None:
@@ -474,11 +477,11 @@ class _Builder:
                         counts[t].dense += 1
                     for pname, value in part.saved.items():
                         w.add_saved(info.params[pname], value)
+                    head = self._tied_embeddings().get(info.name)
+                    if head is not None and "weight" in part.saved:  # PEFT's copy of a tied head
+                        w.add_saved(f"{head}.weight", part.saved["weight"])
                     if part.saved:
                         counts[t].dense += 1
-            for head, emb in self.structure.tied.items():
-                for w in writers:
-                    w.add_tied_head(head, emb)
             for t, w in enumerate(writers):
                 if not w._w.modules:
                     raise PlanError(
@@ -532,12 +535,25 @@ class _Builder:
         base, shared, experts = self._tensors(info)
         name = self.spec.name
         if name == "twin_merging":
-            return self._twin(info, shared, experts)
-        if name == "smile":
+            parts = self._twin(info, shared, experts)
+        elif name == "smile":
             return self._smile(info, base, shared, experts)
-        if name == "wemoe":
+        elif name == "wemoe":
             return self._wemoe(info, base, shared, experts)
-        return self._split(info, base, shared, experts)
+        else:
+            parts = self._split(info, base, shared, experts)
+        if info.kind == "embedding" and info.name in self._tied_embeddings():
+            # PEFT leaves the tied head unchanged by an embedding LoRA (and merge_and_unload then applies the
+            # head's tied copy twice): the compressed update is stored whole, with the head's copy
+            for part in parts:
+                if part is not None and part.lora is not None:
+                    part.saved = {"weight": shared["weight"] + part.lora.delta(shared["weight"].dtype).T}
+                    part.lora = None
+        return parts
+
+    def _tied_embeddings(self) -> dict[str, str]:
+        """Input embedding module -> the output head tied to it."""
+        return {emb: head for head, emb in self.structure.tied.items()}
 
     @staticmethod
     def _peft(info: ModuleInfo, stored: torch.Tensor) -> torch.Tensor:

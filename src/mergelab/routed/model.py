@@ -175,8 +175,17 @@ class RoutedModel(nn.Module):
         """The per-sequence weights of the last forward: the sequence router's, the fixed route, or
         for layer-local gates their mean over layers (and tokens)."""
         if self.state.records:
-            ws = [w if w.dim() == 2 else w.mean(dim=1) if w.dim() == 3 else w for w in self.state.records]
-            ws = [w for w in ws if w.dim() == 2]
+            mask = self.state.token_mask
+            ws = []
+            for w in self.state.records:
+                if w.dim() == 3:  # per token: the mean over the real tokens
+                    if mask is not None and tuple(mask.shape) == tuple(w.shape[:2]):
+                        m = mask.to(w.dtype).unsqueeze(-1)
+                        w = (w * m).sum(1) / m.sum(1).clamp_min(1.0)
+                    else:
+                        w = w.mean(dim=1)
+                if w.dim() == 2:
+                    ws.append(w)
             return torch.stack(ws).mean(0) if ws else None
         return self.state.weights
 
@@ -385,7 +394,8 @@ def _wrap(
                 if "weight" in e.dense:
                     head_delta.dense["weight"] = e.dense["weight"]
                 d[head] = head_delta  # type: ignore[index]
-            names.append(head)
+            if head not in names:
+                names.append(head)
     for name in names:
         mod = modules[name]
         per_expert = [d.get(name) for d in deltas]
