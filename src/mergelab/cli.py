@@ -404,6 +404,7 @@ def methods(
                 ("base", row["base"]),
             ):
                 console.print(f"  {key}: {value}", highlight=False)
+        _print_routed_methods()
         return
     t = Table(title="mergelab merge methods", show_lines=True)
     # the name column never wraps or truncates: the other columns fold instead
@@ -415,6 +416,21 @@ def methods(
         label = "\n".join([m.name, *(f"= {a}" for a in m.aliases)])
         t.add_row(label, row["paper"], row["params"], row["model_params"], row["base"])
     console.print(t)
+    _print_routed_methods()
+
+
+def _print_routed_methods() -> None:
+    """The routed methods (a routed-model folder: shared + adapters + router), after the merge methods."""
+    from mergelab.routed.build import ROUTED_METHODS
+
+    console.print("\n[bold]routed methods[/] (write shared/ + experts/<name>/ PEFT adapters + router/):")
+    for m in ROUTED_METHODS.values():
+        defaults = m.params().model_dump()
+        params = ", ".join(f"{k} ({defaults[k]})" for k in m.params.model_fields)
+        tag = " [experimental]" if m.experimental else ""
+        console.print(f"[bold]{m.name}[/]{tag}", highlight=False)
+        for key, value in (("what", m.summary), ("paper", m.paper), ("parameters", params), ("router", m.router)):
+            console.print(f"  {key}: {value}", highlight=False)
 
 
 def _methods_json() -> list[dict[str, Any]]:
