@@ -101,7 +101,12 @@ def test_lm_rows_route_without_the_task_id(lm_zoo: LMZoo, tmp_path: Path) -> Non
     from mergelab_bench.eval.lm_bench import run_lm_bench
 
     torch.manual_seed(0)
-    grids = {"twin_merging": (GridPoint({"density": 0.5}),), "smile": (GridPoint({"k": 8, "gate_k": 2}),)}
+    grids = {
+        "twin_merging": (GridPoint({"density": 0.5}),),
+        "smile": (GridPoint({"k": 8, "gate_k": 2}),),
+        "wemoe": (GridPoint(),),
+        "emr_router": (GridPoint(),),
+    }
     lb = run_lm_bench(
         lm_zoo, methods=list(grids), grids=grids, validation_limit=4, work_dir=tmp_path / "work", routed_settings=TINY
     )
