@@ -57,6 +57,15 @@ def plan_merge(recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe, *, o
     exist) or precomputed statistics. The caller owns the plan and should call ``plan.close()``.
     """
     rec = load_recipe(recipe)
+    from mergelab.routed.build import check_routed_recipe, check_router_block, is_routed_method
+
+    if is_routed_method(rec.merge_method):
+        # a routed method (twin_merging, ...): its parameters and router data are checked here, and the
+        # plan is the shared merge's inputs (every expert read against the base: names, shapes)
+        check_routed_recipe(rec)
+        rec = rec.model_copy(update={"merge_method": "task_arithmetic", "parameters": {}, "router": None})
+    else:
+        check_router_block(rec)
     plan = build_plan(rec, out_dtype=parse_dtype(out_dtype, "out_dtype"))
     if plan.method.statistics is not None:
         from mergelab.informed.phase import check_calibration
@@ -198,6 +207,7 @@ def merge(
     adapter_out: bool = False,
     rank: int | None = None,
     energy: float | None = None,
+    router_data: Sequence[Any] | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into a Hugging Face folder at ``out``.
 
@@ -223,8 +233,34 @@ def merge(
     ``adapter_out`` (or the recipe's ``output: adapter``) writes a PEFT LoRA adapter of the base
     instead (:mod:`mergelab.lora.sink`): ``rank`` / ``energy`` override the recipe's ``adapter:``
     block; ``result.plan_summary["adapter"]`` holds the per-module ranks and errors.
+
+    Routed methods (``twin_merging``, ``split_merge``, ``smile``, ``wemoe``) write a routed-model
+    folder (:func:`mergelab.routed.build.build_routed`; ``result.plan_summary["routed"]`` is its
+    manifest); ``tall_masks`` / ``emr`` with a ``router:`` block also train a router into
+    ``routed/router/``. ``router_data``: per expert, :class:`mergelab.routed.RouterData` (texts)
+    instead of the recipe's router sources.
     """
     rec = load_recipe(recipe)
+    from mergelab.routed.build import attach_router, check_router_block, is_routed_method
+
+    if is_routed_method(rec.merge_method):
+        return _merge_routed(
+            recipe,
+            out,
+            force=force,
+            force_any=force_any,
+            device=device,
+            threads=threads,
+            seed=seed,
+            max_shard_size=max_shard_size,
+            hash_inputs=hash_inputs,
+            progress=progress,
+            router_data=router_data,
+            calibration=calibration,
+            out_dtype=out_dtype,
+            executor=executor,
+        )
+    check_router_block(rec, router_data)
     _check_run_options(device=device, threads=threads, seed=seed)
     _check_disk_options(out, max_shard_size, executor)
     if adapter_out or rank is not None or energy is not None or rec.output == "adapter":
@@ -299,6 +335,9 @@ def merge(
             _write_tokenizer(plan, rec, dest.tmp)
         for fname, text in phase.side_files.items() if phase is not None else ():
             (dest.tmp / fname).write_text(text)
+        if rec.router is not None:  # tall_masks / emr: a router so that the output runs without the task id
+            with thread_limit(threads):
+                summary["router"] = attach_router(dest.tmp, rec, device=device, seed=opts.seed, router_data=router_data)
         expert_recipe_params = list(plan.global_model_params)
         card = model_card(
             recipe_yaml=rec.to_yaml(),
@@ -334,6 +373,19 @@ def merge(
         if own_plan and plan is not None:
             plan.close()
     return MergeResult(path=path, stats=stats, plan_summary=summary)
+
+
+def _merge_routed(recipe: Any, out: Any, *, executor: str, **options: Any) -> MergeResult:
+    """A routed method's build, reported as a :class:`MergeResult`."""
+    from mergelab.routed.build import build_routed
+
+    if executor != "streaming":
+        raise OptionError(f"executor {executor!r}: routed methods run on the streaming executor only; leave it out")
+    res = build_routed(recipe, out, **options)
+    stats = RunStats(seconds=res.seconds)
+    return MergeResult(
+        path=res.path, stats=stats, plan_summary={"method": res.manifest["method"], "routed": res.manifest}
+    )
 
 
 def _check_run_options(*, device: Any, threads: Any, seed: Any = None) -> None:

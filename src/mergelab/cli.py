@@ -239,6 +239,21 @@ def merge(
 
         rec = with_adapter_output(rec, adapter_out=adapter_out, rank=rank, energy=energy)
     _check_output(out, run_inputs(recipe, rec), force, force_any)  # before any tensor is read
+    from mergelab.routed.build import is_routed_method
+
+    if is_routed_method(rec.merge_method):  # twin_merging, split_merge, smile, wemoe: a routed-model folder
+        routed = run_merge(rec if not isinstance(recipe, Path) else recipe, out, **options)
+        manifest = routed.plan_summary["routed"]
+        router = manifest.get("router") or {}
+        acc = router.get("validation_accuracy")
+        err_console.print(manifest["storage"]["summary"], highlight=False)
+        err_console.print(
+            f"[green]built[/] {manifest['method']} ({len(manifest['experts'])} experts, {router.get('kind')} router"
+            + (f", validation accuracy {100 * acc:.1f} %" if isinstance(acc, (int, float)) else "")
+            + f") into {routed.path} in {routed.stats.seconds:.1f} s",
+            highlight=False,
+        )
+        return
     plan = plan_merge(rec, out_dtype=out_dtype)
     try:
         if not quiet:
@@ -340,12 +355,17 @@ def validate(
 ) -> None:
     """Check RECIPE and its inputs (names, shapes, vocabularies, parameters) without reading tensor data."""
     from mergelab.api import plan_merge, summarize
+    from mergelab.recipe import load_recipe
+    from mergelab.routed.build import is_routed_method
 
+    routed = load_recipe(recipe).merge_method
     plan = plan_merge(recipe, out_dtype=out_dtype)
     try:
         summary = summarize(plan)
     finally:
         plan.close()
+    if is_routed_method(routed):  # the plan checked the inputs against the base; the method is the routed one
+        summary["method"] = routed
     if as_json:
         console.print_json(json.dumps(summary))
     else:
@@ -384,6 +404,7 @@ def methods(
                 ("base", row["base"]),
             ):
                 console.print(f"  {key}: {value}", highlight=False)
+        _print_routed_methods()
         return
     t = Table(title="mergelab merge methods", show_lines=True)
     # the name column never wraps or truncates: the other columns fold instead
@@ -395,6 +416,21 @@ def methods(
         label = "\n".join([m.name, *(f"= {a}" for a in m.aliases)])
         t.add_row(label, row["paper"], row["params"], row["model_params"], row["base"])
     console.print(t)
+    _print_routed_methods()
+
+
+def _print_routed_methods() -> None:
+    """The routed methods (a routed-model folder: shared + adapters + router), after the merge methods."""
+    from mergelab.routed.build import ROUTED_METHODS
+
+    console.print("\n[bold]routed methods[/] (write shared/ + experts/<name>/ PEFT adapters + router/):")
+    for m in ROUTED_METHODS.values():
+        defaults = m.params().model_dump()
+        params = ", ".join(f"{k} ({defaults[k]})" for k in m.params.model_fields)
+        tag = " [experimental]" if m.experimental else ""
+        console.print(f"[bold]{m.name}[/]{tag}", highlight=False)
+        for key, value in (("what", m.summary), ("paper", m.paper), ("parameters", params), ("router", m.router)):
+            console.print(f"  {key}: {value}", highlight=False)
 
 
 def _methods_json() -> list[dict[str, Any]]:

@@ -35,7 +35,10 @@ mergelab additions: ``seed`` (DARE/DELLA masks), ``compute_dtype`` (default floa
 data-informed methods (fisher, regmean, regmean_plusplus, adamerging) a per-model
 ``calibration`` source or precomputed ``statistics`` folder plus a top-level ``calibration:``
 block (see :mod:`mergelab.data.config`); ``output: adapter`` with an ``adapter:`` block writes the
-merge as a PEFT LoRA adapter of the base (:mod:`mergelab.lora.sink`).
+merge as a PEFT LoRA adapter of the base (:mod:`mergelab.lora.sink`). Routed methods
+(``twin_merging``, ``split_merge``, ``smile``, ``wemoe``; ``tall_masks`` / ``emr`` with a
+``router:`` block) read each model's ``calibration`` (router train rows) and ``validation``
+sources and the top-level ``router:`` block (:mod:`mergelab.routed.settings`).
 
 A model may be a PEFT LoRA adapter (folder, Hub id, or mergekit's ``base+adapter`` string), read
 over ``base_model`` (:mod:`mergelab.lora.reader`); ``allow_adapter_base_mismatch: true`` reads one
@@ -57,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergelab.data.config import CalibrationSettings, CalibrationSource
 from mergelab.errors import OptionError, RecipeError
 from mergelab.lora.sink import AdapterSettings
+from mergelab.routed.settings import RouterSettings
 from mergelab.tokenizer import ModelTokenEmbedding, TokenizerSettings, check_chat_template, normalize_source
 
 DTYPES: dict[str, torch.dtype] = {
@@ -102,8 +106,10 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamSetting] = Field(default_factory=dict)
-    calibration: CalibrationSource | None = None  # data-informed methods: this expert's examples
+    calibration: CalibrationSource | None = None  # data-informed methods: this expert's examples; routers: train rows
     statistics: str | None = None  # data-informed methods: a precomputed statistics folder
+    validation: CalibrationSource | None = None  # routers: this expert's model-selection rows (mergelab.routed)
+    name: str | None = None  # routed outputs: the expert's (route's) name; default: its folder's name
 
     @field_validator("model", mode="before")
     @classmethod
@@ -208,6 +214,11 @@ class Recipe(BaseModel):
         description="model: a dense checkpoint; adapter: a PEFT LoRA adapter of base_model (settings in adapter:)",
     )
     adapter: AdapterSettings | None = None
+    router: RouterSettings | None = Field(
+        None,
+        description="routed methods (twin_merging, split_merge; tall_masks / emr: adds a router): how the "
+        "sequence router is trained (mergelab.routed.settings)",
+    )
     defaults: Literal["paper", "mergekit"] | None = Field(
         None,
         description="defaults of parameters the recipe leaves unset: paper (mergelab's) or mergekit "
@@ -399,7 +410,12 @@ def _resolve_relative(recipe: Recipe, base_dir: Path) -> Recipe:
 
     models = [
         m.model_copy(
-            update={"model": fix(m.model), "calibration": fix_source(m.calibration), "statistics": fix(m.statistics)}
+            update={
+                "model": fix(m.model),
+                "calibration": fix_source(m.calibration),
+                "statistics": fix(m.statistics),
+                "validation": fix_source(m.validation),
+            }
         )
         for m in recipe.models
     ]

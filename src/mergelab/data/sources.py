@@ -32,6 +32,7 @@ class Examples:
     texts: list[str]
     labels: list[Any] | None = None
     label_names: list[str] | None = None  # the source's label vocabulary, when it has one (zoo tasks)
+    ids: list[str] | None = None  # each row's id in its source (a zoo row's key, ``file:line``), when known
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -51,6 +52,7 @@ def read_text_file(
         raise RecipeError(f"{p}: calibration file not found")
     texts: list[str] = []
     labels: list[Any] = []
+    ids: list[str] = []
     jsonl = p.suffix.lower() in (".jsonl", ".ndjson") or p.name.endswith(".jsonl.txt")
     with open(p, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -61,6 +63,7 @@ def read_text_file(
                 continue
             if not jsonl:
                 texts.append(line)
+                ids.append(f"{p.name}:{lineno}")
                 continue
             try:
                 row = json.loads(line)
@@ -70,10 +73,12 @@ def read_text_file(
                 raise RecipeError(f"{p}:{lineno}: expected an object with a string field {text_field!r}")
             texts.append(row[text_field])
             labels.append(row.get(label_field) if label_field else None)
+            key = row.get("key", row.get("id"))
+            ids.append(str(key) if key is not None else f"{p.name}:{lineno}")
     if not texts:
         raise RecipeError(f"{p}: no calibration examples in the file")
     has_labels = jsonl and label_field is not None and all(x is not None for x in labels)
-    return Examples(texts, labels if has_labels else None)
+    return Examples(texts, labels if has_labels else None, ids=ids)
 
 
 # --- calibration-source kinds -------------------------------------------------------------------

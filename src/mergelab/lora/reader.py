@@ -348,11 +348,33 @@ class AdapterReader:
                 )
             self._replace[target] = key
         model_type = (self.base.config() or {}).get("model_type")
+        for name in self._tied_head_lora(modules, base_metas):
+            del modules[name]
         for m in modules.values():
             self._check_module(m, metas, base_metas, model_type)
             self._lora[m.target] = m
             if m.bias_target is not None:
                 self._bias[m.bias_target] = m
+
+    def _tied_head_lora(self, modules: Mapping[str, _LoraModule], base_metas: Mapping[str, TensorMeta]) -> list[str]:
+        """LoRA modules of a tied output head that PEFT's ``ensure_weight_tying`` derives from the input
+        embedding's LoRA (its saved copies are the embedding's factors transposed): skipped, since the
+        base stores no head and the adapted embedding is the head."""
+        from mergelab.checkpoint.reader import tie_word_embeddings
+
+        if not (self.adapter_config.model_extra or {}).get("ensure_weight_tying"):
+            return []
+        if tie_word_embeddings(self.base.config()) is not True:
+            return []
+        has_embedding_lora = any(m.embedding for m in modules.values())
+        return [
+            name
+            for name, m in modules.items()
+            if has_embedding_lora
+            and not m.embedding
+            and f"{name}.weight" not in base_metas
+            and name.endswith("lm_head")
+        ]
 
     def _tied_head_copies(self, full: Mapping[str, str], base_metas: Mapping[str, TensorMeta]) -> dict[str, str]:
         """Full tensors that are a tied output head's copy of the input embedding: adapter name -> key.

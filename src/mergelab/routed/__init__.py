@@ -1,4 +1,10 @@
-"""Shared model + per-task parts: the output format of TALL masks and EMR, and ``extract``.
+"""Routed outputs: a shared model plus per-expert parts, and the model that runs them.
+
+Two layouts. TALL masks and EMR (below) write a shared checkpoint with per-task masks and
+scales in ``routed/``; ``twin_merging``, ``split_merge``, ``smile`` and ``wemoe`` write a
+routed-model folder (``shared/`` + ``experts/<name>/`` PEFT adapters + ``router/``,
+:mod:`mergelab.routed.bundle`, built by :mod:`mergelab.routed.build`). :class:`RoutedModel`
+(:mod:`mergelab.routed.model`) loads either, with its router, as one ``nn.Module``.
 
 A method registered with ``outputs="routed"`` returns, per tensor, the shared tensor (the
 checkpoint the engine writes) and per-task parts. :func:`open_parts_writer` is the sink
@@ -26,17 +32,44 @@ from mergelab.routed.format import (
 )
 from mergelab.routed.writer import PartsWriter, open_parts_writer
 
+_LAZY = {
+    "RoutedModel": "mergelab.routed.model",
+    "build_routed": "mergelab.routed.build",
+    "ROUTED_METHODS": "mergelab.routed.build",
+    "RouterData": "mergelab.routed.data",
+    "is_bundle": "mergelab.routed.bundle",
+    "expert_state_dict": "mergelab.routed.extract",
+    "read_bundle_manifest": "mergelab.routed.bundle",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The model and the builders are imported on first use (they need transformers and the API)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "ROUTED_METHODS",
     "ExtractResult",
     "PartsWriter",
+    "RoutedModel",
+    "RouterData",
+    "build_routed",
+    "expert_state_dict",
     "extract",
     "format_storage",
+    "is_bundle",
     "is_routed",
     "iter_task_tensors",
     "open_parts_writer",
     "pack_mask",
+    "read_bundle_manifest",
     "read_manifest",
     "reconstruct",
     "task_state_dict",

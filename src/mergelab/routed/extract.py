@@ -188,11 +188,16 @@ def extract(
     force_any: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD,
 ) -> ExtractResult:
-    """Write task ``task`` (name, index or model reference) of the routed output ``folder``
+    """Write task ``task`` (name, index or model reference) of the routed output ``folder`` (a
+    TALL-masks / EMR output, or a routed-model folder: :func:`extract_expert`)
     as a plain Hugging Face checkpoint in ``out`` (atomic; ``out`` must not exist unless
     ``force``, which replaces a previous mergelab output, or ``force_any``; never ``folder`` itself,
     a folder holding it or one inside it). Config and tokenizer files are copied from ``folder``."""
     src = Path(folder).expanduser()
+    from mergelab.routed.bundle import is_bundle
+
+    if is_bundle(src):
+        return extract_expert(src, task, out, force=force, force_any=force_any, max_shard_size=max_shard_size)
     manifest = read_manifest(src)
     entry = resolve_task(manifest, task)
     shard_bytes = parse_size(max_shard_size)
@@ -216,6 +221,95 @@ def extract(
             if (src / side).is_file():
                 shutil.copyfile(src / side, dest.tmp / side)
         (dest.tmp / "README.md").write_text(_card(manifest, entry, src))
+        path = dest.commit()
+    except BaseException as exc:
+        dest.abort()
+        if isinstance(exc, OSError) and dest.is_write_error(exc):
+            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        raise
+    return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# routed-model folders (twin_merging, split_merge, smile, wemoe)
+
+
+def iter_expert_tensors(folder: str | Path, expert: str | int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of route ``expert``'s model: ``shared/`` with the expert's adapter applied as
+    PEFT's ``merge_and_unload`` would (:class:`mergelab.lora.reader.AdapterReader`), tensor by tensor."""
+    from mergelab.routed.bundle import SHARED, read_bundle_manifest, resolve_expert
+
+    folder = Path(folder).expanduser()
+    manifest = read_bundle_manifest(folder)
+    entry = resolve_expert(manifest, expert)
+    shared = open_checkpoint(folder / SHARED)
+    adapted = open_checkpoint(folder / entry["adapter"], base=shared)
+    try:
+        for name, meta in shared.tensors().items():
+            yield name, adapted.read(name).to(meta.dtype)
+    finally:
+        adapted.close()
+        shared.close()
+
+
+def expert_state_dict(folder: str | Path, expert: str | int) -> dict[str, torch.Tensor]:
+    """Route ``expert``'s model of a routed-model folder as an in-memory state dict."""
+    return dict(iter_expert_tensors(folder, expert))
+
+
+def extract_expert(
+    folder: str | os.PathLike[str],
+    expert: str | int,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    force_any: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+) -> ExtractResult:
+    """Write route ``expert`` of the routed-model folder ``folder`` as a plain checkpoint in ``out``
+    (atomic, as :func:`extract`): ``shared/`` + that expert's adapter, merged."""
+    from mergelab.routed.bundle import SHARED, read_bundle_manifest, resolve_expert
+
+    src = Path(folder).expanduser()
+    manifest = read_bundle_manifest(src)
+    entry = resolve_expert(manifest, expert)
+    shard_bytes = parse_size(max_shard_size)
+    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=[("routed model", src)], kind="extract")
+    try:
+        reader = open_checkpoint(src / SHARED)
+        try:
+            items = [(m.name, m.dtype, m.shape) for m in reader.tensors().values()]
+        finally:
+            reader.close()
+        writer = ShardedSafetensorsWriter(dest.tmp, items, shard_bytes)
+        n = 0
+        try:
+            for name, value in iter_expert_tensors(src, int(entry["index"])):
+                writer.add(name, value)
+                n += 1
+            writer.finish()
+        finally:
+            writer.abort()
+        for side in SIDE_FILES:
+            if (src / SHARED / side).is_file():
+                shutil.copyfile(src / SHARED / side, dest.tmp / side)
+        (dest.tmp / "README.md").write_text(
+            "\n".join(
+                [
+                    "---",
+                    "library_name: transformers",
+                    f"tags: [merge, mergelab, {manifest.get('method')}]",
+                    "---",
+                    "",
+                    f"# {entry['name']} (extracted)",
+                    "",
+                    f"Route {entry['index']} (`{entry['model']}`) of the {manifest.get('method')} routed model "
+                    f"`{src}`: `shared/` with `{entry['adapter']}/` applied (PEFT's merge_and_unload), rebuilt by "
+                    "`mergelab extract`.",
+                    "",
+                ]
+            )
+        )
         path = dest.commit()
     except BaseException as exc:
         dest.abort()

@@ -70,10 +70,13 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     return torch.from_numpy(bits.astype(np.bool_)).reshape(tuple(shape))
 
 
-def task_names(labels: list[str]) -> list[str]:
-    """Short unique names for the tasks: the last path component of each model reference."""
+def task_names(labels: list[str], given: list[str | None] | None = None) -> list[str]:
+    """Short unique names for the tasks: ``given[i]`` when set (a recipe model's ``name``), else the
+    last path component of each model reference."""
     names = []
-    for label in labels:
+    for i, label in enumerate(labels):
+        if given is not None and i < len(given) and given[i]:
+            label = str(given[i])
         stem = Path(label.rstrip("/\\")).name or label
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "task"
         names.append(stem)

@@ -130,7 +130,9 @@ class PartsWriter:
     def _manifest(self, run_stats: Any) -> dict[str, Any]:
         plan = self.plan
         labels = [r.label for r in plan.experts]
-        names = task_names(labels)
+        entries = plan.recipe.models if plan.recipe.slices is None else []
+        given = [m.name for m in entries] if len(entries) == len(labels) else None
+        names = task_names(labels, given)
         scales = self._scales or [1.0] * self.n_tasks
         tasks = []
         for t in range(self.n_tasks):

@@ -410,8 +410,9 @@ def bench_command(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="comma-separated methods or groups: classic, advanced, informed, data_free, all "
-            "(default: every multi-expert method)"
+            help="comma-separated methods or groups: classic, advanced, informed, data_free, all, routed "
+            "(routed rows without the task id: twin_merging, split_merge, smile, wemoe, tall_masks_router, "
+            "emr_router; not in all) (default: every multi-expert method)"
         ),
     ] = None,
     out: Annotated[
@@ -468,6 +469,21 @@ def bench_command(
             help="extend a grid past a chosen point on its edge (up to each parameter's declared bound)",
         ),
     ] = True,
+    router_examples: Annotated[
+        int, typer.Option(help="routed rows: router training rows per task (first rows of its train split)")
+    ] = 300,
+    router_validation_examples: Annotated[
+        int, typer.Option(help="routed rows: router model-selection rows per task (its validation split)")
+    ] = 100,
+    router_epochs: Annotated[int, typer.Option(help="routed rows: router training epochs")] = 50,
+    wemoe_split: Annotated[
+        str, typer.Option(help="wemoe's unlabeled inputs: test (the paper's test-time adaptation) or train")
+    ] = "test",
+    wemoe_examples: Annotated[int, typer.Option(help="wemoe: unlabeled inputs per task")] = 1000,
+    wemoe_steps: Annotated[int, typer.Option(help="wemoe: Adam steps of the gates (the paper: 1000)")] = 1000,
+    routed_device: Annotated[
+        str, typer.Option(help="routed rows: torch device of the builds (router features, wemoe's gates)")
+    ] = "cpu",
     experts: Annotated[
         str,
         typer.Option(
@@ -481,6 +497,7 @@ def bench_command(
     from mergelab_bench.eval.data_informed import BenchCalibration
     from mergelab_bench.eval.grids import LEADERBOARD_METHODS
     from mergelab_bench.eval.leaderboard import run_bench
+    from mergelab_bench.eval.routed_models import RoutedBenchSettings
     from mergelab_bench.zoo import ZooError, build_zoo, load_zoo
     from mergelab_bench.zoo.build import PRESET_ZOOS, zoo_config
 
@@ -496,8 +513,14 @@ def bench_command(
         adamerging_split=adamerging_split, device=calibration_device,
     )  # fmt: skip
     stats = _stats_config(bootstrap, bootstrap_seed, merge_seeds, extend_grid)
+    routed = RoutedBenchSettings(
+        train_examples=router_examples, validation_examples=router_validation_examples, epochs=router_epochs,
+        wemoe_split=wemoe_split, wemoe_examples=wemoe_examples, wemoe_steps=wemoe_steps, device=routed_device,
+    )  # fmt: skip
     if suite == "lm":
-        _lm_bench(zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update, stats, experts)
+        _lm_bench(
+            zoo, methods, out, validation_limit, test_limit, seed, cache, calibration, update, stats, experts, routed
+        )
         return
     from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT
 
@@ -532,7 +555,7 @@ def bench_command(
         lb = run_bench(
             z, methods=method_names, validation_limit=_limit(validation_limit), test_limit=_limit(test_limit),
             seed=seed, progress=progress, echo=lambda m: err_console.print(m, highlight=False),
-            calibration=calibration, work_dir=out_dir, stats=stats,
+            calibration=calibration, work_dir=out_dir, stats=stats, routed_settings=routed,
         )  # fmt: skip
     _write_bench(lb, previous, out_dir)
 
@@ -561,6 +584,7 @@ def _lm_bench(
     update: bool,
     stats: Any = None,
     experts: str = "full",
+    routed: Any = None,
 ) -> None:
     """``mergelab bench --suite lm``: the LM zoo's leaderboard (:mod:`mergelab_bench.eval.lm_bench`; with
     ``--experts adapters`` its LoRA experts, :mod:`mergelab_bench.eval.adapter_bench`)."""
@@ -587,7 +611,7 @@ def _lm_bench(
             z, methods=method_names, seed=seed, progress=progress, validation_limit=val_limit,
             test_limit="zoo" if test_limit is None else _limit(test_limit),
             echo=lambda m: err_console.print(m, highlight=False), calibration=calibration, work_dir=out_dir,
-            stats=stats,
+            stats=stats, **({} if adapters else {"routed_settings": routed}),
         )  # fmt: skip
     _write_bench(lb, previous, out_dir)
 
@@ -607,11 +631,12 @@ def _adapter_rows(methods: str | None) -> list[str]:
 def _method_names(methods: str | None, default: Sequence[str]) -> list[str]:
     """``--methods`` (groups expanded; default: the suite's), each checked before any work."""
     from mergelab.methods import get_method
-    from mergelab_bench.eval.grids import expand_methods, method_of
+    from mergelab_bench.eval.grids import ROUTED_ROWS, expand_methods, method_of
 
     names = expand_methods(_split_list(methods) or list(default))
     for m in names:
-        get_method(method_of(m))  # unknown names fail before any work
+        if m not in ROUTED_ROWS:
+            get_method(method_of(m))  # unknown names fail before any work
     return names
 
 

@@ -184,16 +184,43 @@ Their statistics come from the zoo's splits; see mergelab_bench.eval.data_inform
 LEADERBOARD_METHODS: tuple[str, ...] = CLASSIC_METHODS + ADVANCED_METHODS + DATA_INFORMED_METHODS
 """Methods of ``mergelab bench`` when none are named (every multi-expert method)."""
 
+ROUTED_ROWS: dict[str, str] = {
+    "twin_merging": "twin_merging",
+    "split_merge": "split_merge",
+    "smile": "smile",
+    "wemoe": "wemoe",
+    "tall_masks_router": "tall_masks",
+    "emr_router": "emr",
+}
+"""Routed rows without the task id -> the method they build (``mergelab bench --methods routed``)."""
+
+ROUTED_GRIDS: dict[str, tuple[GridPoint, ...]] = {
+    "twin_merging": product({"density": (0.1,)}),
+    "split_merge": (GridPoint(),),
+    "smile": (GridPoint(),),
+    "wemoe": (GridPoint(),),
+    "tall_masks_router": product({"multitask": ("sum", "ties")}, {"tall_lambda": (0.2, 0.4, 0.6)}),
+    "emr_router": (GridPoint(),),
+}
+"""One point with the paper's defaults for the routed methods (each point trains a router or gates);
+TALL masks keeps its card's grid (the router is trained per point)."""
+
+LM_ROUTED_GRIDS: dict[str, tuple[GridPoint, ...]] = {
+    "smile": product({"k": (64,), "gate_k": (8,), "top_k": (1,)}),  # the reference's LLM configuration
+}
+
+
 METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "classic": CLASSIC_METHODS,
     "advanced": ADVANCED_METHODS,
     "informed": DATA_INFORMED_METHODS,
     "data_free": CLASSIC_METHODS + ADVANCED_METHODS,
     "all": LEADERBOARD_METHODS,
+    "routed": tuple(ROUTED_ROWS),
     **{m: tuple(r for r, v in ROW_VARIANTS.items() if v == m) for m in dict.fromkeys(ROW_VARIANTS.values())},
 }
 """Names ``mergelab bench --methods`` accepts for a group of methods (a method with row variants,
-e.g. ``adamerging``, names its rows)."""
+e.g. ``adamerging``, names its rows; ``routed``: the routed rows without the task id, not in ``all``)."""
 
 
 def expand_methods(names: Sequence[str]) -> list[str]:
@@ -217,7 +244,7 @@ DEMO_GRIDS: dict[str, tuple[GridPoint, ...]] = {
 
 
 def grid_for(method: str) -> tuple[GridPoint, ...]:
-    return GRIDS.get(method, (GridPoint(),))
+    return GRIDS.get(method) or ROUTED_GRIDS.get(method, (GridPoint(),))
 
 
 def edge_axes(point: GridPoint, points: Sequence[GridPoint]) -> list[str]:

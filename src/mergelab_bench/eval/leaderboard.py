@@ -12,6 +12,11 @@ Two kinds of methods need more than a merged state dict:
   merged as ``mergelab merge`` does and every task is scored with its own reconstruction
   (:mod:`mergelab_bench.eval.routed`); their rows are marked ``routed`` (they need the task id at
   inference) and record the storage of the shared model + parts against N separate experts;
+* routed rows without the task id (``twin_merging``, ``split_merge``, ``smile``, ``wemoe``,
+  ``tall_masks_router``, ``emr_router``: ``--methods routed``) are built with their router and
+  scored through :class:`mergelab.routed.RoutedModel`, every row routed by the model itself
+  (:mod:`mergelab_bench.eval.routed_models`); they record the router's test accuracy, the storage
+  and the routed model's throughput against the shared model;
 * data-informed methods (``fisher``, ``regmean``, ``regmean_plusplus``, AdaMerging's
   ``adamerging_task`` and ``adamerging_layer`` rows) first run their data phase on the zoo's
   data (:mod:`mergelab_bench.eval.data_informed`: train split for the statistics, the unlabeled test
@@ -57,6 +62,7 @@ from mergelab_bench.eval.grids import (
 from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
 from mergelab_bench.eval.measure import measure
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.routed_models import RoutedBenchSettings
 from mergelab_bench.eval.stats import (
     SAME,
     VERDICT_SYMBOLS,
@@ -144,11 +150,19 @@ class MethodResult:
 
     @property
     def routed(self) -> bool:
+        """Needs the task id (a per-task reconstruction)."""
         return self.kind == "routed"
+
+    @property
+    def routed_model(self) -> bool:
+        """A routed model scored without the task id (its own router)."""
+        return self.kind == "routed_model"
 
     def display_name(self) -> str:
         label = (self.info or {}).get("label") or self.method
-        return f"{label} (routed)" if self.routed else label
+        if self.routed:
+            return f"{label} (routed)"
+        return f"{label} (routed, no task id)" if self.routed_model else label
 
     @property
     def chosen_at_edge(self) -> list[str]:
@@ -321,6 +335,7 @@ def run_bench(
     calibration: BenchCalibration | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     stats: StatsConfig | None = None,
+    routed_settings: RoutedBenchSettings | None = None,
 ) -> Leaderboard:
     """Tune every method on validation, score it on test, add the reference rows.
 
@@ -357,6 +372,7 @@ def run_bench(
         expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
         steps=steps, say=say, calibration=cal, work_dir=work_dir, t_start=t_start,
         limits={"validation_limit": validation_limit, "test_limit": test_limit}, stats=stats,
+        routed_settings=routed_settings,
     )  # fmt: skip
 
 
@@ -365,10 +381,13 @@ def run_bench(
 
 
 def registered_method(row: str) -> Any:
-    """The registered method behind a leaderboard row (:func:`mergelab_bench.eval.grids.method_of`)."""
+    """The registered method behind a leaderboard row (:func:`mergelab_bench.eval.grids.method_of`), or
+    the spec of a routed row without the task id (:mod:`mergelab_bench.eval.routed_models`)."""
     from mergelab.methods import get_method
+    from mergelab_bench.eval.routed_models import routed_row_spec
 
-    return get_method(method_of(row))
+    spec = routed_row_spec(row)
+    return spec if spec is not None else get_method(method_of(row))
 
 
 @dataclass(frozen=True)
@@ -425,6 +444,7 @@ def run_suite(
     limits: Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
     stats: StatsConfig | None = None,
+    routed_settings: RoutedBenchSettings | None = None,
 ) -> Leaderboard:
     """Run every method of ``methods`` through the grid search and assemble the leaderboard.
 
@@ -439,11 +459,11 @@ def run_suite(
     work = Path(tempfile.mkdtemp(prefix=suite.work_prefix)) if work_dir is None else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     stats_root = work / "statistics"
-    routed_root = work / ".routed-merges" if suite.routed else None
+    routed_root = work / ".routed-merges"
     stats = stats or StatsConfig()
     ctx = _BenchContext(
         zoo, base, experts, val, test, merge_fn, seed, progress, steps, calibration, stats_root, routed_root, temporary,
-        stats,
+        stats, routed_settings or RoutedBenchSettings(),
     )  # fmt: skip
     results: list[MethodResult] = []
     try:
@@ -477,6 +497,9 @@ def run_suite(
     }
     if suite.normalized:
         config["normalized"] = suite.normalized
+    routed_models = [m for m, sp in specs.items() if sp.outputs == "routed_model"]
+    if routed_models:
+        config["routed_model"] = {"methods": routed_models, **ctx.routed_settings.describe()}
     routed = [m for m, sp in specs.items() if sp.outputs == "routed"]
     if routed and suite.routed:
         config["routed"] = {
@@ -679,6 +702,7 @@ class _BenchContext:
     routed_root: Path | None = None
     temporary: bool = True
     stats: StatsConfig = field(default_factory=StatsConfig)
+    routed_settings: RoutedBenchSettings = field(default_factory=RoutedBenchSettings)
 
 
 def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row: str | None = None) -> MethodResult:
@@ -688,13 +712,16 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
     ``row`` names the leaderboard row (a variant of ``spec``'s method; default: the method's name).
     """
     from mergelab_bench.eval.routed import PER_TASK_AXES, RoutedMerge, per_task_choice, routed_merge, routing_info
+    from mergelab_bench.eval.routed_models import RoutedModelMerge, routed_model_info, routed_model_merge
 
     name = spec.name
     row = row or name
-    routed = spec.outputs == "routed"
+    routed_model = spec.outputs == "routed_model"
+    routed = spec.outputs == "routed" or routed_model
     informed = spec.statistics is not None
     stats_config = ctx.stats
-    result = MethodResult(row, kind="routed" if routed else "merge")
+    result = MethodResult(row, kind="routed_model" if routed_model else "routed" if routed else "merge")
+    on_disk = (RoutedMerge, RoutedModelMerge)
     state: dict[str, Any] = {"best": None, "best_score": -float("inf")}  # the chosen point's merge and score
     stats_seconds: list[float] = []
     stats_summary: dict[str, str] = {}
@@ -719,7 +746,11 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
             compute_seconds.append(statistics.compute_seconds)
         try:
             with measure() as m:
-                if routed:
+                if routed_model:
+                    merged = routed_model_merge(
+                        spec, ctx.zoo, point, ctx.routed_root / folder, settings=ctx.routed_settings, seed=seed
+                    )
+                elif routed:
                     merged = routed_merge(name, ctx.zoo, point, ctx.routed_root / folder, seed=seed)
                 else:
                     extra = {"statistics": statistics.readers} if statistics is not None else {}
@@ -740,7 +771,7 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
     def evaluate_point(point: GridPoint) -> float | None:
         """Merge ``point``, score it on validation, keep it when it beats the best so far (strictly)."""
         merged, measured, data_seconds = merge_point(point, ctx.seed, f"{row}-{len(result.grid)}")
-        if isinstance(merged, RoutedMerge):
+        if isinstance(merged, on_disk):
             report = merged.evaluate(ctx.val, row)
             reports.append((point, report))
         else:
@@ -750,12 +781,12 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
             GridResult(point, score, report.average, measured.seconds, measured.peak_bytes, data_seconds)
         )
         if score is not None and score > state["best_score"]:
-            if isinstance(state["best"], RoutedMerge):
+            if isinstance(state["best"], on_disk):
                 state["best"].remove()
             state["best_score"], state["best"] = score, merged
             result.chosen, result.validation = point, report
             result.merge_seconds, result.merge_peak_bytes = measured.seconds, measured.peak_bytes
-        elif isinstance(merged, RoutedMerge):
+        elif isinstance(merged, on_disk):
             merged.remove()
         del merged
         return score
@@ -820,6 +851,11 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
             }
         if best is None:
             result.status, result.reason = "failed", "no grid point gave a score"
+        elif isinstance(best, RoutedModelMerge):
+            result.test = best.evaluate(ctx.test, row)
+            shared = best.evaluate_shared(ctx.test, f"{row} (shared model)")
+            best.measure_throughput(ctx.test)
+            result.routing = routed_model_info(best, shared)
         elif isinstance(best, RoutedMerge):
             result.test = best.evaluate(ctx.test, row)
             shared = best.evaluate_shared(ctx.test, f"{row} (shared model)")
@@ -834,7 +870,7 @@ def _run_method(ctx: _BenchContext, spec: Any, points: Sequence[GridPoint], row:
     except Exception as exc:  # one method failing must not lose the others' rows
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
     finally:
-        if isinstance(state["best"], RoutedMerge):
+        if isinstance(state["best"], on_disk):
             state["best"].remove()
     return result
 
@@ -849,6 +885,7 @@ def _other_seeds(
 ) -> None:
     """A random method's chosen point merged again with seeds ``seed + 1, ...`` and scored on test."""
     from mergelab_bench.eval.routed import RoutedMerge
+    from mergelab_bench.eval.routed_models import RoutedModelMerge
 
     if routed and per_task is not None:
         raise ValueError("extra merge seeds of a routed method with per-task parameters are not supported")
@@ -858,12 +895,12 @@ def _other_seeds(
         seed = ctx.seed + k
         merged, _, _ = merge_point(result.chosen, seed, f"{result.method}-seed{seed}")
         try:
-            if isinstance(merged, RoutedMerge):
+            if isinstance(merged, (RoutedMerge, RoutedModelMerge)):
                 report = merged.evaluate(ctx.test, result.method)
             else:
                 report = ctx.test.evaluate(merged, name=result.method)
         finally:
-            if isinstance(merged, RoutedMerge):
+            if isinstance(merged, (RoutedMerge, RoutedModelMerge)):
                 merged.remove()
         report.info["seed"] = seed
         result.seed_tests.append(report)
@@ -1004,6 +1041,20 @@ def reproduce_command(lb: Leaderboard) -> str:
             cmd += f" --merge-seeds {st['merge_seeds']}"
         if not st.get("extend_edges", True):
             cmd += " --no-extend-grid"
+    rm = c.get("routed_model")
+    if rm:
+        defaults_rm = RoutedBenchSettings()
+        for key, flag in (
+            ("train_examples", "--router-examples"),
+            ("validation_examples", "--router-validation-examples"),
+            ("epochs", "--router-epochs"),
+            ("wemoe_split", "--wemoe-split"),
+            ("wemoe_examples", "--wemoe-examples"),
+            ("wemoe_steps", "--wemoe-steps"),
+            ("device", "--routed-device"),
+        ):
+            if key in rm and rm[key] != getattr(defaults_rm, key):
+                cmd += f" {flag} {rm[key]}"
     if lb.info.get("updates"):
         cmd += "  (the rows were computed in several runs with --update; this one command gives them all)"
     return cmd
@@ -1112,6 +1163,35 @@ def _notes(lb: Leaderboard) -> list[str]:
             out.append(
                 f"- {m.method}: {storage.get('summary', 'storage not recorded')}; "
                 f"shared model alone (no task id): {fmt_pct(shared)} % normalized"
+            )
+    no_id = [m for m in lb.ranked() if m.routed_model]
+    if no_id:
+        out += [
+            "",
+            (
+                "Rows marked `(routed, no task id)` run as deployed: the model's own router (or gates) routes every "
+                "test row, and a classification row is predicted with the head of the task it was routed to, so "
+                "a wrong route scores 0 (`oracle head`: the same model with the true task's head, for comparison). "
+                "Routers train on train rows and choose their epoch on validation rows; WEMoE's gates minimise "
+                "entropy on unlabeled inputs (`"
+                + str(lb.config.get("routed_model", {}).get("wemoe_split", "test"))
+                + "` split), as in its paper. Throughput: one batch mixing every task, routed model vs the shared "
+                "model alone."
+            ),
+            "",
+        ]
+        for m in no_id:
+            r = m.routing or {}
+            rt = (r.get("router_test_accuracy") or {}).get("accuracy")
+            tp = r.get("throughput") or {}
+            storage = (r.get("storage") or {}).get("summary", "storage not recorded")
+            oracle = r.get("oracle_head_test_average_normalized")
+            out.append(
+                f"- {m.method}: router test accuracy {fmt_pct(rt)} % (validation "
+                f"{fmt_pct(r.get('router_validation_accuracy'))} %); "
+                + (f"oracle head {fmt_pct(oracle)} %; " if oracle is not None else "")
+                + f"{storage}; throughput {tp.get('routed_rows_per_s', '?')} rows/s vs shared model "
+                f"{tp.get('shared_rows_per_s', '?')} rows/s ({tp.get('slowdown', '?')}× the time)"
             )
     informed = [m for m in lb.methods if m.statistics]
     cal = lb.config.get("calibration")

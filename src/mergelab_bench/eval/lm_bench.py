@@ -21,8 +21,10 @@ causal LMs themselves (:mod:`mergelab_bench.eval.data_informed`): calibration te
 rows of each domain's train split file; Fisher takes the log-likelihood of the next tokens
 with one label sampled from the model per position (the exact expectation over a 49k-token
 vocabulary is out of reach), RegMean the Grams of every linear layer's inputs at the real
-positions. Their statistics are kept under ``<work_dir>/statistics``. Routed methods are
-not on this leaderboard (a per-domain reconstruction of a causal LM is not scored yet).
+positions. Their statistics are kept under ``<work_dir>/statistics``. Per-task reconstructions
+(TALL masks, EMR with the task id) are not on this leaderboard; the routed rows without the task
+id (``--methods routed``: Twin-Merging, Split-Merge, SMILE, WEMoE, TALL/EMR with a router) are,
+scored as any causal LM (:mod:`mergelab_bench.eval.routed_models`).
 
 :func:`run_lm_suite` is the leaderboard over any set of experts; with the zoo's LoRA experts
 (``--experts adapters``) it runs :mod:`mergelab_bench.eval.adapter_bench`.
@@ -38,11 +40,12 @@ from typing import Any
 import torch
 
 from mergelab_bench.eval.data_informed import BenchCalibration
-from mergelab_bench.eval.grids import GridPoint, grid_for, product
+from mergelab_bench.eval.grids import LM_ROUTED_GRIDS, GridPoint, grid_for, product
 from mergelab_bench.eval.harness import load_state_dict_path
 from mergelab_bench.eval.leaderboard import Leaderboard, MergeFn, Suite, _Steps, run_suite
 from mergelab_bench.eval.lm_harness import Limit, LMEvaluator
 from mergelab_bench.eval.metrics import EvalReport
+from mergelab_bench.eval.routed_models import RoutedBenchSettings
 from mergelab_bench.eval.stats import StatsConfig
 from mergelab_bench.zoo.lm.build import LMZoo
 
@@ -68,6 +71,7 @@ LM_GRIDS: dict[str, tuple[GridPoint, ...]] = {
     "model_stock": (GridPoint(),),
     "fisher": product({"normalize": (True, False)}),
     "regmean": product({"reduce_non_diagonal_ratio": (0.1, 0.5, 0.9, 1.0)}),
+    **LM_ROUTED_GRIDS,
 }
 """The LM suite's overrides of the method cards' grids (see the module docstring: every point is
 a forward pass over every domain, so these are smaller); a method not listed here gets its card's
@@ -87,7 +91,8 @@ LM_SUITE = Suite(
     normalized="expert perplexity / merged perplexity; merged exact match / expert exact match",
     grid_for=lm_grid_for,
     routed=False,
-    routed_skip="routed methods are not on the LM leaderboard yet",
+    routed_skip="per-task reconstructions (needing the task id) are not on the LM leaderboard; "
+    "tall_masks_router / emr_router run them with a router",
     base_source_key="base",
     work_prefix="mergelab-lm-bench-",
 )
@@ -108,6 +113,7 @@ def run_lm_bench(
     calibration: BenchCalibration | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     stats: StatsConfig | None = None,
+    routed_settings: RoutedBenchSettings | None = None,
 ) -> Leaderboard:
     """Tune every method on validation, score it on test, add the base and expert rows.
 
@@ -128,7 +134,7 @@ def run_lm_bench(
         load_experts=lambda: [load_state_dict_path(zoo.expert_model_dir(t)) for t in zoo.tasks],
         methods=list(methods or LM_METHODS), validation_limit=validation_limit, seed=seed, grids=grids,
         merge_fn=merge_fn, progress=progress, echo=echo, calibration=calibration, work_dir=work_dir, stats=stats,
-        t_start=t_start,
+        t_start=t_start, routed_settings=routed_settings,
     )  # fmt: skip
 
 
@@ -151,6 +157,7 @@ def run_lm_suite(
     work_dir: str | os.PathLike[str] | None,
     stats: StatsConfig | None,
     t_start: float,
+    routed_settings: RoutedBenchSettings | None = None,
 ) -> Leaderboard:
     """The LM leaderboard over some set of experts: score the reference rows on test, then
     :func:`mergelab_bench.eval.leaderboard.run_suite`.
@@ -182,5 +189,5 @@ def run_lm_suite(
         expert_test=expert_test, methods=methods, grids=grids, seed=seed, merge_fn=merge_fn, progress=progress,
         steps=steps, say=say, calibration=calibration or BenchCalibration(), work_dir=work_dir, t_start=t_start,
         limits={"validation_limit": validation_limit, "test_limit": test.limit},
-        info={"metrics": {t: zoo.metrics(t)[0] for t in zoo.tasks}}, stats=stats,
+        info={"metrics": {t: zoo.metrics(t)[0] for t in zoo.tasks}}, stats=stats, routed_settings=routed_settings,
     )  # fmt: skip

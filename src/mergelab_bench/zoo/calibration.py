@@ -21,7 +21,9 @@ def zoo_split_examples(source: CalibrationSource, limit: int | None) -> Examples
     assert source.zoo_task is not None
     data = load_zoo(source.zoo).data(source.zoo_task)
     rows = data.rows(source.split, limit)
-    return Examples([r["text"] for r in rows], [r["label"] for r in rows], list(data.labels))
+    return Examples(
+        [r["text"] for r in rows], [r["label"] for r in rows], list(data.labels), ids=[str(r["key"]) for r in rows]
+    )
 
 
 def zoo_task_head(source: CalibrationSource) -> Path:

@@ -1,0 +1,57 @@
+"""The recipe's ``router:`` block: how a sequence router is trained (no torch here).
+
+A routed recipe names each expert's router examples with the expert's ``calibration`` source
+(train rows) and, optionally, a ``validation`` source (the rows the best epoch is chosen on)::
+
+    merge_method: twin_merging
+    base_model: ./base
+    models:
+      - model: ./expert-sentiment
+        calibration: zoo:sentiment:train
+        validation: zoo:sentiment:validation
+      - model: ./expert-topics
+        calibration: ./topics-train.jsonl
+    router:
+      train_examples: 300          # per expert
+      validation_examples: 100     # per expert (without a validation source: the last 10 % of the train rows)
+      epochs: 50
+
+Router rows never come from a ``test`` split: such a source is refused (``RecipeError``). WEMoE's
+gates are not trained with labels: they minimise entropy on unlabeled inputs, as in its paper, so
+its ``calibration`` sources may be any split (the benchmark gives it the test inputs, as for
+AdaMerging); its settings are the method's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RouterSettings(BaseModel):
+    """Training settings of a sequence router (Twin-Merging's defaults, :mod:`mergelab.routed.router`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_examples: int = Field(300, ge=1, description="router training rows per expert (from its calibration source)")
+    validation_examples: int = Field(100, ge=1, description="model-selection rows per expert (validation source)")
+    validation_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="without a validation source: this fraction of the train rows (the last ones) is held out",
+    )
+    epochs: int = Field(50, ge=1, description="training epochs (the best epoch on validation is kept)")
+    batch_size: int = Field(1024, ge=2, description="router training batch (rows)")
+    lr: float = Field(5e-4, gt=0.0, description="Adam learning rate")
+    hidden: int | None = Field(None, ge=1, description="hidden width of the router MLP (default 2 × hidden size)")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    max_length: int = Field(128, ge=2, description="tokens per example for the router's features")
+    feature_batch_size: int = Field(16, ge=1, description="rows per forward pass when computing features")
+    mixing: Literal["softmax", "top1", "topk"] | None = Field(
+        None, description="routing weights from the logits (default: the method's: twin softmax, others top1)"
+    )
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature of the routing weights")
+    top_k: int | None = Field(None, ge=1, description="mixing: topk: experts kept per input")
+    seed: int | None = Field(None, description="router initialisation and shuffling (default: the recipe's seed)")

@@ -1,0 +1,84 @@
+"""Twin-Merging: a shared merged model plus SVD-compressed exclusive vectors and a router.
+
+Lu, Fan, Chen, Zhang, Ma, Wang, Zhou 2024, "Twin-Merging: Dynamic Integration of Modular
+Expertise in Model Merging", NeurIPS, arXiv:2406.15479 (reference code LZY-the-boys/Twin-Merging,
+``discriminative/twin_merge.py``, ``sparsify.py``, ``router.py``).
+
+1. Shared expert θ* = any registered merge of the experts (default task arithmetic with λ = 0.3,
+   the paper's generative setting; the discriminative scripts use 0.29; TIES as an option).
+2. Exclusive vector of expert t, relative to the **merged** model: vₜ = θₜ − θ*.
+3. Compression per matrix: the rank-r truncated SVD with r = ⌊d · min(m, n)⌋ (``density`` d,
+   default 0.1: the reference's ``mask_rate`` 0.9), so r may be 0 for small matrices, which then
+   drop their exclusive part, as the reference does; 1-D tensors (biases, norms) stay dense.
+4. A router (MLP on the mean-pooled last hidden state of θ*) trained on a few hundred examples per
+   expert; the routing weights are ``softmax(logits)`` and the model of an input is
+   θ* + Σₜ wₜ ṽₜ (here mixed in activation space, :mod:`mergelab.routed.layers`).
+
+Stored as factors, never as dense ṽₜ (the reference stores them dense): LoRA ``B = U_r S_r``,
+``A = Vhᵣ``. Embedding matrices are compressed the same way (embedding LoRA); matrices of other
+module types cannot be PEFT LoRA targets and are kept dense (``modules_to_save``).
+
+Where mergelab departs from the reference code, on purpose:
+
+* the reference drops every parameter matching ``.*classifier.*`` and ``.*bias.*`` from merging
+  and routing, and then evaluates each example with those parameters taken from the
+  **ground-truth task's** fine-tuned model, which leaks the task id into the reported numbers;
+  mergelab routes biases and norms with the rest (dense), and has no such oracle;
+* the reference selects the router checkpoint on rows of the *test* split; mergelab selects it on
+  validation rows only (:mod:`mergelab.routed.router`);
+* the generative (LoRA) pipeline of the reference merges the LoRA factors A and B separately
+  (A* = 0.3 ΣAₜ, B* = 0.3 ΣBₜ, mixed factor by factor), which is not Σ wₜ BₜAₜ; mergelab reads
+  LoRA experts as their dense updates W0 + s·B·A (product space) and merges those.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergelab.lora.factors import LoraFactors
+
+
+class TwinParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    density: float = Field(
+        0.1, gt=0.0, le=1.0, description="rank of each exclusive matrix = ⌊density · min(m, n)⌋ (reference: 0.1)"
+    )
+    shared_method: str = Field("task_arithmetic", description="the registered merge giving the shared model θ*")
+    shared_parameters: dict[str, Any] | None = Field(
+        None, description="its global parameters (default for task_arithmetic: lambda 0.3, the paper's)"
+    )
+    shared_model_parameters: dict[str, Any] = Field(
+        default_factory=dict, description="its per-model parameters, the same for every expert"
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="regular expressions of tensor names kept out of the experts (every route uses θ* there)",
+    )
+    svd_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the SVDs")
+    mixing: Literal["softmax", "top1", "topk"] = Field(
+        "softmax", description="routing weights: softmax of the router logits (the paper), top1 or topk"
+    )
+
+    def shared_recipe_parameters(self) -> dict[str, Any]:
+        if self.shared_parameters is not None:
+            return dict(self.shared_parameters)
+        return {"lambda": 0.3} if self.shared_method == "task_arithmetic" else {}
+
+
+def twin_rank(shape: tuple[int, ...], density: float) -> int:
+    """⌊density · min(m, n)⌋ (the reference's ``int(density * len(S))``)."""
+    return int(density * min(shape))
+
+
+def compress(delta: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32) -> LoraFactors | None:
+    """The rank-``rank`` truncated SVD of ``delta`` (``out × in``) as LoRA factors; None for rank 0 or a
+    zero update."""
+    if rank <= 0 or not bool(delta.any()):
+        return None
+    u, s, vh = torch.linalg.svd(delta.to(svd_dtype), full_matrices=False)
+    r = min(rank, s.numel())
+    return LoraFactors(vh[:r].float().contiguous(), (u[:, :r] * s[:r]).float().contiguous(), 1.0)
