@@ -510,6 +510,7 @@ def _register_subcommands() -> None:
     from mergelab.analysis.commands import analyze_command
     from mergelab.moe.commands import moe_command, moe_compress_command
     from mergelab.routed.commands import extract_command, routed_command
+    from mergelab.search.commands import search_command
 
     load_command_plugins(app)
     app.command("extract")(user_errors(extract_command))
@@ -517,6 +518,7 @@ def _register_subcommands() -> None:
     app.command("analyze")(user_errors(analyze_command))
     app.command("moe")(user_errors(moe_command))
     app.command("moe-compress")(user_errors(moe_compress_command))
+    app.command("search")(user_errors(search_command))
 
 
 _register_subcommands()
