@@ -26,6 +26,18 @@ def two_tasks(state) -> dict[str, float]:
 two_tasks.tasks = ["first", "second"]  # type: ignore[attr-defined]
 
 
+def two_accuracies(state) -> dict[str, float]:
+    """Two accuracy-like scores in (0, 1) that pull the layers' means different ways."""
+    a, b = _layer_mean(state, 0), _layer_mean(state, 1)
+    return {
+        "first": float(torch.sigmoid(torch.tensor(-((a - 0.01) ** 2) * 1e4))),
+        "second": float(torch.sigmoid(torch.tensor(-((b + 0.01) ** 2) * 1e4))),
+    }
+
+
+two_accuracies.tasks = ["first", "second"]  # type: ignore[attr-defined]
+
+
 def interrupting(state) -> float:
     """closeness, but Ctrl-C at the call numbered by $SEARCH_STOP_AT (a killed search)."""
     CALLS["n"] += 1

@@ -257,6 +257,28 @@ def test_map_evolver_and_fw_through_the_runner(tiny_zoo_recipe, tmp_path) -> Non
     )
 
 
+def test_nested_map_pairs_tasks_and_composes_their_coefficients(llama_recipe, tmp_path) -> None:
+    sp = {"algorithms": {"map": {"nested": True, "nested_samples": 8}}}
+    res = _run(
+        llama_recipe,
+        tmp_path / "nested",
+        objective="python:search_objectives:two_accuracies",
+        algorithm="map",
+        space=sp,
+        budget=None,
+    )
+    keys = [r["key"] for r in res.trials]
+    assert keys[:2] == ["map/anchor/0", "map/anchor/1"] and keys[-1] == "map/r0/choice/0" and len(keys) == 2 + 7 + 1
+    # 8 samples with 20 % isotropic: int(0.2 * 6) = 1 isotropic point, split 1 // 2 = 0 plain + 0 perturbed:
+    # one point fewer, as in the official Sampling.generate_combined_points
+    detail = json.loads((res.out / "map.json").read_text())
+    (round0,) = detail["rounds"]
+    assert round0["pair"] == ["first", "second"]
+    # the final weights are the chosen coefficients on the two one-hot groups
+    assert detail["final_weights"] == pytest.approx(round0["coefficients"])
+    assert res.best["coefficients"] == pytest.approx(round0["coefficients"])
+
+
 def test_the_command_line(llama_recipe, tmp_path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))

@@ -25,6 +25,28 @@ def local_ray():
     ray.shutdown()
 
 
+class _Progress:
+    """A progress display that cannot be pickled (as rich's is): Ray Tune must never need to."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.RLock()
+        self.seen: list[int] = []
+
+    def start(self, total, done):
+        return None
+
+    def trial(self, done, total, best, last):
+        self.seen.append(done)
+
+    def note(self, message):
+        return None
+
+    def end(self):
+        return None
+
+
 def test_six_trial_cma_search_on_a_tiny_zoo_through_local_ray(tiny_zoo_recipe, tmp_path, local_ray) -> None:
     recipe, manifest = tiny_zoo_recipe
     space = {
@@ -40,8 +62,9 @@ def test_six_trial_cma_search_on_a_tiny_zoo_through_local_ray(tiny_zoo_recipe, t
         budget=6,
         out=tmp_path / "ray",
         workers=2,
+        progress=(progress := _Progress()),
     )
-    assert len(res.trials) == 6
+    assert len(res.trials) == 6 and progress.seen == [1, 2, 3, 4, 5, 6]
     logged = [json.loads(line) for line in (tmp_path / "ray" / "trials.jsonl").read_text().splitlines()][1:]
     assert [e["trial"] for e in logged] == list(range(6))
     workers = {e["worker"] for e in logged}

@@ -281,55 +281,35 @@ class RayBackend:
         logging.getLogger("ray.train").setLevel(logging.ERROR)
 
     # -- Tune plumbing
-    def _callbacks(self, sink: Callable[[dict[str, Any]], None]) -> tuple[Any, Any]:
-        from ray import tune
-
-        state: dict[str, Any] = {"error": None}
-
-        class _Log(tune.Callback):
-            def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-                text = result.get("record")
-                if not text:
-                    return
-                record = json.loads(text)
-                if "error" in record:
-                    if state["error"] is None:
-                        state["error"] = record
-                    return
-                sink(record)
-
-        class _StopOnError(tune.Stopper):
-            def __call__(self, trial_id: str, result: dict) -> bool:
-                return state["error"] is not None
-
-            def stop_all(self) -> bool:
-                return state["error"] is not None
-
-        self._state = state
-        return _Log(), _StopOnError()
-
     def _fit(self, trainable: Any, *, tune_config: Any, param_space: Mapping[str, Any] | None, sink: Any) -> None:
+        import uuid
+
         from ray import tune
 
-        callback, stopper = self._callbacks(sink)
-        run_config = tune.RunConfig(
-            name="search",
-            storage_path=str(self._storage),
-            callbacks=[callback],
-            stop=stopper,
-            verbose=0,
-            log_to_file=False,
-        )
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, self.resources),
-            tune_config=tune_config,
-            run_config=run_config,
-            param_space=dict(param_space) if param_space is not None else None,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            grid = tuner.fit()
-        err = self._state["error"]
+        from mergelab.search import _tune
+
+        token = uuid.uuid4().hex
+        _tune.open_run(token, sink)
+        try:
+            run_config = tune.RunConfig(
+                name="search",
+                storage_path=str(self._storage),
+                callbacks=[_tune.LogResults(token)],
+                stop=_tune.StopOnError(token),
+                verbose=0,
+                log_to_file=False,
+            )
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, self.resources),
+                tune_config=tune_config,
+                run_config=run_config,
+                param_space=dict(param_space) if param_space is not None else None,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                grid = tuner.fit()
+        finally:
+            err = _tune.close_run(token)
         if err is not None:
             raise TrialFailed(f"a trial failed: {err['error']}", int(err.get("exit_code") or 1))
         for error in grid.errors:

@@ -132,7 +132,9 @@ def grid_points(t: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def sample_points(t: int, total: int, prop_isotropic: float, rng: np.random.Generator) -> np.ndarray:
     """``generate_combined_points`` with the one-hot anchors: T anchors, then isotropic points (half
-    plain, half perturbed by N(0, 0.1²) and clipped to [0, 1]), then grid points, ``total`` in all."""
+    plain, half perturbed by N(0, 0.1²) and clipped to [0, 1]), then grid points, ``total`` in all.
+    As in the official code, an odd isotropic count loses one point (count // 2 of each kind), and the
+    grid gives fewer points when the filtered grid is smaller than asked."""
     rest = total - t
     if rest <= 0:
         raise RecipeError(f"MAP: {total} samples leave none besides the {t} one-hot anchors; ask for more")

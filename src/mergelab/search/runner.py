@@ -142,7 +142,12 @@ class _Run:
         return max(scores) if scores else None
 
     def emit(self, record: dict[str, Any]) -> dict[str, Any]:
-        entry = {"algorithm": self.algorithm, **record, "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+        entry = {
+            "algorithm": self.algorithm,
+            **record,
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            "time": round(time.time(), 3),
+        }
         logged = self.log.append(entry)
         self.progress.trial(len(self.log.trials), self.budget, self.best(), logged)
         return logged
