@@ -13,8 +13,10 @@ zoo's validation split; the test split is read only for the final report of each
   Pareto front, MAP's predicted front (its distance to the grid's front: inverted generational
   distance), MAP's choice measured against the grid's best point for the same preference, and the
   evaluations MAP saved.
-* ``throughput``: trials per minute of a random TIES search with 1 and 2 Ray workers (local Ray),
-  steady state (from each run's first to last finished trial) and end to end (Ray start included).
+* ``throughput``: trials per minute of a random TIES search (task arithmetic on the LM suite) with 1
+  and 2 Ray workers (local Ray, ``--cpus-per-trial`` each): steady state (from the moment every
+  worker has finished its first trial, i.e. read the experts and built the objective, to the last
+  trial) and end to end (Ray's start included).
 
 Writes ``search_compare.json``, ``search_compare.md`` and plots into ``--out``
 (``benchmarks/results/search/``); the search folders go to ``--out/runs/`` (``--keep-runs`` keeps them).
@@ -321,7 +323,13 @@ def part_throughput(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str,
         )  # fmt: skip
         wall = time.perf_counter() - t0
         times = sorted(float(r["time"]) for r in res.trials)
-        steady = 60 * (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        # steady state: from the moment every worker has finished its first trial (its session and
+        # objective built) to the last trial
+        first = max(
+            min(float(r["time"]) for r in res.trials if r["worker"] == w) for w in {r["worker"] for r in res.trials}
+        )
+        after = [t for t in times if t > first]
+        steady = 60 * len(after) / (after[-1] - first) if after and after[-1] > first else None
         per_trial = [float(r["seconds"]) for r in res.trials]
         out[f"workers_{workers}"] = {
             "wall_seconds": round(wall, 1),

@@ -176,3 +176,23 @@ def test_space_file_errors_name_the_file_and_key(tmp_path) -> None:
     bad.write_text("model_parameters: [\n")
     with pytest.raises(RecipeError, match=r"space.yaml:\d+:\d+: invalid YAML"):
         load_space(bad)
+
+
+def test_cma_starts_at_x0_with_sigma0_in_genome_units() -> None:
+    pytest.importorskip("optuna")
+    from mergelab.search.options import CmaOptions
+    from mergelab.search.samplers import cma_sigma, grid_values, make_sampler
+
+    sp = _space(model_parameters={"weight": {"low": 0, "high": 1}, "density": {"low": 0, "high": 1}})
+    g = Genome(sp, ["a", "b"], num_layers=2)
+    sigma, note = cma_sigma(g)
+    assert sigma == pytest.approx(1 / 6) and note is None  # width 1: Optuna's [0, 1] scale is the genome's
+    sampler = make_sampler("cma", g, CmaOptions(), seed=0, n_objectives=1)
+    assert sampler._x0 == {"weight.m0": 0.5, "density.m0": 1.0, "weight.m1": 0.5, "density.m1": 1.0}
+    assert sampler._sigma0 == pytest.approx(1 / 6)
+    wide = _space(model_parameters={"weight": {"low": 0, "high": 2}}, parameters={"lambda": {"low": 0.5, "high": 1.0}})
+    sigma, note = cma_sigma(Genome(wide, ["a"], num_layers=2))
+    assert sigma == pytest.approx((1 / 6) / 0.5) and "narrowest" in note
+    # grid values: evenly spaced, log-spaced on a log scale, or the bound's own list
+    logsp = _space(parameters={"lambda": {"low": 0.1, "high": 10.0, "log": True}}, grid_points=3)
+    assert grid_values(Genome(logsp, ["a"], num_layers=2))["lambda"] == pytest.approx([0.1, 1.0, 10.0])

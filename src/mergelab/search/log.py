@@ -119,6 +119,8 @@ class TrialLog:
                     break  # the last line, cut short by a kill
                 raise OutputError(f"{self.path}:{i + 1}: not a JSON line; the trial log is damaged") from None
             good.append(line)
+            if len(good) == 1 and entry.get("kind") != "header":
+                raise OutputError(f"{self.path}: does not start with a search header; the trial log is damaged")
             if entry.get("kind") == "header":
                 if entry.get("fingerprint") != self.fingerprint:
                     raise OutputError(

@@ -193,6 +193,10 @@ def run_search(
         raise OptionError(f"--budget must be at least 1, got {budget}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise OptionError(f"--seed: expected a whole number, got {seed!r}")
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise OptionError("--cpus-per-trial must be above 0 and --gpus-per-trial at least 0")
     opts_objective = dict(objective_options or {})
     rec = load_recipe(recipe)
     if rec.slices is not None:
@@ -241,7 +245,7 @@ def run_search(
     try:
         return _run_locked(
             log, rec, sp, genome, options, method, experts, expert_idx, dump, search_def, out_dir, prog, total,
-            objective=objective, objective_options=opts_objective, algorithm=algorithm, budget=budget_, seed=seed,
+            objective=objective, objective_options=opts_objective, algorithm=algorithm, seed=seed,
             executor=executor, address=address, workers=workers, cpus_per_trial=cpus_per_trial,
             gpus_per_trial=gpus_per_trial, device=device, threads=threads, multi_objective=multi_objective,
             preference=preference, test_reason=test_reason,
@@ -268,7 +272,6 @@ def _run_locked(
     objective: str,
     objective_options: Mapping[str, str],
     algorithm: str,
-    budget: int | None,
     seed: int,
     executor: str,
     address: str | None,
@@ -294,7 +297,8 @@ def _run_locked(
         objective_options=opts_objective,
         space=sp.model_dump(mode="json") if len(genome) else None,
         device=dev,
-        threads=threads if threads is not None else max(1, int(cpus_per_trial)),
+        # a Ray worker computes with the CPUs Tune reserved for its trial; inline keeps this process's setting
+        threads=threads if threads is not None else (max(1, int(cpus_per_trial)) if executor == "ray" else None),
         seed=seed,
         plugins=(plugin,) if plugin else (),
     )
