@@ -285,8 +285,10 @@ def _run_locked(
     test_reason: str | None,
 ) -> SearchResult:
     opts_objective = dict(objective_options)
-    for stale in out_dir.glob(".tune-*"):  # Ray Tune's scratch of a killed run (the folder is ours: locked)
+    # what a killed run leaves behind; the folder is ours (locked), and only this driver writes the journal
+    for stale in out_dir.glob(".tune-*"):  # Ray Tune's scratch
         shutil.rmtree(stale, ignore_errors=True)
+    (out_dir / "optuna.journal.lock").unlink(missing_ok=True)  # Optuna's write lock (else a 30 s wait)
     dev = device or ("cuda" if gpus_per_trial > 0 else "cpu")
     from mergelab.search.objective import objective_kind
 
