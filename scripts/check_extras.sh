@@ -30,6 +30,7 @@ for extra in $extras; do
     tests=(tests/test_extras.py)
     case $extra in
         lmeval) tests+=(tests/bench/eval/test_lm_eval_adapter.py) ;;
+        search) tests+=(tests/search) ;;
     esac
     MERGELAB_EXTRA=$extra CI=1 "$work/env/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
     echo "extra $extra ok ($((SECONDS - start)) s)"

@@ -33,10 +33,34 @@ FEATURE_IMPORTS: dict[str, tuple[str, ...]] = {
     "lmeval": ("lm_eval", "lm_eval.tasks", "accelerate", "lm_eval.models.huggingface"),
     # scripts/lint.sh
     "lint": ("ruff", "mypy"),
+    # mergelab search: Ray Tune (trials), Optuna + cmaes (samplers), pymoo (MAP's NSGA-III), scipy (MAP's fit)
+    "search": (
+        "ray.tune",
+        "ray.tune.search.optuna",
+        "optuna",
+        "cmaes",
+        "pymoo.algorithms.moo.nsga3",
+        "scipy.optimize",
+        "mergelab.search.runner",
+        "mergelab.search.backends",
+    ),
     # mergelab bench: needs nothing beyond the core (peak memory is read without psutil)
     "bench": ("mergelab_bench.cli", "mergelab_bench.eval.leaderboard"),
     # the README's test command (ray and lm-eval tests run rather than skip)
-    "test": ("pytest", "pytest_timeout", "importlinter", "ray", "lm_eval", "accelerate", "lm_eval.models.huggingface"),
+    "test": (
+        "pytest",
+        "pytest_timeout",
+        "importlinter",
+        "ray",
+        "ray.tune",
+        "lm_eval",
+        "accelerate",
+        "lm_eval.models.huggingface",
+        "optuna",
+        "cmaes",
+        "pymoo",
+        "scipy",
+    ),
 }
 
 

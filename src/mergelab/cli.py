@@ -547,6 +547,7 @@ def _register_subcommands() -> None:
     from mergelab.continual.commands import register as register_continual
     from mergelab.moe.commands import moe_command, moe_compress_command
     from mergelab.routed.commands import extract_command, routed_command
+    from mergelab.search.commands import search_command
 
     load_command_plugins(app)
     app.command("extract")(user_errors(extract_command))
@@ -555,6 +556,7 @@ def _register_subcommands() -> None:
     app.command("moe")(user_errors(moe_command))
     app.command("moe-compress")(user_errors(moe_compress_command))
     register_continual(app, user_errors)
+    app.command("search")(user_errors(search_command))
 
 
 _register_subcommands()

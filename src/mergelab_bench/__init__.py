@@ -7,9 +7,14 @@ The core package :mod:`mergelab` never imports this one (an import-linter contra
 * the ``zoo``, ``eval``, ``bench`` and ``demo`` commands, registered on ``mergelab``'s command line
   through the ``mergelab.commands`` entry point (:func:`mergelab_bench.cli.register`);
 * the ``zoo:<task>`` calibration sources of recipes, registered when this package is imported and
-  through the ``mergelab.data_sources`` entry point (:mod:`mergelab_bench.zoo.calibration`).
+  through the ``mergelab.data_sources`` entry point (:mod:`mergelab_bench.zoo.calibration`);
+* the ``zoo:``, ``lm:`` and ``lm-eval:`` objectives of ``mergelab search``, registered when this
+  package is imported and through the ``mergelab.objectives`` entry point
+  (:mod:`mergelab_bench.eval.objectives`).
 """
 
+from mergelab_bench.eval.objectives import register as _register_objectives
 from mergelab_bench.zoo.calibration import register as _register_calibration
 
 _register_calibration()
+_register_objectives()

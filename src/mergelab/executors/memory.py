@@ -200,6 +200,66 @@ class MergeSession:
                     aux.append(entry)
             self._inputs[job.name] = (base, experts, aux)
 
+    # ------------------------------------------------------------------------------ resident inputs
+
+    @property
+    def experts(self) -> list[str]:
+        """The experts' model references, in the order of ``merge``'s ``model_parameters``."""
+        if self._slices:
+            return []
+        return [self.plan.recipe.models[i].model for i in self._expert_idx]
+
+    @property
+    def expert_indices(self) -> list[int]:
+        """The experts' indices in the recipe's ``models`` list."""
+        return list(self._expert_idx)
+
+    def merged_names(self) -> list[str]:
+        """The tensors a merge computes (the others are copied from one input)."""
+        return [job.name for job in self.plan.jobs if job.kind == "merge"]
+
+    def base_tensors(self) -> dict[str, Tensor]:
+        """The resident base tensor of every merged tensor (compute dtype and device; not copies)."""
+        out = {}
+        for name in self.merged_names():
+            base = self._inputs[name][0]
+            if base is None:
+                raise RecipeError(f"merge_method {self.method.name} reads no base model")
+            out[name] = base
+        return out
+
+    def expert_tensors(self, index: int) -> dict[str, Tensor]:
+        """Expert ``index``'s resident tensors of every merged tensor (the session's own; do not modify)."""
+        return {name: self._inputs[name][1][index] for name in self.merged_names()}
+
+    def replace_expert(self, index: int, tensors: Mapping[str, Tensor]) -> None:
+        """Make ``tensors`` (every merged tensor, compute dtype) expert ``index``'s resident inputs from now
+        on; cached stage outputs are dropped (population methods: Evolver)."""
+        missing = [n for n in self.merged_names() if n not in tensors]
+        if missing:
+            raise InternalError(f"replace_expert: tensor {missing[0]!r} missing")
+        for name in self.merged_names():
+            base, experts, aux = self._inputs[name]
+            experts = list(experts)
+            experts[index] = tensors[name]
+            self._inputs[name] = (base, experts, aux)
+        self.clear()
+
+    def assemble(self, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A full state dict (output dtypes, on the CPU, copies and tied names included, in the model's
+        order) from one tensor per merged tensor, as :meth:`merge` returns it."""
+        out: dict[str, Tensor] = {}
+        for job in self.plan.jobs:
+            if job.kind == "copy":
+                out[job.name] = self._copies[job.name]
+            else:
+                out[job.name] = cast_output(merged[job.name], job.out_dtype, job.name).cpu()
+        for alias, canonical in self.plan.tied.items():
+            out[alias] = out[canonical]
+        ordered = {k: out[k] for k in self.plan.reference.tensors() if k in out}
+        ordered.update((k, v) for k, v in out.items() if k not in ordered)
+        return ordered
+
     # ------------------------------------------------------------------------------ merging
 
     def _jobs(

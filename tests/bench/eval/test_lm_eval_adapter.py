@@ -180,3 +180,16 @@ def test_missing_lm_eval_names_the_extra(monkeypatch: pytest.MonkeyPatch, tiny_l
     with pytest.raises(LmEvalError, match=r'pip install -e "\.\[lmeval\]"') as info:
         run_lm_eval(tiny_lm["model_dir"], [TASK], include_path=tiny_lm["task_dir"])
     assert "\n" not in str(info.value)
+
+
+def test_the_lm_eval_search_objective_scores_a_merged_state_dict(tiny_lm: dict) -> None:
+    """``mergelab search --objective lm-eval:TASK``: the merge written with the base's config and
+    tokenizer, scored by lm-eval, its accuracy the trial's score."""
+    from mergelab.search.objective import ObjectiveContext
+    from mergelab_bench.eval.objectives import LMEvalObjective
+
+    context = ObjectiveContext({"base_model": str(tiny_lm["model_dir"])}, "cpu", {"include": str(tiny_lm["task_dir"])})
+    objective = LMEvalObjective(TASK, context)
+    scores = objective.evaluate(tiny_lm["model"].state_dict())
+    assert scores.score == pytest.approx(tiny_lm["acc"]) and scores.tasks == {TASK: pytest.approx(tiny_lm["acc"])}
+    assert scores.kinds == {TASK: "accuracy"}
