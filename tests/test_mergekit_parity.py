@@ -37,8 +37,9 @@ ram, ramplus_tl            1.5e-08    match (epsilon 0.01: unique and shared ent
                                       ``ramplus`` (RAM+ counted over the whole model, the
                                       paper's) has no mergekit counterpart
 multislerp (+ nobase)      4.8e-07    match
-arcee_fusion               0          match (with normalize/int8_mask/rescale, which both
-                                      tools accept and ignore for this method)
+arcee_fusion               0 / flip   match (normalize/int8_mask/rescale accepted and ignored by
+                                      both); an entry whose score is within float32 noise of
+                                      the fence may flip with the machine (THRESHOLD_CASES)
 tok_union / tok_base       2.4e-07    match (by token: vocabulary, config vocab_size, rows)
 tok_model / tok_block_*    1.2e-07    match (tokenizer: block tokens, padding, chatml render)
 dare_*/della*_density1     0          match (density 1: no drop)
@@ -214,8 +215,56 @@ def test_matches_mergekit(case, tmp_path):
     if (FIXTURES / "outputs" / f"{case}.tokenizer").is_dir():
         theirs = in_our_vocabulary(case, tmp_path / "out", theirs)
     assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    assert_matches(case, recipe, ours, theirs)
+
+
+THRESHOLD_CASES = {"arcee_fusion"}
+"""Cases whose rule compares a float32 score with a threshold computed from the same scores (Arcee
+Fusion: |δ|·KL of two nearly equal row softmaxes, a sum with heavy cancellation). Which side of the
+threshold an entry within float32 noise of it lands on depends on the machine's summation order (SIMD
+width), for mergekit as for mergelab: on one machine the frozen fixture and mergelab agree exactly, on
+another one lm_head entry whose float64 score lies 0.3 % below the float64 threshold is fused by
+mergekit's fixture and not by mergelab. Such entries may differ; any other entry must match."""
+BOUNDARY_REL = 0.01
+"""An entry is "at the threshold" when its float64 score is within this fraction of the float64 threshold."""
+
+
+def assert_matches(case: str, recipe: dict, ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Every tensor within ATOL/RTOL; for THRESHOLD_CASES, entries whose score sits at the threshold
+    (in exact arithmetic, float64) may take either side (at most 0.1 % of a tensor's entries)."""
     for k in theirs:
-        torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{case} {k}: {m}")
+        a, b = ours[k], theirs[k]
+        if recipe["merge_method"] in THRESHOLD_CASES and a.is_floating_point():
+            close = torch.isclose(a.double(), b.double(), atol=ATOL, rtol=RTOL)
+            if not bool(close.all()):
+                at_threshold = arcee_fusion_boundary(recipe, k)
+                bad = ~close & ~at_threshold
+                assert not bool(bad.any()), f"{case} {k}: {int(bad.sum())} entries differ away from the threshold"
+                assert int((~close).sum()) <= max(1, a.numel() // 1000), f"{case} {k}: too many boundary flips"
+                continue
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{case} {k}: {m}")
+
+
+def arcee_fusion_boundary(recipe: dict, name: str) -> torch.Tensor:
+    """Entries of tensor ``name`` whose Arcee Fusion score lies within BOUNDARY_REL of the fence,
+    computed independently in float64 (softmax KL per row times |δ|, Tukey's fence with mergekit's
+    order-statistic quartiles)."""
+    inputs = FIXTURES / "inputs"
+    label = lambda path: Path(str(path).strip("{}")).name  # cases.yaml holds "{base}"; or a path
+    b = load_file(str(inputs / label(recipe["base_model"]) / "model.safetensors"))[name].double()
+    o = load_file(str(inputs / label(recipe["models"][0]["model"]) / "model.safetensors"))[name].double()
+    if b.dim() == 1:
+        b2, o2 = b[None], o[None]
+    else:
+        b2, o2 = b, o
+    p = torch.softmax(o2, dim=-1) + 1e-8
+    q = torch.softmax(b2, dim=-1) + 1e-8
+    score = ((o2 - b2).abs() * (p * (p / q).log()).sum(-1, keepdim=True)).reshape(b.shape)
+    srt = score.flatten().sort().values
+    n = srt.numel()
+    q1, q2, q3 = (srt[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
+    fence = q2 + 1.5 * (q3 - q1)
+    return (score - fence).abs() <= BOUNDARY_REL * fence.abs()
 
 
 def in_our_vocabulary(case: str, out: Path, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -390,12 +439,14 @@ def test_live_mergekit(case, live_mergekit, tmp_path):
     live = load_dir(work / case)
     frozen = mergekit_output(case)
     assert set(live) == set(frozen)
-    assert all(torch.equal(live[k], frozen[k]) for k in frozen), f"{case}: live mergekit differs from the fixture"
+    if recipe["merge_method"] in THRESHOLD_CASES:  # mergekit's own float32 scores flip at the threshold too
+        assert_matches(case, recipe, live, frozen)
+    else:
+        assert all(torch.equal(live[k], frozen[k]) for k in frozen), f"{case}: live mergekit differs from the fixture"
     if case in MATCH or case in DARE_DENSITY1:
         ours = run_mergelab(recipe, tmp_path / "out")
         assert set(ours) == set(live)
-        for k in live:
-            torch.testing.assert_close(ours[k], live[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{case} {k}: {m}")
+        assert_matches(case, recipe, ours, live)
     elif case in STATISTICAL:
         base = load_file(str(FIXTURES / "inputs" / "base" / "model.safetensors"))
         z, l1 = random_mask_statistics(run_mergelab({**recipe, "defaults": "mergekit"}, tmp_path / "out"), live, base)
