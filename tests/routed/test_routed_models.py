@@ -251,6 +251,61 @@ def test_wemoe_gates_learn_from_unlabeled_inputs(bert_family, tmp_path):
         assert torch.allclose(got, _peft(out, name)(input_ids=IDS, attention_mask=MASK).last_hidden_state, atol=1e-5)
 
 
+def _wemoe_by_hand(base: Path, experts: list[Path], lambdas, block: str, causal: bool) -> torch.nn.Module:
+    """θ0 + Σₜ λₜ τₜ in the feed-forward blocks (tensor names matching ``block``), θ0 + 0.3 Σₜ τₜ elsewhere,
+    from the checkpoints with transformers, in float64."""
+    import re
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    theta0 = cls.from_pretrained(str(base), dtype=torch.float64).state_dict()
+    thetas = [cls.from_pretrained(str(e), dtype=torch.float64).state_dict() for e in experts]
+    merged = {}
+    for k, v in theta0.items():
+        coeffs = [float(x) for x in lambdas] if re.search(block, k) else [0.3] * len(experts)
+        merged[k] = v + sum(c * (th[k] - v) for c, th in zip(coeffs, thetas)) if v.is_floating_point() else v
+    ref = cls.from_pretrained(str(base), dtype=torch.float64).eval()
+    ref.load_state_dict(merged)
+    return ref
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2_square"])
+def test_wemoe_mixing_is_theta0_plus_lambda_tau_in_the_blocks(family, bert_outputs, bert_family, request, tmp_path):
+    """The initial gates (λ = 0.3 for every expert) give the task-arithmetic model θ0 + 0.3 Στ, and any
+    λ gives θ0 + Σ λₜ τₜ in the feed-forward blocks (rows with different λ in one pass); both built by
+    hand from the expert checkpoints. A one-hot route cannot tell whether the blocks were rebased."""
+    if family == "bert":
+        (base, experts), folder = bert_family, bert_outputs["wemoe"]
+        block, causal, ids, mask = r"layer\.\d+\.(intermediate|output)\.dense\.", False, IDS, MASK
+    else:
+        base, experts = request.getfixturevalue("gpt2_square_family")
+        folder = build("wemoe", base, experts, tmp_path / "wemoe", {"steps": 0}, words=LLAMA_WORDS)
+        block, causal = r"\.mlp\.", True
+        ids, mask = torch.tensor([[1, 3, 4, 5], [2, 6, 7, 8], [4, 4, 9, 1]]), torch.ones(3, 4, dtype=torch.long)
+
+    def out(m, i, j):
+        o = m(input_ids=ids[i:j], attention_mask=mask[i:j])
+        return o.logits if causal else o.last_hidden_state
+
+    model = RoutedModel.from_pretrained(folder, dtype=torch.float64)
+    t = len(experts)
+    with model.fixed_route([0.3] * t):
+        got = out(model, 0, len(ids))
+    want = out(_wemoe_by_hand(base, experts, [0.3] * t, block, causal), 0, len(ids))
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+    # the initial gates themselves give λ = 0.3 (their weights are N(0, 0.01): close, not exact)
+    gated = out(model, 0, len(ids))
+    assert torch.allclose(gated, want, atol=5e-2), float((gated - want).abs().max())
+
+    lam = torch.rand(len(ids), t, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.5 - 0.5
+    with model.fixed_route(lam):
+        got = out(model, 0, len(ids))
+    for i in range(len(ids)):
+        want = out(_wemoe_by_hand(base, experts, lam[i], block, causal), i, i + 1)
+        assert torch.allclose(got[i : i + 1], want, atol=1e-6), (i, float((got[i : i + 1] - want).abs().max()))
+
+
 # ------------------------------------------------------------------------------ extract, round trip
 
 
@@ -415,25 +470,34 @@ def test_twin_shared_model_is_any_registered_merge(bert_family, tmp_path):
     assert read_bundle_manifest(folder)["shared"]["method"] == "ties"
 
 
-@pytest.fixture(scope="module")
-def gpt2_family(tmp_path_factory):
+def _gpt2(root: Path, n_inner: int | None = None) -> tuple[Path, list[Path]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mergelab.synthetic import make_expert, make_tokenizer
 
-    root = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
-        str(root / "base")
-    )
+    cfg = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32, n_inner=n_inner)
+    GPT2LMHeadModel(cfg).save_pretrained(str(root / "base"))
     make_tokenizer(root / "base", vocab_size=32)
     return root / "base", [make_expert(root / "base", root / f"expert_{i}", seed=i + 1) for i in range(2)]
 
 
-@pytest.mark.parametrize("method", ["twin_merging", "smile"])
+@pytest.fixture(scope="module")
+def gpt2_family(tmp_path_factory):
+    """GPT-2 with Conv1D layers of other fan-in and fan-out (the MLP is 16 -> 64 -> 16)."""
+    return _gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_square_family(tmp_path_factory):
+    """GPT-2 whose MLP Conv1D layers are square (16 -> 16 -> 16): a transposed update has the right shape."""
+    return _gpt2(tmp_path_factory.mktemp("gpt2sq"), n_inner=16)
+
+
+@pytest.mark.parametrize("method", ["twin_merging", "smile", "wemoe"])
 def test_gpt2_conv1d_and_tied_head(gpt2_family, tmp_path, method):
     base, experts = gpt2_family
-    params = {"density": 0.5} if method == "twin_merging" else {"k": 4}
+    params = {"twin_merging": {"density": 0.5}, "smile": {"k": 4}, "wemoe": {"steps": 0}}[method]
     folder = build(method, base, experts, tmp_path / method, params, words=LLAMA_WORDS)
     cfg = json.loads((folder / "experts" / "expert_0" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True

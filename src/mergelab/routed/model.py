@@ -445,7 +445,8 @@ def _load_bundle(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
     model, k = _load_shared(folder / SHARED, kind, dtype)
     params, owner = _param_index(model)
     tied = _tied_heads(model)
-    deltas = [read_expert(folder / e["adapter"], params.get, owner, tied) for e in manifest["experts"]]
+    conv1d = {n for n, m in model.named_modules() if module_kind(m) == "conv1d"}
+    deltas = [read_expert(folder / e["adapter"], params.get, owner, tied, conv1d) for e in manifest["experts"]]
     router_dir = folder / ROUTER
     tensors, cfg = load_router(router_dir)
     _check_router_classes(cfg, names, router_dir)
@@ -525,7 +526,8 @@ def _wemoe_rebase(
 ) -> None:
     """WEMoE mixes θ0 + Σ λₜ τₜ in each block: the routed layers' shared part becomes the base
     block (``router/``'s ``base.<param>``), each expert's update θₜ − θ0 (= its adapter's delta
-    relative to the shared model + shared − θ0)."""
+    relative to the shared model + shared − θ0), every term in the stored tensor's layout (a GPT-2
+    ``Conv1D`` stores ``in × out``; its LoRA factors give ``out × in``: ``stored_delta``)."""
     params = dict(model.named_parameters())
     for key, base in tensors.items():
         if not key.startswith("base."):
@@ -542,7 +544,7 @@ def _wemoe_rebase(
                 e = ExpertDelta()
                 d[module] = e  # type: ignore[index]
             if e.lora is not None and pname == "weight":
-                dense = e.lora.delta(torch.float32)
+                dense = e.lora.stored_delta(torch.float32)
                 e.dense["weight"] = e.dense.get("weight", torch.zeros_like(dense)) + dense
                 e.lora = None
             e.dense[pname] = e.dense.get(pname, torch.zeros_like(shift)) + shift
