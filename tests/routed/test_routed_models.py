@@ -198,6 +198,68 @@ def test_twin_full_rank_one_hot_reconstructs_each_expert(bert_family, tmp_path):
             )
 
 
+@pytest.fixture(scope="module")
+def classifier_family(tmp_path_factory):
+    """A tiny BERT sequence classifier with 2 labels (head [2, 16]) and 2 experts moving every tensor."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from mergelab_bench.zoo.testing import write_tiny_backbone
+
+    root = tmp_path_factory.mktemp("bertcls")
+    backbone = write_tiny_backbone(root / "backbone", hidden=16)
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(str(backbone), num_labels=2)
+    base = AutoModelForSequenceClassification.from_config(cfg)
+    folders = []
+    for i in range(3):
+        model = AutoModelForSequenceClassification.from_config(cfg)
+        model.load_state_dict(base.state_dict())
+        if i:
+            gen = torch.Generator().manual_seed(30 + i)
+            with torch.no_grad():
+                for prm in model.parameters():
+                    prm.add_(torch.randn(prm.shape, generator=gen) * 0.05)
+        folder = root / ("base" if i == 0 else f"expert_{i - 1}")
+        model.save_pretrained(str(folder), safe_serialization=True)
+        for f in backbone.iterdir():
+            if f.name not in ("config.json", "model.safetensors"):
+                shutil.copy(f, folder / f.name)
+        folders.append(folder)
+    return folders[0], folders[1:]
+
+
+@pytest.mark.parametrize("zero_rank", ["dense", "drop"])
+def test_twin_matrices_of_rank_zero_are_stored_whole_by_default(classifier_family, tmp_path, zero_rank):
+    """⌊0.1 · min(m, n)⌋ = 0 for the 2-label head and the 2-row token-type embedding: by default each route
+    keeps its expert's tensors there (compared with the expert checkpoints); `drop` keeps θ*'s."""
+    base, experts = classifier_family
+    params = {"density": 0.1} if zero_rank == "dense" else {"density": 0.1, "zero_rank": "drop"}  # dense: the default
+    folder = build("twin_merging", base, experts, tmp_path / "twin", params)
+    shared = _state(folder / "shared")
+    small = ["classifier.weight", "bert.embeddings.token_type_embeddings.weight"]
+    for t, e in enumerate(experts):
+        got, want = expert_state_dict(folder, t), _state(e)
+        for k in small:
+            expected = want[k] if zero_rank == "dense" else shared[k]
+            assert torch.allclose(got[k].float(), expected.float(), atol=1e-6), (zero_rank, t, k)
+        assert torch.allclose(got["classifier.bias"], want["classifier.bias"], atol=1e-6)  # biases are routed
+        assert not torch.allclose(want["classifier.weight"], shared["classifier.weight"], atol=1e-3)
+    if zero_rank == "dense":
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = json.loads((folder / "experts" / "expert_0" / "adapter_config.json").read_text())
+        assert "classifier" in cfg["modules_to_save"]
+        model = RoutedModel.from_pretrained(folder)
+        for t in range(len(experts)):
+            shared_model = AutoModelForSequenceClassification.from_pretrained(str(folder / "shared"))
+            ref = PeftModel.from_pretrained(shared_model, str(folder / "experts" / f"expert_{t}")).eval()
+            with model.fixed_route(t):
+                got_logits = model(input_ids=IDS, attention_mask=MASK).logits
+            want_logits = ref(input_ids=IDS, attention_mask=MASK).logits
+            assert torch.allclose(got_logits, want_logits, atol=1e-5), float((got_logits - want_logits).abs().max())
+
+
 def test_smile_full_rank_reconstructs_experts_that_change_linear_layers(linear_family, tmp_path):
     base, experts = linear_family
     folder = build("smile", base, experts, tmp_path / "smile", {"k": 64})

@@ -571,12 +571,15 @@ class _Builder:
         svd_dtype = _torch_dtype(p.svd_dtype)
         parts: list[_Part | None] = []
         for e in experts:
-            if self._lora_target(info):
+            changed = any(not torch.equal(e[k], shared[k]) for k in e)
+            if self._lora_target(info) and p.zero_rank == "dense" and twin_rank(info.shapes["weight"], p.density) == 0:
+                parts.append(_Part(saved=dict(e)) if changed else None)  # rank 0: the expert's module whole
+            elif self._lora_target(info):
                 v = self._peft(info, e["weight"] - shared["weight"])
                 lora = compress(v, twin_rank(tuple(v.shape), p.density), svd_dtype)
                 bias = e["bias"] if "bias" in e and not torch.equal(e["bias"], shared["bias"]) else None
                 parts.append(_Part(lora=lora, bias=bias) if lora is not None or bias is not None else None)
-            elif any(not torch.equal(e[k], shared[k]) for k in e):
+            elif changed:
                 parts.append(_Part(saved=dict(e)))  # 1-D (norms) and non-LoRA modules: dense
             else:
                 parts.append(None)
