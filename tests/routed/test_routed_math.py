@@ -188,6 +188,24 @@ def test_mixing_weights():
     p = torch.softmax(z, -1)[0]
     assert torch.allclose(top2, torch.tensor([[p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0.0]]))
     assert torch.allclose(mixing_weights(z, "softmax", temperature=2.0), torch.softmax(z / 2, -1))
+    with pytest.raises(ValueError, match="top_k"):
+        mixing_weights(z, "topk")  # was softmax, silently
+    with pytest.raises(ValueError, match="unknown mixing"):
+        mixing_weights(z, "top-1")
+
+
+def test_router_settings_refuse_topk_without_top_k_in_one_line():
+    from mergelab.errors import RecipeError
+    from mergelab.recipe import load_recipe
+    from mergelab.routed.settings import RouterSettings
+
+    rec = {"merge_method": "twin_merging", "base_model": "b", "models": [{"model": "a"}]}
+    with pytest.raises(RecipeError, match="mixing: topk needs top_k") as err:
+        load_recipe({**rec, "router": {"mixing": "topk"}})
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="top_k is read only with mixing: topk"):
+        load_recipe({**rec, "router": {"top_k": 2}})
+    assert RouterSettings(mixing="topk", top_k=2).top_k == 2
 
 
 def test_twin_rank_and_truncated_svd_against_numpy():

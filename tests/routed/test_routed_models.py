@@ -502,6 +502,49 @@ def test_bad_parameters_and_sources_are_refused_before_any_work(bert_family, tmp
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+def test_mixing_is_set_in_the_router_block_only(bert_family, tmp_path):
+    base, experts = bert_family
+    with pytest.raises(ParameterError, match=r"mixing is not a method parameter.*router: block") as err:
+        mergelab.merge(
+            recipe("twin_merging", base, experts, {"mixing": "top1"}), tmp_path / "a", router_data=router_texts(3)
+        )
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="mixing: topk needs top_k"):
+        mergelab.merge(
+            recipe("twin_merging", base, experts, router={"mixing": "topk"}),
+            tmp_path / "b",
+            router_data=router_texts(3),
+        )
+    assert not any((tmp_path / n).exists() for n in "ab")
+
+
+def test_serving_entry_reads_the_resolved_mixing():
+    from mergelab.routed.build import ROUTED_METHODS, serving_entry
+
+    twin, split = ROUTED_METHODS["twin_merging"], ROUTED_METHODS["split_merge"]
+    assert serving_entry(twin, ["a", "b"], "top1")["top1_is_the_method"] is True
+    assert serving_entry(split, ["a", "b"], "softmax")["top1_is_the_method"] is False
+    assert "approximates" in serving_entry(split, ["a", "b"], "softmax")["note"]
+    assert serving_entry(ROUTED_METHODS["smile"], ["a", "b"], "top1")["top1_is_the_method"] is False
+
+
+@pytest.mark.parametrize(
+    ("method", "mixing", "exact"), [("twin_merging", "top1", True), ("split_merge", "softmax", False)]
+)
+def test_serving_says_top1_is_the_method_from_the_router_block(bert_family, tmp_path, method, mixing, exact):
+    """The method's default mixing is twin softmax / split top1; the router: block overrides it, and the
+    manifest's serving entry must follow the mixing the router actually uses."""
+    base, experts = bert_family
+    params = {"density": 0.5} if method == "twin_merging" else {}
+    folder = build(
+        method, base, experts, tmp_path / method, params, router={"epochs": 2, "batch_size": 64, "mixing": mixing}
+    )
+    m = read_bundle_manifest(folder)
+    rcfg = json.loads((folder / "router" / "router_config.json").read_text())
+    assert rcfg["mixing"] == mixing and m["routing"]["mixing"] == mixing
+    assert m["serving"]["top1_is_the_method"] is exact
+
+
 def test_recipe_file_through_the_cli(bert_family, tmp_path):
     import yaml
 

@@ -161,6 +161,12 @@ def check_routed_recipe(
     spec = ROUTED_METHODS.get(rec.merge_method)
     if spec is None:
         raise RecipeError(f"{rec.merge_method} is not a routed method ({', '.join(ROUTED_METHODS)})")
+    if "mixing" in rec.parameters:
+        raise ParameterError(
+            f"{spec.name} parameters: mixing is not a method parameter; set the routing weights in the recipe's "
+            "router: block (router: {mixing: softmax|top1|topk, top_k: K})"
+            + ("" if spec.router == "sequence_mlp" else f" ({spec.name} routes with its own gates and has none)")
+        )
     params = _params(spec, rec.parameters)
     if rec.base_model is None:
         raise RecipeError(f"{spec.name} needs a base_model (every expert's update is taken against it)")
@@ -672,7 +678,7 @@ class _Builder:
         rdir = self.root / ROUTER
         if kind == "sequence_mlp":
             settings = self.rec.router or RouterSettings()
-            mixing = settings.mixing or getattr(self.p, "mixing", None) or self.spec.mixing
+            mixing = settings.mixing or self.spec.mixing
             self.router_info = train_sequence_router(
                 self.shared_dir,
                 rdir,
@@ -792,14 +798,16 @@ class _Builder:
 
             m["experts"][t]["bytes"] = weights_bytes(self.root / EXPERTS / n)
         m["storage"] = storage_report(self.root, self.names, inputs or None)
-        m["serving"] = serving_entry(self.spec, self.names)
+        m["serving"] = serving_entry(self.spec, self.names, m["routing"]["mixing"])
         m["load"] = load_instructions(self.structure.kind)
         m["build_seconds"] = round(seconds, 3)
         return m
 
 
-def serving_entry(spec: RoutedMethod, names: Sequence[str]) -> dict[str, Any]:
-    exact = spec.router == "sequence_mlp" and spec.mixing == "top1"
+def serving_entry(spec: RoutedMethod, names: Sequence[str], mixing: str) -> dict[str, Any]:
+    """The manifest's ``serving`` entry; ``mixing`` is the router's resolved mixing (the ``router:``
+    block's, else the method's): top-1 serving is the method itself only when that is ``top1``."""
+    exact = spec.router == "sequence_mlp" and mixing == "top1"
     return {
         "base": SHARED,
         "routes": [{"route": i, "name": n, "adapter": f"{EXPERTS}/{n}"} for i, n in enumerate(names)],
@@ -811,7 +819,7 @@ def serving_entry(spec: RoutedMethod, names: Sequence[str]) -> dict[str, Any]:
             + (
                 "That is exactly this method's routing."
                 if exact
-                else f"This method mixes {spec.mixing} ({spec.granularity}); top-1 serving approximates it."
+                else f"This model mixes {mixing} ({spec.granularity}); top-1 serving approximates it."
             )
             + " The adapters also hold dense parts (biases with bias='all', normalisation layers as "
             "modules_to_save) that some servers do not load: check that yours does."

@@ -64,6 +64,10 @@ def mixing_weights(
     logits: torch.Tensor, mixing: str, temperature: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
     """Routing weights ``[..., T]`` from router logits (see the module docstring)."""
+    if mixing not in ("softmax", "top1", "topk"):
+        raise ValueError(f"unknown mixing {mixing!r} (softmax, top1, topk)")
+    if mixing == "topk" and top_k is None:
+        raise ValueError("mixing topk needs top_k")
     if mixing == "top1":
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -265,6 +269,12 @@ def load_router(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def build_sequence_router(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], where: Path) -> SequenceRouter:
     """A :class:`SequenceRouter` in eval mode from its stored state and config."""
     features, classes = int(cfg.get("features") or 0), len(cfg["classes"])
+    mixing, top_k = cfg.get("mixing", "softmax"), cfg.get("top_k")
+    if mixing not in ("softmax", "top1", "topk") or (mixing == "topk" and not isinstance(top_k, int)):
+        raise CheckpointError(
+            f"{where}: router mixing {mixing!r} with top_k {top_k!r}: expected softmax, top1, or topk with an integer "
+            "top_k; the router config is corrupt"
+        )
     router = SequenceRouter(features, classes, cfg.get("hidden"), float(cfg.get("dropout", 0.5)))
     try:
         router.load_state_dict(dict(tensors))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RouterSettings(BaseModel):
@@ -50,8 +50,20 @@ class RouterSettings(BaseModel):
     max_length: int = Field(128, ge=2, description="tokens per example for the router's features")
     feature_batch_size: int = Field(16, ge=1, description="rows per forward pass when computing features")
     mixing: Literal["softmax", "top1", "topk"] | None = Field(
-        None, description="routing weights from the logits (default: the method's: twin softmax, others top1)"
+        None,
+        description="routing weights from the logits, the one place they are set (default: the method's: "
+        "twin_merging softmax, split_merge / tall_masks / emr top1)",
     )
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature of the routing weights")
-    top_k: int | None = Field(None, ge=1, description="mixing: topk: experts kept per input")
+    top_k: int | None = Field(None, ge=1, description="mixing: topk: experts kept per input (required there)")
     seed: int | None = Field(None, description="router initialisation and shuffling (default: the recipe's seed)")
+
+    @model_validator(mode="after")
+    def _top_k_with_topk(self) -> RouterSettings:
+        if self.mixing == "topk" and self.top_k is None:
+            raise ValueError(
+                "mixing: topk needs top_k (the experts kept per input), e.g. router: {mixing: topk, top_k: 2}"
+            )
+        if self.top_k is not None and self.mixing != "topk":
+            raise ValueError(f"top_k is read only with mixing: topk (mixing is {self.mixing or 'the method default'})")
+        return self

@@ -16,9 +16,11 @@ Expertise in Model Merging", NeurIPS, arXiv:2406.15479 (reference code LZY-the-b
    reference's SVD, whose runs never meet it for heads: it excludes ``.*classifier.*`` from merging
    and routing and evaluates with the ground-truth task's head, a task-id leak mergelab does not
    reproduce).
-4. A router (MLP on the mean-pooled last hidden state of θ*) trained on a few hundred examples per
-   expert; the routing weights are ``softmax(logits)`` and the model of an input is
-   θ* + Σₜ wₜ ṽₜ (here mixed in activation space, :mod:`mergelab.routed.layers`).
+4. A router (MLP on the mean-pooled last hidden state of θ*, :mod:`mergelab.routed.router`) trained
+   on a few hundred examples per expert; the routing weights are ``softmax(logits)`` and the model of
+   an input is θ* + Σₜ wₜ ṽₜ (here mixed in activation space, :mod:`mergelab.routed.layers`).
+   The mixing is set in the recipe's ``router:`` block (``mixing: top1`` or ``topk`` with
+   ``top_k``), not among these parameters.
 
 Stored as factors, never as dense ṽₜ (the reference stores them dense): LoRA ``B = U_r S_r``,
 ``A = Vhᵣ``. Embedding matrices are compressed the same way (embedding LoRA); matrices of other
@@ -70,9 +72,6 @@ class TwinParams(BaseModel):
         "dense",
         description="a matrix whose rank ⌊density · min(m, n)⌋ is 0 (a small classification head): stored whole "
         "per expert (dense, modules_to_save) or dropped (every route uses θ*'s)",
-    )
-    mixing: Literal["softmax", "top1", "topk"] = Field(
-        "softmax", description="routing weights: softmax of the router logits (the paper), top1 or topk"
     )
 
     def shared_recipe_parameters(self) -> dict[str, Any]:
