@@ -92,6 +92,9 @@ def test_folder_layout_and_manifest(bert_outputs, bert_family, method):
     if method in ("twin_merging", "split_merge"):
         assert 0.0 <= m["router"]["validation_accuracy"] <= 1.0
         assert rcfg["mixing"] == ("softmax" if method == "twin_merging" else "top1")
+        # 27 train rows per expert (30 given, 3 held out), 81 rows at batch 64: 2 Adam steps per epoch, 3 epochs
+        assert (rcfg["training"]["steps_per_epoch"], rcfg["training"]["steps"]) == (2, 6)
+        assert m["router"]["rows"]["train"] == 81 and m["router"]["steps"] == 6
     assert json.loads((folder / "mergelab_output.json").read_text())["kind"] == "routed"
 
 

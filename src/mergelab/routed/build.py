@@ -968,6 +968,8 @@ def train_sequence_router(
         training={
             "epochs": settings.epochs,
             "batch_size": settings.batch_size,
+            "steps_per_epoch": res.steps_per_epoch,
+            "steps": res.steps,
             "lr": settings.lr,
             "optimizer": "Adam",
             "selection": "best validation accuracy (validation rows only; never test rows)",
@@ -988,6 +990,9 @@ def train_sequence_router(
         "train_accuracy": res.train_accuracy,
         "best_epoch": res.best_epoch,
         "rows": {"train": int(x.shape[0]), "validation": int(vx.shape[0])},
+        "batch_size": settings.batch_size,
+        "steps_per_epoch": res.steps_per_epoch,
+        "steps": res.steps,
         "data": f"{ROUTER}/{ROUTER_DATA}",
         "seconds": round(feature_seconds + res.seconds, 3),
         "sources": {r.name: {"train": r.train.source, "validation": r.validation.source} for r in rows},

@@ -5,7 +5,8 @@ Model Merging", NeurIPS, arXiv:2406.15479; reference code LZY-the-boys/Twin-Merg
 ``discriminative/router.py``): features are the mean over the real tokens of the shared model's
 last hidden state; the classifier is an MLP ``Linear(d, 2d) → BatchNorm → LeakyReLU → Dropout(0.5)
 → Linear(2d, 2d) → BatchNorm → LeakyReLU → Dropout(0.5) → Linear(2d, T)`` trained with cross
-entropy (Adam, lr 5e-4, batch 1024, 50 epochs) on examples of each expert's task. The
+entropy (Adam, lr 5e-4, batch 1024, 50 epochs) on up to 5,500 examples of each expert's task
+(:mod:`mergelab.routed.settings`; ⌈rows / batch⌉ Adam steps per epoch, recorded). The
 checkpoint kept is the epoch with the best accuracy on **validation** examples: the reference
 keeps the best epoch on a set built from the *test* split (HF Trainer's
 ``load_best_model_at_end`` on its evaluation set); mergelab never reads test rows here.
@@ -87,6 +88,9 @@ class RouterTraining:
     history: list[dict[str, float]] = field(default_factory=list)
     train_accuracy: float = math.nan
     seconds: float = 0.0
+    steps: int = 0
+    """Adam steps taken (over every epoch)."""
+    steps_per_epoch: int = 0
 
 
 def train_router(
@@ -118,6 +122,7 @@ def train_router(
     best_acc, best_epoch = -1.0, -1
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
+    steps = 0
     for epoch in range(epochs):
         router.train()
         order = torch.randperm(n, generator=gen)
@@ -130,6 +135,7 @@ def train_router(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            steps += 1
             total += float(loss.detach()) * idx.numel()
         acc = accuracy(router, val_x, val_y)
         history.append({"epoch": epoch, "train_loss": total / max(1, n), "validation_accuracy": acc})
@@ -139,7 +145,14 @@ def train_router(
     assert best is not None
     router.load_state_dict(best)
     return RouterTraining(
-        best, best_acc, best_epoch, history, accuracy(router, train_x, train_y), time.perf_counter() - t0
+        best,
+        best_acc,
+        best_epoch,
+        history,
+        accuracy(router, train_x, train_y),
+        time.perf_counter() - t0,
+        steps,
+        steps // max(1, epochs),
     )
 
 

@@ -17,8 +17,9 @@ Expertise in Model Merging", NeurIPS, arXiv:2406.15479 (reference code LZY-the-b
    and routing and evaluates with the ground-truth task's head, a task-id leak mergelab does not
    reproduce).
 4. A router (MLP on the mean-pooled last hidden state of θ*, :mod:`mergelab.routed.router`) trained
-   on a few hundred examples per expert; the routing weights are ``softmax(logits)`` and the model of
-   an input is θ* + Σₜ wₜ ṽₜ (here mixed in activation space, :mod:`mergelab.routed.layers`).
+   on up to 5,500 examples per expert (the reference's cap); the routing weights are
+   ``softmax(logits)`` and the model of an input is θ* + Σₜ wₜ ṽₜ (here mixed in activation space,
+   :mod:`mergelab.routed.layers`).
    The mixing is set in the recipe's ``router:`` block (``mixing: top1`` or ``topk`` with
    ``top_k``), not among these parameters.
 
