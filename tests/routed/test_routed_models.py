@@ -371,6 +371,45 @@ def test_wemoe_mixing_is_theta0_plus_lambda_tau_in_the_blocks(family, bert_outpu
         assert torch.allclose(got[i : i + 1], want, atol=1e-6), (i, float((got[i : i + 1] - want).abs().max()))
 
 
+def test_wemoe_stores_block_matrices_dense_with_one_lora_module(bert_outputs, bert_family):
+    """Full-rank identity factors cost min(m, n)² more than the matrix itself: WEMoE stores each block
+    matrix whole (modules_to_save), with one module as factors (PEFT needs a LoRA module)."""
+    from transformers import AutoConfig
+
+    folder = bert_outputs["wemoe"]
+    cfg = AutoConfig.from_pretrained(str(bert_family[0]))
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    per_layer = (f * d + f) + (d * f + d)  # intermediate.dense and output.dense, weight + bias
+    expected = cfg.num_hidden_layers * per_layer + min(d, f) ** 2  # + the identity of the one LoRA module
+    for e in read_bundle_manifest(folder)["experts"]:
+        stored = load_file(str(folder / e["adapter"] / "adapter_model.safetensors"))
+        assert sum(v.numel() for v in stored.values()) == expected, e["name"]
+        acfg = json.loads((folder / e["adapter"] / "adapter_config.json").read_text())
+        assert len(acfg["modules_to_save"]) == 2 * cfg.num_hidden_layers - 1
+
+
+def test_wemoe_expert_pass_keeps_no_base_tensors(bert_family, tmp_path, monkeypatch):
+    """Pass 2 holds one module's tensors at a time: the base block tensors router/ needs are read
+    again in pass 3, not gathered while the adapters are written."""
+    from mergelab.routed import build as build_mod
+
+    seen = {}
+    original = build_mod._Builder.router
+
+    def spy(self, *args, **kwargs):
+        seen["extras"] = sorted(self.extras)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod._Builder, "router", spy)
+    base, experts = bert_family
+    folder = build("wemoe", base, experts, tmp_path / "wemoe", {"steps": 0})
+    assert seen["extras"] == []
+    gates = load_file(str(folder / "router" / "router.safetensors"))
+    want = _state(base)
+    bases = {k[len("base.") :]: v for k, v in gates.items() if k.startswith("base.")}
+    assert bases and all(torch.equal(v, want[k]) for k, v in bases.items())
+
+
 # ------------------------------------------------------------------------------ extract, round trip
 
 

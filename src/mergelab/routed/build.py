@@ -11,10 +11,14 @@ temporary folder published with one rename:
 2. ``experts/<name>/``: module by module, the base, shared and expert tensors are read and the
    method's pure function (:mod:`mergelab.routed.twin`, ``smile``, ``wemoe``, ``split_merge``)
    gives each expert's LoRA factors and dense parts, written as PEFT adapters
-   (:mod:`mergelab.routed.adapters`); memory: one module's tensors of every model;
+   (:mod:`mergelab.routed.adapters`); memory: one module's tensors of every model (the adapter
+   writers spool to disk; only biases and SMILE's gates, T · gate_k · in per linear layer, stay);
 3. ``router/``: a sequence router trained on the experts' train rows and selected on their
-   validation rows (Twin-Merging, Split-Merge), SMILE's gates (from pass 2), or WEMoE's gates
-   trained by entropy minimisation on unlabeled inputs.
+   validation rows (Twin-Merging, Split-Merge; memory: the shared model and the rows' features),
+   SMILE's gates (from pass 2), or WEMoE's gates trained by entropy minimisation on unlabeled
+   inputs (memory: the base's feed-forward tensors, read again from the base while
+   ``router/router.safetensors`` is written, then, for training, the routed model: the shared
+   model plus every expert's block updates, about (T + 1) × the feed-forward weights).
 
 :func:`attach_router` trains the same sequence router for a TALL-masks or EMR output (its shared
 checkpoint is the output itself) and writes it to ``routed/router/``: those outputs then run
@@ -314,6 +318,7 @@ class _Builder:
         self.shared_dir = root / SHARED
         self.shared_r: CheckpointReader | None = None
         self.extras: dict[str, torch.Tensor] = {}  # router tensors gathered in the expert pass
+        self._wemoe_has_lora = [False] * len(self.names)  # wemoe: which experts have their one LoRA module
         self.expert_info: list[dict[str, Any]] = [{} for _ in self.names]
         self.router_info: dict[str, Any] = {}
         self.shared_info: dict[str, Any] = {}
@@ -628,14 +633,20 @@ class _Builder:
         shared: dict[str, torch.Tensor],
         experts: list[dict[str, torch.Tensor]],
     ) -> list[_Part | None]:
-        for pname, t in base.items():
-            self.extras[f"base.{info.params[pname]}"] = t.to(self.out_dtype)
+        """Each expert's block matrix whole (``modules_to_save``: θₜ's weight and bias), except its first
+        changed matrix, stored as exact LoRA factors because a PEFT adapter needs one LoRA module (factors
+        of full rank cost min(m, n)² more than the dense matrix: once per expert, not per matrix)."""
         parts: list[_Part | None] = []
-        for e in experts:
+        for t, e in enumerate(experts):
             delta = self._peft(info, e["weight"] - shared["weight"])
-            f = identity_factors(delta) if bool(delta.any()) else None
-            bias = e["bias"] if "bias" in e and not torch.equal(e["bias"], shared["bias"]) else None
-            parts.append(_Part(lora=f, bias=bias) if f is not None or bias is not None else None)
+            if not self._wemoe_has_lora[t] and bool(delta.any()):
+                self._wemoe_has_lora[t] = True
+                bias = e["bias"] if "bias" in e and not torch.equal(e["bias"], shared["bias"]) else None
+                parts.append(_Part(lora=identity_factors(delta), bias=bias))
+            elif any(not torch.equal(e[k], shared[k]) for k in e):
+                parts.append(_Part(saved=dict(e)))
+            else:
+                parts.append(None)
         return parts
 
     def _split(
@@ -720,7 +731,11 @@ class _Builder:
         if not hidden:
             raise PlanError(f"{self.base.folder}/config.json: no hidden_size (or n_embd): wemoe's gates need it")
         gen = torch.Generator().manual_seed(self.seed)
-        tensors: dict[str, torch.Tensor] = {k: v for k, v in self.extras.items() if k.startswith("base.")}
+        tensors: dict[str, torch.Tensor] = {}
+        for lins in blocks.values():  # the base's block tensors, read again here (pass 2 keeps none of them)
+            for lin in lins:
+                for name in self.structure.modules[lin].params.values():
+                    tensors[f"base.{name}"] = self._read(self.base, name).to("cpu", self.out_dtype)
         for block in blocks:
             gate = WemoeGate(hidden, len(self.names), p.depth, p.init_lambda)
             gate.init_weights(gen)
@@ -741,10 +756,13 @@ class _Builder:
         save_router(rdir, tensors, cfg)
         info: dict[str, Any] = {"kind": "wemoe", "blocks": len(blocks), "steps": p.steps}
         if p.steps > 0:
+            del tensors  # not held while the gates train; read back from router/ below
             (self.root / MANIFEST).write_text(json.dumps(self._manifest_core(), indent=2) + "\n")
+            from mergelab.routed.router import load_router
             from mergelab.routed.train_gates import train_wemoe
 
             learned, history = train_wemoe(self.root, self.rec, p, self.device, self.seed, calibration)
+            tensors, _ = load_router(rdir)
             tensors.update(learned)
             cfg["training"] = {
                 "objective": "mean entropy of each task's predictions on unlabeled inputs (test-time adaptation)",
