@@ -168,6 +168,33 @@ def test_sequence_router_routes_rows_and_generate_keeps_the_prompt_route(llama_o
         assert torch.equal(row[0, -4:], out[i, -4:])
 
 
+def test_router_features_at_inference_are_the_training_ones(bert_family, tmp_path):
+    """The router was trained on float32 features of each row's first max_length tokens: a model loaded
+    in bfloat16 and given longer, padded rows must route on exactly those (built here with transformers)."""
+    from transformers import AutoModel
+
+    base, experts = bert_family
+    folder = build("twin_merging", base, experts, tmp_path / "twin", {"density": 0.5},
+                   router={"epochs": 2, "batch_size": 64, "max_length": 4})  # fmt: skip
+    rcfg = json.loads((folder / "router" / "router_config.json").read_text())
+    assert rcfg["max_length"] == 4 and rcfg["feature_dtype"] == "float32"
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [0, 0, 2, 12, 13, 14, 15, 3], [2, 16, 17, 3, 0, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]])
+    shared = AutoModel.from_pretrained(str(folder / "shared"), dtype=torch.float32).eval()
+    feats = []
+    for row, m in zip(ids, mask):
+        first = row[m.bool()][:4].unsqueeze(0)  # the row's first 4 real tokens, alone
+        feats.append(shared(input_ids=first).last_hidden_state.mean(1))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = RoutedModel.from_pretrained(folder, dtype=dtype)
+        assert next(model.router.parameters()).dtype == torch.float32
+        want = model.router(torch.cat(feats))
+        got = model.router_logits(ids, mask)
+        assert torch.allclose(got.float(), want, atol=1e-4), (dtype, float((got.float() - want).abs().max()))
+        model(input_ids=ids, attention_mask=mask)  # the forward routes on the same logits
+        assert torch.allclose(model.last_route.float(), torch.softmax(want, -1), atol=1e-4)
+
+
 def test_smile_routes_each_token(bert_outputs):
     model = RoutedModel.from_pretrained(bert_outputs["smile"])
     model(input_ids=IDS, attention_mask=MASK)

@@ -927,7 +927,7 @@ def train_sequence_router(
     :mod:`mergelab.routed.router`); returns the manifest's router entry."""
     from mergelab.data.sources import load_tokenizer, tokenize_batches
     from mergelab.informed.modeling import detect_kind, load_model, read_config
-    from mergelab.routed.router import pooled_features, router_config, save_router, train_router
+    from mergelab.routed.router import FEATURE_DTYPE, pooled_features, router_config, save_router, train_router
 
     labels = [m.model for m in rec.models]
     rows = expert_rows(
@@ -939,12 +939,13 @@ def train_sequence_router(
         router_data,
     )
     kind = detect_kind(read_config(shared_dir), rec.calibration.model_type if rec.calibration else "auto")
-    model = load_model(shared_dir, kind, device, torch.float32)
+    model = load_model(shared_dir, kind, device, getattr(torch, FEATURE_DTYPE))
     tok = load_tokenizer(shared_dir)
+    tok.padding_side, tok.truncation_side = "right", "right"  # the rows as RoutedModel's prepass sees them
 
     def feats(texts: Sequence[str]) -> torch.Tensor:
         batches = tokenize_batches(tok, texts, batch_size=settings.feature_batch_size, max_length=settings.max_length)
-        return pooled_features(model, batches, device)
+        return pooled_features(model, batches, device, settings.max_length)
 
     t0 = time.perf_counter()
     xs, ys, vxs, vys = [], [], [], []
@@ -980,6 +981,8 @@ def train_sequence_router(
         temperature=settings.temperature,
         top_k=settings.top_k,
         dropout=settings.dropout,
+        max_length=settings.max_length,
+        feature_dtype=FEATURE_DTYPE,
         validation_accuracy=res.validation_accuracy,
         train_accuracy=res.train_accuracy,
         best_epoch=res.best_epoch,
