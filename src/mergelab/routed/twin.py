@@ -36,9 +36,14 @@ Where mergelab departs from the reference code, on purpose:
   mergelab routes biases and norms with the rest (dense), and has no such oracle;
 * the reference selects the router checkpoint on rows of the *test* split; mergelab selects it on
   validation rows only (:mod:`mergelab.routed.router`);
-* the generative (LoRA) pipeline of the reference merges the LoRA factors A and B separately
-  (A* = 0.3 ΣAₜ, B* = 0.3 ΣBₜ, mixed factor by factor), which is not Σ wₜ BₜAₜ; mergelab reads
-  LoRA experts as their dense updates W0 + s·B·A (product space) and merges those.
+* only the product-space mode is implemented: LoRA experts are read as their dense updates
+  W0 + s·B·A and merged, compressed and mixed as any expert (the model of an input is
+  θ* + Σ wₜ ṽₜ). The reference's generative (LoRA) pipeline, which gives the paper's Qwen-14B
+  numbers, is factor-wise: A* = 0.3 ΣAₜ and B* = 0.3 ΣBₜ each on its own, ΔAₜ = Aₜ − A* and
+  ΔBₜ = Bₜ − B* SVD-truncated to rank 8, and per prompt A = A* + Σ wₜ ΔAₜ, B = B* + Σ wₜ ΔBₜ, so the
+  update (α/r)·B·A is not Σ wₜ BₜAₜ (it is quadratic in w). That mode is not implemented (there is
+  no ``lora_mode`` parameter): to reproduce those numbers, this module's results are not the ones
+  to compare.
 """
 
 from __future__ import annotations
