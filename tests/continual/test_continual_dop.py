@@ -24,15 +24,16 @@ def reference_weight(v11: float, v12: float, v22: float) -> float:
     return 0.999 if gamma >= 1 else 0.001 if gamma <= 0 else gamma
 
 
-def reference_dop_layer(w0, w_merged, w_new, *, lr, steps, alpha, beta, eps, mgda=True, ema=True):
-    """The reference's ``_optimize_weight`` in weight space, with autograd and torch's Adam."""
+def reference_dop_layer(w0, w_merged, w_new, *, lr, steps, alpha, beta, eps, mgda=True, ema=True, space="uv"):
+    """The reference's ``_optimize_weight`` in weight space (``out × in``), with autograd and torch's Adam."""
     members = [(w, reference_basis(w - w0, eps)) for w in (w_merged, w_new)]
 
     def loss_of(w, member):
         target, (u, s, v) = member
         d = w - target
         left = torch.linalg.matrix_norm(torch.diag(s) @ u.T @ d) ** 2
-        return left + torch.linalg.matrix_norm(d @ v @ torch.diag(s)) ** 2
+        right = torch.linalg.matrix_norm(d @ v @ torch.diag(s)) ** 2
+        return {"uv": left + right, "u": left, "v": right}[space]
 
     weight = torch.nn.Parameter((w_merged + w_new) / 2)
     opt = torch.optim.Adam([weight], lr=lr)
@@ -152,7 +153,36 @@ def test_dop_first_step_keeps_the_first_expert_and_second_step_optimises_linear_
     torch.testing.assert_close(cm.state_dict()["h.0.q.weight"], e1["h.0.q.weight"])
     cm.add(e2)
     k = "h.0.q.weight"
-    want = base[k].double() + optimise_layer(
-        (e1[k] - base[k]).double(), (e2[k] - base[k]).double(), DopParams(**params)
+    want = reference_dop_layer(
+        base[k].double(), e1[k].double(), e2[k].double(), lr=1e-3, steps=30, alpha=0.8, beta=0.999, eps=0.99999
     )
     torch.testing.assert_close(cm.state_dict()[k], want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("space", ["u", "v", "uv"])
+def test_dop_optimises_gpt2_conv1d_weights_as_out_by_in_matrices(tmp_path, space):
+    """GPT-2 stores its Conv1D weights in × out; DOP's one-sided losses are defined on the out × in matrix."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=4, n_layer=1, n_head=2, n_positions=8)).save_pretrained(
+        str(tmp_path / "base")
+    )
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    e1, e2 = (
+        {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in base.items()}
+        for _ in range(2)
+    )
+    cm = ContinualMerge.init(
+        str(tmp_path / "base"), method="dop", params={"num_steps": 30, "lr": 1e-3, "svd_proj_space": space}
+    )
+    cm.add(e1)
+    cm.add(e2)
+    merged = cm.state_dict()
+    k = next(n for n in base if n.endswith("mlp.c_fc.weight"))
+    assert tuple(base[k].shape) == (4, 16)  # in × out
+    w0, w1, w2 = (x[k].double().T for x in (base, e1, e2))
+    want = reference_dop_layer(w0, w1, w2, lr=1e-3, steps=30, alpha=0.8, beta=0.999, eps=0.99999, space=space).T
+    torch.testing.assert_close(merged[k], want.float(), rtol=1e-5, atol=1e-5)

@@ -354,3 +354,82 @@ def test_output_is_atomic_and_force_replaces_only_mergelab_outputs(mixtral, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
     with pytest.raises(OutputError, match="is the MoE"):
         compress(mixtral, mixtral, to=2, statistics=hand_statistics(), force=True)
+
+
+class _ToyMoe(torch.nn.Module):
+    """Hidden state of token t = e_t (one-hot), two 'MoE blocks' that return their input; ``pack``
+    drops the pads before the blocks (as a model that packs tokens would)."""
+
+    def __init__(self, vocab: int, pack: bool = False) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, vocab)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.eye(vocab))
+        self.blocks = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+        self.pack = pack
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        if self.pack:
+            x = x[attention_mask.bool()]
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _toy_batches(vocab: int):
+    """4 batches of 2 rows × 5 positions, right-padded; token ids 1.. in order of appearance (0: pad)."""
+    batches, nxt = [], 1
+    for lengths in ((5, 3), (4, 5), (2, 5), (5, 4)):
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        mask = torch.zeros(2, 5, dtype=torch.long)
+        for r, n in enumerate(lengths):
+            ids[r, :n] = torch.arange(nxt, nxt + n)
+            mask[r, :n] = 1
+            nxt += n
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    assert nxt - 1 == 33 and nxt <= vocab
+    return batches
+
+
+def test_sub_moe_output_tokens_are_spread_over_every_batch():
+    """6 of the 33 real tokens, evenly spaced over all batches (by hand: ⌊(i + ½)·33/6⌋ = 2, 8, 13, 19, 24, 30,
+    i.e. token ids 3, 9, 14, 20, 25, 31), the same in every layer and on every run; never a pad."""
+    from types import SimpleNamespace
+
+    from mergelab.moe.routing import collect_routing
+
+    vocab = 40
+    arch = SimpleNamespace(modules=("blocks.{layer}",))
+    routers = {0: torch.randn(4, vocab), 1: torch.randn(4, vocab)}
+    runs = []
+    for _ in range(2):
+        stats, kept = collect_routing(
+            _ToyMoe(vocab), _toy_batches(vocab), arch=arch, routers=routers, top_k=2,
+            device=torch.device("cpu"), output_tokens=6,
+        )  # fmt: skip
+        runs.append({layer: x.argmax(-1).tolist() for layer, x in kept.items()})
+    assert runs[0] == runs[1] == {0: [3, 9, 14, 20, 25, 31], 1: [3, 9, 14, 20, 25, 31]}
+    assert stats.tokens == 33 and all(float(c.sum()) == 33 * 2 for c in stats.counts.values())
+    _, kept = collect_routing(
+        _ToyMoe(vocab), _toy_batches(vocab), arch=arch, routers=routers, top_k=2, device=torch.device("cpu"),
+        output_tokens=100,
+    )  # fmt: skip
+    assert kept[0].argmax(-1).tolist() == list(range(1, 34))  # fewer real tokens than asked: all of them
+
+
+def test_a_block_that_receives_packed_tokens_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from mergelab.errors import PlanError
+    from mergelab.moe.routing import collect_routing
+
+    vocab = 40
+    with pytest.raises(
+        PlanError, match=r"layer 0: the MoE block received 8 token rows for a batch of 10 positions"
+    ) as err:
+        collect_routing(
+            _ToyMoe(vocab, pack=True), _toy_batches(vocab)[:1], arch=SimpleNamespace(modules=("blocks.{layer}",)),
+            routers={0: torch.randn(4, vocab)}, top_k=2, device=torch.device("cpu"),
+        )  # fmt: skip
+    assert "\n" not in str(err.value)

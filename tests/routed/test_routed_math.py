@@ -188,6 +188,24 @@ def test_mixing_weights():
     p = torch.softmax(z, -1)[0]
     assert torch.allclose(top2, torch.tensor([[p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0.0]]))
     assert torch.allclose(mixing_weights(z, "softmax", temperature=2.0), torch.softmax(z / 2, -1))
+    with pytest.raises(ValueError, match="top_k"):
+        mixing_weights(z, "topk")  # was softmax, silently
+    with pytest.raises(ValueError, match="unknown mixing"):
+        mixing_weights(z, "top-1")
+
+
+def test_router_settings_refuse_topk_without_top_k_in_one_line():
+    from mergelab.errors import RecipeError
+    from mergelab.recipe import load_recipe
+    from mergelab.routed.settings import RouterSettings
+
+    rec = {"merge_method": "twin_merging", "base_model": "b", "models": [{"model": "a"}]}
+    with pytest.raises(RecipeError, match="mixing: topk needs top_k") as err:
+        load_recipe({**rec, "router": {"mixing": "topk"}})
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="top_k is read only with mixing: topk"):
+        load_recipe({**rec, "router": {"top_k": 2}})
+    assert RouterSettings(mixing="topk", top_k=2).top_k == 2
 
 
 def test_twin_rank_and_truncated_svd_against_numpy():
@@ -268,3 +286,36 @@ def test_split_one_expert_full_rank_reconstructs_it():
     f, alpha = compress_complement(comps[0], e - (base + shared), 4, torch.float64)
     assert f is not None and abs(alpha - 1.0) < 1e-10
     assert torch.allclose(base + shared + f.B.double() @ f.A.double(), e, atol=1e-10)
+
+
+def test_router_rows_default_to_the_reference_cap_after_a_hold_out():
+    """The reference: up to 5,500 train rows per task after holding out 10 %; selection on 1,000 rows."""
+    from mergelab.routed.data import RouterData, expert_rows
+    from mergelab.routed.settings import RouterSettings
+
+    s = RouterSettings()
+    assert (s.train_examples, s.validation_examples, s.batch_size, s.epochs) == (5500, 1000, 1024, 50)
+    texts = [f"row {i}" for i in range(7000)]
+    (rows,) = expert_rows(["a"], ["a"], [None], [None], s, [RouterData(train=texts)])
+    # ⌈5500 / 0.9⌉ = 6112 rows read: the first 5500 train, the other 612 (≥ 10 %) validate
+    assert rows.train.texts == texts[:5500] and rows.validation.texts == texts[5500:6112]
+    (rows,) = expert_rows(["a"], ["a"], [None], [None], RouterSettings(train_examples=45), [RouterData(train=texts)])
+    assert rows.train.texts == texts[:45] and rows.validation.texts == texts[45:50]
+    (rows,) = expert_rows(["a"], ["a"], [None], [None], s, [RouterData(train=texts[:30])])  # a small source
+    assert rows.train.texts == texts[:27] and rows.validation.texts == texts[27:30]
+    given = RouterData(train=texts, validation=[f"v{i}" for i in range(2000)])
+    (rows,) = expert_rows(["a"], ["a"], [None], [None], s, [given])
+    assert len(rows.train) == 5500 and len(rows.validation) == 1000
+
+
+def test_router_training_counts_its_adam_steps():
+    from mergelab.routed.router import train_router
+
+    g = _gen(5)
+    x, y = torch.randn(81, 4, generator=g), torch.arange(81) % 3
+    res = train_router(x, y, x[:9], y[:9], 3, epochs=3, batch_size=64, seed=0)
+    assert (res.steps_per_epoch, res.steps) == (2, 6)  # 64 + 17 rows
+    res = train_router(x, y, x[:9], y[:9], 3, epochs=3, batch_size=1024, seed=0)
+    assert (res.steps_per_epoch, res.steps) == (1, 3)
+    res = train_router(x[:65], y[:65], x[:9], y[:9], 3, epochs=2, batch_size=64, seed=0)
+    assert (res.steps_per_epoch, res.steps) == (1, 2)  # a last batch of one row is skipped (BatchNorm)

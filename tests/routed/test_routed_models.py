@@ -92,6 +92,9 @@ def test_folder_layout_and_manifest(bert_outputs, bert_family, method):
     if method in ("twin_merging", "split_merge"):
         assert 0.0 <= m["router"]["validation_accuracy"] <= 1.0
         assert rcfg["mixing"] == ("softmax" if method == "twin_merging" else "top1")
+        # 27 train rows per expert (30 given, 3 held out), 81 rows at batch 64: 2 Adam steps per epoch, 3 epochs
+        assert (rcfg["training"]["steps_per_epoch"], rcfg["training"]["steps"]) == (2, 6)
+        assert m["router"]["rows"]["train"] == 81 and m["router"]["steps"] == 6
     assert json.loads((folder / "mergelab_output.json").read_text())["kind"] == "routed"
 
 
@@ -165,6 +168,33 @@ def test_sequence_router_routes_rows_and_generate_keeps_the_prompt_route(llama_o
         assert torch.equal(row[0, -4:], out[i, -4:])
 
 
+def test_router_features_at_inference_are_the_training_ones(bert_family, tmp_path):
+    """The router was trained on float32 features of each row's first max_length tokens: a model loaded
+    in bfloat16 and given longer, padded rows must route on exactly those (built here with transformers)."""
+    from transformers import AutoModel
+
+    base, experts = bert_family
+    folder = build("twin_merging", base, experts, tmp_path / "twin", {"density": 0.5},
+                   router={"epochs": 2, "batch_size": 64, "max_length": 4})  # fmt: skip
+    rcfg = json.loads((folder / "router" / "router_config.json").read_text())
+    assert rcfg["max_length"] == 4 and rcfg["feature_dtype"] == "float32"
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [0, 0, 2, 12, 13, 14, 15, 3], [2, 16, 17, 3, 0, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]])
+    shared = AutoModel.from_pretrained(str(folder / "shared"), dtype=torch.float32).eval()
+    feats = []
+    for row, m in zip(ids, mask):
+        first = row[m.bool()][:4].unsqueeze(0)  # the row's first 4 real tokens, alone
+        feats.append(shared(input_ids=first).last_hidden_state.mean(1))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = RoutedModel.from_pretrained(folder, dtype=dtype)
+        assert next(model.router.parameters()).dtype == torch.float32
+        want = model.router(torch.cat(feats))
+        got = model.router_logits(ids, mask)
+        assert torch.allclose(got.float(), want, atol=1e-4), (dtype, float((got.float() - want).abs().max()))
+        model(input_ids=ids, attention_mask=mask)  # the forward routes on the same logits
+        assert torch.allclose(model.last_route.float(), torch.softmax(want, -1), atol=1e-4)
+
+
 def test_smile_routes_each_token(bert_outputs):
     model = RoutedModel.from_pretrained(bert_outputs["smile"])
     model(input_ids=IDS, attention_mask=MASK)
@@ -196,6 +226,68 @@ def test_twin_full_rank_one_hot_reconstructs_each_expert(bert_family, tmp_path):
                 ref(input_ids=IDS, attention_mask=MASK).last_hidden_state,
                 atol=1e-5,
             )
+
+
+@pytest.fixture(scope="module")
+def classifier_family(tmp_path_factory):
+    """A tiny BERT sequence classifier with 2 labels (head [2, 16]) and 2 experts moving every tensor."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from mergelab_bench.zoo.testing import write_tiny_backbone
+
+    root = tmp_path_factory.mktemp("bertcls")
+    backbone = write_tiny_backbone(root / "backbone", hidden=16)
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(str(backbone), num_labels=2)
+    base = AutoModelForSequenceClassification.from_config(cfg)
+    folders = []
+    for i in range(3):
+        model = AutoModelForSequenceClassification.from_config(cfg)
+        model.load_state_dict(base.state_dict())
+        if i:
+            gen = torch.Generator().manual_seed(30 + i)
+            with torch.no_grad():
+                for prm in model.parameters():
+                    prm.add_(torch.randn(prm.shape, generator=gen) * 0.05)
+        folder = root / ("base" if i == 0 else f"expert_{i - 1}")
+        model.save_pretrained(str(folder), safe_serialization=True)
+        for f in backbone.iterdir():
+            if f.name not in ("config.json", "model.safetensors"):
+                shutil.copy(f, folder / f.name)
+        folders.append(folder)
+    return folders[0], folders[1:]
+
+
+@pytest.mark.parametrize("zero_rank", ["dense", "drop"])
+def test_twin_matrices_of_rank_zero_are_stored_whole_by_default(classifier_family, tmp_path, zero_rank):
+    """⌊0.1 · min(m, n)⌋ = 0 for the 2-label head and the 2-row token-type embedding: by default each route
+    keeps its expert's tensors there (compared with the expert checkpoints); `drop` keeps θ*'s."""
+    base, experts = classifier_family
+    params = {"density": 0.1} if zero_rank == "dense" else {"density": 0.1, "zero_rank": "drop"}  # dense: the default
+    folder = build("twin_merging", base, experts, tmp_path / "twin", params)
+    shared = _state(folder / "shared")
+    small = ["classifier.weight", "bert.embeddings.token_type_embeddings.weight"]
+    for t, e in enumerate(experts):
+        got, want = expert_state_dict(folder, t), _state(e)
+        for k in small:
+            expected = want[k] if zero_rank == "dense" else shared[k]
+            assert torch.allclose(got[k].float(), expected.float(), atol=1e-6), (zero_rank, t, k)
+        assert torch.allclose(got["classifier.bias"], want["classifier.bias"], atol=1e-6)  # biases are routed
+        assert not torch.allclose(want["classifier.weight"], shared["classifier.weight"], atol=1e-3)
+    if zero_rank == "dense":
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = json.loads((folder / "experts" / "expert_0" / "adapter_config.json").read_text())
+        assert "classifier" in cfg["modules_to_save"]
+        model = RoutedModel.from_pretrained(folder)
+        for t in range(len(experts)):
+            shared_model = AutoModelForSequenceClassification.from_pretrained(str(folder / "shared"))
+            ref = PeftModel.from_pretrained(shared_model, str(folder / "experts" / f"expert_{t}")).eval()
+            with model.fixed_route(t):
+                got_logits = model(input_ids=IDS, attention_mask=MASK).logits
+            want_logits = ref(input_ids=IDS, attention_mask=MASK).logits
+            assert torch.allclose(got_logits, want_logits, atol=1e-5), float((got_logits - want_logits).abs().max())
 
 
 def test_smile_full_rank_reconstructs_experts_that_change_linear_layers(linear_family, tmp_path):
@@ -249,6 +341,100 @@ def test_wemoe_gates_learn_from_unlabeled_inputs(bert_family, tmp_path):
         with model.fixed_route(t):
             got = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
         assert torch.allclose(got, _peft(out, name)(input_ids=IDS, attention_mask=MASK).last_hidden_state, atol=1e-5)
+
+
+def _wemoe_by_hand(base: Path, experts: list[Path], lambdas, block: str, causal: bool) -> torch.nn.Module:
+    """θ0 + Σₜ λₜ τₜ in the feed-forward blocks (tensor names matching ``block``), θ0 + 0.3 Σₜ τₜ elsewhere,
+    from the checkpoints with transformers, in float64."""
+    import re
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal else AutoModel
+    theta0 = cls.from_pretrained(str(base), dtype=torch.float64).state_dict()
+    thetas = [cls.from_pretrained(str(e), dtype=torch.float64).state_dict() for e in experts]
+    merged = {}
+    for k, v in theta0.items():
+        coeffs = [float(x) for x in lambdas] if re.search(block, k) else [0.3] * len(experts)
+        merged[k] = v + sum(c * (th[k] - v) for c, th in zip(coeffs, thetas)) if v.is_floating_point() else v
+    ref = cls.from_pretrained(str(base), dtype=torch.float64).eval()
+    ref.load_state_dict(merged)
+    return ref
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2_square"])
+def test_wemoe_mixing_is_theta0_plus_lambda_tau_in_the_blocks(family, bert_outputs, bert_family, request, tmp_path):
+    """The initial gates (λ = 0.3 for every expert) give the task-arithmetic model θ0 + 0.3 Στ, and any
+    λ gives θ0 + Σ λₜ τₜ in the feed-forward blocks (rows with different λ in one pass); both built by
+    hand from the expert checkpoints. A one-hot route cannot tell whether the blocks were rebased."""
+    if family == "bert":
+        (base, experts), folder = bert_family, bert_outputs["wemoe"]
+        block, causal, ids, mask = r"layer\.\d+\.(intermediate|output)\.dense\.", False, IDS, MASK
+    else:
+        base, experts = request.getfixturevalue("gpt2_square_family")
+        folder = build("wemoe", base, experts, tmp_path / "wemoe", {"steps": 0}, words=LLAMA_WORDS)
+        block, causal = r"\.mlp\.", True
+        ids, mask = torch.tensor([[1, 3, 4, 5], [2, 6, 7, 8], [4, 4, 9, 1]]), torch.ones(3, 4, dtype=torch.long)
+
+    def out(m, i, j):
+        o = m(input_ids=ids[i:j], attention_mask=mask[i:j])
+        return o.logits if causal else o.last_hidden_state
+
+    model = RoutedModel.from_pretrained(folder, dtype=torch.float64)
+    t = len(experts)
+    with model.fixed_route([0.3] * t):
+        got = out(model, 0, len(ids))
+    want = out(_wemoe_by_hand(base, experts, [0.3] * t, block, causal), 0, len(ids))
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+    # the initial gates themselves give λ = 0.3 (their weights are N(0, 0.01): close, not exact)
+    gated = out(model, 0, len(ids))
+    assert torch.allclose(gated, want, atol=5e-2), float((gated - want).abs().max())
+
+    lam = torch.rand(len(ids), t, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.5 - 0.5
+    with model.fixed_route(lam):
+        got = out(model, 0, len(ids))
+    for i in range(len(ids)):
+        want = out(_wemoe_by_hand(base, experts, lam[i], block, causal), i, i + 1)
+        assert torch.allclose(got[i : i + 1], want, atol=1e-6), (i, float((got[i : i + 1] - want).abs().max()))
+
+
+def test_wemoe_stores_block_matrices_dense_with_one_lora_module(bert_outputs, bert_family):
+    """Full-rank identity factors cost min(m, n)² more than the matrix itself: WEMoE stores each block
+    matrix whole (modules_to_save), with one module as factors (PEFT needs a LoRA module)."""
+    from transformers import AutoConfig
+
+    folder = bert_outputs["wemoe"]
+    cfg = AutoConfig.from_pretrained(str(bert_family[0]))
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    per_layer = (f * d + f) + (d * f + d)  # intermediate.dense and output.dense, weight + bias
+    expected = cfg.num_hidden_layers * per_layer + min(d, f) ** 2  # + the identity of the one LoRA module
+    for e in read_bundle_manifest(folder)["experts"]:
+        stored = load_file(str(folder / e["adapter"] / "adapter_model.safetensors"))
+        assert sum(v.numel() for v in stored.values()) == expected, e["name"]
+        acfg = json.loads((folder / e["adapter"] / "adapter_config.json").read_text())
+        assert len(acfg["modules_to_save"]) == 2 * cfg.num_hidden_layers - 1
+
+
+def test_wemoe_expert_pass_keeps_no_base_tensors(bert_family, tmp_path, monkeypatch):
+    """Pass 2 holds one module's tensors at a time: the base block tensors router/ needs are read
+    again in pass 3, not gathered while the adapters are written."""
+    from mergelab.routed import build as build_mod
+
+    seen = {}
+    original = build_mod._Builder.router
+
+    def spy(self, *args, **kwargs):
+        seen["extras"] = sorted(self.extras)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod._Builder, "router", spy)
+    base, experts = bert_family
+    folder = build("wemoe", base, experts, tmp_path / "wemoe", {"steps": 0})
+    assert seen["extras"] == []
+    gates = load_file(str(folder / "router" / "router.safetensors"))
+    want = _state(base)
+    bases = {k[len("base.") :]: v for k, v in gates.items() if k.startswith("base.")}
+    assert bases and all(torch.equal(v, want[k]) for k, v in bases.items())
 
 
 # ------------------------------------------------------------------------------ extract, round trip
@@ -385,6 +571,49 @@ def test_bad_parameters_and_sources_are_refused_before_any_work(bert_family, tmp
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+def test_mixing_is_set_in_the_router_block_only(bert_family, tmp_path):
+    base, experts = bert_family
+    with pytest.raises(ParameterError, match=r"mixing is not a method parameter.*router: block") as err:
+        mergelab.merge(
+            recipe("twin_merging", base, experts, {"mixing": "top1"}), tmp_path / "a", router_data=router_texts(3)
+        )
+    assert "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match="mixing: topk needs top_k"):
+        mergelab.merge(
+            recipe("twin_merging", base, experts, router={"mixing": "topk"}),
+            tmp_path / "b",
+            router_data=router_texts(3),
+        )
+    assert not any((tmp_path / n).exists() for n in "ab")
+
+
+def test_serving_entry_reads_the_resolved_mixing():
+    from mergelab.routed.build import ROUTED_METHODS, serving_entry
+
+    twin, split = ROUTED_METHODS["twin_merging"], ROUTED_METHODS["split_merge"]
+    assert serving_entry(twin, ["a", "b"], "top1")["top1_is_the_method"] is True
+    assert serving_entry(split, ["a", "b"], "softmax")["top1_is_the_method"] is False
+    assert "approximates" in serving_entry(split, ["a", "b"], "softmax")["note"]
+    assert serving_entry(ROUTED_METHODS["smile"], ["a", "b"], "top1")["top1_is_the_method"] is False
+
+
+@pytest.mark.parametrize(
+    ("method", "mixing", "exact"), [("twin_merging", "top1", True), ("split_merge", "softmax", False)]
+)
+def test_serving_says_top1_is_the_method_from_the_router_block(bert_family, tmp_path, method, mixing, exact):
+    """The method's default mixing is twin softmax / split top1; the router: block overrides it, and the
+    manifest's serving entry must follow the mixing the router actually uses."""
+    base, experts = bert_family
+    params = {"density": 0.5} if method == "twin_merging" else {}
+    folder = build(
+        method, base, experts, tmp_path / method, params, router={"epochs": 2, "batch_size": 64, "mixing": mixing}
+    )
+    m = read_bundle_manifest(folder)
+    rcfg = json.loads((folder / "router" / "router_config.json").read_text())
+    assert rcfg["mixing"] == mixing and m["routing"]["mixing"] == mixing
+    assert m["serving"]["top1_is_the_method"] is exact
+
+
 def test_recipe_file_through_the_cli(bert_family, tmp_path):
     import yaml
 
@@ -415,25 +644,34 @@ def test_twin_shared_model_is_any_registered_merge(bert_family, tmp_path):
     assert read_bundle_manifest(folder)["shared"]["method"] == "ties"
 
 
-@pytest.fixture(scope="module")
-def gpt2_family(tmp_path_factory):
+def _gpt2(root: Path, n_inner: int | None = None) -> tuple[Path, list[Path]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mergelab.synthetic import make_expert, make_tokenizer
 
-    root = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
-        str(root / "base")
-    )
+    cfg = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=32, n_inner=n_inner)
+    GPT2LMHeadModel(cfg).save_pretrained(str(root / "base"))
     make_tokenizer(root / "base", vocab_size=32)
     return root / "base", [make_expert(root / "base", root / f"expert_{i}", seed=i + 1) for i in range(2)]
 
 
-@pytest.mark.parametrize("method", ["twin_merging", "smile"])
+@pytest.fixture(scope="module")
+def gpt2_family(tmp_path_factory):
+    """GPT-2 with Conv1D layers of other fan-in and fan-out (the MLP is 16 -> 64 -> 16)."""
+    return _gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_square_family(tmp_path_factory):
+    """GPT-2 whose MLP Conv1D layers are square (16 -> 16 -> 16): a transposed update has the right shape."""
+    return _gpt2(tmp_path_factory.mktemp("gpt2sq"), n_inner=16)
+
+
+@pytest.mark.parametrize("method", ["twin_merging", "smile", "wemoe"])
 def test_gpt2_conv1d_and_tied_head(gpt2_family, tmp_path, method):
     base, experts = gpt2_family
-    params = {"density": 0.5} if method == "twin_merging" else {"k": 4}
+    params = {"twin_merging": {"density": 0.5}, "smile": {"k": 4}, "wemoe": {"steps": 0}}[method]
     folder = build(method, base, experts, tmp_path / method, params, words=LLAMA_WORDS)
     cfg = json.loads((folder / "experts" / "expert_0" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True

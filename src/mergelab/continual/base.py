@@ -62,8 +62,12 @@ def tensor_role(name: str, shape: tuple[int, ...]) -> Role:
     reference code (FusionBench) tests ``isinstance(module, nn.Linear)``: the same tensors for
     Llama, BERT or CLIP, including an output head such as ``lm_head`` (projected) and excluding
     ``nn.Embedding`` tables (not projected). GPT-2's ``Conv1D`` layers are linear maps stored
-    transposed; they count as matrices here (the reference would merge them elementwise); the
-    projections of both methods commute with a transpose, so the layout does not matter.
+    transposed (in × out); they count as matrices here (the reference would merge them
+    elementwise). OPCM's projection and DOP's default ``uv`` losses commute with a transpose, so the
+    layout does not matter to them; DOP's one-sided ``svd_proj_space: u | v`` does not, so a
+    method that declares it (:attr:`ContinualMethod.layout_sensitive`) is told which tensors are
+    stored transposed (:attr:`StepContext.transposed`, found from the base's ``config.json``) and
+    works on the ``out × in`` matrix.
     """
     if len(shape) != 2 or not name.endswith(".weight"):
         return "other"
@@ -78,7 +82,10 @@ class StepContext:
     """What a step function may know when it merges expert ``t`` into one tensor.
 
     ``t`` is 1-based (``t == 1``: the first expert, ``raw`` is ``None``); ``scale`` and ``stats``
-    are the running scale and statistics *before* this step; ``name`` / ``role`` describe the tensor.
+    are the running scale and statistics *before* this step; ``name`` / ``role`` describe the tensor;
+    ``transposed``: the tensor stores a linear map as ``in × out`` (GPT-2 ``Conv1D``), set only for
+    methods that declare :attr:`ContinualMethod.layout_sensitive` (and only for bases with a
+    ``config.json``: an in-memory state dict says nothing about its modules).
     """
 
     t: int
@@ -86,6 +93,7 @@ class StepContext:
     stats: Mapping[str, Any]
     name: str
     role: Role
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,3 +142,6 @@ class ContinualMethod:
     workspace: WorkspaceFn = elementwise_workspace
     history: tuple[str, ...] = ()
     notes: str = ""
+    layout_sensitive: Callable[[Any], bool] = lambda params: False
+    """Whether, with these parameters, a step depends on a matrix's stored orientation (then
+    :attr:`StepContext.transposed` is filled in)."""

@@ -38,7 +38,11 @@ Computed here as the reference does, except:
   its order), so a step neither keeps an autograd graph nor imports ``torch.optim``;
 * a member whose loss is exactly 0 (its task vector is zero in this layer, or X already equals it)
   keeps its gradient unnormalised: the reference divides 0 by 0 and writes NaN;
-* ``exclude`` takes name substrings (the reference: module names) of tensors averaged instead.
+* ``exclude`` takes name substrings (the reference: module names) of tensors averaged instead;
+* GPT-2 ``Conv1D`` weights (stored in × out; the reference would average them as non-linear) are
+  optimised as the ``out × in`` matrix: transposed before the projections and back after, which
+  matters for the one-sided ``svd_proj_space: u | v`` (``uv`` is the same either way). The layout
+  comes from the base's ``config.json``; an in-memory state-dict base has none.
 
 The class default of ``ema_beta`` in the reference is 0.99 (and of ``svd_epsilon`` 1.0); its shipped
 configuration (what its runs use) sets 0.999 and 0.99999, the defaults here. FusionBench's page for
@@ -209,6 +213,8 @@ def dop_step(raw: Tensor | None, tau: Tensor, params: DopParams, ctx: StepContex
         return tau
     merged = raw.mul_(ctx.scale) if ctx.scale != 1.0 else raw
     if optimises(ctx.name, ctx.role, params):
+        if ctx.transposed:  # a Conv1D weight, in × out: DOP's u and v spaces are those of the out × in matrix
+            return optimise_layer(merged.T, tau.T, params).T.contiguous()
         return optimise_layer(merged, tau, params)
     return merged.add_(tau).mul_(0.5)
 
@@ -240,4 +246,5 @@ DOP = ContinualMethod(
     step=dop_step,
     finish=dop_finish,
     workspace=dop_workspace,
+    layout_sensitive=lambda params: params.svd_proj_space != "uv",
 )

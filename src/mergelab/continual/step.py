@@ -169,6 +169,7 @@ def step_graph(
 ) -> Graph:
     """The graph of step ``t``: one job per base tensor; ``sums`` receives (‖τ‖², ‖R_new‖²) per tensor."""
     roles: dict[str, Role] = {m.name: tensor_role(m.name, tuple(m.shape)) for m in float_tensors(base)}
+    transposed = conv1d_weights(base) if method.layout_sensitive(params) else frozenset()
 
     def fn(
         b: Tensor, inputs: Sequence[Tensor], p: MethodParams, mp: Sequence[MethodParams], ctx: TensorContext
@@ -178,7 +179,7 @@ def step_graph(
         if raw is not None and raw.dtype != STATE_DTYPE:
             raw = raw.to(STATE_DTYPE)
         tau_sq = float(torch.linalg.vector_norm(tau)) ** 2
-        out = method.step(raw, tau, p, StepContext(t, scale, stats, ctx.name, roles[ctx.name]))
+        out = method.step(raw, tau, p, StepContext(t, scale, stats, ctx.name, roles[ctx.name], ctx.name in transposed))
         sums[ctx.name] = (tau_sq, float(torch.linalg.vector_norm(out)) ** 2)
         return out
 
@@ -204,6 +205,22 @@ def step_graph(
         base=BASE,
         experts=experts,
         reference=BASE,
+    )
+
+
+def conv1d_weights(base: CheckpointReader) -> frozenset[str]:
+    """The base's tensors that store a linear map ``in × out`` (GPT-2 ``Conv1D`` weights), from its
+    ``config.json`` (the model class on the meta device); empty without one."""
+    folder = getattr(base, "folder", None)
+    if folder is None or not (folder / "config.json").is_file():
+        return frozenset()
+    from mergelab.routed.structure import model_structure
+
+    structure = model_structure(folder, {m.name: tuple(m.shape) for m in base.tensors().values()})
+    return frozenset(
+        info.params["weight"]
+        for info in structure.modules.values()
+        if info.kind == "conv1d" and "weight" in info.params
     )
 
 

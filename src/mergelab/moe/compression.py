@@ -71,7 +71,12 @@ class CompressSettings(BaseModel):
     router_rows: RouterRows = Field("weighted", description="layout distinct: how a group's router row is made")
     align: bool = Field(False, description="align members to their core by weight matching before merging")
     rank: int | None = Field(None, ge=1, description="Sub-MoE: keep this rank of each merged matrix")
-    output_tokens: int = Field(512, ge=1, description="Sub-MoE: tokens per layer on which expert outputs are compared")
+    output_tokens: int = Field(
+        512,
+        ge=1,
+        description="Sub-MoE: real tokens per layer, evenly spaced over the calibration data, on which "
+        "expert outputs are compared",
+    )
     num_examples: int = Field(256, ge=1, description="calibration examples")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=2, description="tokens per calibration example")

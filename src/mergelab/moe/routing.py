@@ -10,8 +10,16 @@ checkpoint and accumulates, per layer:
   routes them to; softmax keeps the order) — M-SMoE's usage frequency;
 * ``logit_gram = Σ_t l_t l_tᵀ``: the Gram matrix of the router-logit columns, whose cosines are
   M-SMoE's expert similarity (``"router-logits"``), accumulated without keeping the logits;
-* for Sub-MoE, the first ``output_tokens`` tokens of each layer, on which every expert is applied
-  afterwards (``output_gram``: the Gram matrix of the experts' output vectors).
+* for Sub-MoE, ``output_tokens`` real tokens of each layer, on which every expert is applied
+  afterwards (``output_gram``: the Gram matrix of the experts' output vectors): evenly spaced over
+  all the calibration batches' real tokens (:func:`spread_picks`; the same positions in every
+  layer, no randomness), so they come from every part of the calibration data, not from its first
+  example.
+
+A block must receive one row per position of its batch (``[batch, seq, d]``, as Mixtral and
+Qwen-MoE blocks do): the attention mask tells the real tokens from the pads. A block that receives
+another number of rows (a model that packs or drops tokens first) is refused in one line rather than
+counted over pads.
 """
 
 from __future__ import annotations
@@ -89,30 +97,38 @@ def collect_routing(
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[RoutingStats, dict[int, Tensor]]:
     """Run ``model`` on ``batches`` and return the routing statistics and, per layer, up to
-    ``output_tokens`` of the tokens entering the MoE block (float32, for expert outputs)."""
+    ``output_tokens`` of the real tokens entering the MoE block (float32, for expert outputs),
+    evenly spaced over every batch's real tokens (:func:`spread_picks`)."""
+    batches = list(batches)
+    total = sum(_real_tokens(b) for b in batches)
+    picks = spread_picks(total, output_tokens)
     n = next(iter(routers.values())).shape[0]
     counts = {layer: torch.zeros(n, dtype=torch.float64) for layer in routers}
     grams = {layer: torch.zeros(n, n, dtype=torch.float64) for layer in routers}
     kept: dict[int, list[Tensor]] = {layer: [] for layer in routers}
-    kept_n = dict.fromkeys(routers, 0)
     weights = {layer: r.to(device=device, dtype=torch.float32) for layer, r in routers.items()}
-    state: dict[str, Tensor] = {}
+    state: dict[str, Any] = {}
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["hidden_states"]
             x = x.reshape(-1, x.shape[-1]).float()
             mask = state["mask"]
-            if mask.numel() == x.shape[0]:
-                x = x[mask]
+            if mask.numel() != x.shape[0]:
+                raise PlanError(
+                    f"layer {layer}: the MoE block received {x.shape[0]} token rows for a batch of {mask.numel()} "
+                    "positions; the real tokens cannot be told from the pads (a model that packs or drops tokens "
+                    "before its MoE blocks is not supported)"
+                )
+            x = x[mask]
             logits = x @ weights[layer].T
             top = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
             counts[layer] += torch.bincount(top, minlength=n).double().cpu()
             grams[layer] += (logits.double().T @ logits.double()).cpu()
-            if kept_n[layer] < output_tokens:
-                take = x[: output_tokens - kept_n[layer]].cpu()
-                kept[layer].append(take)
-                kept_n[layer] += take.shape[0]
+            start = state["offset"]
+            here = picks[(picks >= start) & (picks < start + x.shape[0])] - start
+            if here.numel():
+                kept[layer].append(x[here.to(x.device)].cpu())
 
         return hook
 
@@ -125,6 +141,7 @@ def collect_routing(
             mask = batch.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
             state["mask"] = mask.reshape(-1).bool()
+            state["offset"] = tokens
             model(input_ids=ids, attention_mask=mask)
             tokens += int(mask.sum())
             if on_batch is not None:
@@ -134,6 +151,21 @@ def collect_routing(
             h.remove()
     stats = RoutingStats(n, top_k, tokens, counts, grams)
     return stats, {layer: torch.cat(v) if v else torch.zeros(0) for layer, v in kept.items()}
+
+
+def _real_tokens(batch: Mapping[str, Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def spread_picks(total: int, k: int) -> Tensor:
+    """Indices of ``min(k, total)`` of ``total`` tokens, evenly spaced (the middle of each of k equal
+    stretches: ⌊(i + ½)·total / k⌋), increasing; all of them when ``total ≤ k``."""
+    if k <= 0 or total <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if total <= k:
+        return torch.arange(total)
+    return ((torch.arange(k, dtype=torch.float64) + 0.5) * (total / k)).floor().long()
 
 
 def expert_output_grams(

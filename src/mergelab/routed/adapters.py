@@ -21,7 +21,7 @@ tensors' layout.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,9 @@ class ExpertDelta:
 
     ``lora``: factors in PEFT orientation (``out × in``; for embeddings ``B`` is ``dim × r`` and
     ``A`` is ``r × num_embeddings``, so the stored ``[num, dim]`` update is ``(B A)ᵀ``), scaling
-    folded in (1.0); ``dense``: parameter name -> update in the stored layout.
+    folded in (1.0), ``transposed`` set where the stored tensor is ``(B A)ᵀ`` (embeddings, GPT-2
+    ``Conv1D``), so ``lora.stored_delta()`` is the update in the stored layout; ``dense``: parameter
+    name -> update in the stored layout.
     """
 
     lora: LoraFactors | None = None
@@ -124,6 +126,7 @@ def read_expert(
     shared_param: Callable[[str], torch.Tensor | None],
     module_of_param: Mapping[str, tuple[str, str]],
     tied: Mapping[str, str] | None = None,
+    transposed: Collection[str] = (),
 ) -> dict[str, ExpertDelta]:
     """The deltas of the adapter in ``folder`` relative to the shared model.
 
@@ -131,6 +134,8 @@ def read_expert(
     ``.`` + parameter name, as ``named_parameters`` gives it) or None when the model has no such
     parameter; ``module_of_param`` maps such a name to ``(module, param)``. ``tied``: head
     modules tied to an embedding (their LoRA keys are PEFT's tied copies and are skipped).
+    ``transposed``: modules that store their weight ``in × out`` (GPT-2 ``Conv1D``, which PEFT
+    adapts with ``fan_in_fan_out``); their factors are marked ``transposed`` as embeddings' are.
     """
     from safetensors.torch import load_file
 
@@ -202,5 +207,6 @@ def read_expert(
                 "the adapter does not belong to this shared model"
             )
         s = config.scaling_for(module)
-        out.setdefault(module, ExpertDelta()).lora = LoraFactors(a.float(), b.float() * s, 1.0, transposed=emb)
+        flip = emb or module in transposed
+        out.setdefault(module, ExpertDelta()).lora = LoraFactors(a.float(), b.float() * s, 1.0, transposed=flip)
     return out

@@ -11,10 +11,14 @@ temporary folder published with one rename:
 2. ``experts/<name>/``: module by module, the base, shared and expert tensors are read and the
    method's pure function (:mod:`mergelab.routed.twin`, ``smile``, ``wemoe``, ``split_merge``)
    gives each expert's LoRA factors and dense parts, written as PEFT adapters
-   (:mod:`mergelab.routed.adapters`); memory: one module's tensors of every model;
+   (:mod:`mergelab.routed.adapters`); memory: one module's tensors of every model (the adapter
+   writers spool to disk; only biases and SMILE's gates, T · gate_k · in per linear layer, stay);
 3. ``router/``: a sequence router trained on the experts' train rows and selected on their
-   validation rows (Twin-Merging, Split-Merge), SMILE's gates (from pass 2), or WEMoE's gates
-   trained by entropy minimisation on unlabeled inputs.
+   validation rows (Twin-Merging, Split-Merge; memory: the shared model and the rows' features),
+   SMILE's gates (from pass 2), or WEMoE's gates trained by entropy minimisation on unlabeled
+   inputs (memory: the base's feed-forward tensors, read again from the base while
+   ``router/router.safetensors`` is written, then, for training, the routed model: the shared
+   model plus every expert's block updates, about (T + 1) × the feed-forward weights).
 
 :func:`attach_router` trains the same sequence router for a TALL-masks or EMR output (its shared
 checkpoint is the output itself) and writes it to ``routed/router/``: those outputs then run
@@ -161,6 +165,12 @@ def check_routed_recipe(
     spec = ROUTED_METHODS.get(rec.merge_method)
     if spec is None:
         raise RecipeError(f"{rec.merge_method} is not a routed method ({', '.join(ROUTED_METHODS)})")
+    if "mixing" in rec.parameters:
+        raise ParameterError(
+            f"{spec.name} parameters: mixing is not a method parameter; set the routing weights in the recipe's "
+            "router: block (router: {mixing: softmax|top1|topk, top_k: K})"
+            + ("" if spec.router == "sequence_mlp" else f" ({spec.name} routes with its own gates and has none)")
+        )
     params = _params(spec, rec.parameters)
     if rec.base_model is None:
         raise RecipeError(f"{spec.name} needs a base_model (every expert's update is taken against it)")
@@ -308,6 +318,7 @@ class _Builder:
         self.shared_dir = root / SHARED
         self.shared_r: CheckpointReader | None = None
         self.extras: dict[str, torch.Tensor] = {}  # router tensors gathered in the expert pass
+        self._wemoe_has_lora = [False] * len(self.names)  # wemoe: which experts have their one LoRA module
         self.expert_info: list[dict[str, Any]] = [{} for _ in self.names]
         self.router_info: dict[str, Any] = {}
         self.shared_info: dict[str, Any] = {}
@@ -571,12 +582,15 @@ class _Builder:
         svd_dtype = _torch_dtype(p.svd_dtype)
         parts: list[_Part | None] = []
         for e in experts:
-            if self._lora_target(info):
+            changed = any(not torch.equal(e[k], shared[k]) for k in e)
+            if self._lora_target(info) and p.zero_rank == "dense" and twin_rank(info.shapes["weight"], p.density) == 0:
+                parts.append(_Part(saved=dict(e)) if changed else None)  # rank 0: the expert's module whole
+            elif self._lora_target(info):
                 v = self._peft(info, e["weight"] - shared["weight"])
                 lora = compress(v, twin_rank(tuple(v.shape), p.density), svd_dtype)
                 bias = e["bias"] if "bias" in e and not torch.equal(e["bias"], shared["bias"]) else None
                 parts.append(_Part(lora=lora, bias=bias) if lora is not None or bias is not None else None)
-            elif any(not torch.equal(e[k], shared[k]) for k in e):
+            elif changed:
                 parts.append(_Part(saved=dict(e)))  # 1-D (norms) and non-LoRA modules: dense
             else:
                 parts.append(None)
@@ -619,14 +633,20 @@ class _Builder:
         shared: dict[str, torch.Tensor],
         experts: list[dict[str, torch.Tensor]],
     ) -> list[_Part | None]:
-        for pname, t in base.items():
-            self.extras[f"base.{info.params[pname]}"] = t.to(self.out_dtype)
+        """Each expert's block matrix whole (``modules_to_save``: θₜ's weight and bias), except its first
+        changed matrix, stored as exact LoRA factors because a PEFT adapter needs one LoRA module (factors
+        of full rank cost min(m, n)² more than the dense matrix: once per expert, not per matrix)."""
         parts: list[_Part | None] = []
-        for e in experts:
+        for t, e in enumerate(experts):
             delta = self._peft(info, e["weight"] - shared["weight"])
-            f = identity_factors(delta) if bool(delta.any()) else None
-            bias = e["bias"] if "bias" in e and not torch.equal(e["bias"], shared["bias"]) else None
-            parts.append(_Part(lora=f, bias=bias) if f is not None or bias is not None else None)
+            if not self._wemoe_has_lora[t] and bool(delta.any()):
+                self._wemoe_has_lora[t] = True
+                bias = e["bias"] if "bias" in e and not torch.equal(e["bias"], shared["bias"]) else None
+                parts.append(_Part(lora=identity_factors(delta), bias=bias))
+            elif any(not torch.equal(e[k], shared[k]) for k in e):
+                parts.append(_Part(saved=dict(e)))
+            else:
+                parts.append(None)
         return parts
 
     def _split(
@@ -669,7 +689,7 @@ class _Builder:
         rdir = self.root / ROUTER
         if kind == "sequence_mlp":
             settings = self.rec.router or RouterSettings()
-            mixing = settings.mixing or getattr(self.p, "mixing", None) or self.spec.mixing
+            mixing = settings.mixing or self.spec.mixing
             self.router_info = train_sequence_router(
                 self.shared_dir,
                 rdir,
@@ -711,7 +731,11 @@ class _Builder:
         if not hidden:
             raise PlanError(f"{self.base.folder}/config.json: no hidden_size (or n_embd): wemoe's gates need it")
         gen = torch.Generator().manual_seed(self.seed)
-        tensors: dict[str, torch.Tensor] = {k: v for k, v in self.extras.items() if k.startswith("base.")}
+        tensors: dict[str, torch.Tensor] = {}
+        for lins in blocks.values():  # the base's block tensors, read again here (pass 2 keeps none of them)
+            for lin in lins:
+                for name in self.structure.modules[lin].params.values():
+                    tensors[f"base.{name}"] = self._read(self.base, name).to("cpu", self.out_dtype)
         for block in blocks:
             gate = WemoeGate(hidden, len(self.names), p.depth, p.init_lambda)
             gate.init_weights(gen)
@@ -732,10 +756,13 @@ class _Builder:
         save_router(rdir, tensors, cfg)
         info: dict[str, Any] = {"kind": "wemoe", "blocks": len(blocks), "steps": p.steps}
         if p.steps > 0:
+            del tensors  # not held while the gates train; read back from router/ below
             (self.root / MANIFEST).write_text(json.dumps(self._manifest_core(), indent=2) + "\n")
+            from mergelab.routed.router import load_router
             from mergelab.routed.train_gates import train_wemoe
 
             learned, history = train_wemoe(self.root, self.rec, p, self.device, self.seed, calibration)
+            tensors, _ = load_router(rdir)
             tensors.update(learned)
             cfg["training"] = {
                 "objective": "mean entropy of each task's predictions on unlabeled inputs (test-time adaptation)",
@@ -789,14 +816,16 @@ class _Builder:
 
             m["experts"][t]["bytes"] = weights_bytes(self.root / EXPERTS / n)
         m["storage"] = storage_report(self.root, self.names, inputs or None)
-        m["serving"] = serving_entry(self.spec, self.names)
+        m["serving"] = serving_entry(self.spec, self.names, m["routing"]["mixing"])
         m["load"] = load_instructions(self.structure.kind)
         m["build_seconds"] = round(seconds, 3)
         return m
 
 
-def serving_entry(spec: RoutedMethod, names: Sequence[str]) -> dict[str, Any]:
-    exact = spec.router == "sequence_mlp" and spec.mixing == "top1"
+def serving_entry(spec: RoutedMethod, names: Sequence[str], mixing: str) -> dict[str, Any]:
+    """The manifest's ``serving`` entry; ``mixing`` is the router's resolved mixing (the ``router:``
+    block's, else the method's): top-1 serving is the method itself only when that is ``top1``."""
+    exact = spec.router == "sequence_mlp" and mixing == "top1"
     return {
         "base": SHARED,
         "routes": [{"route": i, "name": n, "adapter": f"{EXPERTS}/{n}"} for i, n in enumerate(names)],
@@ -808,7 +837,7 @@ def serving_entry(spec: RoutedMethod, names: Sequence[str]) -> dict[str, Any]:
             + (
                 "That is exactly this method's routing."
                 if exact
-                else f"This method mixes {spec.mixing} ({spec.granularity}); top-1 serving approximates it."
+                else f"This model mixes {mixing} ({spec.granularity}); top-1 serving approximates it."
             )
             + " The adapters also hold dense parts (biases with bias='all', normalisation layers as "
             "modules_to_save) that some servers do not load: check that yours does."
@@ -898,7 +927,7 @@ def train_sequence_router(
     :mod:`mergelab.routed.router`); returns the manifest's router entry."""
     from mergelab.data.sources import load_tokenizer, tokenize_batches
     from mergelab.informed.modeling import detect_kind, load_model, read_config
-    from mergelab.routed.router import pooled_features, router_config, save_router, train_router
+    from mergelab.routed.router import FEATURE_DTYPE, pooled_features, router_config, save_router, train_router
 
     labels = [m.model for m in rec.models]
     rows = expert_rows(
@@ -910,12 +939,13 @@ def train_sequence_router(
         router_data,
     )
     kind = detect_kind(read_config(shared_dir), rec.calibration.model_type if rec.calibration else "auto")
-    model = load_model(shared_dir, kind, device, torch.float32)
+    model = load_model(shared_dir, kind, device, getattr(torch, FEATURE_DTYPE))
     tok = load_tokenizer(shared_dir)
+    tok.padding_side, tok.truncation_side = "right", "right"  # the rows as RoutedModel's prepass sees them
 
     def feats(texts: Sequence[str]) -> torch.Tensor:
         batches = tokenize_batches(tok, texts, batch_size=settings.feature_batch_size, max_length=settings.max_length)
-        return pooled_features(model, batches, device)
+        return pooled_features(model, batches, device, settings.max_length)
 
     t0 = time.perf_counter()
     xs, ys, vxs, vys = [], [], [], []
@@ -951,12 +981,16 @@ def train_sequence_router(
         temperature=settings.temperature,
         top_k=settings.top_k,
         dropout=settings.dropout,
+        max_length=settings.max_length,
+        feature_dtype=FEATURE_DTYPE,
         validation_accuracy=res.validation_accuracy,
         train_accuracy=res.train_accuracy,
         best_epoch=res.best_epoch,
         training={
             "epochs": settings.epochs,
             "batch_size": settings.batch_size,
+            "steps_per_epoch": res.steps_per_epoch,
+            "steps": res.steps,
             "lr": settings.lr,
             "optimizer": "Adam",
             "selection": "best validation accuracy (validation rows only; never test rows)",
@@ -977,6 +1011,9 @@ def train_sequence_router(
         "train_accuracy": res.train_accuracy,
         "best_epoch": res.best_epoch,
         "rows": {"train": int(x.shape[0]), "validation": int(vx.shape[0])},
+        "batch_size": settings.batch_size,
+        "steps_per_epoch": res.steps_per_epoch,
+        "steps": res.steps,
         "data": f"{ROUTER}/{ROUTER_DATA}",
         "seconds": round(feature_seconds + res.seconds, 3),
         "sources": {r.name: {"train": r.train.source, "validation": r.validation.source} for r in rows},

@@ -2,8 +2,11 @@
 calibration sources (``mergelab.data``; ``zoo:<task>[:<split>]`` comes from the benchmark's plugin).
 
 Train rows are the first ``train_examples`` of the expert's ``calibration`` source; validation
-rows are the first ``validation_examples`` of its ``validation`` source or, without one, the last
-``validation_fraction`` of the train rows (held out, as the reference holds out 10 %). A source
+rows are the first ``validation_examples`` of its ``validation`` source or, without one, held out
+from the calibration source as the reference holds out 10 % before taking up to 5,500 train rows:
+up to ⌈train_examples / (1 − validation_fraction)⌉ rows are read, the last ``validation_fraction``
+of them (at least one, and whatever lies past the first ``train_examples``) validate and the
+others train (:func:`hold_out`). A source
 that is a ``test`` split (a zoo source with ``split: test``, a file named ``test.*``) is refused:
 router training and model selection never see test rows. The ids of every row used are
 returned (and written to ``router/router_data.json``), so a caller can check that.
@@ -11,6 +14,7 @@ returned (and written to ``router/router_data.json``), so a caller can check tha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,16 +107,17 @@ def expert_rows(
             val_ex = load_examples(val, settings.validation_examples)
             rows = ExpertRows(name, _rows(train_ex, src), _rows(val_ex, val))
         else:
-            ex = load_examples(src, settings.train_examples)
-            n_val = max(1, round(settings.validation_fraction * len(ex.texts)))
-            if len(ex.texts) - n_val < 1:
+            ex = load_examples(src, read_limit(settings))
+            cut = hold_out(len(ex.texts), settings)
+            if cut < 1:
                 raise RecipeError(
                     f"model {labels[i]}: {len(ex.texts)} router rows in {src.describe()}: too few to hold out "
                     "validation rows; give a `validation:` source or more rows"
                 )
-            cut = len(ex.texts) - n_val
             rows = ExpertRows(name, _rows(ex, src, 0, cut), _rows(ex, src, cut, None))
-            rows.notes.append(f"validation: the last {n_val} of {len(ex.texts)} rows of {src.describe()} (held out)")
+            rows.notes.append(
+                f"validation: the last {len(ex.texts) - cut} of {len(ex.texts)} rows of {src.describe()} (held out)"
+            )
         overlap = set(rows.train.ids) & set(rows.validation.ids)
         if overlap and val is not None:
             raise RecipeError(
@@ -123,17 +128,30 @@ def expert_rows(
     return out
 
 
+def read_limit(settings: RouterSettings) -> int:
+    """Rows read from a calibration source without a validation source: ⌈train / (1 − fraction)⌉."""
+    return math.ceil(settings.train_examples / (1.0 - settings.validation_fraction) - 1e-9)
+
+
+def hold_out(n: int, settings: RouterSettings) -> int:
+    """Of ``n`` rows read, how many train (the first ones): at most ``train_examples``, and at least
+    ``validation_fraction`` of them (rounded, at least one) held out; the rest validate."""
+    n_val = max(1, round(settings.validation_fraction * n))
+    return max(0, min(settings.train_examples, n - n_val))
+
+
 def _python_rows(name: str, given: RouterData, settings: RouterSettings) -> ExpertRows:
-    train = list(given.train)[: settings.train_examples]
-    tids = list(given.train_ids or [f"{name}:train:{i}" for i in range(len(train))])[: len(train)]
     if given.validation is not None:
+        train = list(given.train)[: settings.train_examples]
+        tids = list(given.train_ids or [f"{name}:train:{i}" for i in range(len(train))])[: len(train)]
         val = list(given.validation)[: settings.validation_examples]
         vids = list(given.validation_ids or [f"{name}:validation:{i}" for i in range(len(val))])[: len(val)]
         return ExpertRows(name, RouterRows(train, tids, "python"), RouterRows(val, vids, "python"))
-    n_val = max(1, round(settings.validation_fraction * len(train)))
-    if len(train) - n_val < 1:
+    train = list(given.train)[: read_limit(settings)]
+    tids = list(given.train_ids or [f"{name}:train:{i}" for i in range(len(train))])[: len(train)]
+    cut = hold_out(len(train), settings)
+    if cut < 1:
         raise RecipeError(f"router data of {name}: {len(train)} rows are too few to hold out validation rows")
-    cut = len(train) - n_val
     return ExpertRows(
         name, RouterRows(train[:cut], tids[:cut], "python"), RouterRows(train[cut:], tids[cut:], "python (held out)")
     )

@@ -14,8 +14,11 @@ that adds ``Σₜ wₜ · updateₜ(x)`` to the shared layer's output, so rows (
 with different routes run in one pass. Where the weights come from depends on the router:
 
 * ``sequence_mlp`` (Twin-Merging, Split-Merge, routed TALL/EMR): before the forward, the shared
-  model alone runs on the input (``state.active = False``), its last hidden state is mean-pooled
-  over real tokens and the router gives ``[batch, experts]`` weights. During ``generate`` the
+  model alone runs on the input (``state.active = False``) as the router was trained: on each
+  row's first ``max_length`` real tokens, right-padded, in the router's ``feature_dtype``
+  (float32; a model loaded in another dtype keeps a float32 copy of the shared model for this, or
+  pass ``router_dtype``); its last hidden state is mean-pooled over real tokens and the router
+  gives ``[batch, experts]`` weights. During ``generate`` the
   route is computed on the prompt (the first forward, empty cache) and kept for the decoding
   steps; beams and returned sequences of one prompt share its route;
 * ``smile``: every routed linear layer routes each token from its own input;
@@ -49,7 +52,14 @@ from mergelab.routed.layers import (
     SmileGate,
     WemoeGate,
 )
-from mergelab.routed.router import build_sequence_router, last_hidden, load_router, mixing_weights, model_body
+from mergelab.routed.router import (
+    FEATURE_DTYPE,
+    body_features,
+    build_sequence_router,
+    load_router,
+    mixing_weights,
+    model_body,
+)
 from mergelab.routed.structure import ModuleKind, module_kind
 
 
@@ -69,9 +79,11 @@ class RoutedModel(nn.Module):
         gates: nn.ModuleDict | None = None,
         slots: Mapping[str, BlockSlot] | None = None,
         kind: str = "encoder",
+        router_body: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.router_body = router_body  # the shared model's body in the router's feature dtype (None: self.model)
         self.experts = list(experts)
         self.state = state
         self.router = router
@@ -97,19 +109,25 @@ class RoutedModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         kind: str = "auto",
+        router_dtype: torch.dtype | None = None,
     ) -> RoutedModel:
         """Load a routed-model folder or a TALL-masks / EMR output (see the module docstring).
 
         ``kind``: how to load the shared checkpoint: ``auto`` (from config.json's architectures),
-        ``causal_lm``, ``sequence_classification`` or ``encoder`` (``AutoModel``)."""
+        ``causal_lm``, ``sequence_classification`` or ``encoder`` (``AutoModel``).
+        ``router_dtype``: the dtype the sequence router's prepass runs in (default: the one its
+        features were trained in, ``feature_dtype`` of its config, float32); when it is not
+        ``dtype``, a second copy of the shared model is loaded in it for the prepass (memory: the
+        shared model in that dtype). ``router_dtype=dtype`` shares the routed model instead, at the
+        price of features the router was not trained on."""
         from mergelab.routed.bundle import is_bundle
         from mergelab.routed.format import is_routed
 
         path = Path(folder).expanduser()
         if is_bundle(path):
-            model = _load_bundle(path, kind, dtype)
+            model = _load_bundle(path, kind, dtype, router_dtype)
         elif is_routed(path):
-            model = _load_masks(path, kind, dtype)
+            model = _load_masks(path, kind, dtype, router_dtype)
         else:
             raise CheckpointError(
                 f"{path}: not a routed model (no manifest.json of a routed-model folder, no routed/manifest.json of "
@@ -190,25 +208,23 @@ class RoutedModel(nn.Module):
         return self.state.weights
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor | None, extra: Mapping[str, Any]) -> torch.Tensor:
-        from mergelab.informed.modeling import pool
-
+        """The router's logits: its features computed as in training (:func:`mergelab.routed.router.body_features`:
+        the first ``max_length`` real tokens of each row, right-padded, in the feature dtype)."""
         assert self.router is not None
-        body = model_body(self.model)
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        for k in ("token_type_ids", "position_ids"):
-            if extra.get(k) is not None:
-                kwargs[k] = extra[k]
-        if body is not self.model or getattr(getattr(body, "config", None), "is_decoder", False):
-            kwargs["use_cache"] = False
-        self._in_prepass = True
-        try:
-            with self.state.inactive():
-                hidden = last_hidden(body(**kwargs))
-        finally:
-            self._in_prepass = False
-        feats = pool(hidden.float(), mask, "mean")
+        cfg = self.router_config
+        max_length = cfg.get("max_length", (cfg.get("training") or {}).get("max_length"))
+        tt = extra.get("token_type_ids")
+        if self.router_body is not None:
+            feats = body_features(self.router_body, ids, mask, tt, max_length)
+        else:
+            self._in_prepass = True
+            try:
+                with self.state.inactive():
+                    feats = body_features(model_body(self.model), ids, mask, tt, max_length)
+            finally:
+                self._in_prepass = False
         router_dev = next(self.router.parameters()).device
-        return self.router(feats.to(router_dev)).to(hidden.device)
+        return self.router(feats.to(router_dev)).to(ids.device)
 
     def _sequence_weights(self, ids: torch.Tensor, mask: torch.Tensor | None, extra: Mapping[str, Any]) -> torch.Tensor:
         cfg = self.router_config
@@ -437,7 +453,27 @@ def _check_router_classes(cfg: Mapping[str, Any], experts: Sequence[str], where:
         )
 
 
-def _load_bundle(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
+def _router_body(
+    shared: Path, kind: str, cfg: Mapping[str, Any], dtype: torch.dtype, router_dtype: torch.dtype | None
+) -> nn.Module | None:
+    """The shared model's body in the dtype the sequence router's features were computed in, when
+    that is not the routed model's own ``dtype`` (None: the routed model runs the prepass)."""
+    want = router_dtype
+    if want is None:
+        name = str(cfg.get("feature_dtype", FEATURE_DTYPE))
+        want = getattr(torch, name, None)
+        if not isinstance(want, torch.dtype):
+            raise CheckpointError(f"{shared}: router feature_dtype {name!r} is not a torch dtype")
+    if want == dtype:
+        return None
+    model, _ = _load_shared(shared, kind, want)
+    body = model_body(model)
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return body.eval()
+
+
+def _load_bundle(folder: Path, kind: str, dtype: torch.dtype, router_dtype: torch.dtype | None = None) -> RoutedModel:
     from mergelab.routed.bundle import ROUTER, SHARED, read_bundle_manifest
 
     manifest = read_bundle_manifest(folder)
@@ -445,7 +481,8 @@ def _load_bundle(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
     model, k = _load_shared(folder / SHARED, kind, dtype)
     params, owner = _param_index(model)
     tied = _tied_heads(model)
-    deltas = [read_expert(folder / e["adapter"], params.get, owner, tied) for e in manifest["experts"]]
+    conv1d = {n for n, m in model.named_modules() if module_kind(m) == "conv1d"}
+    deltas = [read_expert(folder / e["adapter"], params.get, owner, tied, conv1d) for e in manifest["experts"]]
     router_dir = folder / ROUTER
     tensors, cfg = load_router(router_dir)
     _check_router_classes(cfg, names, router_dir)
@@ -455,8 +492,10 @@ def _load_bundle(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
     gates = None
     slots: dict[str, BlockSlot] = {}
     layer_gates: dict[str, nn.Module] = {}
+    router_body = None
     if router_kind == "sequence_mlp":
         router = build_sequence_router(tensors, cfg, router_dir)
+        router_body = _router_body(folder / SHARED, k, cfg, dtype, router_dtype)
     elif router_kind == "smile":
         for key, g in tensors.items():
             if not key.startswith("gate."):
@@ -486,7 +525,16 @@ def _load_bundle(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
     layer_slots = {lin: slot for block, slot in slots.items() for lin in cfg["blocks"][block]} if slots else {}
     _wrap(model, deltas, state, gates=layer_gates, slots=layer_slots)
     out = RoutedModel(
-        model, names, state, router=router, router_config=cfg, manifest=manifest, gates=gates, slots=slots, kind=k
+        model,
+        names,
+        state,
+        router=router,
+        router_config=cfg,
+        manifest=manifest,
+        gates=gates,
+        slots=slots,
+        kind=k,
+        router_body=router_body,
     )
     return out
 
@@ -525,7 +573,8 @@ def _wemoe_rebase(
 ) -> None:
     """WEMoE mixes θ0 + Σ λₜ τₜ in each block: the routed layers' shared part becomes the base
     block (``router/``'s ``base.<param>``), each expert's update θₜ − θ0 (= its adapter's delta
-    relative to the shared model + shared − θ0)."""
+    relative to the shared model + shared − θ0), every term in the stored tensor's layout (a GPT-2
+    ``Conv1D`` stores ``in × out``; its LoRA factors give ``out × in``: ``stored_delta``)."""
     params = dict(model.named_parameters())
     for key, base in tensors.items():
         if not key.startswith("base."):
@@ -542,7 +591,7 @@ def _wemoe_rebase(
                 e = ExpertDelta()
                 d[module] = e  # type: ignore[index]
             if e.lora is not None and pname == "weight":
-                dense = e.lora.delta(torch.float32)
+                dense = e.lora.stored_delta(torch.float32)
                 e.dense["weight"] = e.dense.get("weight", torch.zeros_like(dense)) + dense
                 e.lora = None
             e.dense[pname] = e.dense.get(pname, torch.zeros_like(shift)) + shift
@@ -550,7 +599,7 @@ def _wemoe_rebase(
             p.copy_(base.to(p.dtype))
 
 
-def _load_masks(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
+def _load_masks(folder: Path, kind: str, dtype: torch.dtype, router_dtype: torch.dtype | None = None) -> RoutedModel:
     """A TALL-masks / EMR output: experts are the tasks' reconstructions, as dense deltas."""
     from mergelab.routed.extract import iter_task_tensors
     from mergelab.routed.format import read_manifest, routed_dir
@@ -582,12 +631,16 @@ def _load_masks(folder: Path, kind: str, dtype: torch.dtype) -> RoutedModel:
     router: nn.Module | None = None
     cfg: dict[str, Any] = {"kind": "none", "classes": names, "mixing": "top1", "granularity": "sequence"}
     rdir = routed_dir(folder) / "router"
+    router_body = None
     if (rdir / "router_config.json").is_file():
         tensors, cfg = load_router(rdir)
         _check_router_classes(cfg, names, rdir)
         router = build_sequence_router(tensors, cfg, rdir)
+        router_body = _router_body(folder, k, cfg, dtype, router_dtype)
     _wrap(model, deltas, state)
-    return RoutedModel(model, names, state, router=router, router_config=cfg, manifest=manifest, kind=k)
+    return RoutedModel(
+        model, names, state, router=router, router_config=cfg, manifest=manifest, kind=k, router_body=router_body
+    )
 
 
 def read_router_config(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Model Merging", NeurIPS, arXiv:2406.15479; reference code LZY-the-boys/Twin-Merg
 ``discriminative/router.py``): features are the mean over the real tokens of the shared model's
 last hidden state; the classifier is an MLP ``Linear(d, 2d) → BatchNorm → LeakyReLU → Dropout(0.5)
 → Linear(2d, 2d) → BatchNorm → LeakyReLU → Dropout(0.5) → Linear(2d, T)`` trained with cross
-entropy (Adam, lr 5e-4, batch 1024, 50 epochs) on examples of each expert's task. The
+entropy (Adam, lr 5e-4, batch 1024, 50 epochs) on up to 5,500 examples of each expert's task
+(:mod:`mergelab.routed.settings`; ⌈rows / batch⌉ Adam steps per epoch, recorded). The
 checkpoint kept is the epoch with the best accuracy on **validation** examples: the reference
 keeps the best epoch on a set built from the *test* split (HF Trainer's
 ``load_best_model_at_end`` on its evaluation set); mergelab never reads test rows here.
@@ -13,6 +14,13 @@ keeps the best epoch on a set built from the *test* split (HF Trainer's
 Routing weights from the logits ``z``: ``softmax(z / temperature)`` (Twin-Merging's mixing),
 ``top1`` (one-hot argmax: Split-Merge, routed TALL masks / EMR), or softmax restricted to the
 ``top_k`` largest, renormalised.
+
+Features at training and at inference are computed the same way (:func:`router_inputs`): each
+row's real tokens, the first ``max_length`` of them (``router.max_length``, 128), packed from the
+left and right-padded, so a row's features do not depend on its batch-mates or on left padding;
+the shared model runs in float32. ``router_config.json`` records both (``max_length``,
+``feature_dtype``); :class:`mergelab.routed.RoutedModel` applies them (a model loaded in another
+dtype keeps a float32 copy of the shared model for the router).
 
 The router is stored as ``router/router.safetensors`` (the MLP's state dict) and
 ``router/router_config.json`` (what it reads, its classes, temperature, top-k, mixing,
@@ -64,6 +72,10 @@ def mixing_weights(
     logits: torch.Tensor, mixing: str, temperature: float = 1.0, top_k: int | None = None
 ) -> torch.Tensor:
     """Routing weights ``[..., T]`` from router logits (see the module docstring)."""
+    if mixing not in ("softmax", "top1", "topk"):
+        raise ValueError(f"unknown mixing {mixing!r} (softmax, top1, topk)")
+    if mixing == "topk" and top_k is None:
+        raise ValueError("mixing topk needs top_k")
     if mixing == "top1":
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -83,6 +95,9 @@ class RouterTraining:
     history: list[dict[str, float]] = field(default_factory=list)
     train_accuracy: float = math.nan
     seconds: float = 0.0
+    steps: int = 0
+    """Adam steps taken (over every epoch)."""
+    steps_per_epoch: int = 0
 
 
 def train_router(
@@ -114,6 +129,7 @@ def train_router(
     best_acc, best_epoch = -1.0, -1
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
+    steps = 0
     for epoch in range(epochs):
         router.train()
         order = torch.randperm(n, generator=gen)
@@ -126,6 +142,7 @@ def train_router(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            steps += 1
             total += float(loss.detach()) * idx.numel()
         acc = accuracy(router, val_x, val_y)
         history.append({"epoch": epoch, "train_loss": total / max(1, n), "validation_accuracy": acc})
@@ -135,7 +152,14 @@ def train_router(
     assert best is not None
     router.load_state_dict(best)
     return RouterTraining(
-        best, best_acc, best_epoch, history, accuracy(router, train_x, train_y), time.perf_counter() - t0
+        best,
+        best_acc,
+        best_epoch,
+        history,
+        accuracy(router, train_x, train_y),
+        time.perf_counter() - t0,
+        steps,
+        steps // max(1, epochs),
     )
 
 
@@ -154,25 +178,69 @@ def accuracy(router: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # Features
 
 
+FEATURE_DTYPE = "float32"
+"""The dtype the shared model runs in for the router's features (training and inference)."""
+
+
+def router_inputs(
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The router's view of a batch: each row's real tokens (``mask`` 1; all when None), the first
+    ``max_length`` of them, moved to the front in order and right-padded (``ids``, a 0/1 mask,
+    ``token_type_ids`` gathered the same way)."""
+    if mask is None:
+        mask = torch.ones_like(ids)
+    keep = mask.bool()
+    if max_length is not None:
+        keep = keep & (keep.long().cumsum(-1) <= max_length)
+    lengths = keep.sum(-1)
+    width = max(1, int(lengths.max())) if lengths.numel() else 1
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :width]
+    new_mask = (torch.arange(width, device=ids.device) < lengths.unsqueeze(-1)).to(mask.dtype)
+    tt = token_type_ids.gather(1, order) if token_type_ids is not None else None
+    return ids.gather(1, order), new_mask, tt
+
+
 @torch.no_grad()
 def pooled_features(
-    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], device: torch.device | str = "cpu"
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    max_length: int | None = None,
 ) -> torch.Tensor:
-    """Mean over real tokens of the last hidden state of ``model``'s body for each row of ``batches``."""
-    from mergelab.informed.modeling import pool
-
+    """Mean over real tokens of the last hidden state of ``model``'s body for each row of ``batches``
+    (rows as :func:`router_inputs` gives them)."""
     body = model_body(model)
     out = []
     for b in batches:
-        ids = b["input_ids"].to(device)
         mask = b.get("attention_mask")
-        mask = mask.to(device) if mask is not None else None
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in b:
-            kwargs["token_type_ids"] = b["token_type_ids"].to(device)
-        hidden = last_hidden(body(**kwargs, use_cache=False) if _takes_cache(body) else body(**kwargs))
-        out.append(pool(hidden.float(), mask, "mean").cpu())
+        out.append(
+            body_features(body, b["input_ids"].to(device), mask.to(device) if mask is not None else None,
+                          b["token_type_ids"].to(device) if "token_type_ids" in b else None, max_length).cpu()
+        )  # fmt: skip
     return torch.cat(out) if out else torch.empty(0)
+
+
+def body_features(
+    body: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """The router's float32 features ``[batch, d]`` of one batch: ``body`` (the model without its head)
+    on :func:`router_inputs`, its last hidden state mean-pooled over the real tokens."""
+    from mergelab.informed.modeling import pool
+
+    ids, mask, tt = router_inputs(ids, mask, token_type_ids, max_length)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if tt is not None:
+        kwargs["token_type_ids"] = tt
+    hidden = last_hidden(body(**kwargs, use_cache=False) if _takes_cache(body) else body(**kwargs))
+    return pool(hidden.float(), mask, "mean")
 
 
 def model_body(model: nn.Module) -> nn.Module:
@@ -223,6 +291,7 @@ def router_config(
             "model": "shared",
             "hidden_state": "last (the model body's last_hidden_state, after its final norm)",
             "pooling": "mean over the attention mask's real tokens",
+            "tokens": "each row's first max_length real tokens, right-padded (router_inputs)",
         }
         cfg["features"] = features
         cfg["hidden"] = hidden
@@ -265,6 +334,12 @@ def load_router(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def build_sequence_router(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], where: Path) -> SequenceRouter:
     """A :class:`SequenceRouter` in eval mode from its stored state and config."""
     features, classes = int(cfg.get("features") or 0), len(cfg["classes"])
+    mixing, top_k = cfg.get("mixing", "softmax"), cfg.get("top_k")
+    if mixing not in ("softmax", "top1", "topk") or (mixing == "topk" and not isinstance(top_k, int)):
+        raise CheckpointError(
+            f"{where}: router mixing {mixing!r} with top_k {top_k!r}: expected softmax, top1, or topk with an integer "
+            "top_k; the router config is corrupt"
+        )
     router = SequenceRouter(features, classes, cfg.get("hidden"), float(cfg.get("dropout", 0.5)))
     try:
         router.load_state_dict(dict(tensors))

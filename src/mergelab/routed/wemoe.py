@@ -20,10 +20,14 @@ of Experts", ICML, arXiv:2402.00433 (reference code tanganke/fusion_bench ``mode
   distribution for causal LMs). The paper and the reference use each task's **test** inputs
   (unlabeled): the benchmark does the same and says so; the recipe's calibration sources decide.
 
-Stored as: shared/ = the task-arithmetic merge, experts/<t>/ = each block's θₜ − θ* as exact LoRA
-factors (an identity on the smaller side: ``B = I, A = Δ`` or ``B = Δ, A = I``, so PEFT rebuilds
-θₜ's block exactly) plus the block's biases, router/ = the gates (``gate.<block>.*``) and the base
-block tensors (``base.<tensor>``). A one-hot route is θ* outside the blocks and θₜ inside.
+Stored as: shared/ = the task-arithmetic merge, experts/<t>/ = each block's matrices θₜ whole
+(PEFT ``modules_to_save``: weight and bias), except the expert's first changed matrix, which is
+stored as exact LoRA factors (an identity on the smaller side: ``B = I, A = Δ`` or ``B = Δ, A = I``
+with Δ = θₜ − θ*) because a PEFT adapter needs one LoRA module; full-rank factors cost min(m, n)²
+more than the dense matrix (+25 % for a 4×-wide MLP matrix), so that is paid once per expert, not
+per matrix. router/ = the gates (``gate.<block>.*``) and the base block tensors
+(``base.<tensor>``). A one-hot route is θ* outside the blocks and θₜ inside (PEFT rebuilds θₜ's
+blocks exactly).
 """
 
 from __future__ import annotations

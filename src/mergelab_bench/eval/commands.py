@@ -476,6 +476,10 @@ def bench_command(
         int, typer.Option(help="routed rows: router model-selection rows per task (its validation split)")
     ] = 100,
     router_epochs: Annotated[int, typer.Option(help="routed rows: router training epochs")] = 50,
+    router_batch_size: Annotated[
+        int | None,
+        typer.Option(help="routed rows: router batch (default: rows of every task / 8, at most 1024: ~8 steps/epoch)"),
+    ] = None,
     wemoe_split: Annotated[
         str, typer.Option(help="wemoe's unlabeled inputs: test (the paper's test-time adaptation) or train")
     ] = "test",
@@ -515,7 +519,8 @@ def bench_command(
     stats = _stats_config(bootstrap, bootstrap_seed, merge_seeds, extend_grid)
     routed = RoutedBenchSettings(
         train_examples=router_examples, validation_examples=router_validation_examples, epochs=router_epochs,
-        wemoe_split=wemoe_split, wemoe_examples=wemoe_examples, wemoe_steps=wemoe_steps, device=routed_device,
+        router_batch_size=router_batch_size, wemoe_split=wemoe_split, wemoe_examples=wemoe_examples,
+        wemoe_steps=wemoe_steps, device=routed_device,
     )  # fmt: skip
     if suite == "lm":
         _lm_bench(

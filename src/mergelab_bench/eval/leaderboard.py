@@ -1048,6 +1048,7 @@ def reproduce_command(lb: Leaderboard) -> str:
             ("train_examples", "--router-examples"),
             ("validation_examples", "--router-validation-examples"),
             ("epochs", "--router-epochs"),
+            ("router_batch_size", "--router-batch-size"),
             ("wemoe_split", "--wemoe-split"),
             ("wemoe_examples", "--wemoe-examples"),
             ("wemoe_steps", "--wemoe-steps"),

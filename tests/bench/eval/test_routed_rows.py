@@ -34,6 +34,19 @@ def test_routed_group_names_the_rows():
     assert routed_row_spec("ties") is None
 
 
+def test_router_batch_gives_several_adam_steps_per_epoch():
+    from mergelab.errors import RecipeError
+    from mergelab_bench.eval.routed_models import router_batch
+
+    assert router_batch(RoutedBenchSettings(), 4) == 150  # 1200 rows / 8
+    assert router_batch(RoutedBenchSettings(), 2) == 75
+    assert router_batch(RoutedBenchSettings(train_examples=5500), 8) == 1024  # the reference's batch, at most
+    assert router_batch(RoutedBenchSettings(train_examples=1), 2) == 2
+    assert router_batch(RoutedBenchSettings(router_batch_size=64), 4) == 64
+    with pytest.raises(RecipeError, match="batch size"):
+        RoutedBenchSettings(router_batch_size=1)
+
+
 def test_classification_rows_route_every_test_row(tiny_zoo: Zoo, tmp_path: Path) -> None:
     grids = {
         "twin_merging": (GridPoint({"density": 0.5}),),
