@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     limit: Any = args.limit if args.limit is not None else "zoo"
     threads = args.threads if args.threads > 0 else None
     prompt_chars = args.prompt_chars or None
-    say = lambda s: print(s, flush=True)  # noqa: E731
+    say = lambda s: print(s, flush=True)
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "format": FORMAT,
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "leaderboard_note": note,
                 "settings": {
-                    "to": args.to, "methods": [f"{m}:{lay}" for m, lay in methods], "gate_mode": args.compress_gate_mode,
+                    "to": args.to, "methods": [f"{m}:{lay}" for m, lay in methods],
+                    "gate_mode": args.compress_gate_mode,
                     "calibration_per_domain": args.calibration_per_domain,
                     "calibration_max_length": args.calibration_max_length, "architectures": _names(args.architectures),
                 },

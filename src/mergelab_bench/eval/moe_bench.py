@@ -1,4 +1,6 @@
-"""Mixtures of experts on the LM suite: upcycling the domain experts, then compressing the MoE (``benchmarks/moe_bench.py``).
+"""Mixtures of experts on the LM suite: upcycling the domain experts, then compressing the MoE.
+
+``benchmarks/moe_bench.py`` is the command line.
 
 The measurement of issue 19, in two parts, both scored with the LM suite's evaluator
 (:class:`~mergelab_bench.eval.lm_harness.LMEvaluator`, which loads any ``AutoModelForCausalLM``
@@ -386,7 +388,7 @@ def compression_rows(
     moe = work / f"compress-{architecture}-input"
     built = _upcycle(recipe, moe, threads, device)
     cal = calibration_file(zoo, scorer.domains, calibration_per_domain, work / "calibration.jsonl")
-    n_examples = sum(1 for _ in open(cal))
+    n_examples = len(cal.read_text().splitlines())
     first = scorer.score(moe, f"MoE {architecture}, {len(scorer.domains)} experts (uncompressed)")
     first.update(
         kind="upcycled MoE", method="none", layout="–", gate_mode=gate_mode, upcycle=built,
