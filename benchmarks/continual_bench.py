@@ -21,6 +21,7 @@ Usage:
   options: --methods opcm,dop,average,task_arithmetic,ties,magmax --param opcm:alpha=0.5
            --orders 3 --order-seed 0 --offline task_arithmetic,ties --offline-param ties:lambda=1.0
            --limit N --validation-limit N --all-tasks --bootstrap 1000 --threads 2 --out DIR --fresh
+           --device cuda (LM scoring) --add-device cuda (the continual steps)
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default=None, help="LM suite: device the models are scored on")
+    ap.add_argument("--add-device", default="cpu", help="device of each continual step (DOP on the LM suite: cuda)")
     ap.add_argument("--cache", type=Path, default=None, help="zoo cache root (default $MERGELAB_CACHE)")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/continual-<suite>/")
     ap.add_argument("--fresh", action="store_true", help="measure every run again (default: reuse saved runs)")
@@ -164,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_continual(
         suite, methods=methods, params=params, orders=orders, offline=offline, offline_fixed=fixed,
         validation_limit=args.validation_limit, all_tasks=args.all_tasks, stats=stats,
-        threads=args.threads if args.threads > 0 else None, echo=lambda s: print(s, flush=True), on_run=on_run,
-        done=done,
+        threads=args.threads if args.threads > 0 else None, device=args.add_device,
+        echo=lambda s: print(s, flush=True), on_run=on_run, done=done,
     )  # fmt: skip
     result["config"] = {**config, "threads": torch.get_num_threads(), "order_seed": args.order_seed}
     result["command"] = command

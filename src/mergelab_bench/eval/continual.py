@@ -211,13 +211,14 @@ def run_order(
     *,
     all_tasks: bool = False,
     threads: int | None = None,
+    device: str = "cpu",
     echo: Echo | None = None,
     label: str = "",
 ) -> dict[str, Any]:
     """Add the experts of ``order`` one at a time with ``method`` (in memory) and score every step.
 
     Returns the run: the order, the resolved parameters, per step the added task, the seconds of
-    the add and of the scoring, the engine's expected and measured peak, the scores (raw and
+    the add (on ``device``) and of the scoring, the engine's expected and measured peak, the scores (raw and
     normalized) of the scored tasks, and the step × task matrix (zoo task order; ``None`` where a
     task was not scored). The last step's report is kept whole (``final_report``) for the bootstrap.
     """
@@ -232,7 +233,7 @@ def run_order(
     report: EvalReport | None = None
     for t, task in enumerate(order):
         t0 = time.perf_counter()
-        rep = cm.add(suite.expert_path(task), name=task, threads=threads)
+        rep = cm.add(suite.expert_path(task), name=task, threads=threads, device=device)
         merged = cm.state_dict(out_dtype="float32")
         t1 = time.perf_counter()
         scored = tasks if all_tasks else list(order[: t + 1])
@@ -404,6 +405,7 @@ def run_continual(
     all_tasks: bool = False,
     stats: StatsConfig | None = None,
     threads: int | None = None,
+    device: str = "cpu",
     echo: Echo | None = None,
     on_run: Callable[[dict[str, Any]], object] | None = None,
     done: Mapping[tuple[str, int], Mapping[str, Any]] | None = None,
@@ -411,7 +413,8 @@ def run_continual(
     """Every method over every order, the offline rows and the base; returns the result ``continual.json`` holds.
 
     ``params``: parameters per continual method (default: each method's defaults, the reference
-    code's). ``done`` maps (method, order index) to runs measured before with the same settings
+    code's). ``device``: where each continual step runs (DOP's per-layer optimisation wants a GPU on the
+    LM suite). ``done`` maps (method, order index) to runs measured before with the same settings
     (returned as they are); ``on_run`` is called after each new run (the script saves as it goes).
     """
     say = echo or (lambda _: None)
@@ -429,7 +432,14 @@ def run_continual(
                 continue
             say(f"{method}, order {k}: {' → '.join(order)}")
             run = run_order(
-                suite, method, params.get(method, {}), order, all_tasks=all_tasks, threads=threads, echo=say
+                suite,
+                method,
+                params.get(method, {}),
+                order,
+                all_tasks=all_tasks,
+                threads=threads,
+                device=device,
+                echo=say,
             )
             run["order_index"] = k
             runs.append(summarize_run(run, tasks))
