@@ -446,9 +446,12 @@ def run_continual(
             if on_run is not None:
                 on_run(run)
             say(f"{method}, order {k}: final {fmt_pct(run['final_average'])} %, BWT {_pp(run['bwt'])}")
-    rows, how = offline_rows(
-        suite, offline, fixed=offline_fixed, validation_limit=validation_limit, stats=stats, echo=say
-    )
+    rows: list[dict[str, Any]] = []
+    how: dict[str, Any] = {}
+    if offline:
+        rows, how = offline_rows(
+            suite, offline, fixed=offline_fixed, validation_limit=validation_limit, stats=stats, echo=say
+        )
     for r in rows:
         ci = (r.get("stats") or {}).get("average_normalized") or {}
         say(f"offline {r['method']} ({r['chosen_label']}): {fmt_pct(ci.get('estimate'))} %")
