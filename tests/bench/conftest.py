@@ -258,3 +258,20 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_zoo4(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny LM zoo of four domains (python, german, italian, arithmetic; 2 training steps each, 8 test rows),
+    for the continual and MoE benchmarks' tests."""
+    from mergelab_bench.zoo.lm.build import LMZooConfig, build_lm_zoo
+    from mergelab_bench.zoo.lm.testing import write_lm_sources, write_tiny_causal_lm
+    from mergelab_bench.zoo.lm.train import LMTrainConfig
+
+    root = tmp_path_factory.mktemp("lmzoo4")
+    train = LMTrainConfig(steps=2, batch_size=4, max_len=24, lr=1e-3, eval_limit=8, eval_batch_size=4)
+    return build_lm_zoo(
+        LMZooConfig(name="tiny", tasks=("python", "german", "italian", "arithmetic"), train=train),
+        cache=root / "cache", reader=write_lm_sources(root / "src"), base_source=write_tiny_causal_lm(root / "tiny"),
+        threads=1,
+    )  # fmt: skip

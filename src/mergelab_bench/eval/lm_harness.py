@@ -8,7 +8,8 @@ for every domain (see :mod:`mergelab_bench.eval.metrics`). The other metrics of 
 perplexity of the arithmetic texts) are reported beside it in ``info["secondary"]``, with the
 same fields; ``info["tokens"]`` gives the number of predicted tokens behind each perplexity.
 
-Accepted models: an HF causal-LM checkpoint directory, a ``.safetensors`` file or a directory
+Accepted models: an HF causal-LM checkpoint directory (of any architecture ``AutoModelForCausalLM``
+loads, e.g. a Mixtral or Qwen2-MoE built by ``mergelab moe``), a ``.safetensors`` file or a directory
 of them (a state dict of the base's architecture: a merge output without a config), an
 in-memory state dict, an ``nn.Module``, or the names ``base`` and ``expert:<task>`` for the
 zoo's own models (their scores are read from the zoo's cache when there), and ``adapter:<task>``

@@ -1,0 +1,132 @@
+"""The MoE benchmark (``benchmarks/moe_bench.py``, :mod:`mergelab_bench.eval.moe_bench`): parameter counts of a
+tiny Mixtral by hand, the LM evaluator on an MoE folder, leaderboard rows, and the script end to end on a tiny
+LM zoo (upcycling per gate mode, 4 -> 2 compression)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergelab_bench.eval import moe_bench as M
+from mergelab_bench.eval.stats import StatsConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("moe_bench", ROOT / "benchmarks" / "moe_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parameters_of_a_tiny_mixtral_by_hand(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+    sizes.update(num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2)).save_pretrained(
+        tmp_path / "moe"
+    )
+    # per layer: q 32x32, k and v 16x32 (2 kv heads of 8), o 32x32, 2 norms of 32, router 4x32,
+    # 4 experts of 3 x 32x48; plus embeddings and head 64x32 each and the final norm
+    expert = 3 * 32 * 48
+    layer = 1024 + 512 + 512 + 1024 + 64 + 128 + 4 * expert
+    total = 2 * layer + 2 * 64 * 32 + 32
+    p = M.moe_parameters(tmp_path / "moe")
+    assert p["moe"] and p["architecture"] == "mixtral" and p["top_k"] == 2 and p["experts_per_layer"] == [4]
+    assert p["expert_size"] == expert and p["total"] == total == 47520
+    assert p["active"] == total - 2 * (4 - 2) * expert == 29088  # 2 of 4 experts per layer run per token
+    assert p["distinct"] == total and p["bytes"] > 4 * total
+    # a shared-layout compression: 4 slots per layer holding 2 distinct experts
+    shutil.copytree(tmp_path / "moe", tmp_path / "shared")
+    report = {"layout": "shared", "experts_per_layer": {"0": 2, "1": 2}}
+    (tmp_path / "shared" / "moe_compress.json").write_text(json.dumps(report))
+    s = M.moe_parameters(tmp_path / "shared")
+    assert s["distinct"] == total - 2 * 2 * expert and s["active"] == p["active"]
+    assert s["distinct_experts_per_layer"] == [2]
+    # a dense model: everything is active
+    LlamaForCausalLM(LlamaConfig(**sizes)).save_pretrained(tmp_path / "dense")
+    d = M.moe_parameters(tmp_path / "dense")
+    assert not d["moe"] and d["active"] == d["total"] == d["distinct"] == 2 * (3072 + 64 + 3 * 32 * 48) + 4096 + 32
+
+
+def test_recipe_and_calibration_come_from_train_texts(tiny_lm_zoo4, tmp_path: Path) -> None:
+    zoo = tiny_lm_zoo4
+    recipe = M.lm_moe_recipe(zoo, ["german", "python"], gate_mode="hidden", prompts=3, prompt_chars=20)
+    train = zoo.data("german").texts("train", 3)
+    assert recipe["experts"][0]["positive_prompts"] == [t[:20] for t in train]
+    assert recipe["experts"][1]["source_model"] == str(zoo.expert_model_dir("python"))
+    assert "shared_experts" not in recipe
+    qwen = M.lm_moe_recipe(zoo, ["german", "python"], gate_mode="random", architecture="qwen2_moe")
+    assert qwen["shared_experts"][0]["source_model"] == str(zoo.base_dir)
+    path = M.calibration_file(zoo, ["german", "python"], 2, tmp_path / "cal.jsonl")
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert texts == [zoo.data(t).texts("train", 2)[i] for i in range(2) for t in ("german", "python")]
+
+
+def test_leaderboard_rows_same_zoo_only(tiny_lm_zoo4, tmp_path: Path) -> None:
+    from mergelab_bench.eval.grids import GridPoint
+    from mergelab_bench.eval.leaderboard import write_leaderboard
+    from mergelab_bench.eval.lm_bench import run_lm_bench
+
+    zoo = tiny_lm_zoo4
+    rows, note = M.leaderboard_rows(tmp_path / "none.json", zoo, zoo.tasks, 8)
+    assert rows == [] and "no leaderboard" in note
+    lb = run_lm_bench(
+        zoo, methods=["task_arithmetic", "linear"], validation_limit=4,
+        grids={"task_arithmetic": [GridPoint({"lambda": 1.0})], "linear": [GridPoint()]},
+        stats=StatsConfig(bootstrap=20, extend_edges=False),
+    )  # fmt: skip
+    path = write_leaderboard(lb, tmp_path / "lb")["json"]
+    rows, note = M.leaderboard_rows(path, zoo, ["german", "italian"], 8, best=1)
+    assert len(rows) == 1 and rows[0]["kind"] == "static merge" and "same zoo" in note
+    best = lb.ranked()[0]
+    assert rows[0]["name"] == best.method and rows[0]["interval"] is None  # another set of domains: no interval
+    want = [best.test.score(t).normalized for t in ("german", "italian")]
+    assert rows[0]["average_normalized"] == pytest.approx(sum(want) / 2)
+    rows, note = M.leaderboard_rows(path, zoo, zoo.tasks, 16)
+    assert rows == [] and "not comparable" in note
+
+
+def test_script_upcycles_and_compresses(tiny_lm_zoo4, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["--zoo", str(tiny_lm_zoo4.root), "--out", str(out), "--domains", "german,italian"]
+    args += ["--gate-modes", "hidden,cheap_embed", "--prompts", "2", "--calibration-per-domain", "3"]
+    args += ["--compress-methods", "msmoe:shared,prune-frequency", "--bootstrap", "20", "--threads", "1"]
+    args += ["--leaderboard", str(tmp_path / "none.json"), "--work", str(tmp_path / "work")]
+    assert _script().main(args) == 0
+    data = json.loads((out / "moe.json").read_text())
+    up = data["upcycling"]
+    assert [r["name"] for r in up["rows"]][:3] == ["base", "expert: german", "expert: italian"]
+    moes = [r for r in up["rows"] if r["kind"] == "upcycled MoE"]
+    assert [r["gate_mode"] for r in moes] == ["hidden", "cheap_embed"]
+    for r in moes:  # 2 experts, top-2: every parameter is active
+        p = r["parameters"]
+        assert p["architecture"] == "mixtral" and p["experts_per_layer"] == [2] and p["active"] == p["total"]
+        assert set(r["normalized"]) == {"german", "italian"} and r["interval"]["low"] is not None
+    comp = data["compression"]
+    assert comp["domains"] == tiny_lm_zoo4.tasks  # the first 4
+    by = {(r.get("method"), r.get("layout")): r for r in comp["rows"] if r["kind"] != "base"}
+    first = by[("none", "–")]["parameters"]
+    assert first["experts_per_layer"] == [4] and first["active"] == first["total"] - 2 * 2 * first["expert_size"]
+    shared = by[("msmoe", "shared")]["parameters"]
+    assert shared["experts_per_layer"] == [4] and shared["distinct_experts_per_layer"] == [2]
+    assert shared["total"] == first["total"] and shared["distinct"] == first["active"]
+    pruned = by[("prune-frequency", "distinct")]["parameters"]
+    # 2 of 2 experts per layer: all active; the same as the 4-expert MoE's active count less the 2 dropped
+    # router rows of each of the 2 layers (hidden size 32)
+    assert pruned["experts_per_layer"] == [2] and pruned["active"] == pruned["total"] == first["active"] - 2 * 2 * 32
+    assert pruned["bytes"] < first["bytes"]
+    text = (out / "moe.md").read_text()
+    assert "## Upcycling" in text and "## Compression: 4 → 2" in text and "no leaderboard" in text
+    assert (out / "moe.png").stat().st_size > 0
+    assert list((tmp_path / "work").iterdir()) == []  # the MoE folders are removed once scored
+    assert "prune-frequency (distinct)" in capsys.readouterr().out
