@@ -362,9 +362,7 @@ def merge(
         (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
     finally:
         if phase is not None:

@@ -336,6 +336,14 @@ class AtomicOutputDir:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.close_workdir()
 
+    def fail(self, exc: BaseException) -> None:
+        """Abort after ``exc`` ended the run: remove the temporary folder; an error writing this output
+        (:meth:`is_write_error`) is raised as a one-line :class:`OutputError`, anything else is left to the
+        caller to re-raise (``except BaseException as exc: dest.fail(exc); raise``)."""
+        self.abort()
+        if isinstance(exc, OSError) and self.is_write_error(exc):
+            raise OutputError(f"{self.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+
     def is_write_error(self, exc: OSError) -> bool:
         """Whether ``exc`` came from writing this output (a file in the temporary folder, or a full disk)."""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mergelab.checkpoint.reader import CheckpointReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, check_destination, parse_size
-from mergelab.errors import CheckpointError, OptionError, OutputError, PlanError
+from mergelab.errors import CheckpointError, OptionError, PlanError
 from mergelab.executors.base import Progress, check_threads, resolve_device, thread_limit
 from mergelab.moe import msmoe, prune, submoe
 from mergelab.moe.architectures import DENSE_PROJECTIONS, MoeArchitecture, detect
@@ -457,11 +457,7 @@ def compress(
             )
             path = dest.commit()
         except BaseException as exc:
-            dest.abort()
-            if isinstance(exc, OSError) and dest.is_write_error(exc):
-                raise OutputError(
-                    f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written"
-                ) from exc
+            dest.fail(exc)
             raise
         finally:
             dest.close_workdir()

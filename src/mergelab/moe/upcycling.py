@@ -26,7 +26,7 @@ import torch
 
 from mergelab.checkpoint.reader import CheckpointReader, open_checkpoint
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, check_destination, parse_size
-from mergelab.errors import CheckpointError, OptionError, OutputError, PlanError, RecipeError
+from mergelab.errors import CheckpointError, OptionError, PlanError, RecipeError
 from mergelab.executors.base import Progress, check_threads, resolve_device, thread_limit
 from mergelab.methods.base import tensor_seed
 from mergelab.moe import gates as G
@@ -546,11 +546,7 @@ def upcycle(
             )
             path = dest.commit()
         except BaseException as exc:
-            dest.abort()
-            if isinstance(exc, OSError) and dest.is_write_error(exc):
-                raise OutputError(
-                    f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written"
-                ) from exc
+            dest.fail(exc)
             raise
         finally:
             dest.close_workdir()

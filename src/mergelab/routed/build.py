@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, open_checkpoint, weight_files
 from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
 from mergelab.data.config import CalibrationSource
-from mergelab.errors import CheckpointError, OptionError, OutputError, ParameterError, PlanError, RecipeError
+from mergelab.errors import CheckpointError, OptionError, ParameterError, PlanError, RecipeError
 from mergelab.lora.factors import LoraFactors
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.routed.adapters import ExpertAdapterWriter
@@ -257,9 +257,7 @@ def build_routed(
         (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
     finally:
         dest.close_workdir()

@@ -26,7 +26,7 @@ from mergelab.checkpoint.writer import (
     ShardedSafetensorsWriter,
     parse_size,
 )
-from mergelab.errors import CheckpointError, OutputError
+from mergelab.errors import CheckpointError
 from mergelab.routed.format import (
     BASE_FOLDER,
     MASKS_FOLDER,
@@ -223,9 +223,7 @@ def extract(
         (dest.tmp / "README.md").write_text(_card(manifest, entry, src))
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
     return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
 
@@ -312,8 +310,6 @@ def extract_expert(
         )
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
     return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
