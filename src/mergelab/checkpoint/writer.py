@@ -70,6 +70,15 @@ def parse_size(value: str | int) -> int:
     raise OutputError(f"invalid size {value!r}: use e.g. 2GB, 500MB or a number of bytes")
 
 
+def fmt_bytes(n: float) -> str:
+    """``512 B``, ``1.5 MB``, ``12.3 GB``: decimal units (as :func:`parse_size` reads them), up to TB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 class _Shard:
     def __init__(self, path: Path, items: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         self.path = path

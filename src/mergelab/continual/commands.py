@@ -10,15 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergelab.checkpoint.writer import fmt_bytes
 from mergelab.errors import OptionError
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -95,7 +88,7 @@ def add_command(
     err.print(
         f"[green]added[/] expert #{e.index} {e.label} (content hash {e.content_hash[:16]}…) in {e.seconds:.1f} s: "
         f"‖τ‖ = {e.task_vector_norm:.4g}, ‖merged − base‖ = {e.merged_norm:.4g}{extra} "
-        f"(read {_fmt_bytes(rep.bytes_read)}, peak RSS {_fmt_bytes(rep.peak_rss_bytes)})",
+        f"(read {fmt_bytes(rep.bytes_read)}, peak RSS {fmt_bytes(rep.peak_rss_bytes)})",
         highlight=False,
     )
 
@@ -120,11 +113,11 @@ def status_command(
     head.add_row("base", f"{s.base['label']} (content hash {(s.base.get('content_hash') or 'not yet computed')[:16]})")
     head.add_row("experts", str(len(s.experts)))
     head.add_row("scale", f"merged = base + {s.scale:.6g} × running task vector")
-    head.add_row("storage", f"{_fmt_bytes(s.state_bytes)} (running task vector {_fmt_bytes(s.task_vector_bytes)})")
+    head.add_row("storage", f"{fmt_bytes(s.state_bytes)} (running task vector {fmt_bytes(s.task_vector_bytes)})")
     peak = s.expected_peak
     head.add_row(
         "next add",
-        f"expected peak {_fmt_bytes(peak['bytes'])} (tensor {peak['tensor']})" if "bytes" in peak else peak["error"],
+        f"expected peak {fmt_bytes(peak['bytes'])} (tensor {peak['tensor']})" if "bytes" in peak else peak["error"],
     )
     out.print(head)
     if s.experts:

@@ -9,13 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+from mergelab.checkpoint.writer import fmt_bytes
 
 
 def moe_command(
@@ -71,7 +65,7 @@ def moe_command(
     err.print(
         f"[green]built[/] {res.architecture} with {res.num_experts} experts ({res.experts_per_token} per token, "
         f"gate mode {res.gate_mode}) into {res.path}: {res.stats.tensors} tensors, "
-        f"{_fmt_bytes(res.stats.bytes_written)} in {res.report['seconds']:.1f} s",
+        f"{fmt_bytes(res.stats.bytes_written)} in {res.report['seconds']:.1f} s",
         highlight=False,
     )
 

@@ -137,7 +137,7 @@ def storage_report(folder: Path, experts: list[str], expert_input_bytes: int | N
 
 
 def format_bundle_storage(storage: dict[str, Any]) -> str:
-    from mergelab.routed.format import fmt_bytes
+    from mergelab.checkpoint.writer import fmt_bytes
 
     per = storage["expert_bytes"]
     mean = sum(per.values()) / max(1, len(per))

@@ -26,8 +26,9 @@ def extract_command(
     max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
 ) -> None:
     """Rebuild one TASK of a routed merge in FOLDER as a plain Hugging Face checkpoint in OUT."""
+    from mergelab.checkpoint.writer import fmt_bytes
     from mergelab.routed.extract import extract
-    from mergelab.routed.format import fmt_bytes, format_storage
+    from mergelab.routed.format import format_storage
 
     err = Console(stderr=True)
     result = extract(folder, task, out, force=force, force_any=force_any, max_shard_size=max_shard_size)

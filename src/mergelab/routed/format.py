@@ -35,6 +35,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from mergelab.checkpoint.writer import fmt_bytes
 from mergelab.errors import CheckpointError, OptionError
 
 FORMAT = "mergelab-routed"
@@ -135,14 +136,6 @@ def resolve_task(manifest: dict[str, Any], task: str | int) -> dict[str, Any]:
                 return hits[0]
     listing = ", ".join(f"{t['index']}={t['name']}" for t in tasks)
     raise OptionError(f"unknown task {task!r}; this output has: {listing}")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def format_storage(storage: dict[str, Any]) -> str:
