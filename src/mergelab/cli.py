@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergelab.checkpoint.writer import fmt_bytes
+from mergelab.cli_options import Device, Force, MaxShardSize, Quiet, Threads
 from mergelab.errors import MergelabError
 
 app = typer.Typer(
@@ -137,16 +138,16 @@ def merge(
     force_any: Annotated[
         bool, typer.Option("--force-any", help="replace OUT whatever folder it is (never an input of the recipe)")
     ] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    device: Device = "cpu",
+    threads: Threads = None,
     seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
     out_dtype: Annotated[str | None, typer.Option(help="output dtype (default: recipe dtype, else the base's)")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
+    max_shard_size: MaxShardSize = "2GB",
     hash_inputs: Annotated[
         bool, typer.Option(help="record BLAKE3 content hashes of the inputs in the model card")
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
     executor: Annotated[
         str,
         typer.Option(
@@ -297,10 +298,10 @@ def extract_lora(
     ] = False,
     svd_dtype: Annotated[str, typer.Option(help="float32 or float64")] = "float32",
     out_dtype: Annotated[str | None, typer.Option(help="the factors' dtype (default: the expert's)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    force: Force = False,
+    device: Device = "cpu",
+    threads: Threads = None,
+    quiet: Quiet = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the report (per-module ranks and errors) as JSON")
     ] = False,

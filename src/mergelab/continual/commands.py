@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergelab.checkpoint.writer import fmt_bytes
+from mergelab.cli_options import Device, Force, ForceAny, MaxShardSize, Quiet, Threads
 from mergelab.errors import OptionError
 
 
@@ -59,10 +60,10 @@ def add_command(
     expert: Annotated[str, typer.Argument(help="the new expert (folder, weights file or Hub id)")],
     name: Annotated[str | None, typer.Option(help="label recorded for the expert (default: as given)")] = None,
     base: Annotated[str | None, typer.Option(help="the base, if it moved since init (same tensors)")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    device: Device = "cpu",
+    threads: Threads = None,
     max_shard_size: Annotated[str, typer.Option(help="largest shard of the state's task vector")] = "2GB",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Merge EXPERT into the continual merge in STATE (one streamed pass; the state is replaced atomically)."""
     from mergelab.continual.session import ContinualMerge
@@ -139,13 +140,13 @@ def export_command(
     state: Annotated[Path, typer.Argument(help="the state folder")],
     out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
     base: Annotated[str | None, typer.Option(help="the base, if it moved since init")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
-    force_any: Annotated[bool, typer.Option("--force-any", help="replace OUT whatever folder it is")] = False,
+    force: Force = False,
+    force_any: ForceAny = False,
     out_dtype: Annotated[str | None, typer.Option(help="dtype of the float tensors (default: the base's)")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    max_shard_size: MaxShardSize = "2GB",
+    device: Device = "cpu",
+    threads: Threads = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write the current merged model of STATE to OUT as a plain Hugging Face checkpoint (atomic)."""
     from mergelab.continual.session import ContinualMerge
