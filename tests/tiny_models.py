@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 #: The sizes of every tiny model here (a test overrides what it needs: layers, heads, vocabulary).
@@ -23,3 +25,14 @@ def save_tiny(model_cls: Any, config_cls: Any, path: Path, *, seed: int = 0, **o
     torch.manual_seed(seed)
     model_cls(config_cls(**{**TINY_SIZES, **overrides})).save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread while a test runs (the count restored after): tiny models run as fast on one,
+    and OpenMP spin-waits do not slow them down on a shared 2-core machine. A folder's ``conftest.py``
+    turns it on for its tests with ``from tiny_models import one_torch_thread``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
