@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 #: The sizes of every tiny model here (a test overrides what it needs: layers, heads, vocabulary).
 TINY_SIZES: dict[str, Any] = {
@@ -25,6 +26,14 @@ def save_tiny(model_cls: Any, config_cls: Any, path: Path, *, seed: int = 0, **o
     torch.manual_seed(seed)
     model_cls(config_cls(**{**TINY_SIZES, **overrides})).save_pretrained(str(path))
     return path
+
+
+def load_dir(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files directly in ``folder`` (one model's shards), by name."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 from mergelab.checkpoint import output_guard
@@ -43,13 +43,6 @@ def beside(folder: Path) -> list[Path]:
     return sorted(p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.mergelab-"))
 
 
-def load_folder(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.fixture
 def two_step_state(family, tmp_path):
     base, experts = family
@@ -73,7 +66,7 @@ def test_folder_round_trip_equals_the_in_memory_merge_and_loads_with_transformer
     for e in experts:
         memory.add(e)
     want = memory.state_dict()
-    got = load_folder(out)
+    got = load_dir(out)
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
@@ -106,8 +99,8 @@ def test_adding_one_expert_to_the_base_exports_that_expert(family, tmp_path):
     state = tmp_path / "state"
     cm = ContinualMerge.init(base, state, method="opcm")
     cm.add(experts[0])
-    got = load_folder(cm.export(tmp_path / "out"))
-    want = load_folder(experts[0])
+    got = load_dir(cm.export(tmp_path / "out"))
+    want = load_dir(experts[0])
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
 
