@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from moe_helpers import dense_base, tiny_moe
+from moe_helpers import dense_base, load_strict, tiny_moe
 from safetensors.torch import save_file
 from tiny_models import load_dir
 from typer.testing import CliRunner
@@ -23,14 +22,6 @@ from mergelab.moe.submoe import cluster_experts, union_merge
 
 runner = CliRunner()
 W = ("w1", "w2", "w3")
-
-
-def _load(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return model.eval()
 
 
 def _expert(layer: int, e: int, w: str) -> str:
@@ -82,7 +73,7 @@ def test_msmoe_groups_and_weights_equal_a_hand_computation(mixtral, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
         (mixtral / "config.json").read_text()
     )
-    _load(tmp_path / "out")
+    load_strict(tmp_path / "out")
 
 
 def test_routing_statistics_match_transformers_router_logits(mixtral, calibration_file, tmp_path):
@@ -137,7 +128,7 @@ def test_prune_frequency_keeps_the_most_used_experts(mixtral, tmp_path):
                 assert torch.equal(out[_expert(layer, slot, w)], src[_expert(layer, e, w)])
         assert _expert(layer, 2, "w1") not in out
     assert json.loads((res.path / "config.json").read_text())["num_local_experts"] == 2
-    _load(res.path)
+    load_strict(res.path)
 
 
 @pytest.mark.parametrize("rule", ["weighted", "sum", "dominant"])
@@ -158,7 +149,7 @@ def test_distinct_layout_writes_k_experts_and_reduced_routers(mixtral, tmp_path,
             merged = sum(WEIGHTS[layer][e] * src[_expert(layer, e, "w2")] for e in members)
             torch.testing.assert_close(out[_expert(layer, slot, "w2")], merged, atol=1e-6, rtol=0)
     assert json.loads((res.path / "config.json").read_text())["num_local_experts"] == 2
-    _load(res.path)
+    load_strict(res.path)
 
 
 def test_global_group_counts_hand_computation():
@@ -273,7 +264,7 @@ def test_qwen_moes_compress_to_loadable_checkpoints(tmp_path, calibration_file, 
     for name, t in src.items():  # shared expert, attention, norms: unchanged
         if ".mlp.experts." not in name and ".mlp.gate." not in name:
             assert torch.equal(out[name], t), name
-    model = _load(res.path)
+    model = load_strict(res.path)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 3, 4, 5]])).logits).all()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from moe_helpers import dense_base
+from moe_helpers import dense_base, load_strict
 from safetensors.torch import load_file
 from tiny_models import load_dir
 from typer.testing import CliRunner
@@ -27,14 +27,6 @@ from mergelab.moe.architectures import ARCHITECTURES
 
 runner = CliRunner()
 PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Mixtral's names, written out by hand
-
-
-def _load(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return model.eval()
 
 
 def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,9 +59,9 @@ def test_identical_experts_give_the_base_logits(tmp_path, base_kind, arch):
     assert res.architecture == arch
     cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert cfg["model_type"] == ARCHITECTURES[arch].model_type and cfg["num_experts_per_tok"] == 2
-    moe = _load(tmp_path / "moe")
+    moe = load_strict(tmp_path / "moe")
     assert type(moe).__name__ == ARCHITECTURES[arch].class_name
-    dense = _load(base)
+    dense = load_strict(base)
     torch.testing.assert_close(_logits(moe, IDS, MASK), _logits(dense, IDS, MASK), atol=1e-5, rtol=0)
 
 
@@ -150,7 +142,7 @@ def test_qwen2_moe_shared_expert_gate_comes_from_its_prompts(tmp_path):
             assert torch.equal(out[f"model.layers.{layer}.mlp.experts.1.{proj}.weight"], mlp)
     cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert cfg["shared_expert_intermediate_size"] == cfg["moe_intermediate_size"] == 48 and cfg["norm_topk_prob"]
-    _load(tmp_path / "moe")
+    load_strict(tmp_path / "moe")
 
 
 def test_cheap_embed_gates_are_normalised_embedding_sums(llama_family, tmp_path):
@@ -207,7 +199,7 @@ def test_experts_mlps_are_routed_experts_and_the_rest_is_the_base(llama_family, 
             assert torch.equal(out[f"model.layers.{layer}.{name}"], b[f"model.layers.{layer}.{name}"])
     assert torch.equal(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
     assert not any(".mlp." in n for n in out)
-    _load(tmp_path / "a")
+    load_strict(tmp_path / "a")
 
 
 def test_output_dtype_and_side_files(llama_family, tmp_path):
@@ -257,7 +249,7 @@ def test_lora_adapter_expert_is_merged_over_the_base(tmp_path):
         for proj, short in PROJ.items():
             got = out[f"model.layers.{layer}.block_sparse_moe.experts.0.{short}.weight"]
             torch.testing.assert_close(got, dense[f"model.layers.{layer}.mlp.{proj}.weight"], atol=1e-6, rtol=0)
-    _load(tmp_path / "moe")
+    load_strict(tmp_path / "moe")
 
 
 def test_random_gates_are_seeded_per_tensor(llama_family, tmp_path):
@@ -323,7 +315,7 @@ def test_cli_builds_a_loadable_moe(llama_family, tmp_path):
     assert "built mixtral with 3 experts" in res.output
     assert "power of two" in res.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 1
-    _load(tmp_path / "out")
+    load_strict(tmp_path / "out")
 
 
 def test_bad_inputs_are_one_line_errors(llama_family, tmp_path):
@@ -409,4 +401,4 @@ def test_sharded_inputs_and_outputs(family, tmp_path):
     index = json.loads((res.path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert "model.layers.1.block_sparse_moe.experts.1.w2.weight" in index["weight_map"]
-    _load(res.path)
+    load_strict(res.path)
