@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.stats import Bootstrap, StatsConfig, estimates_of, rows_of, summarize
 
 FORMAT = "mergelab-moe-bench/1"
@@ -540,10 +541,7 @@ def moe_markdown(result: Mapping[str, Any]) -> str:
 
 def moe_plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Average normalized score (with its 95 % CI) of every row, one panel per part, coloured by kind."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     parts = [(k, result[k]) for k in ("upcycling", "compression") if result.get(k)]
     fig, axes = plt.subplots(1, max(1, len(parts)), figsize=(7.5 * max(1, len(parts)), 5.0), dpi=110, squeeze=False)
@@ -567,8 +565,4 @@ def moe_plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in kinds.values()]
     if handles:
         fig.legend(handles, list(kinds), fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
