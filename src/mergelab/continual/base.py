@@ -21,6 +21,7 @@ unknown keys rejected, paper or reference defaults).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -107,9 +108,7 @@ expected-peak figure printed before an add)."""
 
 def elementwise_workspace(name: str, shape: tuple[int, ...], role: Role, params: Any) -> int:
     """τ, the result and one temporary: three tensor-sized buffers."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     return 3 * n
 
 

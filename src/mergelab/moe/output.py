@@ -10,6 +10,7 @@ published unless every tensor was written.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,9 +35,7 @@ class OutSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
+        n = math.prod(self.shape)
         return n * self.dtype.itemsize
 
 
