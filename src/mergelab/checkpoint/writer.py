@@ -21,12 +21,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
 
 from mergelab.checkpoint import output_guard as guard
+from mergelab.checkpoint.reader import SIDE_FILES
 from mergelab.checkpoint.safetensors_file import layout_header
 from mergelab.errors import OutputError
 
@@ -77,6 +78,18 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def copy_side_files_of(folder: Path | None, dest: Path, *, skip: Collection[str] = ()) -> None:
+    """Copy the model side files (:data:`~mergelab.checkpoint.reader.SIDE_FILES`: config, generation
+    config, tokenizer, chat template files) that ``folder`` holds into ``dest``, except those named in
+    ``skip``; nothing when ``folder`` is None (an input that is not a folder)."""
+    if folder is None:
+        return
+    for name in SIDE_FILES:
+        src = folder / name
+        if name not in skip and src.is_file():
+            shutil.copyfile(src, dest / name)
 
 
 class _Shard:

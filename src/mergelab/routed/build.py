@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,8 +39,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, open_checkpoint, weight_files
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
+from mergelab.checkpoint.reader import CheckpointReader, open_checkpoint, weight_files
+from mergelab.checkpoint.writer import (
+    DEFAULT_MAX_SHARD,
+    AtomicOutputDir,
+    ShardedSafetensorsWriter,
+    copy_side_files_of,
+    parse_size,
+)
 from mergelab.data.config import CalibrationSource
 from mergelab.errors import CheckpointError, OptionError, ParameterError, PlanError, RecipeError
 from mergelab.lora.factors import LoraFactors
@@ -436,9 +441,7 @@ class _Builder:
         finally:
             writer.abort()
         assert self.base.folder is not None
-        for side in SIDE_FILES:
-            if (self.base.folder / side).is_file():
-                shutil.copyfile(self.base.folder / side, self.shared_dir / side)
+        copy_side_files_of(self.base.folder, self.shared_dir)
         cfg = self.shared_dir / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Any
 
 import torch
 
-from mergelab.checkpoint.reader import SIDE_FILES, open_checkpoint
+from mergelab.checkpoint.reader import open_checkpoint
 from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header
 from mergelab.checkpoint.writer import (
     DEFAULT_MAX_SHARD,
     AtomicOutputDir,
     ShardedSafetensorsWriter,
+    copy_side_files_of,
     parse_size,
 )
 from mergelab.errors import CheckpointError
@@ -246,9 +246,7 @@ def _write_checkpoint(
             writer.finish()
         finally:
             writer.abort()
-        for side in SIDE_FILES:
-            if (layout / side).is_file():
-                shutil.copyfile(layout / side, dest.tmp / side)
+        copy_side_files_of(layout, dest.tmp)
         (dest.tmp / "README.md").write_text(card())
         path = dest.commit()
     except BaseException as exc:
