@@ -1,7 +1,9 @@
-"""Tiny random transformers checkpoints shared by the tests: one set of sizes, saved where asked."""
+"""Helpers shared by the tests: tiny random transformers checkpoints (one set of sizes, saved where asked),
+reading a checkpoint folder back, a folder digest, and the one-torch-thread fixture."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,15 @@ def load_dir(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def digest(path: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``path``, by relative name (to check that a folder was left untouched)."""
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ Uses the session's tiny Llama family (a base in 4 shards and 3 experts, ``tests/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import load_dir
+from tiny_models import digest, load_dir
 from typer.testing import CliRunner
 
 from mergelab.checkpoint import output_guard
@@ -27,15 +26,6 @@ from mergelab.continual import ContinualMerge
 from mergelab.errors import CheckpointError, OutputError, PlanError
 
 runner = CliRunner()
-
-
-def digest(path: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``path``, by relative name."""
-    return {
-        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(path.rglob("*"))
-        if f.is_file()
-    }
 
 
 def beside(folder: Path) -> list[Path]:
