@@ -1,11 +1,14 @@
 """Helpers shared by the tests: tiny random transformers checkpoints (one set of sizes, saved where asked),
-reading a checkpoint folder back, a folder digest, and the one-torch-thread fixture."""
+reading a checkpoint folder back, a folder digest, a benchmark script as a module, and the one-torch-thread
+fixture."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -45,6 +48,16 @@ def digest(path: Path) -> dict[str, str]:
         for f in sorted(path.rglob("*"))
         if f.is_file()
     }
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A fresh module of the script ``benchmarks/<name>.py`` (its ``main(argv)`` runs the benchmark)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)
