@@ -188,12 +188,7 @@ def check_routed_recipe(
     if router_data is not None and len(router_data) != len(rec.models):
         raise OptionError(f"router_data: {len(router_data)} entries for {len(rec.models)} experts (one per expert)")
     if spec.router == "sequence_mlp":
-        for i, m in enumerate(rec.models):
-            if router_data is not None and router_data[i] is not None:
-                continue
-            check_router_source(m.calibration, m.model)
-            if m.validation is not None:
-                check_router_source(m.validation, m.model, "validation")
+        _check_router_sources(rec, router_data)
     elif rec.router is not None:
         raise RecipeError(f"{spec.name} has no trained sequence router: leave out the `router:` block")
     if spec.name == "wemoe" and params.steps > 0:
@@ -1067,6 +1062,12 @@ def check_router_block(rec: Recipe, router_data: Sequence[Any] | None = None) ->
             f"router: only routed outputs take a router (tall_masks, emr, or the routed methods "
             f"{', '.join(ROUTED_METHODS)}); {rec.merge_method} writes one model"
         )
+    _check_router_sources(rec, router_data)
+
+
+def _check_router_sources(rec: Recipe, router_data: Sequence[Any] | None) -> None:
+    """Every model without rows in ``router_data`` names the router's training rows (``calibration``) and,
+    when given, its validation rows: checked before any model is read."""
     for i, m in enumerate(rec.models):
         if router_data is not None and router_data[i] is not None:
             continue
