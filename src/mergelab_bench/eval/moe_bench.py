@@ -62,14 +62,6 @@ def _weights(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        hdr = json.loads(fh.read(n))
-    hdr.pop("__metadata__", None)
-    return hdr
-
-
 def moe_parameters(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Parameters of a checkpoint folder from its config and safetensors headers (no tensor is read).
 
@@ -82,14 +74,15 @@ def moe_parameters(folder: str | os.PathLike[str]) -> dict[str, Any]:
     total − Σ_layers (N − K_layer) × expert size. A dense model: active = distinct = total.
     ``bytes``: the weight files' size on disk.
     """
+    from mergelab.checkpoint.safetensors_file import read_header
     from mergelab.moe.architectures import detect
 
     root = Path(folder)
     config = json.loads((root / "config.json").read_text())
     sizes: dict[str, int] = {}
     for f in _weights(root):
-        for name, info in _header(f).items():
-            sizes[name] = math.prod(info["shape"])
+        for name, entry in read_header(f)[0].items():
+            sizes[name] = math.prod(entry.shape)
     total = sum(sizes.values())
     out: dict[str, Any] = {
         "total": total,
