@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from routed_helpers import recipe
 from safetensors.torch import save_file
 from tiny_models import load_dir
 from typer.testing import CliRunner
@@ -26,15 +27,6 @@ from mergelab.routed import (
     unpack_mask,
 )
 from mergelab.routed.format import FORMAT_VERSION, format_storage, task_names
-
-
-def recipe(method: str, base: Path, experts: list[Path], **params) -> dict:
-    return {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(e)} for e in experts],
-        "parameters": params,
-    }
 
 
 @pytest.fixture(scope="module")
