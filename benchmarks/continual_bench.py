@@ -44,6 +44,7 @@ from mergelab_bench.eval.continual import (
     task_orders,
     write_continual,
 )
+from mergelab_bench.eval.runtime import done_line, load_suite_zoo, quiet_transformers, set_threads
 from mergelab_bench.eval.stats import StatsConfig
 
 HERE = Path(__file__).resolve().parent
@@ -69,16 +70,6 @@ def _method_params(items: list[str], flag: str) -> dict[str, dict[str, Any]]:
 
 def _names(text: str) -> list[str]:
     return [] if text.strip() in ("", "none") else [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _zoo(suite: str, spec: str, cache: Path | None, device: str | None) -> Any:
-    if suite == "lm":
-        from mergelab_bench.zoo.lm.build import load_lm_zoo
-
-        return load_lm_zoo(spec, cache=cache, device=device)
-    from mergelab_bench.zoo.build import load_zoo
-
-    return load_zoo(spec, cache=cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,21 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="input sets and states (--memory)")
     args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    set_threads(args.threads)
+    quiet_transformers()
     command = "python benchmarks/continual_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.memory:
         return _memory(args, command)
 
     out = args.out or HERE / "results" / f"continual-{args.suite}"
-    zoo = _zoo(args.suite, args.zoo or ("default" if args.suite == "lm" else "zeroshot-full"), args.cache, args.device)
+    zoo = load_suite_zoo(
+        args.suite,
+        args.zoo or ("default" if args.suite == "lm" else "zeroshot-full"),
+        cache=args.cache,
+        device=args.device,
+    )
     suite = ContinualSuite(zoo, limit=args.limit)
     methods = _names(args.methods)
     params = _method_params(args.param, "--param")
@@ -173,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = command
     paths = write_continual(result, out)
     partial.unlink(missing_ok=True)
-    print(f"done in {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(done_line(t0, paths))
     return 0
 
 
@@ -272,7 +261,7 @@ def _memory(args: argparse.Namespace, command: str) -> int:
         "command": command,
     }
     paths = write_continual({"format": "mergelab-continual/1", "memory": memory}, out)
-    print(f"done in {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(done_line(t0, paths))
     return 0
 
 

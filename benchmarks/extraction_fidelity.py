@@ -31,19 +31,10 @@ from mergelab_bench.eval.extraction import (
     read_extraction,
     write_extraction,
 )
+from mergelab_bench.eval.runtime import done_line, load_suite_zoo, quiet_transformers, set_threads
 
 SETTINGS = ("keep_non_lora", "loader", "svd_dtype", "bootstrap", "bootstrap_seed", "lm_limit", "classification_limit")
 """What a saved point depends on besides its zoo, task and cut: a rerun reuses points only when these match."""
-
-
-def _zoo(suite: str, spec: str, cache: Path | None) -> Any:
-    if suite == "lm":
-        from mergelab_bench.zoo.lm.build import load_lm_zoo
-
-        return load_lm_zoo(spec, cache=cache)
-    from mergelab_bench.zoo.build import load_zoo
-
-    return load_zoo(spec, cache=cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,15 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     if not suites or any(s not in ("lm", "classification") for s in suites):
         ap.error(f"--suites {args.suites!r}: use lm, classification or both")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    set_threads(args.threads)
+    quiet_transformers()
 
     config: dict[str, Any] = {
         "keep_non_lora": args.keep_non_lora,
@@ -115,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{json_path}: measured with other settings; nothing of it is reused (as with --fresh)")
     done = {k: p for k, p in results.items() if p["cut"] != "base"}
-    zoos = {s: _zoo(s, args.lm_zoo if s == "lm" else args.classification_zoo, args.cache) for s in suites}
+    zoos = {
+        s: load_suite_zoo(s, args.lm_zoo if s == "lm" else args.classification_zoo, cache=args.cache) for s in suites
+    }
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     t0 = time.perf_counter()
 
@@ -139,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for point in new:
             results[_key(point)] = point
     paths = save()
-    print(f"done in {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(done_line(t0, paths))
     return 0
 
 

@@ -44,6 +44,7 @@ from mergelab_bench.eval.moe_bench import (
     upcycle_rows,
     write_moe,
 )
+from mergelab_bench.eval.runtime import done_line, quiet_transformers, set_threads
 from mergelab_bench.eval.stats import StatsConfig
 
 HERE = Path(__file__).resolve().parent
@@ -84,15 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the MoE folders in --work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "moe-lm")
     args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    set_threads(args.threads)
+    quiet_transformers()
     from mergelab_bench.zoo.lm.build import load_lm_zoo
 
     parts = _names(args.parts)
@@ -185,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     paths = write_moe(result, args.out)
-    print(f"done in {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+    print(done_line(t0, paths))
     return 0
 
 

@@ -54,16 +54,6 @@ ALGORITHMS = ("grid", "random", "cma", "tpe", "evolver")
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _zoo(suite: str, spec: str, cache: str | None) -> Any:
-    if suite == "lm":
-        from mergelab_bench.zoo.lm.build import load_lm_zoo
-
-        return load_lm_zoo(spec, cache=cache)
-    from mergelab_bench.zoo.build import load_zoo
-
-    return load_zoo(spec, cache=cache)
-
-
 def _recipe(zoo: Any, method: str, tasks: list[str], folder: Path, parameters: dict[str, Any] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"recipe-{method}-{len(tasks)}.yaml"
@@ -435,7 +425,9 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.out / "runs"
-    zoo = _zoo(args.suite, args.zoo, args.cache)
+    from mergelab_bench.eval.runtime import load_suite_zoo
+
+    zoo = load_suite_zoo(args.suite, args.zoo, cache=args.cache)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     result: dict[str, Any] = {
         "config": {

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import load_dir
 from transformers import AutoModelForCausalLM
 
 import mergelab
@@ -15,17 +16,10 @@ from mergelab.checkpoint.reader import open_checkpoint
 from mergelab.checkpoint.writer import ShardedSafetensorsWriter, parse_size
 
 
-def _load_all(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_reader_matches_safetensors_on_sharded_model(family):
     base, _ = family
     assert (base / "model.safetensors.index.json").is_file()
-    expected = _load_all(base)
+    expected = load_dir(base)
     reader = open_checkpoint(base)
     try:
         assert set(reader.tensors()) == set(expected)
@@ -71,7 +65,7 @@ def test_writer_shards_index_and_streaming(tmp_path):
     w.finish()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == len(w.shards) > 1
-    got = _load_all(tmp_path)
+    got = load_dir(tmp_path)
     assert set(got) == set(data)
     for k in data:
         assert torch.equal(got[k], data[k])
@@ -155,9 +149,9 @@ def test_untied_checkpoint_keeps_both_matrices(family, tmp_path):
     _base, experts = family
     out = tmp_path / "m"
     mergelab.merge({"merge_method": "linear", "models": [{"model": str(experts[0])}]}, out)
-    stored = _load_all(out)
+    stored = load_dir(out)
     assert "lm_head.weight" in stored and "model.embed_tokens.weight" in stored
-    assert torch.equal(stored["lm_head.weight"], _load_all(experts[0])["lm_head.weight"])
+    assert torch.equal(stored["lm_head.weight"], load_dir(experts[0])["lm_head.weight"])
 
 
 def test_bin_input_merges_like_safetensors(bin_family, tmp_path):
@@ -171,7 +165,7 @@ def test_bin_input_merges_like_safetensors(bin_family, tmp_path):
     mergelab.merge(recipe, out)
     b = torch.load(base / "pytorch_model.bin", weights_only=True)
     es = [torch.load(e / "pytorch_model.bin", weights_only=True) for e in experts]
-    got = _load_all(out)
+    got = load_dir(out)
     for k, v in got.items():
         want = b[k] + sum(e[k] - b[k] for e in es)
         assert torch.allclose(v, want, atol=1e-6), k
@@ -213,7 +207,7 @@ def test_out_dtype_and_config(family, tmp_path):
         },
         out,
     )
-    stored = _load_all(out)
+    stored = load_dir(out)
     assert all(t.dtype == torch.bfloat16 for t in stored.values())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16"

@@ -71,6 +71,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import load_dir
 
 import mergelab
 from mergelab.methods import all_methods
@@ -157,13 +158,6 @@ def substitute(obj, paths):
     if isinstance(obj, dict):
         return {k: substitute(v, paths) for k, v in obj.items()}
     return obj
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def run_mergelab(recipe: dict, out: Path) -> dict[str, torch.Tensor]:

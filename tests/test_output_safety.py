@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
+from tiny_models import digest
 from typer.testing import CliRunner
 
 import mergelab
@@ -46,15 +47,6 @@ from mergelab.errors import OutputError
 runner = CliRunner()
 
 SHARD = "100KB"  # the tiny family's merged output is about 1 MB, so this gives several shards
-
-
-def digest(path: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``path``, by relative name."""
-    return {
-        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(path.rglob("*"))
-        if f.is_file()
-    }
 
 
 def leftovers(out: Path) -> list[Path]:

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_models import save_tiny
+from tiny_models import load_dir, save_tiny
 
 import mergelab
 from mergelab.errors import CheckpointError, MergelabError, PlanError, RecipeError
@@ -33,13 +32,6 @@ def deep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     a = make_base(root / "a", hidden=32, intermediate=64, vocab=64, layers=4, seed=5)
     b = make_expert(a, root / "b", seed=9, scale=0.05)
     return a, b
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def layer(sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 import mergelab
 from mergelab.cli import app
 from mergelab.errors import OutputError, RecipeError
 from mergelab.recipe import is_multi_stage, load_recipe, load_stages
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def two_stages(base: Path, e0: Path, e1: Path) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from safetensors.torch import load_file
+from tiny_models import load_dir
 
 import mergelab
 
@@ -132,13 +132,6 @@ def _without_key(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.parametrize(
     ("arch", "tie", "key"),
     CASES,
@@ -150,7 +143,7 @@ def test_one_expert_at_weight_one_is_reproduced(zoo, tmp_path, arch, tie, key):
     if not key:
         base = _without_key(base, tmp_path / "base")
         expert = _without_key(expert, tmp_path / "expert")
-    want = _tensors(expert)
+    want = load_dir(expert)
     # a tied Llama-like model whose config.json leaves the key out is incomplete for transformers
     # itself (its class default is untied): the merge reproduces it and warns, the logits cannot match
     incomplete = tie and not key and arch in ("llama", "mistral", "qwen2")
@@ -167,7 +160,7 @@ def test_one_expert_at_weight_one_is_reproduced(zoo, tmp_path, arch, tie, key):
         out = tmp_path / name
         res = mergelab.merge(recipe, out, hash_inputs=False)
         assert any("initialise the head at random" in w for w in res.plan_summary["warnings"]) == incomplete
-        got = _tensors(out)
+        got = load_dir(out)
         assert sorted(got) == sorted(want), f"{name}: tensor names differ"
         for t in want:
             assert got[t].dtype == want[t].dtype and torch.equal(got[t], want[t]), f"{name}: {t} differs"
@@ -188,7 +181,7 @@ def test_task_arithmetic_float32_is_not_exact(zoo, tmp_path):
         "models": [{"model": str(entry["expert"]), "parameters": {"weight": 1.0}}],
     }
     mergelab.merge(recipe, out, hash_inputs=False)
-    got, want, b = _tensors(out), _tensors(entry["expert"]), _tensors(entry["base"])
+    got, want, b = load_dir(out), load_dir(entry["expert"]), load_dir(entry["base"])
     assert sorted(got) == sorted(want)
     for t in want:
         expected = b[t] + (want[t] - b[t])  # float32 rounding, computed independently
@@ -208,10 +201,10 @@ def test_stored_head_of_a_tied_base_is_kept_and_a_tied_expert_supplies_its_embed
     entry = zoo[("llama", True)]
     base = tmp_path / "base"
     shutil.copytree(entry["base"], base)
-    sd = _tensors(base)
+    sd = load_dir(base)
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
-    want = _tensors(entry["expert"])
+    want = load_dir(entry["expert"])
     assert "lm_head.weight" not in want
     recipe = {
         "merge_method": "task_arithmetic",
@@ -221,7 +214,7 @@ def test_stored_head_of_a_tied_base_is_kept_and_a_tied_expert_supplies_its_embed
     }
     out = tmp_path / "out"
     mergelab.merge(recipe, out, hash_inputs=False, executor=executor)
-    got = _tensors(out)
+    got = load_dir(out)
     assert sorted(got) == sorted(sd)
     assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])
     for t in want:

@@ -20,8 +20,14 @@ import torch
 from mergelab import __version__
 from mergelab.checkpoint.card import model_card
 from mergelab.checkpoint.output_guard import check_cache_outside_inputs, plan_inputs, recipe_inputs
-from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, StateDictReader
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, check_destination, parse_size
+from mergelab.checkpoint.reader import CheckpointReader, StateDictReader
+from mergelab.checkpoint.writer import (
+    DEFAULT_MAX_SHARD,
+    AtomicOutputDir,
+    check_destination,
+    copy_side_files_of,
+    parse_size,
+)
 from mergelab.errors import InputDataError, OptionError, OutputError, RecipeError
 from mergelab.executors.base import (
     ExecutorOptions,
@@ -111,10 +117,7 @@ def copy_side_files(
     ``out_dtype`` when given)."""
     if source is None or source.folder is None:
         return
-    for name in SIDE_FILES:
-        src = source.folder / name
-        if src.is_file():
-            shutil.copyfile(src, dest / name)
+    copy_side_files_of(source.folder, dest)
     cfg_path = dest / "config.json"
     if cfg_path.is_file() and out_dtype is not None:
         cfg = json.loads(cfg_path.read_text())
@@ -127,12 +130,8 @@ def copy_side_files(
 
 def _copy_tokenizer_files(source: CheckpointReader | None, dest: Path) -> None:
     """The base's tokenizer files (not config.json: an adapter folder is not a model folder)."""
-    if source is None or source.folder is None:
-        return
-    for name in SIDE_FILES:
-        src = source.folder / name
-        if name not in ("config.json", "generation_config.json") and src.is_file():
-            shutil.copyfile(src, dest / name)
+    if source is not None:
+        copy_side_files_of(source.folder, dest, skip=("config.json", "generation_config.json"))
 
 
 def _write_tokenizer(plan: Plan, rec: Recipe, dest: Path) -> None:
@@ -362,9 +361,7 @@ def merge(
         (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
     finally:
         if phase is not None:

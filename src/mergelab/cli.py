@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergelab.checkpoint.writer import fmt_bytes
+from mergelab.cli_options import Device, Force, MaxShardSize, Quiet, Threads
 from mergelab.errors import MergelabError
 
 app = typer.Typer(
@@ -34,14 +36,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @contextlib.contextmanager
@@ -115,12 +109,12 @@ def _print_plan(summary: dict[str, Any]) -> None:
         t.add_row("tied", ", ".join(f"{a} → {b}" for a, b in summary["tied"].items()))
     t.add_row("layers", str(summary["num_layers"]))
     t.add_row("passes over the inputs", str(summary["passes"]))
-    t.add_row("input read per pass", _fmt_bytes(summary["input_bytes"]))
+    t.add_row("input read per pass", fmt_bytes(summary["input_bytes"]))
     if summary.get("output") == "adapter":
         t.add_row("output", "PEFT LoRA adapter (size set by the ranks the SVD keeps)")
     else:
-        t.add_row("output size", _fmt_bytes(summary["output_bytes"]))
-    t.add_row("expected peak working memory", _fmt_bytes(summary["expected_peak_bytes"]))
+        t.add_row("output size", fmt_bytes(summary["output_bytes"]))
+    t.add_row("expected peak working memory", fmt_bytes(summary["expected_peak_bytes"]))
     err_console.print(t)
     for w in summary["warnings"]:
         err_console.print(f"[yellow]warning:[/] {w}")
@@ -144,16 +138,16 @@ def merge(
     force_any: Annotated[
         bool, typer.Option("--force-any", help="replace OUT whatever folder it is (never an input of the recipe)")
     ] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    device: Device = "cpu",
+    threads: Threads = None,
     seed: Annotated[int | None, typer.Option(help="seed for random methods (default: the recipe's, else 0)")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="compute dtype (default float32)")] = None,
     out_dtype: Annotated[str | None, typer.Option(help="output dtype (default: recipe dtype, else the base's)")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
+    max_shard_size: MaxShardSize = "2GB",
     hash_inputs: Annotated[
         bool, typer.Option(help="record BLAKE3 content hashes of the inputs in the model card")
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
     executor: Annotated[
         str,
         typer.Option(
@@ -273,8 +267,8 @@ def merge(
     s = result.stats
     err_console.print(
         f"[green]merged[/] {s.tensors} tensors into {result.path} in {s.seconds:.1f} s "
-        f"(read {_fmt_bytes(s.bytes_read)}, wrote {_fmt_bytes(s.bytes_written)}, "
-        f"peak RSS {_fmt_bytes(s.peak_rss_bytes)})"
+        f"(read {fmt_bytes(s.bytes_read)}, wrote {fmt_bytes(s.bytes_written)}, "
+        f"peak RSS {fmt_bytes(s.peak_rss_bytes)})"
     )
 
 
@@ -304,10 +298,10 @@ def extract_lora(
     ] = False,
     svd_dtype: Annotated[str, typer.Option(help="float32 or float64")] = "float32",
     out_dtype: Annotated[str | None, typer.Option(help="the factors' dtype (default: the expert's)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    force: Force = False,
+    device: Device = "cpu",
+    threads: Threads = None,
+    quiet: Quiet = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the report (per-module ranks and errors) as JSON")
     ] = False,
@@ -341,8 +335,8 @@ def extract_lora(
     _print_adapter(res.report)
     err_console.print(
         f"[green]extracted[/] {res.report.get('lora_modules', 0)} LoRA modules into {res.path} in "
-        f"{res.stats.seconds:.1f} s ({_fmt_bytes(res.report.get('adapter_bytes', 0))}, "
-        f"{100 * res.size_ratio:.2f}% of the dense expert's {_fmt_bytes(res.expert_bytes)})"
+        f"{res.stats.seconds:.1f} s ({fmt_bytes(res.report.get('adapter_bytes', 0))}, "
+        f"{100 * res.size_ratio:.2f}% of the dense expert's {fmt_bytes(res.expert_bytes)})"
     )
 
 
@@ -503,7 +497,7 @@ def inspect(
             head.add_row("architecture", ", ".join(cfg.get("architectures", [])) or str(cfg.get("model_type")))
         head.add_row("tensors", str(len(metas)))
         head.add_row("parameters", f"{total:,}")
-        head.add_row("size", _fmt_bytes(nbytes))
+        head.add_row("size", fmt_bytes(nbytes))
         head.add_row("dtypes", ", ".join(f"{k} ({v})" for k, v in dtypes.items()))
         head.add_row("layers", str(num_layers_from(cfg, list(metas))))
         head.add_row("shards", ", ".join(f"{k} ({v} tensors)" for k, v in sorted(shards.items())))

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 import mergelab.analysis.stats as stats_mod
@@ -160,13 +159,6 @@ def test_options_are_validated():
 # ------------------------------------------------------------------------------- checkpoints
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def analysed(family):
     base, experts = family
@@ -176,8 +168,8 @@ def analysed(family):
 
 def test_streamed_analysis_matches_direct_computation(analysed):
     base, experts, r = analysed
-    b = _load(base)
-    taus = [{k: v.double() - b[k].double() for k, v in _load(e).items()} for e in experts]
+    b = load_dir(base)
+    taus = [{k: v.double() - b[k].double() for k, v in load_dir(e).items()} for e in experts]
     flat = [torch.cat([t[k].reshape(-1) for k in sorted(t)]) for t in taus]
     for i in range(3):
         assert r["norms"]["total"][i] == pytest.approx(float(flat[i].norm()), rel=1e-6)

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from tiny_models import one_torch_thread  # noqa: F401 - autouse: one torch thread in these tests
 
 from mergelab_bench.zoo.build import Zoo
 from mergelab_bench.zoo.sources import AptIndex
@@ -247,17 +248,6 @@ def tiny_zoo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_zoo(tiny_zoo_manifest: Path) -> Zoo:
     """A fresh Zoo object (its in-memory caches are per test; feature files persist)."""
     return Zoo(tiny_zoo_manifest)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one thread is as fast and does not suffer from a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

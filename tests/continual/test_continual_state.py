@@ -5,7 +5,6 @@ Uses the session's tiny Llama family (a base in 4 shards and 3 experts, ``tests/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_models import digest, load_dir
 from typer.testing import CliRunner
 
 from mergelab.checkpoint import output_guard
@@ -29,25 +28,9 @@ from mergelab.errors import CheckpointError, OutputError, PlanError
 runner = CliRunner()
 
 
-def digest(path: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``path``, by relative name."""
-    return {
-        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(path.rglob("*"))
-        if f.is_file()
-    }
-
-
 def beside(folder: Path) -> list[Path]:
     """Working folders of mergelab beside ``folder`` (temporary, moved-aside)."""
     return sorted(p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.mergelab-"))
-
-
-def load_folder(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.fixture
@@ -73,7 +56,7 @@ def test_folder_round_trip_equals_the_in_memory_merge_and_loads_with_transformer
     for e in experts:
         memory.add(e)
     want = memory.state_dict()
-    got = load_folder(out)
+    got = load_dir(out)
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
@@ -106,8 +89,8 @@ def test_adding_one_expert_to_the_base_exports_that_expert(family, tmp_path):
     state = tmp_path / "state"
     cm = ContinualMerge.init(base, state, method="opcm")
     cm.add(experts[0])
-    got = load_folder(cm.export(tmp_path / "out"))
-    want = load_folder(experts[0])
+    got = load_dir(cm.export(tmp_path / "out"))
+    want = load_dir(experts[0])
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
 

@@ -8,20 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny
+from tiny_models import one_torch_thread, save_tiny  # noqa: F401 - one_torch_thread: autouse
 
 from mergelab.synthetic import make_expert, make_tokenizer
 
 WORDS = ["the", "a", "of", "and", "to", "in", "is", "it", "that", "for", "on", "with", "as", "was", "at", "by"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_jsonl(path: Path, n: int, seed: int, labels: list[str] | None = None) -> Path:

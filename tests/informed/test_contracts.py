@@ -4,11 +4,9 @@ in memory. Plus the engine's handling of statistics (attach, missing, in the pea
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_models import load_dir
 
 import mergelab
 from mergelab.informed import write_statistics
@@ -104,17 +102,10 @@ def test_seeded_runs_reproducible(method):
         assert torch.equal(a[k], b[k])
 
 
-def _load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.parametrize("method", INFORMED)
 def test_streaming_merge_with_statistics_folders_equals_in_memory_merge(method, family, tmp_path):
     base, experts = family
-    sds = [_load_dir(p) for p in (base, *experts[:2])]
+    sds = [load_dir(p) for p in (base, *experts[:2])]
     stats = [_stats(method, sds[0], s) for s in (9, 10)]
     folders = [write_statistics(tmp_path / f"s{i}", st) for i, st in enumerate(stats)]
     p = _params(method, "typical")
@@ -127,7 +118,7 @@ def test_streaming_merge_with_statistics_folders_equals_in_memory_merge(method, 
         "parameters": p["parameters"],
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB", hash_inputs=False, statistics=folders)
-    streamed = _load_dir(tmp_path / "out")
+    streamed = load_dir(tmp_path / "out")
     mem = _merge(method, sds[1:], sds[0], stats, **p)
     assert set(streamed) == set(mem)
     for k in mem:
@@ -154,7 +145,7 @@ def test_statistics_count_in_the_expected_peak(family):
     from mergelab.recipe import load_recipe
 
     plan = build_plan(load_recipe(recipe))
-    sd = _load_dir(base)
+    sd = load_dir(base)
     plan.attach_aux([mergelab.informed.open_statistics(_stats("regmean", sd, s)) for s in (1, 2)])
     assert plan.expected_peak_bytes() > plain
     assert get_method("regmean").statistics == "gram"

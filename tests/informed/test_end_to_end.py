@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 import mergelab
@@ -60,19 +61,10 @@ def test_cli_merges_a_causal_lm_with_a_data_phase(method, family, cal_files, tmp
     assert "reusing statistics" in res.output
     assert [p.stat().st_mtime_ns for p in folders] == stamp
     # the data-informed merge is not the plain average
-    merged = _sd(tmp_path / "out")
-    avg = mergelab.merge_state_dicts("linear", [_sd(p) for p in experts[:2]])
+    merged = load_dir(tmp_path / "out")
+    avg = mergelab.merge_state_dicts("linear", [load_dir(p) for p in experts[:2]])
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.allclose(merged[name], avg[name], atol=1e-6)
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
 
 
 def test_regmean_plusplus_and_adamerging_from_python(family, cal_files, tmp_path):
@@ -81,9 +73,9 @@ def test_regmean_plusplus_and_adamerging_from_python(family, cal_files, tmp_path
     res = mergelab.merge(r, tmp_path / "pp")
     assert res.plan_summary["data_phase"]["seconds"] > 0 and res.plan_summary["data_phase"]["peak_bytes"] > 0
     _load_lm(tmp_path / "pp")
-    plus = _sd(tmp_path / "pp")
+    plus = load_dir(tmp_path / "pp")
     mergelab.merge({**r, "merge_method": "regmean"}, tmp_path / "rm")
-    plain = _sd(tmp_path / "rm")
+    plain = load_dir(tmp_path / "rm")
     # RegMean++ feeds each block the merged model's hidden states, RegMean each expert's own
     name = "model.layers.1.mlp.down_proj.weight"
     assert not torch.allclose(plus[name], plain[name])
@@ -93,7 +85,7 @@ def test_regmean_plusplus_and_adamerging_from_python(family, cal_files, tmp_path
     coeffs = json.loads((tmp_path / "ada" / "adamerging_coefficients.json").read_text())
     assert coeffs["granularity"] == "layer" and len(coeffs["entropy"]["per_step"]) == 3
     per_expert = list(coeffs["coefficients"].values())
-    assert len(per_expert) == 2 and len(per_expert[0]) == len(_sd(tmp_path / "ada"))
+    assert len(per_expert) == 2 and len(per_expert[0]) == len(load_dir(tmp_path / "ada"))
     assert all(0.0 <= v <= 1.0 for d in per_expert for v in d.values())
     _load_lm(tmp_path / "ada")
 
@@ -138,7 +130,7 @@ def test_encoder_with_separate_heads_and_python_calibration(bert_family, cal_fil
     py = mergelab.merge({**recipe, "parameters": {"fisher_label": "expected"}}, tmp_path / "py", calibration=cals)
     assert py.path.is_dir()
     mergelab.merge({**recipe, "parameters": {"fisher_label": "expected"}}, tmp_path / "yml")
-    a, b = _sd(tmp_path / "py"), _sd(tmp_path / "yml")
+    a, b = load_dir(tmp_path / "py"), load_dir(tmp_path / "yml")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     rm = mergelab.merge({**recipe, "merge_method": "regmean", "parameters": {}}, tmp_path / "rm")
@@ -161,7 +153,7 @@ def test_precomputed_statistics_folder_in_the_recipe(family, cal_files, tmp_path
     pre = {**r, "models": [{"model": str(e), "statistics": str(f)} for e, f in zip(experts[:2], folders)]}
     pre.pop("calibration")
     mergelab.merge(pre, tmp_path / "b")
-    a, b = _sd(tmp_path / "a"), _sd(tmp_path / "b")
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -207,6 +199,6 @@ def test_statistics_beyond_the_memory_budget_are_collected_in_groups_with_the_sa
     rec = Phases()
     mergelab.merge(small, tmp_path / "groups", progress=rec)
     assert any("[2/" in n for n in rec.names), rec.names  # more than one pass over the data per expert
-    a, b = _sd(tmp_path / "one"), _sd(tmp_path / "groups")
+    a, b = load_dir(tmp_path / "one"), load_dir(tmp_path / "groups")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k

@@ -5,16 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from lora_helpers import gpt2_base, llama_base
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_models import one_torch_thread  # noqa: F401 - autouse: one torch thread in these tests
 
 
 @pytest.fixture(scope="session")

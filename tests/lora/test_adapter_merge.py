@@ -14,6 +14,7 @@ import torch
 import yaml
 from lora_helpers import make_adapter, save_merged
 from safetensors.torch import load_file, save_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 import mergelab
@@ -30,13 +31,6 @@ def tree_digest(path: Path) -> dict[str, str]:
         for f in sorted(path.rglob("*"))
         if f.is_file()
     }
-
-
-def _sd(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _recipe(tmp: Path, base: Path, models: list[str | Path], method: str = "ties", **extra) -> Path:
@@ -62,7 +56,7 @@ def adapters(llama, tmp_path_factory):
 
 
 def _assert_same_model(a: Path, b: Path) -> None:
-    sa, sb = _sd(a), _sd(b)
+    sa, sb = load_dir(a), load_dir(b)
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=0, msg=k)
@@ -77,9 +71,9 @@ def test_cli_merge_of_adapters_equals_merge_of_dense_models(method, llama, adapt
         res = runner.invoke(app, ["merge", str(_recipe(tmp_path, llama, models, method)), str(tmp_path / name), "-q"])
         assert res.exit_code == 0, res.output
     _assert_same_model(tmp_path / "lora", tmp_path / "dense")
-    base = _sd(llama)
+    base = load_dir(llama)
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(_sd(tmp_path / "lora")[name], base[name])
+    assert not torch.allclose(load_dir(tmp_path / "lora")[name], base[name])
     assert {str(p): tree_digest(p) for p in (la, lb, llama)} == before
 
 
@@ -125,7 +119,7 @@ def test_regmean_data_phase_runs_the_adapted_model(family, tmp_path):
             "calibration": settings,
         }
         mergelab.merge(r, tmp_path / name)
-    sa, sb = _sd(tmp_path / "lora"), _sd(tmp_path / "dense")
+    sa, sb = load_dir(tmp_path / "lora"), load_dir(tmp_path / "dense")
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-5, msg=k)
 

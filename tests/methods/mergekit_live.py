@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 MERGEKIT_PY = Path(os.environ["MERGEKIT_PYTHON"]) if os.environ.get("MERGEKIT_PYTHON") else None
 
@@ -23,14 +22,6 @@ needs_mergekit = pytest.mark.skipif(
     MERGEKIT_PY is None or not MERGEKIT_PY.exists(),
     reason="set MERGEKIT_PYTHON to a python with mergekit 0.1.5 to run the live mergekit check",
 )
-
-
-def load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the ``*.safetensors`` shards directly in ``folder``."""
-    out: dict[str, torch.Tensor] = {}
-    for f in folder.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
 
 
 def run_mergekit(script: str, cases: Any, tmp_path: Path, *, timeout: float = 120) -> Any:

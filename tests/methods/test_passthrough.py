@@ -3,11 +3,9 @@ through a checkpoint merge with a per-model scale filter."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
+from tiny_models import load_dir
 
 import mergelab
 from mergelab.errors import MergelabError, ParameterError
@@ -52,13 +50,6 @@ def test_the_base_is_ignored():
     assert torch.equal(out["w"], torch.tensor([3.0, 6.0]))
 
 
-def _load(p: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in p.glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_checkpoint_merge_with_a_scale_filter(family, tmp_path):
     _, experts = family
     recipe = {
@@ -68,7 +59,7 @@ def test_checkpoint_merge_with_a_scale_filter(family, tmp_path):
         ],
     }
     mergelab.merge(recipe, tmp_path / "out", max_shard_size="120KB")
-    src, got = _load(experts[0]), _load(tmp_path / "out")
+    src, got = load_dir(experts[0]), load_dir(tmp_path / "out")
     assert set(got) == set(src)
     for k, v in src.items():
         assert torch.equal(got[k], torch.zeros_like(v) if "o_proj" in k else v), k

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mergekit_live import load_dir, needs_mergekit, run_mergekit
+from mergekit_live import needs_mergekit, run_mergekit
 from pydantic import ValidationError
+from tiny_models import load_dir
 
 import mergelab
 from mergelab.methods.base import NoParams, TensorContext

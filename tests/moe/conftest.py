@@ -5,18 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from moe_helpers import dense_base, tiny_moe
+from tiny_models import one_torch_thread  # noqa: F401 - autouse: one torch thread in these tests
 
 from mergelab.synthetic import make_expert
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

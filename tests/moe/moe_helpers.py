@@ -61,3 +61,13 @@ def tiny_moe(path: Path, kind: str = "mixtral", experts: int = 4, seed: int = 0)
     model.save_pretrained(str(path))
     make_tokenizer(path)
     return path
+
+
+def load_strict(folder: Path):
+    """The causal LM in ``folder`` loaded by transformers (eval mode), asserting that every key matched
+    (no missing, unexpected or mismatched tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from moe_helpers import dense_base, tiny_moe
-from safetensors.torch import load_file, save_file
+from moe_helpers import dense_base, load_strict, tiny_moe
+from safetensors.torch import save_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 from mergelab.cli import app
@@ -22,21 +22,6 @@ from mergelab.moe.submoe import cluster_experts, union_merge
 
 runner = CliRunner()
 W = ("w1", "w2", "w3")
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _load(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return model.eval()
 
 
 def _expert(layer: int, e: int, w: str) -> str:
@@ -74,7 +59,7 @@ def test_msmoe_groups_and_weights_equal_a_hand_computation(mixtral, tmp_path):
     res = compress(mixtral, tmp_path / "out", to=2, statistics=hand_statistics())
     assert {int(k): v["groups"] for k, v in res.report["groups"].items()} == GROUPS
     assert res.report["layout"] == "shared" and res.report["experts_per_layer"] == {"0": 2, "1": 2}
-    src, out = _state(mixtral), _state(tmp_path / "out")
+    src, out = load_dir(mixtral), load_dir(tmp_path / "out")
     for layer, groups in GROUPS.items():
         for members in groups:
             for w in W:
@@ -88,7 +73,7 @@ def test_msmoe_groups_and_weights_equal_a_hand_computation(mixtral, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
         (mixtral / "config.json").read_text()
     )
-    _load(tmp_path / "out")
+    load_strict(tmp_path / "out")
 
 
 def test_routing_statistics_match_transformers_router_logits(mixtral, calibration_file, tmp_path):
@@ -125,7 +110,7 @@ def test_k_equals_n_returns_the_input(mixtral, tmp_path, method):
     stats = hand_statistics()
     stats.output_gram = dict(stats.logit_gram)
     res = compress(mixtral, tmp_path / "out", to=4, method=method, statistics=stats, align=method == "msmoe")
-    src, out = _state(mixtral), _state(res.path)
+    src, out = load_dir(mixtral), load_dir(res.path)
     assert src.keys() == out.keys()
     assert all(torch.equal(src[n], out[n]) for n in src)
     assert json.loads((res.path / "config.json").read_text())["num_local_experts"] == 4
@@ -134,7 +119,7 @@ def test_k_equals_n_returns_the_input(mixtral, tmp_path, method):
 def test_prune_frequency_keeps_the_most_used_experts(mixtral, tmp_path):
     res = compress(mixtral, tmp_path / "out", to=2, method="prune-frequency", statistics=hand_statistics())
     kept = {0: [1, 2], 1: [0, 1]}  # layer 0: usage 0.4 and 0.3; layer 1: a tie, the lower indices
-    src, out = _state(mixtral), _state(res.path)
+    src, out = load_dir(mixtral), load_dir(res.path)
     for layer, ks in kept.items():
         assert res.report["groups"][str(layer)]["dropped"] == [e for e in range(4) if e not in ks]
         assert torch.equal(out[_router(layer)], src[_router(layer)][ks])
@@ -143,13 +128,13 @@ def test_prune_frequency_keeps_the_most_used_experts(mixtral, tmp_path):
                 assert torch.equal(out[_expert(layer, slot, w)], src[_expert(layer, e, w)])
         assert _expert(layer, 2, "w1") not in out
     assert json.loads((res.path / "config.json").read_text())["num_local_experts"] == 2
-    _load(res.path)
+    load_strict(res.path)
 
 
 @pytest.mark.parametrize("rule", ["weighted", "sum", "dominant"])
 def test_distinct_layout_writes_k_experts_and_reduced_routers(mixtral, tmp_path, rule):
     res = compress(mixtral, tmp_path / "out", to=2, layout="distinct", router_rows=rule, statistics=hand_statistics())
-    src, out = _state(mixtral), _state(res.path)
+    src, out = load_dir(mixtral), load_dir(res.path)
     cores = {0: [2, 1], 1: [0, 1]}  # the core of each group (groups ordered by their first member)
     for layer, groups in GROUPS.items():
         r = src[_router(layer)]
@@ -164,7 +149,7 @@ def test_distinct_layout_writes_k_experts_and_reduced_routers(mixtral, tmp_path,
             merged = sum(WEIGHTS[layer][e] * src[_expert(layer, e, "w2")] for e in members)
             torch.testing.assert_close(out[_expert(layer, slot, "w2")], merged, atol=1e-6, rtol=0)
     assert json.loads((res.path / "config.json").read_text())["num_local_experts"] == 2
-    _load(res.path)
+    load_strict(res.path)
 
 
 def test_global_group_counts_hand_computation():
@@ -204,7 +189,7 @@ def test_align_merges_a_permuted_copy_back_into_its_original(mixtral, tmp_path):
     --align the group {1, 3} merges to expert 1 exactly; without, to a different matrix."""
     moe = tmp_path / "moe"
     shutil.copytree(mixtral, moe)
-    state = _state(moe)
+    state = load_dir(moe)
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(3))
     state[_expert(0, 3, "w1")] = state[_expert(0, 1, "w1")][perm].clone()
     state[_expert(0, 3, "w3")] = state[_expert(0, 1, "w3")][perm].clone()
@@ -212,7 +197,7 @@ def test_align_merges_a_permuted_copy_back_into_its_original(mixtral, tmp_path):
     save_file(state, str(moe / "model.safetensors"), metadata={"format": "pt"})
     aligned = compress(moe, tmp_path / "a", to=2, statistics=hand_statistics(), align=True)
     plain = compress(moe, tmp_path / "p", to=2, statistics=hand_statistics())
-    a, p = _state(aligned.path), _state(plain.path)
+    a, p = load_dir(aligned.path), load_dir(plain.path)
     for w in W:
         torch.testing.assert_close(a[_expert(0, 3, w)], state[_expert(0, 1, w)], atol=1e-6, rtol=0)
         assert not torch.allclose(p[_expert(0, 3, w)], state[_expert(0, 1, w)], atol=1e-3)
@@ -275,11 +260,11 @@ def test_qwen_moes_compress_to_loadable_checkpoints(tmp_path, calibration_file, 
     cfg = json.loads((res.path / "config.json").read_text())
     count = cfg.get("num_experts", cfg.get("num_local_experts"))
     assert count == (2 if layout == "distinct" else 4)
-    src, out = _state(moe), _state(res.path)
+    src, out = load_dir(moe), load_dir(res.path)
     for name, t in src.items():  # shared expert, attention, norms: unchanged
         if ".mlp.experts." not in name and ".mlp.gate." not in name:
             assert torch.equal(out[name], t), name
-    model = _load(res.path)
+    model = load_strict(res.path)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 3, 4, 5]])).logits).all()
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from moe_helpers import dense_base
+from moe_helpers import dense_base, load_strict
 from safetensors.torch import load_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 from mergelab.cli import app
@@ -26,21 +27,6 @@ from mergelab.moe.architectures import ARCHITECTURES
 
 runner = CliRunner()
 PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # Mixtral's names, written out by hand
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _load(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    return model.eval()
 
 
 def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -73,9 +59,9 @@ def test_identical_experts_give_the_base_logits(tmp_path, base_kind, arch):
     assert res.architecture == arch
     cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert cfg["model_type"] == ARCHITECTURES[arch].model_type and cfg["num_experts_per_tok"] == 2
-    moe = _load(tmp_path / "moe")
+    moe = load_strict(tmp_path / "moe")
     assert type(moe).__name__ == ARCHITECTURES[arch].class_name
-    dense = _load(base)
+    dense = load_strict(base)
     torch.testing.assert_close(_logits(moe, IDS, MASK), _logits(dense, IDS, MASK), atol=1e-5, rtol=0)
 
 
@@ -126,7 +112,7 @@ def test_hidden_gates_equal_a_direct_computation(llama_family, tmp_path, mode):
     base, experts = llama_family
     spec = [{"source_model": str(e), **g} for e, g in zip(experts, GATE_EXPERTS)]
     upcycle({"base_model": str(base), "gate_mode": mode, "experts": spec}, tmp_path / "moe")
-    out = _state(tmp_path / "moe")
+    out = load_dir(tmp_path / "moe")
     want = _reference_gates(base, GATE_EXPERTS, mode)
     for layer in range(2):
         got = out[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
@@ -142,9 +128,9 @@ def test_qwen2_moe_shared_expert_gate_comes_from_its_prompts(tmp_path):
     recipe = {"base_model": str(base), "experts": spec, "shared_experts": [{"source_model": str(base), **shared}]}
     res = upcycle(recipe, tmp_path / "moe", allow_all_same=True)
     assert res.architecture == "qwen2_moe"
-    out = _state(tmp_path / "moe")
+    out = load_dir(tmp_path / "moe")
     want = _reference_gates(base, [*GATE_EXPERTS[:2], shared], "hidden")
-    src = _state(base)
+    src = load_dir(base)
     for layer in range(2):
         torch.testing.assert_close(out[f"model.layers.{layer}.mlp.gate.weight"], want[layer, :2], atol=1e-5, rtol=0)
         torch.testing.assert_close(
@@ -156,7 +142,7 @@ def test_qwen2_moe_shared_expert_gate_comes_from_its_prompts(tmp_path):
             assert torch.equal(out[f"model.layers.{layer}.mlp.experts.1.{proj}.weight"], mlp)
     cfg = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert cfg["shared_expert_intermediate_size"] == cfg["moe_intermediate_size"] == 48 and cfg["norm_topk_prob"]
-    _load(tmp_path / "moe")
+    load_strict(tmp_path / "moe")
 
 
 def test_cheap_embed_gates_are_normalised_embedding_sums(llama_family, tmp_path):
@@ -173,7 +159,7 @@ def test_cheap_embed_gates_are_normalised_embedding_sums(llama_family, tmp_path)
         assert isinstance(v, torch.Tensor)
         return v / v.norm()
 
-    out = _state(tmp_path / "moe")
+    out = load_dir(tmp_path / "moe")
     for e, g in enumerate(GATE_EXPERTS):
         v = total(g["positive_prompts"]) - (total(g["negative_prompts"]) if g.get("negative_prompts") else 0)
         v = v / v.norm()
@@ -192,9 +178,9 @@ def test_experts_mlps_are_routed_experts_and_the_rest_is_the_base(llama_family, 
     spec[2]["noise_scale"] = 0.01
     upcycle({"base_model": str(base), "gate_mode": "cheap_embed", "experts": spec}, tmp_path / "a")
     upcycle({"base_model": str(base), "gate_mode": "cheap_embed", "experts": spec}, tmp_path / "b")
-    out, again = _state(tmp_path / "a"), _state(tmp_path / "b")
-    b = _state(base)
-    ins = [_state(e) for e in experts]
+    out, again = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    b = load_dir(base)
+    ins = [load_dir(e) for e in experts]
     for layer in range(2):
         for proj, short in PROJ.items():
             src = f"model.layers.{layer}.mlp.{proj}.weight"
@@ -213,7 +199,7 @@ def test_experts_mlps_are_routed_experts_and_the_rest_is_the_base(llama_family, 
             assert torch.equal(out[f"model.layers.{layer}.{name}"], b[f"model.layers.{layer}.{name}"])
     assert torch.equal(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
     assert not any(".mlp." in n for n in out)
-    _load(tmp_path / "a")
+    load_strict(tmp_path / "a")
 
 
 def test_output_dtype_and_side_files(llama_family, tmp_path):
@@ -222,7 +208,7 @@ def test_output_dtype_and_side_files(llama_family, tmp_path):
     res = upcycle(
         {"base_model": str(base), "gate_mode": "uniform_random", "dtype": "bfloat16", "experts": spec}, tmp_path / "m"
     )
-    out = _state(res.path)
+    out = load_dir(res.path)
     assert {t.dtype for t in out.values()} == {torch.bfloat16}
     bound = (1 / 32) ** 0.5
     assert float(out["model.layers.0.block_sparse_moe.gate.weight"].float().abs().max()) <= bound
@@ -258,12 +244,12 @@ def test_lora_adapter_expert_is_merged_over_the_base(tmp_path):
         {"source_model": str(base), "positive_prompts": ["and to in"]},
     ]
     upcycle({"base_model": str(base), "experts": spec}, tmp_path / "moe")
-    out = _state(tmp_path / "moe")
+    out = load_dir(tmp_path / "moe")
     for layer in range(2):
         for proj, short in PROJ.items():
             got = out[f"model.layers.{layer}.block_sparse_moe.experts.0.{short}.weight"]
             torch.testing.assert_close(got, dense[f"model.layers.{layer}.mlp.{proj}.weight"], atol=1e-6, rtol=0)
-    _load(tmp_path / "moe")
+    load_strict(tmp_path / "moe")
 
 
 def test_random_gates_are_seeded_per_tensor(llama_family, tmp_path):
@@ -271,11 +257,11 @@ def test_random_gates_are_seeded_per_tensor(llama_family, tmp_path):
     spec = [{"source_model": str(e)} for e in experts]
     a = upcycle({"base_model": str(base), "gate_mode": "random", "experts": spec}, tmp_path / "a")
     b = upcycle({"base_model": str(base), "gate_mode": "random", "experts": spec, "seed": 1}, tmp_path / "b")
-    ga, gb = _state(a.path), _state(b.path)
+    ga, gb = load_dir(a.path), load_dir(b.path)
     name = "model.layers.0.block_sparse_moe.gate.weight"
     assert not torch.equal(ga[name], gb[name])
     c = upcycle({"base_model": str(base), "gate_mode": "random", "experts": spec}, tmp_path / "c")
-    assert torch.equal(ga[name], _state(c.path)[name])
+    assert torch.equal(ga[name], load_dir(c.path)[name])
     assert any("power of two" in w for w in a.warnings)
 
 
@@ -329,7 +315,7 @@ def test_cli_builds_a_loadable_moe(llama_family, tmp_path):
     assert "built mixtral with 3 experts" in res.output
     assert "power of two" in res.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 1
-    _load(tmp_path / "out")
+    load_strict(tmp_path / "out")
 
 
 def test_bad_inputs_are_one_line_errors(llama_family, tmp_path):
@@ -415,4 +401,4 @@ def test_sharded_inputs_and_outputs(family, tmp_path):
     index = json.loads((res.path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert "model.layers.1.block_sparse_moe.experts.1.w2.weight" in index["weight_map"]
-    _load(res.path)
+    load_strict(res.path)

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from routed_helpers import recipe
+from safetensors.torch import save_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 import mergelab
@@ -25,22 +27,6 @@ from mergelab.routed import (
     unpack_mask,
 )
 from mergelab.routed.format import FORMAT_VERSION, format_storage, task_names
-
-
-def load_dir(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def recipe(method: str, base: Path, experts: list[Path], **params) -> dict:
-    return {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(e)} for e in experts],
-        "parameters": params,
-    }
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from routed_helpers import LLAMA_WORDS, build, recipe, router_texts
 from safetensors.torch import load_file
+from tiny_models import load_dir
 from typer.testing import CliRunner
 
 import mergelab
@@ -37,13 +38,6 @@ def _peft(folder: Path, expert: str, causal: bool = False, dtype: torch.dtype = 
     cls = AutoModelForCausalLM if causal else AutoModel
     shared = cls.from_pretrained(str(folder / "shared"), dtype=dtype)
     return PeftModel.from_pretrained(shared, str(folder / "experts" / expert)).eval()
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +207,7 @@ def test_twin_full_rank_one_hot_reconstructs_each_expert(bert_family, tmp_path):
     folder = build("twin_merging", base, experts, tmp_path / "twin", {"density": 1.0})
     for t, e in enumerate(experts):
         got = expert_state_dict(folder, t)
-        want = _state(e)
+        want = load_dir(e)
         for k, v in want.items():
             assert torch.allclose(got[k].float(), v.float(), atol=2e-6), k
         model = RoutedModel.from_pretrained(folder)
@@ -265,10 +259,10 @@ def test_twin_matrices_of_rank_zero_are_stored_whole_by_default(classifier_famil
     base, experts = classifier_family
     params = {"density": 0.1} if zero_rank == "dense" else {"density": 0.1, "zero_rank": "drop"}  # dense: the default
     folder = build("twin_merging", base, experts, tmp_path / "twin", params)
-    shared = _state(folder / "shared")
+    shared = load_dir(folder / "shared")
     small = ["classifier.weight", "bert.embeddings.token_type_embeddings.weight"]
     for t, e in enumerate(experts):
-        got, want = expert_state_dict(folder, t), _state(e)
+        got, want = expert_state_dict(folder, t), load_dir(e)
         for k in small:
             expected = want[k] if zero_rank == "dense" else shared[k]
             assert torch.allclose(got[k].float(), expected.float(), atol=1e-6), (zero_rank, t, k)
@@ -295,7 +289,7 @@ def test_smile_full_rank_reconstructs_experts_that_change_linear_layers(linear_f
     folder = build("smile", base, experts, tmp_path / "smile", {"k": 64})
     for t, e in enumerate(experts):
         got = expert_state_dict(folder, t)
-        for k, v in _state(e).items():
+        for k, v in load_dir(e).items():
             assert torch.allclose(got[k].float(), v.float(), atol=2e-6), k
 
 
@@ -303,7 +297,7 @@ def test_split_merge_one_expert_full_rank_is_exact(bert_family, tmp_path):
     base, experts = bert_family
     folder = build("split_merge", base, experts[:1], tmp_path / "split", {"topk": 1.0, "rank_fraction": 1.0})
     got = expert_state_dict(folder, 0)
-    for k, v in _state(experts[0]).items():
+    for k, v in load_dir(experts[0]).items():
         assert torch.allclose(got[k].float(), v.float(), atol=2e-6), k
 
 
@@ -432,7 +426,7 @@ def test_wemoe_expert_pass_keeps_no_base_tensors(bert_family, tmp_path, monkeypa
     folder = build("wemoe", base, experts, tmp_path / "wemoe", {"steps": 0})
     assert seen["extras"] == []
     gates = load_file(str(folder / "router" / "router.safetensors"))
-    want = _state(base)
+    want = load_dir(base)
     bases = {k[len("base.") :]: v for k, v in gates.items() if k.startswith("base.")}
     assert bases and all(torch.equal(v, want[k]) for k, v in bases.items())
 
@@ -446,7 +440,7 @@ def test_extract_equals_peft_merge_and_unload_and_loads_with_transformers(bert_o
     folder = bert_outputs["twin_merging"]
     res = CliRunner().invoke(app, ["extract", str(folder), "expert_1", str(tmp_path / "x")])
     assert res.exit_code == 0, res.output
-    got = _state(tmp_path / "x")
+    got = load_dir(tmp_path / "x")
     want = _peft(folder, "expert_1").merge_and_unload().state_dict()
     for k, v in got.items():
         assert torch.allclose(v, want[k], atol=1e-6), k
@@ -639,7 +633,7 @@ def test_twin_shared_model_is_any_registered_merge(bert_family, tmp_path):
     params = {"density": 0.5, "shared_method": "ties", "shared_parameters": {"lambda": 1.0}}
     folder = build("twin_merging", base, experts, tmp_path / "twin", params)
     ties = mergelab.merge(recipe("ties", base, experts, {"lambda": 1.0}), tmp_path / "ties", hash_inputs=False).path
-    got, want = _state(folder / "shared"), _state(ties)
+    got, want = load_dir(folder / "shared"), load_dir(ties)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert read_bundle_manifest(folder)["shared"]["method"] == "ties"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_models import one_torch_thread  # noqa: F401 - autouse: one torch thread in these tests
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +53,3 @@ def llama_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return recipe
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from mergelab.cli_options import Quiet
+
 
 def analyze_command(
     inputs: Annotated[list[str], typer.Argument(help="a recipe YAML, or the expert models (with --base)")],
@@ -24,7 +26,7 @@ def analyze_command(
         float, typer.Option(help="fraction of largest |τ| entries per tensor used for sign conflicts")
     ] = 0.2,
     tall_lambda: Annotated[float, typer.Option(help="λ of the TALL masks")] = 0.6,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Compare the experts' task vectors.
 

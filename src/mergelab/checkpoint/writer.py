@@ -21,12 +21,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
 
 from mergelab.checkpoint import output_guard as guard
+from mergelab.checkpoint.reader import SIDE_FILES
 from mergelab.checkpoint.safetensors_file import layout_header
 from mergelab.errors import OutputError
 
@@ -68,6 +69,27 @@ def parse_size(value: str | int) -> int:
     except ValueError:
         pass
     raise OutputError(f"invalid size {value!r}: use e.g. 2GB, 500MB or a number of bytes")
+
+
+def fmt_bytes(n: float) -> str:
+    """``512 B``, ``1.5 MB``, ``12.3 GB``: decimal units (as :func:`parse_size` reads them), up to TB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def copy_side_files_of(folder: Path | None, dest: Path, *, skip: Collection[str] = ()) -> None:
+    """Copy the model side files (:data:`~mergelab.checkpoint.reader.SIDE_FILES`: config, generation
+    config, tokenizer, chat template files) that ``folder`` holds into ``dest``, except those named in
+    ``skip``; nothing when ``folder`` is None (an input that is not a folder)."""
+    if folder is None:
+        return
+    for name in SIDE_FILES:
+        src = folder / name
+        if name not in skip and src.is_file():
+            shutil.copyfile(src, dest / name)
 
 
 class _Shard:
@@ -335,6 +357,14 @@ class AtomicOutputDir:
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.close_workdir()
+
+    def fail(self, exc: BaseException) -> None:
+        """Abort after ``exc`` ended the run: remove the temporary folder; an error writing this output
+        (:meth:`is_write_error`) is raised as a one-line :class:`OutputError`, anything else is left to the
+        caller to re-raise (``except BaseException as exc: dest.fail(exc); raise``)."""
+        self.abort()
+        if isinstance(exc, OSError) and self.is_write_error(exc):
+            raise OutputError(f"{self.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
 
     def is_write_error(self, exc: OSError) -> bool:
         """Whether ``exc`` came from writing this output (a file in the temporary folder, or a full disk)."""

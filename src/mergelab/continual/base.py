@@ -21,12 +21,14 @@ unknown keys rejected, paper or reference defaults).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from mergelab.lora import peft_format
 from mergelab.methods.base import MethodParams
 
 Tensor = torch.Tensor
@@ -36,22 +38,9 @@ Role = Literal["matrix", "other"]
 SVD-based methods (OPCM, DOP) project; ``other``: everything else (embeddings, biases, norms,
 convolutions), merged elementwise."""
 
-#: Module names (the last part before ``.weight``) of embedding tables: 2-D but not linear layers.
-EMBEDDING_MODULES = frozenset(
-    {
-        "embed_tokens",
-        "wte",
-        "wpe",
-        "word_embeddings",
-        "position_embeddings",
-        "token_type_embeddings",
-        "embed_positions",
-        "embed_in",
-        "tok_embeddings",
-        "shared",
-        "relative_attention_bias",
-    }
-)
+#: Module names (the last part before ``.weight``) of embedding tables: 2-D but not linear layers
+#: (the usual ones, and T5's relative position table).
+EMBEDDING_MODULES = peft_format.EMBEDDING_MODULES | {"relative_attention_bias"}
 
 
 def tensor_role(name: str, shape: tuple[int, ...]) -> Role:
@@ -119,9 +108,7 @@ expected-peak figure printed before an add)."""
 
 def elementwise_workspace(name: str, shape: tuple[int, ...], role: Role, params: Any) -> int:
     """τ, the result and one temporary: three tensor-sized buffers."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     return 3 * n
 
 

@@ -28,6 +28,7 @@ The baselines the OPCM paper compares against, as FusionBench's ``method/opcm/``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -137,9 +138,7 @@ def ties_step(raw: Tensor | None, tau: Tensor, params: SequentialTiesParams, ctx
 def ties_workspace(name: str, shape: tuple[int, ...], role: Role, params: Any) -> int:
     """τ, the result, a zero base, the pair's task vectors, trimmed copies, masks and the merged update
     (measured: about 8 tensor-sized buffers beyond the inputs)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     return 10 * n
 
 

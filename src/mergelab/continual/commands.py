@@ -10,15 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergelab.checkpoint.writer import fmt_bytes
+from mergelab.cli_options import Device, Force, ForceAny, MaxShardSize, Quiet, Threads
 from mergelab.errors import OptionError
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -66,10 +60,10 @@ def add_command(
     expert: Annotated[str, typer.Argument(help="the new expert (folder, weights file or Hub id)")],
     name: Annotated[str | None, typer.Option(help="label recorded for the expert (default: as given)")] = None,
     base: Annotated[str | None, typer.Option(help="the base, if it moved since init (same tensors)")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    device: Device = "cpu",
+    threads: Threads = None,
     max_shard_size: Annotated[str, typer.Option(help="largest shard of the state's task vector")] = "2GB",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Merge EXPERT into the continual merge in STATE (one streamed pass; the state is replaced atomically)."""
     from mergelab.continual.session import ContinualMerge
@@ -95,7 +89,7 @@ def add_command(
     err.print(
         f"[green]added[/] expert #{e.index} {e.label} (content hash {e.content_hash[:16]}…) in {e.seconds:.1f} s: "
         f"‖τ‖ = {e.task_vector_norm:.4g}, ‖merged − base‖ = {e.merged_norm:.4g}{extra} "
-        f"(read {_fmt_bytes(rep.bytes_read)}, peak RSS {_fmt_bytes(rep.peak_rss_bytes)})",
+        f"(read {fmt_bytes(rep.bytes_read)}, peak RSS {fmt_bytes(rep.peak_rss_bytes)})",
         highlight=False,
     )
 
@@ -120,11 +114,11 @@ def status_command(
     head.add_row("base", f"{s.base['label']} (content hash {(s.base.get('content_hash') or 'not yet computed')[:16]})")
     head.add_row("experts", str(len(s.experts)))
     head.add_row("scale", f"merged = base + {s.scale:.6g} × running task vector")
-    head.add_row("storage", f"{_fmt_bytes(s.state_bytes)} (running task vector {_fmt_bytes(s.task_vector_bytes)})")
+    head.add_row("storage", f"{fmt_bytes(s.state_bytes)} (running task vector {fmt_bytes(s.task_vector_bytes)})")
     peak = s.expected_peak
     head.add_row(
         "next add",
-        f"expected peak {_fmt_bytes(peak['bytes'])} (tensor {peak['tensor']})" if "bytes" in peak else peak["error"],
+        f"expected peak {fmt_bytes(peak['bytes'])} (tensor {peak['tensor']})" if "bytes" in peak else peak["error"],
     )
     out.print(head)
     if s.experts:
@@ -146,13 +140,13 @@ def export_command(
     state: Annotated[Path, typer.Argument(help="the state folder")],
     out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
     base: Annotated[str | None, typer.Option(help="the base, if it moved since init")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
-    force_any: Annotated[bool, typer.Option("--force-any", help="replace OUT whatever folder it is")] = False,
+    force: Force = False,
+    force_any: ForceAny = False,
     out_dtype: Annotated[str | None, typer.Option(help="dtype of the float tensors (default: the base's)")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    max_shard_size: MaxShardSize = "2GB",
+    device: Device = "cpu",
+    threads: Threads = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write the current merged model of STATE to OUT as a plain Hugging Face checkpoint (atomic)."""
     from mergelab.continual.session import ContinualMerge

@@ -56,6 +56,7 @@ vocabulary-sized head (``exclude: lm_head`` averages it instead); ``--device cud
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -227,9 +228,7 @@ def dop_workspace(name: str, shape: tuple[int, ...], role: Role, params: DopPara
     """τ and the result; for a linear layer also two bases (U m×k, V n×k each), the parameter, Adam's
     two moments and its denominator, the two gradients, the difference X − τ_i and the loss
     products (m×k, k×n), and one SVD's workspace (copies of the matrix, ~6k²)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if not optimises(name, role, params):
         return 3 * n
     rows, cols = shape

@@ -52,7 +52,7 @@ from mergelab.continual.step import (
     run_graph,
     step_graph,
 )
-from mergelab.errors import OptionError, OutputError, ParameterError, PlanError
+from mergelab.errors import OptionError, ParameterError, PlanError
 from mergelab.executors.base import Progress, check_threads, resolve_device
 from mergelab.executors.sinks import MemorySink
 from mergelab.ir import MODEL
@@ -533,11 +533,7 @@ class ContinualMerge:
         except BaseException as exc:
             if writer is not None:
                 writer.abort()
-            dest.abort()
-            if isinstance(exc, OSError) and dest.is_write_error(exc):
-                raise OutputError(
-                    f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written"
-                ) from exc
+            dest.fail(exc)
             raise
         finally:
             for r in readers:

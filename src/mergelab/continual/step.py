@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.reader import CheckpointReader, TensorMeta, content_hash
+from mergelab.checkpoint.writer import fmt_bytes
 from mergelab.continual.base import ContinualMethod, Role, StepContext, StepSums, tensor_role
 from mergelab.errors import CheckpointError, PlanError
 from mergelab.executors.base import ExecutorOptions, NoProgress, Progress, RunStats, resolve_device, thread_limit
@@ -116,16 +117,8 @@ class PeakEstimate:
         """``1.2 GB: tensor lm_head.weight (32000×4096), 9.5 tensor-sized float32 buffers``."""
         shape = "×".join(map(str, self.shape)) or "scalar"
         return (
-            f"{_fmt_bytes(self.bytes)}: tensor {self.tensor} ({shape}), {self.copies:.1f} tensor-sized float32 buffers"
+            f"{fmt_bytes(self.bytes)}: tensor {self.tensor} ({shape}), {self.copies:.1f} tensor-sized float32 buffers"
         )
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def expected_peak(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from mergelab.data.config import CalibrationSource
 from mergelab.errors import RecipeError
+from mergelab.plugins import load_entry_points
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -118,16 +118,7 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()()
-        except Exception as exc:  # a broken plugin must not break file sources
-            warnings.warn(
-                f"calibration source plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
-                stacklevel=2,
-            )
+    load_entry_points(ENTRY_POINT_GROUP, "calibration source")
 
 
 def source_kind(prefix: str) -> SourceKind:
@@ -224,6 +215,17 @@ def tokenize_batches(
             batch["labels"] = torch.tensor(list(labels[start : start + batch_size]), dtype=torch.long)
         out.append(batch)
     return out
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token id ``rows`` padded on the right to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 def batch_rows(batch: Batch) -> int:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from mergelab.checkpoint.reader import CheckpointReader, weight_files
-from mergelab.checkpoint.writer import parse_size
+from mergelab.checkpoint.writer import fmt_bytes, parse_size
 from mergelab.data.config import CalibrationSettings, CalibrationSource
 from mergelab.data.sources import (
     check_source,
@@ -66,7 +66,7 @@ from mergelab.informed.modeling import (
     module_weight,
     read_config,
 )
-from mergelab.informed.progress import DataProgress, fmt_bytes
+from mergelab.informed.progress import DataProgress
 from mergelab.methods.base import MethodOutput, TensorContext
 from mergelab.plan import Plan, _split_inputs
 from mergelab.recipe import parse_dtype

@@ -14,14 +14,6 @@ from typing import Any
 log = logging.getLogger("mergelab.informed")
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 class DataProgress:
     def __init__(self, engine_progress: Any = None):
         self.engine = engine_progress

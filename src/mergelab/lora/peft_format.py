@@ -44,6 +44,23 @@ PREFIX = "base_model.model."
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 """``config.json`` ``model_type`` values whose linear layers are transformers ``Conv1D`` (weight ``in × out``)."""
 
+EMBEDDING_MODULES = frozenset(
+    {
+        "embed_tokens",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "embed_positions",
+        "embed_in",
+        "tok_embeddings",
+        "shared",
+    }
+)
+"""Module names (the last part before ``.weight``) of the usual embedding tables (``nn.Embedding``: 2-D but
+not linear layers); a module whose name contains ``embed`` is one too."""
+
 _TASK_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("LMHeadModel", "CAUSAL_LM"),

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mergelab.errors import OptionError, OutputError, PlanError, RecipeError
 from mergelab.ir import ADAPTER, MASKS, Artifact, Job, OutRef
 from mergelab.lora.factors import LoraFactors
-from mergelab.lora.peft_format import PeftAdapterWriter, module_name, uses_conv1d
+from mergelab.lora.peft_format import EMBEDDING_MODULES, PeftAdapterWriter, module_name, uses_conv1d
 from mergelab.lora.svd import check_rank_energy, truncated_svd
 
 __all__ = ["ADAPTER", "ADAPTER_RULES", "AdapterPlan", "AdapterSettings", "PeftAdapterSink", "adapter_graph"]
@@ -63,21 +63,6 @@ REPORT_FILE = "adapter_report.json"
 """Per-module ranks and reconstruction errors, written beside the adapter."""
 
 TargetKind = Literal["linear", "conv1d", "embedding"]
-
-_EMBEDDING_NAMES = frozenset(
-    {
-        "embed_tokens",
-        "wte",
-        "wpe",
-        "word_embeddings",
-        "position_embeddings",
-        "token_type_embeddings",
-        "embed_positions",
-        "embed_in",
-        "tok_embeddings",
-        "shared",
-    }
-)
 
 
 _FACTOR_DTYPES: dict[str, torch.dtype] = {
@@ -194,7 +179,7 @@ def _matches(module: str, entry: str) -> bool:
 
 def _is_embedding(module: str) -> bool:
     last = module.rsplit(".", 1)[-1]
-    return last in _EMBEDDING_NAMES or "embed" in last
+    return last in EMBEDDING_MODULES or "embed" in last
 
 
 def select_targets(

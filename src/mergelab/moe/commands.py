@@ -9,28 +9,23 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+from mergelab.checkpoint.writer import fmt_bytes
+from mergelab.cli_options import Device, Force, ForceAny, MaxShardSize, Quiet, Threads
 
 
 def moe_command(
     recipe: Annotated[Path, typer.Argument(help="mergekit-moe recipe YAML (base_model, gate_mode, experts, ...)")],
     out: Annotated[Path, typer.Argument(help="output folder (must not exist unless --force)")],
-    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
-    force_any: Annotated[bool, typer.Option("--force-any", help="replace OUT whatever folder it is")] = False,
+    force: Force = False,
+    force_any: ForceAny = False,
     device: Annotated[
         str, typer.Option(help="where the base runs on the prompts: cpu, cuda, cuda:N, mps, auto")
     ] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
+    threads: Threads = None,
     dtype: Annotated[str, typer.Option("--dtype", help="dtype of the base on the prompts (mergekit-moe: bfloat16)")] = (
         "float32"
     ),
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
+    max_shard_size: MaxShardSize = "2GB",
     allow_all_same: Annotated[
         bool,
         typer.Option(
@@ -42,7 +37,7 @@ def moe_command(
         bool,
         typer.Option("--allow-adapter-base-mismatch", help="read LoRA experts whose recorded base is not base_model"),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build a mixture-of-experts model from dense fine-tunes of one base (mergekit-moe's recipes).
 
@@ -71,7 +66,7 @@ def moe_command(
     err.print(
         f"[green]built[/] {res.architecture} with {res.num_experts} experts ({res.experts_per_token} per token, "
         f"gate mode {res.gate_mode}) into {res.path}: {res.stats.tensors} tensors, "
-        f"{_fmt_bytes(res.stats.bytes_written)} in {res.report['seconds']:.1f} s",
+        f"{fmt_bytes(res.stats.bytes_written)} in {res.report['seconds']:.1f} s",
         highlight=False,
     )
 
@@ -98,13 +93,13 @@ def moe_compress_command(
     max_length: Annotated[int, typer.Option(help="tokens per calibration example")] = 512,
     output_tokens: Annotated[int, typer.Option(help="submoe: tokens per layer for expert outputs")] = 512,
     dtype: Annotated[str, typer.Option("--dtype", help="dtype of the MoE during calibration")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output")] = False,
-    force_any: Annotated[bool, typer.Option("--force-any", help="replace OUT whatever folder it is")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
+    device: Device = "cpu",
+    threads: Threads = None,
+    force: Force = False,
+    force_any: ForceAny = False,
+    max_shard_size: MaxShardSize = "2GB",
     as_json: Annotated[bool, typer.Option("--json", help="print the report (groups per layer) as JSON")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Shrink an MoE to K experts per layer by merging (M-SMoE, Sub-MoE) or pruning its experts.
 

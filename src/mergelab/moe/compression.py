@@ -41,13 +41,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergelab.checkpoint.reader import CheckpointReader, open_checkpoint
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, check_destination, parse_size
-from mergelab.errors import CheckpointError, OptionError, OutputError, PlanError
+from mergelab.checkpoint.writer import (
+    DEFAULT_MAX_SHARD,
+    AtomicOutputDir,
+    check_destination,
+    copy_side_files_of,
+    parse_size,
+)
+from mergelab.errors import CheckpointError, OptionError, PlanError
 from mergelab.executors.base import Progress, check_threads, resolve_device, thread_limit
 from mergelab.moe import msmoe, prune, submoe
 from mergelab.moe.architectures import DENSE_PROJECTIONS, MoeArchitecture, detect
 from mergelab.moe.grouping import LayerGroups, RouterRows, router_rows
-from mergelab.moe.output import OutSpec, Unit, WriteStats, copy_side_files, model_card, read_checked, write_units
+from mergelab.moe.output import OutSpec, Unit, WriteStats, model_card, read_checked, write_units
 from mergelab.moe.routing import RoutingStats, collect_routing, expert_output_grams
 from mergelab.recipe import parse_dtype
 
@@ -447,9 +453,9 @@ def compress(
             if layout_ == "distinct":
                 setattr(plan.config, plan.arch.count_key, settings.to)
                 plan.config.save_pretrained(str(dest.tmp))
-                copy_side_files(reader, dest.tmp)
+                copy_side_files_of(reader.folder, dest.tmp, skip=("config.json",))
             else:
-                copy_side_files(reader, dest.tmp, skip=())
+                copy_side_files_of(reader.folder, dest.tmp)
             report = _report(plan, settings, stats, groups, time.perf_counter() - start)
             (dest.tmp / "moe_compress.json").write_text(json.dumps(report, indent=2) + "\n")
             (dest.tmp / "README.md").write_text(
@@ -457,11 +463,7 @@ def compress(
             )
             path = dest.commit()
         except BaseException as exc:
-            dest.abort()
-            if isinstance(exc, OSError) and dest.is_write_error(exc):
-                raise OutputError(
-                    f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written"
-                ) from exc
+            dest.fail(exc)
             raise
         finally:
             dest.close_workdir()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mergelab.data.sources import pad_right
 from mergelab.errors import RecipeError
 
 EPS = 1e-8
@@ -154,17 +155,6 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
             raise RecipeError(f"prompt {p!r} has no tokens after tokenization; remove it")
         out.append(ids)
     return out
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """``input_ids`` and ``attention_mask`` of ``rows`` padded on the right to the longest."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def _batches(items: Sequence[list[int]], size: int) -> Iterable[Sequence[list[int]]]:

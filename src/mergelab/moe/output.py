@@ -10,7 +10,7 @@ published unless every tensor was written.
 
 from __future__ import annotations
 
-import shutil
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader
+from mergelab.checkpoint.reader import CheckpointReader
 from mergelab.checkpoint.writer import ShardedSafetensorsWriter
 from mergelab.errors import InputDataError, InternalError
 from mergelab.executors.base import NoProgress, Progress
@@ -34,9 +34,7 @@ class OutSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
+        n = math.prod(self.shape)
         return n * self.dtype.itemsize
 
 
@@ -99,16 +97,6 @@ def write_units(
     finally:
         progress.end()
     return WriteStats(len(specs), writer.total_bytes, time.perf_counter() - start)
-
-
-def copy_side_files(source: CheckpointReader, dest: Path, *, skip: Sequence[str] = ("config.json",)) -> None:
-    """The tokenizer and generation files of ``source``'s folder (config.json is written by the caller)."""
-    if source.folder is None:
-        return
-    for name in SIDE_FILES:
-        src = source.folder / name
-        if name not in skip and src.is_file():
-            shutil.copyfile(src, dest / name)
 
 
 def model_card(title: str, lines: Sequence[str], recipe_yaml: str | None, version: str) -> str:

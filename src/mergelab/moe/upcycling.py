@@ -25,8 +25,14 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.reader import CheckpointReader, open_checkpoint
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, check_destination, parse_size
-from mergelab.errors import CheckpointError, OptionError, OutputError, PlanError, RecipeError
+from mergelab.checkpoint.writer import (
+    DEFAULT_MAX_SHARD,
+    AtomicOutputDir,
+    check_destination,
+    copy_side_files_of,
+    parse_size,
+)
+from mergelab.errors import CheckpointError, OptionError, PlanError, RecipeError
 from mergelab.executors.base import Progress, check_threads, resolve_device, thread_limit
 from mergelab.methods.base import tensor_seed
 from mergelab.moe import gates as G
@@ -37,7 +43,7 @@ from mergelab.moe.architectures import (
     dense_mlp_tensor,
     select_output,
 )
-from mergelab.moe.output import OutSpec, Unit, WriteStats, copy_side_files, model_card, read_checked, write_units
+from mergelab.moe.output import OutSpec, Unit, WriteStats, model_card, read_checked, write_units
 from mergelab.moe.recipe import PROMPT_MODES, MoeExpert, MoeRecipe, check_recipe, load_moe_recipe
 from mergelab.recipe import parse_dtype
 
@@ -517,7 +523,7 @@ def upcycle(
                 units = build_units(plan, inputs, routers, shared_gates)
                 stats = write_units(dest.tmp, units, max_shard_size=shard_bytes, progress=progress)
             config = output_config(plan, dest.tmp, inputs.base.folder)
-            copy_side_files(inputs.base, dest.tmp)
+            copy_side_files_of(inputs.base.folder, dest.tmp, skip=("config.json",))
             report = {
                 "architecture": plan.arch.name,
                 "model_type": config.get("model_type"),
@@ -546,11 +552,7 @@ def upcycle(
             )
             path = dest.commit()
         except BaseException as exc:
-            dest.abort()
-            if isinstance(exc, OSError) and dest.is_write_error(exc):
-                raise OutputError(
-                    f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written"
-                ) from exc
+            dest.fail(exc)
             raise
         finally:
             dest.close_workdir()

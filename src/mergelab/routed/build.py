@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +39,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from mergelab.checkpoint.reader import SIDE_FILES, CheckpointReader, open_checkpoint, weight_files
-from mergelab.checkpoint.writer import DEFAULT_MAX_SHARD, AtomicOutputDir, ShardedSafetensorsWriter, parse_size
+from mergelab.checkpoint.reader import CheckpointReader, open_checkpoint, weight_files
+from mergelab.checkpoint.writer import (
+    DEFAULT_MAX_SHARD,
+    AtomicOutputDir,
+    ShardedSafetensorsWriter,
+    copy_side_files_of,
+    parse_size,
+)
 from mergelab.data.config import CalibrationSource
-from mergelab.errors import CheckpointError, OptionError, OutputError, ParameterError, PlanError, RecipeError
+from mergelab.errors import CheckpointError, OptionError, ParameterError, PlanError, RecipeError
 from mergelab.lora.factors import LoraFactors
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.routed.adapters import ExpertAdapterWriter
@@ -183,12 +188,7 @@ def check_routed_recipe(
     if router_data is not None and len(router_data) != len(rec.models):
         raise OptionError(f"router_data: {len(router_data)} entries for {len(rec.models)} experts (one per expert)")
     if spec.router == "sequence_mlp":
-        for i, m in enumerate(rec.models):
-            if router_data is not None and router_data[i] is not None:
-                continue
-            check_router_source(m.calibration, m.model)
-            if m.validation is not None:
-                check_router_source(m.validation, m.model, "validation")
+        _check_router_sources(rec, router_data)
     elif rec.router is not None:
         raise RecipeError(f"{spec.name} has no trained sequence router: leave out the `router:` block")
     if spec.name == "wemoe" and params.steps > 0:
@@ -257,9 +257,7 @@ def build_routed(
         (dest.tmp / "mergelab_recipe.yaml").write_text(rec.to_yaml())
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
     finally:
         dest.close_workdir()
@@ -438,9 +436,7 @@ class _Builder:
         finally:
             writer.abort()
         assert self.base.folder is not None
-        for side in SIDE_FILES:
-            if (self.base.folder / side).is_file():
-                shutil.copyfile(self.base.folder / side, self.shared_dir / side)
+        copy_side_files_of(self.base.folder, self.shared_dir)
         cfg = self.shared_dir / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text())
@@ -1066,6 +1062,12 @@ def check_router_block(rec: Recipe, router_data: Sequence[Any] | None = None) ->
             f"router: only routed outputs take a router (tall_masks, emr, or the routed methods "
             f"{', '.join(ROUTED_METHODS)}); {rec.merge_method} writes one model"
         )
+    _check_router_sources(rec, router_data)
+
+
+def _check_router_sources(rec: Recipe, router_data: Sequence[Any] | None) -> None:
+    """Every model without rows in ``router_data`` names the router's training rows (``calibration``) and,
+    when given, its validation rows: checked before any model is read."""
     for i, m in enumerate(rec.models):
         if router_data is not None and router_data[i] is not None:
             continue

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mergelab.errors import CheckpointError, OptionError
+from mergelab.errors import CheckpointError
 
 FORMAT = "mergelab-routed-model"
 FORMAT_VERSION = 1
@@ -88,18 +88,9 @@ def read_bundle_manifest(folder: str | Path) -> dict[str, Any]:
 
 def resolve_expert(manifest: dict[str, Any], expert: str | int) -> dict[str, Any]:
     """The manifest entry of ``expert``: its name, its index or the model reference it came from."""
-    experts = manifest["experts"]
-    if isinstance(expert, int) or (isinstance(expert, str) and expert.strip().lstrip("-").isdigit()):
-        idx = int(expert)
-        if 0 <= idx < len(experts):
-            return experts[idx]
-    else:
-        for key in ("name", "model"):
-            hits = [e for e in experts if e.get(key) == expert]
-            if len(hits) == 1:
-                return hits[0]
-    listing = ", ".join(f"{e['index']}={e['name']}" for e in experts)
-    raise OptionError(f"unknown expert {expert!r}; this routed model has: {listing}")
+    from mergelab.routed.format import resolve_entry
+
+    return resolve_entry(manifest["experts"], expert, "expert", "this routed model")
 
 
 def folder_bytes(folder: Path, pattern: str = "*") -> int:
@@ -137,7 +128,7 @@ def storage_report(folder: Path, experts: list[str], expert_input_bytes: int | N
 
 
 def format_bundle_storage(storage: dict[str, Any]) -> str:
-    from mergelab.routed.format import fmt_bytes
+    from mergelab.checkpoint.writer import fmt_bytes
 
     per = storage["expert_bytes"]
     mean = sum(per.values()) / max(1, len(per))

@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergelab.cli_options import ForceAny, MaxShardSize
+
 
 def extract_command(
     folder: Annotated[Path, typer.Argument(help="output of a tall_masks / emr merge, or a routed-model folder")],
@@ -22,12 +24,13 @@ def extract_command(
     force: Annotated[
         bool, typer.Option("--force", help="replace OUT if it holds a previous mergelab output (and nothing else)")
     ] = False,
-    force_any: Annotated[bool, typer.Option("--force-any", help="replace OUT whatever folder it is")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 2GB, 500MB")] = "2GB",
+    force_any: ForceAny = False,
+    max_shard_size: MaxShardSize = "2GB",
 ) -> None:
     """Rebuild one TASK of a routed merge in FOLDER as a plain Hugging Face checkpoint in OUT."""
+    from mergelab.checkpoint.writer import fmt_bytes
     from mergelab.routed.extract import extract
-    from mergelab.routed.format import fmt_bytes, format_storage
+    from mergelab.routed.format import format_storage
 
     err = Console(stderr=True)
     result = extract(folder, task, out, force=force, force_any=force_any, max_shard_size=max_shard_size)

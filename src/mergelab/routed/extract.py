@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergelab.checkpoint.reader import SIDE_FILES, open_checkpoint
+from mergelab.checkpoint.reader import open_checkpoint
 from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header
 from mergelab.checkpoint.writer import (
     DEFAULT_MAX_SHARD,
     AtomicOutputDir,
     ShardedSafetensorsWriter,
+    copy_side_files_of,
     parse_size,
 )
-from mergelab.errors import CheckpointError, OutputError
+from mergelab.errors import CheckpointError
 from mergelab.routed.format import (
     BASE_FOLDER,
     MASKS_FOLDER,
@@ -200,10 +200,39 @@ def extract(
         return extract_expert(src, task, out, force=force, force_any=force_any, max_shard_size=max_shard_size)
     manifest = read_manifest(src)
     entry = resolve_task(manifest, task)
+    path, n, nbytes = _write_checkpoint(
+        out,
+        src,
+        iter_task_tensors(src, int(entry["index"])),
+        lambda: _card(manifest, entry, src),
+        role="routed output",
+        inputs_root=src,
+        force=force,
+        force_any=force_any,
+        max_shard_size=max_shard_size,
+    )
+    return ExtractResult(path=path, task=entry, tensors=n, bytes_written=nbytes, manifest=manifest)
+
+
+def _write_checkpoint(
+    out: str | os.PathLike[str],
+    layout: Path,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    card: Callable[[], str],
+    *,
+    role: str,
+    inputs_root: Path,
+    force: bool,
+    force_any: bool,
+    max_shard_size: str | int,
+) -> tuple[Path, int, int]:
+    """Write ``tensors`` as a plain checkpoint in ``out`` (atomic), laid out as the checkpoint ``layout``
+    (names, dtypes, shapes), with ``layout``'s config and tokenizer files and the model card ``card()``;
+    ``inputs_root`` (the ``role`` of the run) may not be the destination. (path, tensors, bytes written)."""
     shard_bytes = parse_size(max_shard_size)
-    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=[("routed output", src)], kind="extract")
+    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=[(role, inputs_root)], kind="extract")
     try:
-        reader = open_checkpoint(src)
+        reader = open_checkpoint(layout)
         try:
             items = [(m.name, m.dtype, m.shape) for m in reader.tensors().values()]
         finally:
@@ -211,23 +240,19 @@ def extract(
         writer = ShardedSafetensorsWriter(dest.tmp, items, shard_bytes)
         n = 0
         try:
-            for name, value in iter_task_tensors(src, int(entry["index"])):
+            for name, value in tensors:
                 writer.add(name, value)
                 n += 1
             writer.finish()
         finally:
             writer.abort()
-        for side in SIDE_FILES:
-            if (src / side).is_file():
-                shutil.copyfile(src / side, dest.tmp / side)
-        (dest.tmp / "README.md").write_text(_card(manifest, entry, src))
+        copy_side_files_of(layout, dest.tmp)
+        (dest.tmp / "README.md").write_text(card())
         path = dest.commit()
     except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
+        dest.fail(exc)
         raise
-    return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
+    return path, n, writer.total_bytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,47 +298,33 @@ def extract_expert(
     src = Path(folder).expanduser()
     manifest = read_bundle_manifest(src)
     entry = resolve_expert(manifest, expert)
-    shard_bytes = parse_size(max_shard_size)
-    dest = AtomicOutputDir(out, force=force, force_any=force_any, inputs=[("routed model", src)], kind="extract")
-    try:
-        reader = open_checkpoint(src / SHARED)
-        try:
-            items = [(m.name, m.dtype, m.shape) for m in reader.tensors().values()]
-        finally:
-            reader.close()
-        writer = ShardedSafetensorsWriter(dest.tmp, items, shard_bytes)
-        n = 0
-        try:
-            for name, value in iter_expert_tensors(src, int(entry["index"])):
-                writer.add(name, value)
-                n += 1
-            writer.finish()
-        finally:
-            writer.abort()
-        for side in SIDE_FILES:
-            if (src / SHARED / side).is_file():
-                shutil.copyfile(src / SHARED / side, dest.tmp / side)
-        (dest.tmp / "README.md").write_text(
-            "\n".join(
-                [
-                    "---",
-                    "library_name: transformers",
-                    f"tags: [merge, mergelab, {manifest.get('method')}]",
-                    "---",
-                    "",
-                    f"# {entry['name']} (extracted)",
-                    "",
-                    f"Route {entry['index']} (`{entry['model']}`) of the {manifest.get('method')} routed model "
-                    f"`{src}`: `shared/` with `{entry['adapter']}/` applied (PEFT's merge_and_unload), rebuilt by "
-                    "`mergelab extract`.",
-                    "",
-                ]
-            )
+
+    def card() -> str:
+        return "\n".join(
+            [
+                "---",
+                "library_name: transformers",
+                f"tags: [merge, mergelab, {manifest.get('method')}]",
+                "---",
+                "",
+                f"# {entry['name']} (extracted)",
+                "",
+                f"Route {entry['index']} (`{entry['model']}`) of the {manifest.get('method')} routed model "
+                f"`{src}`: `shared/` with `{entry['adapter']}/` applied (PEFT's merge_and_unload), rebuilt by "
+                "`mergelab extract`.",
+                "",
+            ]
         )
-        path = dest.commit()
-    except BaseException as exc:
-        dest.abort()
-        if isinstance(exc, OSError) and dest.is_write_error(exc):
-            raise OutputError(f"{dest.dest}: cannot write the output ({exc.strerror}); nothing was written") from exc
-        raise
-    return ExtractResult(path=path, task=entry, tensors=n, bytes_written=writer.total_bytes, manifest=manifest)
+
+    path, n, nbytes = _write_checkpoint(
+        out,
+        src / SHARED,
+        iter_expert_tensors(src, int(entry["index"])),
+        card,
+        role="routed model",
+        inputs_root=src,
+        force=force,
+        force_any=force_any,
+        max_shard_size=max_shard_size,
+    )
+    return ExtractResult(path=path, task=entry, tensors=n, bytes_written=nbytes, manifest=manifest)

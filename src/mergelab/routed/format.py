@@ -35,6 +35,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
+from mergelab.checkpoint.writer import fmt_bytes
 from mergelab.errors import CheckpointError, OptionError
 
 FORMAT = "mergelab-routed"
@@ -121,28 +122,25 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_task(manifest: dict[str, Any], task: str | int) -> dict[str, Any]:
-    """The manifest entry of ``task``: its name, its index, or the model reference it came from."""
-    tasks = manifest["tasks"]
-    if isinstance(task, int) or (isinstance(task, str) and task.strip().lstrip("-").isdigit()):
-        idx = int(task)
-        if 0 <= idx < len(tasks):
-            return tasks[idx]
+def resolve_entry(entries: list[dict[str, Any]], ref: str | int, noun: str, holder: str) -> dict[str, Any]:
+    """The entry of ``ref`` in a manifest's list (``tasks``, ``experts``): its index, or its name or the model
+    reference it came from when exactly one entry has it; else a one-line error listing the entries."""
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().lstrip("-").isdigit()):
+        idx = int(ref)
+        if 0 <= idx < len(entries):
+            return entries[idx]
     else:
         for key in ("name", "model"):
-            hits = [t for t in tasks if t.get(key) == task]
+            hits = [e for e in entries if e.get(key) == ref]
             if len(hits) == 1:
                 return hits[0]
-    listing = ", ".join(f"{t['index']}={t['name']}" for t in tasks)
-    raise OptionError(f"unknown task {task!r}; this output has: {listing}")
+    listing = ", ".join(f"{e['index']}={e['name']}" for e in entries)
+    raise OptionError(f"unknown {noun} {ref!r}; {holder} has: {listing}")
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
+def resolve_task(manifest: dict[str, Any], task: str | int) -> dict[str, Any]:
+    """The manifest entry of ``task``: its name, its index, or the model reference it came from."""
+    return resolve_entry(manifest["tasks"], task, "task", "this output")
 
 
 def format_storage(storage: dict[str, Any]) -> str:

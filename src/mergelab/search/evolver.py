@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -49,7 +48,7 @@ import torch
 
 from mergelab.errors import OutputError, RecipeError
 from mergelab.search.options import EvolverOptions
-from mergelab.search.worker import TrialWorker
+from mergelab.search.worker import TrialWorker, measure_trial
 
 Tensor = torch.Tensor
 
@@ -157,22 +156,8 @@ def run_in_worker(worker: TrialWorker, payload: dict[str, Any], report: Callable
                         f"the trial log does not match this Evolver run at {key} ({k}); start afresh with --force"
                     )
             return float(hit["score"]), None
-        t0 = time.perf_counter()
-        state = state_fn()
-        t1 = time.perf_counter()
-        scores = worker.score(state)
-        t2 = time.perf_counter()
-        return scores.score, {
-            "key": key,
-            "algorithm": "evolver",
-            **extra,
-            "scores": scores.to_dict(),
-            "score": scores.score,
-            "merge_seconds": round(t1 - t0, 4),
-            "eval_seconds": round(t2 - t1, 4),
-            "seconds": round(t2 - t0, 4),
-            "worker": worker.where,
-        }
+        measured = measure_trial(state_fn, worker.score, worker.where)
+        return measured["score"], {"key": key, "algorithm": "evolver", **extra, **measured}
 
     def send(record: dict | None, **more: Any) -> None:
         if record is not None:

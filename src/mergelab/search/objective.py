@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -37,6 +36,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from mergelab.errors import OptionError
+from mergelab.plugins import load_entry_points
 
 Kind = Literal["accuracy", "loss"]
 
@@ -187,15 +187,7 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()()
-        except Exception as exc:  # a broken plugin must not break python: objectives
-            warnings.warn(
-                f"objective plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}", stacklevel=2
-            )
+    load_entry_points(ENTRY_POINT_GROUP, "objective")
 
 
 def objective_kinds() -> dict[str, ObjectiveKind]:

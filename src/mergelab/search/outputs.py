@@ -93,6 +93,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save_png(plt: Any, fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, close it and write it as a PNG to ``path`` atomically."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
 def plot_convergence(path: Path, records: Sequence[Mapping[str, Any]], title: str) -> None:
     """Every trial's score (dots) and the best so far (line), by trial number."""
     plt = _pyplot()
@@ -109,11 +118,7 @@ def plot_convergence(path: Path, records: Sequence[Mapping[str, Any]], title: st
     ax.set_ylabel("score (validation)")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    _save_png(plt, fig, path)
 
 
 def plot_pareto(
@@ -145,11 +150,7 @@ def plot_pareto(
     for ax in list(axes.flat)[len(pairs) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    _save_png(plt, fig, path)
 
 
 def non_dominated_records(records: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> list[Mapping[str, Any]]:

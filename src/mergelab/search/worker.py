@@ -19,7 +19,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,28 @@ class WorkerSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def measure_trial(
+    state_fn: Callable[[], Mapping[str, torch.Tensor]],
+    score: Callable[[Mapping[str, torch.Tensor]], Scores],
+    where: str,
+) -> dict[str, Any]:
+    """Build a merged state (``state_fn``) and ``score`` it, timed: the measured fields of a trial record
+    (``scores``, ``score``, ``merge_seconds``, ``eval_seconds``, ``seconds``, ``worker``: ``where``)."""
+    t0 = time.perf_counter()
+    state = state_fn()
+    t1 = time.perf_counter()
+    scores = score(state)
+    t2 = time.perf_counter()
+    return {
+        "scores": scores.to_dict(),
+        "score": scores.score,
+        "merge_seconds": round(t1 - t0, 4),
+        "eval_seconds": round(t2 - t1, 4),
+        "seconds": round(t2 - t0, 4),
+        "worker": where,
+    }
+
+
 class TrialWorker:
     """A resident merge session plus an objective (see the module docstring)."""
 
@@ -102,22 +124,13 @@ class TrialWorker:
 
     def evaluate(self, assignment: Assignment) -> dict[str, Any]:
         """Merge with ``assignment`` and score it: the trial record's measured part."""
-        t0 = time.perf_counter()
-        state = self.merge(assignment)
-        t1 = time.perf_counter()
-        scores = self.score(state)
-        t2 = time.perf_counter()
+        measured = measure_trial(lambda: self.merge(assignment), self.score, self.where)
         self.trials += 1
         return {
             "parameters": assignment.parameters,
             "model_parameters": assignment.model_parameters,
             "values": assignment.values,
-            "scores": scores.to_dict(),
-            "score": scores.score,
-            "merge_seconds": round(t1 - t0, 4),
-            "eval_seconds": round(t2 - t1, 4),
-            "seconds": round(t2 - t0, 4),
-            "worker": self.where,
+            **measured,
         }
 
     def evaluate_vector(self, x: Sequence[float]) -> dict[str, Any]:

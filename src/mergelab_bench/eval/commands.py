@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mergelab.errors import MergelabError
+from mergelab_bench.eval.runtime import quiet_transformers, set_threads
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,17 +49,6 @@ def progress_bars(enabled: bool = True) -> Iterator[Progress | None]:
         yield progress
 
 
-def _quiet_transformers() -> None:
-    """Hide transformers' per-load progress bars (ours are shown instead)."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _split_list(value: str | None) -> list[str] | None:
     if not value:
         return None
@@ -67,13 +57,6 @@ def _split_list(value: str | None) -> list[str] | None:
 
 def _limit(value: int) -> int | None:
     return None if value <= 0 else value
-
-
-def _set_threads(threads: int) -> None:
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
 
 
 def _check_suite(suite: str) -> None:
@@ -130,7 +113,7 @@ def zoo_command(
     if quick and preset not in (None, "quick"):
         raise UsageError("--quick and --preset disagree: give one of them")
     preset_name = "quick" if quick else preset
-    _quiet_transformers()
+    quiet_transformers()
     if suite == "lm":
         _build_lm_zoo(preset_name, tasks, steps, device, install, force, threads, cache, no_progress, adapters)
         return
@@ -311,8 +294,8 @@ def eval_command(
     if lm_eval_tasks:  # lm-eval-harness on local tasks instead of the zoo (mergelab_bench.eval.lm_eval_adapter)
         from mergelab_bench.eval.lm_eval_adapter import lm_eval_table, run_lm_eval
 
-        _quiet_transformers()
-        _set_threads(threads)
+        quiet_transformers()
+        set_threads(threads)
         summary = run_lm_eval(
             model, _split_list(lm_eval_tasks) or [], include_path=lm_eval_include,
             limit=_limit(1000 if limit is None else limit),
@@ -332,8 +315,8 @@ def eval_command(
         raise UsageError("--split must be test or validation")
     if head not in ("expert", "probe"):
         raise UsageError("--head must be expert or probe")
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     if suite == "lm":
         if head != "expert":
             raise UsageError("--head applies to the classification suite only")
@@ -510,8 +493,8 @@ def bench_command(
         raise UsageError(f"unknown --experts {experts!r}: use full or adapters")
     if experts != "full" and suite != "lm":
         raise UsageError("--experts adapters applies to --suite lm only (the classification zoo has no LoRA experts)")
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     calibration = BenchCalibration(
         examples=calibration_examples, fisher_examples=fisher_examples, adamerging_examples=adamerging_examples,
         adamerging_split=adamerging_split, device=calibration_device,
@@ -701,8 +684,8 @@ def demo_bench(
     from mergelab_bench.zoo import build_zoo
     from mergelab_bench.zoo.build import QUICK_EVAL_LIMIT, ZeroShotZooConfig
 
-    _quiet_transformers()
-    _set_threads(threads)
+    quiet_transformers()
+    set_threads(threads)
     with progress_bars(progress_enabled) as progress:
         z = build_zoo(ZeroShotZooConfig.quick(), cache=cache, progress=progress, threads=threads)
         lb = run_bench(

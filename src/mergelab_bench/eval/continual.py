@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.stats import Bootstrap, StatsConfig, estimates_of, rows_of, summarize
 
 FORMAT = "mergelab-continual/1"
@@ -671,10 +672,7 @@ def _protocol_tables(data: Mapping[str, Any]) -> list[str]:
 
 def heatmap(data: Mapping[str, Any], method: str, path: str | os.PathLike[str]) -> Path:
     """Order 0's step × task matrix of ``method`` (tasks in the order they were added), values in %."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = data["zoo"]["tasks"]
     run = next(r for r in data["runs"] if r["method"] == method)
@@ -692,20 +690,13 @@ def heatmap(data: Mapping[str, Any], method: str, path: str | os.PathLike[str]) 
     ax.set_ylabel("step (expert added)")
     ax.set_title(f"{method}: normalized score % ({data['suite']}, order 0)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def curves(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Average normalized score over the seen tasks against the step, per method (mean ± std band over
     the orders); the offline rows as dashed lines at the final step."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
     cmap = plt.get_cmap("tab10")
@@ -729,11 +720,7 @@ def curves(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     ax.set_ylabel("avg normalized score over seen tasks (%)")
     ax.set_title(f"continual merging, {data['suite']} ({len(data['orders'])} orders)", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

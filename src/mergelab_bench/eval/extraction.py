@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.stats import Bootstrap, estimates_of, rows_of, summarize
 
 FULL_RANK = 1_000_000
@@ -402,11 +403,9 @@ def _cut_label(token: str) -> str:
 def extraction_plot(points: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Normalized score against the mean rank of the adapter (log scale), one line per task and one
     panel per suite; energy cuts are hollow markers on the same line's colour, the base a dotted level."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     suites = list(dict.fromkeys(p["suite"] for p in points)) or ["–"]
     fig, axes = plt.subplots(1, len(suites), figsize=(6.2 * len(suites), 4.6), dpi=110, squeeze=False)
@@ -437,11 +436,7 @@ def extraction_plot(points: Sequence[Mapping[str, Any]], path: str | os.PathLike
         ax.set_ylabel("normalized score (% of the full expert), test")
         ax.set_title(f"{suite}: base + extracted adapter (dotted: base alone)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _errors(points: Sequence[Mapping[str, Any]]) -> list[list[float]]:

@@ -62,6 +62,7 @@ from mergelab_bench.eval.grids import (
 from mergelab_bench.eval.harness import DEFAULT_TEST_LIMIT, DEFAULT_VALIDATION_LIMIT, Evaluator, load_state_dict_path
 from mergelab_bench.eval.measure import measure
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.routed_models import RoutedBenchSettings
 from mergelab_bench.eval.stats import (
     SAME,
@@ -1247,10 +1248,7 @@ def _short_zoo_config(config: dict[str, Any]) -> str:
 
 def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
     """Horizontal bars of average normalized test accuracy per row, per-task values as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows: list[tuple[str, EvalReport, str]] = [
         (m.display_name(), m.test, "merge") for m in lb.ranked() if m.test is not None
@@ -1294,11 +1292,7 @@ def bar_chart(lb: Leaderboard, path: str | os.PathLike) -> Path:
         + [100 * s.normalized for _, r, _ in rows for s in r.scores if s.normalized is not None]
     )
     ax.set_xlim(left=max(0.0, 10 * ((lowest - 5) // 10)))  # zoom in: the interesting part is near 100
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def write_leaderboard(lb: Leaderboard, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mergelab_bench.eval.metrics import EvalReport, fmt_pct
+from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.stats import Bootstrap, StatsConfig, estimates_of, rows_of, summarize
 
 FORMAT = "mergelab-moe-bench/1"
@@ -61,14 +62,6 @@ def _weights(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        hdr = json.loads(fh.read(n))
-    hdr.pop("__metadata__", None)
-    return hdr
-
-
 def moe_parameters(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Parameters of a checkpoint folder from its config and safetensors headers (no tensor is read).
 
@@ -81,14 +74,15 @@ def moe_parameters(folder: str | os.PathLike[str]) -> dict[str, Any]:
     total − Σ_layers (N − K_layer) × expert size. A dense model: active = distinct = total.
     ``bytes``: the weight files' size on disk.
     """
+    from mergelab.checkpoint.safetensors_file import read_header
     from mergelab.moe.architectures import detect
 
     root = Path(folder)
     config = json.loads((root / "config.json").read_text())
     sizes: dict[str, int] = {}
     for f in _weights(root):
-        for name, info in _header(f).items():
-            sizes[name] = math.prod(info["shape"])
+        for name, entry in read_header(f)[0].items():
+            sizes[name] = math.prod(entry.shape)
     total = sum(sizes.values())
     out: dict[str, Any] = {
         "total": total,
@@ -540,10 +534,7 @@ def moe_markdown(result: Mapping[str, Any]) -> str:
 
 def moe_plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Average normalized score (with its 95 % CI) of every row, one panel per part, coloured by kind."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     parts = [(k, result[k]) for k in ("upcycling", "compression") if result.get(k)]
     fig, axes = plt.subplots(1, max(1, len(parts)), figsize=(7.5 * max(1, len(parts)), 5.0), dpi=110, squeeze=False)
@@ -567,8 +558,4 @@ def moe_plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in kinds.values()]
     if handles:
         fig.legend(handles, list(kinds), fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -4,27 +4,18 @@ the read-outs of the step × task matrix by hand, and the script end to end on t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import load_benchmark
 
 from mergelab_bench.eval import continual as C
 from mergelab_bench.zoo.build import Zoo
 
-ROOT = Path(__file__).resolve().parents[3]
 nan = math.nan
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("continual_bench", ROOT / "benchmarks" / "continual_bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_readouts_of_a_matrix_built_by_hand() -> None:
@@ -64,7 +55,7 @@ def test_task_orders() -> None:
 
 
 def test_script_on_the_tiny_classification_zoo(tiny_zoo: Zoo, tmp_path: Path, capsys, monkeypatch) -> None:
-    script = _script()
+    script = load_benchmark("continual_bench")
     out = tmp_path / "out"
     args = ["--suite", "classification", "--zoo", str(tiny_zoo.root), "--out", str(out), "--orders", "2"]
     args += ["--methods", "opcm,average", "--param", "opcm:alpha=0.6", "--offline", "task_arithmetic,ties"]
@@ -113,7 +104,7 @@ def test_script_on_the_tiny_lm_zoo_scores_every_task(tiny_lm_zoo4, tmp_path: Pat
     out = tmp_path / "out"
     args = ["--suite", "lm", "--zoo", str(tiny_lm_zoo4.root), "--out", str(out), "--orders", "1"]
     args += ["--methods", "ties", "--offline", "none", "--all-tasks", "--bootstrap", "20", "--threads", "1"]
-    assert _script().main(args) == 0
+    assert load_benchmark("continual_bench").main(args) == 0
     data = json.loads((out / "continual.json").read_text())
     (run,) = data["runs"]
     assert run["order"] == tiny_lm_zoo4.tasks and len(run["matrix"]) == 4
@@ -133,7 +124,7 @@ def test_memory_mode_measures_each_add_in_a_child(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--memory", "--memory-inputs", str(inputs), "--memory-methods", "average", "--memory-adds", "2"]
     args += ["--memory-highlight", "1,2", "--workdir", str(tmp_path / "work"), "--out", str(out), "--threads", "1"]
-    assert _script().main(args) == 0
+    assert load_benchmark("continual_bench").main(args) == 0
     memory = json.loads((out / "continual.json").read_text())["memory"]
     records = memory["records"]
     assert [(r["method"], r["add"], r["exit_code"]) for r in records] == [("average", 1, 0), ("average", 2, 0)]

@@ -3,11 +3,10 @@ zoos of both suites: base + an adapter extracted at full rank with the non-LoRA 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tiny_models import load_benchmark
 
 from mergelab_bench.eval.extraction import FULL_RANK, Cut, extraction_fidelity, parse_cuts
 from mergelab_bench.zoo.build import Zoo
@@ -17,8 +16,6 @@ from mergelab_bench.zoo.lm.train import LMTrainConfig
 from mergelab_bench.zoo.testing import write_tiny_zoo
 
 pytest.importorskip("peft")
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +70,8 @@ def test_parse_cuts() -> None:
             parse_cuts(bad)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("extraction_fidelity", ROOT / "benchmarks" / "extraction_fidelity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_writes_table_and_plot_and_resumes(cls_zoo, tmp_path, capsys, monkeypatch) -> None:
-    script = _script()
+    script = load_benchmark("extraction_fidelity")
     out = tmp_path / "out"
     args = ["--suites", "classification", "--classification-zoo", str(cls_zoo.root), "--out", str(out)]
     args += ["--cuts", "2,full", "--bootstrap", "20", "--threads", "1"]

@@ -4,26 +4,16 @@ LM zoo (upcycling per gate mode, 4 -> 2 compression)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import load_benchmark
 
 from mergelab_bench.eval import moe_bench as M
 from mergelab_bench.eval.stats import StatsConfig
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("moe_bench", ROOT / "benchmarks" / "moe_bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_parameters_of_a_tiny_mixtral_by_hand(tmp_path: Path) -> None:
@@ -102,7 +92,7 @@ def test_script_upcycles_and_compresses(tiny_lm_zoo4, tmp_path: Path, capsys) ->
     args += ["--gate-modes", "hidden,cheap_embed", "--prompts", "2", "--calibration-per-domain", "3"]
     args += ["--compress-methods", "msmoe:shared,prune-frequency", "--bootstrap", "20", "--threads", "1"]
     args += ["--leaderboard", str(tmp_path / "none.json"), "--work", str(tmp_path / "work")]
-    assert _script().main(args) == 0
+    assert load_benchmark("moe_bench").main(args) == 0
     data = json.loads((out / "moe.json").read_text())
     up = data["upcycling"]
     assert [r["name"] for r in up["rows"]][:3] == ["base", "expert: german", "expert: italian"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mergelab.data.sources import pad_right
+
 DOC_TOKEN = "<|endoftext|>"
 
 
@@ -72,12 +74,7 @@ class LMBatch:
 
 def collate(seqs: Sequence[Sequence[int]], pad_id: int, index: Sequence[int] | None = None) -> LMBatch:
     """Right-pad ``seqs`` to the longest one."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, : len(s)] = 1
+    ids, mask = pad_right(seqs, pad_id)
     return LMBatch(torch.tensor(list(index) if index is not None else range(len(seqs))), ids, mask)
 
 
