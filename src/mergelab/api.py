@@ -243,6 +243,11 @@ def merge(
     from mergelab.routed.build import attach_router, check_router_block, is_routed_method
 
     if is_routed_method(rec.merge_method):
+        if adapter_out or rank is not None or energy is not None:
+            raise OptionError(
+                f"adapter_out/rank/energy: {rec.merge_method} writes a routed-model folder (its experts are already "
+                "PEFT adapters); leave them out"
+            )
         return _merge_routed(
             recipe,
             out,

@@ -2,7 +2,7 @@
 the harness that scores merges on it, and the leaderboard.
 
 The core package :mod:`mergelab` never imports this one (an import-linter contract in
-``pyproject.toml`` checks it). The benchmark plugs into the core in two places:
+``pyproject.toml`` checks it). The benchmark plugs into the core in three places:
 
 * the ``zoo``, ``eval``, ``bench`` and ``demo`` commands, registered on ``mergelab``'s command line
   through the ``mergelab.commands`` entry point (:func:`mergelab_bench.cli.register`);

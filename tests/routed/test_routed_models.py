@@ -562,7 +562,10 @@ def test_bad_parameters_and_sources_are_refused_before_any_work(bert_family, tmp
         mergelab.merge(recipe("ties", base, experts, router={"epochs": 1}), tmp_path / "c", router_data=router_texts(3))
     with pytest.raises(OptionError, match="router_data"):
         mergelab.merge(recipe("twin_merging", base, experts), tmp_path / "d", router_data=router_texts(2))
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    for kwargs in ({"adapter_out": True}, {"rank": 8}, {"energy": 0.9}):  # never silently a routed folder
+        with pytest.raises(OptionError, match="routed-model folder"):
+            mergelab.merge(recipe("smile", base, experts), tmp_path / "e", router_data=router_texts(3), **kwargs)
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_mixing_is_set_in_the_router_block_only(bert_family, tmp_path):
