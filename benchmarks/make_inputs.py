@@ -1,18 +1,28 @@
-"""Build (or re-shard) the benchmark inputs: a random-init bf16 Llama base and 3 "fine-tunes".
+"""Build (or re-shard) the benchmark inputs: a random-init bf16 Llama base and its "fine-tunes".
 
-The base is a real ``LlamaForCausalLM`` saved with ``save_pretrained`` (``mergelab.synthetic.make_base``);
-the fine-tunes are written shard by shard from the base's shards (``mergelab.synthetic.make_expert``),
-so memory stays bounded by one input shard plus one tensor's delta:
+168m and 738m (as since the first speed report): the base is a real ``LlamaForCausalLM`` saved with
+``save_pretrained`` (``mergelab.synthetic.make_base``), so the whole model is built in memory once.
+3b and 7b (and the ``tiny`` smoke shape): the base is written tensor by tensor with
+``mergelab.synthetic.write_base_streamed`` (transformers' names, layout and init scale, no model in
+memory), so memory stays at one chunk of one tensor whatever the size. The fine-tunes are written
+shard by shard from the base's shards (``mergelab.synthetic.make_expert``), so memory stays bounded
+by one input shard, its output copy and one tensor's float32 delta:
 
   ft_dense     base + N(0, 0.002) on every weight
   ft_sparse    10 % of the entries get N(0, 0.006)
   ft_conflict  base - 0.7 x ft_dense's delta + N(0, 0.0004)  (disagrees in sign with ft_dense)
 
-A set is complete when ``<set>/DONE.json`` exists; an incomplete set is deleted and rebuilt.
+7b has base + ft_dense + ft_conflict only (3 x 13.5 GB; the two experts that disagree in sign, so
+TIES/DARE/DELLA still have conflicts to resolve). Every other set has all three fine-tunes.
+
+A set is complete when ``<set>/DONE.json`` exists; an incomplete set is deleted and rebuilt. Before
+building, the free disk under the work directory is checked against the set's size plus one model
+(the output a benchmark run writes); ``--estimate`` prints the sizes without building.
 
 Usage (merge_speed.py calls this in a child process; it can be run alone too):
 
-  python benchmarks/make_inputs.py --size 168m|738m [--workdir DIR]
+  python benchmarks/make_inputs.py --size 168m|738m|3b|7b [--workdir DIR]
+  python benchmarks/make_inputs.py --estimate
   python benchmarks/make_inputs.py --reshard SRC_SET DST_SET --shard-size 250MB
 """
 
@@ -32,7 +42,8 @@ if TYPE_CHECKING:
 
 DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / "bench-work"
 
-# Llama shapes. 738m matches the reference measurement (1.48 GB in bf16, 2 shards at 1GB).
+# Llama shapes. 738m matches the reference measurement (1.48 GB in bf16, 2 shards at 1GB); 3b and 7b
+# are the shapes of issue 20 (7b: Llama-2-7B's); tiny is for smoke tests only.
 SHAPES: dict[str, dict[str, int]] = {
     "168m": {
         "hidden": 1024,
@@ -48,8 +59,33 @@ SHAPES: dict[str, dict[str, int]] = {
         "heads": 16,
         "vocab": 32000,
     },
+    "3b": {
+        "hidden": 3072,
+        "layers": 26,
+        "intermediate": 8192,
+        "heads": 24,
+        "vocab": 32000,
+    },
+    "7b": {
+        "hidden": 4096,
+        "layers": 32,
+        "intermediate": 11008,
+        "heads": 32,
+        "vocab": 32000,
+    },
+    "tiny": {
+        "hidden": 64,
+        "layers": 2,
+        "intermediate": 128,
+        "heads": 4,
+        "vocab": 128,
+    },
 }
 MODELS = ("base", "ft_dense", "ft_sparse", "ft_conflict")
+"""The models of every set except those named in SET_MODELS."""
+SET_MODELS: dict[str, tuple[str, ...]] = {"7b": ("base", "ft_dense", "ft_conflict")}
+STREAMED = frozenset(("3b", "7b", "tiny"))
+"""Sets whose base is written tensor by tensor (write_base_streamed) instead of by save_pretrained."""
 EXPERTS: dict[str, tuple[DeltaKind, int]] = {
     "ft_dense": ("dense", 1),
     "ft_sparse": ("sparse", 2),
@@ -63,8 +99,57 @@ def set_dir(workdir: Path, size: str) -> Path:
     return Path(workdir) / size
 
 
+def models_for(size: str) -> tuple[str, ...]:
+    """The models of set ``size``: the base first, then its fine-tunes."""
+    return SET_MODELS.get(size, MODELS)
+
+
+def set_models(root: Path) -> tuple[str, ...]:
+    """The models of the set at ``root``: from its DONE.json (``models``), else those of MODELS present."""
+    done = root / "DONE.json"
+    if done.is_file():
+        listed = json.loads(done.read_text()).get("models")
+        if listed:
+            return tuple(listed)
+    return tuple(m for m in MODELS if (root / m).is_dir()) or MODELS
+
+
 def is_complete(root: Path) -> bool:
-    return (root / "DONE.json").is_file() and all((root / m / "config.json").is_file() for m in MODELS)
+    return (root / "DONE.json").is_file() and all((root / m / "config.json").is_file() for m in set_models(root))
+
+
+def param_count(shape: dict[str, int]) -> int:
+    """Parameters of an untied Llama of ``shape`` (q, k, v, o all hidden x hidden: no grouped KV)."""
+    h, i, v = shape["hidden"], shape["intermediate"], shape["vocab"]
+    per_layer = 4 * h * h + 3 * h * i + 2 * h
+    return 2 * v * h + shape["layers"] * per_layer + h
+
+
+def estimate_bytes(size: str) -> dict[str, int]:
+    """Estimated disk of set ``size`` in bf16: per model, the whole set, and with one merge output."""
+    per_model = 2 * param_count(SHAPES[size])
+    n = len(models_for(size))
+    return {"per_model": per_model, "models": n, "set": n * per_model, "with_output": (n + 1) * per_model}
+
+
+class DiskSpaceError(RuntimeError):
+    """Too little free disk for a set (the message names the bytes needed and free)."""
+
+
+def check_disk(workdir: Path, size: str) -> None:
+    """Refuse to build set ``size`` under ``workdir`` unless the set and one output fit."""
+    est = estimate_bytes(size)
+    probe = Path(workdir)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < est["with_output"]:
+        raise DiskSpaceError(
+            f"the {size} set needs {est['with_output']:,} bytes ({est['with_output'] / 1e9:.1f} GB: "
+            f"{est['models']} models x {est['per_model'] / 1e9:.2f} GB, plus one merge output of the same size), "
+            f"but only {free:,} bytes ({free / 1e9:.1f} GB) are free under {probe}; free some space or pass "
+            "another --workdir"
+        )
 
 
 def parse_size(text: str) -> int:
@@ -76,33 +161,49 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
-def build(root: Path, size: str) -> None:
-    """Write base + 3 fine-tunes under ``root`` (deleting any partial set first)."""
+def build(root: Path, size: str, *, check_space: bool = True) -> None:
+    """Write the base + fine-tunes of set ``size`` under ``root`` (deleting any partial set first)."""
     import torch
 
-    from mergelab.synthetic import make_base, make_expert
+    from mergelab.synthetic import make_base, make_expert, write_base_streamed
 
     shape = SHAPES[size]
     if root.exists():
         shutil.rmtree(root)
+    if check_space:
+        check_disk(root.parent, size)
     root.mkdir(parents=True)
     t0 = time.perf_counter()
-    base = make_base(
-        root / "base",
-        hidden=shape["hidden"],
-        layers=shape["layers"],
-        intermediate=shape["intermediate"],
-        vocab=shape["vocab"],
-        heads=shape["heads"],
-        dtype=torch.bfloat16,
-        max_shard_size=SHARD_SIZE,
-        seed=0,
-    )
+    if size in STREAMED:
+        base = write_base_streamed(
+            root / "base",
+            hidden=shape["hidden"],
+            layers=shape["layers"],
+            intermediate=shape["intermediate"],
+            vocab=shape["vocab"],
+            heads=shape["heads"],
+            dtype=torch.bfloat16,
+            max_shard_size=SHARD_SIZE,
+            seed=0,
+        )
+    else:  # 168m, 738m: exactly as since the first report (the whole model in memory once)
+        base = make_base(
+            root / "base",
+            hidden=shape["hidden"],
+            layers=shape["layers"],
+            intermediate=shape["intermediate"],
+            vocab=shape["vocab"],
+            heads=shape["heads"],
+            dtype=torch.bfloat16,
+            max_shard_size=SHARD_SIZE,
+            seed=0,
+        )
     print(
         f"[make_inputs] {size}: base written in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
-    for name, (kind, seed) in EXPERTS.items():
+    for name in models_for(size)[1:]:
+        kind, seed = EXPERTS[name]
         make_expert(base, root / name, kind=kind, seed=seed, partner_seed=1, scale=DELTA_SCALE)
         print(
             f"[make_inputs] {size}: {name} written ({time.perf_counter() - t0:.0f} s)",
@@ -117,6 +218,8 @@ def build(root: Path, size: str) -> None:
         "params": count_params(root / "base"),
         "bytes_per_model": model_bytes(root / "base"),
     }
+    if size in STREAMED:  # 168m/738m keep the DONE.json they always had
+        info.update(models=list(models_for(size)), base_writer="write_base_streamed")
     (root / "DONE.json").write_text(json.dumps(info, indent=2))
 
 
@@ -161,7 +264,7 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for m in MODELS:
+    for m in set_models(src):
         s_dir, d_dir = src / m, dst / m
         d_dir.mkdir()
         for f in s_dir.iterdir():
@@ -212,6 +315,7 @@ def reshard(src: Path, dst: Path, shard_size: str) -> None:
         )
     info = json.loads((src / "DONE.json").read_text())
     info.update(
+        models=list(set_models(src)),
         max_shard_size=shard_size,
         resharded_from=str(src),
         shards_per_model=len(weight_files(dst / "base")),
@@ -226,7 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the set is complete")
     ap.add_argument("--reshard", nargs=2, metavar=("SRC_SET", "DST_SET"), type=Path)
     ap.add_argument("--shard-size", default="250MB")
+    ap.add_argument("--estimate", action="store_true", help="print each set's estimated disk and exit")
     a = ap.parse_args(argv)
+    if a.estimate:
+        for size in SHAPES:
+            est = estimate_bytes(size)
+            print(
+                f"{size:5s} {param_count(SHAPES[size]) / 1e6:8.1f} M parameters, {est['per_model'] / 1e9:6.2f} GB per "
+                f"model, {est['models']} models = {est['set'] / 1e9:6.2f} GB; with one merge output "
+                f"{est['with_output'] / 1e9:6.2f} GB"
+            )
+        return 0
     if a.reshard:
         src, dst = a.reshard
         if not is_complete(src):
@@ -243,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[make_inputs] {root} is complete; nothing to do")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    build(root, a.size)
+    try:
+        build(root, a.size)
+    except DiskSpaceError as exc:
+        print(f"[make_inputs] {exc}", file=sys.stderr)
+        return 3
     print(f"[make_inputs] {root} done")
     return 0
 

@@ -1,19 +1,25 @@
 """Merge speed and memory: mergelab vs the I/O floor vs mergekit, on local bf16 Llama checkpoints.
 
-For each input set (168m: hidden 1024 x 8 layers; 738m: hidden 2048 x 12 layers, both vocab 32000,
-bf16, a base plus 3 fine-tunes, built once under --workdir by make_inputs.py) this script
+For each input set (168m: hidden 1024 x 8 layers; 738m: hidden 2048 x 12 layers; 3b: hidden 3072 x 26
+layers; 7b: hidden 4096 x 32 layers; all vocab 32000, bf16, a base plus 3 fine-tunes (7b: 2), built
+once under --workdir by make_inputs.py) and each page-cache regime (--regime cached|cold|both) this
+script
 
-1. warms the page cache (reads every input file once),
-2. runs the I/O floor (io_floor.py: read every tensor of the 4 inputs, write one model in 1 GB
+1. cached: warms the page cache (reads every input file once); cold: before every timed run, evicts
+   the inputs from the page cache (page_cache.evict: drop_caches, else fadvise; --evict) and says
+   how much of them stayed cached,
+2. runs the I/O floor (io_floor.py: read every tensor of the inputs, write one model in 1 GB
    shards) --floor-repeats times,
 3. runs `mergelab merge` and, if present, mergekit's `mergekit-yaml` on the same recipe for each
    method, --repeats times each,
 
 every command in its own process, timed from spawn to exit, with the child's peak RSS from
-os.wait4's rusage (ru_maxrss). It prints medians, min-max, ratios to the floor and to mergekit.
+os.wait4's rusage (ru_maxrss). It prints medians, min-max, ratios to the floor and to mergekit,
+one table per set and regime (floor and tools of a table measured in the same regime and run).
 --shards-test re-shards the inputs into smaller files and shows mergelab's peak RSS per shard size.
 
   python benchmarks/merge_speed.py --size 738m --repeats 3 [--markdown]
+  python benchmarks/merge_speed.py --size 3b --regime both --repeats 3 --no-mergekit
 
 See benchmarks/README.md for what is measured and the caveats.
 """
@@ -39,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import make_inputs  # noqa: E402 - lives beside this script, importable only after the path insert above
+import page_cache  # noqa: E402 - likewise
 
 # mergekit-yaml beside $MERGEKIT_PYTHON (a venv with mergekit 0.1.5), or --mergekit; None: not available
 DEFAULT_MERGEKIT = (
@@ -110,7 +117,7 @@ def recipe_text(method: str, set_root: Path) -> str:
     spec = get_method(method)
     gp, mp = recipe_parameters(method)
     base = set_root / "base"
-    fts = [set_root / m for m in ("ft_dense", "ft_sparse", "ft_conflict")]
+    fts = [set_root / m for m in make_inputs.set_models(set_root)[1:]]
     flow = "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in mp.items()) + "}"
     lines = []
     if spec.base == "ignored":
@@ -142,6 +149,7 @@ class Run:
     load1: float  # 1-minute load average just before the run
     out_bytes: int = 0
     log: str = ""
+    eviction: dict[str, Any] | None = None  # cold regime: what page_cache.evict did before this run
 
 
 @dataclass
@@ -180,17 +188,35 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
 
 
-def measure(cmd: list[str], out_dir: Path, log: Path, env: dict[str, str]) -> Run:
-    """Run ``cmd`` as a child process; wall time from spawn to exit, peak RSS from wait4."""
+def measure(
+    cmd: list[str],
+    out_dir: Path,
+    log: Path,
+    env: dict[str, str],
+    evict: list[Path] | None = None,
+    evict_method: str = "auto",
+    timeout: float | None = None,
+) -> Run:
+    """Run ``cmd`` as a child process; wall time from spawn to exit, peak RSS from wait4.
+
+    ``evict``: files or folders to evict from the page cache first (after the previous output is
+    deleted and synced, outside the timing). ``timeout``: seconds after which the child is killed
+    (its run then has rc -9).
+    """
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.sync()
+    eviction = None
+    if evict is not None:
+        ev = page_cache.evict(evict, evict_method)
+        eviction = ev.as_dict()
+        print(f"    {ev.line()}", flush=True)
     load1 = os.getloadavg()[0]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        status, usage = _wait(proc, t0, timeout)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     run = Run(
@@ -200,11 +226,28 @@ def measure(cmd: list[str], out_dir: Path, log: Path, env: dict[str, str]) -> Ru
         load1,
         dir_bytes(out_dir),
         str(log),
+        eviction,
     )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.sync()  # flush this run's dirty pages before the next run starts
     return run
+
+
+def _wait(proc: subprocess.Popen, t0: float, timeout: float | None) -> tuple[int, Any]:
+    """wait4 on ``proc`` (its own rusage); past ``timeout`` seconds from ``t0`` it is killed."""
+    if timeout is None:
+        _, status, usage = os.wait4(proc.pid, 0)
+        return status, usage
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return status, usage
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            return status, usage
+        time.sleep(0.01)
 
 
 def tail(path: str, n: int = 8) -> str:
@@ -369,17 +412,32 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_floor(root: Path, work: Path, repeats: int, env: dict[str, str]) -> Row:
-    row = Row("floor", "read 4 + write 1")
+def floor_label(n_models: int) -> str:
+    return f"read {n_models} + write 1"
+
+
+def run_floor(
+    root: Path, work: Path, repeats: int, env: dict[str, str], cold: bool = False, evict_method: str = "auto"
+) -> Row:
+    models = make_inputs.set_models(root)
+    row = Row("floor", floor_label(len(models)))
+    inputs = [root / m for m in models]
     cmd = [
         sys.executable,
         str(HERE / "io_floor.py"),
         str(work / "out-floor"),
-        *(str(root / m) for m in make_inputs.MODELS),
+        *map(str, inputs),
     ]
     row.command = shlex.join(cmd)
     for i in range(repeats):
-        r = measure(cmd, work / "out-floor", work / "logs" / f"floor-{i}.log", env)
+        r = measure(
+            cmd,
+            work / "out-floor",
+            work / "logs" / f"floor-{i}.log",
+            env,
+            evict=inputs if cold else None,
+            evict_method=evict_method,
+        )
         row.runs.append(r)
         print(
             f"  floor            run {i + 1}: {r.wall_s:7.2f} s  {r.rss_bytes / GB:5.2f} GB"
@@ -399,7 +457,10 @@ def run_tool(
     mergelab_extra: list[str],
     mergekit: str,
     expected_bytes: int,
+    evict: list[Path] | None = None,
+    evict_method: str = "auto",
 ) -> Row:
+    """``evict``: the inputs to evict from the page cache before every run (the cold regime)."""
     out = work / f"out-{tool}-{method}"
     if tool == "mergelab":
         cmd = [
@@ -418,7 +479,7 @@ def run_tool(
     row = Row(tool, method, command=shlex.join(cmd))
     before = source_state() if tool == "mergelab" else ""
     for i in range(repeats):
-        r = measure(cmd, out, work / "logs" / f"{tool}-{method}-{i}.log", env)
+        r = measure(cmd, out, work / "logs" / f"{tool}-{method}-{i}.log", env, evict=evict, evict_method=evict_method)
         row.runs.append(r)
         note = ""
         if r.rc != 0:
@@ -534,26 +595,58 @@ def target_lines(floor: Row, rows: list[Row]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None) -> dict:
+def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergekit: str | None) -> list[dict]:
+    """Measure one input set in each regime of ``args.regimes``: one result (table) per regime."""
     root = ensure_set(args.workdir, size)
     info = json.loads((root / "DONE.json").read_text())
-    work = args.workdir / "runs" / size
-    work.mkdir(parents=True, exist_ok=True)
-    inputs = [root / m for m in make_inputs.MODELS]
+    models = make_inputs.set_models(root)
+    inputs = [root / m for m in models]
     print(
         f"\n=== {size}: {info['params'] / 1e6:.0f}M parameters, {info['bytes_per_model'] / GB:.2f} GB per model "
-        f"({len(make_inputs.weight_files(root / 'base'))} shard(s)), 4 models ===",
+        f"({len(make_inputs.weight_files(root / 'base'))} shard(s)), {len(models)} models ===",
         flush=True,
     )
-    print(f"warming the page cache: {warm(inputs):.1f} s", flush=True)
-    floor = run_floor(root, work, args.floor_repeats, env)
+    results: list[dict] = []
+    measured: dict[str, list[Row]] = {}
+    for regime in args.regimes:
+        result, measured[regime] = bench_regime(size, regime, root, info, inputs, args, env, mergekit)
+        results.append(result)
+        save_partial(args, size, results)
+    if args.shards_test:  # in the cached regime (it warms the page cache), reusing its rows when measured
+        i = args.regimes.index("cached") if "cached" in args.regimes else 0
+        results[i]["shards"] = shards_test(root, info, args, env, measured.get("cached", []))
+        save_partial(args, size, results)
+    return results
+
+
+def bench_regime(
+    size: str,
+    regime: str,
+    root: Path,
+    info: dict,
+    inputs: list[Path],
+    args: argparse.Namespace,
+    env: dict[str, str],
+    mergekit: str | None,
+) -> tuple[dict, list[Row]]:
+    """The floor and every method's tools on set ``size`` in one page-cache regime (cached or cold)."""
+    cold = regime == "cold"
+    work = args.workdir / "runs" / (f"{size}-cold" if cold else size)
+    work.mkdir(parents=True, exist_ok=True)
+    evict = inputs if cold else None
+    if cold:
+        print(f"\n--- {size}, cold: the inputs are evicted from the page cache before every run ---", flush=True)
+    else:
+        print(f"\n--- {size}, cached ---\nwarming the page cache: {warm(inputs):.1f} s", flush=True)
+    floor = run_floor(root, work, args.floor_repeats, env, cold=cold, evict_method=args.evict)
     rows: list[Row] = []
     for method in args.methods:
         tools = ["mergelab"] + (["mergekit"] if mergekit and method in MERGEKIT_METHODS else [])
         recipe = work / "recipes" / f"{method}.yaml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(recipe_text(method, root))
-        warm(inputs)
+        if not cold:
+            warm(inputs)
         for tool in tools:
             rows.append(
                 run_tool(
@@ -566,11 +659,14 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergeki
                     args.mergelab_args_list,
                     mergekit or "",
                     info["bytes_per_model"],
+                    evict=evict,
+                    evict_method=args.evict,
                 )
             )
     head, body = table_rows(floor, rows)
     result = {
         "size": size,
+        "regime": regime,
         "set": info,
         "shards_per_model": len(make_inputs.weight_files(root / "base")),
         "floor": asdict(floor),
@@ -578,18 +674,33 @@ def bench_size(size: str, args: argparse.Namespace, env: dict[str, str], mergeki
         "table": {"head": head, "body": body},
         "targets": target_lines(floor, rows) if size == "738m" else [],
     }
-    save_partial(args, result)
-    if args.shards_test:
-        result["shards"] = shards_test(root, info, args, env, rows)
-        save_partial(args, result)
-    return result
+    return result, rows
 
 
-def save_partial(args: argparse.Namespace, result: dict) -> None:
+def save_partial(args: argparse.Namespace, size: str, results: list[dict]) -> None:
     """Keep what is measured so far on disk (an interrupted run still leaves its numbers)."""
-    out = args.workdir / "results" / f"partial-{result['size']}.json"
+    out = args.workdir / "results" / f"partial-{size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**args.meta, "results": [result]}, indent=2))
+    out.write_text(json.dumps({**args.meta, "results": results}, indent=2))
+
+
+def regime_comparison(results: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """Cold against cached for one set: each row's median wall in both regimes and their ratio."""
+    by = {r.get("regime", "cached"): r for r in results}
+    if "cached" not in by or "cold" not in by:
+        return None
+
+    def walls(res: dict) -> dict[tuple[str, str], float | None]:
+        rows = [Row(r["tool"], r["method"], [Run(**x) for x in r["runs"]]) for r in (res["floor"], *res["rows"])]
+        return {(r.tool, r.method): r.wall() for r in rows}
+
+    warm_w, cold_w = walls(by["cached"]), walls(by["cold"])
+    head = ["tool", "method", "cached wall s", "cold wall s", "cold / cached"]
+    body = []
+    for key, w in warm_w.items():
+        c = cold_w.get(key)
+        body.append([*key, fmt(w, ".2f"), fmt(c, ".2f"), fmt(c / w if c and w else None, ".2f", "×")])
+    return head, body
 
 
 def shards_test(
@@ -614,7 +725,7 @@ def shards_test(
     ]
     body, raw = [], []
     for label, set_root in sets:
-        inputs = [set_root / m for m in make_inputs.MODELS]
+        inputs = [set_root / m for m in make_inputs.set_models(set_root)]
         n = len(make_inputs.weight_files(set_root / "base"))
         work = args.workdir / "runs" / f"{set_root.name}"
         print(
@@ -658,7 +769,27 @@ def shards_test(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["168m", "738m", "both"], default="738m")
+    ap.add_argument(
+        "--size",
+        choices=[*make_inputs.SHAPES, "both"],
+        default="738m",
+        help="input set (both: 168m then 738m; 3b and 7b need 31 and 54 GB of disk, see make_inputs.py --estimate)",
+    )
+    ap.add_argument(
+        "--regime",
+        choices=["cached", "cold", "both"],
+        default=None,
+        help="page cache: cached (inputs read once before each method; the default), cold (inputs evicted "
+        "before every timed run), both (a cached then a cold table per set)",
+    )
+    ap.add_argument("--cold", action="store_true", help="same as --regime cold")
+    ap.add_argument(
+        "--evict",
+        choices=page_cache.METHODS,
+        default="auto",
+        help="cold regime: how the inputs leave the page cache (auto: drop_caches when writable, else "
+        "fadvise; fadvise: only the inputs, leaving the rest of the machine's cache alone)",
+    )
     ap.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
@@ -741,6 +872,10 @@ def main(argv: list[str] | None = None) -> int:
     args.mergelab_args_list = shlex.split(args.mergelab_args)
     args.workdir = args.workdir.resolve()
     sizes = ["168m", "738m"] if args.size == "both" else [args.size]
+    if args.cold and args.regime not in (None, "cold"):
+        ap.error("--cold is --regime cold; give one of them")
+    regime = "cold" if args.cold else (args.regime or "cached")
+    args.regimes = ["cached", "cold"] if regime == "both" else [regime]
 
     mergekit: str | None = None
     if not args.no_mergekit:
@@ -777,11 +912,13 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "mergekit_repeats": args.mergekit_repeats,
         "floor_repeats": args.floor_repeats,
+        "regimes": args.regimes,
+        "evict": args.evict,
     }
     results = []
     t0 = time.perf_counter()
     for size in sizes:
-        results.append(bench_size(size, args, env, mergekit))
+        results.extend(bench_size(size, args, env, mergekit))
     doc = {
         **args.meta,
         "minutes": (time.perf_counter() - t0) / 60,
@@ -819,18 +956,37 @@ def report(doc: dict, markdown: bool) -> None:
     for res in doc["results"]:
         s = res["set"]
         shards = res.get("shards_per_model", "?")
+        fts = len(s.get("models", make_inputs.MODELS)) - 1
+        regime = res.get("regime", "cached")
         print(
             f"\n{res['size']}: {s['params'] / 1e6:.0f}M parameters, bf16, {s['bytes_per_model'] / GB:.2f} GB per model "
-            f"in {shards} shard(s), base + 3 fine-tunes"
+            f"in {shards} shard(s), base + {fts} fine-tunes; page cache: {regime}"
+            + (f" ({eviction_summary(res)})" if regime == "cold" else "")
         )
         print(render(res["table"]["head"], res["table"]["body"], markdown))
         if res.get("targets"):
-            print("\ntargets (738m):")
+            print(f"\ntargets (738m, {regime}):")
             for line in res["targets"]:
                 print(f"  {line}")
         if "shards" in res:
             print(f"\nshards test ({res['size']}, mergelab only):")
             print(render(res["shards"]["head"], res["shards"]["body"], markdown, left=3))
+    for size in dict.fromkeys(r["size"] for r in doc["results"]):
+        both = regime_comparison([r for r in doc["results"] if r["size"] == size])
+        if both is not None:
+            print(f"\n{size}: cold against cached (median wall of each regime's runs)")
+            print(render(*both, markdown))
+
+
+def eviction_summary(res: dict) -> str:
+    """How a cold table's runs were evicted: the methods used and the largest share left cached."""
+    evs = [x["eviction"] for r in (res["floor"], *res["rows"]) for x in r["runs"] if x.get("eviction")]
+    if not evs:
+        return "no eviction recorded"
+    methods = ", ".join(sorted({e["method"] for e in evs}))
+    after = [e["resident_after"] for e in evs]
+    left = "not verified" if None in after else f"at most {100 * max(after):.1f} % of the inputs left cached"
+    return f"evicted by {methods} before each run; {left} (mincore)"
 
 
 if __name__ == "__main__":
