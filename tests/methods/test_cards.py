@@ -34,7 +34,7 @@ def test_card_parameters_validate_against_the_method_parameter_models(m):
             m.model_params.model_validate(dict(scoped[1]))
     assert card.group is None or card.group in GROUPS, f"{m.name}: unknown group {card.group!r}"
     for row, fixed in card.variants.items():
-        assert row not in {x.name for x in all_methods()}, row
+        assert row == m.name or row not in {x.name for x in all_methods()}, row  # its own row, or a new name
         m.params.model_validate(dict(fixed))
 
 
@@ -55,6 +55,10 @@ def test_grids_and_groups_come_from_the_cards():
     assert ROW_VARIANTS["adamerging_task"] == "adamerging"
     assert grid_for("adamerging_layer") == (GridPoint({"granularity": "layer"}),)
     assert METHOD_GROUPS["adamerging"] == ("adamerging_task", "adamerging_layer")
+    # a method that keeps its own row beside a variant (ties: per-tensor trim; ties_global: the paper's)
+    assert ROW_VARIANTS["ties_global"] == "ties" and "ties" not in ROW_VARIANTS and "ties" not in METHOD_GROUPS
+    assert {dict(p.parameters)["scope"] for p in GRIDS["ties_global"]} == {"global"}
+    assert all("scope" not in p.parameters for p in GRIDS["ties"])
     # the committed leaderboards' order is kept
     assert METHOD_GROUPS["classic"][:3] == ("linear", "task_arithmetic", "ties")
     assert METHOD_GROUPS["informed"][:3] == ("fisher", "regmean", "regmean_plusplus")

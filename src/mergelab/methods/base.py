@@ -195,7 +195,8 @@ class MethodCard:
     values, searched as their product; ``group``: the benchmark group (``classic``,
     ``advanced``, ``informed``) or ``None`` when the method is not benchmarked on its own;
     ``variants``: benchmark rows that are this method with fixed global parameters (row name ->
-    parameters), benchmarked instead of the plain method; ``random``: the output depends on the
+    parameters), benchmarked instead of the plain method (a variant named after the method itself,
+    with no fixed parameters, keeps the plain row beside the others); ``random``: the output depends on the
     merge seed (random drops, sampling), so the benchmark scores it with several seeds.
     """
 

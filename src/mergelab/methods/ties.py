@@ -361,6 +361,8 @@ def ties_delta(
         typical=({}, {"density": 0.3}),
         grid=({"lambda": (1.0, 1.5, 2.0, 2.5, 3.0)}, {"density": (0.1, 0.2, 0.3)}),
         group="classic",
+        # two leaderboard rows: per-tensor trim (mergekit's, the default) and the paper's whole-model trim
+        variants={"ties": {}, "ties_global": {"scope": "global"}},
     ),
 )
 def ties(

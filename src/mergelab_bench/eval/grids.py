@@ -105,7 +105,7 @@ GROUPS: tuple[str, ...] = ("classic", "advanced", "informed")
 
 LEADERBOARD_ORDER: tuple[str, ...] = (
     # classic
-    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "linear", "task_arithmetic", "ties", "ties_global", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock",
     # advanced
     "tall_masks", "consensus", "emr", "tsv_m", "iso_c", "iso_cts", "widen", "magmax", "pcb", "lines",
@@ -217,7 +217,12 @@ METHOD_GROUPS: dict[str, tuple[str, ...]] = {
     "data_free": CLASSIC_METHODS + ADVANCED_METHODS,
     "all": LEADERBOARD_METHODS,
     "routed": tuple(ROUTED_ROWS),
-    **{m: tuple(r for r, v in ROW_VARIANTS.items() if v == m) for m in dict.fromkeys(ROW_VARIANTS.values())},
+    # a method whose rows are all variants (adamerging) names them; one that is a row itself (ties) stays one row
+    **{
+        m: tuple(r for r, v in ROW_VARIANTS.items() if v == m)
+        for m in dict.fromkeys(ROW_VARIANTS.values())
+        if m not in _GRIDS
+    },
 }
 """Names ``mergelab bench --methods`` accepts for a group of methods (a method with row variants,
 e.g. ``adamerging``, names its rows; ``routed``: the routed rows without the task id, not in ``all``)."""
