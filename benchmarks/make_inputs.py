@@ -153,12 +153,10 @@ def check_disk(workdir: Path, size: str) -> None:
 
 
 def parse_size(text: str) -> int:
-    """'250MB' -> 250_000_000 (decimal units, as transformers uses for max_shard_size)."""
-    t = text.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+    """'250MB' -> 250_000_000 (decimal units, as transformers uses for max_shard_size): mergelab's parser."""
+    from mergelab.checkpoint.writer import parse_size as parse
+
+    return parse(text)
 
 
 def build(root: Path, size: str, *, check_space: bool = True) -> None:
@@ -174,30 +172,19 @@ def build(root: Path, size: str, *, check_space: bool = True) -> None:
         check_disk(root.parent, size)
     root.mkdir(parents=True)
     t0 = time.perf_counter()
-    if size in STREAMED:
-        base = write_base_streamed(
-            root / "base",
-            hidden=shape["hidden"],
-            layers=shape["layers"],
-            intermediate=shape["intermediate"],
-            vocab=shape["vocab"],
-            heads=shape["heads"],
-            dtype=torch.bfloat16,
-            max_shard_size=SHARD_SIZE,
-            seed=0,
-        )
-    else:  # 168m, 738m: exactly as since the first report (the whole model in memory once)
-        base = make_base(
-            root / "base",
-            hidden=shape["hidden"],
-            layers=shape["layers"],
-            intermediate=shape["intermediate"],
-            vocab=shape["vocab"],
-            heads=shape["heads"],
-            dtype=torch.bfloat16,
-            max_shard_size=SHARD_SIZE,
-            seed=0,
-        )
+    # 168m, 738m: exactly as since the first report (the whole model in memory once); larger: tensor by tensor
+    write = write_base_streamed if size in STREAMED else make_base
+    base = write(
+        root / "base",
+        hidden=shape["hidden"],
+        layers=shape["layers"],
+        intermediate=shape["intermediate"],
+        vocab=shape["vocab"],
+        heads=shape["heads"],
+        dtype=torch.bfloat16,
+        max_shard_size=SHARD_SIZE,
+        seed=0,
+    )
     print(
         f"[make_inputs] {size}: base written in {time.perf_counter() - t0:.0f} s",
         flush=True,

@@ -261,7 +261,8 @@ def test_gpu_path_budget_and_data_recipe(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_path_smoke_mode_runs_on_the_cpu(tmp_path):
+def test_gpu_path_smoke_mode_runs_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))  # no LM zoo here: the synthetic stand-in
     gpu = gpu_path
     out = tmp_path / "out"
     rc = gpu.main(["--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out), "--methods", "ties,della"])

@@ -22,6 +22,8 @@ from typing import BinaryIO, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergelab.checkpoint.writer import parse_size
+
 DeltaKind = Literal["dense", "sparse", "conflict"]
 
 
@@ -103,15 +105,6 @@ def make_base(
         torch.save(model.state_dict(), path / "pytorch_model.bin")
     make_tokenizer(path)
     return path
-
-
-def _parse_bytes(text: str) -> int:
-    """'1GB' -> 10**9 (decimal units, as transformers reads ``max_shard_size``)."""
-    t = text.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
 
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -211,7 +204,7 @@ def write_base_streamed(
     )
     specs = _llama_specs(cfg)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    groups = _shard_groups(specs, itemsize, _parse_bytes(max_shard_size))
+    groups = _shard_groups(specs, itemsize, parse_size(max_shard_size))
     weight_map: dict[str, str] = {}
     total = 0
     for k, group in enumerate(groups, 1):
