@@ -242,10 +242,16 @@ def compute_statistics(
     return Statistics(
         list(phase.readers),
         time.perf_counter() - t0,
-        dict(phase.summary),
+        {_portable(label): line for label, line in phase.summary.items()},
         dict(phase.side_files),
         phase.peak_bytes,
         phase.compute_seconds,
         phase,
         plan,
     )
+
+
+def _portable(label: str) -> str:
+    """An expert's label for the committed leaderboard: a path under the home folder written with ``~``."""
+    home = str(Path.home())
+    return "~" + label[len(home) :] if label == home or label.startswith(home + os.sep) else label

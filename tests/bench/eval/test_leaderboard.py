@@ -317,3 +317,14 @@ def test_bench_statistics_seeds_and_edges_on_tiny_zoo(tiny_zoo: Zoo, tmp_path) -
     kept = {m.method: m for m in merged.methods}
     assert kept["dare_ties"].stats == rows["dare_ties"].stats
     assert kept["linear"].stats == rows["linear"].stats  # same merge, same rows, same resamples
+
+
+def test_statistics_summary_labels_carry_no_home_folder(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from mergelab_bench.eval.data_informed import _portable
+
+    monkeypatch.setattr(Path, "home", staticmethod(lambda: tmp_path))
+    assert _portable(str(tmp_path / "zoo" / "expert-a" / "model")) == "~/zoo/expert-a/model"
+    assert _portable(str(tmp_path) + "x/model") == str(tmp_path) + "x/model"  # a sibling folder is not home
+    assert _portable("/elsewhere/model") == "/elsewhere/model"
