@@ -8,8 +8,10 @@ over (roughly) their convex hull with Frank–Wolfe steps.
   30 % of each task vector, model-wide, scaled by 0.9: ``inner_method: ties``,
   ``inner_parameters: {lambda: 0.9, scope: global}``, ``inner_model_parameters: {density: 0.3}``).
   The official code then appends θ_0 to the pool (``include_initial``).
-* **Gradient**: g = ∇ loss(θ_t), the objective's loss summed over its proxy examples (the
-  benchmark: cross-entropy of every validation row through its task's head).
+* **Gradient**: g = ∇ loss(θ_t), the objective's loss over its proxy examples (the benchmark's
+  ``zoo:``: cross-entropy of every proxy row through its task's head; ``lm:``: per domain the mean
+  token cross-entropy of the proxy rows, the answer tokens for exact-match domains, summed over
+  domains).
 * **Linear-minimisation oracle**, per tensor (``granularity: tensor``; the official code hard-codes
   this ``layer`` granularity): the pool checkpoint c (full weights θ_c, not task vectors) with the
   least cosine(g, θ_c). ``zero_fallback: true`` is the official code's behaviour: when even that

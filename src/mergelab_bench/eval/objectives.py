@@ -11,9 +11,18 @@ finds the ``zoo:`` calibration sources; it never imports this package.
   0 = all), ``tasks`` (``a+b``), ``cache``, ``proxy_limit`` (rows per task of the Frank–Wolfe
   gradient, default 100). Its gradient is the cross-entropy summed over the proxy rows of every task,
   each through its task's head (FW-Merging's loss).
-* ``lm:SPLIT``: the LM zoo's domains (``zoo`` default ``default``, ``limit`` default the zoo's); the
-  score is the average normalized score; raw metrics are exact match (an accuracy) or the log
-  perplexity (a loss).
+* ``lm:SPLIT``: the LM zoo's domains (``zoo`` default ``default``, ``limit`` default the zoo's,
+  ``tasks``, ``cache``, ``proxy_limit``: rows per domain of the Frank–Wolfe gradient, default 100,
+  0 = all); the score is the average normalized score; raw metrics are exact match (an accuracy) or
+  the log perplexity (a loss). Its gradient is the sum over domains of the token-level cross-entropy
+  (mean NLL per predicted token) on the domain's first ``proxy_limit`` rows of SPLIT, so each domain
+  weighs the same whatever its token count. A perplexity domain (code windows, German and Italian
+  fortunes) scores every text token as the harness's perplexity does (its term is the log
+  perplexity of those rows); an exact-match domain (arithmetic) scores only the reference
+  continuation given the prompt (`` <answer>`` and the newline that ends it), teacher-forced: exact
+  match itself has no gradient, and this cross-entropy is its differentiable surrogate (FW-Merging's
+  official code also uses the task's cross-entropy). Tied names (``lm_head.weight`` beside
+  ``model.embed_tokens.weight``) each get the shared matrix's gradient.
 * ``lm-eval:TASK,TASK``: lm-eval-harness on local tasks (``include`` a folder of task YAMLs,
   ``limit``, ``fewshot``, ``batch_size``); each trial's merge is written to a temporary Hugging Face
   folder (config and tokenizer from the recipe's base). Tasks named like public benchmarks' test
@@ -27,12 +36,15 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from mergelab.errors import OptionError
 from mergelab.search.objective import ObjectiveContext, Scores, lm_eval_reads_test, register_objective_kind
+
+if TYPE_CHECKING:
+    from mergelab_bench.zoo.lm.scoring import LMBatch
 
 
 def _int(options: Mapping[str, str], key: str, default: int | None) -> int | None:
@@ -131,10 +143,14 @@ class ZooObjective:
         return total, grads
 
 
+GRAD_BATCH_ROWS = 8
+"""Rows per forward/backward pass of the LM gradient (the default experts' training batch)."""
+
+
 class LMObjective:
     """``lm:SPLIT`` (see the module docstring)."""
 
-    OPTIONS: ClassVar[frozenset[str]] = frozenset({"zoo", "limit", "tasks", "cache"})
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"zoo", "limit", "tasks", "cache", "proxy_limit"})
 
     def __init__(self, arg: str, context: ObjectiveContext) -> None:
         from mergelab_bench.eval.lm_harness import LMEvaluator
@@ -149,7 +165,9 @@ class LMObjective:
         limit: Any = "zoo" if "limit" not in opts else _int(opts, "limit", None)
         self.evaluator = LMEvaluator(zoo, tasks=_tasks(opts), split=self.split, limit=limit)
         self.tasks = list(self.evaluator.tasks)
+        self.proxy_limit = _int(opts, "proxy_limit", 100)
         self.name = f"lm:{self.split}"
+        self._proxy: dict[str, list[tuple[LMBatch, torch.Tensor]]] = {}
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> Scores:
         report = self.evaluator.evaluate(state)
@@ -164,6 +182,71 @@ class LMObjective:
                 kinds[s.task] = "accuracy"
         avg = report.average_normalized
         return Scores(float(avg if avg is not None else 0.0), tasks, metrics, kinds)  # type: ignore[arg-type]
+
+    def proxy_batches(self, task: str) -> list[tuple[LMBatch, torch.Tensor]]:
+        """The gradient's batches of a domain with their labels (``-100``: not scored), made once.
+
+        The domain's headline metric decides what is scored: perplexity, every text token (the
+        harness's sequences, :meth:`DomainScorer.sequences`); exact match, the answer tokens after the
+        prompt (:meth:`DomainScorer.answer_sequences`).
+        """
+        from mergelab_bench.zoo.lm.scoring import make_lm_batches
+
+        if task not in self._proxy:
+            scorer = self.evaluator.zoo.scorer
+            data = self.evaluator.zoo.data(task)
+            if data.metrics[0] == "perplexity":
+                seqs = scorer.sequences(data, self.split, self.proxy_limit)
+                starts = [0] * len(seqs)
+            else:
+                pairs = scorer.answer_sequences(data, self.split, self.proxy_limit)
+                seqs, starts = [ids for ids, _ in pairs], [start for _, start in pairs]
+            batches = make_lm_batches(seqs, batch_size=GRAD_BATCH_ROWS, pad_id=scorer.pad_id)
+            out = []
+            for b in batches:
+                first = torch.tensor([starts[i] for i in b.index.tolist()])[:, None]
+                before = torch.arange(b.input_ids.shape[1])[None, :] < first  # the prompt: context only
+                out.append((b, b.labels.masked_fill(before, -100)))
+            self._proxy[task] = out
+        return self._proxy[task]
+
+    def gradient(self, state: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        """Σ over domains of the mean token NLL on the proxy rows (see the module docstring), and its
+        gradient with respect to every tensor of ``state`` (float32, on the zoo's device).
+
+        The state is loaded into the evaluator's scratch module (one module for scores and
+        gradients), in eval mode. Names that share one parameter (tied embeddings: ``lm_head.weight``
+        and ``model.embed_tokens.weight``) each get that parameter's whole gradient; a state that
+        leaves the tied head out gets it under the embedding's name alone.
+        """
+        from mergelab_bench.zoo.lm.scoring import token_nll
+
+        module = self.evaluator.module(state)  # eval mode: no dropout, the model that is scored
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for p in module.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        device = self.evaluator.zoo.device
+        total = 0.0
+        with torch.enable_grad():
+            for task in self.tasks:
+                batches = self.proxy_batches(task)
+                tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
+                if not tokens:
+                    raise OptionError(f"--objective {self.name}: domain {task} has no proxy tokens to score")
+                for b, labels in batches:
+                    logits = module(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
+                    loss = token_nll(logits, labels.to(device)).sum() / tokens
+                    loss.backward()
+                    total += float(loss.detach())
+        grads: dict[str, torch.Tensor] = {}
+        for n in state:  # the state's names (a tied alias included), not the module's
+            param = params.get(n)
+            if param is not None and param.grad is not None:
+                grads[n] = param.grad.detach().float().clone()
+        for p in module.parameters():
+            p.grad = None
+        return total, grads
 
 
 class LMEvalObjective:
@@ -249,7 +332,8 @@ def _check_lm(arg: str, options: Mapping[str, str]) -> None:
     _check_options(options, LMObjective.OPTIONS, "lm")
     if _split(arg, "lm") == "train":
         raise OptionError("--objective lm:train: the LM suite scores validation or test")
-    _int(options, "limit", None)
+    for key in ("limit", "proxy_limit"):
+        _int(options, key, None)
 
 
 def _check_lm_eval(arg: str, options: Mapping[str, str]) -> None:

@@ -22,6 +22,7 @@ from mergelab_bench.zoo.lm.scoring import (
     LMBatch,
     answer_from_generation,
     doc_token_id,
+    encode_answers,
     encode_texts,
     exact_match,
     greedy_generate,
@@ -68,11 +69,33 @@ class DomainScorer:
         """What the scores depend on besides the model and the rows (part of the cache key)."""
         return {"max_len": self.max_len, "doc_token": self.doc_token, "max_new_tokens": self.max_new_tokens}
 
+    def sequences(self, data: LMTaskData, split: str, limit: int | None) -> list[list[int]]:
+        """The token ids perplexity scores: the first ``limit`` texts of a split encoded (texts of
+        fewer than 2 ids, which predict nothing, left out)."""
+        seqs = encode_texts(self.tokenizer, data.texts(split, limit), max_len=self.max_len, doc_id=self.doc_id)
+        return [s for s in seqs if len(s) >= 2]
+
+    def answer_sequences(self, data: LMTaskData, split: str, limit: int | None) -> list[tuple[list[int], int]]:
+        """The first ``limit`` exact-match rows of a split as (prompt + answer ids, prompt length):
+        the prompt as greedy decoding reads it, then the rest of the row's text (`` <answer>`` and
+        the newline that ends it; see :func:`encode_answers`)."""
+        rows = data.rows(split, limit)
+        for r in rows:
+            if not r["text"].startswith(r["prompt"]):
+                raise ValueError(f"{data.name}: row {r['key']!r}: its text does not start with its prompt")
+        return encode_answers(
+            self.tokenizer,
+            [r["prompt"] for r in rows],
+            [r["text"][len(r["prompt"]) :] for r in rows],
+            max_len=self.max_len,
+            doc_id=self.doc_id,
+        )
+
     def batches(self, data: LMTaskData, split: str, limit: int | None) -> list[LMBatch]:
+        """The batches perplexity scores (:meth:`sequences`, length-sorted), made once per (domain, split, limit)."""
         key = (data.name, data.meta["content_sha256"], split, limit)
         if key not in self._batches:
-            seqs = encode_texts(self.tokenizer, data.texts(split, limit), max_len=self.max_len, doc_id=self.doc_id)
-            seqs = [s for s in seqs if len(s) >= 2]
+            seqs = self.sequences(data, split, limit)
             self._batches[key] = make_lm_batches(seqs, batch_size=self.batch_size, pad_id=self.pad_id)
         return self._batches[key]
 

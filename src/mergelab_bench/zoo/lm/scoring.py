@@ -56,6 +56,21 @@ def encode_texts(tokenizer, texts: Sequence[str], *, max_len: int, doc_id: int |
     return [(prefix + list(ids))[:max_len] for ids in enc]
 
 
+def encode_answers(
+    tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, max_len: int, doc_id: int | None
+) -> list[tuple[list[int], int]]:
+    """Teacher-forcing sequences of exact-match rows: each prompt encoded as :func:`greedy_generate`
+    encodes it, followed by its continuation's tokens (the text greedy decoding should produce), cut
+    to ``max_len`` ids in all; with the number of prompt ids (the continuation's ids start there)."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+    if not prompts:
+        return []
+    heads = encode_texts(tokenizer, prompts, max_len=max_len, doc_id=doc_id)
+    tails = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    return [((head + list(tail))[:max_len], len(head)) for head, tail in zip(heads, tails, strict=True)]
+
+
 @dataclass
 class LMBatch:
     """Right-padded sequences: ``labels`` are the input ids with ``-100`` on padding."""
