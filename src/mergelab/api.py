@@ -33,6 +33,7 @@ from mergelab.executors.base import (
     ExecutorOptions,
     Progress,
     RunStats,
+    check_read_workers,
     check_threads,
     get_executor,
     resolve_device,
@@ -203,6 +204,7 @@ def merge(
     executor: str = "streaming",
     workers: int | None = None,
     address: str | None = None,
+    read_workers: int = 4,
     adapter_out: bool = False,
     rank: int | None = None,
     energy: float | None = None,
@@ -227,7 +229,8 @@ def merge(
 
     ``executor`` runs the merge: ``streaming`` (default, one process) or ``ray`` (``workers``
     Ray worker processes on a local Ray, or the cluster at ``address``; needs ``mergelab[ray]``);
-    both give bit-identical tensors.
+    both give bit-identical tensors. ``read_workers``: positional reads of the inputs kept in
+    flight (:class:`~mergelab.executors.base.ExecutorOptions`; 1 reads one tensor at a time).
 
     ``adapter_out`` (or the recipe's ``output: adapter``) writes a PEFT LoRA adapter of the base
     instead (:mod:`mergelab.lora.sink`): ``rank`` / ``energy`` override the recipe's ``adapter:``
@@ -266,6 +269,7 @@ def merge(
         )
     check_router_block(rec, router_data)
     _check_run_options(device=device, threads=threads, seed=seed)
+    check_read_workers(read_workers)
     _check_disk_options(out, max_shard_size, executor)
     if adapter_out or rank is not None or energy is not None or rec.output == "adapter":
         from mergelab.lora.sink import with_adapter_output
@@ -299,6 +303,7 @@ def merge(
             hash_inputs=hash_inputs,
             workers=workers,
             address=address,
+            read_workers=read_workers,
         )
         if plan.method.statistics is not None and plan.aux is None:
             from mergelab.informed.phase import run_data_phase

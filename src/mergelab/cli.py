@@ -159,6 +159,9 @@ def merge(
         str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local Ray)")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray workers (default: 2, or the cluster's CPUs)")] = None,
+    read_workers: Annotated[
+        int, typer.Option(help="input reads kept in flight (safetensors inputs; 1: one tensor at a time)")
+    ] = 4,
     stages_dir: Annotated[
         Path | None,
         typer.Option(help="multi-stage recipes: keep the named stages here (default: a temporary folder)"),
@@ -187,12 +190,13 @@ def merge(
     stages run first, in dependency order, and the unnamed final one is written to OUT."""
     from mergelab.api import merge as run_merge
     from mergelab.api import plan_merge, run_inputs, summarize
-    from mergelab.executors.base import check_threads, resolve_device
+    from mergelab.executors.base import check_read_workers, check_threads, resolve_device
     from mergelab.progress import RichProgress
     from mergelab.recipe import is_multi_stage, load_recipe, parse_dtype
 
     resolve_device(device)  # an unknown or unavailable device and a bad --threads fail before any input is opened
     check_threads(threads)
+    check_read_workers(read_workers)
     # one set of run options for both paths (a single recipe and a multi-stage one)
     options: dict[str, Any] = {
         "force": force,
@@ -208,6 +212,7 @@ def merge(
         "executor": executor,
         "workers": workers,
         "address": ray_address,
+        "read_workers": read_workers,
     }
     if is_multi_stage(recipe):
         from mergelab.api import merge_stages

@@ -1,11 +1,15 @@
 """Input checkpoints: a Hugging Face folder, a single file, a Hub id, or an in-memory state dict.
 
 Every reader lists its tensors (name → shape, dtype) from headers / index files alone and
-reads one tensor at a time into a fresh CPU buffer. Files are opened read-only.
+reads one tensor at a time into a fresh CPU buffer. Files are opened read-only. Safetensors
+readers also hand out a tensor's reads in parts (``read_parts``: several positional reads in
+flight for one tensor) and hint the kernel to read ahead (``will_need``); the engine uses both
+when they are there (:mod:`mergelab.executors.streaming`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,7 +23,7 @@ from typing import Any, Protocol
 import blake3
 import torch
 
-from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header
+from mergelab.checkpoint.safetensors_file import StEntry, pread_tensor, read_header, tensor_reads
 from mergelab.errors import CheckpointError
 
 SIDE_FILES = (
@@ -175,12 +179,40 @@ class SafetensorsReader:
                 self._fds[path] = fd
             return fd
 
-    def read(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[Path, StEntry]:
         try:
-            path, entry = self._entries[name]
+            return self._entries[name]
         except KeyError:
             raise CheckpointError(f"{self.label}: no tensor named {name!r}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        path, entry = self._entry(name)
         return pread_tensor(self._fd(path), entry, path)
+
+    def read_parts(self, name: str, part_bytes: int) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+        """``name``'s tensor in a fresh buffer not yet filled, and the reads that fill it.
+
+        Each read is one positional read of at most ``part_bytes`` into its own range of the
+        buffer; the caller may run them on several threads at once and must run all of them
+        before using the tensor (:func:`~mergelab.checkpoint.safetensors_file.tensor_reads`).
+        """
+        path, entry = self._entry(name)
+        return tensor_reads(self._fd(path), entry, path, part_bytes)
+
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to start reading ``name``'s bytes into the page cache, and return at once.
+
+        ``posix_fadvise(POSIX_FADV_WILLNEED)`` over the tensor's byte range: nothing is read into
+        this process (the pages are the kernel's, reclaimable), so a later :meth:`read` of a cold
+        file finds them cached or in flight. A hint only: nothing happens where the platform has
+        no ``posix_fadvise`` or the file system refuses it.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        path, entry = self._entry(name)
+        if entry.nbytes:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd(path), entry.begin, entry.nbytes, os.POSIX_FADV_WILLNEED)
 
     def spec(self) -> ReaderSpec:
         """Reopens the same files (or the same Hub repository)."""

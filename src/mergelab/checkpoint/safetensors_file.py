@@ -14,10 +14,12 @@ data; offsets are relative to byte 8 + N.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,22 +134,49 @@ def read_header(path: Path) -> tuple[dict[str, StEntry], dict[str, str]]:
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
-def pread_tensor(fd: int, entry: StEntry, path: Path) -> torch.Tensor:
-    """Read one tensor's bytes into a fresh buffer (no memory map)."""
+def pread_into(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` on, by positional reads (no memory map).
+
+    Raises CheckpointError naming the file and the tensor ``name`` when the file ends first (it
+    was cut short after its header was checked).
+    """
+    done, size = 0, len(view)
+    while done < size:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(
+                f"{path}: unexpected end of file while reading tensor {name!r}; the file is truncated"
+            )
+        done += got
+
+
+def tensor_reads(fd: int, entry: StEntry, path: Path, part_bytes: int) -> tuple[torch.Tensor, list[Callable[[], None]]]:
+    """A fresh, not yet filled buffer for one tensor and the positional reads that fill it.
+
+    Each read covers at most ``part_bytes`` of the tensor, a disjoint range of the buffer, so the
+    reads may run on several threads at once (``preadv`` releases the GIL); the tensor holds its
+    data once every read has returned. A tensor of no bytes needs no read.
+    """
+    if part_bytes < 1:
+        raise ValueError(f"part_bytes must be at least 1, got {part_bytes}")
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    reads: list[Callable[[], None]] = []
     if entry.nbytes:
         view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ only on Python >= 3.12
-        done = 0
-        while done < entry.nbytes:
-            got = os.preadv(fd, [view[done:]], entry.begin + done)
-            if got <= 0:
-                raise CheckpointError(
-                    f"{path}: unexpected end of file while reading tensor {entry.name!r}; the file is truncated"
-                )
-            done += got
+        for start in range(0, entry.nbytes, part_bytes):
+            part = view[start : min(start + part_bytes, entry.nbytes)]
+            reads.append(functools.partial(pread_into, fd, part, entry.begin + start, path, entry.name))
     if entry.dtype == torch.uint8:
-        return buf.reshape(entry.shape)
-    return buf.view(entry.dtype).reshape(entry.shape)
+        return buf.reshape(entry.shape), reads
+    return buf.view(entry.dtype).reshape(entry.shape), reads
+
+
+def pread_tensor(fd: int, entry: StEntry, path: Path) -> torch.Tensor:
+    """Read one tensor's bytes into a fresh buffer (no memory map), in one positional read."""
+    t, reads = tensor_reads(fd, entry, path, max(entry.nbytes, 1))
+    for read in reads:
+        read()
+    return t
 
 
 def layout_header(

@@ -69,6 +69,10 @@ class ExecutorOptions:
     experts' side-by-side selections in :func:`mergelab.methods.sparsify.parallel_map`, which size
     themselves from torch's thread count). ``workers`` and ``address`` are for distributed
     executors (``ray``: worker processes; the cluster address, ``None`` for a local Ray).
+    ``prefetch``: read the next job while the current one computes. ``read_workers``: positional
+    reads in flight while a job's inputs are read (safetensors inputs; a large tensor is read as
+    several ranges) and read-ahead hints to the kernel for the job after it; 1 reads one tensor
+    at a time, without hints.
     """
 
     device: str = "cpu"
@@ -78,6 +82,7 @@ class ExecutorOptions:
     check_finite: bool = True
     hash_inputs: bool = True
     prefetch: bool = True
+    read_workers: int = 4
     workers: int | None = None
     address: str | None = None
 
@@ -191,6 +196,14 @@ def check_threads(threads: int | None) -> None:
         raise OptionError(f"threads: expected a whole number ≥ 1 or None, got {type(threads).__name__}")
     if threads < 1:
         raise OptionError(f"--threads {threads}: give at least 1 (or leave it out for torch's default)")
+
+
+def check_read_workers(read_workers: int) -> None:
+    """``--read-workers`` is a whole number ≥ 1 (1: one read at a time)."""
+    if isinstance(read_workers, bool) or not isinstance(read_workers, int):
+        raise OptionError(f"read_workers: expected a whole number ≥ 1, got {type(read_workers).__name__}")
+    if read_workers < 1:
+        raise OptionError(f"--read-workers {read_workers}: give at least 1 (1 reads one tensor at a time)")
 
 
 def check_statistics(graph: Graph) -> None:

@@ -1,10 +1,12 @@
 """The streaming executor: runs a graph job by job in one process, with bounded memory.
 
 For each job it reads the job's input tensors (the next job's reads overlap the current job's
-compute, on a reader thread), casts to the compute dtype on the compute device, checks for
-NaN/Inf, calls the method, casts the result to the output dtype and hands it to the sink of
-the output's artifact, then drops every reference. Peak memory is a function of the largest
-job, never of model size. Each fold (model-wide statistic) costs one extra read over the
+compute, on a reader thread; each job's reads keep several positional reads in flight, and the
+job after it is hinted to the kernel: :class:`_TensorReads`), casts to the compute dtype on the
+compute device, checks for NaN/Inf, calls the method, casts the result to the output dtype and
+hands it to the sink of the output's artifact, then drops every reference. Peak memory is a
+function of the largest job, never of model size: the job in compute and the job being read
+(:func:`_stream` states the bound). Each fold (model-wide statistic) costs one extra read over the
 merged tensors, before the merge. Data-informed methods also get, per merged tensor, each
 expert's statistics from the graph's ``aux`` readers (read on the same reader thread, moved to
 the compute device, dtype unchanged) as ``ctx.statistics``; the data phase that writes them runs
@@ -16,17 +18,18 @@ executor's workers run the same functions on their shards.
 
 from __future__ import annotations
 
+import functools
 import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from mergelab.checkpoint.reader import content_hash, tensor_digest
+from mergelab.checkpoint.reader import CheckpointReader, content_hash, tensor_digest
 from mergelab.errors import InputDataError, InternalError, MergelabError, ParameterError
 from mergelab.executors.base import (
     ExecutorOptions,
@@ -37,6 +40,7 @@ from mergelab.executors.base import (
     as_graph,
     cast_output,
     check_copy,
+    check_read_workers,
     check_statistics,
     resolve_device,
     thread_limit,
@@ -191,40 +195,113 @@ def _read_aux(graph: Graph, job: Job) -> _Aux:
     return out
 
 
+def _job_refs(graph: Graph, job: Job, hashing: bool) -> list[TensorRef]:
+    """The distinct input tensors ``job`` reads, in order (references to tensors a source lacks left out).
+
+    A copied tensor is also read from each tensor it is checked against, and (``hashing``) from
+    every merged input that has it, so that the content hashes cover the whole input.
+    """
+    refs: Sequence[TensorRef] = job.inputs
+    if isinstance(job.op, Copy):
+        refs = (*job.inputs, *job.op.verify)
+        if hashing:
+            refs = (*refs, *(graph.names.ref(s, job.name) for s in graph.input_sources))
+    sources = graph.sources
+    return [ref for ref in dict.fromkeys(refs) if ref.name in sources[ref.source].tensors()]
+
+
+READ_PART_BYTES = 16 * 2**20
+"""Largest single positional read when reads are pipelined: a larger tensor is read as several
+ranges at once, so that one large tensor (an embedding) alone keeps several requests in flight."""
+
+
+class _TensorReads:
+    """Reads input tensors with up to ``workers`` positional reads in flight.
+
+    :meth:`start` queues every read of one tensor on a pool of ``workers`` threads (a tensor of a
+    reader with ``read_parts``, i.e. safetensors files, as ranges of at most
+    :data:`READ_PART_BYTES`) and returns a function that waits for them and gives the tensor.
+    ``preadv`` releases the GIL, so the reads overlap each other, the checks and conversions of
+    the tensors already read, and compute. Tensors of other readers (``.bin`` files, adapters,
+    state dicts) are read by the waiting thread when waited for, as they always were.
+    :meth:`will_need` queues read-ahead hints to the kernel (``posix_fadvise`` WILLNEED, run on
+    the pool because the kernel may block while it queues the I/O): they fill the page cache,
+    never this process's memory.
+
+    ``workers`` = 1: no pool and no hints; every tensor is read in one positional read by the
+    thread that waits for it (one read in flight: the engine before read pipelining).
+    """
+
+    def __init__(self, workers: int) -> None:
+        check_read_workers(workers)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelab-pread") if workers > 1 else None
+        )
+
+    def start(self, reader: CheckpointReader, name: str) -> Callable[[], torch.Tensor]:
+        """Queue the reads of ``reader``'s tensor ``name``; the function returned waits and gives the tensor."""
+        read_parts = getattr(reader, "read_parts", None) if self._pool is not None else None
+        if read_parts is None:
+            return functools.partial(reader.read, name)
+        pool = self._pool
+        assert pool is not None
+        tensor, parts = read_parts(name, READ_PART_BYTES)
+        pending = [pool.submit(part) for part in parts]
+
+        def wait() -> torch.Tensor:
+            for future in pending:
+                future.result()  # re-raises a read's error (a truncated file, named)
+            return tensor
+
+        return wait
+
+    def will_need(self, graph: Graph, job: Job, hashing: bool) -> None:
+        """Hint the kernel to read ``job``'s input tensors into the page cache (pipelined reads only)."""
+        if self._pool is None:
+            return
+        for ref in _job_refs(graph, job, hashing):
+            hint = getattr(graph.sources[ref.source], "will_need", None)
+            if hint is not None:
+                self._pool.submit(hint, ref.name)
+
+    def close(self) -> None:
+        """Cancel the reads not started, wait for those running (their buffers are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _read_job(
     graph: Graph,
     job: Job,
     hasher: InputHasher | None,
     opts: ExecutorOptions,
     convert: bool,
+    reads: _TensorReads,
     buffers: _BufferPool | None = None,
+    after: Job | None = None,
 ) -> tuple[_Raw, _Aux]:
     """Read the job's input tensors (each distinct one once); runs on the reader thread.
 
-    Checks each float input for NaN/Inf, and (``convert``) casts merged inputs to the compute
-    dtype here, so that this work overlaps the previous job's compute. Large tensors stay in
-    their stored dtype until the compute thread takes them, so that the read-ahead never holds
-    a second large tensor in the (wider) compute dtype. A copied tensor is also read (and
-    hashed) from every merged input that has it, so the content hashes cover the whole input.
+    Every read of the job is queued on ``reads`` at once (then the read-ahead hints of ``after``,
+    the job read next); the tensors are then taken in order, each as soon as its reads are done:
+    handed to the hasher, checked for NaN/Inf when merged, and (``convert``) cast to the compute
+    dtype here, so that this work overlaps the remaining reads and the previous job's compute.
+    Large tensors stay in their stored dtype until the compute thread takes them, so that the
+    read-ahead never holds a second large tensor in the (wider) compute dtype. A copied tensor is
+    also read (and hashed) from every merged input that has it (:func:`_job_refs`).
     """
     convert = convert and job.numel <= READ_AHEAD_CONVERT_LIMIT
     if buffers is not None and job.numel > READ_AHEAD_CONVERT_LIMIT:
         buffers.clear()  # the largest tensors set the peak: hold nothing else while they are in memory
-    out: _Raw = {}
-    refs: Sequence[TensorRef] = job.inputs
-    if isinstance(job.op, Copy):
-        refs = (*job.inputs, *job.op.verify)
-        if hasher is not None:
-            refs = (*refs, *(graph.names.ref(s, job.name) for s in graph.input_sources))
-    merge = isinstance(job.op, MethodCall)
     sources = graph.sources
-    for ref in refs:
-        if ref in out:
-            continue
+    queued = [(ref, reads.start(sources[ref.source], ref.name)) for ref in _job_refs(graph, job, hasher is not None)]
+    if after is not None:
+        reads.will_need(graph, after, hasher is not None)
+    merge = isinstance(job.op, MethodCall)
+    out: _Raw = {}
+    for ref, wait in queued:
         r = sources[ref.source]
-        if ref.name not in r.tensors():
-            continue
-        t = r.read(ref.name)
+        t = wait()
         if hasher is not None:
             hasher.add(ref.source, ref.name, t)
         if merge:
@@ -249,20 +326,39 @@ def _stream(
     device: torch.device,
     buffers: _BufferPool | None = None,
 ) -> Iterator[tuple[Job, _Raw, _Aux]]:
-    """Yield (job, input tensors by reference, statistics), reading the next job while the caller computes."""
+    """Yield (job, input tensors by reference, statistics), reading the next job while the caller computes.
+
+    Reads are pipelined (``opts.read_workers`` > 1, see :class:`_TensorReads`): a job's tensors
+    are read with several positional reads in flight, and the job after it is hinted to the
+    kernel meanwhile. Memory stays bounded by the tensors in flight: the job the caller holds,
+    the job being read (each of its tensors in the stored dtype and, up to
+    :data:`READ_AHEAD_CONVERT_LIMIT` entries, in the compute dtype too: every read of a job is
+    queued at once, so its stored-dtype buffers all exist before the first is converted), and
+    the hasher's at most ``max_pending`` tensors; the hinted job is in the page cache, not in
+    this process.
+    """
     convert = device.type == "cpu"
-    if not opts.prefetch or len(jobs) < 2:
-        for job in jobs:
-            yield (job, *_read_job(graph, job, hasher, opts, convert, buffers))
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
-        future: Future[tuple[_Raw, _Aux]] = pool.submit(_read_job, graph, jobs[0], hasher, opts, convert, buffers)
-        for i, job in enumerate(jobs):
-            raw, aux = future.result()
-            if i + 1 < len(jobs):
-                future = pool.submit(_read_job, graph, jobs[i + 1], hasher, opts, convert, buffers)
-            yield job, raw, aux
-            del raw, aux
+    reads = _TensorReads(opts.read_workers)
+
+    def read(k: int) -> tuple[_Raw, _Aux]:
+        after = jobs[k + 1] if k + 1 < len(jobs) else None
+        return _read_job(graph, jobs[k], hasher, opts, convert, reads, buffers, after)
+
+    try:
+        if not opts.prefetch or len(jobs) < 2:
+            for k, job in enumerate(jobs):
+                yield (job, *read(k))
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read") as pool:
+            future: Future[tuple[_Raw, _Aux]] = pool.submit(read, 0)
+            for i, job in enumerate(jobs):
+                raw, aux = future.result()
+                if i + 1 < len(jobs):
+                    future = pool.submit(read, i + 1)
+                yield job, raw, aux
+                del raw, aux
+    finally:
+        reads.close()
 
 
 class _Prepared:
