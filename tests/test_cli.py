@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -174,3 +176,17 @@ def test_every_user_error_class_has_a_documented_exit_code():
         row = next((line for line in table.splitlines() if f"`{cls.__name__}`" in line), None)
         assert row is not None, f"{cls.__name__} missing from the README's exit-code table"
         assert row.startswith(f"| {cls.exit_code} "), (cls.__name__, cls.exit_code, row)
+
+
+@pytest.mark.parametrize("preset, want", [(None, "1"), ("0", "0")])
+def test_the_command_puts_large_tensors_on_huge_pages_unless_the_environment_says_otherwise(preset, want, monkeypatch):
+    from mergelab import cli
+
+    if preset is None:
+        monkeypatch.delenv(cli.HUGE_PAGES_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cli.HUGE_PAGES_ENV, preset)
+    seen = {}
+    monkeypatch.setattr(cli, "app", lambda: seen.setdefault("value", os.environ.get(cli.HUGE_PAGES_ENV)))
+    cli.main()
+    assert seen["value"] == want
