@@ -569,7 +569,7 @@ def main() -> None:
     """The ``mergelab`` command. Large CPU tensors go on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``,
     unless the environment sets it): a fresh 100 MB buffer then costs 50 page faults instead of
     25,000, which made bf16 → float32 casts 3× faster and a cold 3B merge 1.6× faster (README,
-    *Speed*). Set ``THP_MEM_ALLOC_ENABLE=0`` to turn it off; where the kernel has no transparent
+    *Performance*). Set ``THP_MEM_ALLOC_ENABLE=0`` to turn it off; where the kernel has no transparent
     huge pages torch's hint does nothing."""
     os.environ.setdefault(HUGE_PAGES_ENV, "1")
     app()

@@ -240,11 +240,10 @@ class _TensorReads:
 
     def start(self, reader: CheckpointReader, name: str) -> Callable[[], torch.Tensor]:
         """Queue the reads of ``reader``'s tensor ``name``; the function returned waits and gives the tensor."""
-        read_parts = getattr(reader, "read_parts", None) if self._pool is not None else None
-        if read_parts is None:
-            return functools.partial(reader.read, name)
         pool = self._pool
-        assert pool is not None
+        read_parts = getattr(reader, "read_parts", None)
+        if pool is None or read_parts is None:
+            return functools.partial(reader.read, name)
         tensor, parts = read_parts(name, READ_PART_BYTES)
         pending = [pool.submit(part) for part in parts]
 
