@@ -33,8 +33,6 @@ def test_twin_curve_points_match_the_leaderboard_row(tiny_zoo: Zoo, tmp_path: Pa
     assert hi["storage"]["total_bytes"] > lo["storage"]["total_bytes"]
     assert hi["storage"]["shared_bytes"] == lo["storage"]["shared_bytes"]
     assert hi["storage"]["router_bytes"] == lo["storage"]["router_bytes"]
-    # the router reads the shared model only: the same routes at every density (seeded training)
-    assert hi["router_test_accuracy"] == lo["router_test_accuracy"]
     assert lo["expert_fraction_of_model"] == pytest.approx(
         max(lo["storage"]["expert_bytes"].values()) / lo["storage"]["shared_bytes"]
     )
