@@ -20,7 +20,6 @@ validation, is the row there). Writes ``curve.json``, ``curve.md`` and ``curve.p
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from mergelab_bench.eval.metrics import fmt_pct
 from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.routed_models import RoutedBenchSettings, routed_model_merge, routed_row_spec
 from mergelab_bench.eval.stats import Bootstrap, StatsConfig, estimates_of, rows_of, summarize
+from mergelab_bench.zoo.cache import write_json
 
 FORMAT = "mergelab-routed-curve/1"
 
@@ -172,9 +172,7 @@ def write_curve(result: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "curve.json", "markdown": out / "curve.md", "png": out / "curve.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(result), indent=1) + "\n")
-    tmp.replace(paths["json"])
+    write_json(paths["json"], dict(result))
     paths["markdown"].write_text(curve_markdown(result))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
