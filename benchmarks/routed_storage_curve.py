@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=("classification", "lm"), default="classification")
     ap.add_argument("--zoo", default=None, help="zoo preset or folder (default: zeroshot-full / default)")
     ap.add_argument("--cache", type=Path, default=None, help="zoo cache root (default $MERGELAB_CACHE)")
-    ap.add_argument("--row", default="twin_merging", help="routed row (twin_merging, split_merge, ...)")
+    ap.add_argument("--row", default="twin_merging", help="routed row of the bench (twin_merging, emr_router, ...)")
     ap.add_argument("--axis", default="density", help="the method parameter the curve varies")
     ap.add_argument("--values", default="0.02,0.05,0.1,0.2,0.4", help="comma-separated values of --axis")
     ap.add_argument("--limit", type=int, default=None, help="test rows per task (default: 1000; LM: the zoo's)")

@@ -319,3 +319,60 @@ def test_router_training_counts_its_adam_steps():
     assert (res.steps_per_epoch, res.steps) == (1, 3)
     res = train_router(x[:65], y[:65], x[:9], y[:9], 3, epochs=2, batch_size=64, seed=0)
     assert (res.steps_per_epoch, res.steps) == (1, 2)  # a last batch of one row is skipped (BatchNorm)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_routed_linear_sparse_route_skips_the_unrouted_products(per_token: bool) -> None:
+    """Top-1, partly zero and all-zero routes give the merged weight's output and cost only the routed
+    pairs' dense products (a top-1 route over 4 dense experts: a quarter of the all-experts FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = nn.Linear(6, 5).to(D)
+    deltas = _deltas(5, 6, [0, 0, 0, 0], seed=7, bias=False)  # four dense experts
+    state = RouteState()
+    layer = RoutedLinear(base, deltas, state)
+    x = torch.randn(4, 3, 6, generator=_gen(8), dtype=D)
+    if per_token:
+        idx = torch.tensor([[0, 1, 2], [3, 3, 0], [1, 1, 1], [2, 0, 3]])
+        w = F.one_hot(idx, 4).to(D)
+        w[2, 1] = torch.tensor([0.25, 0.0, 0.75, 0.0], dtype=D)  # two experts for one token
+        w[3, 2] = 0.0  # a token routed to none
+    else:
+        w = F.one_hot(torch.tensor([2, 0, 3, 1]), 4).to(D)
+        w[1] = torch.tensor([0.5, 0.0, 0.0, 0.5], dtype=D)
+    state.weights = w
+    got = layer(x)
+    for i in range(4):
+        for s in range(3):
+            wi = w[i, s] if per_token else w[i]
+            merged = base.weight.detach().clone()
+            for t, d in enumerate(deltas):
+                merged += wi[t] * _delta_w(d, 5, 6)[0]
+            assert torch.allclose(got[i, s], F.linear(x[i, s], merged, base.bias.detach()), atol=1e-12, rtol=0)
+
+    def dense_flops(route: torch.Tensor) -> int:
+        state.weights = route
+        with FlopCounterMode(display=False) as fc:
+            layer(x)
+        return int(fc.get_total_flops()) - 2 * 4 * 3 * 6 * 5  # minus the shared layer's product
+
+    top1 = F.one_hot(torch.tensor([2, 0, 3, 1]), 4).to(D)
+    everywhere = torch.full((4, 4), 0.25, dtype=D)
+    assert dense_flops(everywhere) == 4 * dense_flops(top1) == 4 * (2 * 4 * 3 * 6 * 5)
+    assert dense_flops(torch.zeros(4, 4, dtype=D)) == 0
+
+
+def test_routed_linear_gradient_reaches_a_zero_weight() -> None:
+    """A route that requires a gradient (WEMoE's gates) keeps every product: a zero weight gets ∂y/∂w."""
+    base = nn.Linear(6, 5).to(D)
+    deltas = _deltas(5, 6, [0, 0], seed=9, bias=False)
+    state = RouteState()
+    layer = RoutedLinear(base, deltas, state)
+    x = torch.randn(2, 6, generator=_gen(10), dtype=D)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=D, requires_grad=True)
+    state.weights = w
+    layer(x).sum().backward()
+    assert w.grad is not None
+    for t, d in enumerate(deltas):
+        want = (x @ _delta_w(d, 5, 6)[0].T).sum(dim=-1)  # ∂ Σ y / ∂ w[:, t]
+        assert torch.allclose(w.grad[:, t], want, atol=1e-12, rtol=0)

@@ -195,6 +195,31 @@ class _Routed(nn.Module):
         return self.base.weight  # type: ignore[return-value]
 
 
+def dense_mix(x: Tensor, dense: Tensor, w: Tensor) -> Tensor:
+    """``Σₜ wₜ (x Dₜᵀ)`` for ``x`` ``[..., in]``, ``dense`` ``[T, out, in]`` and ``w`` broadcastable to
+    ``[..., T]``, computing only the (row, expert) products whose weight is non-zero.
+
+    When every row mixes every expert (softmax routes) this is one batched product, as before; a
+    sparse route (top-1 TALL masks or EMR, top-k, a zero route) costs one product per routed pair
+    instead of ``T`` per row. Rows with weight exactly zero contribute exactly zero either way. When
+    ``w`` requires a gradient (WEMoE's gates in training) every product is computed, so that a weight
+    that is exactly zero still gets its gradient.
+    """
+    experts = int(dense.shape[0])
+    lead = x.shape[:-1]
+    wf = w.expand(*lead, experts).reshape(-1, experts)
+    xf = x.reshape(-1, x.shape[-1])
+    nonzero = wf != 0
+    if w.requires_grad or bool(nonzero.all()):
+        z = torch.einsum("ni,toi->nto", xf, dense)
+        return (z * wf.unsqueeze(-1)).sum(dim=1).reshape(*lead, -1)
+    out = xf.new_zeros(xf.shape[0], dense.shape[1])
+    for t in nonzero.any(dim=0).nonzero().flatten().tolist():
+        rows = nonzero[:, t].nonzero().flatten()
+        out.index_add_(0, rows, (xf[rows] @ dense[t].T) * wf[rows, t].unsqueeze(-1))
+    return out.reshape(*lead, -1)
+
+
 def _stack(tensors: Sequence[Tensor | None], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.stack([t.to(dtype) if t is not None else torch.zeros(shape, dtype=dtype) for t in tensors])
 
@@ -285,8 +310,7 @@ class RoutedLinear(_Routed):
             z = torch.einsum("...i,tri->...tr", x, self.lora_a.to(x.dtype))
             y = y + torch.einsum("...tr,tor->...o", z * w.unsqueeze(-1), self.lora_b.to(x.dtype))
         if self.dense is not None:
-            z = torch.einsum("...i,toi->...to", x, self.dense.to(x.dtype))
-            y = y + (z * w.unsqueeze(-1)).sum(dim=-2)
+            y = y + dense_mix(x, self.dense.to(x.dtype), w)
         if self.bias_delta is not None:
             y = y + w @ self.bias_delta.to(y.dtype)
         return y

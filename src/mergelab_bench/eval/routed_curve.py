@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergelab_bench.eval.grids import GridPoint
+from mergelab_bench.eval.grids import ROUTED_ROWS, GridPoint
 from mergelab_bench.eval.metrics import fmt_pct
 from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.routed_models import RoutedBenchSettings, routed_model_merge, routed_row_spec
@@ -64,7 +64,7 @@ def storage_curve(
     """One point per value of ``axis`` for the routed row ``row`` (see the module docstring)."""
     spec = routed_row_spec(row)
     if spec is None:
-        raise ValueError(f"{row!r} is not a routed row: use one of twin_merging, split_merge, smile, wemoe, ...")
+        raise ValueError(f"{row!r} is not a routed row: use one of {', '.join(ROUTED_ROWS)}")
     if not values:
         raise ValueError(f"no values for the axis {axis!r}")
     settings = settings or RoutedBenchSettings()

@@ -61,7 +61,7 @@ def test_twin_curve_points_match_the_leaderboard_row(tiny_zoo: Zoo, tmp_path: Pa
 
 
 def test_curve_refuses_a_row_that_is_not_routed(tiny_zoo: Zoo, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'ties' is not a routed row"):
+    with pytest.raises(ValueError, match=r"'ties' is not a routed row: use one of twin_merging, .*emr_router"):
         storage_curve(tiny_zoo, "ties", "density", [0.1], tmp_path)
     with pytest.raises(ValueError, match="no values"):
         storage_curve(tiny_zoo, "twin_merging", "density", [], tmp_path)
