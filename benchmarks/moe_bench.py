@@ -20,11 +20,14 @@ Usage:
       [--gate-modes hidden,hidden_avg,cheap_embed,random] [--prompts 12] [--prompt-chars 256]
       [--compress-methods msmoe:shared,msmoe:distinct,submoe:shared,prune-frequency:distinct] [--to 2]
       [--calibration-per-domain 64] [--architectures mixtral] [--threads 2] [--keep] [--out DIR]
+  python benchmarks/moe_bench.py --combine UP/moe.json COMPRESS/moe.json --out DIR
+      (one report from the parts run side by side: ``--parts upcycle --out UP`` and ``--parts compress --out COMPRESS``)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -38,6 +41,7 @@ from mergelab_bench.eval.moe_bench import (
     FORMAT,
     GATE_MODES,
     MoeScorer,
+    combine_moe,
     compression_rows,
     leaderboard_rows,
     reference_rows,
@@ -84,7 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the MoEs while scored (default: a tmp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the MoE folders in --work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "moe-lm")
+    ap.add_argument(
+        "--combine", type=Path, nargs="+", default=None, metavar="MOE_JSON",
+        help="write one report into --out from the moe.json of runs of separate parts (nothing is measured)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.combine:
+        try:
+            combined = combine_moe([json.loads(p.read_text()) for p in args.combine])
+        except (OSError, ValueError) as e:
+            ap.error(f"--combine: {e}")
+        print(done_line(time.perf_counter(), write_moe(combined, args.out)))
+        return 0
     set_threads(args.threads)
     quiet_transformers()
     from mergelab_bench.zoo.lm.build import load_lm_zoo

@@ -426,6 +426,42 @@ def compression_rows(
 # Writing
 
 
+PART_KEYS = ("upcycling", "compression")
+
+
+def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One report from runs of separate parts (``--parts upcycle`` and ``--parts compress`` run side by side).
+
+    The runs must share the zoo, the test rows and the statistics, and no part may appear twice;
+    the notes are joined, and each run's command and settings are kept under ``runs``.
+    """
+    if not results:
+        raise ValueError("nothing to combine: give the moe.json of each part's run")
+    first = results[0]
+    out: dict[str, Any] = {k: first[k] for k in ("format", "zoo", "statistics", "test_limit")}
+    out["notes"], out["runs"] = [], []
+    for i, r in enumerate(results):
+        for k in ("format", "zoo", "statistics", "test_limit"):
+            if r.get(k) != first.get(k):
+                raise ValueError(f"run {i + 1}: its {k} ({r.get(k)!r}) differs from run 1's ({first.get(k)!r})")
+        for part in PART_KEYS:
+            if part in r:
+                if part in out:
+                    raise ValueError(f"run {i + 1}: the {part} part is in two of the runs; combine one run per part")
+                out[part] = r[part]
+        out["notes"] += [n for n in r.get("notes", []) if n not in out["notes"]]
+        out["runs"].append({"command": r.get("command"), "config": r.get("config")})
+    out["command"] = "; ".join(str(r.get("command")) for r in results)
+    seconds = [float((r.get("config") or {}).get("seconds") or 0.0) for r in results]
+    out["config"] = {
+        **(first.get("config") or {}),
+        "parts": [p for r in results for p in (r.get("config") or {}).get("parts", [])],
+    }
+    out["config"]["seconds"] = round(sum(seconds), 1)
+    out["config"]["seconds_note"] = "the runs' seconds added (they may have run side by side)"
+    return out
+
+
 def write_moe(result: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """``moe.json`` (everything), ``moe.md`` (the two tables) and ``moe.png`` (average normalized score per row)."""
     out = Path(out_dir)

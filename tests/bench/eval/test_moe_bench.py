@@ -120,3 +120,50 @@ def test_script_upcycles_and_compresses(tiny_lm_zoo4, tmp_path: Path, capsys) ->
     assert (out / "moe.png").stat().st_size > 0
     assert list((tmp_path / "work").iterdir()) == []  # the MoE folders are removed once scored
     assert "prune-frequency (distinct)" in capsys.readouterr().out
+
+
+def test_script_combines_parts_run_apart(tmp_path: Path) -> None:
+    """``--combine``: the upcycling part of one run and the compression part of another give one report
+    with both tables; runs on different zoos or test rows, or the same part twice, are refused."""
+    base = {"format": M.FORMAT, "zoo": {"name": "z", "key": "k", "tasks": ["a", "b"]}, "test_limit": 8,
+            "statistics": {"bootstrap": 20}, "notes": ["n1"]}  # fmt: skip
+    row = {"name": "base", "kind": "base", "parameters": {}, "average_normalized": 0.5, "normalized": {"a": 0.5}}
+    up = {
+        **base,
+        "command": "up",
+        "config": {"parts": ["upcycle"], "seconds": 10.0},
+        "upcycling": {
+            "domains": ["a"],
+            "rows": [row],
+            "leaderboard_note": "",
+            "settings": {
+                "architecture": "mixtral",
+                "experts_per_token": 2,
+                "prompts": 2,
+                "prompt_chars": 9,
+                "gate_modes": [],
+            },
+        },
+    }
+    comp = {**base, "command": "comp", "notes": ["n1", "n2"], "config": {"parts": ["compress"], "seconds": 5.0},
+            "compression": {"domains": ["a"], "rows": [{**row, "name": "base 2"}], "leaderboard_note": "", "settings": {
+                "to": 2, "methods": [], "gate_mode": "hidden", "calibration_per_domain": 3,
+                "calibration_max_length": 8, "architectures": ["mixtral"]}}}  # fmt: skip
+    paths = []
+    for name, r in (("up", up), ("comp", comp)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "out"
+    assert load_benchmark("moe_bench").main(["--combine", *map(str, paths), "--out", str(out)]) == 0
+    data = json.loads((out / "moe.json").read_text())
+    assert data["upcycling"] == up["upcycling"] and data["compression"] == comp["compression"]
+    assert data["notes"] == ["n1", "n2"] and [r["command"] for r in data["runs"]] == ["up", "comp"]
+    assert data["config"]["parts"] == ["upcycle", "compress"] and data["config"]["seconds"] == 15.0
+    text = (out / "moe.md").read_text()
+    assert "## Upcycling" in text and "## Compression: 1 → 2" in text
+    with pytest.raises(ValueError, match="in two of the runs"):
+        M.combine_moe([up, up])
+    with pytest.raises(ValueError, match="run 2: its test_limit"):
+        M.combine_moe([up, {**comp, "test_limit": 16}])
+    with pytest.raises(SystemExit):
+        load_benchmark("moe_bench").main(["--combine", str(tmp_path / "missing.json"), "--out", str(out)])
