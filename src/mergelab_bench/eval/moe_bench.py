@@ -432,8 +432,10 @@ PART_KEYS = ("upcycling", "compression")
 def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One report from runs of separate parts (``--parts upcycle`` and ``--parts compress`` run side by side).
 
-    The runs must share the zoo, the test rows and the statistics, and no part may appear twice;
-    the notes are joined, and each run's command and settings are kept under ``runs``.
+    The runs must share the zoo, the test rows and the statistics. A part may appear twice only as
+    compression runs on other architectures with the same domains and settings (``--parts compress
+    --architectures qwen2_moe`` after a Mixtral run): their rows are joined, the reference rows kept
+    once. The notes are joined, and each run's command and settings are kept under ``runs``.
     """
     if not results:
         raise ValueError("nothing to combine: give the moe.json of each part's run")
@@ -446,9 +448,7 @@ def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 raise ValueError(f"run {i + 1}: its {k} ({r.get(k)!r}) differs from run 1's ({first.get(k)!r})")
         for part in PART_KEYS:
             if part in r:
-                if part in out:
-                    raise ValueError(f"run {i + 1}: the {part} part is in two of the runs; combine one run per part")
-                out[part] = r[part]
+                out[part] = _join_part(out[part], r[part], part, i) if part in out else r[part]
         out["notes"] += [n for n in r.get("notes", []) if n not in out["notes"]]
         out["runs"].append({"command": r.get("command"), "config": r.get("config")})
     out["command"] = "; ".join(str(r.get("command")) for r in results)
@@ -460,6 +460,24 @@ def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["config"]["seconds"] = round(sum(seconds), 1)
     out["config"]["seconds_note"] = "the runs' seconds added (they may have run side by side)"
     return out
+
+
+def _join_part(have: Mapping[str, Any], new: Mapping[str, Any], part: str, i: int) -> dict[str, Any]:
+    """Two runs' compression parts on different architectures as one (see :func:`combine_moe`)."""
+    if part != "compression":
+        raise ValueError(f"run {i + 1}: the {part} part is in two of the runs; combine one run per part")
+    a, b = dict(have["settings"]), dict(new["settings"])
+    archs_a, archs_b = list(a.pop("architectures", [])), list(b.pop("architectures", []))
+    if have["domains"] != new["domains"] or a != b:
+        raise ValueError(f"run {i + 1}: its compression part has other domains or settings than an earlier run's")
+    if set(archs_a) & set(archs_b):
+        raise ValueError(f"run {i + 1}: compression on {', '.join(sorted(set(archs_a) & set(archs_b)))} twice")
+    names = {r["name"] for r in have["rows"]}
+    return {
+        **have,
+        "rows": [*have["rows"], *(r for r in new["rows"] if r["name"] not in names)],
+        "settings": {**have["settings"], "architectures": archs_a + archs_b},
+    }
 
 
 def write_moe(result: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:

@@ -161,8 +161,21 @@ def test_script_combines_parts_run_apart(tmp_path: Path) -> None:
     assert data["config"]["parts"] == ["upcycle", "compress"] and data["config"]["seconds"] == 15.0
     text = (out / "moe.md").read_text()
     assert "## Upcycling" in text and "## Compression: 1 → 2" in text
-    with pytest.raises(ValueError, match="in two of the runs"):
+    with pytest.raises(ValueError, match="the upcycling part is in two of the runs"):
         M.combine_moe([up, up])
+    # a second compression run on another architecture: its rows joined, the shared reference row once
+    qwen_row = {**row, "name": "qwen2_moe 1→2 msmoe (shared)", "kind": "compressed MoE"}
+    qwen_settings = {**comp["compression"]["settings"], "architectures": ["qwen2_moe"]}
+    qwen_rows = [{**row, "name": "base 2"}, qwen_row]
+    qwen = {**comp, "compression": {**comp["compression"], "rows": qwen_rows, "settings": qwen_settings}}
+    joined = M.combine_moe([up, comp, qwen])["compression"]
+    assert [r["name"] for r in joined["rows"]] == ["base 2", "qwen2_moe 1→2 msmoe (shared)"]
+    assert joined["settings"]["architectures"] == ["mixtral", "qwen2_moe"]
+    with pytest.raises(ValueError, match="compression on mixtral twice"):
+        M.combine_moe([comp, comp])
+    other = {**comp, "compression": {**comp["compression"], "settings": {**qwen_settings, "to": 3}}}
+    with pytest.raises(ValueError, match="other domains or settings"):
+        M.combine_moe([comp, other])
     with pytest.raises(ValueError, match="run 2: its test_limit"):
         M.combine_moe([up, {**comp, "test_limit": 16}])
     with pytest.raises(SystemExit):
