@@ -18,6 +18,7 @@ Usage:
   python benchmarks/moe_bench.py [--zoo default] [--limit N] [--parts upcycle,compress]
       [--domains python,go,german,italian,arithmetic] [--compress-domains python,go,german,italian]
       [--gate-modes hidden,hidden_avg,cheap_embed,random] [--prompts 12] [--prompt-chars 256]
+      [--merged-base task_arithmetic:lambda=0.5]
       [--compress-methods msmoe:shared,msmoe:distinct,submoe:shared,prune-frequency:distinct] [--to 2]
       [--calibration-per-domain 64] [--architectures mixtral] [--threads 2] [--keep] [--out DIR]
   python benchmarks/moe_bench.py --combine UP/moe.json COMPRESS/moe.json --out DIR
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mergelab_bench.eval.moe_bench import (
     COMPRESS_METHODS,
@@ -44,6 +46,7 @@ from mergelab_bench.eval.moe_bench import (
     combine_moe,
     compression_rows,
     leaderboard_rows,
+    merged_base_rows,
     reference_rows,
     upcycle_rows,
     write_moe,
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts-per-token", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=12, help="positive prompts per expert (train split)")
     ap.add_argument("--prompt-chars", type=int, default=256, help="each prompt cut to this many characters (0: all)")
+    ap.add_argument(
+        "--merged-base", default=None, metavar="METHOD[:KEY=VALUE,...]",
+        help="also upcycle onto a static merge of the experts as base_model (e.g. task_arithmetic:lambda=0.5)",
+    )  # fmt: skip
     ap.add_argument("--to", type=int, default=2, help="experts per layer after compression")
     ap.add_argument(
         "--compress-methods", default=",".join(f"{m}:{layout}" for m, layout in COMPRESS_METHODS),
@@ -148,13 +155,23 @@ def main(argv: list[str] | None = None) -> int:
                 experts_per_token=args.experts_per_token, threads=threads, device=args.device, keep=args.keep,
                 echo=say,
             )  # fmt: skip
+            merged_base: list[str] = []
+            if args.merged_base:
+                method, _, spec = args.merged_base.partition(":")
+                params = {k: yaml.safe_load(v) for k, _, v in (x.partition("=") for x in _names(spec))}
+                rows += merged_base_rows(
+                    zoo, scorer, work, method=method, parameters=params, prompts=args.prompts,
+                    prompt_chars=prompt_chars, experts_per_token=args.experts_per_token, threads=threads,
+                    device=args.device, keep=args.keep, echo=say,
+                )  # fmt: skip
+                merged_base.append(args.merged_base)
             result["upcycling"] = {
                 "domains": domains,
                 "rows": rows,
                 "leaderboard_note": note,
                 "settings": {
                     "architecture": "mixtral", "experts_per_token": args.experts_per_token, "prompts": args.prompts,
-                    "prompt_chars": prompt_chars, "gate_modes": _names(args.gate_modes),
+                    "prompt_chars": prompt_chars, "gate_modes": _names(args.gate_modes), "merged_base": merged_base,
                 },
             }  # fmt: skip
         if "compress" in parts:

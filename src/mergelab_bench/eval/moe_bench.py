@@ -152,10 +152,12 @@ def lm_moe_recipe(
     experts_per_token: int = 2,
     architecture: str = "mixtral",
     seed: int = 0,
+    base: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """A mergekit-moe recipe over the zoo: its base, one routed expert per domain (its expert
     checkpoint, positive prompts from its train split). ``qwen2_moe`` adds the base as the one shared
-    expert (its gate's prompts: every domain's first prompt)."""
+    expert (its gate's prompts: every domain's first prompt). ``base``: another ``base_model`` (a
+    static merge of the experts: attention, embeddings, norms and gates then come from it)."""
     experts = [
         {
             "source_model": str(zoo.expert_model_dir(t)),
@@ -164,7 +166,7 @@ def lm_moe_recipe(
         for t in domains
     ]
     recipe: dict[str, Any] = {
-        "base_model": str(zoo.base_dir),
+        "base_model": str(base if base is not None else zoo.base_dir),
         "gate_mode": gate_mode,
         "experts_per_token": experts_per_token,
         "experts": experts,
@@ -312,6 +314,70 @@ def _upcycle(recipe: Mapping[str, Any], out: Path, threads: int | None, device: 
     }
 
 
+def merged_base_rows(
+    zoo: Any,
+    scorer: MoeScorer,
+    work: Path,
+    *,
+    method: str,
+    parameters: Mapping[str, Any],
+    gate_mode: str = "hidden",
+    prompts: int = 12,
+    prompt_chars: int | None = 256,
+    experts_per_token: int = 2,
+    threads: int | None = None,
+    device: str = "cpu",
+    keep: bool = False,
+    echo: Echo | None = None,
+) -> list[dict[str, Any]]:
+    """The MoE of the scorer's domains with a static merge of their experts as ``base_model``.
+
+    mergekit-moe takes attention, embeddings, norms and the gates' hidden states from the base model;
+    users often point it at a merge of the experts rather than the pretrained model. Here the
+    experts are merged with ``method`` (``parameters``: e.g. the LM leaderboard's chosen ones), the
+    merge is scored as a row of its own, then upcycled with the experts' MLPs (gate ``gate_mode``).
+    """
+    import mergelab
+
+    say = echo or (lambda _: None)
+    merged = work / f"merged-{method}"
+    recipe = {
+        "merge_method": method,
+        "base_model": str(zoo.base_dir),
+        "models": [{"model": str(zoo.expert_model_dir(t))} for t in scorer.domains],
+        "parameters": dict(parameters),
+    }
+    t0 = time.perf_counter()
+    mergelab.merge(recipe, merged, force=True, threads=threads, device=device)
+    merge_seconds = round(time.perf_counter() - t0, 2)
+    label = ", ".join(f"{k} {v}" for k, v in parameters.items())
+    static = scorer.score(merged, f"{method} ({label}) of these experts")
+    static.update(
+        kind="static merge", method=method, merge_parameters=dict(parameters), parameters=moe_parameters(merged)
+    )
+    say(f"  {method} ({label}): {fmt_pct(static['average_normalized'])} % (merged in {merge_seconds:.0f} s)")
+    moe_recipe = lm_moe_recipe(
+        zoo, scorer.domains, gate_mode=gate_mode, prompts=prompts, prompt_chars=prompt_chars,
+        experts_per_token=experts_per_token, base=merged,
+    )  # fmt: skip
+    out = work / f"upcycle-mixtral-{gate_mode}-on-{method}"
+    built = _upcycle(moe_recipe, out, threads, device)
+    params = moe_parameters(out)
+    row = scorer.score(out, f"MoE mixtral top-{experts_per_token}, gate {gate_mode}, base = {method} merge")
+    row.update(
+        kind="upcycled MoE", gate_mode=gate_mode, upcycle=built, parameters=params,
+        base_model={"method": method, "parameters": dict(parameters)},
+    )  # fmt: skip
+    say(
+        f"  gate {gate_mode} on the {method} merge: {fmt_pct(row['average_normalized'])} % (built in "
+        f"{built['seconds']:.0f} s, scored in {row['score_seconds']:.0f} s)"
+    )
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(merged, ignore_errors=True)
+    return [static, row]
+
+
 def upcycle_rows(
     zoo: Any,
     scorer: MoeScorer,
@@ -432,10 +498,10 @@ PART_KEYS = ("upcycling", "compression")
 def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One report from runs of separate parts (``--parts upcycle`` and ``--parts compress`` run side by side).
 
-    The runs must share the zoo, the test rows and the statistics. A part may appear twice only as
-    compression runs on other architectures with the same domains and settings (``--parts compress
-    --architectures qwen2_moe`` after a Mixtral run): their rows are joined, the reference rows kept
-    once. The notes are joined, and each run's command and settings are kept under ``runs``.
+    The runs must share the zoo, the test rows and the statistics. A part may appear in several runs
+    that differ only in :data:`JOINABLE` settings (compression on another architecture, upcycling
+    with other gate modes or a merged base): their rows are joined, the reference rows kept once.
+    The notes are joined, and each run's command and settings are kept under ``runs``.
     """
     if not results:
         raise ValueError("nothing to combine: give the moe.json of each part's run")
@@ -462,21 +528,27 @@ def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+JOINABLE: dict[str, tuple[str, ...]] = {"compression": ("architectures",), "upcycling": ("gate_modes", "merged_base")}
+"""Settings two runs of one part may differ in (lists, joined): the rest must be equal."""
+
+
 def _join_part(have: Mapping[str, Any], new: Mapping[str, Any], part: str, i: int) -> dict[str, Any]:
-    """Two runs' compression parts on different architectures as one (see :func:`combine_moe`)."""
-    if part != "compression":
-        raise ValueError(f"run {i + 1}: the {part} part is in two of the runs; combine one run per part")
+    """Two runs' parts with other architectures, gate modes or merged bases as one (see :func:`combine_moe`)."""
+    keys = JOINABLE[part]
     a, b = dict(have["settings"]), dict(new["settings"])
-    archs_a, archs_b = list(a.pop("architectures", [])), list(b.pop("architectures", []))
+    lists_a = {k: list(a.pop(k, None) or []) for k in keys}
+    lists_b = {k: list(b.pop(k, None) or []) for k in keys}
     if have["domains"] != new["domains"] or a != b:
-        raise ValueError(f"run {i + 1}: its compression part has other domains or settings than an earlier run's")
-    if set(archs_a) & set(archs_b):
-        raise ValueError(f"run {i + 1}: compression on {', '.join(sorted(set(archs_a) & set(archs_b)))} twice")
+        raise ValueError(f"run {i + 1}: its {part} part has other domains or settings than an earlier run's")
+    for k in keys:
+        twice = [x for x in lists_b[k] if x in lists_a[k]]
+        if twice:
+            raise ValueError(f"run {i + 1}: {part} with {k} {', '.join(map(str, twice))} in two of the runs")
     names = {r["name"] for r in have["rows"]}
     return {
         **have,
         "rows": [*have["rows"], *(r for r in new["rows"] if r["name"] not in names)],
-        "settings": {**have["settings"], "architectures": archs_a + archs_b},
+        "settings": {**have["settings"], **{k: lists_a[k] + lists_b[k] for k in keys}},
     }
 
 

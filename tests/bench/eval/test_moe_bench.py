@@ -92,12 +92,19 @@ def test_script_upcycles_and_compresses(tiny_lm_zoo4, tmp_path: Path, capsys) ->
     args += ["--gate-modes", "hidden,cheap_embed", "--prompts", "2", "--calibration-per-domain", "3"]
     args += ["--compress-methods", "msmoe:shared,prune-frequency", "--bootstrap", "20", "--threads", "1"]
     args += ["--leaderboard", str(tmp_path / "none.json"), "--work", str(tmp_path / "work")]
+    args += ["--merged-base", "task_arithmetic:lambda=0.5"]
     assert load_benchmark("moe_bench").main(args) == 0
     data = json.loads((out / "moe.json").read_text())
     up = data["upcycling"]
     assert [r["name"] for r in up["rows"]][:3] == ["base", "expert: german", "expert: italian"]
     moes = [r for r in up["rows"] if r["kind"] == "upcycled MoE"]
-    assert [r["gate_mode"] for r in moes] == ["hidden", "cheap_embed"]
+    assert [r["gate_mode"] for r in moes] == ["hidden", "cheap_embed", "hidden"]
+    merged, on_merged = up["rows"][-2:]  # the static merge of the experts, then the MoE upcycled onto it
+    assert merged["kind"] == "static merge" and merged["merge_parameters"] == {"lambda": 0.5}
+    assert on_merged["base_model"] == {"method": "task_arithmetic", "parameters": {"lambda": 0.5}}
+    assert on_merged["parameters"]["total"] == moes[0]["parameters"]["total"]
+    assert up["settings"]["merged_base"] == ["task_arithmetic:lambda=0.5"]
+    moes = moes[:2]
     for r in moes:  # 2 experts, top-2: every parameter is active
         p = r["parameters"]
         assert p["architecture"] == "mixtral" and p["experts_per_layer"] == [2] and p["active"] == p["total"]
@@ -161,8 +168,9 @@ def test_script_combines_parts_run_apart(tmp_path: Path) -> None:
     assert data["config"]["parts"] == ["upcycle", "compress"] and data["config"]["seconds"] == 15.0
     text = (out / "moe.md").read_text()
     assert "## Upcycling" in text and "## Compression: 1 → 2" in text
-    with pytest.raises(ValueError, match="the upcycling part is in two of the runs"):
-        M.combine_moe([up, up])
+    with pytest.raises(ValueError, match="upcycling with gate_modes hidden in two of the runs"):
+        hidden = {**up["upcycling"]["settings"], "gate_modes": ["hidden"]}
+        M.combine_moe([{**up, "upcycling": {**up["upcycling"], "settings": hidden}}] * 2)
     # a second compression run on another architecture: its rows joined, the shared reference row once
     qwen_row = {**row, "name": "qwen2_moe 1→2 msmoe (shared)", "kind": "compressed MoE"}
     qwen_settings = {**comp["compression"]["settings"], "architectures": ["qwen2_moe"]}
@@ -171,10 +179,10 @@ def test_script_combines_parts_run_apart(tmp_path: Path) -> None:
     joined = M.combine_moe([up, comp, qwen])["compression"]
     assert [r["name"] for r in joined["rows"]] == ["base 2", "qwen2_moe 1→2 msmoe (shared)"]
     assert joined["settings"]["architectures"] == ["mixtral", "qwen2_moe"]
-    with pytest.raises(ValueError, match="compression on mixtral twice"):
+    with pytest.raises(ValueError, match="compression with architectures mixtral in two of the runs"):
         M.combine_moe([comp, comp])
     other = {**comp, "compression": {**comp["compression"], "settings": {**qwen_settings, "to": 3}}}
-    with pytest.raises(ValueError, match="other domains or settings"):
+    with pytest.raises(ValueError, match="its compression part has other domains or settings"):
         M.combine_moe([comp, other])
     with pytest.raises(ValueError, match="run 2: its test_limit"):
         M.combine_moe([up, {**comp, "test_limit": 16}])
