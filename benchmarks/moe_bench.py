@@ -1,7 +1,7 @@
 """Mixtures of experts on the LM suite: upcycle the domain experts, compress the MoE (issue 19).
 
 1. Upcycling: the LM zoo's domain experts (default: all 5) become a top-2 MoE (``mergelab.moe.upcycle``),
-   once per gate mode (hidden, hidden_avg, cheap_embed, random); each expert's positive prompts are the
+   once per gate mode (hidden, hidden_avg, cheap_embed, random, uniform_random); each expert's positive prompts are the
    first ``--prompts`` texts of its domain's train split. Scored on every domain beside the base, every
    expert, and the best static merges and routed rows of ``--leaderboard`` (read, not recomputed, when
    it was measured on the same zoo and test rows).
@@ -17,7 +17,7 @@ Every model: total parameters, active parameters per token, size on disk, per-do
 Usage:
   python benchmarks/moe_bench.py [--zoo default] [--limit N] [--parts upcycle,compress]
       [--domains python,go,german,italian,arithmetic] [--compress-domains python,go,german,italian]
-      [--gate-modes hidden,hidden_avg,cheap_embed,random] [--prompts 12] [--prompt-chars 256]
+      [--gate-modes hidden,hidden_avg,cheap_embed,random,uniform_random] [--prompts 12] [--prompt-chars 256]
       [--merged-base task_arithmetic:lambda=0.5]
       [--compress-methods msmoe:shared,msmoe:distinct,submoe:shared,prune-frequency:distinct] [--to 2]
       [--calibration-per-domain 64] [--architectures mixtral] [--threads 2] [--keep] [--out DIR]

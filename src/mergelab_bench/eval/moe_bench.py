@@ -42,7 +42,7 @@ from mergelab_bench.eval.plots import pyplot, save_figure
 from mergelab_bench.eval.stats import Bootstrap, StatsConfig, estimates_of, rows_of, summarize
 
 FORMAT = "mergelab-moe-bench/1"
-GATE_MODES: tuple[str, ...] = ("hidden", "hidden_avg", "cheap_embed", "random")
+GATE_MODES: tuple[str, ...] = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 COMPRESS_METHODS: tuple[tuple[str, str], ...] = (
     ("msmoe", "shared"),
     ("msmoe", "distinct"),
