@@ -528,8 +528,12 @@ def combine_moe(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-JOINABLE: dict[str, tuple[str, ...]] = {"compression": ("architectures",), "upcycling": ("gate_modes", "merged_base")}
-"""Settings two runs of one part may differ in (lists, joined): the rest must be equal."""
+JOINABLE: dict[str, tuple[str, ...]] = {
+    "compression": ("architectures", "methods"),
+    "upcycling": ("gate_modes", "merged_base"),
+}
+"""Settings two runs of one part may differ in (lists, joined): the rest must be equal. A value may
+appear in two runs only for ``methods`` (the same method on another architecture)."""
 
 
 def _join_part(have: Mapping[str, Any], new: Mapping[str, Any], part: str, i: int) -> dict[str, Any]:
@@ -542,7 +546,9 @@ def _join_part(have: Mapping[str, Any], new: Mapping[str, Any], part: str, i: in
         raise ValueError(f"run {i + 1}: its {part} part has other domains or settings than an earlier run's")
     for k in keys:
         twice = [x for x in lists_b[k] if x in lists_a[k]]
-        if twice:
+        if k == "methods":
+            lists_b[k] = [x for x in lists_b[k] if x not in twice]
+        elif twice:
             raise ValueError(f"run {i + 1}: {part} with {k} {', '.join(map(str, twice))} in two of the runs")
     names = {r["name"] for r in have["rows"]}
     return {

@@ -173,12 +173,14 @@ def test_script_combines_parts_run_apart(tmp_path: Path) -> None:
         M.combine_moe([{**up, "upcycling": {**up["upcycling"], "settings": hidden}}] * 2)
     # a second compression run on another architecture: its rows joined, the shared reference row once
     qwen_row = {**row, "name": "qwen2_moe 1→2 msmoe (shared)", "kind": "compressed MoE"}
-    qwen_settings = {**comp["compression"]["settings"], "architectures": ["qwen2_moe"]}
+    qwen_settings = {**comp["compression"]["settings"], "architectures": ["qwen2_moe"], "methods": ["m:s"]}
     qwen_rows = [{**row, "name": "base 2"}, qwen_row]
     qwen = {**comp, "compression": {**comp["compression"], "rows": qwen_rows, "settings": qwen_settings}}
     joined = M.combine_moe([up, comp, qwen])["compression"]
     assert [r["name"] for r in joined["rows"]] == ["base 2", "qwen2_moe 1→2 msmoe (shared)"]
-    assert joined["settings"]["architectures"] == ["mixtral", "qwen2_moe"]
+    assert joined["settings"]["architectures"] == ["mixtral", "qwen2_moe"] and joined["settings"]["methods"] == ["m:s"]
+    again = {**qwen, "compression": {**qwen["compression"], "settings": {**qwen_settings, "architectures": ["x"]}}}
+    assert M.combine_moe([comp, qwen, again])["compression"]["settings"]["methods"] == ["m:s"]  # the same method again
     with pytest.raises(ValueError, match="compression with architectures mixtral in two of the runs"):
         M.combine_moe([comp, comp])
     other = {**comp, "compression": {**comp["compression"], "settings": {**qwen_settings, "to": 3}}}
