@@ -28,6 +28,7 @@ experts outside the top-k, and for the ``shared`` layout the distinct ones) and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -261,6 +262,8 @@ def leaderboard_rows(
     from mergelab_bench.eval.leaderboard import Leaderboard
 
     p = Path(path)
+    with contextlib.suppress(ValueError):  # shown relative to the working folder (the repository) when inside it
+        p = p.resolve().relative_to(Path.cwd())
     if not p.is_file():
         return [], f"no leaderboard at `{p}`: static and routed rows not shown (run `mergelab bench --suite lm`)"
     lb = Leaderboard.from_dict(json.loads(p.read_text()))
@@ -638,7 +641,7 @@ def moe_markdown(result: Mapping[str, Any]) -> str:
             "",
         ]
         if up.get("leaderboard_note"):
-            lines += [f"Static and routed rows: {up['leaderboard_note']}.", ""]
+            lines += [f"{up['leaderboard_note'][0].upper()}{up['leaderboard_note'][1:]}.", ""]
         for r in up["rows"]:
             if r.get("upcycle", {}).get("warnings"):
                 lines.append(f"* {r['name']}: " + "; ".join(r["upcycle"]["warnings"]))

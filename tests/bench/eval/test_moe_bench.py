@@ -123,7 +123,7 @@ def test_script_upcycles_and_compresses(tiny_lm_zoo4, tmp_path: Path, capsys) ->
     assert pruned["experts_per_layer"] == [2] and pruned["active"] == pruned["total"] == first["active"] - 2 * 2 * 32
     assert pruned["bytes"] < first["bytes"]
     text = (out / "moe.md").read_text()
-    assert "## Upcycling" in text and "## Compression: 4 → 2" in text and "no leaderboard" in text
+    assert "## Upcycling" in text and "## Compression: 4 → 2" in text and "No leaderboard at" in text
     assert (out / "moe.png").stat().st_size > 0
     assert list((tmp_path / "work").iterdir()) == []  # the MoE folders are removed once scored
     assert "prune-frequency (distinct)" in capsys.readouterr().out
