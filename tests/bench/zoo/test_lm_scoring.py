@@ -12,6 +12,7 @@ from mergelab_bench.eval.metrics import EvalReport, TaskScore, normalized_score
 from mergelab_bench.zoo.lm.base import load_causal_lm, load_lm_tokenizer
 from mergelab_bench.zoo.lm.scoring import (
     answer_from_generation,
+    cache_keyword,
     doc_token_id,
     encode_texts,
     exact_match,
@@ -92,6 +93,32 @@ def test_batched_greedy_decoding_matches_one_prompt_at_a_time(tiny) -> None:
     prompts = ["Question: What is 12 + 30?\nAnswer:", "Chi", "def f(x):\n    return", "a text-based mail"]
     got = greedy_generate(model, tok, prompts, doc_id=doc_token_id(tok), max_new_tokens=5, batch_size=4)
     assert got == [_greedy_reference(model, tok, p, 5) for p in prompts]
+
+
+def test_cache_keyword_follows_the_model_and_its_wrappers(tiny) -> None:
+    """Greedy decoding passes the KV cache under the name the model's forward takes (transformers 5.25
+    renamed ``past_key_values`` to ``cache``); a ``**kwargs`` wrapper answers for the model it wraps."""
+    import inspect
+
+    model, _ = tiny
+    params = inspect.signature(model.forward).parameters
+    assert cache_keyword(model) == ("cache" if "cache" in params else "past_key_values")
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return None
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = inner
+
+        def forward(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(Wrapper(Old())) == "past_key_values"
+    assert cache_keyword(Wrapper(model)) == cache_keyword(model)
+    assert cache_keyword(Wrapper(Wrapper(torch.nn.Identity()))) == "past_key_values"  # neither: the old name
 
 
 def test_exact_match_scoring() -> None:

@@ -15,6 +15,7 @@ all. Every text token is then predicted from a context that starts at the docume
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,23 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
 
 
 @torch.no_grad()
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a causal LM's forward takes its KV cache under: ``cache`` (transformers ≥ 5.25, which
+    deprecates ``past_key_values``) or ``past_key_values``; a wrapper with ``**kwargs`` (``RoutedModel``)
+    answers for the model it wraps."""
+    seen: set[int] = set()
+    m: object = model
+    while m is not None and id(m) not in seen:
+        seen.add(id(m))
+        params = inspect.signature(m.forward).parameters  # type: ignore[attr-defined]
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+        m = getattr(m, "model", None)
+    return "past_key_values"
+
+
 def greedy_generate(
     model: nn.Module,
     tokenizer,
@@ -223,6 +241,7 @@ def greedy_generate(
     seqs = encode_texts(tokenizer, prompts, max_len=max_len, doc_id=doc_id)
     pad = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
+    key = cache_keyword(model)
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
     for s in range(0, len(order), batch_size):
@@ -240,10 +259,8 @@ def greedy_generate(
         past = None
         step_ids, step_pos = ids, positions
         for _ in range(max_new_tokens):
-            res = model(
-                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True
-            )
-            past = res.past_key_values
+            res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{key: past})
+            past = getattr(res, "cache", None) if key == "cache" else res.past_key_values
             nxt = res.logits[:, -1].argmax(-1)
             for r, tok in enumerate(nxt.tolist()):
                 if done[r]:
