@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         help="METHOD:LAYOUT items (msmoe, submoe, prune-frequency; shared, distinct)",
     )  # fmt: skip
     ap.add_argument("--compress-gate-mode", default="hidden")
+    ap.add_argument(
+        "--shared-residual-scale", type=float, default=0.1,
+        help="qwen2_moe: the shared expert's (the base's) down_proj multiplier (1: the whole base MLP)",
+    )  # fmt: skip
     ap.add_argument("--calibration-per-domain", type=int, default=64, help="train texts per domain")
     ap.add_argument("--calibration-max-length", type=int, default=128, help="tokens per calibration text")
     ap.add_argument("--architectures", default="mixtral", help="compression on mixtral and/or qwen2_moe")
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     zoo, scorer, work, to=args.to, methods=methods, gate_mode=args.compress_gate_mode,
                     prompts=args.prompts, prompt_chars=prompt_chars, experts_per_token=args.experts_per_token,
                     architecture=arch, calibration_per_domain=args.calibration_per_domain,
-                    calibration_max_length=args.calibration_max_length, threads=threads, device=args.device,
+                    calibration_max_length=args.calibration_max_length,
+                    shared_residual_scale=args.shared_residual_scale, threads=threads, device=args.device,
                     keep=args.keep, echo=say,
                 )  # fmt: skip
             result["compression"] = {

@@ -154,11 +154,15 @@ def lm_moe_recipe(
     architecture: str = "mixtral",
     seed: int = 0,
     base: str | os.PathLike[str] | None = None,
+    shared_residual_scale: float | None = 0.1,
 ) -> dict[str, Any]:
     """A mergekit-moe recipe over the zoo: its base, one routed expert per domain (its expert
     checkpoint, positive prompts from its train split). ``qwen2_moe`` adds the base as the one shared
     expert (its gate's prompts: every domain's first prompt). ``base``: another ``base_model`` (a
-    static merge of the experts: attention, embeddings, norms and gates then come from it)."""
+    static merge of the experts: attention, embeddings, norms and gates then come from it).
+    ``shared_residual_scale`` multiplies the shared expert's ``down_proj`` (mergekit-moe's
+    ``residual_scale``; 0.1 as it advises for shared experts): Qwen2-MoE adds the sigmoid-gated
+    shared expert to the routed ones, so the whole base MLP (None or 1) doubles the MLP path."""
     experts = [
         {
             "source_model": str(zoo.expert_model_dir(t)),
@@ -175,9 +179,13 @@ def lm_moe_recipe(
         "seed": seed,
     }
     if architecture == "qwen2_moe":
-        recipe["shared_experts"] = [
-            {"source_model": str(zoo.base_dir), "positive_prompts": [e["positive_prompts"][0] for e in experts]}
-        ]
+        shared: dict[str, Any] = {
+            "source_model": str(zoo.base_dir),
+            "positive_prompts": [e["positive_prompts"][0] for e in experts],
+        }
+        if shared_residual_scale is not None:
+            shared["residual_scale"] = shared_residual_scale
+        recipe["shared_experts"] = [shared]
     return recipe
 
 
@@ -434,6 +442,7 @@ def compression_rows(
     architecture: str = "mixtral",
     calibration_per_domain: int = 64,
     calibration_max_length: int = 128,
+    shared_residual_scale: float | None = 0.1,
     threads: int | None = None,
     device: str = "cpu",
     keep: bool = False,
@@ -446,7 +455,7 @@ def compression_rows(
     say = echo or (lambda _: None)
     recipe = lm_moe_recipe(
         zoo, scorer.domains, gate_mode=gate_mode, prompts=prompts, prompt_chars=prompt_chars,
-        experts_per_token=experts_per_token, architecture=architecture,
+        experts_per_token=experts_per_token, architecture=architecture, shared_residual_scale=shared_residual_scale,
     )  # fmt: skip
     moe = work / f"compress-{architecture}-input"
     built = _upcycle(recipe, moe, threads, device)
@@ -488,6 +497,8 @@ def compression_rows(
         shutil.rmtree(moe, ignore_errors=True)
     for r in rows:
         r["calibration"] = {"file": "train texts, JSONL", "examples": n_examples, "max_length": calibration_max_length}
+        if "shared_experts" in recipe:
+            r["shared_residual_scale"] = shared_residual_scale
     return rows
 
 

@@ -57,6 +57,10 @@ def test_recipe_and_calibration_come_from_train_texts(tiny_lm_zoo4, tmp_path: Pa
     assert "shared_experts" not in recipe
     qwen = M.lm_moe_recipe(zoo, ["german", "python"], gate_mode="random", architecture="qwen2_moe")
     assert qwen["shared_experts"][0]["source_model"] == str(zoo.base_dir)
+    assert qwen["shared_experts"][0]["residual_scale"] == 0.1  # the base MLP scaled, not added whole
+    whole = M.lm_moe_recipe(zoo, ["german"], gate_mode="random", architecture="qwen2_moe", shared_residual_scale=None)
+    assert "residual_scale" not in whole["shared_experts"][0]
+    assert M.lm_moe_recipe(zoo, ["german"], gate_mode="random", base=tmp_path)["base_model"] == str(tmp_path)
     path = M.calibration_file(zoo, ["german", "python"], 2, tmp_path / "cal.jsonl")
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     assert texts == [zoo.data(t).texts("train", 2)[i] for i in range(2) for t in ("german", "python")]
