@@ -703,5 +703,5 @@ def moe_plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.set_title(f"{title}: {', '.join(part['domains'])}", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in kinds.values()]
     if handles:
-        fig.legend(handles, list(kinds), fontsize=7, loc="lower right")
+        axes[0][-1].legend(handles, list(kinds), fontsize=7, loc="best")  # inside the axes: kept clear of the labels
     return save_figure(fig, path)
