@@ -371,22 +371,41 @@ def merged_base_rows(
         zoo, scorer.domains, gate_mode=gate_mode, prompts=prompts, prompt_chars=prompt_chars,
         experts_per_token=experts_per_token, base=merged,
     )  # fmt: skip
-    out = work / f"upcycle-mixtral-{gate_mode}-on-{method}"
-    built = _upcycle(moe_recipe, out, threads, device)
-    params = moe_parameters(out)
-    row = scorer.score(out, f"MoE mixtral top-{experts_per_token}, gate {gate_mode}, base = {method} merge")
-    row.update(
-        kind="upcycled MoE", gate_mode=gate_mode, upcycle=built, parameters=params,
-        base_model={"method": method, "parameters": dict(parameters)},
+    row = _upcycled_row(
+        moe_recipe, work / f"upcycle-mixtral-{gate_mode}-on-{method}", scorer,
+        f"MoE mixtral top-{experts_per_token}, gate {gate_mode}, base = {method} merge",
+        threads=threads, device=device, keep=keep, base_model={"method": method, "parameters": dict(parameters)},
     )  # fmt: skip
     say(
         f"  gate {gate_mode} on the {method} merge: {fmt_pct(row['average_normalized'])} % (built in "
-        f"{built['seconds']:.0f} s, scored in {row['score_seconds']:.0f} s)"
+        f"{row['upcycle']['seconds']:.0f} s, scored in {row['score_seconds']:.0f} s)"
+    )
+    if not keep:
+        shutil.rmtree(merged, ignore_errors=True)
+    return [static, row]
+
+
+def _upcycled_row(
+    recipe: Mapping[str, Any],
+    out: Path,
+    scorer: MoeScorer,
+    name: str,
+    *,
+    threads: int | None,
+    device: str,
+    keep: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Upcycle ``recipe`` into ``out``, measure and score it as the row ``name`` (plus ``extra`` fields),
+    then remove ``out`` unless ``keep``."""
+    built = _upcycle(recipe, out, threads, device)
+    row = scorer.score(out, name)
+    row.update(
+        kind="upcycled MoE", gate_mode=recipe["gate_mode"], upcycle=built, parameters=moe_parameters(out), **extra
     )
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(merged, ignore_errors=True)
-    return [static, row]
+    return row
 
 
 def upcycle_rows(
@@ -412,19 +431,17 @@ def upcycle_rows(
             zoo, scorer.domains, gate_mode=mode, prompts=prompts, prompt_chars=prompt_chars,
             experts_per_token=experts_per_token, architecture=architecture,
         )  # fmt: skip
-        out = work / f"upcycle-{architecture}-{mode}"
-        built = _upcycle(recipe, out, threads, device)
-        params = moe_parameters(out)
-        row = scorer.score(out, f"MoE {architecture} top-{experts_per_token}, gate {mode}")
-        row.update(kind="upcycled MoE", gate_mode=mode, upcycle=built, parameters=params)
+        row = _upcycled_row(
+            recipe, work / f"upcycle-{architecture}-{mode}", scorer, f"MoE {architecture} top-{experts_per_token}, "
+            f"gate {mode}", threads=threads, device=device, keep=keep,
+        )  # fmt: skip
         rows.append(row)
+        params = row["parameters"]
         say(
             f"  gate {mode}: {fmt_pct(row['average_normalized'])} % ({len(scorer.domains)} experts, "
             f"{params['active'] / 1e6:.1f} M of {params['total'] / 1e6:.1f} M parameters active; built in "
-            f"{built['seconds']:.0f} s, scored in {row['score_seconds']:.0f} s)"
+            f"{row['upcycle']['seconds']:.0f} s, scored in {row['score_seconds']:.0f} s)"
         )
-        if not keep:
-            shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
