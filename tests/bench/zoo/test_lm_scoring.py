@@ -121,6 +121,17 @@ def test_cache_keyword_follows_the_model_and_its_wrappers(tiny) -> None:
     assert cache_keyword(Wrapper(Wrapper(torch.nn.Identity()))) == "past_key_values"  # neither: the old name
 
 
+def test_greedy_decoding_runs_without_autograd(tiny) -> None:
+    model, tok = tiny
+    seen: list[bool] = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        greedy_generate(model, tok, ["Chi"], doc_id=doc_token_id(tok), max_new_tokens=2, batch_size=1)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+
+
 def test_exact_match_scoring() -> None:
     assert answer_from_generation(" 42\nQuestion: What") == "42"
     assert exact_match([" 42\nQ", "41", " 7 "], ["42", "42", "7"]) == pytest.approx(2 / 3)

@@ -200,7 +200,6 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     return sum(answer_from_generation(p) == a.strip() for p, a in zip(predictions, answers, strict=True)) / len(answers)
 
 
-@torch.no_grad()
 def cache_keyword(model: nn.Module) -> str:
     """The keyword a causal LM's forward takes its KV cache under: ``cache`` (transformers ≥ 5.25, which
     deprecates ``past_key_values``) or ``past_key_values``; a wrapper with ``**kwargs`` (``RoutedModel``)
@@ -218,6 +217,7 @@ def cache_keyword(model: nn.Module) -> str:
     return "past_key_values"
 
 
+@torch.no_grad()
 def greedy_generate(
     model: nn.Module,
     tokenizer,
