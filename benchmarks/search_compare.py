@@ -4,27 +4,34 @@ Three parts (``--parts``, default all), every search through ``mergelab.search.r
 zoo's validation split; the test split is read only for the final report of each chosen merge:
 
 * ``compare``: grid, random, CMA-ES, TPE and Evolver (its merged-population variant, the same
-  method as the others) at the same number of evaluations (``--budget``), for task arithmetic and
-  TIES with per-layer-group coefficients (``--layer-granularity``; weights, TIES also densities and
-  λ), ``--seeds`` repeats. Reports the best validation score, its test score, time, and the
-  best-so-far curve per evaluation.
-* ``map``: MAP on the first T = 2 and T = 3 tasks (task arithmetic, one coefficient per expert)
-  against a brute-force grid of [0, 1]^T (``--map-grid`` points per axis): the grid's measured
-  Pareto front, MAP's predicted front (its distance to the grid's front: inverted generational
-  distance), MAP's choice measured against the grid's best point for the same preference, and the
-  evaluations MAP saved.
+  method as the others) at the same number of evaluations (``--budget``), for ``--methods``
+  (default task arithmetic and TIES) with per-layer-group coefficients (``--layer-granularity``;
+  weights, TIES also densities and λ), ``--seeds`` repeats. Reports the best validation score, its
+  test score, time, and the best-so-far curve per evaluation.
+* ``map``: MAP on the first T tasks (``--map-t``, default 2 and 3; task arithmetic, one coefficient
+  per expert) against a brute-force grid of [0, 1]^T (``--map-grid`` points per axis, one number per
+  T): the grid's measured Pareto front, MAP's predicted front (its distance to the grid's front:
+  inverted generational distance), MAP's choice measured against the grid's best point for the same
+  preference, and the evaluations MAP saved. ``--map-domain 0,1`` keeps MAP's front search inside
+  the sampled box (default: the official [−3, 3]).
 * ``throughput``: trials per minute of a random TIES search (task arithmetic on the LM suite) with 1
   and 2 Ray workers (local Ray, ``--cpus-per-trial`` each): steady state (from the moment every
   worker has finished its first trial, i.e. read the experts and built the objective, to the last
   trial) and end to end (Ray's start included).
 
-Writes ``search_compare.json``, ``search_compare.md`` and plots into ``--out``
-(``benchmarks/results/search/``); the search folders go to ``--out/runs/`` (``--keep-runs`` keeps them).
+Writes ``search_compare.json`` (LM: ``search_compare_lm.json``), the markdown beside it and plots into
+``--out`` (default ``benchmarks/results/search/SUITE-ZOO/``); ``--update`` keeps the parts (and MAP's
+other task counts) of an existing result there, so the parts can run as separate processes. The
+search folders go to ``--out/runs/`` (``--keep-runs`` keeps them). The committed results:
 
-    python benchmarks/search_compare.py --zoo zeroshot-quick --budget 60 --layer-granularity 3
-    python benchmarks/search_compare.py --zoo zeroshot-full --parts map --map-grid 11
     python benchmarks/search_compare.py --zoo zeroshot-quick --parts throughput --throughput-trials 40
-    python benchmarks/search_compare.py --suite lm --zoo default --parts throughput
+    python benchmarks/search_compare.py --zoo zeroshot-quick --parts compare --budget 50 --update
+    python benchmarks/search_compare.py --zoo zeroshot-quick --parts map --map-grid 11,6 --update
+    python benchmarks/search_compare.py --suite lm --parts throughput --throughput-trials 12
+    python benchmarks/search_compare.py --suite lm --parts compare --methods task_arithmetic --budget 20 \
+        --layer-granularity 10 --update
+    python benchmarks/search_compare.py --suite lm --parts map --map-t 2 --map-grid 5 --update
+    python benchmarks/search_compare.py --suite lm --parts map --map-t 3 --map-grid 5 --update
 
 Needs ``pip install 'mergelab[search]'`` and a built zoo (``mergelab zoo build``).
 """
@@ -99,7 +106,9 @@ def _test_score(zoo: Any, suite: str, best_recipe: Path, test_limit: int | None)
     if suite == "lm":
         from mergelab_bench.eval.lm_harness import LMEvaluator
 
-        report = LMEvaluator(zoo, split="test").evaluate(state)
+        report = LMEvaluator(zoo, split="test", limit=test_limit if test_limit and test_limit > 0 else None).evaluate(
+            state
+        )
     else:
         from mergelab_bench.eval.harness import Evaluator
 
@@ -134,7 +143,7 @@ def part_compare(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str, An
 
     out: dict[str, Any] = {}
     objective, opts = _objective(args)
-    for method in ("task_arithmetic", "ties"):
+    for method in args.methods:
         recipe = _recipe(zoo, method, list(zoo.tasks), runs, {"lambda": 1.0})
         space = _space(method, args.layer_granularity, args.budget, recipe, len(zoo.tasks))
         rows = []
@@ -179,7 +188,8 @@ def _plot_curves(path: Path, method: str, rows: list[dict[str, Any]]) -> None:
             continue
         n = min(len(c) for c in curves)
         mean = np.mean([c[:n] for c in curves], axis=0)
-        ax.plot(range(1, n + 1), mean, label=algorithm, color=f"C{i}")
+        # distinct dashes: TPE's first trials are random's (same seed), so their curves may coincide
+        ax.plot(range(1, n + 1), mean, label=algorithm, color=f"C{i}", linestyle=("-", "--", "-.", ":", "-")[i], lw=1.6)
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best validation score so far")
     ax.set_title(f"{method}: per-layer-group coefficients", fontsize=9)
@@ -190,13 +200,10 @@ def _plot_curves(path: Path, method: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _objective(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
-    opts = {"zoo": args.zoo}
+    opts = {"zoo": args.zoo, "limit": str(args.validation_limit)}
     if args.cache:
         opts["cache"] = args.cache
-    if args.suite == "lm":
-        return "lm:validation", opts
-    opts["limit"] = str(args.validation_limit)
-    return "zoo:validation", opts
+    return ("lm:validation" if args.suite == "lm" else "zoo:validation"), opts
 
 
 def _igd(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -213,7 +220,7 @@ def part_map(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str, Any]:
 
     objective, opts = _objective(args)
     out: dict[str, Any] = {}
-    for t in (2, 3):
+    for t in args.map_t:
         if len(zoo.tasks) < t:
             continue
         tasks = list(zoo.tasks)[:t]
@@ -222,16 +229,18 @@ def part_map(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         mres = run_search(
             recipe, objective=objective, objective_options=task_opts, algorithm="map", out=runs / f"map-T{t}",
+            space={"algorithms": {"map": {"domain": args.map_domain}}} if args.map_domain else None,
             executor=args.executor, workers=args.workers, force=True,
         )  # fmt: skip
         map_seconds = time.perf_counter() - t0
         detail = json.loads((mres.out / "map.json").read_text())
-        values = [i / (args.map_grid - 1) for i in range(args.map_grid)]
+        points = args.map_grid[min(t - 2, len(args.map_grid) - 1)]
+        values = [i / (points - 1) for i in range(points)]
         space = {"model_parameters": {"weight": {"low": 0.0, "high": 1.0, "grid": values}}, "decode": "direct"}
         t0 = time.perf_counter()
         gres = run_search(
             recipe, objective=objective, objective_options=task_opts, space=space, algorithm="grid",
-            budget=args.map_grid**t, out=runs / f"grid-T{t}", executor=args.executor, workers=args.workers, force=True,
+            budget=points**t, out=runs / f"grid-T{t}", executor=args.executor, workers=args.workers, force=True,
         )  # fmt: skip
         grid_seconds = time.perf_counter() - t0
         kinds = detail["kinds"]
@@ -249,6 +258,9 @@ def part_map(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str, Any]:
         choice = detail["choice"]
         out[f"T{t}"] = {
             "tasks": tasks,
+            "command": "python " + " ".join(sys.argv),
+            "grid_points_per_axis": points,
+            "map_domain": args.map_domain or [-3.0, 3.0],
             "map_evaluations": len(mres.trials),
             "grid_evaluations": len(gres.trials),
             "evaluations_saved": len(gres.trials) - len(mres.trials),
@@ -338,16 +350,27 @@ def part_throughput(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str,
 
 
 def markdown(result: dict[str, Any]) -> str:
+    configs = result.get("configs", {})
+
+    def setting(part: str) -> list[str]:
+        c = configs.get(part, result["config"])
+        return [
+            f"Validation rows per task: {c['validation_limit']}; test rows per task (chosen merges only): "
+            f"{c['test_limit']}. Command: `{c['command']}`.",
+            "",
+        ]
+
     lines = [
         "# Coefficient search on the zoo",
         "",
-        f"Zoo `{result['config']['zoo']}` ({result['config']['suite']}), machine: {result['machine']}. Searches on the "
-        "validation split; test scores only for each search's chosen merge. Command: "
-        f"`{result['config']['command']}`.",
+        f"Zoo `{result['zoo']['name']}` ({result['config']['suite']}; tasks {', '.join(result['zoo']['tasks'])}), "
+        f"machine: {result['machine']}. Searches read the validation split; the test split is read only to "
+        "report each search's chosen merge.",
         "",
     ]
     for method, block in result.get("compare", {}).items():
-        lines += [f"## {method}: per-layer-group coefficients, budget {result['config']['budget']}", ""]
+        budget = configs.get("compare", result["config"])["budget"]
+        lines += [f"## {method}: per-layer-group coefficients, budget {budget}", "", *setting("compare")]
         lines += [
             "| algorithm | seeds | evaluations | best validation (mean) | test (mean) | seconds (mean) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -367,9 +390,8 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines += ["", f"![convergence](convergence-{method}.png)", ""]
     if result.get("map"):
+        lines += ["## MAP against a brute-force grid", "", *setting("map")]
         lines += [
-            "## MAP against a brute-force grid",
-            "",
             "| T | MAP evaluations | grid evaluations | saved | IGD (predicted front → grid front) "
             "| IGD, front inside [0,1]^T | MAP choice (preference score) | grid best (preference score) |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -381,12 +403,26 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{d['igd_predicted_front_in_unit_box_to_grid_front']:.4f} | "
                 f"{d['map_choice_preference_score']:.4f} | {d['grid_best']['preference_score']:.4f} |"
             )
+        lines += [""] + [
+            f"T = {k[1:]}: grid of {d.get('grid_points_per_axis', '?')} points per axis; `{d['command']}`"
+            for k, d in result["map"].items()
+            if "command" in d
+        ]
+        for k, d in result["map"].items():
+            box = d.get("map_choice_domain_0_1")
+            if box:
+                lines.append(
+                    f"T = {k[1:]}, MAP's front searched inside [0, 1]^T instead ({box['evaluations']} evaluations): "
+                    f"choice {[round(c, 3) for c in box['coefficients']]} measured {box['measured']}, preference "
+                    f"score {box['preference_score']:.4f} ({box['how']})."
+                )
         lines += [""] + [f"![MAP {k}](map-{k}.png)" for k in result["map"]] + [""]
     if result.get("throughput"):
         t = result["throughput"]
         lines += [
             f"## Trials per minute ({t['method']}, random search, {t['trials']} trials, local Ray)",
             "",
+            *setting("throughput"),
             "| workers | steady trials/min | end-to-end trials/min | median trial s (merge, eval) | wall s |",
             "| ---: | ---: | ---: | ---: | ---: |",
         ]
@@ -410,17 +446,33 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=60, help="evaluations per search (compare)")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
     p.add_argument("--layer-granularity", type=int, default=3)
-    p.add_argument("--validation-limit", type=int, default=100)
-    p.add_argument("--test-limit", type=int, default=300)
-    p.add_argument("--map-grid", type=int, default=11, help="grid points per axis for T = 2 (T = 3 uses the same)")
+    p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",")], default=["task_arithmetic", "ties"])
+    p.add_argument("--validation-limit", type=int, default=None, help="rows per task [default: 100; lm: 32]")
+    p.add_argument("--test-limit", type=int, default=None, help="rows per task [default: 300; lm: 128]")
+    p.add_argument(
+        "--map-grid", type=lambda s: [int(x) for x in s.split(",")], default=[11, 6],
+        help="grid points per axis for T = 2 and T = 3 (one number: both)",
+    )  # fmt: skip
+    p.add_argument("--map-t", type=lambda s: [int(x) for x in s.split(",")], default=[2, 3], help="task counts for MAP")
+    p.add_argument(
+        "--map-domain", type=lambda s: [float(x) for x in s.split(",")], default=None,
+        help="LOW,HIGH: MAP's front search box [default: the official [-3, 3]; 0,1 stays inside the sampled box]",
+    )  # fmt: skip
     p.add_argument("--throughput-trials", type=int, default=40)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--executor", choices=("ray", "inline"), default="inline", help="compare and map (throughput: ray)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search")
+    p.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/search/SUITE-ZOO]")
     p.add_argument("--keep-runs", action="store_true")
+    p.add_argument("--update", action="store_true", help="keep the other parts of an existing result in --out")
     args = p.parse_args()
-    args.zoo = args.zoo or ("default" if args.suite == "lm" else "zeroshot-quick")
+    lm = args.suite == "lm"
+    args.zoo = args.zoo or ("default" if lm else "zeroshot-quick")
+    args.out = args.out or ROOT / "benchmarks" / "results" / "search" / f"{args.suite}-{Path(args.zoo).stem}"
+    if args.validation_limit is None:
+        args.validation_limit = 32 if lm else 100
+    if args.test_limit is None:
+        args.test_limit = 128 if lm else 300
     import mergelab_bench  # noqa: F401 - registers the zoo: and lm: objectives
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -437,13 +489,29 @@ def main() -> None:
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
         "zoo": {"name": zoo.name, "key": zoo.key, "tasks": list(zoo.tasks)},
     }
-    if "compare" in parts and args.suite == "classification":
+    stem = "search_compare" if args.suite == "classification" else "search_compare_lm"
+    previous = args.out / f"{stem}.json"
+    old: dict[str, Any] | None = None
+    if args.update and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("zoo", {}).get("key") != zoo.key:
+            raise SystemExit(
+                f"{previous}: another zoo ({old.get('zoo', {}).get('name')}); drop --update or change --out"
+            )
+        for part in ("compare", "map", "throughput"):
+            if part in old and part not in parts:
+                result[part] = old[part]
+                result.setdefault("configs", {})[part] = old.get("configs", {}).get(part, old["config"])
+    for part in parts:
+        result.setdefault("configs", {})[part] = result["config"]
+    if "compare" in parts:
         result["compare"] = part_compare(args, zoo, runs)
-    if "map" in parts and args.suite == "classification":
-        result["map"] = part_map(args, zoo, runs)
+    if "map" in parts:
+        # --update keeps the other task counts' MAP results (each row records its command)
+        kept = {k: v for k, v in old.get("map", {}).items() if k not in {f"T{t}" for t in args.map_t}} if old else {}
+        result["map"] = dict(sorted({**kept, **part_map(args, zoo, runs)}.items()))
     if "throughput" in parts:
         result["throughput"] = part_throughput(args, zoo, runs)
-    stem = "search_compare" if args.suite == "classification" else "search_compare_lm"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result) + "\n")
     if not args.keep_runs:
