@@ -26,9 +26,11 @@ search folders go to ``--out/runs/`` (``--keep-runs`` keeps them). The committed
 
     python benchmarks/search_compare.py --zoo zeroshot-quick --parts throughput --throughput-trials 40
     python benchmarks/search_compare.py --zoo zeroshot-quick --parts compare --budget 50 --update
+    python benchmarks/search_compare.py --zoo zeroshot-quick --parts compare --methods ties --seeds 1 \\
+        --budget 50 --update
     python benchmarks/search_compare.py --zoo zeroshot-quick --parts map --map-grid 11,6 --update
     python benchmarks/search_compare.py --suite lm --parts throughput --throughput-trials 12
-    python benchmarks/search_compare.py --suite lm --parts compare --methods task_arithmetic --budget 20 \
+    python benchmarks/search_compare.py --suite lm --parts compare --methods task_arithmetic --budget 20 \\
         --layer-granularity 10 --update
     python benchmarks/search_compare.py --suite lm --parts map --map-t 2 --map-grid 5 --update
     python benchmarks/search_compare.py --suite lm --parts map --map-t 3 --map-grid 5 --update
@@ -168,6 +170,7 @@ def part_compare(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str, An
                 "test": test,
                 "seconds": round(seconds, 1),
                 "curve": _curve(res.trials),
+                "command": "python " + " ".join(sys.argv),
             }
             rows.append(row)
             print(
@@ -177,6 +180,25 @@ def part_compare(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str, An
         out[method] = {"space": space, "rows": rows}
         _plot_curves(args.out / f"convergence-{method}.png", method, rows)
     return out
+
+
+def _merge_compare(args: argparse.Namespace, old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``--update``: the earlier result's rows of other methods and seeds stay beside this run's (same
+    budget and layer granularity, else refused); the convergence plots are redrawn from every row."""
+    if not old or "compare" not in old:
+        return new
+    before = old.get("configs", {}).get("compare", old["config"])
+    for key in ("budget", "layer_granularity", "validation_limit", "test_limit"):
+        if before.get(key) != getattr(args, key):
+            raise SystemExit(
+                f"--update: the stored comparison has {key} {before.get(key)}, this run {getattr(args, key)}"
+            )
+    merged = {m: dict(b) for m, b in old["compare"].items()}
+    for method, block in new.items():
+        kept = [r for r in merged.get(method, {}).get("rows", []) if r["seed"] not in args.seeds]
+        merged[method] = {"space": block["space"], "rows": kept + block["rows"]}
+        _plot_curves(args.out / f"convergence-{method}.png", method, merged[method]["rows"])
+    return merged
 
 
 def _plot_curves(path: Path, method: str, rows: list[dict[str, Any]]) -> None:
@@ -370,7 +392,10 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for method, block in result.get("compare", {}).items():
         budget = configs.get("compare", result["config"])["budget"]
-        lines += [f"## {method}: per-layer-group coefficients, budget {budget}", "", *setting("compare")]
+        lines += [f"## {method}: per-layer-group coefficients, budget {budget}", "", *setting("compare")[:1]]
+        commands = dict.fromkeys(r["command"] for r in block["rows"] if "command" in r)  # the runs behind the rows
+        lines[-1] = lines[-1].split(" Command:")[0] + " Commands: " + ", ".join(f"`{c}`" for c in commands) + "."
+        lines.append("")
         lines += [
             "| algorithm | seeds | evaluations | best validation (mean) | test (mean) | seconds (mean) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -505,7 +530,7 @@ def main() -> None:
     for part in parts:
         result.setdefault("configs", {})[part] = result["config"]
     if "compare" in parts:
-        result["compare"] = part_compare(args, zoo, runs)
+        result["compare"] = _merge_compare(args, old, part_compare(args, zoo, runs))
     if "map" in parts:
         # --update keeps the other task counts' MAP results (each row records its command)
         kept = {k: v for k, v in old.get("map", {}).items() if k not in {f"T{t}" for t in args.map_t}} if old else {}
