@@ -105,18 +105,15 @@ def _test_score(zoo: Any, suite: str, best_recipe: Path, test_limit: int | None)
     from mergelab.executors.memory import MergeSession
 
     state = MergeSession(str(best_recipe)).merge()
+    rows = test_limit if test_limit and test_limit > 0 else None
     if suite == "lm":
         from mergelab_bench.eval.lm_harness import LMEvaluator
 
-        report = LMEvaluator(zoo, split="test", limit=test_limit if test_limit and test_limit > 0 else None).evaluate(
-            state
-        )
+        report = LMEvaluator(zoo, split="test", limit=rows).evaluate(state)
     else:
         from mergelab_bench.eval.harness import Evaluator
 
-        report = Evaluator(zoo, split="test", limit=test_limit if test_limit and test_limit > 0 else None).evaluate(
-            state
-        )
+        report = Evaluator(zoo, split="test", limit=rows).evaluate(state)
     return report.average_normalized
 
 
@@ -374,11 +371,12 @@ def part_throughput(args: argparse.Namespace, zoo: Any, runs: Path) -> dict[str,
 def markdown(result: dict[str, Any]) -> str:
     configs = result.get("configs", {})
 
-    def setting(part: str) -> list[str]:
+    def setting(part: str, commands: list[str] | None = None) -> list[str]:
         c = configs.get(part, result["config"])
+        runs = commands or [c["command"]]
         return [
             f"Validation rows per task: {c['validation_limit']}; test rows per task (chosen merges only): "
-            f"{c['test_limit']}. Command: `{c['command']}`.",
+            f"{c['test_limit']}. {'Commands' if commands else 'Command'}: " + ", ".join(f"`{r}`" for r in runs) + ".",
             "",
         ]
 
@@ -392,10 +390,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for method, block in result.get("compare", {}).items():
         budget = configs.get("compare", result["config"])["budget"]
-        lines += [f"## {method}: per-layer-group coefficients, budget {budget}", "", *setting("compare")[:1]]
-        commands = dict.fromkeys(r["command"] for r in block["rows"] if "command" in r)  # the runs behind the rows
-        lines[-1] = lines[-1].split(" Command:")[0] + " Commands: " + ", ".join(f"`{c}`" for c in commands) + "."
-        lines.append("")
+        commands = list(dict.fromkeys(r["command"] for r in block["rows"] if "command" in r))  # the rows' runs
+        lines += [f"## {method}: per-layer-group coefficients, budget {budget}", "", *setting("compare", commands)]
         lines += [
             "| algorithm | seeds | evaluations | best validation (mean) | test (mean) | seconds (mean) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
