@@ -43,6 +43,7 @@ FEATURE_IMPORTS: dict[str, tuple[str, ...]] = {
         "scipy.optimize",
         "mergelab.search.runner",
         "mergelab.search.backends",
+        "mergelab.search.lazy_grid",
     ),
     # mergelab bench: needs nothing beyond the core (peak memory is read without psutil)
     "bench": ("mergelab_bench.cli", "mergelab_bench.eval.leaderboard"),

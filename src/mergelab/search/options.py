@@ -44,7 +44,8 @@ class RandomOptions(_Options):
 
 class GridOptions(_Options):
     """Every point of the grid (the space's ``grid_points`` per coordinate, or its ``grid`` values),
-    in Optuna's ``GridSampler`` order; the budget is capped at the grid's size."""
+    in Optuna's ``GridSampler`` order (above 2^20 points: distinct points drawn uniformly, see
+    :mod:`mergelab.search.lazy_grid`); the budget is capped at the grid's size."""
 
 
 class EvolverOptions(_Options):

@@ -10,7 +10,11 @@
 * **tpe**: ``TPESampler`` (multi-objective too).
 * **random**: ``RandomSampler``.
 * **grid**: ``GridSampler`` over ``grid_points`` values per coordinate (log-spaced on log
-  scales) or each bound's ``grid`` list.
+  scales) or each bound's ``grid`` list. ``GridSampler`` lists the whole product up front, which
+  cannot hold a per-layer space (TIES with 5 experts in 3 layer groups: 33 coordinates, 2^33
+  points); above ``GRID_LIST_LIMIT`` points :mod:`mergelab.search.lazy_grid` draws distinct grid points
+  uniformly without listing them — the same distribution as ``GridSampler``'s shuffled order, not
+  the same sequence.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ def grid_values(genome: Genome) -> dict[str, list[float]]:
 
 def grid_size(genome: Genome) -> int:
     return math.prod(len(v) for v in grid_values(genome).values())
+
+
+GRID_LIST_LIMIT = 1 << 20
+"""Grids up to this many points go to Optuna's ``GridSampler`` (which lists every point)."""
 
 
 def cma_sigma(genome: Genome) -> tuple[float, str | None]:
@@ -84,5 +92,10 @@ def make_sampler(algorithm: str, genome: Genome, options: Any, seed: int, n_obje
     if algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if algorithm == "grid":
-        return optuna.samplers.GridSampler(grid_values(genome), seed=seed)
+        values = grid_values(genome)
+        if grid_size(genome) > GRID_LIST_LIMIT:
+            from mergelab.search.lazy_grid import LazyGridSampler
+
+            return LazyGridSampler(values, distributions(genome), seed)
+        return optuna.samplers.GridSampler(values, seed=seed)
     raise OptionError(f"--algorithm {algorithm!r} is not an Optuna sampler")
