@@ -64,6 +64,7 @@ import torch
 from pydantic import Field
 
 from mergelab.continual.base import ContinualMethod, Role, StepContext, StepSums
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.methods.svd_utils import ExcludeParams, excluded
 
 Tensor = torch.Tensor
@@ -105,7 +106,7 @@ class DopParams(ExcludeParams):
 
 def svd_basis(tau: Tensor, epsilon: float) -> Basis:
     """(U_r, S_r, V_r) of ``tau`` with r = searchsorted(cumsum(S)/ΣS, ε) (0 when τ = 0)."""
-    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    u, s, vh = thin_svd(tau)
     total = s.sum()
     if bool(total > 0):
         ratio = s.cumsum(0) / total

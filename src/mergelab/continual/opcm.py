@@ -70,6 +70,7 @@ import torch
 from pydantic import Field
 
 from mergelab.continual.base import ContinualMethod, Role, StepContext, StepSums
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.methods.svd_utils import ExcludeParams, excluded
 
 Tensor = torch.Tensor
@@ -126,7 +127,7 @@ def project(delta: Tensor, tau: Tensor, alpha: float, diagonal: Literal["all", "
     Computed as τ − U_k (P_k ∘ M) V_kᵀ with P_k = U_kᵀ τ V_k (see the module docstring): equal to the
     full-SVD formula, in O(m·n + (m + n)·k) memory. ``delta`` and ``tau`` are float32 (or float64).
     """
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = thin_svd(delta)
     split = split_index(s, alpha)
     p = (u.T @ tau) @ vh.T
     p.mul_(removal_mask(s, split, diagonal, max(delta.shape)))

@@ -47,6 +47,7 @@ from mergelab.lora.combine_base import (
     torch_dtype,
 )
 from mergelab.lora.factors import LoraFactors
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.methods.registry import get_method
 
 Tensor = torch.Tensor
@@ -92,8 +93,8 @@ def core_space_decompose(
     a_all = torch.cat([f.A.to(dtype) for f in present], dim=0)
     scales = [f.scaling if lora_scaling == "apply" else 1.0 for f in present]
     b_all = torch.cat([f.B.to(dtype) * s for f, s in zip(present, scales)], dim=1)
-    vh_ref = torch.linalg.svd(a_all, full_matrices=False)[2]
-    u_ref = torch.linalg.svd(b_all, full_matrices=False)[0]
+    vh_ref = thin_svd(a_all)[2]
+    u_ref = thin_svd(b_all)[0]
     cores: list[Tensor] = []
     for f in entries:
         if f is None:

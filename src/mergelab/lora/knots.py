@@ -66,6 +66,7 @@ from mergelab.lora.combine_base import (
 )
 from mergelab.lora.factors import LoraFactors
 from mergelab.methods.base import TensorContext
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.methods.stages.sparsify import dare_drop
 
 Tensor = torch.Tensor
@@ -145,8 +146,8 @@ def knots_decompose(
         if f is None:
             cols.append(0)
             continue
-        s = f.scaling if lora_scaling == "apply" else 1.0
-        bs.append(f.B.to(dtype) * s)
+        scale = f.scaling if lora_scaling == "apply" else 1.0
+        bs.append(f.B.to(dtype) * scale)
         q, r = torch.linalg.qr(f.A.to(dtype).T, mode="reduced")  # Aᵀ = Q R: Q in × r', R r' × r
         qts.append(q)
         rts.append(r)
@@ -159,7 +160,7 @@ def knots_decompose(
         blocks.append(r_b[:, start : start + width] @ r_t.T)  # R' × r'_t
         start += width
     core = torch.cat(blocks, dim=1)
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    u, s, vh = thin_svd(core)
     keep = s > rank_tol
     u, s, vh = u[:, keep], s[keep], vh[keep]
     big_u = q_b @ u

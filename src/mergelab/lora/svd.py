@@ -20,6 +20,7 @@ import torch
 
 from mergelab.errors import OptionError
 from mergelab.lora.factors import LoraFactors
+from mergelab.methods.kernels.linalg import thin_svd
 
 
 def check_rank_energy(rank: int | None, energy: float | None, where: str = "adapter") -> None:
@@ -92,7 +93,7 @@ def truncated_svd(
     norm = float(torch.linalg.matrix_norm(d.to(torch.float64)))
     if norm == 0.0:
         return SvdFactors(None, 0, 0.0, 0.0, full, 0.0)
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    u, s, vh = thin_svd(d)
     r = min(rank, full) if rank is not None else energy_rank(s, float(energy))  # type: ignore[arg-type]
     r = max(r, 1)
     tail = float(torch.sqrt((s[r:].to(torch.float64) ** 2).sum())) / norm

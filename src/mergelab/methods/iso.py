@@ -47,6 +47,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import MethodCard, NoParams, TensorContext
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import (
     ExcludeParams,
@@ -89,7 +90,7 @@ def iso_c_matrix(taus: Sequence[Tensor]) -> Tensor:
     total = torch.zeros_like(taus[0])
     for t in taus:
         total.add_(t)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = thin_svd(total)
     del total
     return (u @ vh).mul_(s.mean())
 
@@ -112,14 +113,14 @@ def iso_cts_matrix(taus: Sequence[Tensor], fraction: float) -> Tensor:
     total = torch.zeros_like(taus[0])
     for t in taus:
         total.add_(t)
-    u, sig, vh = torch.linalg.svd(total, full_matrices=False)
+    u, sig, vh = thin_svd(total)
     del total
     u_c, s_c, vh_c = u[:, :k], sig[:k], vh[:k, :]
     us, ss, vhs = [], [], []
     if s > 0:
         for t in taus:
             residual = t - u_c @ (u_c.T @ t)
-            ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+            ut, st, vht = thin_svd(residual)
             del residual
             us.append(ut[:, :s])
             ss.append(st[:s])

@@ -46,6 +46,7 @@ import torch
 from pydantic import Field
 
 from mergelab.methods.base import MethodCard, MethodParams, TensorContext
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.methods.registry import method
 from mergelab.methods.svd_utils import (
     ExcludeParams,
@@ -80,7 +81,7 @@ def tsv_merge_matrix(taus: Sequence[Tensor]) -> Tensor:
         return torch.zeros_like(taus[0])
     us, ss, vhs = [], [], []
     for t in taus:
-        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        u, s, vh = thin_svd(t)
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k, :])

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mergelab.methods.kernels.linalg import thin_svd
 from mergelab.moe.grouping import LayerGroups, group_weights, stable_order
 
 
@@ -93,7 +94,7 @@ def union_merge(tensors: Sequence[Tensor], freq: Sequence[float], rank: int | No
     w = group_weights(torch.tensor(list(freq), dtype=torch.float64), range(len(tensors)))
     cols = tensors[0].shape[1]
     stacked = torch.cat([t.double() for t in tensors], dim=1)  # [out, m·in]
-    u, sv, vh = torch.linalg.svd(stacked, full_matrices=False)
+    u, sv, vh = thin_svd(stacked)
     r = sv.numel() if rank is None else max(1, min(rank, sv.numel()))
     v_bar = sum(wi * vh[:r, i * cols : (i + 1) * cols] for i, wi in enumerate(w))
     assert isinstance(v_bar, Tensor)

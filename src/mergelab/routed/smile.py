@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergelab.lora.factors import LoraFactors
+from mergelab.methods.kernels.linalg import thin_svd
 
 
 class SmileParams(BaseModel):
@@ -64,7 +65,7 @@ def smile_layer(
     factors: list[LoraFactors | None] = []
     gates = []
     for d, e in zip(diffs, experts):
-        u, s, vh = torch.linalg.svd(d.to(svd_dtype), full_matrices=False)
+        u, s, vh = thin_svd(d.to(svd_dtype))
         r = min(k, s.numel())
         factors.append(
             LoraFactors(vh[:r].float().contiguous(), (u[:, :r] * s[:r]).float().contiguous(), 1.0)
@@ -74,6 +75,6 @@ def smile_layer(
         if routing_use_diff:
             gvh = vh
         else:
-            gvh = torch.linalg.svd(e.float().to(svd_dtype), full_matrices=False)[2]
+            gvh = thin_svd(e.float().to(svd_dtype))[2]
         gates.append(gvh[: min(gate_k, gvh.shape[0])].float())
     return factors, torch.stack(gates).contiguous()

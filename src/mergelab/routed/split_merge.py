@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergelab.lora.factors import LoraFactors
+from mergelab.methods.kernels.linalg import thin_svd
 
 
 class SplitMergeParams(BaseModel):
@@ -82,7 +83,7 @@ def compress_complement(
     """P = rank-``rank`` SVD of ``comp`` (``out × in``) and α = ⟨target, P⟩ / ‖P‖²; the factors carry α."""
     if rank <= 0 or not bool(comp.any()):
         return None, 0.0
-    u, s, vh = torch.linalg.svd(comp.to(svd_dtype), full_matrices=False)
+    u, s, vh = thin_svd(comp.to(svd_dtype))
     r = min(rank, s.numel())
     b = u[:, :r] * s[:r]
     a = vh[:r]

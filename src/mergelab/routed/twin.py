@@ -54,6 +54,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergelab.lora.factors import LoraFactors
+from mergelab.methods.kernels.linalg import thin_svd
 
 
 class TwinParams(BaseModel):
@@ -96,6 +97,6 @@ def compress(delta: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.floa
     zero update."""
     if rank <= 0 or not bool(delta.any()):
         return None
-    u, s, vh = torch.linalg.svd(delta.to(svd_dtype), full_matrices=False)
+    u, s, vh = thin_svd(delta.to(svd_dtype))
     r = min(rank, s.numel())
     return LoraFactors(vh[:r].float().contiguous(), (u[:, :r] * s[:r]).float().contiguous(), 1.0)
