@@ -169,13 +169,11 @@ class InlineBackend:
 
 # ----------------------------------------------------------------------------------------- Ray Tune
 
-LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-"""Set before Ray is imported: a local Ray binds its services to the loopback address (see
-:mod:`mergelab.executors.ray`)."""
-
 
 def import_ray(local: bool) -> Any:
-    if local:
+    if local:  # loopback only, workers at the caller's priority (see mergelab.executors.ray)
+        from mergelab.executors.ray import LOCAL_RAY_ENV
+
         for k, v in LOCAL_RAY_ENV.items():
             os.environ.setdefault(k, v)
     # Tune: trials report a record, not always the metric (a failed trial); no TensorBoard nag
