@@ -93,7 +93,7 @@ def make_sampler(algorithm: str, genome: Genome, options: Any, seed: int, n_obje
         return optuna.samplers.RandomSampler(seed=seed)
     if algorithm == "grid":
         values = grid_values(genome)
-        if grid_size(genome) > GRID_LIST_LIMIT:
+        if math.prod(len(v) for v in values.values()) > GRID_LIST_LIMIT:
             from mergelab.search.lazy_grid import LazyGridSampler
 
             return LazyGridSampler(values, distributions(genome), seed)
